@@ -1,0 +1,6 @@
+//! Software connection tracking and NAT with Linux conntrack semantics.
+//!
+//! Pure and synchronous: packets in, verdicts and rewritten packets out. The clock is
+//! passed in. This crate must not know that hardware exists.
+#![forbid(unsafe_code)]
+#![deny(missing_docs, missing_debug_implementations)]

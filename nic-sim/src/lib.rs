@@ -1,0 +1,6 @@
+//! A software model of the ctoffload flow-offload engine.
+//!
+//! It implements exactly what `docs/device.md` specifies, behind the memory regions a
+//! real device exposes (BAR0 and host DMA memory). It must never offer the driver a
+//! shortcut that real hardware would not.
+#![deny(missing_docs, missing_debug_implementations)]
