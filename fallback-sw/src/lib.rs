@@ -4,3 +4,10 @@
 //! passed in. This crate must not know that hardware exists.
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]
+
+pub mod checksum;
+pub mod table;
+pub mod tcp;
+pub mod timer;
+pub mod tuple;
+pub mod wire;

@@ -1,0 +1,837 @@
+//! The connection table of one worker.
+//!
+//! - Entries live in a slab allocated once at the table's capacity: no allocation on the
+//!   packet path.
+//! - An open-addressing index (linear probing, backward-shift deletion, load at most
+//!   1/2) maps each connection's two tuples to `(slot, direction)`, so a packet of either
+//!   direction finds its connection with one hash and, usually, one probe. The index
+//!   keeps 32 bits of the hash beside each slot so that a probe rarely touches an entry
+//!   that does not match.
+//! - Expiry is lazy like Linux: an entry whose timeout has passed is dead; lookups reap
+//!   it, and [`ConnTable::gc`] reaps the rest through a timer wheel whose cost per call is
+//!   bounded and proportional to the entries that expire (see [`crate::timer`]).
+//! - When the table is full, an insert runs Linux's early drop: walk up to 8 groups of 8
+//!   index slots starting at the new tuple's position, delete every entry that is not
+//!   ASSURED in the first group that has any, and succeed; otherwise fail.
+//! - Every insert and removal produces an [`Event`] for the agent's event stream.
+//!
+//! The per-protocol state `P` is opaque here: the table does not know about TCP.
+
+use crate::timer::{SlotLinks, TimerWheel};
+use crate::tuple::{Dir, Tuple, TupleHasher};
+
+bitflags::bitflags! {
+    /// Connection status bits, numbered like Linux `enum ip_conntrack_status`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Status: u16 {
+        /// Expected connection (helpers; unused here).
+        const EXPECTED = 1 << 0;
+        /// A reply-direction packet has been processed.
+        const SEEN_REPLY = 1 << 1;
+        /// The connection is assured: early drop does not take it.
+        const ASSURED = 1 << 2;
+        /// The entry is in the table.
+        const CONFIRMED = 1 << 3;
+        /// Source NAT applies (the reply tuple's destination differs).
+        const SRC_NAT = 1 << 4;
+        /// Destination NAT applies.
+        const DST_NAT = 1 << 5;
+        /// Sequence adjustment (helpers; unused here).
+        const SEQ_ADJUST = 1 << 6;
+        /// The source-NAT decision has been taken.
+        const SRC_NAT_DONE = 1 << 7;
+        /// The destination-NAT decision has been taken.
+        const DST_NAT_DONE = 1 << 8;
+        /// The entry is being destroyed.
+        const DYING = 1 << 9;
+        /// The timeout is never refreshed.
+        const FIXED_TIMEOUT = 1 << 10;
+        /// Template entry (unused here).
+        const TEMPLATE = 1 << 11;
+        /// UDP entry inserted by clash resolution.
+        const NAT_CLASH = 1 << 12;
+        /// A helper is attached (unused here).
+        const HELPER = 1 << 13;
+        /// The flow is handled by a fast path (flowtable / hardware).
+        const OFFLOAD = 1 << 14;
+        /// The flow is in the hardware flow table.
+        const HW_OFFLOAD = 1 << 15;
+    }
+}
+
+/// Packets and bytes of one direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counter {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes (IP length, like Linux conntrack accounting).
+    pub bytes: u64,
+}
+
+/// One connection.
+#[derive(Debug, Clone)]
+pub struct Conn<P> {
+    /// Original and reply tuples, indexed by [`Dir::index`].
+    pub tuples: [Tuple; 2],
+    /// Status bits.
+    pub status: Status,
+    /// Absolute expiry time in nanoseconds; dead once `timeout <= now`.
+    pub timeout: u64,
+    /// Unique id of this connection within the table's lifetime (never reused).
+    pub id: u64,
+    /// Per-direction counters, indexed by [`Dir::index`].
+    pub counters: [Counter; 2],
+    /// Protocol state.
+    pub proto: P,
+}
+
+impl<P> Conn<P> {
+    /// The tuple of one direction.
+    #[inline]
+    #[must_use]
+    pub fn tuple(&self, dir: Dir) -> &Tuple {
+        &self.tuples[dir.index()]
+    }
+
+    /// Whether the connection has expired at `now`.
+    #[inline]
+    #[must_use]
+    pub fn expired(&self, now: u64) -> bool {
+        self.timeout <= now
+    }
+
+    /// Nanoseconds left before expiry (0 when expired).
+    #[inline]
+    #[must_use]
+    pub fn remaining(&self, now: u64) -> u64 {
+        self.timeout.saturating_sub(now)
+    }
+}
+
+/// A reference to a slot of the table. It stays valid until the connection is removed;
+/// pair it with [`Conn::id`] (see [`ConnTable::get_checked`]) when holding it across time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot(pub u32);
+
+impl Slot {
+    #[inline]
+    fn idx(self) -> usize {
+        // u32 always fits in usize on the 32/64-bit targets this crate supports.
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+/// Why a connection left the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RemoveReason {
+    /// Its timeout passed.
+    Expired,
+    /// Early drop made room for a new connection.
+    EarlyDrop,
+    /// The protocol closed it (TCP RST before a reply, reopen).
+    Closed,
+    /// Deleted by the operator or the agent.
+    Deleted,
+}
+
+/// An event for the agent's event stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A connection entered the table.
+    New {
+        /// Connection id.
+        id: u64,
+        /// Original and reply tuples.
+        tuples: [Tuple; 2],
+    },
+    /// A connection left the table; carries its final counters.
+    Destroy {
+        /// Connection id.
+        id: u64,
+        /// Original and reply tuples.
+        tuples: [Tuple; 2],
+        /// Final per-direction counters.
+        counters: [Counter; 2],
+        /// Why it left.
+        reason: RemoveReason,
+        /// Its status bits at the end.
+        status: Status,
+    },
+}
+
+/// Why an insert failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InsertError {
+    /// A live connection already owns this tuple.
+    #[error("tuple {tuple} is already tracked ({dir:?} direction of connection {id})")]
+    Clash {
+        /// The clashing tuple.
+        tuple: Tuple,
+        /// Which of the new connection's tuples clashed.
+        dir: Dir,
+        /// The existing connection.
+        id: u64,
+    },
+    /// The table is at its limit and early drop found nothing to evict.
+    #[error("connection table full ({max} entries), early drop found no unassured entry")]
+    TableFull {
+        /// The configured maximum.
+        max: usize,
+    },
+}
+
+/// Table counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableStats {
+    /// Connections inserted.
+    pub inserted: u64,
+    /// Inserts refused by a tuple clash.
+    pub insert_clash: u64,
+    /// Inserts refused because the table was full.
+    pub insert_full: u64,
+    /// Entries removed by early drop.
+    pub early_drop: u64,
+    /// Entries expired (by GC or lazily on lookup).
+    pub expired: u64,
+    /// Events lost because the event queue was full.
+    pub events_lost: u64,
+}
+
+const EMPTY: u64 = u64::MAX;
+/// Early drop walks this many groups of index slots ...
+const EARLY_DROP_GROUPS: usize = 8;
+/// ... of this many slots each (Linux: 8 hash buckets).
+const EARLY_DROP_GROUP_SLOTS: usize = 8;
+
+#[inline]
+fn pack(hash: u64, slot: Slot, dir: Dir) -> u64 {
+    (hash & 0xFFFF_FFFF_0000_0000) | (u64::from(slot.0) << 1) | u64::from(dir as u8)
+}
+
+#[inline]
+fn unpack(v: u64) -> (u64, Slot, Dir) {
+    let low = v & 0xFFFF_FFFF;
+    let dir = if low & 1 == 1 {
+        Dir::Reply
+    } else {
+        Dir::Original
+    };
+    let slot = u32::try_from(low >> 1).unwrap_or(u32::MAX);
+    (v & 0xFFFF_FFFF_0000_0000, Slot(slot), dir)
+}
+
+/// The connection table of one worker. See the module documentation.
+#[derive(Debug)]
+pub struct ConnTable<P> {
+    hasher: TupleHasher,
+    index: Vec<u64>,
+    mask: usize,
+    entries: Vec<Option<Conn<P>>>,
+    links: Vec<SlotLinks>,
+    free: Vec<u32>,
+    count: usize,
+    max: usize,
+    next_id: u64,
+    wheel: TimerWheel,
+    events: Vec<Event>,
+    events_cap: usize,
+    stats: TableStats,
+    /// Reused by `gc` so that it allocates nothing.
+    scratch: Vec<u32>,
+}
+
+impl<P> ConnTable<P> {
+    /// A table for at most `max` connections (at least 1), with a hash seed and room for
+    /// `events_cap` undrained events. Everything is allocated here, once.
+    #[must_use]
+    pub fn new(max: usize, seed: u64, events_cap: usize) -> Self {
+        let max = max.clamp(1, 1 << 30);
+        // Two index entries per connection, load factor at most 1/2.
+        let index_len = (max * 4).next_power_of_two();
+        let mut entries = Vec::with_capacity(max);
+        entries.resize_with(max, || None);
+        let free = (0..u32::try_from(max).unwrap_or(u32::MAX)).rev().collect();
+        Self {
+            hasher: TupleHasher::new(seed),
+            index: vec![EMPTY; index_len],
+            mask: index_len - 1,
+            entries,
+            links: vec![SlotLinks::default(); max],
+            free,
+            count: 0,
+            max,
+            next_id: 1,
+            wheel: TimerWheel::new(),
+            events: Vec::with_capacity(events_cap),
+            events_cap,
+            stats: TableStats::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Live (not yet reaped) connections.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether the table holds no connection.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The configured maximum number of connections.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.max
+    }
+
+    /// Table counters.
+    #[must_use]
+    pub fn stats(&self) -> TableStats {
+        self.stats
+    }
+
+    /// The hasher (for worker steering with [`TupleHasher::symmetric_hash`]).
+    #[must_use]
+    pub fn hasher(&self) -> &TupleHasher {
+        &self.hasher
+    }
+
+    /// Bytes of memory the table holds per connection slot (index, entry, timer links).
+    #[must_use]
+    pub fn bytes_per_connection(&self) -> usize {
+        let index = self.index.len() * size_of::<u64>();
+        let entries = self.entries.len() * size_of::<Option<Conn<P>>>();
+        let links = self.links.len() * size_of::<SlotLinks>();
+        (index + entries + links) / self.max
+    }
+
+    /// Find the live connection owning `tuple`, and the direction `tuple` is. An expired
+    /// connection found on the way is reaped (with its Destroy event) and not returned.
+    #[inline]
+    pub fn lookup(&mut self, tuple: &Tuple, now: u64) -> Option<(Slot, Dir)> {
+        let (slot, dir) = self.find(tuple)?;
+        if self.entry(slot).is_some_and(|c| c.expired(now)) {
+            self.stats.expired += 1;
+            self.remove(slot, RemoveReason::Expired);
+            return None;
+        }
+        Some((slot, dir))
+    }
+
+    /// Find the connection owning `tuple` without looking at its timeout.
+    #[inline]
+    fn find(&self, tuple: &Tuple) -> Option<(Slot, Dir)> {
+        let h = self.hasher.hash(tuple);
+        let tag = h & 0xFFFF_FFFF_0000_0000;
+        let mut pos = self.pos(h);
+        loop {
+            let v = self.index[pos];
+            if v == EMPTY {
+                return None;
+            }
+            let (vtag, slot, dir) = unpack(v);
+            if vtag == tag && self.entry(slot).is_some_and(|c| c.tuple(dir) == tuple) {
+                return Some((slot, dir));
+            }
+            pos = (pos + 1) & self.mask;
+        }
+    }
+
+    #[inline]
+    fn pos(&self, hash: u64) -> usize {
+        // Only the low bits are used, masked to the index length.
+        usize::try_from(hash & u64::try_from(self.mask).unwrap_or(u64::MAX)).unwrap_or(0)
+    }
+
+    #[inline]
+    fn entry(&self, slot: Slot) -> Option<&Conn<P>> {
+        self.entries.get(slot.idx()).and_then(Option::as_ref)
+    }
+
+    /// The connection in `slot`.
+    #[inline]
+    #[must_use]
+    pub fn get(&self, slot: Slot) -> Option<&Conn<P>> {
+        self.entry(slot)
+    }
+
+    /// The connection in `slot`, mutable. Change its timeout with
+    /// [`ConnTable::set_timeout`], not by writing the field, so the timer stays right.
+    #[inline]
+    pub fn get_mut(&mut self, slot: Slot) -> Option<&mut Conn<P>> {
+        self.entries.get_mut(slot.idx()).and_then(Option::as_mut)
+    }
+
+    /// The connection in `slot` if it is still the one with `id`.
+    #[must_use]
+    pub fn get_checked(&self, slot: Slot, id: u64) -> Option<&Conn<P>> {
+        self.entry(slot).filter(|c| c.id == id)
+    }
+
+    /// Set the absolute timeout of a connection.
+    #[inline]
+    pub fn set_timeout(&mut self, slot: Slot, timeout: u64) {
+        let Some(conn) = self.entries.get_mut(slot.idx()).and_then(Option::as_mut) else {
+            return;
+        };
+        conn.timeout = timeout;
+        // The wheel only needs to know when the entry must be looked at sooner than it
+        // is scheduled; a later timeout is found when its current slot fires.
+        self.wheel
+            .reschedule_if_sooner(&mut self.links, slot.0, timeout);
+    }
+
+    /// Insert a new connection with the given tuples and absolute timeout. Runs early
+    /// drop when the table is full. A clash with a live entry is refused (the caller
+    /// decides what Linux would: drop, or UDP clash resolution).
+    pub fn insert(
+        &mut self,
+        orig: Tuple,
+        reply: Tuple,
+        status: Status,
+        timeout: u64,
+        proto: P,
+        now: u64,
+    ) -> Result<Slot, InsertError> {
+        for (tuple, dir) in [(orig, Dir::Original), (reply, Dir::Reply)] {
+            if let Some((slot, _)) = self.lookup(&tuple, now) {
+                self.stats.insert_clash += 1;
+                let id = self.entry(slot).map_or(0, |c| c.id);
+                return Err(InsertError::Clash { tuple, dir, id });
+            }
+        }
+        if self.count >= self.max && !self.early_drop(&orig, now) {
+            self.stats.insert_full += 1;
+            return Err(InsertError::TableFull { max: self.max });
+        }
+        let Some(raw) = self.free.pop() else {
+            self.stats.insert_full += 1;
+            return Err(InsertError::TableFull { max: self.max });
+        };
+        let slot = Slot(raw);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.entries[slot.idx()] = Some(Conn {
+            tuples: [orig, reply],
+            status: status | Status::CONFIRMED,
+            timeout,
+            id,
+            counters: [Counter::default(); 2],
+            proto,
+        });
+        self.count += 1;
+        self.index_insert(&orig, slot, Dir::Original);
+        self.index_insert(&reply, slot, Dir::Reply);
+        self.wheel.schedule(&mut self.links, raw, timeout, now);
+        self.stats.inserted += 1;
+        self.push_event(Event::New {
+            id,
+            tuples: [orig, reply],
+        });
+        Ok(slot)
+    }
+
+    fn index_insert(&mut self, tuple: &Tuple, slot: Slot, dir: Dir) {
+        let h = self.hasher.hash(tuple);
+        let mut pos = self.pos(h);
+        while self.index[pos] != EMPTY {
+            pos = (pos + 1) & self.mask;
+        }
+        self.index[pos] = pack(h, slot, dir);
+    }
+
+    fn index_remove(&mut self, tuple: &Tuple, slot: Slot, dir: Dir) {
+        let h = self.hasher.hash(tuple);
+        let want = pack(h, slot, dir);
+        let mut pos = self.pos(h);
+        loop {
+            let v = self.index[pos];
+            if v == EMPTY {
+                return; // not indexed: nothing to do
+            }
+            if v == want {
+                break;
+            }
+            pos = (pos + 1) & self.mask;
+        }
+        // Backward-shift deletion: move later members of the probe run into the hole
+        // when their home position does not lie cyclically in (hole, current].
+        let mut hole = pos;
+        let mut cur = (pos + 1) & self.mask;
+        loop {
+            let v = self.index[cur];
+            if v == EMPTY {
+                break;
+            }
+            let (_, s, d) = unpack(v);
+            let home = self
+                .entry(s)
+                .map_or(cur, |c| self.pos(self.hasher.hash(c.tuple(d))));
+            let dist_home = cur.wrapping_sub(home) & self.mask;
+            let dist_hole = cur.wrapping_sub(hole) & self.mask;
+            if dist_home >= dist_hole {
+                self.index[hole] = v;
+                hole = cur;
+            }
+            cur = (cur + 1) & self.mask;
+        }
+        self.index[hole] = EMPTY;
+    }
+
+    /// Remove a connection now, with a Destroy event. Returns it.
+    pub fn remove(&mut self, slot: Slot, reason: RemoveReason) -> Option<Conn<P>> {
+        let conn = self.entries.get_mut(slot.idx())?.take()?;
+        self.index_remove(&conn.tuples[0], slot, Dir::Original);
+        self.index_remove(&conn.tuples[1], slot, Dir::Reply);
+        self.wheel.unlink(&mut self.links, slot.0);
+        self.free.push(slot.0);
+        self.count -= 1;
+        self.push_event(Event::Destroy {
+            id: conn.id,
+            tuples: conn.tuples,
+            counters: conn.counters,
+            reason,
+            status: conn.status | Status::DYING,
+        });
+        Some(conn)
+    }
+
+    /// Linux `early_drop`: see the module documentation. Returns whether room was made.
+    fn early_drop(&mut self, tuple: &Tuple, now: u64) -> bool {
+        let start = self.pos(self.hasher.hash(tuple));
+        let mut victims = [Slot(0); EARLY_DROP_GROUP_SLOTS];
+        for group in 0..EARLY_DROP_GROUPS {
+            let mut n = 0;
+            for i in 0..EARLY_DROP_GROUP_SLOTS {
+                let pos = (start + group * EARLY_DROP_GROUP_SLOTS + i) & self.mask;
+                let v = self.index[pos];
+                if v == EMPTY {
+                    continue;
+                }
+                let (_, slot, _) = unpack(v);
+                if victims[..n].contains(&slot) {
+                    continue;
+                }
+                if self
+                    .entry(slot)
+                    .is_some_and(|c| c.expired(now) || !c.status.contains(Status::ASSURED))
+                {
+                    victims[n] = slot;
+                    n += 1;
+                }
+            }
+            let mut dropped = 0;
+            for &slot in &victims[..n] {
+                let expired = self.entry(slot).is_some_and(|c| c.expired(now));
+                if expired {
+                    self.stats.expired += 1;
+                    self.remove(slot, RemoveReason::Expired);
+                } else {
+                    self.stats.early_drop += 1;
+                    self.remove(slot, RemoveReason::EarlyDrop);
+                    dropped += 1;
+                }
+            }
+            // Expired entries reaped on the way make room but do not count (Linux).
+            if dropped > 0 || self.count < self.max {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Reap expired connections, visiting at most `budget` timer entries. Returns the
+    /// number of connections removed. Cost is proportional to the entries whose timer
+    /// fires, not to the table size.
+    pub fn gc(&mut self, now: u64, budget: usize) -> usize {
+        let mut removed = 0;
+        let entries = &self.entries;
+        let mut expired = std::mem::take(&mut self.scratch);
+        self.wheel.advance(
+            &mut self.links,
+            now,
+            budget,
+            |raw| {
+                let idx = usize::try_from(raw).unwrap_or(usize::MAX);
+                entries.get(idx).and_then(Option::as_ref).map(|c| c.timeout)
+            },
+            |raw| expired.push(raw),
+        );
+        for &raw in &expired {
+            self.stats.expired += 1;
+            if self.remove(Slot(raw), RemoveReason::Expired).is_some() {
+                removed += 1;
+            }
+        }
+        expired.clear();
+        self.scratch = expired;
+        removed
+    }
+
+    /// Take the queued events.
+    pub fn drain_events(&mut self) -> std::vec::Drain<'_, Event> {
+        self.events.drain(..)
+    }
+
+    fn push_event(&mut self, ev: Event) {
+        if self.events.len() < self.events_cap {
+            self.events.push(ev);
+        } else {
+            self.stats.events_lost += 1;
+        }
+    }
+
+    /// Iterate over live (not expired at `now`) connections.
+    pub fn iter(&self, now: u64) -> impl Iterator<Item = (Slot, &Conn<P>)> {
+        self.entries.iter().enumerate().filter_map(move |(i, e)| {
+            let c = e.as_ref()?;
+            if c.expired(now) {
+                return None;
+            }
+            Some((Slot(u32::try_from(i).ok()?), c))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tuple::{Addr, Family, proto};
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    const S: u64 = 1_000_000_000;
+
+    fn t(i: u32) -> Tuple {
+        let b = i.to_be_bytes();
+        Tuple {
+            src: Addr::v4([10, b[1], b[2], b[3]]),
+            dst: Addr::v4([192, 0, 2, 1]),
+            src_l4: 1024 + u16::try_from(i % 60000).unwrap_or(0),
+            dst_l4: 53,
+            proto: proto::UDP,
+            family: Family::V4,
+            zone: 0,
+        }
+    }
+
+    fn inv(t: &Tuple) -> Tuple {
+        t.invert().expect("udp inverts")
+    }
+
+    #[test]
+    fn both_directions_find_the_connection() {
+        let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
+        let a = t(1);
+        let slot = tab
+            .insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        assert_eq!(tab.lookup(&a, S), Some((slot, Dir::Original)));
+        assert_eq!(tab.lookup(&inv(&a), S), Some((slot, Dir::Reply)));
+        assert_eq!(tab.lookup(&t(2), S), None);
+        let c = tab.get(slot).expect("live");
+        assert!(c.status.contains(Status::CONFIRMED));
+        assert_eq!(c.id, 1);
+    }
+
+    #[test]
+    fn clash_is_refused_for_either_tuple() {
+        let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
+        let a = t(1);
+        tab.insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        let err = tab
+            .insert(t(2), inv(&a), Status::empty(), 30 * S, (), 0)
+            .expect_err("reply tuple taken");
+        assert!(matches!(
+            err,
+            InsertError::Clash {
+                dir: Dir::Reply,
+                id: 1,
+                ..
+            }
+        ));
+        assert_eq!(tab.stats().insert_clash, 1);
+    }
+
+    #[test]
+    fn expired_entries_are_invisible_and_reaped_on_lookup() {
+        let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
+        let a = t(1);
+        tab.insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        tab.drain_events().for_each(drop);
+        assert!(tab.lookup(&a, 30 * S - 1).is_some());
+        assert_eq!(tab.lookup(&a, 30 * S), None, "timeout - now <= 0 is dead");
+        assert_eq!(tab.len(), 0);
+        let evs: Vec<_> = tab.drain_events().collect();
+        assert!(matches!(
+            evs.as_slice(),
+            [Event::Destroy {
+                reason: RemoveReason::Expired,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn gc_reaps_only_expired_and_respects_refresh() {
+        let mut tab: ConnTable<()> = ConnTable::new(64, 3, 256);
+        let mut slots = Vec::new();
+        for i in 0..10 {
+            let a = t(i);
+            slots.push(
+                tab.insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+                    .expect("room"),
+            );
+        }
+        // Refresh half of them to 120 s.
+        for s in slots.iter().step_by(2) {
+            tab.set_timeout(*s, 120 * S);
+        }
+        assert_eq!(tab.gc(29 * S, 1000), 0);
+        assert_eq!(tab.gc(31 * S, 1000), 5);
+        assert_eq!(tab.len(), 5);
+        assert_eq!(tab.gc(119 * S, 1000), 0);
+        assert_eq!(tab.gc(121 * S, 1000), 5);
+        assert!(tab.is_empty());
+    }
+
+    #[test]
+    fn gc_honours_a_shortened_timeout() {
+        let mut tab: ConnTable<()> = ConnTable::new(8, 3, 64);
+        let a = t(1);
+        let s = tab
+            .insert(a, inv(&a), Status::empty(), 432_000 * S, (), 0)
+            .expect("room");
+        tab.set_timeout(s, 10 * S);
+        assert_eq!(tab.gc(11 * S, 100), 1);
+    }
+
+    #[test]
+    fn gc_budget_bounds_work_per_call() {
+        let mut tab: ConnTable<()> = ConnTable::new(1000, 3, 2000);
+        for i in 0..1000 {
+            let a = t(i);
+            tab.insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+                .expect("room");
+        }
+        let first = tab.gc(31 * S, 100);
+        assert!(first <= 100, "visited at most the budget, removed {first}");
+        let mut total = first;
+        for _ in 0..20 {
+            total += tab.gc(31 * S, 100);
+        }
+        assert_eq!(total, 1000);
+    }
+
+    #[test]
+    fn long_timeouts_beyond_the_wheel_horizon_expire_on_time() {
+        let mut tab: ConnTable<()> = ConnTable::new(8, 3, 64);
+        let a = t(1);
+        tab.insert(a, inv(&a), Status::empty(), 432_000 * S, (), 0)
+            .expect("room");
+        let mut now = 0;
+        while now < 431_990 * S {
+            now += 600 * S;
+            now = now.min(431_990 * S);
+            assert_eq!(tab.gc(now, 100), 0, "alive at {}", now / S);
+        }
+        assert_eq!(tab.gc(432_001 * S, 100), 1);
+    }
+
+    #[test]
+    fn early_drop_evicts_unassured_only() {
+        let mut tab: ConnTable<()> = ConnTable::new(4, 9, 64);
+        let mut slots = Vec::new();
+        for i in 0..4 {
+            let a = t(i);
+            slots.push(
+                tab.insert(a, inv(&a), Status::ASSURED, 300 * S, (), 0)
+                    .expect("room"),
+            );
+        }
+        let new = t(100);
+        let err = tab
+            .insert(new, inv(&new), Status::empty(), 30 * S, (), 0)
+            .expect_err("all assured: table full");
+        assert_eq!(err, InsertError::TableFull { max: 4 });
+        // Make one entry unassured; the next insert evicts it (4 entries, 16 index
+        // slots: the early-drop walk covers the whole index).
+        tab.get_mut(slots[2]).expect("live").status = Status::CONFIRMED;
+        let s = tab
+            .insert(new, inv(&new), Status::empty(), 30 * S, (), 0)
+            .expect("early drop made room");
+        assert_eq!(tab.len(), 4);
+        assert_eq!(tab.stats().early_drop, 1);
+        assert!(tab.lookup(&t(2), 1).is_none());
+        assert_eq!(tab.lookup(&new, 1), Some((s, Dir::Original)));
+    }
+
+    #[test]
+    fn ids_are_never_reused() {
+        let mut tab: ConnTable<()> = ConnTable::new(1, 1, 8);
+        let a = t(1);
+        let s1 = tab
+            .insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        let id1 = tab.get(s1).expect("live").id;
+        tab.remove(s1, RemoveReason::Deleted);
+        let s2 = tab
+            .insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        assert_eq!(s1, s2, "slot reused");
+        assert!(tab.get_checked(s2, id1).is_none(), "stale handle detected");
+    }
+
+    #[test]
+    fn event_queue_is_bounded() {
+        let mut tab: ConnTable<()> = ConnTable::new(16, 1, 2);
+        for i in 0..3 {
+            let a = t(i);
+            tab.insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+                .expect("room");
+        }
+        assert_eq!(tab.drain_events().count(), 2);
+        assert_eq!(tab.stats().events_lost, 1);
+    }
+
+    proptest! {
+        /// The index agrees with a model map under random inserts and removals
+        /// (exercises backward-shift deletion across wrapped probe runs).
+        #[test]
+        fn index_matches_model(ops in proptest::collection::vec((0u32..64, any::<bool>()), 1..400)) {
+            let mut tab: ConnTable<u32> = ConnTable::new(64, 5, 0);
+            let mut model: HashMap<u32, Slot> = HashMap::new();
+            for (k, ins) in ops {
+                let a = t(k);
+                if ins {
+                    let r = tab.insert(a, inv(&a), Status::ASSURED, u64::MAX, k, 0);
+                    match model.get(&k) {
+                        Some(_) => prop_assert!(r.is_err()),
+                        None => { model.insert(k, r.expect("room")); }
+                    }
+                } else if let Some(s) = model.remove(&k) {
+                    prop_assert!(tab.remove(s, RemoveReason::Deleted).is_some());
+                }
+                for k in 0..64u32 {
+                    let a = t(k);
+                    let found = tab.lookup(&a, 0);
+                    let back = tab.lookup(&inv(&a), 0);
+                    match model.get(&k) {
+                        Some(&s) => {
+                            prop_assert_eq!(found, Some((s, Dir::Original)));
+                            prop_assert_eq!(back, Some((s, Dir::Reply)));
+                            prop_assert_eq!(tab.get(s).map(|c| c.proto), Some(k));
+                        }
+                        None => { prop_assert!(found.is_none()); prop_assert!(back.is_none()); }
+                    }
+                }
+                prop_assert_eq!(tab.len(), model.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! Connection tuples: what identifies one direction of a connection.
+//!
+//! A tuple is `src{addr, l4 "manip" part} + dst{addr, l4 part} + l3 family + l4 protocol`,
+//! plus the zone (multi-tenant separation). Following Linux (`nf_conntrack_tuple.h`):
+//!
+//! | protocol | `src_l4` | `dst_l4` |
+//! | --- | --- | --- |
+//! | TCP, UDP, UDPLite, SCTP, DCCP | source port | destination port |
+//! | ICMP / ICMPv6 | echo identifier | `type << 8 \| code` |
+//! | anything else | 0 | 0 |
+//!
+//! The reply tuple of a connection without NAT is [`Tuple::invert`] of the original.
+
+use core::fmt;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// IP protocol numbers the tracker knows by name.
+pub mod proto {
+    /// ICMP (IPv4).
+    pub const ICMP: u8 = 1;
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+    /// DCCP.
+    pub const DCCP: u8 = 33;
+    /// ICMPv6.
+    pub const ICMPV6: u8 = 58;
+    /// SCTP.
+    pub const SCTP: u8 = 132;
+    /// UDP-Lite.
+    pub const UDPLITE: u8 = 136;
+}
+
+/// Layer-3 family of a tuple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Family {
+    /// IPv4: the address occupies the first 4 bytes of [`Addr`], the rest is zero.
+    V4 = 4,
+    /// IPv6.
+    V6 = 6,
+}
+
+/// An IPv4 or IPv6 address stored in 16 bytes (IPv4 in the first four, network order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Addr(pub [u8; 16]);
+
+impl Addr {
+    /// An IPv4 address.
+    #[inline]
+    #[must_use]
+    pub fn v4(a: [u8; 4]) -> Self {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&a);
+        Self(b)
+    }
+
+    /// An IPv6 address.
+    #[inline]
+    #[must_use]
+    pub const fn v6(a: [u8; 16]) -> Self {
+        Self(a)
+    }
+
+    /// The IPv4 address in the first four bytes.
+    #[inline]
+    #[must_use]
+    pub fn as_v4(&self) -> [u8; 4] {
+        [self.0[0], self.0[1], self.0[2], self.0[3]]
+    }
+
+    /// The address as a standard library value, for the given family.
+    #[must_use]
+    pub fn to_ip(&self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => IpAddr::V4(Ipv4Addr::from(self.as_v4())),
+            Family::V6 => IpAddr::V6(Ipv6Addr::from(self.0)),
+        }
+    }
+
+    /// The address of a standard library value, and its family.
+    #[must_use]
+    pub fn from_ip(ip: IpAddr) -> (Self, Family) {
+        match ip {
+            IpAddr::V4(a) => (Self::v4(a.octets()), Family::V4),
+            IpAddr::V6(a) => (Self::v6(a.octets()), Family::V6),
+        }
+    }
+
+    #[inline]
+    fn words(&self) -> (u64, u64) {
+        let mut lo = [0u8; 8];
+        let mut hi = [0u8; 8];
+        lo.copy_from_slice(&self.0[..8]);
+        hi.copy_from_slice(&self.0[8..]);
+        (u64::from_ne_bytes(lo), u64::from_ne_bytes(hi))
+    }
+}
+
+/// Direction of a packet relative to its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[repr(u8)]
+pub enum Dir {
+    /// The direction of the connection's first packet.
+    #[default]
+    Original = 0,
+    /// The other direction.
+    Reply = 1,
+}
+
+impl Dir {
+    /// The opposite direction.
+    #[inline]
+    #[must_use]
+    pub const fn opposite(self) -> Self {
+        match self {
+            Dir::Original => Dir::Reply,
+            Dir::Reply => Dir::Original,
+        }
+    }
+
+    /// 0 for original, 1 for reply: an index into per-direction arrays.
+    #[inline]
+    #[must_use]
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One direction of a connection. Equality covers every field, zone included.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tuple {
+    /// Source address.
+    pub src: Addr,
+    /// Destination address.
+    pub dst: Addr,
+    /// Source port, or ICMP echo identifier.
+    pub src_l4: u16,
+    /// Destination port, or ICMP `type << 8 | code`.
+    pub dst_l4: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Address family.
+    pub family: Family,
+    /// Conntrack zone.
+    pub zone: u16,
+}
+
+impl fmt::Debug for Tuple {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Tuple {
+    /// `conntrack -L` style: `proto=6 src=10.0.0.1 dst=10.0.0.2 sport=1 dport=2 zone=0`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "proto={} src={} dst={} ",
+            self.proto,
+            self.src.to_ip(self.family),
+            self.dst.to_ip(self.family)
+        )?;
+        if self.is_icmp() {
+            let [ty, code] = self.dst_l4.to_be_bytes();
+            write!(f, "type={ty} code={code} id={}", self.src_l4)?;
+        } else {
+            write!(f, "sport={} dport={}", self.src_l4, self.dst_l4)?;
+        }
+        if self.zone != 0 {
+            write!(f, " zone={}", self.zone)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a tuple cannot be inverted (Linux: no entry is created, the packet is invalid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("ICMP type {icmp_type} has no reply type")]
+pub struct NotInvertible {
+    /// The ICMP or ICMPv6 type that has no request/reply counterpart.
+    pub icmp_type: u8,
+}
+
+/// The reply type of an ICMPv4 query type (Linux `invmap` in `nf_conntrack_proto_icmp.c`).
+#[must_use]
+pub fn icmpv4_reply_type(ty: u8) -> Option<u8> {
+    match ty {
+        8 => Some(0),
+        0 => Some(8),
+        13 => Some(14),
+        14 => Some(13),
+        15 => Some(16),
+        16 => Some(15),
+        17 => Some(18),
+        18 => Some(17),
+        _ => None,
+    }
+}
+
+/// The reply type of an ICMPv6 query type (Linux `nf_conntrack_proto_icmpv6.c`).
+#[must_use]
+pub fn icmpv6_reply_type(ty: u8) -> Option<u8> {
+    match ty {
+        128 => Some(129),
+        129 => Some(128),
+        139 => Some(140),
+        140 => Some(139),
+        _ => None,
+    }
+}
+
+/// Whether an ICMPv4 type may start a new connection (a request).
+#[must_use]
+pub fn icmpv4_is_request(ty: u8) -> bool {
+    matches!(ty, 8 | 13 | 15 | 17)
+}
+
+/// Whether an ICMPv6 type may start a new connection (a request).
+#[must_use]
+pub fn icmpv6_is_request(ty: u8) -> bool {
+    matches!(ty, 128 | 139)
+}
+
+impl Tuple {
+    /// Whether this is an ICMP or ICMPv6 tuple (id/type/code rather than ports).
+    #[inline]
+    #[must_use]
+    pub fn is_icmp(&self) -> bool {
+        matches!(
+            (self.family, self.proto),
+            (Family::V4, proto::ICMP) | (Family::V6, proto::ICMPV6)
+        )
+    }
+
+    /// The ICMP type, for ICMP tuples.
+    #[inline]
+    #[must_use]
+    pub fn icmp_type(&self) -> u8 {
+        self.dst_l4.to_be_bytes()[0]
+    }
+
+    /// The ICMP code, for ICMP tuples.
+    #[inline]
+    #[must_use]
+    pub fn icmp_code(&self) -> u8 {
+        self.dst_l4.to_be_bytes()[1]
+    }
+
+    /// The tuple of the other direction when no NAT applies: addresses swapped, ports
+    /// swapped, ICMP id and code kept and the type mapped request <-> reply.
+    pub fn invert(&self) -> Result<Tuple, NotInvertible> {
+        let (src_l4, dst_l4) = if self.is_icmp() {
+            let ty = self.icmp_type();
+            let inv = match self.family {
+                Family::V4 => icmpv4_reply_type(ty),
+                Family::V6 => icmpv6_reply_type(ty),
+            };
+            let inv = inv.ok_or(NotInvertible { icmp_type: ty })?;
+            (self.src_l4, u16::from_be_bytes([inv, self.icmp_code()]))
+        } else {
+            (self.dst_l4, self.src_l4)
+        };
+        Ok(Tuple {
+            src: self.dst,
+            dst: self.src,
+            src_l4,
+            dst_l4,
+            proto: self.proto,
+            family: self.family,
+            zone: self.zone,
+        })
+    }
+}
+
+/// A keyed hash of tuples, seeded per table so that remote peers cannot aim collisions.
+#[derive(Debug, Clone, Copy)]
+pub struct TupleHasher {
+    k0: u64,
+    k1: u64,
+}
+
+const MUL0: u64 = 0x9E37_79B9_7F4A_7C15;
+const MUL1: u64 = 0xBF58_476D_1CE4_E5B9;
+
+/// Folded multiply: the xor of both halves of the 128-bit product.
+#[inline]
+fn mix(a: u64, b: u64) -> u64 {
+    let r = (u128::from(a) * u128::from(b)).to_le_bytes();
+    let (lo, hi) = r.split_at(8);
+    let mut l = [0u8; 8];
+    let mut h = [0u8; 8];
+    l.copy_from_slice(lo);
+    h.copy_from_slice(hi);
+    u64::from_le_bytes(l) ^ u64::from_le_bytes(h)
+}
+
+impl TupleHasher {
+    /// A hasher with the given seed (take it from a random source or a test's seed).
+    #[must_use]
+    pub fn new(seed: u64) -> Self {
+        Self {
+            k0: mix(seed ^ MUL0, MUL1),
+            k1: mix(seed.rotate_left(32) ^ MUL1, MUL0) | 1,
+        }
+    }
+
+    /// Hash of one tuple (direction-sensitive).
+    #[inline]
+    #[must_use]
+    pub fn hash(&self, t: &Tuple) -> u64 {
+        let (s0, s1) = t.src.words();
+        let (d0, d1) = t.dst.words();
+        let rest = u64::from(t.src_l4)
+            | (u64::from(t.dst_l4) << 16)
+            | (u64::from(t.proto) << 32)
+            | (u64::from(t.family as u8) << 40)
+            | (u64::from(t.zone) << 48);
+        self.finish(s0, s1, d0, d1, rest)
+    }
+
+    /// Hash that is the same for a tuple and its inverse (without NAT): steers both
+    /// directions of a flow to the same worker.
+    #[inline]
+    #[must_use]
+    pub fn symmetric_hash(&self, t: &Tuple) -> u64 {
+        let a = (t.src, t.src_l4);
+        let b = (t.dst, t.dst_l4);
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        let (s0, s1) = lo.0.words();
+        let (d0, d1) = hi.0.words();
+        let rest = if t.is_icmp() {
+            // The type differs between request and reply; only the id is symmetric.
+            u64::from(t.src_l4)
+        } else {
+            u64::from(lo.1) | (u64::from(hi.1) << 16)
+        } | (u64::from(t.proto) << 32)
+            | (u64::from(t.family as u8) << 40)
+            | (u64::from(t.zone) << 48);
+        self.finish(s0, s1, d0, d1, rest)
+    }
+
+    #[inline]
+    fn finish(&self, s0: u64, s1: u64, d0: u64, d1: u64, rest: u64) -> u64 {
+        let a = mix(s0 ^ self.k0, d0 ^ MUL0);
+        let b = mix(s1 ^ self.k1, d1 ^ MUL1);
+        let c = mix(rest ^ self.k0, self.k1);
+        mix(a ^ b.rotate_left(23) ^ c, MUL0 ^ self.k1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, proto: u8) -> Tuple {
+        Tuple {
+            src: Addr::v4(src),
+            dst: Addr::v4(dst),
+            src_l4: sp,
+            dst_l4: dp,
+            proto,
+            family: Family::V4,
+            zone: 0,
+        }
+    }
+
+    #[test]
+    fn invert_ports_swaps_everything() {
+        let t = v4([10, 0, 0, 1], 40000, [192, 0, 2, 1], 80, proto::TCP);
+        let r = t.invert().expect("tcp inverts");
+        assert_eq!(r, v4([192, 0, 2, 1], 80, [10, 0, 0, 1], 40000, proto::TCP));
+        assert_eq!(r.invert().expect("inverts back"), t);
+    }
+
+    #[test]
+    fn invert_icmp_maps_type_keeps_id_and_code() {
+        let req = v4([10, 0, 0, 1], 0x1234, [10, 0, 0, 2], 8 << 8, proto::ICMP);
+        let rep = req.invert().expect("echo request inverts");
+        assert_eq!(rep.src_l4, 0x1234);
+        assert_eq!(rep.icmp_type(), 0);
+        assert_eq!(rep.src, req.dst);
+        for (a, b) in [(13u8, 14u8), (15, 16), (17, 18)] {
+            let t = v4(
+                [1, 1, 1, 1],
+                7,
+                [2, 2, 2, 2],
+                u16::from(a) << 8,
+                proto::ICMP,
+            );
+            assert_eq!(t.invert().expect("query").icmp_type(), b);
+        }
+        let unreachable = v4([1, 1, 1, 1], 0, [2, 2, 2, 2], 3 << 8, proto::ICMP);
+        assert_eq!(
+            unreachable.invert(),
+            Err(NotInvertible { icmp_type: 3 }),
+            "error types have no reply type"
+        );
+    }
+
+    #[test]
+    fn invert_icmpv6() {
+        let mut t = v4([0; 4], 9, [0; 4], 128 << 8, proto::ICMPV6);
+        t.family = Family::V6;
+        t.src = Addr::v6([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(t.invert().expect("echo").icmp_type(), 129);
+        t.dst_l4 = 135 << 8; // neighbour solicitation
+        assert!(t.invert().is_err());
+    }
+
+    #[test]
+    fn zone_separates_tuples_and_hashes() {
+        let h = TupleHasher::new(7);
+        let a = v4([10, 0, 0, 1], 1, [10, 0, 0, 2], 2, proto::UDP);
+        let mut b = a;
+        b.zone = 5;
+        assert_ne!(a, b);
+        assert_ne!(h.hash(&a), h.hash(&b));
+    }
+
+    #[test]
+    fn symmetric_hash_matches_both_directions() {
+        let h = TupleHasher::new(0xdead_beef);
+        let t = v4([10, 0, 0, 1], 40000, [192, 0, 2, 1], 53, proto::UDP);
+        let r = t.invert().expect("udp");
+        assert_eq!(h.symmetric_hash(&t), h.symmetric_hash(&r));
+        assert_ne!(h.hash(&t), h.hash(&r));
+        let echo = v4([10, 0, 0, 1], 77, [192, 0, 2, 1], 8 << 8, proto::ICMP);
+        let echo_r = echo.invert().expect("echo");
+        assert_eq!(h.symmetric_hash(&echo), h.symmetric_hash(&echo_r));
+    }
+
+    #[test]
+    fn seeds_change_the_hash() {
+        let t = v4([10, 0, 0, 1], 1, [10, 0, 0, 2], 2, proto::UDP);
+        assert_ne!(TupleHasher::new(1).hash(&t), TupleHasher::new(2).hash(&t));
+    }
+
+    #[test]
+    fn display_like_conntrack() {
+        let t = v4([10, 0, 0, 1], 40000, [192, 0, 2, 1], 80, proto::TCP);
+        assert_eq!(
+            t.to_string(),
+            "proto=6 src=10.0.0.1 dst=192.0.2.1 sport=40000 dport=80"
+        );
+    }
+}
