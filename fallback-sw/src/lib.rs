@@ -6,6 +6,7 @@
 #![deny(missing_docs, missing_debug_implementations)]
 
 pub mod checksum;
+pub mod conntrack;
 pub mod table;
 pub mod tcp;
 pub mod timer;

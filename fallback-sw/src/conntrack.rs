@@ -1,0 +1,640 @@
+//! The conntrack pipeline of one worker: a frame in, a verdict out.
+//!
+//! Follows Linux `nf_conntrack_in` (see `../shared/reference/conntrack-semantics.md` §0):
+//! parse, ICMP errors first (RELATED), build the tuple, look it up, run the protocol
+//! handler (TCP state machine and window tracking, UDP, ICMP, generic), create the
+//! connection on a valid first packet, refresh timeouts, set SEEN_REPLY after a reply,
+//! count packets and bytes per direction.
+//!
+//! Differences from Linux, on purpose:
+//! - There is no IP defragmentation: a first fragment is tracked by its ports; a later
+//!   fragment is reported as [`Untracked::Fragment`] and the caller applies its policy.
+//! - Creation and confirmation happen in the same call (there is no unconfirmed entry
+//!   seen by anyone else), so "confirm-time clash" is an insert clash here.
+
+use crate::table::{ConnTable, InsertError, RemoveReason, Slot, Status};
+use crate::tcp::{ConnStatus, TcpConfig, TcpConn, TcpFlags, TcpInvalid, TcpOutcome, TcpSegment};
+use crate::tuple::{Addr, Dir, Family, Tuple, icmpv4_is_request, icmpv6_is_request};
+use crate::wire::{self, DropReason, Fragment, L3, L4, ParseOptions, ParsedPacket, TcpInfo};
+
+const NS: u64 = 1_000_000_000;
+/// UDP: a reply seen this long after the first packet makes the entry a stream.
+const UDP_STREAM_DELAY_NS: u64 = 2 * NS;
+
+/// Timeouts of the protocols without a state machine, in seconds (Linux sysctls).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OtherTimeouts {
+    /// `nf_conntrack_udp_timeout`: unreplied UDP. Default 30 s.
+    pub udp: u32,
+    /// `nf_conntrack_udp_timeout_stream`: replied UDP. Default 120 s.
+    pub udp_stream: u32,
+    /// `nf_conntrack_icmp(v6)_timeout`. Default 30 s.
+    pub icmp: u32,
+    /// `nf_conntrack_generic_timeout`. Default 600 s.
+    pub generic: u32,
+}
+
+impl Default for OtherTimeouts {
+    fn default() -> Self {
+        Self {
+            udp: 30,
+            udp_stream: 120,
+            icmp: 30,
+            generic: 600,
+        }
+    }
+}
+
+/// Configuration of one conntrack instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// TCP options and timeouts.
+    pub tcp: TcpConfig,
+    /// UDP, ICMP and generic timeouts.
+    pub timeouts: OtherTimeouts,
+    /// Maximum number of connections (`nf_conntrack_max`) of this instance.
+    pub max_connections: usize,
+    /// Checksums verified on input (`nf_conntrack_checksum`).
+    pub parse: ParseOptions,
+    /// Seed of the table's keyed hash.
+    pub hash_seed: u64,
+    /// Undrained events kept before new ones are counted as lost.
+    pub event_capacity: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            tcp: TcpConfig::default(),
+            timeouts: OtherTimeouts::default(),
+            max_connections: 65_536,
+            parse: ParseOptions::VERIFY_ALL,
+            hash_seed: 0x6374_6f66_666c_6f61,
+            event_capacity: 4096,
+        }
+    }
+}
+
+/// Per-protocol state kept in each connection.
+#[derive(Debug, Clone, Copy)]
+pub enum L4State {
+    /// TCP: state machine and window tracking.
+    Tcp(TcpConn),
+    /// UDP: when a reply makes the entry a stream.
+    Udp {
+        /// Absolute time after which a replied entry becomes a stream (ASSURED).
+        stream_at: u64,
+    },
+    /// ICMP / ICMPv6 queries.
+    Icmp,
+    /// Any other protocol.
+    Generic,
+}
+
+/// Linux `ctinfo`: how a tracked packet relates to its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CtInfo {
+    /// Original direction, no reply seen yet (includes the first packet).
+    New,
+    /// Original direction after a reply was seen.
+    Established,
+    /// Reply direction.
+    EstablishedReply,
+    /// ICMP error about the connection, travelling in its original direction.
+    Related,
+    /// ICMP error about the connection, travelling in its reply direction.
+    RelatedReply,
+}
+
+/// Why a packet is invalid (it continues with no conntrack; callers usually drop it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// The frame did not parse.
+    #[error("malformed packet: {0}")]
+    Malformed(#[source] wire::ParseError),
+    /// The TCP handler refused the segment.
+    #[error("TCP: {0}")]
+    Tcp(#[source] TcpInvalid),
+    /// A new ICMP entry needs a request type; this type has no reply counterpart.
+    #[error("ICMP type {icmp_type} cannot start a connection")]
+    IcmpNotRequest {
+        /// The ICMP or ICMPv6 type.
+        icmp_type: u8,
+    },
+    /// An ICMP error whose quoted packet belongs to no connection.
+    #[error("ICMP error quotes an untracked packet")]
+    IcmpErrorNoMatch,
+    /// An ICMP error whose outer destination is not the connection's endpoint.
+    #[error("ICMP error destination does not match the connection (spoofed?)")]
+    IcmpErrorSpoofed,
+    /// The quoted packet of an ICMP error could not be read.
+    #[error("ICMP error quote unreadable: {0}")]
+    IcmpErrorQuote(#[source] wire::ParseError),
+    /// The table is full and early drop found nothing to evict.
+    #[error("connection table full")]
+    TableFull,
+    /// The new connection's tuple is already owned by another connection.
+    #[error("tuple clash on insert")]
+    InsertClash,
+}
+
+impl Invalid {
+    /// A compact reason for per-reason counters.
+    #[must_use]
+    pub fn kind(&self) -> InvalidKind {
+        match self {
+            Invalid::Malformed(_) => InvalidKind::Malformed,
+            Invalid::Tcp(_) => InvalidKind::Tcp,
+            Invalid::IcmpNotRequest { .. } => InvalidKind::IcmpNotRequest,
+            Invalid::IcmpErrorNoMatch => InvalidKind::IcmpErrorNoMatch,
+            Invalid::IcmpErrorSpoofed => InvalidKind::IcmpErrorSpoofed,
+            Invalid::IcmpErrorQuote(_) => InvalidKind::IcmpErrorQuote,
+            Invalid::TableFull => InvalidKind::TableFull,
+            Invalid::InsertClash => InvalidKind::InsertClash,
+        }
+    }
+}
+
+/// [`Invalid`] without its details: an index into counter arrays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum InvalidKind {
+    /// See [`Invalid::Malformed`].
+    Malformed,
+    /// See [`Invalid::Tcp`].
+    Tcp,
+    /// See [`Invalid::IcmpNotRequest`].
+    IcmpNotRequest,
+    /// See [`Invalid::IcmpErrorNoMatch`].
+    IcmpErrorNoMatch,
+    /// See [`Invalid::IcmpErrorSpoofed`].
+    IcmpErrorSpoofed,
+    /// See [`Invalid::IcmpErrorQuote`].
+    IcmpErrorQuote,
+    /// See [`Invalid::TableFull`].
+    TableFull,
+    /// See [`Invalid::InsertClash`].
+    InsertClash,
+}
+
+impl InvalidKind {
+    /// Number of kinds.
+    pub const COUNT: usize = 8;
+
+    /// Index in `0..COUNT`.
+    #[must_use]
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Packets conntrack does not track (Linux: untracked or not its business).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Untracked {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...).
+    NotIp {
+        /// The ethertype.
+        ethertype: u16,
+    },
+    /// A non-first IP fragment (no reassembly here).
+    Fragment,
+    /// ICMPv6 neighbour discovery, MLD or MRD: never tracked (Linux marks them so).
+    NeighbourDiscovery,
+}
+
+/// The outcome for one packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The packet belongs to a connection.
+    Tracked {
+        /// Where the connection is.
+        slot: Slot,
+        /// The packet's direction.
+        dir: Dir,
+        /// How it relates to the connection.
+        info: CtInfo,
+        /// The connection was created by this packet.
+        created: bool,
+    },
+    /// The packet is invalid.
+    Invalid(Invalid),
+    /// The packet is not tracked.
+    Untracked(Untracked),
+}
+
+/// Instance counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Packets processed.
+    pub packets: u64,
+    /// Packets that created a connection.
+    pub created: u64,
+    /// Packets of tracked connections (including the creating ones).
+    pub tracked: u64,
+    /// RELATED ICMP errors.
+    pub related: u64,
+    /// Packets ignored by TCP tracking (accepted, no state change).
+    pub tcp_ignored: u64,
+    /// Invalid packets per [`InvalidKind`].
+    pub invalid: [u64; InvalidKind::COUNT],
+    /// Malformed packets per parser [`DropReason`].
+    pub malformed: [u64; DropReason::COUNT],
+    /// Untracked packets.
+    pub untracked: u64,
+}
+
+/// One conntrack instance (one per worker).
+#[derive(Debug)]
+pub struct Conntrack {
+    cfg: Config,
+    table: ConnTable<L4State>,
+    stats: Stats,
+}
+
+fn tuple_parts(l4: &L4) -> (u16, u16) {
+    match *l4 {
+        L4::Tcp(TcpInfo {
+            src_port, dst_port, ..
+        })
+        | L4::Udp { src_port, dst_port }
+        | L4::Ports { src_port, dst_port } => (src_port, dst_port),
+        L4::IcmpQuery {
+            id,
+            icmp_type,
+            code,
+        } => (id, u16::from_be_bytes([icmp_type, code])),
+        L4::None | L4::IcmpError { .. } | L4::IcmpOther { .. } | L4::Generic => (0, 0),
+    }
+}
+
+fn family_of(l3: L3) -> Option<Family> {
+    match l3 {
+        L3::Ipv4 => Some(Family::V4),
+        L3::Ipv6 => Some(Family::V6),
+        L3::Other { .. } => None,
+    }
+}
+
+fn tuple_of(
+    family: Family,
+    src: core::net::IpAddr,
+    dst: core::net::IpAddr,
+    protocol: u8,
+    l4: &L4,
+    zone: u16,
+) -> Tuple {
+    let (src_l4, dst_l4) = tuple_parts(l4);
+    Tuple {
+        src: Addr::from_ip(src).0,
+        dst: Addr::from_ip(dst).0,
+        src_l4,
+        dst_l4,
+        proto: protocol,
+        family,
+        zone,
+    }
+}
+
+fn segment_of(t: &TcpInfo) -> TcpSegment {
+    TcpSegment {
+        flags: TcpFlags::from_bits(t.flags.bits().to_le_bytes()[0]),
+        seq: t.seq,
+        ack: t.ack,
+        window: t.window,
+        payload_len: u32::from(t.payload_len),
+        has_options: t.header_len > 20,
+        wscale: t.wscale,
+        sack_permitted: t.sack_permitted,
+        highest_sack_edge: t.sack_highest,
+    }
+}
+
+/// ICMPv6 types that Linux marks untracked: ND, MLD and MRD (not redirect, 137).
+fn icmpv6_untracked(ty: u8) -> bool {
+    matches!(ty, 130..=136 | 143 | 151 | 152)
+}
+
+impl Conntrack {
+    /// A new instance; allocates its whole table now.
+    #[must_use]
+    pub fn new(cfg: Config) -> Self {
+        Self {
+            table: ConnTable::new(cfg.max_connections, cfg.hash_seed, cfg.event_capacity),
+            cfg,
+            stats: Stats::default(),
+        }
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Counters.
+    #[must_use]
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The connection table.
+    #[must_use]
+    pub fn table(&self) -> &ConnTable<L4State> {
+        &self.table
+    }
+
+    /// The connection table, mutable (for the offload policy and the API).
+    pub fn table_mut(&mut self) -> &mut ConnTable<L4State> {
+        &mut self.table
+    }
+
+    /// Reap expired connections, visiting at most `budget` timers.
+    pub fn gc(&mut self, now: u64, budget: usize) -> usize {
+        self.table.gc(now, budget)
+    }
+
+    /// Parse and track one Ethernet frame that arrived in `zone` at `now` (ns).
+    pub fn process(&mut self, frame: &[u8], zone: u16, now: u64) -> Verdict {
+        self.stats.packets += 1;
+        match wire::parse(frame, self.cfg.parse) {
+            Ok(pkt) => self.track_parsed(&pkt, frame, zone, now),
+            Err(e) => {
+                self.stats.malformed[e.reason().index()] += 1;
+                self.invalid(Invalid::Malformed(e))
+            }
+        }
+    }
+
+    fn invalid(&mut self, why: Invalid) -> Verdict {
+        self.stats.invalid[why.kind().index()] += 1;
+        Verdict::Invalid(why)
+    }
+
+    /// Track an already parsed frame (`frame` is needed to read ICMP error quotes).
+    pub fn track_parsed(
+        &mut self,
+        pkt: &ParsedPacket,
+        frame: &[u8],
+        zone: u16,
+        now: u64,
+    ) -> Verdict {
+        let Some(family) = family_of(pkt.l3) else {
+            self.stats.untracked += 1;
+            let ethertype = match pkt.l3 {
+                L3::Other { ethertype } => ethertype,
+                L3::Ipv4 | L3::Ipv6 => 0,
+            };
+            return Verdict::Untracked(Untracked::NotIp { ethertype });
+        };
+        if pkt.fragment == Fragment::NonFirst {
+            self.stats.untracked += 1;
+            return Verdict::Untracked(Untracked::Fragment);
+        }
+        match pkt.l4 {
+            L4::IcmpError { .. } => return self.related(pkt, frame, zone, family, now),
+            L4::IcmpOther { icmp_type, .. }
+                if family == Family::V6 && icmpv6_untracked(icmp_type) =>
+            {
+                self.stats.untracked += 1;
+                return Verdict::Untracked(Untracked::NeighbourDiscovery);
+            }
+            _ => {}
+        }
+        let tuple = tuple_of(family, pkt.src, pkt.dst, pkt.protocol, &pkt.l4, zone);
+        let bytes = u64::from(pkt.l3_len);
+        // At most two rounds: a TCP reopen deletes the old entry and starts over.
+        for _ in 0..2 {
+            let verdict = match self.table.lookup(&tuple, now) {
+                Some((slot, dir)) => self.existing(slot, dir, pkt, bytes, now),
+                None => self.create(tuple, pkt, bytes, now),
+            };
+            if let Ok(v) = verdict {
+                if matches!(v, Verdict::Tracked { .. }) {
+                    self.stats.tracked += 1;
+                }
+                return v;
+            }
+        }
+        // A second reopen in a row cannot happen (the fresh entry is SYN_SENT), but
+        // never loop on hostile input.
+        self.invalid(Invalid::InsertClash)
+    }
+
+    fn create(
+        &mut self,
+        tuple: Tuple,
+        pkt: &ParsedPacket,
+        bytes: u64,
+        now: u64,
+    ) -> Result<Verdict, Reopen> {
+        let (state, timeout_ns) = match pkt.l4 {
+            L4::Tcp(ref t) => match TcpConn::new(&segment_of(t), &self.cfg.tcp) {
+                Ok((conn, accept)) => (
+                    L4State::Tcp(conn),
+                    accept
+                        .timeout_ns
+                        .unwrap_or(u64::from(self.cfg.tcp.timeouts.syn_sent) * NS),
+                ),
+                Err(e) => return Ok(self.invalid(Invalid::Tcp(e))),
+            },
+            L4::Udp { .. } => (
+                L4State::Udp {
+                    stream_at: now.saturating_add(UDP_STREAM_DELAY_NS),
+                },
+                u64::from(self.cfg.timeouts.udp) * NS,
+            ),
+            L4::IcmpQuery { icmp_type, .. } | L4::IcmpOther { icmp_type, .. } => {
+                let request = match tuple.family {
+                    Family::V4 => icmpv4_is_request(icmp_type),
+                    Family::V6 => icmpv6_is_request(icmp_type),
+                };
+                if !request {
+                    return Ok(self.invalid(Invalid::IcmpNotRequest { icmp_type }));
+                }
+                (L4State::Icmp, u64::from(self.cfg.timeouts.icmp) * NS)
+            }
+            L4::Ports { .. } | L4::Generic | L4::None | L4::IcmpError { .. } => {
+                (L4State::Generic, u64::from(self.cfg.timeouts.generic) * NS)
+            }
+        };
+        let reply = match tuple.invert() {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(self.invalid(Invalid::IcmpNotRequest {
+                    icmp_type: e.icmp_type,
+                }));
+            }
+        };
+        let slot = match self.table.insert(
+            tuple,
+            reply,
+            Status::empty(),
+            now.saturating_add(timeout_ns),
+            state,
+            now,
+        ) {
+            Ok(slot) => slot,
+            Err(InsertError::TableFull { .. }) => return Ok(self.invalid(Invalid::TableFull)),
+            Err(InsertError::Clash { .. }) => return Ok(self.invalid(Invalid::InsertClash)),
+        };
+        if let Some(c) = self.table.get_mut(slot) {
+            c.counters[0].packets += 1;
+            c.counters[0].bytes += bytes;
+        }
+        self.stats.created += 1;
+        Ok(Verdict::Tracked {
+            slot,
+            dir: Dir::Original,
+            info: CtInfo::New,
+            created: true,
+        })
+    }
+
+    fn existing(
+        &mut self,
+        slot: Slot,
+        dir: Dir,
+        pkt: &ParsedPacket,
+        bytes: u64,
+        now: u64,
+    ) -> Result<Verdict, Reopen> {
+        let tcp_cfg = self.cfg.tcp;
+        let t = self.cfg.timeouts;
+        let Some(conn) = self.table.get_mut(slot) else {
+            return Ok(self.invalid(Invalid::InsertClash));
+        };
+        let seen_reply = conn.status.contains(Status::SEEN_REPLY);
+        let info = match (dir, seen_reply) {
+            (Dir::Reply, _) => CtInfo::EstablishedReply,
+            (Dir::Original, true) => CtInfo::Established,
+            (Dir::Original, false) => CtInfo::New,
+        };
+        let remaining = conn.remaining(now);
+        // What the protocol handler decided: a new relative timeout (None = keep),
+        // whether to set ASSURED, whether to delete the entry after the packet.
+        let (timeout_ns, assure, delete, count) = match (&mut conn.proto, &pkt.l4) {
+            (L4State::Tcp(tcp), L4::Tcp(info)) => {
+                let status = ConnStatus {
+                    seen_reply,
+                    assured: conn.status.contains(Status::ASSURED),
+                    fixed_timeout: conn.status.contains(Status::FIXED_TIMEOUT),
+                    remaining_ns: remaining,
+                };
+                match tcp.packet(dir, &segment_of(info), status, &tcp_cfg) {
+                    TcpOutcome::Accept(a) => (a.timeout_ns, a.set_assured, a.delete_now, true),
+                    TcpOutcome::Ignore(_) => {
+                        self.stats.tcp_ignored += 1;
+                        (None, false, false, false)
+                    }
+                    TcpOutcome::Invalid {
+                        reason,
+                        shrink_timeout_ns,
+                    } => {
+                        if let Some(ns) = shrink_timeout_ns {
+                            self.table.set_timeout(slot, now.saturating_add(ns));
+                        }
+                        return Ok(self.invalid(Invalid::Tcp(reason)));
+                    }
+                    TcpOutcome::Reopen => {
+                        self.table.remove(slot, RemoveReason::Closed);
+                        return Err(Reopen);
+                    }
+                }
+            }
+            (L4State::Udp { stream_at }, _) => {
+                if seen_reply && now > *stream_at {
+                    let assure = !conn.status.contains(Status::NAT_CLASH);
+                    (Some(u64::from(t.udp_stream) * NS), assure, false, true)
+                } else {
+                    (Some(u64::from(t.udp) * NS), false, false, true)
+                }
+            }
+            (L4State::Icmp, _) => (Some(u64::from(t.icmp) * NS), false, false, true),
+            (L4State::Generic, _) | (L4State::Tcp(_), _) => {
+                (Some(u64::from(t.generic) * NS), false, false, true)
+            }
+        };
+        if count {
+            let c = &mut conn.counters[dir.index()];
+            c.packets += 1;
+            c.bytes += bytes;
+        }
+        if assure {
+            conn.status.insert(Status::ASSURED);
+        }
+        // SEEN_REPLY is set after the handler ran on a reply-direction packet (the
+        // handler saw it clear on the first reply). Ignored TCP packets set it too.
+        if dir == Dir::Reply {
+            conn.status.insert(Status::SEEN_REPLY);
+        }
+        let fixed = conn.status.contains(Status::FIXED_TIMEOUT);
+        if delete {
+            self.table.remove(slot, RemoveReason::Closed);
+        } else if let (Some(ns), false) = (timeout_ns, fixed) {
+            self.table.set_timeout(slot, now.saturating_add(ns));
+        }
+        Ok(Verdict::Tracked {
+            slot,
+            dir,
+            info,
+            created: false,
+        })
+    }
+
+    /// ICMP error: find the connection of the quoted packet (§6).
+    fn related(
+        &mut self,
+        pkt: &ParsedPacket,
+        frame: &[u8],
+        zone: u16,
+        family: Family,
+        now: u64,
+    ) -> Verdict {
+        let inner = match wire::parse_inner(frame, pkt) {
+            Ok(i) => i,
+            Err(e) => return self.invalid(Invalid::IcmpErrorQuote(e)),
+        };
+        if inner.fragment == Fragment::NonFirst {
+            return self.invalid(Invalid::IcmpErrorNoMatch);
+        }
+        let quoted = tuple_of(
+            family,
+            inner.src,
+            inner.dst,
+            inner.protocol,
+            &inner.l4,
+            zone,
+        );
+        let Ok(wanted) = quoted.invert() else {
+            return self.invalid(Invalid::IcmpErrorNoMatch);
+        };
+        // RELATED packets change nothing in the entry: no refresh, no state, no counters.
+        let Some((slot, dir)) = self.table.lookup(&wanted, now) else {
+            return self.invalid(Invalid::IcmpErrorNoMatch);
+        };
+        let Some(conn) = self.table.get(slot) else {
+            return self.invalid(Invalid::IcmpErrorNoMatch);
+        };
+        let outer_dst = Addr::from_ip(pkt.dst).0;
+        if conn.tuple(dir).dst != outer_dst {
+            return self.invalid(Invalid::IcmpErrorSpoofed);
+        }
+        self.stats.related += 1;
+        Verdict::Tracked {
+            slot,
+            dir,
+            info: if dir == Dir::Reply {
+                CtInfo::RelatedReply
+            } else {
+                CtInfo::Related
+            },
+            created: false,
+        }
+    }
+}
+
+/// The TCP handler asked to delete the entry and look the packet up again.
+struct Reopen;
+
+#[cfg(test)]
+mod tests;
