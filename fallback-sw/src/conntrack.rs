@@ -638,3 +638,8 @@ struct Reopen;
 
 #[cfg(test)]
 mod tests;
+
+mod offload;
+mod query;
+pub use offload::{NotOffloadable, Teardown};
+pub use query::{DeleteError, Filter, Prefix};
