@@ -421,6 +421,125 @@ pub enum DriverError {
         #[source]
         source: Option<io::Error>,
     },
+
+    /// A memfd for simulator DMA memory could not be created, sized or sealed.
+    #[error("cannot create a sealed memfd of {len} bytes for DMA memory")]
+    Memfd {
+        /// Requested length.
+        len: usize,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The simulator's IOMMU refused a DMA mapping.
+    #[error("simulator DMA map of {len:#x} bytes at IOVA {iova:#x} failed: {reason}")]
+    SimDmaMap {
+        /// The IOVA.
+        iova: u64,
+        /// The length.
+        len: u64,
+        /// What the simulator said.
+        reason: String,
+    },
+
+    /// The device did not reach a state in time.
+    #[error("device did not become {what} within {timeout_ms} ms (STATUS = {status:#x})")]
+    DeviceTimeout {
+        /// The awaited state.
+        what: &'static str,
+        /// The timeout.
+        timeout_ms: u64,
+        /// The last STATUS read.
+        status: u32,
+    },
+
+    /// `MAGIC` is wrong (0xFFFFFFFF: the device fell off the bus).
+    #[error(
+        "MAGIC register reads {found:#010x}, expected 0x43544f31 (\"CTO1\"); not a CTO-1 device or it fell off the bus"
+    )]
+    BadMagic {
+        /// What was read.
+        found: u32,
+    },
+
+    /// `SPEC_VERSION` has a major version this driver does not implement.
+    #[error(
+        "device implements specification {major}.{minor}; this driver supports major version 1 only"
+    )]
+    UnsupportedSpecVersion {
+        /// Major.
+        major: u16,
+        /// Minor.
+        minor: u16,
+    },
+
+    /// The device is in the fatal state (bring-up or enable failed).
+    #[error("device is fatal: FATAL_CODE {code}, FATAL_UNIT {unit}, FATAL_ADDR {addr:#x}")]
+    DeviceFatal {
+        /// Raw `FATAL_CODE`.
+        code: u32,
+        /// Raw `FATAL_UNIT`.
+        unit: u32,
+        /// `FATAL_ADDR`.
+        addr: u64,
+    },
+
+    /// The device is down (fatal, reset or timed out) until `reinit` succeeds.
+    #[error("device is down after a fault; call reinit()")]
+    DeviceDown,
+
+    /// A capability register holds a value this driver cannot work with.
+    #[error("capability {what} = {value:#x} is out of range")]
+    BadCapability {
+        /// The register.
+        what: &'static str,
+        /// Its value.
+        value: u32,
+    },
+
+    /// A bulk command (dump) failed on the device.
+    #[error("{what} completed with status {status}")]
+    CommandFailed {
+        /// The command.
+        what: &'static str,
+        /// Raw completion status, or 0xFF when it was aborted.
+        status: u8,
+    },
+
+    /// A waited-for command did not complete in time.
+    #[error("command with cookie {cookie:#x} did not complete within {timeout_ms} ms")]
+    CommandTimeout {
+        /// Its cookie.
+        cookie: u32,
+        /// The timeout.
+        timeout_ms: u64,
+    },
+
+    /// The completion ring returned a cookie that is not the oldest outstanding one.
+    #[error(
+        "completion cookie {found:#x} does not match the oldest outstanding command {expected:#x}"
+    )]
+    CookieMismatch {
+        /// The cookie the driver expected.
+        expected: u32,
+        /// The cookie the device wrote.
+        found: u32,
+    },
+
+    /// A request argument is invalid (e.g. a frame larger than a TX buffer).
+    #[error("invalid argument: {what}")]
+    InvalidArgument {
+        /// What is wrong.
+        what: &'static str,
+    },
+
+    /// A failure injected by a test double.
+    #[error("injected failure: {what}")]
+    Injected {
+        /// What failed.
+        what: &'static str,
+    },
 }
 
 /// The driver's result type.

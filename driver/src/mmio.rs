@@ -13,7 +13,9 @@
 //! [`DmaMemory`] are built on it.
 
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::error::{DriverError, Result};
 
@@ -318,6 +320,226 @@ impl DmaMemory {
         for (i, s) in src.iter().enumerate() {
             // SAFETY: as in `read_bytes`.
             unsafe { std::ptr::write_volatile(p.add(i), *s) };
+        }
+        Ok(())
+    }
+}
+
+// ---- shared-memory access (simulator BAR, sealed memfd DMA memory) --------------------
+
+impl Mapping {
+    /// A `MAP_SHARED` read/write mapping of `len` bytes of `fd` at offset 0.
+    fn shared_fd(fd: BorrowedFd<'_>, len: usize, what: &'static str) -> Result<Self> {
+        // SAFETY: maps `len` bytes of a file the caller passes; the kernel picks the
+        // address, so no existing mapping is affected. The result is checked against
+        // MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(DriverError::Mmap {
+                what,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `p` is a fresh mapping of `len` bytes that only this `Mapping` owns.
+        unsafe { Self::from_raw(p.cast(), len) }
+    }
+
+    /// An atomic view of the aligned 32-bit word at `offset`.
+    ///
+    /// This is the one place that forms a reference into shared memory: an
+    /// `&AtomicU32` is sound there because every party (this process, the device
+    /// model in another thread or process) accesses the word only atomically, and a
+    /// spurious atomic load the compiler might add has no side effect on plain shared
+    /// memory. It is never used on a real device BAR.
+    fn atomic32(&self, offset: usize) -> Result<&AtomicU32> {
+        let p = self.ptr_at(offset, 4)?;
+        // SAFETY: `ptr_at` checked bounds and 4-byte alignment inside the live mapping,
+        // which outlives the returned reference (it borrows `self`); all accesses to
+        // this memory by anyone are atomic (see above).
+        Ok(unsafe { AtomicU32::from_ptr(p.cast()) })
+    }
+
+    /// An atomic view of the aligned 64-bit word at `offset` (see [`Self::atomic32`]).
+    fn atomic64(&self, offset: usize) -> Result<&AtomicU64> {
+        let p = self.ptr_at(offset, 8)?;
+        // SAFETY: as in `atomic32`, with 8-byte alignment checked.
+        Ok(unsafe { AtomicU64::from_ptr(p.cast()) })
+    }
+}
+
+/// A register image in shared memory (the simulator's BAR0): every access is an
+/// aligned atomic, as the model expects (docs/device.md section 19).
+#[derive(Debug)]
+pub struct SharedRegs {
+    map: Mapping,
+}
+
+impl SharedRegs {
+    /// Maps `len` bytes of the register file `fd` (`MAP_SHARED`).
+    pub fn map_fd(fd: BorrowedFd<'_>, len: usize) -> Result<Self> {
+        Ok(Self {
+            map: Mapping::shared_fd(fd, len, "shared-memory BAR")?,
+        })
+    }
+
+    /// An anonymous register image, for tests.
+    pub fn anonymous(len: usize) -> Result<Self> {
+        Ok(Self {
+            map: Mapping::anonymous(len, 0, "anonymous register image")?,
+        })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len
+    }
+
+    /// Always false.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// 32-bit load with acquire ordering.
+    pub fn load32(&self, offset: usize) -> Result<u32> {
+        Ok(self.map.atomic32(offset)?.load(Ordering::Acquire))
+    }
+
+    /// 32-bit store with release ordering: every earlier memory write (descriptors)
+    /// is visible to the model before it sees the register value.
+    pub fn store32(&self, offset: usize, value: u32) -> Result<()> {
+        self.map.atomic32(offset)?.store(value, Ordering::Release);
+        Ok(())
+    }
+
+    /// Atomically clears `bits` (W1C emulation on a shared-memory register image).
+    pub fn fetch_and32(&self, offset: usize, bits_to_clear: u32) -> Result<u32> {
+        Ok(self
+            .map
+            .atomic32(offset)?
+            .fetch_and(!bits_to_clear, Ordering::AcqRel))
+    }
+
+    /// One aligned 64-bit load with acquire ordering (`TIMESTAMP` on a shared BAR).
+    pub fn load64(&self, offset: usize) -> Result<u64> {
+        Ok(self.map.atomic64(offset)?.load(Ordering::Acquire))
+    }
+}
+
+impl DmaMemory {
+    /// Allocates `len` bytes (rounded up to 4 KiB) as a sealed memfd (it can neither
+    /// shrink nor grow), mapped `MAP_SHARED` here; the fd is returned so that the
+    /// device model can map the same pages (the simulator's IOMMU).
+    pub fn memfd(len: usize, name: &str) -> Result<(Self, OwnedFd)> {
+        let bad = |reason| DriverError::BadMapping {
+            addr: 0,
+            len,
+            reason,
+        };
+        if len == 0 {
+            return Err(bad("zero-length DMA allocation"));
+        }
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE_4K)
+            .ok_or(bad("length overflows when rounded to pages"))?;
+        let cname = std::ffi::CString::new(name).map_err(|_| bad("memfd name has a NUL"))?;
+        let memfd_err = |source| DriverError::Memfd { len, source };
+        // SAFETY: `cname` is a valid NUL-terminated string; the result is checked.
+        let raw = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if raw < 0 {
+            return Err(memfd_err(io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let size = libc::off_t::try_from(len).map_err(|_| bad("length too large"))?;
+        // SAFETY: plain syscall on a descriptor we own.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
+            return Err(memfd_err(io::Error::last_os_error()));
+        }
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: plain syscall on a descriptor we own.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(memfd_err(io::Error::last_os_error()));
+        }
+        let map = Mapping::shared_fd(fd.as_fd(), len, "memfd DMA memory")?;
+        Ok((
+            Self {
+                map,
+                page_size: PAGE_SIZE_4K,
+            },
+            fd,
+        ))
+    }
+
+    /// Maps the whole of an existing DMA memfd a second time (the device side of a
+    /// test double).
+    pub fn map_memfd(fd: BorrowedFd<'_>, len: usize) -> Result<Self> {
+        Ok(Self {
+            map: Mapping::shared_fd(fd, len, "memfd DMA memory (second view)")?,
+            page_size: PAGE_SIZE_4K,
+        })
+    }
+
+    /// 32-bit load with acquire ordering: reads an ownership word (CPL phase, RX/TX
+    /// `DD`) so that the entry body read after it is the one the device wrote before.
+    pub fn load32_acquire(&self, offset: usize) -> Result<u32> {
+        Ok(self.map.atomic32(offset)?.load(Ordering::Acquire))
+    }
+
+    /// 32-bit store with release ordering (the device side of an ownership word).
+    pub fn store32_release(&self, offset: usize, value: u32) -> Result<()> {
+        self.map.atomic32(offset)?.store(value, Ordering::Release);
+        Ok(())
+    }
+
+    /// Copies `src` into DMA memory at `offset` with 8-byte volatile stores where the
+    /// destination is 8-byte aligned (descriptors), byte stores otherwise.
+    pub fn write_block(&self, offset: usize, src: &[u8]) -> Result<()> {
+        if offset % 8 != 0 || src.len() % 8 != 0 {
+            return self.write_bytes(offset, src);
+        }
+        let p = self.map.range_at(offset, src.len())?;
+        for (i, chunk) in src.chunks_exact(8).enumerate() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(chunk);
+            // SAFETY: `range_at` checked `p..p+src.len()` is in the mapping; `p` is
+            // 8-aligned (offset and the page-aligned base are), `i * 8 + 8 <= len`.
+            unsafe { std::ptr::write_volatile(p.add(i * 8).cast::<u64>(), u64::from_ne_bytes(w)) };
+        }
+        Ok(())
+    }
+
+    /// Copies out of DMA memory at `offset` with 8-byte volatile loads where aligned.
+    pub fn read_block(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+        if offset % 8 != 0 || dst.len() % 8 != 0 {
+            return self.read_bytes(offset, dst);
+        }
+        let p = self.map.range_at(offset, dst.len())?;
+        for (i, chunk) in dst.chunks_exact_mut(8).enumerate() {
+            // SAFETY: as in `write_block`.
+            let w = unsafe { std::ptr::read_volatile(p.add(i * 8).cast::<u64>()) };
+            chunk.copy_from_slice(&w.to_ne_bytes());
+        }
+        Ok(())
+    }
+
+    /// Fills `[offset, offset + n)` with zero bytes.
+    pub fn zero(&self, offset: usize, n: usize) -> Result<()> {
+        let p = self.map.range_at(offset, n)?;
+        for i in 0..n {
+            // SAFETY: `range_at` checked the range; u8 needs no alignment.
+            unsafe { std::ptr::write_volatile(p.add(i), 0) };
         }
         Ok(())
     }

@@ -104,6 +104,24 @@ pub enum Error {
         /// Capacity of the batch.
         capacity: usize,
     },
+    /// A [`crate::SimConfig`] is out of range.
+    #[error("invalid simulator configuration: {reason}")]
+    BadConfig {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A port number is not below `NUM_PORTS`.
+    #[error("no port {port}")]
+    BadPort {
+        /// The port number.
+        port: u8,
+    },
+    /// A control-socket message is malformed.
+    #[error("bad control message: {reason}")]
+    BadControlMessage {
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// No network interface has this name.
     #[error("network interface {name:?} not found")]
     NoSuchInterface {

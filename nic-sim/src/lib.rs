@@ -2,14 +2,30 @@
 //!
 //! It implements exactly what `docs/device.md` specifies, behind the memory regions a
 //! real device exposes (BAR0 and host DMA memory). It must never offer the driver a
-//! shortcut that real hardware would not.
+//! shortcut that real hardware would not: there is no Rust-level channel between driver
+//! and model, only the BAR image, DMA memory and interrupt eventfds.
+//!
+//! - [`Simulator`]: the device; [`Simulator::poll`] advances it one step, or
+//!   [`Simulator::spawn`] runs it in a thread.
+//! - [`SimIommu`]: where the driver maps DMA memory (the model's `VFIO_IOMMU_MAP_DMA`).
+//! - [`FaultHandle`]: fault injection for tests.
 #![deny(missing_docs, missing_debug_implementations)]
 
+pub mod device;
 pub mod dma;
 pub mod error;
 pub mod event;
+pub mod fault;
+pub mod iommu;
 pub mod mem;
 pub mod port;
 pub mod rewrite;
+pub mod table;
+pub mod thread;
 
+pub use device::{BAR_SIZE, SIM_MAX_FRAME_LEN, SimConfig, SimStats, Simulator};
 pub use error::{Error, Result};
+pub use fault::FaultHandle;
+pub use iommu::SimIommu;
+pub use mem::SharedRegion;
+pub use thread::{SimClock, SimThread};

@@ -372,6 +372,28 @@ impl SharedRegion {
         Ok(())
     }
 
+    /// Atomically ORs `bits` into the little-endian `u32` at `offset` (`AcqRel`) and
+    /// returns the previous value: how the model sets `INT_CAUSE` bits, and how a host on
+    /// a shared-memory BAR sets `CTRL.SOFT_RESET`.
+    #[inline]
+    pub fn fetch_or_u32(&self, offset: u64, bits: u32) -> Result<u32> {
+        Ok(u32::from_le(
+            self.atomic_u32(offset)?
+                .fetch_or(bits.to_le(), Ordering::AcqRel),
+        ))
+    }
+
+    /// Atomically ANDs `bits` into the little-endian `u32` at `offset` (`AcqRel`) and
+    /// returns the previous value: a W1C clear on a shared-memory BAR is
+    /// `fetch_and_u32(off, !bits)`.
+    #[inline]
+    pub fn fetch_and_u32(&self, offset: u64, bits: u32) -> Result<u32> {
+        Ok(u32::from_le(
+            self.atomic_u32(offset)?
+                .fetch_and(bits.to_le(), Ordering::AcqRel),
+        ))
+    }
+
     /// Loads the little-endian `u64` at `offset` with `Acquire` ordering.
     #[inline]
     pub fn load_u64_acquire(&self, offset: u64) -> Result<u64> {

@@ -28,8 +28,10 @@ const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
-/// IPv6 extension headers (RFC 8200 and the IANA list), except Fragment (44).
-const IPV6_EXT_HEADERS: [u8; 9] = [0, 43, 50, 51, 60, 135, 139, 140, 253];
+/// IPv6 extension headers the device recognises (device.md section 15.2), except
+/// Fragment (44) and the experimental 254. ESP (50) is not among them: the device
+/// treats it as an unsupported L4 protocol.
+const IPV6_EXT_HEADERS: [u8; 8] = [0, 43, 51, 60, 135, 139, 140, 253];
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_EXPERIMENTAL_EXT: u8 = 254;
 
@@ -147,6 +149,19 @@ fn array<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
     b.get(at..at + N)?.try_into().ok()
 }
 
+/// Whether the ones'-complement sum of an IPv4 header (checksum field included) is
+/// `0xFFFF`, i.e. its header checksum is right.
+#[inline]
+fn ipv4_header_checksum_ok(header: &[u8]) -> bool {
+    let mut sum: u32 = header
+        .chunks_exact(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
+}
+
 /// Parses `frame` as the device does.
 pub fn classify(frame: &[u8]) -> Classify {
     use PuntReason::{Fragment, IpOptions, Ipv6ExtHeaders, Malformed, NonIp, UnsupportedL4};
@@ -173,6 +188,10 @@ pub fn classify(frame: &[u8]) -> Classify {
             }
             let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
             if total < ihl || frame.len() - l3 < total {
+                return Err(Malformed);
+            }
+            // A wrong header checksum is malformed (checked before fragment/options).
+            if !ipv4_header_checksum_ok(frame.get(l3..l3 + ihl).ok_or(Malformed)?) {
                 return Err(Malformed);
             }
             if ihl > IPV4_HDR_LEN {
@@ -241,6 +260,10 @@ pub fn classify(frame: &[u8]) -> Classify {
             let h: [u8; UDP_HDR_LEN] = array(l4_bytes, 0).ok_or(Malformed)?;
             let len = usize::from(u16::from_be_bytes([h[4], h[5]]));
             if len < UDP_HDR_LEN || len > l4_len {
+                return Err(Malformed);
+            }
+            // IPv6 makes the UDP checksum mandatory: 0 is malformed.
+            if v6 && h[6] == 0 && h[7] == 0 {
                 return Err(Malformed);
             }
             L4::Udp {
@@ -777,11 +800,34 @@ mod tests {
         v6spec.src = "2001:db8::1".parse().expect("addr");
         v6spec.dst = "2001:db8::2".parse().expect("addr");
         let tcp6 = build(&v6spec);
+        // Patches bytes; a patch of an IPv4 header gets a correct header checksum, so
+        // that the case tests the field, not the checksum.
         let with = |base: &[u8], at: usize, bytes: &[u8]| {
             let mut f = base.to_vec();
             f[at..at + bytes.len()].copy_from_slice(bytes);
+            let ihl = usize::from(f[14] & 0x0f) * 4;
+            if f[12..14] == [0x08, 0x00] && (14..34).contains(&at) && ihl >= 20 {
+                f[24] = 0;
+                f[25] = 0;
+                let mut sum: u32 = f[14..14 + ihl]
+                    .chunks_exact(2)
+                    .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                    .sum();
+                while sum > 0xffff {
+                    sum = (sum & 0xffff) + (sum >> 16);
+                }
+                let c = !u16::try_from(sum).expect("folded");
+                f[24..26].copy_from_slice(&c.to_be_bytes());
+            }
             classify(&f)
         };
+        let mut bad_csum = tcp4.clone();
+        bad_csum[24] ^= 1;
+        assert_eq!(classify(&bad_csum), Err(Malformed)); // header checksum
+        let mut frag_bad_csum = tcp4.clone();
+        frag_bad_csum[20] = 0x20;
+        assert_eq!(classify(&frag_bad_csum), Err(Malformed)); // checked before MF
+        assert_eq!(with(&tcp6, 20, &[50]), Err(UnsupportedL4)); // ESP
         assert_eq!(with(&tcp4, 12, &[0x08, 0x06]), Err(NonIp)); // ARP
         assert_eq!(with(&tcp4, 12, &[0x00, 0x40]), Err(NonIp)); // 802.3 length
         assert_eq!(with(&tcp4, 20, &[0x20, 0x00]), Err(Fragment)); // MF

@@ -45,6 +45,28 @@ impl EventFd {
         })
     }
 
+    /// Wraps an eventfd created elsewhere (e.g. the simulator's interrupt fds) and
+    /// makes it non-blocking so that [`read`](Self::read) never blocks.
+    pub fn from_owned(fd: OwnedFd) -> Result<Self> {
+        // SAFETY: F_GETFL on a descriptor we own; no pointers are passed.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 {
+            return Err(DriverError::EventFd {
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: F_SETFL on a descriptor we own; no pointers are passed.
+        let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+        if rc < 0 {
+            return Err(DriverError::EventFd {
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(Self {
+            file: File::from(fd),
+        })
+    }
+
     /// Reads and resets the counter: `Ok(Some(n))` = `n` interrupts since the last
     /// read, `Ok(None)` = none pending.
     pub fn read(&self) -> Result<Option<u64>> {
