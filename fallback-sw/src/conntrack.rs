@@ -401,12 +401,20 @@ impl Conntrack {
             _ => {}
         }
         let tuple = tuple_of(family, pkt.src, pkt.dst, pkt.protocol, &pkt.l4, zone);
+        let hash = self.table.hash(&tuple);
+        self.track_tuple(&tuple, hash, pkt, now)
+    }
+
+    /// The common path after classification: look `tuple` (hashed to `hash` by the
+    /// table) up, run the protocol handler or create the connection.
+    #[inline]
+    fn track_tuple(&mut self, tuple: &Tuple, hash: u64, pkt: &ParsedPacket, now: u64) -> Verdict {
         let bytes = u64::from(pkt.l3_len);
         // At most two rounds: a TCP reopen deletes the old entry and starts over.
         for _ in 0..2 {
-            let verdict = match self.table.lookup(&tuple, now) {
+            let verdict = match self.table.lookup_hashed(tuple, hash, now) {
                 Some((slot, dir)) => self.existing(slot, dir, pkt, bytes, now),
-                None => self.create(tuple, pkt, bytes, now),
+                None => self.create(*tuple, hash, pkt, bytes, now),
             };
             if let Ok(v) = verdict {
                 if matches!(v, Verdict::Tracked { .. }) {
@@ -423,6 +431,7 @@ impl Conntrack {
     fn create(
         &mut self,
         tuple: Tuple,
+        hash: u64,
         pkt: &ParsedPacket,
         bytes: u64,
         now: u64,
@@ -465,8 +474,9 @@ impl Conntrack {
                 }));
             }
         };
-        let slot = match self.table.insert(
+        let slot = match self.table.insert_hashed(
             tuple,
+            hash,
             reply,
             Status::empty(),
             now.saturating_add(timeout_ns),
@@ -635,6 +645,8 @@ impl Conntrack {
 
 /// The TCP handler asked to delete the entry and look the packet up again.
 struct Reopen;
+
+mod batch;
 
 #[cfg(test)]
 mod tests;

@@ -7,6 +7,7 @@
 
 pub mod checksum;
 pub mod conntrack;
+pub mod nat;
 pub mod table;
 pub mod tcp;
 pub mod timer;

@@ -69,7 +69,12 @@ pub struct Counter {
 }
 
 /// One connection.
+///
+/// The field order is fixed (`repr(C)`) so that what every packet touches (the tuple it
+/// is compared with, status, timeout, its direction's counters) sits together at the
+/// front, and the protocol state follows; see [`ConnTable::prefetch`].
 #[derive(Debug, Clone)]
+#[repr(C)]
 pub struct Conn<P> {
     /// Original and reply tuples, indexed by [`Dir::index`].
     pub tuples: [Tuple; 2],
@@ -77,10 +82,10 @@ pub struct Conn<P> {
     pub status: Status,
     /// Absolute expiry time in nanoseconds; dead once `timeout <= now`.
     pub timeout: u64,
-    /// Unique id of this connection within the table's lifetime (never reused).
-    pub id: u64,
     /// Per-direction counters, indexed by [`Dir::index`].
     pub counters: [Counter; 2],
+    /// Unique id of this connection within the table's lifetime (never reused).
+    pub id: u64,
     /// Protocol state.
     pub proto: P,
 }
@@ -299,20 +304,69 @@ impl<P> ConnTable<P> {
         &self.hasher
     }
 
-    /// Bytes of memory the table holds per connection slot (index, entry, timer links).
+    /// Bytes of memory the table holds per connection it can hold: every allocation it
+    /// makes (index, entries, timer links and wheel, free list, event queue, GC scratch),
+    /// divided by the maximum number of connections, rounded up.
     #[must_use]
     pub fn bytes_per_connection(&self) -> usize {
-        let index = self.index.len() * size_of::<u64>();
-        let entries = self.entries.len() * size_of::<Option<Conn<P>>>();
-        let links = self.links.len() * size_of::<SlotLinks>();
-        (index + entries + links) / self.max
+        let index = self.index.capacity() * size_of::<u64>();
+        let entries = self.entries.capacity() * size_of::<Option<Conn<P>>>();
+        let links = self.links.capacity() * size_of::<SlotLinks>();
+        let free = self.free.capacity() * size_of::<u32>();
+        let events = self.events.capacity() * size_of::<Event>();
+        let scratch = self.scratch.capacity() * size_of::<u32>();
+        let wheel = self.wheel.heap_bytes();
+        (index + entries + links + free + events + scratch + wheel).div_ceil(self.max)
+    }
+
+    /// The table's hash of `tuple`, for [`ConnTable::lookup_hashed`] and
+    /// [`ConnTable::prefetch`].
+    #[inline]
+    #[must_use]
+    pub fn hash(&self, tuple: &Tuple) -> u64 {
+        self.hasher.hash(tuple)
+    }
+
+    /// Batch helper, first step: read the index slot where the lookup of a tuple with
+    /// hash `hash` starts, so that it is in cache for [`ConnTable::prefetch`]. Returns
+    /// the slot's content (callers fold it into a value they keep, so the read is done).
+    #[inline]
+    #[must_use]
+    pub fn touch_index(&self, hash: u64) -> u64 {
+        self.index[self.pos(hash)]
+    }
+
+    /// Batch helper, second step: the connection that the first index slot of `hash`
+    /// points to when its hash tag matches (a hint: the tuple is not compared and the
+    /// timeout not checked). Callers read the fields they will use, so that the entry
+    /// is in cache when [`ConnTable::lookup_hashed`] runs.
+    #[inline]
+    #[must_use]
+    pub fn prefetch(&self, hash: u64) -> Option<(&Conn<P>, Dir)> {
+        let v = self.index[self.pos(hash)];
+        if v == EMPTY {
+            return None;
+        }
+        let (vtag, slot, dir) = unpack(v);
+        if vtag != hash & 0xFFFF_FFFF_0000_0000 {
+            return None;
+        }
+        self.entry(slot).map(|c| (c, dir))
     }
 
     /// Find the live connection owning `tuple`, and the direction `tuple` is. An expired
     /// connection found on the way is reaped (with its Destroy event) and not returned.
     #[inline]
     pub fn lookup(&mut self, tuple: &Tuple, now: u64) -> Option<(Slot, Dir)> {
-        let (slot, dir) = self.find(tuple)?;
+        let h = self.hasher.hash(tuple);
+        self.lookup_hashed(tuple, h, now)
+    }
+
+    /// [`ConnTable::lookup`] with the tuple's hash already computed by
+    /// [`ConnTable::hash`] (a wrong hash finds nothing).
+    #[inline]
+    pub fn lookup_hashed(&mut self, tuple: &Tuple, hash: u64, now: u64) -> Option<(Slot, Dir)> {
+        let (slot, dir) = self.find(tuple, hash)?;
         if self.entry(slot).is_some_and(|c| c.expired(now)) {
             self.stats.expired += 1;
             self.remove(slot, RemoveReason::Expired);
@@ -321,10 +375,10 @@ impl<P> ConnTable<P> {
         Some((slot, dir))
     }
 
-    /// Find the connection owning `tuple` without looking at its timeout.
+    /// Find the connection owning `tuple` (whose hash is `h`) without looking at its
+    /// timeout.
     #[inline]
-    fn find(&self, tuple: &Tuple) -> Option<(Slot, Dir)> {
-        let h = self.hasher.hash(tuple);
+    fn find(&self, tuple: &Tuple, h: u64) -> Option<(Slot, Dir)> {
         let tag = h & 0xFFFF_FFFF_0000_0000;
         let mut pos = self.pos(h);
         loop {
@@ -377,11 +431,16 @@ impl<P> ConnTable<P> {
         let Some(conn) = self.entries.get_mut(slot.idx()).and_then(Option::as_mut) else {
             return;
         };
+        let old = conn.timeout;
         conn.timeout = timeout;
         // The wheel only needs to know when the entry must be looked at sooner than it
-        // is scheduled; a later timeout is found when its current slot fires.
-        self.wheel
-            .reschedule_if_sooner(&mut self.links, slot.0, timeout);
+        // is scheduled; a later timeout is found when its current slot fires. The entry
+        // is scheduled at or before its old timeout, so a timeout that does not move
+        // earlier (every packet of an established flow) touches nothing else.
+        if timeout < old {
+            self.wheel
+                .reschedule_if_sooner(&mut self.links, slot.0, timeout);
+        }
     }
 
     /// Insert a new connection with the given tuples and absolute timeout. Runs early
@@ -396,8 +455,29 @@ impl<P> ConnTable<P> {
         proto: P,
         now: u64,
     ) -> Result<Slot, InsertError> {
-        for (tuple, dir) in [(orig, Dir::Original), (reply, Dir::Reply)] {
-            if let Some((slot, _)) = self.lookup(&tuple, now) {
+        let h = self.hasher.hash(&orig);
+        self.insert_hashed(orig, h, reply, status, timeout, proto, now)
+    }
+
+    /// [`ConnTable::insert`] with the original tuple's hash already computed by
+    /// [`ConnTable::hash`] (each tuple is hashed once on this path).
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_hashed(
+        &mut self,
+        orig: Tuple,
+        orig_hash: u64,
+        reply: Tuple,
+        status: Status,
+        timeout: u64,
+        proto: P,
+        now: u64,
+    ) -> Result<Slot, InsertError> {
+        let reply_hash = self.hasher.hash(&reply);
+        for (tuple, h, dir) in [
+            (orig, orig_hash, Dir::Original),
+            (reply, reply_hash, Dir::Reply),
+        ] {
+            if let Some((slot, _)) = self.lookup_hashed(&tuple, h, now) {
                 self.stats.insert_clash += 1;
                 let id = self.entry(slot).map_or(0, |c| c.id);
                 return Err(InsertError::Clash { tuple, dir, id });
@@ -423,8 +503,8 @@ impl<P> ConnTable<P> {
             proto,
         });
         self.count += 1;
-        self.index_insert(&orig, slot, Dir::Original);
-        self.index_insert(&reply, slot, Dir::Reply);
+        self.index_insert(orig_hash, slot, Dir::Original);
+        self.index_insert(reply_hash, slot, Dir::Reply);
         self.wheel.schedule(&mut self.links, raw, timeout, now);
         self.stats.inserted += 1;
         self.push_event(Event::New {
@@ -434,8 +514,7 @@ impl<P> ConnTable<P> {
         Ok(slot)
     }
 
-    fn index_insert(&mut self, tuple: &Tuple, slot: Slot, dir: Dir) {
-        let h = self.hasher.hash(tuple);
+    fn index_insert(&mut self, h: u64, slot: Slot, dir: Dir) {
         let mut pos = self.pos(h);
         while self.index[pos] != EMPTY {
             pos = (pos + 1) & self.mask;

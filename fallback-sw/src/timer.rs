@@ -75,6 +75,12 @@ impl TimerWheel {
         }
     }
 
+    /// Bytes of heap the wheel holds (its list heads).
+    #[must_use]
+    pub fn heap_bytes(&self) -> usize {
+        self.heads.capacity() * size_of::<u32>()
+    }
+
     fn link(&mut self, links: &mut [SlotLinks], i: u32, slot: u64) {
         let pos = pos_of(slot);
         let head = self.heads[pos];

@@ -1,3 +1,14 @@
 //! Shared helpers for ctoffload's cross-crate and end-to-end tests.
+//!
+//! - [`netns`]: network namespaces with a deleting guard, bounded helper commands,
+//!   entering a namespace from a thread.
+//! - [`frames`]: Ethernet frames with correct checksums (built with etherparse).
+//! - [`kernel`]: reading Linux conntrack state (`conntrack -L`) and nftables counters.
+//! - [`inject`]: sending raw frames into an interface of a namespace.
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]
+
+pub mod frames;
+pub mod inject;
+pub mod kernel;
+pub mod netns;

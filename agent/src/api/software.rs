@@ -1,0 +1,572 @@
+//! [`ControlPlane`] over one software conntrack table: the agent without hardware,
+//! and the reference the dataplane's implementation is tested against.
+//!
+//! The "fast path" here is software (Linux flowtable without hardware offload): an
+//! offloaded connection has OFFLOAD set and never HW_OFFLOAD. The policy offloads
+//! eligible flows as their packets pass [`SoftwareControl::process`]; a TCP flow
+//! that leaves ESTABLISHED is returned to the slow path.
+//!
+//! Events come from the table's queue (`drain_events`) after every operation that
+//! can produce them, plus the state-change, offload and return events this type
+//! produces itself, all appended to the journal under the table lock so that their
+//! order is the order things happened.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use ctoffload_fallback_sw::conntrack::{Config, Conntrack, L4State, Teardown, Verdict};
+use ctoffload_fallback_sw::table::{Conn, Counter, Event as CtEvent, Slot, Status};
+use ctoffload_fallback_sw::tcp::TcpState;
+use ctoffload_fallback_sw::tuple::proto as ipproto;
+
+use super::control::ControlPlane;
+use super::convert::MAX_CONNECTIONS;
+use super::error::ApiError;
+use super::journal::EventJournal;
+use super::model::{
+    Configured, ConnFilter, ConnInfo, ConnKey, DeviceStatus, Event, GapCause, Health, HwTable,
+    Limits, LimitsUpdate, ListCursor, ListPage, NatRule, OffloadPolicy, ReturnReason,
+    StatsSnapshot, Timeouts, TimeoutsUpdate,
+};
+use super::nat::NatRules;
+
+/// The clock: nanoseconds on a monotonic scale.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Default journal capacity.
+pub const DEFAULT_JOURNAL_CAPACITY: usize = 65_536;
+
+/// What the software control plane tracks per live connection.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    slot: Slot,
+    tcp_state: Option<TcpState>,
+}
+
+#[derive(Debug)]
+struct State {
+    ct: Conntrack,
+    meta: HashMap<u64, Meta>,
+    source_lost_seen: u64,
+    offloaded: u64,
+    nat: NatRules,
+    policy: OffloadPolicy,
+    timeouts: Timeouts,
+    limits: Limits,
+    pending: Vec<Event>,
+}
+
+/// See the module documentation.
+pub struct SoftwareControl {
+    state: Mutex<State>,
+    journal: EventJournal,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for SoftwareControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SoftwareControl")
+            .field("journal", &self.journal)
+            .finish_non_exhaustive()
+    }
+}
+
+fn tcp_state(c: &Conn<L4State>) -> Option<TcpState> {
+    match c.proto {
+        L4State::Tcp(t) => Some(t.state()),
+        L4State::Udp { .. } | L4State::Icmp | L4State::Generic => None,
+    }
+}
+
+fn info(c: &Conn<L4State>, now: u64) -> ConnInfo {
+    ConnInfo {
+        id: c.id,
+        tuples: c.tuples,
+        tcp_state: tcp_state(c),
+        status: c.status,
+        remaining_ns: c.remaining(now),
+        counters: c.counters,
+        hw_counters: [Counter::default(); 2],
+    }
+}
+
+impl State {
+    /// Move the table's events (and any loss) into `pending`.
+    fn collect(&mut self) {
+        let lost = self.ct.table().stats().events_lost;
+        if lost > self.source_lost_seen {
+            self.pending.push(Event::Gap {
+                cause: GapCause::SourceOverflow,
+                first_missing: 0,
+                last_missing: 0,
+                lost_records: lost - self.source_lost_seen,
+                lost_end_of_flow: None,
+            });
+            self.source_lost_seen = lost;
+        }
+        let events: Vec<CtEvent> = self.ct.table_mut().drain_events().collect();
+        for ev in events {
+            match ev {
+                CtEvent::New { id, tuples } => self.pending.push(Event::New { id, tuples }),
+                CtEvent::Destroy {
+                    id,
+                    tuples,
+                    counters,
+                    reason,
+                    status,
+                } => {
+                    self.meta.remove(&id);
+                    if status.contains(Status::OFFLOAD) {
+                        self.offloaded = self.offloaded.saturating_sub(1);
+                    }
+                    self.pending.push(Event::EndOfFlow {
+                        id,
+                        tuples,
+                        counters,
+                        hw_counters: [Counter::default(); 2],
+                        reason,
+                        status,
+                    });
+                }
+            }
+        }
+    }
+
+    fn return_to_software(&mut self, slot: Slot, reason: ReturnReason, now: u64) {
+        let Some(c) = self.ct.table().get(slot) else {
+            return;
+        };
+        if !c.status.contains(Status::OFFLOAD) {
+            return;
+        }
+        let (id, original) = (c.id, c.tuples[0]);
+        let how = match reason {
+            ReturnReason::Teardown => Teardown::Closing,
+            ReturnReason::Drain
+            | ReturnReason::Delete
+            | ReturnReason::Idle
+            | ReturnReason::DeviceError => Teardown::Returned,
+        };
+        self.ct.teardown(slot, how, now);
+        self.offloaded = self.offloaded.saturating_sub(1);
+        self.pending.push(Event::Returned {
+            id,
+            original,
+            reason,
+        });
+    }
+
+    /// After a tracked packet: state change, then the policy.
+    fn after_packet(&mut self, slot: Slot, now: u64) {
+        let Some(c) = self.ct.table().get(slot) else {
+            return;
+        };
+        let (id, original, state) = (c.id, c.tuples[0], tcp_state(c));
+        let offloaded = c.status.contains(Status::OFFLOAD);
+        let packets = c.counters[0].packets + c.counters[1].packets;
+        let old = self.meta.insert(
+            id,
+            Meta {
+                slot,
+                tcp_state: state,
+            },
+        );
+        if let (
+            Some(Meta {
+                tcp_state: Some(old),
+                ..
+            }),
+            Some(new),
+        ) = (old, state)
+            && old != new
+        {
+            self.pending.push(Event::StateChange {
+                id,
+                original,
+                old,
+                new,
+            });
+        }
+        if offloaded {
+            // A fast path hands FIN/RST to the slow path, which moves the state on;
+            // a TCP flow that left ESTABLISHED goes back to software.
+            if state.is_some_and(|s| s != TcpState::Established) {
+                self.return_to_software(slot, ReturnReason::Teardown, now);
+            }
+            return;
+        }
+        let p = self.policy;
+        let proto_ok = match original.proto {
+            ipproto::TCP => p.tcp,
+            ipproto::UDP => p.udp,
+            _ => false,
+        };
+        if p.enabled
+            && proto_ok
+            && packets >= p.min_packets
+            && self.offloaded < self.limits.max_offloaded
+            && self.ct.mark_offloaded(slot, now).is_ok()
+        {
+            self.offloaded += 1;
+            self.pending.push(Event::Offloaded {
+                id,
+                original,
+                hardware: false,
+            });
+        }
+    }
+
+    fn find(&mut self, key: &ConnKey, now: u64) -> Option<Slot> {
+        match key {
+            ConnKey::Tuple(t) => self.ct.lookup(t, now).map(|(slot, _)| slot),
+            ConnKey::Id(id) => match self.meta.get(id) {
+                Some(m) if self.ct.table().get_checked(m.slot, *id).is_some() => Some(m.slot),
+                _ => self
+                    .ct
+                    .table()
+                    .iter(now)
+                    .find(|(_, c)| c.id == *id)
+                    .map(|(s, _)| s),
+            },
+        }
+        .filter(|slot| self.ct.table().get(*slot).is_some_and(|c| !c.expired(now)))
+    }
+
+    fn delete_slot(&mut self, slot: Slot, now: u64) -> Result<Option<ConnInfo>, ApiError> {
+        self.return_to_software(slot, ReturnReason::Delete, now);
+        let Some(snapshot) = self.ct.table().get(slot).map(|c| info(c, now)) else {
+            return Ok(None);
+        };
+        match self.ct.delete(slot) {
+            Ok(true) => Ok(Some(snapshot)),
+            Ok(false) => Ok(None),
+            Err(source) => Err(ApiError::Delete {
+                id: snapshot.id,
+                source,
+            }),
+        }
+    }
+
+    fn delete_where(&mut self, filter: &ConnFilter, now: u64) -> Result<u64, ApiError> {
+        let slots: Vec<Slot> = self.ct.select(&filter.0, now).map(|(s, _)| s).collect();
+        let mut n = 0;
+        for slot in slots {
+            if self.delete_slot(slot, now)?.is_some() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl SoftwareControl {
+    /// A control plane over a new table, with a monotonic clock that starts at 0.
+    #[must_use]
+    pub fn new(cfg: Config, journal_capacity: usize) -> Self {
+        let start = Instant::now();
+        let clock: Clock =
+            Arc::new(move || u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        Self::with_clock(cfg, journal_capacity, clock)
+    }
+
+    /// The same with a given clock (tests pass a manual one).
+    #[must_use]
+    pub fn with_clock(cfg: Config, journal_capacity: usize, clock: Clock) -> Self {
+        let limits = Limits {
+            max_connections: cfg.max_connections as u64,
+            max_offloaded: cfg.max_connections as u64,
+            max_nat_rules: 1024,
+            event_journal_capacity: journal_capacity as u64,
+        };
+        Self {
+            state: Mutex::new(State {
+                timeouts: Timeouts {
+                    tcp: cfg.tcp.timeouts,
+                    other: cfg.timeouts,
+                },
+                ct: Conntrack::new(cfg),
+                meta: HashMap::new(),
+                source_lost_seen: 0,
+                offloaded: 0,
+                nat: NatRules::default(),
+                policy: OffloadPolicy::default(),
+                limits,
+                pending: Vec::new(),
+            }),
+            journal: EventJournal::new(journal_capacity),
+            clock,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        (self.clock)()
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>, ApiError> {
+        self.state
+            .lock()
+            .map_err(|_| ApiError::Poisoned { what: "conntrack" })
+    }
+
+    /// Run `f` on the state, then journal what it produced (under the same lock, so
+    /// records are in the order things happened).
+    fn with_state<T>(
+        &self,
+        f: impl FnOnce(&mut State, u64) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let now = self.now();
+        let mut st = self.lock()?;
+        let out = f(&mut st, now);
+        st.collect();
+        if !st.pending.is_empty() {
+            let events = std::mem::take(&mut st.pending);
+            self.journal.append(now, events)?;
+        }
+        out
+    }
+
+    /// Track one frame that arrived in `zone` now.
+    pub fn process(&self, frame: &[u8], zone: u16) -> Result<Verdict, ApiError> {
+        self.with_state(|st, now| {
+            let v = st.ct.process(frame, zone, now);
+            st.collect();
+            if let Verdict::Tracked { slot, .. } = v {
+                st.after_packet(slot, now);
+            }
+            Ok(v)
+        })
+    }
+
+    /// Reap expired connections, visiting at most `budget` timers.
+    pub fn gc(&self, budget: usize) -> Result<usize, ApiError> {
+        self.with_state(|st, now| Ok(st.ct.gc(now, budget)))
+    }
+}
+
+impl ControlPlane for SoftwareControl {
+    fn list(
+        &self,
+        filter: &ConnFilter,
+        cursor: ListCursor,
+        max: usize,
+    ) -> Result<ListPage, ApiError> {
+        let now = self.now();
+        let st = self.lock()?;
+        let start = u32::try_from(cursor.0).unwrap_or(u32::MAX);
+        let mut conns = Vec::with_capacity(max.min(4096));
+        let mut next = None;
+        for (slot, c) in st.ct.select(&filter.0, now).filter(|(s, _)| s.0 >= start) {
+            if conns.len() == max {
+                next = Some(ListCursor(u64::from(slot.0)));
+                break;
+            }
+            conns.push(info(c, now));
+        }
+        Ok(ListPage { conns, next })
+    }
+
+    fn get(&self, key: &ConnKey) -> Result<ConnInfo, ApiError> {
+        self.with_state(|st, now| {
+            st.find(key, now)
+                .and_then(|slot| st.ct.table().get(slot))
+                .map(|c| info(c, now))
+                .ok_or_else(|| not_found(key))
+        })
+    }
+
+    fn delete(&self, key: &ConnKey) -> Result<ConnInfo, ApiError> {
+        self.with_state(|st, now| {
+            let slot = st.find(key, now).ok_or_else(|| not_found(key))?;
+            st.delete_slot(slot, now)?.ok_or_else(|| not_found(key))
+        })
+    }
+
+    fn delete_matching(&self, filter: &ConnFilter) -> Result<u64, ApiError> {
+        self.with_state(|st, now| st.delete_where(filter, now))
+    }
+
+    fn flush(&self) -> Result<u64, ApiError> {
+        self.with_state(|st, now| st.delete_where(&ConnFilter::default(), now))
+    }
+
+    fn journal(&self) -> &EventJournal {
+        &self.journal
+    }
+
+    fn stats(&self) -> Result<StatsSnapshot, ApiError> {
+        let now = self.now();
+        let st = self.lock()?;
+        let mut by_state: HashMap<&'static str, u64> = HashMap::new();
+        let mut by_proto: HashMap<u8, u64> = HashMap::new();
+        let (mut connections, mut offloaded, mut hw) = (0u64, 0u64, 0u64);
+        for (_, c) in st.ct.table().iter(now) {
+            connections += 1;
+            *by_proto.entry(c.tuples[0].proto).or_default() += 1;
+            if let Some(s) = tcp_state(c) {
+                *by_state.entry(s.name()).or_default() += 1;
+            }
+            offloaded += u64::from(c.status.contains(Status::OFFLOAD));
+            hw += u64::from(c.status.contains(Status::HW_OFFLOAD));
+        }
+        let ts = st.ct.table().stats();
+        let cs = st.ct.stats();
+        let mut drops = Vec::new();
+        for (kind, name) in super::invalid_kinds() {
+            if name != "malformed" {
+                drops.push((name.to_owned(), cs.invalid[kind.index()]));
+            }
+        }
+        for r in ctoffload_fallback_sw::wire::DropReason::ALL {
+            drops.push((format!("malformed/{}", r.name()), cs.malformed[r.index()]));
+        }
+        let mut by_tcp_state: Vec<_> = by_state.into_iter().collect();
+        by_tcp_state.sort_unstable();
+        let mut by_protocol: Vec<_> = by_proto.into_iter().collect();
+        by_protocol.sort_unstable();
+        Ok(StatsSnapshot {
+            connections,
+            max_connections: st.ct.table().capacity() as u64,
+            by_tcp_state,
+            by_protocol,
+            offloaded,
+            hw_offloaded: hw,
+            hw_table: HwTable::default(),
+            insert_failed_clash: ts.insert_clash,
+            insert_failed_full: ts.insert_full,
+            early_drops: ts.early_drop,
+            expired: ts.expired,
+            drops_by_reason: drops,
+            // The software engine has no NAT bindings yet: pools are unused.
+            port_pools: st.nat.pools(|_| 0),
+            packets: cs.packets,
+            created: cs.created,
+            journal: self.journal.info()?,
+        })
+    }
+
+    fn nat_rules(&self) -> Result<Vec<NatRule>, ApiError> {
+        Ok(self.lock()?.nat.rules().to_vec())
+    }
+
+    fn add_nat_rule(&self, rule: NatRule) -> Result<NatRule, ApiError> {
+        let mut st = self.lock()?;
+        let max = st.limits.max_nat_rules;
+        st.nat.add(rule.clone(), max)?;
+        Ok(rule)
+    }
+
+    fn remove_nat_rule(&self, name: &str) -> Result<(), ApiError> {
+        self.lock()?.nat.remove(name, 0).map(drop)
+    }
+
+    fn offload_policy(&self) -> Result<OffloadPolicy, ApiError> {
+        Ok(self.lock()?.policy)
+    }
+
+    fn set_offload_policy(&self, policy: OffloadPolicy) -> Result<OffloadPolicy, ApiError> {
+        self.lock()?.policy = policy;
+        Ok(policy)
+    }
+
+    fn drain_offload(&self, disable: bool) -> Result<u64, ApiError> {
+        self.with_state(|st, now| {
+            if disable {
+                st.policy.enabled = false;
+            }
+            let filter = ctoffload_fallback_sw::conntrack::Filter {
+                offloaded: Some(true),
+                ..Default::default()
+            };
+            let slots: Vec<Slot> = st.ct.select(&filter, now).map(|(s, _)| s).collect();
+            for &slot in &slots {
+                st.return_to_software(slot, ReturnReason::Drain, now);
+            }
+            Ok(slots.len() as u64)
+        })
+    }
+
+    fn device_status(&self) -> Result<DeviceStatus, ApiError> {
+        Ok(DeviceStatus {
+            backend: "software".into(),
+            identity: "fallback-sw conntrack (no offload device)".into(),
+            spec_version: String::new(),
+            capabilities: vec!["conntrack".into(), "software-fast-path".into()],
+            health: Health::Ok,
+            resets: 0,
+            errors: 0,
+            last_error: String::new(),
+            table: HwTable::default(),
+        })
+    }
+
+    fn timeouts(&self) -> Result<Configured<Timeouts>, ApiError> {
+        let st = self.lock()?;
+        Ok(configured_timeouts(&st))
+    }
+
+    fn set_timeouts(&self, update: TimeoutsUpdate) -> Result<Configured<Timeouts>, ApiError> {
+        let mut st = self.lock()?;
+        st.timeouts = update.apply(&st.timeouts);
+        Ok(configured_timeouts(&st))
+    }
+
+    fn limits(&self) -> Result<Configured<Limits>, ApiError> {
+        let st = self.lock()?;
+        Ok(configured_limits(&st))
+    }
+
+    fn set_limits(&self, update: LimitsUpdate) -> Result<Configured<Limits>, ApiError> {
+        let mut st = self.lock()?;
+        let new = update.apply(&st.limits);
+        if new.max_offloaded < st.offloaded {
+            return Err(ApiError::FailedPrecondition {
+                reason: format!(
+                    "limits.max_offloaded: {} flows are offloaded now, more than {}; drain first",
+                    st.offloaded, new.max_offloaded
+                ),
+            });
+        }
+        let rules = st.nat.len() as u64;
+        if new.max_nat_rules < rules {
+            return Err(ApiError::FailedPrecondition {
+                reason: format!(
+                    "limits.max_nat_rules: {rules} rules exist, more than {}; remove some first",
+                    new.max_nat_rules
+                ),
+            });
+        }
+        debug_assert!(new.max_connections <= MAX_CONNECTIONS);
+        self.journal
+            .set_capacity(usize::try_from(new.event_journal_capacity).unwrap_or(usize::MAX))?;
+        st.limits = new;
+        Ok(configured_limits(&st))
+    }
+}
+
+fn not_found(key: &ConnKey) -> ApiError {
+    ApiError::NotFound {
+        what: match key {
+            ConnKey::Id(id) => format!("connection id {id}"),
+            ConnKey::Tuple(t) => format!("connection {t}"),
+        },
+    }
+}
+
+/// The software table cannot change its timeouts while it runs (fallback-sw has no
+/// runtime setter): report whether the configured values differ from the running ones.
+fn configured_timeouts(st: &State) -> Configured<Timeouts> {
+    let running = st.ct.config();
+    Configured {
+        value: st.timeouts,
+        restart_required: running.tcp.timeouts != st.timeouts.tcp
+            || running.timeouts != st.timeouts.other,
+    }
+}
+
+fn configured_limits(st: &State) -> Configured<Limits> {
+    Configured {
+        value: st.limits,
+        restart_required: st.limits.max_connections != st.ct.table().capacity() as u64,
+    }
+}

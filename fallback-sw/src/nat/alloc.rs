@@ -1,0 +1,666 @@
+//! Choosing a unique tuple for a NAT binding: Linux `get_unique_tuple`
+//! (`nf_nat_core.c`) and `nf_nat_l4proto_unique_tuple`.
+//!
+//! "Used" means that the table already holds the candidate's REPLY tuple (in either
+//! direction): the caller answers through an `is_taken` closure that is given the
+//! candidate reply tuple, so this module does not depend on the table.
+//!
+//! Nothing here allocates; a search costs at most 128 + 64 + 32 + 16 probes.
+//!
+//! Differences from Linux, all with the same effect on the wire:
+//! - A source manip that finds no free tuple returns [`Exhausted`] (the caller drops the
+//!   packet and counts it); Linux keeps the clashing candidate and drops at confirm.
+//! - A single-port range is checked for uniqueness too (Linux skips the check and lets
+//!   confirm drop the clash).
+//! - No eviction of TIME_WAIT/CLOSE entries holding a candidate (Linux
+//!   `nf_nat_used_tuple_harder`): that needs the table's TCP state.
+
+use std::collections::HashMap;
+
+use super::rules::{PortRange, mix64};
+use crate::tuple::{Addr, Family, Tuple, proto};
+
+/// Which end of the tuple a binding changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Manip {
+    /// The source (SNAT, masquerade; POSTROUTING).
+    Src,
+    /// The destination (DNAT, VIP; PREROUTING).
+    Dst,
+}
+
+impl core::fmt::Display for Manip {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::Src => "source",
+            Self::Dst => "destination",
+        })
+    }
+}
+
+/// A small seeded pseudo-random generator (xorshift64*) for port offsets.
+#[derive(Debug, Clone)]
+pub struct NatRng(u64);
+
+impl NatRng {
+    /// A generator from a seed (any value; 0 is remapped).
+    #[must_use]
+    pub fn new(seed: u64) -> Self {
+        Self(mix64(seed) | 1)
+    }
+
+    /// The next 64 random bits.
+    #[inline]
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// 16 random bits.
+    #[inline]
+    pub fn next_u16(&mut self) -> u16 {
+        let [a, b, ..] = (self.next_u64() >> 32).to_be_bytes();
+        u16::from_be_bytes([a, b])
+    }
+}
+
+/// A NAT range (Linux `nf_nat_range2` with `MAP_IPS` always set): IPv4 only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatRange {
+    /// Lowest address.
+    pub min_addr: Addr,
+    /// Highest address.
+    pub max_addr: Addr,
+    /// Port / ICMP id range (`PROTO_SPECIFIED`), or `None`.
+    pub ports: Option<PortRange>,
+    /// `PROTO_RANDOM_FULLY`.
+    pub random_fully: bool,
+    /// `PERSISTENT`.
+    pub persistent: bool,
+}
+
+impl NatRange {
+    /// A range of one address, no ports: a null binding when `addr` is the current one.
+    #[must_use]
+    pub fn addr(addr: Addr) -> Self {
+        Self {
+            min_addr: addr,
+            max_addr: addr,
+            ports: None,
+            random_fully: false,
+            persistent: false,
+        }
+    }
+}
+
+/// How a tuple was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// The current tuple was in range and free (port preservation).
+    Kept,
+    /// An existing mapping of the same source was reused.
+    BySource,
+    /// The hashed address with the current port was free.
+    AddrOnly,
+    /// The port search found it after this many probes.
+    Searched {
+        /// Probes made.
+        probes: u32,
+    },
+}
+
+/// No free tuple in the range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no free {manip} tuple for {tuple} after {probes} probes")]
+pub struct Exhausted {
+    /// The manip type.
+    pub manip: Manip,
+    /// The tuple before this manip.
+    pub tuple: Tuple,
+    /// The last candidate (Linux keeps it and lets confirm drop the packet).
+    pub last: Tuple,
+    /// Probes made.
+    pub probes: u32,
+}
+
+/// Key of the by-source index: the original source (Linux `hash_by_src`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SrcKey {
+    addr: Addr,
+    port: u16,
+    proto: u8,
+    zone: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mapping {
+    addr: Addr,
+    port: u16,
+    refs: u32,
+}
+
+/// The mappings of one source; almost always one.
+#[derive(Debug, Clone)]
+struct Mappings {
+    first: Mapping,
+    more: Vec<Mapping>,
+}
+
+/// The by-source index: for each original source (address, port, protocol, zone) of a
+/// source-NATed connection, the mapped (address, port) and how many live connections
+/// use it. It gives endpoint-independent mapping: a new connection from the same source
+/// reuses the mapping if it is in range and free.
+#[derive(Debug, Clone, Default)]
+pub struct BySource {
+    map: HashMap<SrcKey, Mappings>,
+}
+
+fn key_of(t: &Tuple) -> SrcKey {
+    SrcKey {
+        addr: t.src,
+        port: t.src_l4,
+        proto: t.proto,
+        zone: t.zone,
+    }
+}
+
+impl BySource {
+    /// Number of distinct sources held.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Records that a connection with original source of `orig` is mapped to
+    /// `(addr, port)`.
+    pub fn add(&mut self, orig: &Tuple, addr: Addr, port: u16) {
+        let m = Mapping {
+            addr,
+            port,
+            refs: 1,
+        };
+        match self.map.get_mut(&key_of(orig)) {
+            None => {
+                self.map.insert(
+                    key_of(orig),
+                    Mappings {
+                        first: m,
+                        more: Vec::new(),
+                    },
+                );
+            }
+            Some(ms) => {
+                if ms.first.addr == addr && ms.first.port == port {
+                    ms.first.refs += 1;
+                } else if let Some(x) = ms
+                    .more
+                    .iter_mut()
+                    .find(|x| x.addr == addr && x.port == port)
+                {
+                    x.refs += 1;
+                } else {
+                    ms.more.push(m);
+                }
+            }
+        }
+    }
+
+    /// Drops one reference added by [`BySource::add`]; unknown mappings are ignored.
+    pub fn remove(&mut self, orig: &Tuple, addr: Addr, port: u16) {
+        let k = key_of(orig);
+        let Some(ms) = self.map.get_mut(&k) else {
+            return;
+        };
+        if ms.first.addr == addr && ms.first.port == port {
+            ms.first.refs -= 1;
+            if ms.first.refs == 0 {
+                if ms.more.is_empty() {
+                    self.map.remove(&k);
+                } else {
+                    ms.first = ms.more.swap_remove(0);
+                }
+            }
+        } else if let Some(i) = ms
+            .more
+            .iter()
+            .position(|x| x.addr == addr && x.port == port)
+        {
+            ms.more[i].refs -= 1;
+            if ms.more[i].refs == 0 {
+                ms.more.swap_remove(i);
+            }
+        }
+    }
+
+    /// The first mapping of `cur`'s source that `accept` takes.
+    fn find(&self, cur: &Tuple, mut accept: impl FnMut(Addr, u16) -> bool) -> Option<(Addr, u16)> {
+        let ms = self.map.get(&key_of(cur))?;
+        core::iter::once(&ms.first)
+            .chain(ms.more.iter())
+            .map(|m| (m.addr, m.port))
+            .find(|&(a, p)| accept(a, p))
+    }
+
+    /// The reference count of one mapping (tests and diagnostics).
+    #[must_use]
+    pub fn refs(&self, orig: &Tuple, addr: Addr, port: u16) -> u32 {
+        self.map.get(&key_of(orig)).map_or(0, |ms| {
+            core::iter::once(&ms.first)
+                .chain(ms.more.iter())
+                .find(|m| m.addr == addr && m.port == port)
+                .map_or(0, |m| m.refs)
+        })
+    }
+}
+
+/// Whether the protocol's tuple has ports.
+#[inline]
+#[must_use]
+pub fn has_ports(p: u8) -> bool {
+    matches!(
+        p,
+        proto::TCP | proto::UDP | proto::SCTP | proto::DCCP | proto::UDPLITE
+    )
+}
+
+/// The manipulable address of `t` for `manip`.
+#[inline]
+fn addr_of(t: &Tuple, manip: Manip) -> Addr {
+    match manip {
+        Manip::Src => t.src,
+        Manip::Dst => t.dst,
+    }
+}
+
+#[inline]
+fn set_addr(t: &mut Tuple, manip: Manip, a: Addr) {
+    match manip {
+        Manip::Src => t.src = a,
+        Manip::Dst => t.dst = a,
+    }
+}
+
+/// The manipulable L4 key: the port on that side, or the ICMP id (either side).
+#[inline]
+pub(crate) fn key_of_l4(t: &Tuple, manip: Manip) -> Option<u16> {
+    if t.is_icmp() {
+        Some(t.src_l4)
+    } else if has_ports(t.proto) {
+        Some(match manip {
+            Manip::Src => t.src_l4,
+            Manip::Dst => t.dst_l4,
+        })
+    } else {
+        None
+    }
+}
+
+#[inline]
+fn set_key(t: &mut Tuple, manip: Manip, v: u16) {
+    if t.is_icmp() || manip == Manip::Src {
+        t.src_l4 = v;
+    } else {
+        t.dst_l4 = v;
+    }
+}
+
+#[inline]
+fn v4(a: &Addr) -> u32 {
+    u32::from_be_bytes(a.as_v4())
+}
+
+/// The reply tuple of a candidate original tuple (ICMP type mapped as by
+/// [`Tuple::invert`]); `None` for a type with no reply.
+#[inline]
+pub(crate) fn reply_of(t: &Tuple) -> Option<Tuple> {
+    t.invert().ok()
+}
+
+/// Linux `nf_nat_in_range`.
+fn in_range(t: &Tuple, range: &NatRange, manip: Manip) -> bool {
+    let a = v4(&addr_of(t, manip));
+    if a < v4(&range.min_addr) || a > v4(&range.max_addr) {
+        return false;
+    }
+    match (range.ports, key_of_l4(t, manip)) {
+        (Some(r), Some(k)) => r.contains(k),
+        _ => true,
+    }
+}
+
+/// Linux `find_best_ips_proto`: a deterministic address for the (source, destination)
+/// pair (source only if persistent).
+fn choose_addr(t: &mut Tuple, range: &NatRange, manip: Manip, seed: u64) {
+    let (min, max) = (v4(&range.min_addr), v4(&range.max_addr));
+    if min == max {
+        set_addr(t, manip, range.min_addr);
+        return;
+    }
+    let dst = if range.persistent { 0 } else { v4(&t.dst) };
+    let h = mix64(seed ^ (u64::from(v4(&t.src)) << 32) ^ u64::from(dst));
+    let size = u64::from(max - min) + 1;
+    // (h32 * size) >> 32 < size <= 2^32, so the sum stays within [min, max].
+    let off = (u64::from(low32(h)) * size) >> 32;
+    let a = u32::try_from(u64::from(min) + off).unwrap_or(max);
+    set_addr(t, manip, Addr::v4(a.to_be_bytes()));
+}
+
+#[inline]
+fn low32(h: u64) -> u32 {
+    let b = h.to_le_bytes();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Everything [`get_unique_tuple`] needs besides the tuple and the range.
+pub struct AllocCtx<'a> {
+    /// The by-source index (source manip only).
+    pub by_source: &'a BySource,
+    /// Random offsets.
+    pub rng: &'a mut NatRng,
+    /// Seed of the address hash.
+    pub seed: u64,
+    /// Whether a candidate REPLY tuple is in the table (either direction).
+    pub is_taken: &'a mut dyn FnMut(&Tuple) -> bool,
+}
+
+impl core::fmt::Debug for AllocCtx<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("AllocCtx")
+            .field("seed", &self.seed)
+            .finish()
+    }
+}
+
+impl AllocCtx<'_> {
+    #[inline]
+    fn used(&mut self, t: &Tuple) -> bool {
+        reply_of(t).is_none_or(|r| (self.is_taken)(&r))
+    }
+}
+
+/// Linux `get_unique_tuple`: the new tuple (in ORIGINAL direction) for `cur` under
+/// `range`. IPv4 only; an IPv6 tuple is returned unchanged.
+///
+/// # Errors
+/// [`Exhausted`] when every candidate is used; `last` is the last one tried.
+pub fn get_unique_tuple(
+    cur: &Tuple,
+    range: &NatRange,
+    manip: Manip,
+    ctx: &mut AllocCtx<'_>,
+) -> Result<(Tuple, Found), Exhausted> {
+    if cur.family != Family::V4 {
+        return Ok((*cur, Found::Kept));
+    }
+    // 1. Source manip, not fully random: keep the tuple, or reuse the source's mapping.
+    if manip == Manip::Src && !range.random_fully {
+        if in_range(cur, range, manip) {
+            if !ctx.used(cur) {
+                return Ok((*cur, Found::Kept));
+            }
+        } else {
+            let mut cand = *cur;
+            let by_source = ctx.by_source;
+            let hit = by_source.find(cur, |a, p| {
+                let mut t = *cur;
+                t.src = a;
+                set_key(&mut t, Manip::Src, p);
+                in_range(&t, range, manip)
+            });
+            if let Some((a, p)) = hit {
+                cand.src = a;
+                set_key(&mut cand, Manip::Src, p);
+                if !ctx.used(&cand) {
+                    return Ok((cand, Found::BySource));
+                }
+            }
+        }
+    }
+    // 2. The address.
+    let mut t = *cur;
+    choose_addr(&mut t, range, manip, ctx.seed);
+    // 3. Keep the port if that is free.
+    if !range.random_fully {
+        let keep = match (range.ports, key_of_l4(&t, manip)) {
+            (Some(r), Some(k)) => r.contains(k) && !ctx.used(&t),
+            _ => !ctx.used(&t),
+        };
+        if keep {
+            return Ok((t, Found::AddrOnly));
+        }
+    }
+    // 4. Search.
+    search(cur, t, range, manip, ctx)
+}
+
+/// Linux `nf_nat_l4proto_unique_tuple`.
+fn search(
+    cur: &Tuple,
+    mut t: Tuple,
+    range: &NatRange,
+    manip: Manip,
+    ctx: &mut AllocCtx<'_>,
+) -> Result<(Tuple, Found), Exhausted> {
+    let fail = |t: Tuple, probes| Exhausted {
+        manip,
+        tuple: *cur,
+        last: t,
+        probes,
+    };
+    let Some(orig_key) = key_of_l4(&t, manip) else {
+        // Not a port protocol: nothing to change.
+        return if range.random_fully && !ctx.used(&t) {
+            Ok((t, Found::AddrOnly))
+        } else {
+            Err(fail(t, 1))
+        };
+    };
+    let r = match range.ports {
+        Some(r) => r,
+        None if t.is_icmp() => PortRange::new(0, u16::MAX),
+        // Destination manip without ports leaves the port alone.
+        None if manip == Manip::Dst => {
+            return if range.random_fully && !ctx.used(&t) {
+                Ok((t, Found::AddrOnly))
+            } else {
+                Err(fail(t, 1))
+            };
+        }
+        None if orig_key < 512 => PortRange::new(1, 511),
+        None if orig_key < 1024 => PortRange::new(600, 1023),
+        None => PortRange::new(1024, u16::MAX),
+    };
+    let size = r.size();
+    let mut off: u32 = if range.random_fully || manip == Manip::Src {
+        u32::from(ctx.rng.next_u16())
+    } else {
+        0
+    };
+    let mut attempts = size.min(128);
+    let mut probes = 0u32;
+    loop {
+        for _ in 0..attempts {
+            let port = u32::from(r.min) + off % size;
+            off = off.wrapping_add(1);
+            set_key(&mut t, manip, u16::try_from(port).unwrap_or(r.max));
+            probes += 1;
+            if !ctx.used(&t) {
+                return Ok((t, Found::Searched { probes }));
+            }
+        }
+        if attempts >= size || attempts < 16 {
+            return Err(fail(t, probes));
+        }
+        attempts /= 2;
+        off = u32::from(ctx.rng.next_u16());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn udp(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Tuple {
+        Tuple {
+            src: Addr::v4(src),
+            dst: Addr::v4(dst),
+            src_l4: sp,
+            dst_l4: dp,
+            proto: proto::UDP,
+            family: Family::V4,
+            zone: 0,
+        }
+    }
+
+    fn snat(min: [u8; 4], max: [u8; 4], ports: Option<PortRange>) -> NatRange {
+        NatRange {
+            min_addr: Addr::v4(min),
+            max_addr: Addr::v4(max),
+            ports,
+            random_fully: false,
+            persistent: false,
+        }
+    }
+
+    #[test]
+    fn keeps_port_when_free_and_searches_when_taken() {
+        let by = BySource::default();
+        let mut rng = NatRng::new(1);
+        let mut taken: HashSet<Tuple> = HashSet::new();
+        let range = snat([192, 0, 2, 1], [192, 0, 2, 1], None);
+        let cur = udp([10, 0, 0, 1], 40000, [8, 8, 8, 8], 53);
+        let mut is_taken = |t: &Tuple| taken.contains(t);
+        let mut ctx = AllocCtx {
+            by_source: &by,
+            rng: &mut rng,
+            seed: 0,
+            is_taken: &mut is_taken,
+        };
+        let (t, f) = get_unique_tuple(&cur, &range, Manip::Src, &mut ctx).expect("free");
+        assert_eq!(f, Found::AddrOnly);
+        assert_eq!(t.src, Addr::v4([192, 0, 2, 1]));
+        assert_eq!(t.src_l4, 40000);
+        taken.insert(t.invert().expect("udp"));
+        let mut is_taken = |t: &Tuple| taken.contains(t);
+        let mut ctx = AllocCtx {
+            by_source: &by,
+            rng: &mut rng,
+            seed: 0,
+            is_taken: &mut is_taken,
+        };
+        let other = udp([10, 0, 0, 2], 40000, [8, 8, 8, 8], 53);
+        let (t2, f2) = get_unique_tuple(&other, &range, Manip::Src, &mut ctx).expect("free");
+        assert!(matches!(f2, Found::Searched { .. }));
+        assert_ne!(t2.src_l4, 40000);
+        assert!(t2.src_l4 >= 1024, "default range by original port");
+        // Another destination: the same port is free again (per-destination uniqueness).
+        let third = udp([10, 0, 0, 2], 40000, [1, 1, 1, 1], 53);
+        let (t3, _) = get_unique_tuple(&third, &range, Manip::Src, &mut ctx).expect("free");
+        assert_eq!(t3.src_l4, 40000);
+    }
+
+    #[test]
+    fn default_ranges_follow_original_port() {
+        let by = BySource::default();
+        let mut rng = NatRng::new(9);
+        let range = snat([192, 0, 2, 1], [192, 0, 2, 1], None);
+        for (port, lo, hi) in [(100, 1, 511), (700, 600, 1023), (5000, 1024, 65535)] {
+            // Everything with the original port is taken: force a search.
+            let cur = udp([10, 0, 0, 1], port, [8, 8, 8, 8], 53);
+            let mut is_taken = |t: &Tuple| t.dst_l4 == port;
+            let mut ctx = AllocCtx {
+                by_source: &by,
+                rng: &mut rng,
+                seed: 0,
+                is_taken: &mut is_taken,
+            };
+            let (t, _) = get_unique_tuple(&cur, &range, Manip::Src, &mut ctx).expect("free");
+            assert!((lo..=hi).contains(&t.src_l4), "{port} -> {}", t.src_l4);
+        }
+    }
+
+    #[test]
+    fn dst_manip_searches_from_lowest_port() {
+        let by = BySource::default();
+        let mut rng = NatRng::new(3);
+        let range = NatRange {
+            ports: Some(PortRange::new(8000, 8009)),
+            ..NatRange::addr(Addr::v4([10, 0, 0, 9]))
+        };
+        // 8000 and 8001 taken: 8002 is chosen.
+        let mut is_taken = |t: &Tuple| t.src_l4 < 8002;
+        let mut ctx = AllocCtx {
+            by_source: &by,
+            rng: &mut rng,
+            seed: 0,
+            is_taken: &mut is_taken,
+        };
+        let cur = udp([1, 2, 3, 4], 5555, [203, 0, 113, 1], 80);
+        let (t, _) = get_unique_tuple(&cur, &range, Manip::Dst, &mut ctx).expect("free");
+        assert_eq!((t.dst, t.dst_l4), (Addr::v4([10, 0, 0, 9]), 8002));
+    }
+
+    #[test]
+    fn address_choice_is_deterministic_and_persistent_ignores_destination() {
+        let by = BySource::default();
+        let mut rng = NatRng::new(3);
+        let mut free = |_: &Tuple| false;
+        let mut ctx = AllocCtx {
+            by_source: &by,
+            rng: &mut rng,
+            seed: 42,
+            is_taken: &mut free,
+        };
+        let mut range = snat([192, 0, 2, 1], [192, 0, 2, 200], None);
+        let a = udp([10, 0, 0, 1], 1000, [8, 8, 8, 8], 53);
+        let b = udp([10, 0, 0, 1], 1001, [8, 8, 8, 8], 53);
+        let x = get_unique_tuple(&a, &range, Manip::Src, &mut ctx)
+            .expect("ok")
+            .0;
+        let y = get_unique_tuple(&b, &range, Manip::Src, &mut ctx)
+            .expect("ok")
+            .0;
+        assert_eq!(x.src, y.src, "same (src, dst) pair, same address");
+        range.persistent = true;
+        let mut seen = HashSet::new();
+        for d in 0..50u8 {
+            let c = udp([10, 0, 0, 1], 1000, [8, 8, 8, d], 53);
+            seen.insert(
+                get_unique_tuple(&c, &range, Manip::Src, &mut ctx)
+                    .expect("ok")
+                    .0
+                    .src,
+            );
+        }
+        assert_eq!(seen.len(), 1, "persistent: one address per source");
+    }
+
+    #[test]
+    fn by_source_refcounts() {
+        let mut by = BySource::default();
+        let o = udp([10, 0, 0, 1], 1000, [8, 8, 8, 8], 53);
+        let n = Addr::v4([192, 0, 2, 1]);
+        by.add(&o, n, 2000);
+        by.add(&o, n, 2000);
+        by.add(&o, n, 2001);
+        assert_eq!(by.refs(&o, n, 2000), 2);
+        by.remove(&o, n, 2000);
+        by.remove(&o, n, 2000);
+        assert_eq!(by.refs(&o, n, 2000), 0);
+        assert_eq!(by.refs(&o, n, 2001), 1);
+        by.remove(&o, n, 2001);
+        assert!(by.is_empty());
+        by.remove(&o, n, 2001); // unknown: ignored
+    }
+}

@@ -1,0 +1,372 @@
+//! NAT: rules, bindings (unique reply tuples) and packet rewriting.
+//!
+//! Like Linux, NAT is decided once, on a connection's first packet, and changes only
+//! the connection's REPLY tuple; every later packet of either direction is rewritten
+//! to look like the inverse of the other direction's tuple.
+//!
+//! The pipeline uses three calls (see `docs/nat.md`):
+//!
+//! 1. [`NatEngine::decide`] in conntrack's create path, before the entry is inserted:
+//!    it returns the REPLY tuple to insert and the status bits to set.
+//! 2. [`rewrite::rewrite`] after tracking, for every packet of a connection whose status
+//!    has `SRC_NAT` or `DST_NAT` (ICMP errors RELATED to it included).
+//! 3. [`NatEngine::released`] when a connection is destroyed.
+//!
+//! IPv4 is translated; IPv6 is tracked without NAT (rules for it are rejected, and
+//! [`NatEngine::decide`] returns the plain inverse). Nothing here does I/O; randomness
+//! comes from a seed.
+
+pub mod alloc;
+pub mod icmp;
+pub mod rewrite;
+pub mod rules;
+
+#[cfg(test)]
+mod tests;
+
+use self::alloc::{AllocCtx, BySource, Exhausted, Found, Manip, NatRange, NatRng};
+use self::rules::{Hook, NatAction, NatFlags, NatRuleSet, PortRange, RuleId};
+use crate::table::Status;
+use crate::tuple::{Addr, Family, NotInvertible, Tuple};
+
+pub use self::rules::PacketMeta;
+
+/// What [`NatEngine::decide`] chose for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatDecision {
+    /// The REPLY tuple to insert with the connection (the ORIGINAL one is the packet's).
+    pub reply: Tuple,
+    /// Bits to set in the connection's status: `SRC_NAT_DONE | DST_NAT_DONE` always,
+    /// `SRC_NAT` / `DST_NAT` when that manip changed the tuple.
+    pub status: Status,
+    /// The destination rule applied, if any.
+    pub dst_rule: Option<RuleId>,
+    /// The source rule applied, if any (for a full-NAT rule, the same as `dst_rule`).
+    pub src_rule: Option<RuleId>,
+}
+
+impl NatDecision {
+    /// Whether packets of the connection need [`rewrite::rewrite`].
+    #[must_use]
+    pub fn translates(&self) -> bool {
+        self.status.intersects(Status::SRC_NAT | Status::DST_NAT)
+    }
+}
+
+/// Why a new connection cannot be NATed; the caller drops its first packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NatError {
+    /// No free tuple in the range (counted in [`NatStats::exhausted`] and the rule's
+    /// [`rules::RuleStats::exhausted`]).
+    #[error("rule {rule:?}: nat range exhausted")]
+    Exhausted {
+        /// The rule whose range is full; `None` for a null binding (a clash of a
+        /// connection that no rule translates).
+        rule: Option<RuleId>,
+        /// The details.
+        #[source]
+        source: Exhausted,
+    },
+    /// A masquerade rule matched but the egress port has no IPv4 address.
+    #[error("rule {rule}: egress port has no ipv4 address to masquerade to")]
+    NoMasqueradeAddress {
+        /// The rule.
+        rule: RuleId,
+    },
+    /// The original tuple has no reply (an ICMP type that is not a request).
+    #[error(transparent)]
+    NotInvertible(#[from] NotInvertible),
+}
+
+/// Engine-wide counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NatStats {
+    /// Decisions made (connections created through [`NatEngine::decide`]).
+    pub decisions: u64,
+    /// Decisions that translate (some NAT bit set).
+    pub translated: u64,
+    /// Source bindings that kept the original tuple.
+    pub port_preserved: u64,
+    /// Source bindings that reused an existing mapping of the same source.
+    pub by_source_reused: u64,
+    /// Bindings found by a port search.
+    pub searched: u64,
+    /// Probes made by port searches.
+    pub probes: u64,
+    /// Connections dropped: no free tuple.
+    pub exhausted: u64,
+    /// Connections dropped: masquerade without an egress address.
+    pub no_masquerade_address: u64,
+    /// Connections without a source rule whose port had to change (a clash with a
+    /// translated connection's reply tuple).
+    pub null_binding_remaps: u64,
+}
+
+/// The NAT engine of one worker: rules, the by-source index, a seeded RNG, counters.
+#[derive(Debug)]
+pub struct NatEngine {
+    rules: NatRuleSet,
+    by_source: BySource,
+    rng: NatRng,
+    seed: u64,
+    stats: NatStats,
+}
+
+/// The source part of a decision.
+struct SrcPlan {
+    range: NatRange,
+    rule: Option<(usize, RuleId)>,
+}
+
+fn ports_range(addr: Addr, ports: Option<PortRange>, flags: NatFlags) -> NatRange {
+    NatRange {
+        min_addr: addr,
+        max_addr: addr,
+        ports,
+        random_fully: flags.random_fully,
+        persistent: flags.persistent,
+    }
+}
+
+impl NatEngine {
+    /// An engine with no rules; `seed` drives port offsets and address hashing.
+    #[must_use]
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rules: NatRuleSet::new(),
+            by_source: BySource::default(),
+            rng: NatRng::new(seed),
+            seed: rules::mix64(seed ^ 0x6e61_745f_6861_7368),
+            stats: NatStats::default(),
+        }
+    }
+
+    /// The rules.
+    #[must_use]
+    pub fn rules(&self) -> &NatRuleSet {
+        &self.rules
+    }
+
+    /// The rules, to add or remove. Existing connections are not affected.
+    pub fn rules_mut(&mut self) -> &mut NatRuleSet {
+        &mut self.rules
+    }
+
+    /// Counters.
+    #[must_use]
+    pub fn stats(&self) -> NatStats {
+        self.stats
+    }
+
+    /// The by-source index.
+    #[must_use]
+    pub fn by_source(&self) -> &BySource {
+        &self.by_source
+    }
+
+    /// Decides the NAT binding of a new connection whose first packet has ORIGINAL
+    /// tuple `orig`: DNAT/VIP at PREROUTING first, then SNAT/masquerade at
+    /// POSTROUTING on the tuple as DNAT left it (`cur = invert(reply)`), as Linux does.
+    ///
+    /// Without a matching source rule a null binding still runs, so a connection whose
+    /// reply would clash with a translated connection's reply gets another source
+    /// port. Every `Ok` reply tuple was reported free by `is_taken`.
+    ///
+    /// `is_taken` is called with candidate REPLY tuples and must say whether the table
+    /// holds that tuple in either direction (a plain lookup of it).
+    ///
+    /// # Errors
+    /// [`NatError`]; the caller drops the packet and creates nothing. Counted in
+    /// [`NatStats`] and the rule's counters.
+    pub fn decide(
+        &mut self,
+        orig: &Tuple,
+        meta: &PacketMeta,
+        is_taken: &mut dyn FnMut(&Tuple) -> bool,
+    ) -> Result<NatDecision, NatError> {
+        let plain = orig.invert()?;
+        self.stats.decisions += 1;
+        let mut status = Status::SRC_NAT_DONE | Status::DST_NAT_DONE;
+        if orig.family != Family::V4 {
+            return Ok(NatDecision {
+                reply: plain,
+                status,
+                dst_rule: None,
+                src_rule: None,
+            });
+        }
+        // PREROUTING: destination manip.
+        let mut cur = *orig;
+        let mut dst_rule = None;
+        let mut src_plan = None;
+        if let Some(i) = self.rules.lookup_index(Hook::Dst, orig, meta) {
+            let seed = self.seed;
+            let entry = self.rules.entry_mut(i);
+            entry.stats.matched += 1;
+            let id = entry.rule.id;
+            dst_rule = Some(id);
+            let (to_addr, to_port) = match &entry.rule.action {
+                NatAction::Dnat { to_addr, to_port } => (*to_addr, *to_port),
+                NatAction::FullNat {
+                    to_addr,
+                    to_port,
+                    snat_addrs,
+                    snat_ports,
+                    flags,
+                } => {
+                    src_plan = Some(SrcPlan {
+                        range: NatRange {
+                            min_addr: snat_addrs.min,
+                            max_addr: snat_addrs.max,
+                            ports: *snat_ports,
+                            random_fully: flags.random_fully,
+                            persistent: flags.persistent,
+                        },
+                        rule: Some((i, id)),
+                    });
+                    (*to_addr, *to_port)
+                }
+                NatAction::Vip { .. } => match entry.select_backend(orig, seed) {
+                    Some(b) => (b.addr, b.port),
+                    None => (orig.dst, None),
+                },
+                NatAction::Snat { .. } | NatAction::Masquerade { .. } => (orig.dst, None),
+            };
+            let range = ports_range(to_addr, to_port.map(PortRange::single), NatFlags::default());
+            let mut ctx = AllocCtx {
+                by_source: &self.by_source,
+                rng: &mut self.rng,
+                seed: self.seed,
+                is_taken: &mut *is_taken,
+            };
+            // A destination clash is left for the source manip to resolve (Linux keeps
+            // the last candidate too); only the final reply must be unique.
+            let new = match alloc::get_unique_tuple(orig, &range, Manip::Dst, &mut ctx) {
+                Ok((t, _)) => t,
+                Err(e) => e.last,
+            };
+            if new != cur {
+                status |= Status::DST_NAT;
+            }
+            cur = new;
+        }
+        // POSTROUTING: source manip.
+        let plan = match src_plan {
+            Some(p) => Some(p),
+            None => match self.rules.lookup_index(Hook::Src, &cur, meta) {
+                None => None,
+                Some(i) => {
+                    let e = self.rules.entry_mut(i);
+                    let id = e.rule.id;
+                    let range = match &e.rule.action {
+                        NatAction::Snat {
+                            addrs,
+                            ports,
+                            flags,
+                        } => NatRange {
+                            min_addr: addrs.min,
+                            max_addr: addrs.max,
+                            ports: *ports,
+                            random_fully: flags.random_fully,
+                            persistent: flags.persistent,
+                        },
+                        NatAction::Masquerade { ports, flags } => match meta.out_addr {
+                            Some(a) if a != Addr::default() => ports_range(a, *ports, *flags),
+                            _ => {
+                                e.stats.matched += 1;
+                                self.stats.no_masquerade_address += 1;
+                                return Err(NatError::NoMasqueradeAddress { rule: id });
+                            }
+                        },
+                        NatAction::Dnat { .. }
+                        | NatAction::FullNat { .. }
+                        | NatAction::Vip { .. } => NatRange::addr(cur.src),
+                    };
+                    Some(SrcPlan {
+                        range,
+                        rule: Some((i, id)),
+                    })
+                }
+            },
+        };
+        let plan = plan.unwrap_or(SrcPlan {
+            range: NatRange::addr(cur.src),
+            rule: None,
+        });
+        if let Some((i, _)) = plan.rule
+            && src_plan_counts(dst_rule, plan.rule)
+        {
+            self.rules.entry_mut(i).stats.matched += 1;
+        }
+        let mut ctx = AllocCtx {
+            by_source: &self.by_source,
+            rng: &mut self.rng,
+            seed: self.seed,
+            is_taken,
+        };
+        let (new, found) = match alloc::get_unique_tuple(&cur, &plan.range, Manip::Src, &mut ctx) {
+            Ok(x) => x,
+            Err(source) => {
+                self.stats.exhausted += 1;
+                if let Some((i, _)) = plan.rule {
+                    self.rules.entry_mut(i).stats.exhausted += 1;
+                }
+                return Err(NatError::Exhausted {
+                    rule: plan.rule.map(|(_, id)| id),
+                    source,
+                });
+            }
+        };
+        match found {
+            Found::Kept => self.stats.port_preserved += 1,
+            Found::BySource => self.stats.by_source_reused += 1,
+            Found::AddrOnly => {}
+            Found::Searched { probes } => {
+                self.stats.searched += 1;
+                self.stats.probes += u64::from(probes);
+            }
+        }
+        if new != cur {
+            status |= Status::SRC_NAT;
+            if plan.rule.is_none() {
+                self.stats.null_binding_remaps += 1;
+            }
+            if let Some(k) = alloc::key_of_l4(&new, Manip::Src) {
+                self.by_source.add(orig, new.src, k);
+            } else {
+                self.by_source.add(orig, new.src, new.src_l4);
+            }
+        }
+        let reply = new.invert()?;
+        if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
+            self.stats.translated += 1;
+        }
+        Ok(NatDecision {
+            reply,
+            status,
+            dst_rule,
+            src_rule: plan.rule.map(|(_, id)| id),
+        })
+    }
+
+    /// Releases what a connection held: its by-source reference. Call once when a
+    /// connection created with a [`NatDecision`] is destroyed, with its tuples
+    /// (`[original, reply]`) and status.
+    pub fn released(&mut self, tuples: &[Tuple; 2], status: Status) {
+        if !status.contains(Status::SRC_NAT) {
+            return;
+        }
+        let [orig, reply] = tuples;
+        // The source as translated: the inverse of the reply tuple.
+        let Ok(new) = reply.invert() else {
+            return;
+        };
+        let key = alloc::key_of_l4(&new, Manip::Src).unwrap_or(new.src_l4);
+        self.by_source.remove(orig, new.src, key);
+    }
+}
+
+/// A full-NAT rule was counted at PREROUTING already.
+fn src_plan_counts(dst_rule: Option<RuleId>, src: Option<(usize, RuleId)>) -> bool {
+    src.is_some_and(|(_, id)| dst_rule != Some(id))
+}

@@ -1,0 +1,402 @@
+//! Rewriting packets of translated connections, and the routing step (MAC rewrite,
+//! TTL decrement, ICMP time exceeded).
+//!
+//! [`rewrite`] makes a packet look like the inverse of the other direction's tuple
+//! (Linux `nf_nat_packet`): an ORIGINAL-direction packet gets its source rewritten when
+//! `SRC_NAT` is set and its destination when `DST_NAT` is set; a REPLY-direction packet
+//! uses the crossed bits (destination ⇐ `SRC_NAT`, source ⇐ `DST_NAT`). Checksums are
+//! updated incrementally (RFC 1624): the IPv4 header checksum for each address, the
+//! TCP/UDP/DCCP/UDP-Lite checksum for the pseudo-header address and the port, the ICMP
+//! checksum for the echo identifier (no pseudo-header), SCTP's CRC32c recomputed. A UDP
+//! checksum of 0 stays 0; an updated UDP checksum of 0 is written as `0xFFFF`.
+//!
+//! ICMP errors go to [`super::icmp::translate_error`], which translates the quoted
+//! packet as well.
+
+use core::net::Ipv4Addr;
+
+use super::alloc::Manip;
+use crate::checksum::{self, udp_adjust, update16, update32};
+use crate::table::Status;
+use crate::tuple::{Dir, Tuple, proto};
+use crate::wire::{L3, L4, ParsedPacket};
+
+/// Why a packet could not be rewritten (the caller drops it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RewriteError {
+    /// The frame is shorter than a field to rewrite.
+    #[error("frame truncated: field at {offset} needs {needed} bytes, frame has {len}")]
+    Truncated {
+        /// Offset of the field.
+        offset: usize,
+        /// Bytes needed from that offset.
+        needed: usize,
+        /// Frame length.
+        len: usize,
+    },
+    /// NAT bits on an IPv6 connection (IPv6 is not translated in this version).
+    #[error("ipv6 nat is not supported")]
+    Ipv6Nat,
+    /// The packet is not IP.
+    #[error("not an ip packet")]
+    NotIp,
+    /// An ICMP error with a bad ICMP checksum (Linux drops it before translating).
+    #[error("icmp error has a bad checksum")]
+    BadIcmpChecksum,
+    /// An ICMP redirect about a translated connection (Linux drops it).
+    #[error("icmp redirect about a translated connection")]
+    RedirectWithNat,
+    /// The quoted packet of an ICMP error could not be read.
+    #[error("icmp error quote unreadable")]
+    BadQuote(#[source] crate::wire::ParseError),
+}
+
+/// How much of the L4 header a manip touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum L4Mode {
+    /// A whole packet: ports / id and the L4 checksum.
+    Full,
+    /// A packet quoted in an ICMP error: ports / id; the TCP checksum only if the whole
+    /// 20-byte header is there, the UDP checksum only if nonzero, no SCTP CRC.
+    Quoted,
+    /// Addresses only (the outer header of an ICMP error).
+    None,
+}
+
+/// Where an IPv4 packet sits in a frame.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct V4At {
+    pub(crate) l3: usize,
+    pub(crate) l4: usize,
+    /// End of the L4 bytes present.
+    pub(crate) end: usize,
+    pub(crate) proto: u8,
+    /// False for a non-first fragment: no L4 header.
+    pub(crate) has_l4: bool,
+}
+
+fn need(frame: &[u8], offset: usize, needed: usize) -> Result<(), RewriteError> {
+    if offset.checked_add(needed).is_none_or(|e| e > frame.len()) {
+        Err(RewriteError::Truncated {
+            offset,
+            needed,
+            len: frame.len(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+#[inline]
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+#[inline]
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+#[inline]
+fn put16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// The `(src addr, dst addr, src l4, dst l4)` a packet must carry to look like the
+/// inverse of `other` (the ICMP id stays in the source slot; the type is not touched).
+#[inline]
+pub(crate) fn inverse_fields(other: &Tuple) -> ([u8; 4], [u8; 4], u16, u16) {
+    let (sl4, dl4) = if other.is_icmp() {
+        (other.src_l4, other.dst_l4)
+    } else {
+        (other.dst_l4, other.src_l4)
+    };
+    (other.dst.as_v4(), other.src.as_v4(), sl4, dl4)
+}
+
+/// Linux `nf_nat_ipv4_manip_pkt`: sets the `manip` address to `addr` and the port (or,
+/// for an ICMP query, the id) to `l4`, fixing checksums per `mode`.
+pub(crate) fn manip_v4(
+    frame: &mut [u8],
+    at: &V4At,
+    manip: Manip,
+    addr: [u8; 4],
+    l4: u16,
+    mode: L4Mode,
+) -> Result<(), RewriteError> {
+    need(frame, at.l3, 20)?;
+    let a_off = at.l3 + if manip == Manip::Src { 12 } else { 16 };
+    let old = be32(frame, a_off);
+    let new = u32::from_be_bytes(addr);
+    if old != new {
+        frame[a_off..a_off + 4].copy_from_slice(&addr);
+        let c = be16(frame, at.l3 + 10);
+        put16(frame, at.l3 + 10, update32(c, old, new));
+    }
+    if mode == L4Mode::None || !at.has_l4 {
+        return Ok(());
+    }
+    let avail = at.end.saturating_sub(at.l4);
+    match at.proto {
+        proto::TCP | proto::UDP | proto::DCCP | proto::UDPLITE | proto::SCTP => {
+            need(frame, at.l4, 4)?;
+            let p_off = at.l4 + if manip == Manip::Src { 0 } else { 2 };
+            let old_p = be16(frame, p_off);
+            put16(frame, p_off, l4);
+            let csum_at = match at.proto {
+                proto::TCP => 16,
+                proto::SCTP => 8,
+                _ => 6,
+            };
+            let whole = match (mode, at.proto) {
+                (L4Mode::Quoted, proto::TCP) => avail >= 20,
+                (L4Mode::Quoted, proto::SCTP) => false,
+                _ => avail >= csum_at + 2,
+            };
+            if !whole {
+                return Ok(());
+            }
+            need(frame, at.l4, csum_at + 2)?;
+            let c_off = at.l4 + csum_at;
+            let c = be16(frame, c_off);
+            let upd = |c: u16| update16(update32(c, old, new), old_p, l4);
+            let v = match at.proto {
+                proto::UDP => udp_adjust(c, upd),
+                proto::SCTP => {
+                    let end = at.end.min(frame.len());
+                    frame[c_off..c_off + 4].copy_from_slice(&[0; 4]);
+                    let crc = crc32c(&frame[at.l4..end]);
+                    frame[c_off..c_off + 4].copy_from_slice(&crc.to_le_bytes());
+                    return Ok(());
+                }
+                _ => upd(c),
+            };
+            put16(frame, c_off, v);
+        }
+        proto::ICMP => {
+            need(frame, at.l4, 8)?;
+            if !crate::wire::icmp::is_query(frame[at.l4]) {
+                return Ok(());
+            }
+            let old_id = be16(frame, at.l4 + 4);
+            put16(frame, at.l4 + 4, l4);
+            let c = be16(frame, at.l4 + 2);
+            put16(frame, at.l4 + 2, update16(c, old_id, l4));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The manips a packet of direction `dir` gets under `status`:
+/// `(source manip, destination manip)`.
+#[inline]
+#[must_use]
+pub fn manips(status: Status, dir: Dir) -> (bool, bool) {
+    let s = status.contains(Status::SRC_NAT);
+    let d = status.contains(Status::DST_NAT);
+    match dir {
+        Dir::Original => (s, d),
+        Dir::Reply => (d, s),
+    }
+}
+
+/// Rewrites a packet of a tracked connection (`tuples` = `[original, reply]`, `dir`
+/// its direction; for an ICMP error, the direction of the RELATED match) so that it
+/// looks like the inverse of the other direction's tuple. A no-op when the status has
+/// no NAT bit.
+///
+/// # Errors
+/// [`RewriteError`]; the caller drops the packet.
+pub fn rewrite(
+    frame: &mut [u8],
+    pkt: &ParsedPacket,
+    tuples: &[Tuple; 2],
+    status: Status,
+    dir: Dir,
+) -> Result<(), RewriteError> {
+    if let L4::IcmpError { .. } = pkt.l4 {
+        return super::icmp::translate_error(frame, pkt, tuples, status, dir);
+    }
+    let (src_m, dst_m) = manips(status, dir);
+    if !src_m && !dst_m {
+        return Ok(());
+    }
+    let at = match pkt.l3 {
+        L3::Ipv4 => v4_at(pkt),
+        L3::Ipv6 => return Err(RewriteError::Ipv6Nat),
+        L3::Other { .. } => return Err(RewriteError::NotIp),
+    };
+    let (sa, da, sl4, dl4) = inverse_fields(&tuples[dir.opposite().index()]);
+    if src_m {
+        manip_v4(frame, &at, Manip::Src, sa, sl4, L4Mode::Full)?;
+    }
+    if dst_m {
+        let l4 = if tuples[0].is_icmp() { sl4 } else { dl4 };
+        manip_v4(frame, &at, Manip::Dst, da, l4, L4Mode::Full)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn v4_at(pkt: &ParsedPacket) -> V4At {
+    V4At {
+        l3: usize::from(pkt.l3_offset),
+        l4: usize::from(pkt.l4_offset),
+        end: pkt.l3_end(),
+        proto: pkt.protocol,
+        has_l4: !matches!(pkt.l4, L4::None),
+    }
+}
+
+/// CRC32c (Castagnoli), bitwise: SCTP's checksum. Only used when NAT changes an SCTP
+/// port, which is rare enough not to need a table.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0x82F6_3B78 & mask);
+        }
+    }
+    !crc
+}
+
+/// The TTL (hop limit) was 0 or 1: the packet must not be forwarded; send an ICMP time
+/// exceeded ([`icmp_time_exceeded`]) and drop it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("ttl {ttl} expired in transit")]
+pub struct TtlExpired {
+    /// The TTL or hop limit the packet arrived with.
+    pub ttl: u8,
+}
+
+/// The routing step of a forwarded packet: Ethernet addresses rewritten, TTL (hop limit)
+/// decremented with the IPv4 header checksum updated. Independent of [`rewrite`] (the
+/// order does not matter), but on `Err` build the ICMP error from the frame before any
+/// NAT rewrite, so that the sender sees its own packet quoted. The frame is unchanged
+/// on error.
+///
+/// # Errors
+/// [`TtlExpired`] when the TTL is 0 or 1. Non-IP frames only get the MAC rewrite.
+pub fn route_rewrite(
+    frame: &mut [u8],
+    pkt: &ParsedPacket,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+) -> Result<(), TtlExpired> {
+    let l3 = usize::from(pkt.l3_offset);
+    if pkt.is_ip() {
+        let ttl = pkt.ttl;
+        if ttl <= 1 {
+            return Err(TtlExpired { ttl });
+        }
+        match pkt.l3 {
+            L3::Ipv4 if frame.len() >= l3 + 20 => {
+                let old = be16(frame, l3 + 8);
+                frame[l3 + 8] = ttl - 1;
+                let new = be16(frame, l3 + 8);
+                let c = be16(frame, l3 + 10);
+                put16(frame, l3 + 10, update16(c, old, new));
+            }
+            L3::Ipv6 if frame.len() >= l3 + 40 => frame[l3 + 7] = ttl - 1,
+            _ => {}
+        }
+    }
+    if frame.len() >= 12 {
+        frame[0..6].copy_from_slice(&dst_mac);
+        frame[6..12].copy_from_slice(&src_mac);
+    }
+    Ok(())
+}
+
+/// Builds the ICMP time exceeded (type 11, code 0) a router sends for the IPv4 packet
+/// `pkt` in `frame` whose TTL ran out (RFC 792, RFC 1812 §4.3.2.3, §5.3.1): into `out`,
+/// the Ethernet header with the addresses swapped (VLAN tags kept), an IPv4 header from
+/// `gateway_addr` to the packet's source (TOS 0xC0, TTL 64), and the ICMP message
+/// quoting the packet's IP header and the first 8 bytes of its payload.
+///
+/// Returns the frame length, or 0 when no error may be sent (RFC 1812 §4.3.2.7: the
+/// packet is an ICMP error, a non-first fragment, or from or to a broadcast, multicast
+/// or unspecified address; or it is not IPv4) or `out` is too small.
+#[must_use]
+pub fn icmp_time_exceeded(
+    frame: &[u8],
+    pkt: &ParsedPacket,
+    gateway_addr: Ipv4Addr,
+    out: &mut [u8],
+) -> usize {
+    let (core::net::IpAddr::V4(src), core::net::IpAddr::V4(dst)) = (pkt.src, pkt.dst) else {
+        return 0;
+    };
+    if pkt.l3 != L3::Ipv4
+        || matches!(pkt.l4, L4::IcmpError { .. } | L4::None)
+        || src.is_multicast()
+        || src.is_broadcast()
+        || src.is_unspecified()
+        || dst.is_multicast()
+        || dst.is_broadcast()
+    {
+        return 0;
+    }
+    let l3 = usize::from(pkt.l3_offset);
+    let l4 = usize::from(pkt.l4_offset);
+    let quote_end = (l4 + 8).min(pkt.l3_end()).min(frame.len());
+    let quote = quote_end.saturating_sub(l3);
+    let ip_len = 20 + 8 + quote;
+    let total = l3 + ip_len;
+    let Ok(ip_len16) = u16::try_from(ip_len) else {
+        return 0;
+    };
+    if out.len() < total || frame.len() < l3 {
+        return 0;
+    }
+    out[..l3].copy_from_slice(&frame[..l3]);
+    out[0..6].copy_from_slice(&frame[6..12]);
+    out[6..12].copy_from_slice(&frame[0..6]);
+    let ip = &mut out[l3..total];
+    ip[..20].copy_from_slice(&[
+        0x45,
+        0xC0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        64,
+        proto::ICMP,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]);
+    put16(ip, 2, ip_len16);
+    ip[12..16].copy_from_slice(&gateway_addr.octets());
+    ip[16..20].copy_from_slice(&src.octets());
+    let c = checksum::checksum(&ip[..20]);
+    put16(ip, 10, c);
+    let icmp = &mut ip[20..];
+    icmp[..8].copy_from_slice(&[11, 0, 0, 0, 0, 0, 0, 0]);
+    icmp[8..].copy_from_slice(&frame[l3..quote_end]);
+    let c = checksum::checksum(icmp);
+    put16(icmp, 2, c);
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::crc32c;
+
+    #[test]
+    fn crc32c_check_value() {
+        // The standard check value of CRC-32C over "123456789".
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    }
+}
