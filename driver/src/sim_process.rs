@@ -31,8 +31,7 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
-    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags,
-    SocketType,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
 };
 use serde::{Deserialize, Serialize};
 
@@ -42,7 +41,7 @@ use crate::sim_io::SimIo;
 /// The protocol version this client speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest message either side sends.
-const MAX_MESSAGE: usize = 256 * 1024;
+const MAX_MESSAGE: usize = 160 * 1024;
 /// Most descriptors in one message.
 const MAX_FDS: usize = 4;
 /// How often the watcher looks at its stop flag.
@@ -229,7 +228,11 @@ impl fmt::Debug for SimProcess {
 }
 
 /// Polls `fd` for `events` up to `timeout`; the returned flags are empty on timeout.
-fn poll_one(fd: BorrowedFd<'_>, events: PollFlags, timeout: Duration) -> rustix::io::Result<PollFlags> {
+fn poll_one(
+    fd: BorrowedFd<'_>,
+    events: PollFlags,
+    timeout: Duration,
+) -> rustix::io::Result<PollFlags> {
     let ts = Timespec::try_from(timeout).unwrap_or(Timespec {
         tv_sec: 1,
         tv_nsec: 0,
@@ -341,7 +344,9 @@ impl SimProcess {
         else {
             return Err(unexpected("hello", &reply));
         };
-        let want = usize::try_from(vectors).unwrap_or(usize::MAX).saturating_add(1);
+        let want = usize::try_from(vectors)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1);
         if fds.len() != want {
             return Err(DriverError::SimControl {
                 op: "hello",
@@ -374,9 +379,7 @@ impl SimProcess {
         let io = SimIo::new(
             bar.as_fd(),
             Box::new(move |iova, fd, offset, len| {
-                mapper
-                    .dma_map(iova, fd, offset, len)
-                    .map_err(|e| chain(&e))
+                mapper.dma_map(iova, fd, offset, len).map_err(|e| chain(&e))
             }),
             irqs,
         )?
@@ -470,7 +473,11 @@ impl SimProcess {
                 reason: format!("request of {} bytes is too long", bytes.len()),
             });
         }
-        let sock = self.inner.sock.lock().unwrap_or_else(PoisonError::into_inner);
+        let sock = self
+            .inner
+            .sock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let sock_err = |what, e: rustix::io::Errno| {
             if matches!(e, rustix::io::Errno::PIPE | rustix::io::Errno::CONNRESET) {
                 self.inner.gone.store(true, Ordering::Release);
@@ -497,7 +504,8 @@ impl SimProcess {
             if ready.is_empty() {
                 continue;
             }
-            let (buf, fds_in, truncated) = recv(sock.as_fd()).map_err(|e| sock_err("receive", e))?;
+            let (buf, fds_in, truncated) =
+                recv(sock.as_fd()).map_err(|e| sock_err("receive", e))?;
             if buf.is_empty() && fds_in.is_empty() {
                 // End of stream: the simulator closed the connection or died.
                 self.inner.gone.store(true, Ordering::Release);
@@ -553,7 +561,12 @@ fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> rustix::i
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(rustix::io::Errno::NOBUFS);
     }
-    let n = rustix::net::sendmsg(sock, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)?;
+    let n = rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
     if n != bytes.len() {
         return Err(rustix::io::Errno::MSGSIZE);
     }
@@ -640,10 +653,9 @@ mod tests {
 
     #[test]
     fn replies_decode() {
-        let r: ReplyEnvelope = serde_json::from_str(
-            r#"{"id":4,"reply":"error","kind":"bad_fds","message":"m"}"#,
-        )
-        .expect("decode");
+        let r: ReplyEnvelope =
+            serde_json::from_str(r#"{"id":4,"reply":"error","kind":"bad_fds","message":"m"}"#)
+                .expect("decode");
         assert_eq!(r.id, 4);
         assert!(matches!(r.body, Reply::Error { ref kind, .. } if kind == "bad_fds"));
         let r: ReplyEnvelope =
@@ -657,7 +669,10 @@ mod tests {
         let t0 = Instant::now();
         let e = SimProcess::connect(&dir.path().join("none"), Duration::from_millis(100))
             .expect_err("nothing listens");
-        assert!(matches!(e, DriverError::SimSocket { op: "connect", .. }), "{e:?}");
+        assert!(
+            matches!(e, DriverError::SimSocket { op: "connect", .. }),
+            "{e:?}"
+        );
         assert!(t0.elapsed() < Duration::from_secs(5));
     }
 }

@@ -28,8 +28,7 @@ use ctoffload_hw_regs::regs::{self, Status};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
-    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags,
-    SocketType,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
 };
 use serde::{Deserialize, Serialize};
 
@@ -44,12 +43,15 @@ use crate::thread::{SimClock, SimThread};
 
 /// Version of the control protocol; `hello` must name it.
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Largest message (bytes of JSON) either side sends or accepts.
-pub const MAX_MESSAGE: usize = 256 * 1024;
+/// Largest message (bytes of JSON) either side sends or accepts. Below the default
+/// socket send buffer (`net.core.wmem_default`, 208 KiB), which bounds a
+/// `SOCK_SEQPACKET` message; [`MAX_FRAMES`] full-size frames fit.
+pub const MAX_MESSAGE: usize = 160 * 1024;
 /// Most descriptors one message carries (`hello`'s reply: BAR + 3 eventfds).
 pub const MAX_FDS: usize = 4;
-/// Most frames one `port_inject` or `port_drain` moves.
-pub const MAX_FRAMES: usize = 64;
+/// Most frames one `port_inject` or `port_drain` moves (16 × 2048 bytes as JSON
+/// numbers, up to 4 bytes each, fit in [`MAX_MESSAGE`]).
+pub const MAX_FRAMES: usize = 16;
 /// How long the server waits for the model to take over an FLR.
 const FLR_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often blocked loops look at the stop flag.
@@ -483,9 +485,11 @@ impl Server {
         // tick); wait for them so that the model can be handed back.
         let shared = match shared {
             Some(s) => s,
-            None => return Err(Error::BadControlMessage {
-                reason: "client threads still running at shutdown",
-            }),
+            None => {
+                return Err(Error::BadControlMessage {
+                    reason: "client threads still running at shutdown",
+                });
+            }
         };
         Ok(shared.sim.stop())
     }
@@ -668,7 +672,10 @@ impl Shared {
                     t.store(now_ns, Ordering::Release);
                     Reply::Ok
                 }
-                None => error(ErrorKind::Unsupported, "the model runs on a monotonic clock"),
+                None => error(
+                    ErrorKind::Unsupported,
+                    "the model runs on a monotonic clock",
+                ),
             },
             Request::PortInject { port, frames } => self.inject(port, &frames),
             Request::PortDrain { port, max } => self.drain(port, max),
@@ -729,10 +736,16 @@ impl Shared {
 
     fn inject(&self, port: u8, frames: &[Vec<u8>]) -> Reply {
         let Some(wire) = self.wire(port) else {
-            return error(ErrorKind::Unsupported, format!("port {port} has no memory back-end"));
+            return error(
+                ErrorKind::Unsupported,
+                format!("port {port} has no memory back-end"),
+            );
         };
         if frames.len() > MAX_FRAMES {
-            return error(ErrorKind::BadMessage, format!("more than {MAX_FRAMES} frames"));
+            return error(
+                ErrorKind::BadMessage,
+                format!("more than {MAX_FRAMES} frames"),
+            );
         }
         let mut wire = wire.lock().unwrap_or_else(PoisonError::into_inner);
         for (i, f) in frames.iter().enumerate() {
@@ -745,7 +758,10 @@ impl Shared {
 
     fn drain(&self, port: u8, max: u32) -> Reply {
         let Some(wire) = self.wire(port) else {
-            return error(ErrorKind::Unsupported, format!("port {port} has no memory back-end"));
+            return error(
+                ErrorKind::Unsupported,
+                format!("port {port} has no memory back-end"),
+            );
         };
         let max = usize::try_from(max).unwrap_or(MAX_FRAMES).min(MAX_FRAMES);
         let mut wire = wire.lock().unwrap_or_else(PoisonError::into_inner);

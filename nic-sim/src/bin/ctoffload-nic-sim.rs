@@ -111,12 +111,16 @@ fn run(args: Args) -> Result<(), String> {
         shm_name: args.bar_shm,
         ..default
     };
-    let mut sim = Simulator::new(cfg).map_err(|e| format!("cannot create the model: {}", chain(&e)))?;
+    let mut sim =
+        Simulator::new(cfg).map_err(|e| format!("cannot create the model: {}", chain(&e)))?;
     let mut wires: Vec<Option<MemPort>> = (0..args.num_ports).map(|_| None).collect();
     for spec in args.ports {
-        let slot = wires
-            .get_mut(usize::from(spec.port))
-            .ok_or_else(|| format!("port {} is not below --num-ports {}", spec.port, args.num_ports))?;
+        let slot = wires.get_mut(usize::from(spec.port)).ok_or_else(|| {
+            format!(
+                "port {} is not below --num-ports {}",
+                spec.port, args.num_ports
+            )
+        })?;
         match spec.kind {
             PortKind::Mem => {
                 let (dev_end, wire_end) = MemPort::pair(MEM_PORT_FRAMES);
