@@ -276,10 +276,10 @@ impl SimProcess {
             .map_err(sock_err("socket"))?;
             match rustix::net::connect(&sock, &addr) {
                 Ok(()) => break sock,
-                Err(e @ (rustix::io::Errno::NOENT | rustix::io::Errno::CONNREFUSED))
+                // Not listening yet: the process is starting.
+                Err(rustix::io::Errno::NOENT | rustix::io::Errno::CONNREFUSED)
                     if t0.elapsed() < timeout =>
                 {
-                    let _ = e;
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => return Err(sock_err("connect")(e)),

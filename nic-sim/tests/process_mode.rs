@@ -80,6 +80,8 @@ impl Drop for SimProc {
     }
 }
 
+// `..Default` keeps this compiling when the engine grows a setting.
+#[allow(clippy::needless_update)]
 fn dev_cfg(use_flr: bool) -> DeviceConfig {
     DeviceConfig {
         cmd_ring_log2: 6,
