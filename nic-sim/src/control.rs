@@ -37,8 +37,8 @@ use crate::error::{Error, Result};
 use crate::fault::FaultHandle;
 use crate::iommu::SimIommu;
 use crate::mem::SharedRegion;
-use crate::port::PortBackend;
 use crate::port::mem_queue::MemPort;
+use crate::port::{FRAME_BUF_SIZE, PortBackend};
 use crate::thread::{SimClock, SimThread};
 
 /// Version of the control protocol; `hello` must name it.
@@ -486,9 +486,10 @@ impl Server {
         let shared = match shared {
             Some(s) => s,
             None => {
-                return Err(Error::BadControlMessage {
-                    reason: "client threads still running at shutdown",
-                });
+                return Err(Error::io(
+                    "stop control threads",
+                    std::io::Error::other("a client thread still holds the model"),
+                ));
             }
         };
         Ok(shared.sim.stop())
@@ -746,6 +747,11 @@ impl Shared {
                 ErrorKind::BadMessage,
                 format!("more than {MAX_FRAMES} frames"),
             );
+        }
+        // All or nothing: check every frame before the first goes out.
+        if let Some(i) = frames.iter().position(|f| f.len() > FRAME_BUF_SIZE) {
+            let m = format!("frame {i} is longer than {FRAME_BUF_SIZE} bytes");
+            return error(ErrorKind::Failed, m);
         }
         let mut wire = wire.lock().unwrap_or_else(PoisonError::into_inner);
         for (i, f) in frames.iter().enumerate() {
