@@ -235,24 +235,38 @@ pub enum ErrorKind {
     Failed,
 }
 
-/// [`SimStats`] on the wire.
-#[allow(missing_docs)] // One field per `SimStats` field, documented there.
+/// [`SimStats`] on the wire (field by field; see [`SimStats`] for the exact meaning).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireStats {
+    /// Polls that found work to do.
     pub busy_polls: u64,
+    /// CMD `TAIL` doorbell updates observed.
     pub cmd_doorbells: u64,
+    /// CPL `HEAD` doorbell updates observed.
     pub cpl_doorbells: u64,
+    /// RX `TAIL` doorbell updates observed.
     pub rx_doorbells: u64,
+    /// TX `TAIL` doorbell updates observed.
     pub tx_doorbells: u64,
+    /// Command descriptors consumed.
     pub commands: u64,
+    /// Completions written.
     pub completions: u64,
+    /// Frames received from ports.
     pub rx_frames: u64,
+    /// Frames that hit a flow.
     pub hits: u64,
+    /// Frames punted to the RX ring.
     pub punts: u64,
+    /// Frames dropped.
     pub drops: u64,
+    /// Frames sent to ports.
     pub tx_frames: u64,
+    /// Interrupt messages (eventfd signals) sent.
     pub interrupts: u64,
+    /// Resets completed.
     pub resets: u64,
+    /// Injected faults that took effect.
     pub faults_fired: u64,
 }
 
@@ -584,8 +598,8 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Reply {
     }
 }
 
-/// `e` and its sources, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
+/// `e` and its sources, `: `-separated (for error replies and messages).
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

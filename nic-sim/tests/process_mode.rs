@@ -563,6 +563,17 @@ fn shutdown_request_and_exit_with_client() {
     assert!(st.success(), "{st:?}");
     assert!(!sim.socket.exists(), "socket file removed");
 
+    // A `/dev/shm` BAR lives while the process does and is removed at shutdown.
+    let name = format!("ctoffload-test-bar-{}", std::process::id());
+    let shm = Path::new("/dev/shm").join(&name);
+    let mut sim = SimProc::start(&["--bar-shm", &name]);
+    let (client, dev) = bring_up(&sim, false);
+    assert!(shm.exists());
+    drop(dev);
+    client.shutdown().expect("shutdown");
+    assert!(sim.wait_exit().expect("exits").success());
+    assert!(!shm.exists(), "BAR file removed");
+
     let mut sim = SimProc::start(&["--exit-with-client"]);
     let (client, dev) = bring_up(&sim, false);
     drop(dev);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use clap::{Parser, ValueEnum};
-use ctoffload_nic_sim::control::{Server, ServerOptions};
+use ctoffload_nic_sim::control::{Server, ServerOptions, chain};
 use ctoffload_nic_sim::port::{AfPacketPort, MemPort};
 use ctoffload_nic_sim::{SimClock, SimConfig, Simulator};
 
@@ -156,18 +156,6 @@ fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-/// `e` and its sources, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(args) {
@@ -175,6 +163,30 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("ctoffload-nic-sim: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_specs_parse() {
+        let p = parse_port("1=mem").expect("mem");
+        assert_eq!(p.port, 1);
+        assert!(matches!(p.kind, PortKind::Mem));
+        let p = parse_port("0=af-packet:veth0").expect("af-packet");
+        assert!(matches!(p.kind, PortKind::AfPacket(ref n) if n == "veth0"));
+        for bad in [
+            "mem",
+            "x=mem",
+            "0=disk",
+            "0=af-packet:",
+            "300=mem",
+            "0=mem:x",
+        ] {
+            assert!(parse_port(bad).is_err(), "{bad}");
         }
     }
 }
