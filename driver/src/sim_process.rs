@@ -285,6 +285,13 @@ impl SimProcess {
                 Err(e) => return Err(sock_err("connect")(e)),
             }
         };
+        // A simulator that stops reading must not block a request for ever.
+        rustix::net::sockopt::set_socket_timeout(
+            &sock,
+            rustix::net::sockopt::Timeout::Send,
+            Some(request_timeout.max(Duration::from_millis(1))),
+        )
+        .map_err(sock_err("set send timeout"))?;
         let watch_fd = sock.try_clone().map_err(|e| DriverError::SimSocket {
             socket: name.clone(),
             op: "dup",

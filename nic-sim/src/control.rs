@@ -54,6 +54,8 @@ pub const MAX_FDS: usize = 4;
 pub const MAX_FRAMES: usize = 16;
 /// How long the server waits for the model to take over an FLR.
 const FLR_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a reply may wait for room in a client's receive buffer.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often blocked loops look at the stop flag.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -520,6 +522,14 @@ impl Server {
                 Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => continue,
                 Err(e) => return Err(Error::io("accept control connection", e.into())),
             };
+            // A client that stops reading its replies must not block its thread (and
+            // so shutdown) for ever: a reply that cannot be sent within the timeout
+            // ends that connection.
+            let _ = rustix::net::sockopt::set_socket_timeout(
+                &conn,
+                rustix::net::sockopt::Timeout::Send,
+                Some(SEND_TIMEOUT),
+            );
             let shared = Arc::clone(&self.shared);
             let spawned = std::thread::Builder::new()
                 .name("nic-sim-control".into())
