@@ -92,7 +92,12 @@ impl ConfigError {
 
     /// An API conversion error for a field below `parent`, as a config error.
     fn from_api(e: ApiError, parent: &str) -> Self {
-        match e.within(parent) {
+        let e = if parent.is_empty() {
+            e
+        } else {
+            e.within(parent)
+        };
+        match e {
             ApiError::InvalidArgument { field, reason }
             | ApiError::OutOfRange { field, reason }
             | ApiError::AlreadyExists { field, reason } => Self::Invalid { key: field, reason },
@@ -984,14 +989,17 @@ fn engine_error(e: &RuleError, key: &str, rules: &[NatRuleSection]) -> ConfigErr
         "action.to_port" => "to_port",
         _ => "backends",
     });
-    let key = match ours {
-        Some(f) => format!("{key}.{f}"),
-        None => key.to_owned(),
-    };
     let mut reason = e.to_string();
     if let Some((_, rest)) = reason.split_once(": ") {
         reason = rest.to_owned();
     }
+    if let (Some(f), Some(o)) = (field, ours) {
+        reason = reason.replace(f, o);
+    }
+    let key = match ours {
+        Some(f) => format!("{key}.{f}"),
+        None => key.to_owned(),
+    };
     if let RuleError::OverlappingPool { other, .. } = e {
         let idx = usize::try_from(*other).unwrap_or(0).saturating_sub(1);
         let name = rules.get(idx).map_or("?", |r| r.name.as_str());

@@ -48,19 +48,19 @@ struct ConnArgs {
     #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_SOCKET_PATH)]
     socket: PathBuf,
     /// Connect over TCP with mutual TLS instead (needs --ca, --cert, --key).
-    #[arg(long, global = true, value_name = "ADDR", requires_all = ["ca", "cert", "key"])]
+    #[arg(long, value_name = "ADDR", requires_all = ["ca", "cert", "key"])]
     tcp: Option<String>,
     /// CA certificate (PEM) the agent's certificate must chain to.
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
     /// Client certificate (PEM).
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     cert: Option<PathBuf>,
     /// Client private key (PEM).
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     key: Option<PathBuf>,
     /// Name the agent's certificate must carry.
-    #[arg(long, global = true, value_name = "NAME", default_value = "localhost")]
+    #[arg(long, value_name = "NAME", default_value = "localhost")]
     server_name: String,
 }
 

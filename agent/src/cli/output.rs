@@ -69,7 +69,7 @@ pub fn conn_line(c: &pb::Connection) -> String {
     let orig = c.original.as_ref().unwrap_or(&default);
     let reply = c.reply.as_ref().unwrap_or(&default);
     let mut s = format!(
-        "{:<8} {:<2} {} ",
+        "{:<8} {} {} ",
         proto_name(orig.protocol),
         orig.protocol,
         c.timeout_remaining_ms / 1000
@@ -168,7 +168,7 @@ fn gap_cause(v: i32) -> &'static str {
 
 fn head(t: Option<&pb::Tuple>) -> String {
     let p = t.map_or(0, |t| t.protocol);
-    format!("{:<8} {:<2}", proto_name(p), p)
+    format!("{:<8} {p}", proto_name(p))
 }
 
 /// One event as `conntrack -E` prints it, prefixed with its journal sequence.
