@@ -606,16 +606,7 @@ pub struct AgentConfig {
     pub metrics: Option<SocketAddr>,
 }
 
-impl Default for AgentConfig {
-    fn default() -> Self {
-        // The empty file is valid.
-        ConfigFile::default()
-            .validate()
-            .unwrap_or_else(|e| unreachable!("the default configuration is valid: {e}"))
-    }
-}
-
-/// Parse a configuration text (`path` only for messages).
+/// Parse and validate a configuration text.
 pub fn parse(text: &str) -> Result<AgentConfig> {
     parse_file(text)?.validate()
 }

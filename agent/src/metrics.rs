@@ -269,8 +269,17 @@ pub fn registry<C: ControlPlane>(
     control: Arc<C>,
     rpc: Vec<Arc<RpcMetrics>>,
 ) -> (Registry, MetricsHandle) {
-    let mut reg = Registry::with_prefix(PREFIX);
     let handle = MetricsHandle::default();
+    (registry_with(control, rpc, &handle), handle)
+}
+
+/// The same, with the dataplane's series fed through an existing `handle`.
+pub fn registry_with<C: ControlPlane>(
+    control: Arc<C>,
+    rpc: Vec<Arc<RpcMetrics>>,
+    handle: &MetricsHandle,
+) -> Registry {
+    let mut reg = Registry::with_prefix(PREFIX);
     reg.register(
         "time_to_offload_seconds",
         "Time from a flow's first packet to its offload",
@@ -282,7 +291,7 @@ pub fn registry<C: ControlPlane>(
         handle.offload_queue_depth.clone(),
     );
     reg.register_collector(Box::new(StatsCollector { control, rpc }));
-    (reg, handle)
+    reg
 }
 
 /// The registry in the OpenMetrics text format.

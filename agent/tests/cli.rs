@@ -461,6 +461,16 @@ fn agent_not_running_is_one_helpful_line() {
         assert!(!e.contains("panicked") && !e.contains("backtrace"), "{e}");
         assert!(stdout(&o).is_empty());
     }
+    // Usage errors are found before connecting.
+    let o = run(&["--socket", &sock_s, "flows", "--state", "BOGUS"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--state"), "{}", stderr(&o));
+    let o = run(&["--socket", &sock_s, "timeouts", "set", "udp=x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = run(&[
+        "--socket", &sock_s, "flows", "delete", "--id", "3", "-p", "tcp",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "--id and a filter conflict");
     // A stale socket (a file nobody listens on) says so.
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     let o = run(&["--socket", &sock_s, "flows"]);

@@ -89,6 +89,7 @@ pub struct Agent {
     path: PathBuf,
     control: Arc<SoftwareControl>,
     config: Mutex<AgentConfig>,
+    metrics: metrics::MetricsHandle,
 }
 
 fn conntrack_config(cfg: &AgentConfig) -> CtConfig {
@@ -125,6 +126,7 @@ impl Agent {
             path,
             control,
             config: Mutex::new(cfg),
+            metrics: metrics::MetricsHandle::default(),
         }
     }
 
@@ -132,6 +134,13 @@ impl Agent {
     #[must_use]
     pub fn control(&self) -> &Arc<SoftwareControl> {
         &self.control
+    }
+
+    /// Where the dataplane feeds the time-to-offload histogram and the offload-queue
+    /// gauge of the metrics endpoint.
+    #[must_use]
+    pub fn metrics(&self) -> &metrics::MetricsHandle {
+        &self.metrics
     }
 
     /// The configuration in force.
@@ -232,7 +241,7 @@ pub async fn serve(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(),
                 source,
             })?;
         let local = listener.local_addr().map_or(addr, |a| a);
-        let (reg, _handle) = metrics::registry(Arc::clone(agent.control()), rpc);
+        let reg = metrics::registry_with(Arc::clone(agent.control()), rpc, agent.metrics());
         tracing::info!(addr = %local, "metrics listening on http://{local}/metrics");
         let token = shutdown.clone();
         tasks.spawn(async move {

@@ -315,7 +315,7 @@ enum FlowsCmd {
     /// `conntrack -D`).
     Delete {
         /// Connection id.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "FilterArgs")]
         id: Option<u64>,
         #[command(flatten)]
         filter: FilterArgs,
@@ -543,7 +543,25 @@ fn out_json(v: &serde_json::Value) -> Result<(), CliError> {
     out(&format!("{text}\n"))
 }
 
+/// Check what can be checked locally, so that a usage error is reported as such even
+/// when the agent is not running.
+fn precheck(command: &Command) -> Result<(), CliError> {
+    match command {
+        Command::Flows(f) => match &f.cmd {
+            None => f.list.filter.to_pb().map(drop),
+            Some(FlowsCmd::List(l)) => l.filter.to_pb().map(drop),
+            Some(FlowsCmd::Delete { filter, .. }) => filter.to_pb().map(drop),
+            Some(FlowsCmd::Get { key, .. }) => key.to_pb().map(drop),
+            Some(FlowsCmd::Flush) => Ok(()),
+        },
+        Command::Nat(NatCmd::Add { proto: Some(p), .. }) => parse_proto(p, "--proto").map(drop),
+        Command::Timeouts(TimeoutsCmd::Set { values }) => timeouts_of(values).map(drop),
+        _ => Ok(()),
+    }
+}
+
 async fn client_command(target: &Target, command: Command) -> Result<(), CliError> {
+    precheck(&command)?;
     let ch = match &command {
         Command::Agent(_) | Command::Completions { .. } | Command::Demo | Command::Replay(_) => {
             return Ok(());
@@ -904,24 +922,7 @@ async fn timeouts(ch: Channel, t: TimeoutsCmd) -> Result<(), CliError> {
             }
         }
         TimeoutsCmd::Set { values } => {
-            let mut t = pb::Timeouts::default();
-            for v in &values {
-                let (name, secs) = v
-                    .split_once('=')
-                    .ok_or_else(|| CliError::usage(v.clone(), "expected NAME=SECONDS (udp=45)"))?;
-                let field = output::timeout_field(&mut t, name.trim()).ok_or_else(|| {
-                    CliError::usage(
-                        name.to_owned(),
-                        format!("not a timeout; one of {}", output::TIMEOUT_NAMES.join(", ")),
-                    )
-                })?;
-                *field = secs.trim().parse().map_err(|_| {
-                    CliError::usage(
-                        name.to_owned(),
-                        format!("{secs:?} is not a number of seconds"),
-                    )
-                })?;
-            }
+            let t = timeouts_of(&values)?;
             let r = c
                 .set_timeouts(pb::SetTimeoutsRequest { timeouts: Some(t) })
                 .await?
@@ -929,4 +930,27 @@ async fn timeouts(ch: Channel, t: TimeoutsCmd) -> Result<(), CliError> {
             out(&timeouts_text(&r))
         }
     }
+}
+
+/// `NAME=SECONDS` pairs as a timeouts update.
+fn timeouts_of(values: &[String]) -> Result<pb::Timeouts, CliError> {
+    let mut t = pb::Timeouts::default();
+    for v in values {
+        let (name, secs) = v
+            .split_once('=')
+            .ok_or_else(|| CliError::usage(v.clone(), "expected NAME=SECONDS (udp=45)"))?;
+        let field = output::timeout_field(&mut t, name.trim()).ok_or_else(|| {
+            CliError::usage(
+                name.to_owned(),
+                format!("not a timeout; one of {}", output::TIMEOUT_NAMES.join(", ")),
+            )
+        })?;
+        *field = secs.trim().parse().map_err(|_| {
+            CliError::usage(
+                name.to_owned(),
+                format!("{secs:?} is not a number of seconds"),
+            )
+        })?;
+    }
+    Ok(t)
 }
