@@ -1440,17 +1440,6 @@ pub fn apply<C: ControlPlane + ?Sized>(
             Err(e) => report.failed.push(("timeouts".into(), e)),
         }
     }
-    if old.is_none_or(|o| o.limits != new.limits) {
-        match control.set_limits(LimitsUpdate(new.limits)) {
-            Ok(c) => {
-                report.applied.push("limits".into());
-                if c.restart_required {
-                    report.restart_required.push("limits.max_connections");
-                }
-            }
-            Err(e) => report.failed.push(("limits".into(), e)),
-        }
-    }
     if old.is_none_or(|o| o.offload.policy != new.offload.policy) {
         match control.set_offload_policy(new.offload.policy) {
             Ok(_) => report.applied.push("offload".into()),
@@ -1471,6 +1460,19 @@ pub fn apply<C: ControlPlane + ?Sized>(
                 Err(ApiError::NotFound { .. }) => {}
                 Err(e) => report.failed.push((format!("nat.rules[{}]", r.name), e)),
             }
+        }
+    }
+    // Limits after removals (a lower max_nat_rules may need them) and before
+    // additions.
+    if old.is_none_or(|o| o.limits != new.limits) {
+        match control.set_limits(LimitsUpdate(new.limits)) {
+            Ok(c) => {
+                report.applied.push("limits".into());
+                if c.restart_required {
+                    report.restart_required.push("limits.max_connections");
+                }
+            }
+            Err(e) => report.failed.push(("limits".into(), e)),
         }
     }
     for r in &new_rules {
@@ -1531,6 +1533,72 @@ mod tests {
         assert_eq!(c.timeouts.other.udp, 30);
         assert_eq!(c.api.socket, PathBuf::from(DEFAULT_SOCKET_PATH));
         assert!(c.metrics.is_none());
+    }
+
+    fn snat(name: &str, addr: &str) -> String {
+        format!("[[nat.rules]]\nname = {name:?}\nkind = \"snat\"\nto_addresses = {addr:?}\n")
+    }
+
+    #[test]
+    fn apply_manages_its_own_rules_and_reports() {
+        use crate::api::SoftwareControl;
+        let control = SoftwareControl::new(Default::default(), 1024);
+        let a = parse(&format!(
+            "{}{}",
+            snat("a", "192.0.2.1"),
+            snat("b", "192.0.2.2")
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let r = apply(&control, None, &a);
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        // A rule added through the API is not the file's to remove.
+        let api_rule = parse(&snat("api", "198.51.100.1"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .nat_rules
+            .remove(0)
+            .api
+            .unwrap_or_else(|| panic!("snat is API-visible"));
+        control
+            .add_nat_rule(api_rule)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let b = parse(&format!(
+            "[timeouts]\nudp = 45\n[offload]\nenabled = false\n{}",
+            snat("b", "192.0.2.2")
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let r = apply(&control, Some(&a), &b);
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        assert!(
+            r.applied.contains(&"timeouts".to_owned()),
+            "{:?}",
+            r.applied
+        );
+        assert!(r.applied.contains(&"offload".to_owned()));
+        assert!(!r.applied.contains(&"limits".to_owned()), "unchanged");
+        assert!(r.restart_required.contains(&"timeouts (running table)"));
+        let names: Vec<String> = control
+            .nat_rules()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["b", "api"]);
+        assert_eq!(control.timeouts().map(|t| t.value.other.udp).ok(), Some(45));
+        assert!(!control.offload_policy().is_ok_and(|p| p.enabled));
+        // A limit the control plane refuses is reported, not fatal.
+        let c = parse(&format!(
+            "[limits]\nmax_nat_rules = 1\n{}",
+            snat("b", "192.0.2.2")
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let r = apply(&control, Some(&b), &c);
+        assert_eq!(r.failed.len(), 1, "{:?}", r.failed);
+        assert!(
+            r.failed[0]
+                .1
+                .to_string()
+                .starts_with("limits.max_nat_rules: ")
+        );
     }
 
     #[test]
