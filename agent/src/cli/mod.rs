@@ -33,7 +33,7 @@ use client::{CliError, Target};
 
 /// Connection tracking and NAT, offloaded to a flow-table NIC when one is present.
 #[derive(Debug, Parser)]
-#[command(name = "ctoffload", version, about)]
+#[command(name = "ctoffload", version)]
 pub struct Cli {
     #[command(flatten)]
     conn: ConnArgs,
