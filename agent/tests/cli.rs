@@ -268,7 +268,12 @@ fn events_stream_replays_then_goes_live() {
         "{text}"
     );
 
-    // Live: a watcher started before a delete sees its end-of-flow record.
+    // Live: a watcher started before a delete sees its end-of-flow record. It
+    // starts at the journal's next sequence, so it cannot miss the record however
+    // slowly it connects.
+    let next = a.json(&["stats", "-o", "json"])["journal"]["next_sequence"]
+        .as_u64()
+        .unwrap();
     let sock = a.sock.display().to_string();
     let child = Command::new(BIN)
         .args([
@@ -282,23 +287,28 @@ fn events_stream_replays_then_goes_live() {
             "-o",
             "json",
         ])
+        .args(["--from", &next.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut watcher = Proc(child);
-    // Let the stream open (the server starts it live from the next sequence).
-    std::thread::sleep(Duration::from_millis(500));
+    let stdout_pipe = watcher.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout_pipe).read_line(&mut line);
+        let _ = tx.send(line);
+    });
     let before = a.json(&["flows", "-p", "udp", "-o", "json"]);
     let id = before[0]["id"].as_u64().unwrap();
     a.ok(&["flows", "delete", "--id", &id.to_string()]);
-    let mut line = String::new();
-    let start = Instant::now();
-    let mut reader = BufReader::new(watcher.0.stdout.take().unwrap());
-    reader.read_line(&mut line).unwrap();
-    assert!(start.elapsed() < Duration::from_secs(15));
+    let line = rx
+        .recv_timeout(Duration::from_secs(15))
+        .expect("end-of-flow record within 15 s");
     let rec: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert_eq!(rec["kind"], "end_of_flow");
+    assert!(rec["sequence"].as_u64().unwrap() >= next);
     assert_eq!(rec["event"]["id"].as_u64(), Some(id));
     assert_eq!(rec["event"]["reason"], "deleted");
     assert_eq!(rec["event"]["original"]["dst_port"], 53);
