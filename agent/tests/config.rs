@@ -419,3 +419,34 @@ fn metrics_endpoint_serves_the_statistics() {
     let (_, body) = scrape(&addr, "/metrics");
     assert!(body.contains("ctoffload_connections 0"), "{body}");
 }
+
+#[test]
+fn agent_start_failures_name_the_key_and_leave_no_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let path = dir.path().join("c.toml");
+    let run_with = |extra: &str| {
+        std::fs::write(&path, support::config_text(dir.path(), extra)).unwrap();
+        run(&["agent", "--config", &path.display().to_string()])
+    };
+    let o = run_with(
+        "tcp = \"127.0.0.1:0\"\n[api.tls]\ncert = \"/nonexistent/s.pem\"\nkey = \"k\"\nclient_ca = \"c\"\n",
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("ctoffload agent: api.tls.cert: cannot read /nonexistent/s.pem"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!sock.exists());
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap();
+    let o = run_with(&format!("[metrics]\nlisten = \"{addr}\"\n"));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains(&format!("metrics.listen: cannot listen on {addr}")),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!sock.exists());
+}

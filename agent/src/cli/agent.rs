@@ -207,23 +207,41 @@ fn read_tls(key: &'static str, path: &Path) -> Result<Vec<u8>, AgentError> {
 /// Serve until SIGTERM/SIGINT or `shutdown`; reload on SIGHUP.
 pub async fn serve(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), AgentError> {
     let cfg = agent.config();
-    let mut servers = vec![
-        ApiServer::bind(&ServerConfig {
-            listen: Listen::unix(&cfg.api.socket),
-        })
-        .await
-        .map_err(AgentError::Serve)?,
-    ];
-    if let Some((addr, tls)) = &cfg.api.tcp {
-        let tls = TlsConfig {
-            cert_pem: read_tls("api.tls.cert", &tls.cert)?,
-            key_pem: read_tls("api.tls.key", &tls.key)?,
-            client_ca_pem: read_tls("api.tls.client_ca", &tls.client_ca)?,
-        };
+    // Everything that can fail is done before the Unix socket is bound, so that a
+    // failed start leaves no socket behind.
+    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
+    let tls = match &cfg.api.tcp {
+        Some((addr, tls)) => Some((
+            *addr,
+            TlsConfig {
+                cert_pem: read_tls("api.tls.cert", &tls.cert)?,
+                key_pem: read_tls("api.tls.key", &tls.key)?,
+                client_ca_pem: read_tls("api.tls.client_ca", &tls.client_ca)?,
+            },
+        )),
+        None => None,
+    };
+    let metrics_listener = match cfg.metrics {
+        Some(addr) => {
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AgentError::Metrics {
+                        addr: addr.to_string(),
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    };
+    let mut servers = Vec::new();
+    if let Some((addr, tls)) = tls {
         servers.push(
             ApiServer::bind(&ServerConfig {
                 listen: Listen::Tcp {
-                    addr: *addr,
+                    addr,
                     tls: Some(tls),
                 },
             })
@@ -231,16 +249,22 @@ pub async fn serve(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(),
             .map_err(AgentError::Serve)?,
         );
     }
+    servers.push(
+        ApiServer::bind(&ServerConfig {
+            listen: Listen::unix(&cfg.api.socket),
+        })
+        .await
+        .map_err(AgentError::Serve)?,
+    );
     let rpc = servers.iter().map(ApiServer::metrics).collect();
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(addr) = cfg.metrics {
-        let listener = TcpListener::bind(addr)
-            .await
+    if let Some(listener) = metrics_listener {
+        let local = listener
+            .local_addr()
             .map_err(|source| AgentError::Metrics {
-                addr: addr.to_string(),
+                addr: cfg.metrics.map(|a| a.to_string()).unwrap_or_default(),
                 source,
             })?;
-        let local = listener.local_addr().map_or(addr, |a| a);
         let reg = metrics::registry_with(Arc::clone(agent.control()), rpc, agent.metrics());
         tracing::info!(addr = %local, "metrics listening on http://{local}/metrics");
         let token = shutdown.clone();
@@ -275,9 +299,6 @@ pub async fn serve(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(),
             }
         });
     }
-    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
     tracing::info!(config = %agent.path.display(), "agent ready");
     let mut result = Ok(());
     loop {
