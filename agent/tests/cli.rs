@@ -608,3 +608,41 @@ fn mtls_accepts_the_right_client_and_rejects_others() {
         stderr(&o)
     );
 }
+
+#[test]
+fn agent_socket_option_overrides_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[api]\nsocket = \"/nonexistent/dir/api.sock\"\n").unwrap();
+    let sock = dir.path().join("other.sock");
+    let log = dir.path().join("log");
+    let child = Command::new(BIN)
+        .args(["agent", "--config", &cfg.display().to_string()])
+        .args(["--socket", &sock.display().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _agent = Proc(child);
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("agent ready")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = ok(&run(&[
+        "--socket",
+        &sock.display().to_string(),
+        "device",
+        "-o",
+        "json",
+    ]));
+    assert!(out.contains("\"backend\": \"software\""), "{out}");
+}

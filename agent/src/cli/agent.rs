@@ -90,6 +90,7 @@ pub struct Agent {
     control: Arc<SoftwareControl>,
     config: Mutex<AgentConfig>,
     metrics: metrics::MetricsHandle,
+    socket_override: Option<PathBuf>,
 }
 
 fn conntrack_config(cfg: &AgentConfig) -> CtConfig {
@@ -127,7 +128,24 @@ impl Agent {
             control,
             config: Mutex::new(cfg),
             metrics: metrics::MetricsHandle::default(),
+            socket_override: None,
         }
+    }
+
+    /// Listen on `socket` instead of the configuration's `api.socket`, now and after
+    /// every reload.
+    #[must_use]
+    pub fn with_socket(mut self, socket: Option<PathBuf>) -> Self {
+        if let Some(s) = &socket {
+            self.config
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .api
+                .socket
+                .clone_from(s);
+        }
+        self.socket_override = socket;
+        self
     }
 
     /// The control plane.
@@ -155,7 +173,10 @@ impl Agent {
     /// Re-read the file, validate it and apply what changed. An invalid file changes
     /// nothing and is returned as the error.
     pub fn reload(&self) -> Result<ApplyReport, ConfigError> {
-        let new = config::load(&self.path)?;
+        let mut new = config::load(&self.path)?;
+        if let Some(s) = &self.socket_override {
+            new.api.socket.clone_from(s);
+        }
         let mut cur = self
             .config
             .lock()
@@ -342,9 +363,9 @@ fn init_logging() {
         .try_init();
 }
 
-/// `ctoffload agent`.
+/// `ctoffload agent`; `socket` (the global `--socket`) overrides `api.socket`.
 #[must_use]
-pub fn main(args: &AgentArgs) -> ExitCode {
+pub fn main(args: &AgentArgs, socket: Option<&Path>) -> ExitCode {
     let cfg = match config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -372,7 +393,8 @@ pub fn main(args: &AgentArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let agent = Arc::new(Agent::new(args.config.clone(), cfg));
+    let agent =
+        Arc::new(Agent::new(args.config.clone(), cfg).with_socket(socket.map(Path::to_path_buf)));
     if let Some(p) = &args.preload {
         match agent.preload(p) {
             Ok(n) => tracing::info!(frames = n, file = %p.display(), "preloaded"),

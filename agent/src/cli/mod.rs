@@ -44,9 +44,10 @@ pub struct Cli {
 /// How client subcommands reach the agent.
 #[derive(Debug, Args)]
 struct ConnArgs {
-    /// The agent's Unix socket.
-    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_SOCKET_PATH)]
-    socket: PathBuf,
+    /// The agent's Unix socket [default: /run/ctoffload/api.sock]. For `agent`, it
+    /// overrides `api.socket` of the configuration.
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// Connect over TCP with mutual TLS instead (needs --ca, --cert, --key).
     #[arg(long, value_name = "ADDR", requires_all = ["ca", "cert", "key"])]
     tcp: Option<String>,
@@ -74,7 +75,11 @@ impl ConnArgs {
                 key: key.clone(),
                 server_name: self.server_name.clone(),
             },
-            _ => Target::Unix(self.socket.clone()),
+            _ => Target::Unix(
+                self.socket
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH)),
+            ),
         }
     }
 }
@@ -502,7 +507,7 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Command::Replay(args) => run_replay(&args),
-        Command::Agent(args) => agent::main(&args),
+        Command::Agent(args) => agent::main(&args, cli.conn.socket.as_deref()),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "ctoffload", &mut std::io::stdout());
