@@ -203,6 +203,9 @@ pub struct TableStats {
 }
 
 const EMPTY: u64 = u64::MAX;
+/// Room reserved for [`ConnTable::take_nat_released`]'s queue: more than one packet's
+/// removals (a lookup reaps one, early drop at most 8 groups of 8).
+const NAT_RELEASED_RESERVE: usize = 128;
 /// Early drop walks this many groups of index slots ...
 const EARLY_DROP_GROUPS: usize = 8;
 /// ... of this many slots each (Linux: 8 hash buckets).
@@ -243,6 +246,9 @@ pub struct ConnTable<P> {
     stats: TableStats,
     /// Reused by `gc` so that it allocates nothing.
     scratch: Vec<u32>,
+    /// Tuples and status of removed connections that carried NAT bits, until
+    /// [`ConnTable::take_nat_released`] hands them to the NAT engine.
+    nat_released: Vec<([Tuple; 2], Status)>,
 }
 
 impl<P> ConnTable<P> {
@@ -271,6 +277,7 @@ impl<P> ConnTable<P> {
             events_cap,
             stats: TableStats::default(),
             scratch: Vec::new(),
+            nat_released: Vec::with_capacity(NAT_RELEASED_RESERVE),
         }
     }
 
@@ -568,6 +575,9 @@ impl<P> ConnTable<P> {
         self.wheel.unlink(&mut self.links, slot.0);
         self.free.push(slot.0);
         self.count -= 1;
+        if conn.status.intersects(Status::SRC_NAT | Status::DST_NAT) {
+            self.nat_released.push((conn.tuples, conn.status));
+        }
         self.push_event(Event::Destroy {
             id: conn.id,
             tuples: conn.tuples,
@@ -648,6 +658,23 @@ impl<P> ConnTable<P> {
         expired.clear();
         self.scratch = expired;
         removed
+    }
+
+    /// Whether removed connections with NAT bits wait for
+    /// [`ConnTable::take_nat_released`].
+    #[inline]
+    #[must_use]
+    pub fn has_nat_released(&self) -> bool {
+        !self.nat_released.is_empty()
+    }
+
+    /// Hands every connection removed since the last call whose status had `SRC_NAT` or
+    /// `DST_NAT` (any reason: expiry, early drop, close, delete) to `f`, with its tuples
+    /// and status, once. The queue keeps its memory.
+    pub fn take_nat_released(&mut self, mut f: impl FnMut(&[Tuple; 2], Status)) {
+        for (tuples, status) in self.nat_released.drain(..) {
+            f(&tuples, status);
+        }
     }
 
     /// Take the queued events.
