@@ -929,6 +929,9 @@ mod batch;
 #[cfg(test)]
 mod tests;
 
+#[cfg(test)]
+mod nat_tests;
+
 mod offload;
 mod query;
 pub use offload::{NotOffloadable, Teardown};

@@ -22,7 +22,7 @@ pub mod rewrite;
 pub mod rules;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use self::alloc::{AllocCtx, BySource, Exhausted, Found, Manip, NatRange, NatRng};
 use self::rules::{Hook, NatAction, NatFlags, NatRuleSet, PortRange, RuleId};
