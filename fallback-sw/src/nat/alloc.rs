@@ -63,8 +63,8 @@ impl NatRng {
     /// 16 random bits.
     #[inline]
     pub fn next_u16(&mut self) -> u16 {
-        let [a, b, ..] = (self.next_u64() >> 32).to_be_bytes();
-        u16::from_be_bytes([a, b])
+        // The top 16 bits (xorshift64*'s best). `>> 48` leaves exactly 16 bits.
+        u16::try_from(self.next_u64() >> 48).unwrap_or(0)
     }
 }
 
@@ -530,6 +530,39 @@ mod tests {
             ports,
             random_fully: false,
             persistent: false,
+        }
+    }
+
+    #[test]
+    fn rng_offsets_cover_the_range() {
+        // Regression: next_u16 once returned the zero high bytes of a shifted u64, so
+        // every search started at the range's first port and never got past 128.
+        let mut rng = NatRng::new(5);
+        let seen: HashSet<u16> = (0..4096).map(|_| rng.next_u16() % 1024).collect();
+        assert!(seen.len() > 900, "{} distinct offsets", seen.len());
+    }
+
+    #[test]
+    fn a_range_fills_past_the_first_probe_window() {
+        let by = BySource::default();
+        let mut rng = NatRng::new(9);
+        let mut taken: HashSet<Tuple> = HashSet::new();
+        let ports = PortRange::new(20_000, 21_023);
+        let range = snat([192, 0, 2, 1], [192, 0, 2, 1], Some(ports));
+        for i in 0..900u32 {
+            let [_, b, c, d] = i.to_be_bytes();
+            let cur = udp([10, b, c, d], 40_000, [8, 8, 8, 8], 53);
+            let mut is_taken = |t: &Tuple| taken.contains(t);
+            let mut ctx = AllocCtx {
+                by_source: &by,
+                rng: &mut rng,
+                seed: 0,
+                is_taken: &mut is_taken,
+            };
+            let (t, _) = get_unique_tuple(&cur, &range, Manip::Src, &mut ctx)
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            assert!(ports.contains(t.src_l4));
+            assert!(taken.insert(t.invert().expect("udp")), "unique");
         }
     }
 
