@@ -454,7 +454,7 @@ fn new_nat(
     fresh: usize,
     repeats: usize,
     rng: &mut Rng,
-) -> (Summary, f64) {
+) -> (Summary, f64, u64) {
     let ports = PortRange::new(20_000, 20_000 + range - 1);
     let fill = usize::from(range) * 9 / 10;
     let endpoint = |k: usize| -> ([u8; 4], u16) {
@@ -485,26 +485,31 @@ fn new_nat(
     let max = endpoints * (fill + fresh);
     let mut rates = Vec::new();
     let mut probes = 0.0;
+    let mut exhausted = 0;
     for _ in 0..repeats {
         let rule = snat(AddrRange::single_v4([203, 0, 113, 1]), Some(ports));
         let mut ct = nat_conntrack(max, Some(rule));
+        // Like Linux, a search can give up (128+64+32+16 probes from random offsets)
+        // before the range is really full: a handful of the last connections are
+        // dropped (the sender retries). They are counted, not hidden.
         let (t, w) = run_mut(&mut ct, &pf, 10 * NS);
-        assert_eq!((t, w), (pf.len(), pf.len()), "prefill all translated");
+        assert_eq!(t, w, "every tracked connection translated");
+        assert!(t + t / 1000 >= pf.len(), "prefill: {t} of {}", pf.len());
         let before = ct.nat().stats();
         let t0 = Instant::now();
         let (t, w) = run_mut(&mut ct, &tf, 10 * NS);
         let dt = t0.elapsed().as_secs_f64();
-        assert_eq!(
-            (t, w),
-            (tf.len(), tf.len()),
-            "every new connection translated"
-        );
+        assert_eq!(t, w, "every tracked connection translated");
         let after = ct.nat().stats();
-        assert_eq!(after.exhausted, 0);
-        probes = (after.probes - before.probes) as f64 / tf.len() as f64;
-        rates.push(tf.len() as f64 / dt);
+        let tried = after.decisions - before.decisions;
+        let failed = after.exhausted - before.exhausted;
+        assert_eq!(usize::try_from(tried - failed).unwrap(), t);
+        assert!(failed * 100 <= tried, "{failed} of {tried} exhausted");
+        exhausted += failed;
+        probes = (after.probes - before.probes) as f64 / tried as f64;
+        rates.push(t as f64 / dt);
     }
-    (summary(rates), probes)
+    (summary(rates), probes, exhausted)
 }
 
 fn row(name: &str, unit: &str, s: Summary, ovs: &str, goal: &str) {
@@ -569,10 +574,10 @@ fn main() {
     } else {
         (1024, 1024, 50)
     };
-    let (nat_new, nat_probes) = if want("natnew") {
+    let (nat_new, nat_probes, nat_exhausted) = if want("natnew") {
         new_nat(nat_endpoints, nat_range, nat_fresh, repeats, &mut rng)
     } else {
-        (zero, 0.0)
+        (zero, 0.0, 0)
     };
 
     let m = |s: Summary| Summary {
@@ -648,7 +653,7 @@ fn main() {
         "new SNAT conns, range 90% used",
         "M/s",
         m(nat_new),
-        &format!("{nat_probes:.1} probes"),
+        &format!("{nat_probes:.1} pr, {nat_exhausted} ex"),
         "3",
     );
     println!(
@@ -663,7 +668,7 @@ fn main() {
          \"snat_1k_mpps_min\":{:.3},\"snat_100k_mpps_min\":{:.3},\"snat_1m_mpps_min\":{:.3},\
          \"snat_ratio_1k\":{:.3},\"snat_ratio_100k\":{:.3},\"snat_ratio_1m\":{:.3},\
          \"new_snat_busy90_per_s\":{:.0},\"new_snat_busy90_per_s_min\":{:.0},\
-         \"new_snat_busy90_probes\":{:.2}}}",
+         \"new_snat_busy90_probes\":{:.2},\"new_snat_busy90_exhausted\":{}}}",
         m(est[0]).median,
         m(est[1]).median,
         m(est[2]).median,
@@ -689,6 +694,7 @@ fn main() {
         ratios[2],
         nat_new.median,
         nat_new.min,
-        nat_probes
+        nat_probes,
+        nat_exhausted
     );
 }
