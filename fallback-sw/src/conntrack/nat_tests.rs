@@ -706,6 +706,33 @@ fn exhaustion_drops_counts_and_frees_on_destroy() {
 }
 
 #[test]
+fn busy_range_is_shortcut_and_forgotten_when_idle() {
+    let range = PortRange::new(30_000, 30_255);
+    let mut rule = snat_range_rule(1, range);
+    if let NatAction::Snat { addrs, .. } = &mut rule.action {
+        *addrs = AddrRange::single_v4(N);
+    }
+    let mut ct = gw(vec![rule]);
+    let mut ports = HashSet::new();
+    // 240 of 256 ports towards one server: searches get long, the endpoint is recorded.
+    for i in 0..240u32 {
+        let [_, _, b, c] = i.to_be_bytes();
+        let mut f = udp([10, 9, b, c], 40_000, S, 53);
+        let v = ct.process_mut(&mut f, 0, &out_meta(), SEC);
+        if let Verdict::Tracked { slot, .. } = v.verdict {
+            let p = ct.table().get(slot).expect("live").tuples[1].dst_l4;
+            assert!(range.contains(p) && ports.insert(p), "unique port {p}");
+        }
+    }
+    assert!(ports.len() >= 235, "{} bound", ports.len());
+    assert_eq!(ct.nat().busy_ports().len(), 1);
+    assert_unique(&ct, SEC);
+    ct.gc(1000 * SEC, usize::MAX);
+    assert!(ct.nat().busy_ports().is_empty());
+    assert!(ct.nat().by_source().is_empty());
+}
+
+#[test]
 fn tcp_rst_that_closes_the_connection_is_still_translated() {
     let mut ct = gw(vec![snat_rule(1, None)]);
     pass(
@@ -851,5 +878,6 @@ proptest! {
         ct.gc(now + 10_000 * SEC, usize::MAX);
         prop_assert_eq!(ct.nat_connections(), 0);
         prop_assert!(ct.nat().by_source().is_empty());
+        prop_assert!(ct.nat().busy_ports().is_empty());
     }
 }

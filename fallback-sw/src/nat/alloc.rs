@@ -127,6 +127,153 @@ pub struct Exhausted {
     pub probes: u32,
 }
 
+/// Probes after which a search calls its remote endpoint busy: [`BusyPorts`] starts
+/// recording that endpoint's bindings.
+pub const BUSY_PROBES: u32 = 8;
+/// At most this many endpoints are recorded by [`BusyPorts`] (8 KiB each: 32 MiB).
+pub const BUSY_MAX_ENDPOINTS: usize = 4096;
+
+/// A candidate ORIGINAL tuple after source manip, without its source port (or ICMP id):
+/// every candidate of one search has the same key.
+fn endpoint_of(t: &Tuple) -> Tuple {
+    let mut k = *t;
+    k.src_l4 = 0;
+    k
+}
+
+/// Source ports in use, one bit each, of one busy remote endpoint.
+#[derive(Clone)]
+struct PortBits {
+    words: Box<[u64; 1024]>,
+    count: u32,
+}
+
+impl PortBits {
+    #[inline]
+    fn test(&self, port: u16) -> bool {
+        let p = usize::from(port);
+        self.words[p >> 6] & (1 << (p & 63)) != 0
+    }
+}
+
+/// A multiplicative hasher for [`BusyPorts`]' keys (tuples are not attacker-chosen
+/// beyond what the connection table already accepts; a search costs at most 240 probes
+/// whatever the map does).
+#[derive(Default, Clone, Copy)]
+struct FoldHasher(u64);
+
+impl core::hash::Hasher for FoldHasher {
+    fn finish(&self) -> u64 {
+        mix64(self.0)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.0 = (self.0 ^ u64::from_le_bytes(w)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+}
+
+type FoldBuild = core::hash::BuildHasherDefault<FoldHasher>;
+
+/// Source ports known to be in use towards busy remote endpoints, so that a port search
+/// in a busy range tests a bit instead of looking the candidate up in the connection
+/// table. It only skips probes whose answer it knows ("used"): the probe order, count
+/// and limits stay Linux's, and every chosen tuple is still checked with `is_taken`.
+///
+/// An endpoint (the candidate tuple without its source port) is recorded once a search
+/// for it needed more than [`BUSY_PROBES`] probes; from then on every binding to it is
+/// set here by [`NatEngine::decide`](super::NatEngine::decide) and cleared by
+/// [`NatEngine::released`](super::NatEngine::released); ports bound before that are
+/// simply looked up in the table. At most [`BUSY_MAX_ENDPOINTS`] endpoints; an endpoint
+/// whose last recorded binding is released is forgotten.
+#[derive(Clone, Default)]
+pub struct BusyPorts {
+    map: HashMap<Tuple, PortBits, FoldBuild>,
+}
+
+impl core::fmt::Debug for BusyPorts {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BusyPorts")
+            .field("endpoints", &self.map.len())
+            .finish()
+    }
+}
+
+impl BusyPorts {
+    /// Endpoints recorded.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no endpoint is recorded.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Records the binding `new` (a source-manipped ORIGINAL tuple) when its endpoint is
+    /// recorded, or when `busy` (its search was long) and there is room.
+    pub fn add(&mut self, new: &Tuple, busy: bool) {
+        if self.map.is_empty() && !busy {
+            return;
+        }
+        let key = endpoint_of(new);
+        let room = self.map.len() < BUSY_MAX_ENDPOINTS;
+        let bits = match self.map.get_mut(&key) {
+            Some(b) => b,
+            None if busy && room => self.map.entry(key).or_insert_with(|| PortBits {
+                words: Box::new([0; 1024]),
+                count: 0,
+            }),
+            None => return,
+        };
+        let p = usize::from(new.src_l4);
+        let m = 1u64 << (p & 63);
+        if bits.words[p >> 6] & m == 0 {
+            bits.words[p >> 6] |= m;
+            bits.count += 1;
+        }
+    }
+
+    /// Clears the binding `new` if recorded; forgets its endpoint when it was the last.
+    pub fn remove(&mut self, new: &Tuple) {
+        if self.map.is_empty() {
+            return;
+        }
+        let key = endpoint_of(new);
+        let Some(bits) = self.map.get_mut(&key) else {
+            return;
+        };
+        let p = usize::from(new.src_l4);
+        let m = 1u64 << (p & 63);
+        if bits.words[p >> 6] & m != 0 {
+            bits.words[p >> 6] &= !m;
+            bits.count -= 1;
+            if bits.count == 0 {
+                self.map.remove(&key);
+            }
+        }
+    }
+
+    /// Whether the port of candidate `t` is recorded as used.
+    #[must_use]
+    pub fn contains(&self, t: &Tuple) -> bool {
+        self.map
+            .get(&endpoint_of(t))
+            .is_some_and(|b| b.test(t.src_l4))
+    }
+
+    fn get(&self, t: &Tuple) -> Option<&PortBits> {
+        if self.map.is_empty() {
+            return None;
+        }
+        self.map.get(&endpoint_of(t))
+    }
+}
+
 /// Key of the by-source index: the original source (Linux `hash_by_src`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct SrcKey {
@@ -371,6 +518,8 @@ pub struct AllocCtx<'a> {
     pub seed: u64,
     /// Whether a candidate REPLY tuple is in the table (either direction).
     pub is_taken: &'a mut dyn FnMut(&Tuple) -> bool,
+    /// Ports known to be used towards busy endpoints (source manip), if kept.
+    pub busy: Option<&'a BusyPorts>,
 }
 
 impl core::fmt::Debug for AllocCtx<'_> {
@@ -488,12 +637,22 @@ fn search(
     };
     let mut attempts = size.min(128);
     let mut probes = 0u32;
+    // Every candidate of this search has the same endpoint: one map lookup.
+    let busy = match (manip, ctx.busy) {
+        (Manip::Src, Some(b)) => b.get(&t),
+        _ => None,
+    };
     loop {
         for _ in 0..attempts {
             let port = u32::from(r.min) + off % size;
             off = off.wrapping_add(1);
-            set_key(&mut t, manip, u16::try_from(port).unwrap_or(r.max));
+            let port = u16::try_from(port).unwrap_or(r.max);
+            set_key(&mut t, manip, port);
             probes += 1;
+            // Known used: the table would say so too.
+            if busy.is_some_and(|b| b.test(port)) {
+                continue;
+            }
             if !ctx.used(&t) {
                 return Ok((t, Found::Searched { probes }));
             }
@@ -558,12 +717,63 @@ mod tests {
                 rng: &mut rng,
                 seed: 0,
                 is_taken: &mut is_taken,
+                busy: None,
             };
             let (t, _) = get_unique_tuple(&cur, &range, Manip::Src, &mut ctx)
                 .unwrap_or_else(|e| panic!("connection {i}: {e}"));
             assert!(ports.contains(t.src_l4));
             assert!(taken.insert(t.invert().expect("udp")), "unique");
         }
+    }
+
+    #[test]
+    fn busy_ports_skip_known_used_probes_without_changing_the_choice() {
+        let by = BySource::default();
+        let ports = PortRange::new(20_000, 20_255);
+        let range = snat([192, 0, 2, 1], [192, 0, 2, 1], Some(ports));
+        let mut taken: HashSet<Tuple> = HashSet::new();
+        let mut busy = BusyPorts::default();
+        let mut rng_a = NatRng::new(21);
+        let mut rng_b = NatRng::new(21);
+        for i in 0..230u32 {
+            let [_, b, c, d] = i.to_be_bytes();
+            let cur = udp([10, b, c, d], 40_000, [8, 8, 8, 8], 53);
+            let mut is_taken = |t: &Tuple| taken.contains(t);
+            let mut plain = AllocCtx {
+                by_source: &by,
+                rng: &mut rng_a,
+                seed: 0,
+                is_taken: &mut is_taken,
+                busy: None,
+            };
+            let a = get_unique_tuple(&cur, &range, Manip::Src, &mut plain);
+            let mut lookups = 0u32;
+            let mut is_taken = |t: &Tuple| {
+                lookups += 1;
+                taken.contains(t)
+            };
+            let mut fast = AllocCtx {
+                by_source: &by,
+                rng: &mut rng_b,
+                seed: 0,
+                is_taken: &mut is_taken,
+                busy: Some(&busy),
+            };
+            let b = get_unique_tuple(&cur, &range, Manip::Src, &mut fast);
+            assert_eq!(a, b, "connection {i}: same choice, same probe count");
+            let (t, found) = b.expect("room left");
+            if let Found::Searched { probes } = found {
+                assert!(lookups <= probes);
+                busy.add(&t, probes > BUSY_PROBES);
+            }
+            assert!(taken.insert(t.invert().expect("udp")));
+        }
+        assert_eq!(busy.len(), 1, "one busy endpoint recorded");
+        // Releasing every recorded binding forgets the endpoint.
+        for t in taken.iter().map(|r| r.invert().expect("udp")) {
+            busy.remove(&t);
+        }
+        assert!(busy.is_empty());
     }
 
     #[test]
@@ -579,6 +789,7 @@ mod tests {
             rng: &mut rng,
             seed: 0,
             is_taken: &mut is_taken,
+            busy: None,
         };
         let (t, f) = get_unique_tuple(&cur, &range, Manip::Src, &mut ctx).expect("free");
         assert_eq!(f, Found::AddrOnly);
@@ -591,6 +802,7 @@ mod tests {
             rng: &mut rng,
             seed: 0,
             is_taken: &mut is_taken,
+            busy: None,
         };
         let other = udp([10, 0, 0, 2], 40000, [8, 8, 8, 8], 53);
         let (t2, f2) = get_unique_tuple(&other, &range, Manip::Src, &mut ctx).expect("free");
@@ -617,6 +829,7 @@ mod tests {
                 rng: &mut rng,
                 seed: 0,
                 is_taken: &mut is_taken,
+                busy: None,
             };
             let (t, _) = get_unique_tuple(&cur, &range, Manip::Src, &mut ctx).expect("free");
             assert!((lo..=hi).contains(&t.src_l4), "{port} -> {}", t.src_l4);
@@ -638,6 +851,7 @@ mod tests {
             rng: &mut rng,
             seed: 0,
             is_taken: &mut is_taken,
+            busy: None,
         };
         let cur = udp([1, 2, 3, 4], 5555, [203, 0, 113, 1], 80);
         let (t, _) = get_unique_tuple(&cur, &range, Manip::Dst, &mut ctx).expect("free");
@@ -654,6 +868,7 @@ mod tests {
             rng: &mut rng,
             seed: 42,
             is_taken: &mut free,
+            busy: None,
         };
         let mut range = snat([192, 0, 2, 1], [192, 0, 2, 200], None);
         let a = udp([10, 0, 0, 1], 1000, [8, 8, 8, 8], 53);
