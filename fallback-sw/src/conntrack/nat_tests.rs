@@ -726,6 +726,7 @@ fn busy_range_is_shortcut_and_forgotten_when_idle() {
     }
     assert!(ports.len() >= 235, "{} bound", ports.len());
     assert_eq!(ct.nat().busy_ports().len(), 1);
+    assert_eq!(ct.nat().busy_ports().bitmaps(), 1);
     assert_unique(&ct, SEC);
     ct.gc(1000 * SEC, usize::MAX);
     assert!(ct.nat().busy_ports().is_empty());

@@ -127,11 +127,12 @@ pub struct Exhausted {
     pub probes: u32,
 }
 
-/// Probes after which a search calls its remote endpoint busy: [`BusyPorts`] starts
-/// recording that endpoint's bindings.
-pub const BUSY_PROBES: u32 = 8;
-/// At most this many endpoints are recorded by [`BusyPorts`] (8 KiB each: 32 MiB).
-pub const BUSY_MAX_ENDPOINTS: usize = 4096;
+/// Source ports one endpoint records inline before it needs a bitmap.
+const FEW: usize = 7;
+/// At most this many endpoints have a bitmap (8 KiB each: 32 MiB).
+pub const BUSY_MAX_DENSE: usize = 4096;
+/// At most this many endpoints are recorded (about 64 bytes each: 16 MiB).
+pub const BUSY_MAX_ENDPOINTS: usize = 1 << 18;
 
 /// A candidate ORIGINAL tuple after source manip, without its source port (or ICMP id):
 /// every candidate of one search has the same key.
@@ -141,24 +142,28 @@ fn endpoint_of(t: &Tuple) -> Tuple {
     k
 }
 
-/// Source ports in use, one bit each, of one busy remote endpoint.
+/// Source ports bound towards one endpoint: a few inline, or one bit each.
 #[derive(Clone)]
-struct PortBits {
-    words: Box<[u64; 1024]>,
-    count: u32,
+enum PortBits {
+    Few { ports: [u16; FEW], n: u8 },
+    Dense { words: Box<[u64; 1024]>, count: u32 },
 }
 
 impl PortBits {
     #[inline]
     fn test(&self, port: u16) -> bool {
-        let p = usize::from(port);
-        self.words[p >> 6] & (1 << (p & 63)) != 0
+        match self {
+            Self::Few { ports, n } => ports[..usize::from(*n)].contains(&port),
+            Self::Dense { words, .. } => {
+                let p = usize::from(port);
+                words[p >> 6] & (1 << (p & 63)) != 0
+            }
+        }
     }
 }
 
-/// A multiplicative hasher for [`BusyPorts`]' keys (tuples are not attacker-chosen
-/// beyond what the connection table already accepts; a search costs at most 240 probes
-/// whatever the map does).
+/// A multiplicative hasher for [`BusyPorts`]' keys (a search costs at most 240 probes
+/// whatever the map does; the keys are tuples the table already accepted).
 #[derive(Default, Clone, Copy)]
 struct FoldHasher(u64);
 
@@ -177,26 +182,30 @@ impl core::hash::Hasher for FoldHasher {
 
 type FoldBuild = core::hash::BuildHasherDefault<FoldHasher>;
 
-/// Source ports known to be in use towards busy remote endpoints, so that a port search
-/// in a busy range tests a bit instead of looking the candidate up in the connection
-/// table. It only skips probes whose answer it knows ("used"): the probe order, count
-/// and limits stay Linux's, and every chosen tuple is still checked with `is_taken`.
+/// Source ports bound by source-NAT connections, per endpoint (the translated ORIGINAL
+/// tuple without its source port: NAT address, remote address and port, protocol,
+/// zone), so that a port search in a busy range tests a bit instead of looking each
+/// candidate up in the connection table. It only skips probes whose answer it knows
+/// ("used"): the probe order, count and limits stay Linux's, and the chosen tuple is
+/// still checked with `is_taken`.
 ///
-/// An endpoint (the candidate tuple without its source port) is recorded once a search
-/// for it needed more than [`BUSY_PROBES`] probes; from then on every binding to it is
-/// set here by [`NatEngine::decide`](super::NatEngine::decide) and cleared by
-/// [`NatEngine::released`](super::NatEngine::released); ports bound before that are
-/// simply looked up in the table. At most [`BUSY_MAX_ENDPOINTS`] endpoints; an endpoint
-/// whose last recorded binding is released is forgotten.
+/// [`NatEngine::decide`](super::NatEngine::decide) records every `SRC_NAT` binding and
+/// [`NatEngine::released`](super::NatEngine::released) clears it; an endpoint keeps up to
+/// seven ports inline, then a 64 Ki-bit bitmap, and is forgotten when its last binding
+/// is released. Bounded: at most [`BUSY_MAX_ENDPOINTS`] endpoints and
+/// [`BUSY_MAX_DENSE`] bitmaps; past that, bindings are simply not recorded (a search
+/// then asks the table, as without this index).
 #[derive(Clone, Default)]
 pub struct BusyPorts {
     map: HashMap<Tuple, PortBits, FoldBuild>,
+    dense: usize,
 }
 
 impl core::fmt::Debug for BusyPorts {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("BusyPorts")
             .field("endpoints", &self.map.len())
+            .field("bitmaps", &self.dense)
             .finish()
     }
 }
@@ -214,27 +223,53 @@ impl BusyPorts {
         self.map.is_empty()
     }
 
-    /// Records the binding `new` (a source-manipped ORIGINAL tuple) when its endpoint is
-    /// recorded, or when `busy` (its search was long) and there is room.
-    pub fn add(&mut self, new: &Tuple, busy: bool) {
-        if self.map.is_empty() && !busy {
-            return;
-        }
+    /// Endpoints recorded with a bitmap.
+    #[must_use]
+    pub fn bitmaps(&self) -> usize {
+        self.dense
+    }
+
+    /// Records the binding `new` (a source-manipped ORIGINAL tuple), room permitting.
+    pub fn add(&mut self, new: &Tuple) {
+        let port = new.src_l4;
         let key = endpoint_of(new);
         let room = self.map.len() < BUSY_MAX_ENDPOINTS;
         let bits = match self.map.get_mut(&key) {
             Some(b) => b,
-            None if busy && room => self.map.entry(key).or_insert_with(|| PortBits {
-                words: Box::new([0; 1024]),
-                count: 0,
+            None if room => self.map.entry(key).or_insert(PortBits::Few {
+                ports: [0; FEW],
+                n: 0,
             }),
             None => return,
         };
-        let p = usize::from(new.src_l4);
-        let m = 1u64 << (p & 63);
-        if bits.words[p >> 6] & m == 0 {
-            bits.words[p >> 6] |= m;
-            bits.count += 1;
+        if bits.test(port) {
+            return;
+        }
+        match bits {
+            PortBits::Few { ports, n } if usize::from(*n) < FEW => {
+                ports[usize::from(*n)] = port;
+                *n += 1;
+            }
+            PortBits::Few { ports, .. } => {
+                if self.dense >= BUSY_MAX_DENSE {
+                    return;
+                }
+                let mut words = Box::new([0u64; 1024]);
+                for &p in ports.iter().chain(core::iter::once(&port)) {
+                    let p = usize::from(p);
+                    words[p >> 6] |= 1 << (p & 63);
+                }
+                self.dense += 1;
+                *bits = PortBits::Dense {
+                    words,
+                    count: u32::try_from(FEW + 1).unwrap_or(u32::MAX),
+                };
+            }
+            PortBits::Dense { words, count } => {
+                let p = usize::from(port);
+                words[p >> 6] |= 1 << (p & 63);
+                *count += 1;
+            }
         }
     }
 
@@ -247,14 +282,31 @@ impl BusyPorts {
         let Some(bits) = self.map.get_mut(&key) else {
             return;
         };
-        let p = usize::from(new.src_l4);
-        let m = 1u64 << (p & 63);
-        if bits.words[p >> 6] & m != 0 {
-            bits.words[p >> 6] &= !m;
-            bits.count -= 1;
-            if bits.count == 0 {
-                self.map.remove(&key);
+        let port = new.src_l4;
+        let empty = match bits {
+            PortBits::Few { ports, n } => {
+                let len = usize::from(*n);
+                if let Some(i) = ports[..len].iter().position(|&p| p == port) {
+                    ports.swap(i, len - 1);
+                    *n -= 1;
+                }
+                *n == 0
             }
+            PortBits::Dense { words, count } => {
+                let p = usize::from(port);
+                let m = 1u64 << (p & 63);
+                if words[p >> 6] & m != 0 {
+                    words[p >> 6] &= !m;
+                    *count -= 1;
+                }
+                *count == 0
+            }
+        };
+        if empty {
+            if matches!(bits, PortBits::Dense { .. }) {
+                self.dense -= 1;
+            }
+            self.map.remove(&key);
         }
     }
 
@@ -764,11 +816,15 @@ mod tests {
             let (t, found) = b.expect("room left");
             if let Found::Searched { probes } = found {
                 assert!(lookups <= probes);
-                busy.add(&t, probes > BUSY_PROBES);
             }
+            busy.add(&t);
             assert!(taken.insert(t.invert().expect("udp")));
         }
-        assert_eq!(busy.len(), 1, "one busy endpoint recorded");
+        assert_eq!(
+            (busy.len(), busy.bitmaps()),
+            (1, 1),
+            "one busy endpoint recorded"
+        );
         // Releasing every recorded binding forgets the endpoint.
         for t in taken.iter().map(|r| r.invert().expect("udp")) {
             busy.remove(&t);

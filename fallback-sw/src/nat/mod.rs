@@ -24,9 +24,7 @@ pub mod rules;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use self::alloc::{
-    AllocCtx, BUSY_PROBES, BusyPorts, BySource, Exhausted, Found, Manip, NatRange, NatRng,
-};
+use self::alloc::{AllocCtx, BusyPorts, BySource, Exhausted, Found, Manip, NatRange, NatRng};
 use self::rules::{Hook, NatAction, NatFlags, NatRuleSet, PortRange, RuleId};
 use crate::table::Status;
 use crate::tuple::{Addr, Family, NotInvertible, Tuple};
@@ -329,7 +327,6 @@ impl NatEngine {
                 });
             }
         };
-        let mut busy = false;
         match found {
             Found::Kept => self.stats.port_preserved += 1,
             Found::BySource => self.stats.by_source_reused += 1,
@@ -337,7 +334,6 @@ impl NatEngine {
             Found::Searched { probes } => {
                 self.stats.searched += 1;
                 self.stats.probes += u64::from(probes);
-                busy = probes > BUSY_PROBES;
             }
         }
         if new != cur {
@@ -350,7 +346,7 @@ impl NatEngine {
             } else {
                 self.by_source.add(orig, new.src, new.src_l4);
             }
-            self.busy.add(&new, busy);
+            self.busy.add(&new);
         }
         let reply = new.invert()?;
         if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
