@@ -620,7 +620,8 @@ impl Conntrack {
                 (L4State::Generic, u64::from(self.cfg.timeouts.generic) * NS)
             }
         };
-        let (reply, status) = if self.nat_live == 0 && self.nat.rules().is_empty() {
+        let plain = self.nat_live == 0 && self.nat.rules().is_empty();
+        let (reply, status) = if plain {
             match tuple.invert() {
                 Ok(r) => (r, Status::empty()),
                 Err(e) => {
@@ -635,15 +636,17 @@ impl Conntrack {
                 Err(why) => return Ok(self.invalid(why)),
             }
         };
-        let slot = match self.table.insert_hashed(
-            tuple,
-            hash,
-            reply,
-            status,
-            now.saturating_add(timeout_ns),
-            state,
-            now,
-        ) {
+        let timeout = now.saturating_add(timeout_ns);
+        // After a NAT decision both tuples are known free: the original just missed its
+        // lookup and `decide` reported the reply free, with nothing inserted since.
+        let inserted = if plain {
+            self.table
+                .insert_hashed(tuple, hash, reply, status, timeout, state, now)
+        } else {
+            self.table
+                .insert_hashed_unchecked(tuple, hash, reply, status, timeout, state, now)
+        };
+        let slot = match inserted {
             Ok(slot) => slot,
             Err(e) => {
                 // The decision holds a by-source reference: give it back.

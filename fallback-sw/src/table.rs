@@ -490,6 +490,54 @@ impl<P> ConnTable<P> {
                 return Err(InsertError::Clash { tuple, dir, id });
             }
         }
+        self.insert_new(
+            orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
+        )
+    }
+
+    /// [`ConnTable::insert_hashed`] for a caller that has just checked, in this same
+    /// call and with nothing inserted since, that neither tuple is live in the table
+    /// (conntrack's create path after a NAT decision: the original missed its lookup and
+    /// every reply `decide` returns was reported free). It skips the two clash lookups;
+    /// a clash it was promised not to find is still refused in debug builds.
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_hashed_unchecked(
+        &mut self,
+        orig: Tuple,
+        orig_hash: u64,
+        reply: Tuple,
+        status: Status,
+        timeout: u64,
+        proto: P,
+        now: u64,
+    ) -> Result<Slot, InsertError> {
+        debug_assert!(
+            self.find(&orig, orig_hash)
+                .is_none_or(|(s, _)| { self.entry(s).is_some_and(|c| c.expired(now)) })
+        );
+        debug_assert!(
+            self.find(&reply, self.hasher.hash(&reply))
+                .is_none_or(|(s, _)| { self.entry(s).is_some_and(|c| c.expired(now)) })
+        );
+        let reply_hash = self.hasher.hash(&reply);
+        self.insert_new(
+            orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
+        )
+    }
+
+    /// The part of an insert after the clash checks.
+    #[allow(clippy::too_many_arguments)]
+    fn insert_new(
+        &mut self,
+        orig: Tuple,
+        orig_hash: u64,
+        reply: Tuple,
+        reply_hash: u64,
+        status: Status,
+        timeout: u64,
+        proto: P,
+        now: u64,
+    ) -> Result<Slot, InsertError> {
         if self.count >= self.max && !self.early_drop(&orig, now) {
             self.stats.insert_full += 1;
             return Err(InsertError::TableFull { max: self.max });

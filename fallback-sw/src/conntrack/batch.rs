@@ -208,10 +208,15 @@ impl Conntrack {
             }
         }
         // 3: the entries they point to. No entry: probably a new connection, whose
-        // insert probes the index for the reply tuple too.
+        // insert probes the index for the reply tuple too (unless NAT chooses the
+        // reply: then it is not the inverse).
+        let plain_reply = self.nat.rules().is_empty();
         for p in pre {
             if let Pre::Fast { hash, tuple, .. } = p {
                 let Some((c, dir)) = self.table.prefetch(*hash) else {
+                    if !plain_reply {
+                        continue;
+                    }
                     if let Ok(reply) = tuple.invert() {
                         sink ^= self.table.touch_index(self.table.hash(&reply));
                     }

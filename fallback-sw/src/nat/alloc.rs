@@ -162,9 +162,10 @@ impl PortBits {
     }
 }
 
-/// A multiplicative hasher for [`BusyPorts`]' keys (a search costs at most 240 probes
-/// whatever the map does; the keys are tuples the table already accepted).
-#[derive(Default, Clone, Copy)]
+/// A multiplicative hasher for the NAT engine's maps ([`BusyPorts`], [`BySource`]),
+/// keyed per map from `RandomState` so that remote peers cannot aim collisions; much
+/// cheaper than SipHash for these 20-40 byte keys.
+#[derive(Clone, Copy)]
 struct FoldHasher(u64);
 
 impl core::hash::Hasher for FoldHasher {
@@ -180,7 +181,23 @@ impl core::hash::Hasher for FoldHasher {
     }
 }
 
-type FoldBuild = core::hash::BuildHasherDefault<FoldHasher>;
+/// Builds [`FoldHasher`]s with a random key.
+#[derive(Clone, Copy)]
+struct FoldBuild(u64);
+
+impl Default for FoldBuild {
+    fn default() -> Self {
+        use core::hash::BuildHasher;
+        Self(std::collections::hash_map::RandomState::new().hash_one(0x6e61_7421_u64))
+    }
+}
+
+impl core::hash::BuildHasher for FoldBuild {
+    type Hasher = FoldHasher;
+    fn build_hasher(&self) -> FoldHasher {
+        FoldHasher(self.0)
+    }
+}
 
 /// Source ports bound by source-NAT connections, per endpoint (the translated ORIGINAL
 /// tuple without its source port: NAT address, remote address and port, protocol,
@@ -353,9 +370,17 @@ struct Mappings {
 /// source-NATed connection, the mapped (address, port) and how many live connections
 /// use it. It gives endpoint-independent mapping: a new connection from the same source
 /// reuses the mapping if it is in range and free.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct BySource {
-    map: HashMap<SrcKey, Mappings>,
+    map: HashMap<SrcKey, Mappings, FoldBuild>,
+}
+
+impl core::fmt::Debug for BySource {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BySource")
+            .field("sources", &self.map.len())
+            .finish()
+    }
 }
 
 fn key_of(t: &Tuple) -> SrcKey {
