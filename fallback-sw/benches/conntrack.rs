@@ -454,7 +454,7 @@ fn new_nat(
     fresh: usize,
     repeats: usize,
     rng: &mut Rng,
-) -> (Summary, f64, u64) {
+) -> (Summary, f64, u64, Summary) {
     let ports = PortRange::new(20_000, 20_000 + range - 1);
     let fill = usize::from(range) * 9 / 10;
     let endpoint = |k: usize| -> ([u8; 4], u16) {
@@ -484,6 +484,7 @@ fn new_nat(
     let (pf, tf) = (prefill.frames(), timed.frames());
     let max = endpoints * (fill + fresh);
     let mut rates = Vec::new();
+    let mut plain = Vec::new();
     let mut probes = 0.0;
     let mut exhausted = 0;
     for _ in 0..repeats {
@@ -508,8 +509,19 @@ fn new_nat(
         exhausted += failed;
         probes = (after.probes - before.probes) as f64 / tried as f64;
         rates.push(t as f64 / dt);
+        drop(ct);
+        // Baseline, same repeat: the same connections without any rule (the table as
+        // full, no NAT decision, no port search).
+        let mut ct = nat_conntrack(max, None);
+        let (t, _) = run_mut(&mut ct, &pf, 10 * NS);
+        assert_eq!(t, pf.len());
+        let t0 = Instant::now();
+        let (t, _) = run_mut(&mut ct, &tf, 10 * NS);
+        let dt = t0.elapsed().as_secs_f64();
+        assert_eq!(t, tf.len());
+        plain.push(t as f64 / dt);
     }
-    (summary(rates), probes, exhausted)
+    (summary(rates), probes, exhausted, summary(plain))
 }
 
 fn row(name: &str, unit: &str, s: Summary, ovs: &str, goal: &str) {
@@ -574,10 +586,10 @@ fn main() {
     } else {
         (256, 1024, 50)
     };
-    let (nat_new, nat_probes, nat_exhausted) = if want("natnew") {
+    let (nat_new, nat_probes, nat_exhausted, nat_new_plain) = if want("natnew") {
         new_nat(nat_endpoints, nat_range, nat_fresh, repeats, &mut rng)
     } else {
-        (zero, 0.0, 0)
+        (zero, 0.0, 0, zero)
     };
 
     let m = |s: Summary| Summary {
@@ -650,6 +662,13 @@ fn main() {
         );
     }
     row(
+        "new conns, same table, no rule",
+        "M/s",
+        m(nat_new_plain),
+        "-",
+        "-",
+    );
+    row(
         "new SNAT conns, range 90% used",
         "M/s",
         m(nat_new),
@@ -668,7 +687,8 @@ fn main() {
          \"snat_1k_mpps_min\":{:.3},\"snat_100k_mpps_min\":{:.3},\"snat_1m_mpps_min\":{:.3},\
          \"snat_ratio_1k\":{:.3},\"snat_ratio_100k\":{:.3},\"snat_ratio_1m\":{:.3},\
          \"new_snat_busy90_per_s\":{:.0},\"new_snat_busy90_per_s_min\":{:.0},\
-         \"new_snat_busy90_probes\":{:.2},\"new_snat_busy90_exhausted\":{}}}",
+         \"new_snat_busy90_probes\":{:.2},\"new_snat_busy90_exhausted\":{},\
+         \"new_plain_busy90_per_s\":{:.0},\"new_plain_busy90_per_s_min\":{:.0}}}",
         m(est[0]).median,
         m(est[1]).median,
         m(est[2]).median,
@@ -695,6 +715,8 @@ fn main() {
         nat_new.median,
         nat_new.min,
         nat_probes,
-        nat_exhausted
+        nat_exhausted,
+        nat_new_plain.median,
+        nat_new_plain.min
     );
 }
