@@ -12,7 +12,8 @@
 //! [`Conntrack::process_batch_mut`]), next to the same path with no rule, measured in
 //! alternation in the same run; and new SNAT connections per second when 90 % of the
 //! rule's port range towards each remote endpoint is already in use (the allocator
-//! searches from a random offset, like Linux).
+//! searches from a random offset, like Linux), next to the same connections created in
+//! a table filled the same way with no rule.
 //!
 //! The trace visits the connections in a random order (originals, then replies, each
 //! pass a fresh permutation fixed at build time), so table accesses are not sequential.

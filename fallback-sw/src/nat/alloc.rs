@@ -5,7 +5,11 @@
 //! direction): the caller answers through an `is_taken` closure that is given the
 //! candidate reply tuple, so this module does not depend on the table.
 //!
-//! Nothing here allocates; a search costs at most 128 + 64 + 32 + 16 probes.
+//! A search allocates nothing and costs at most 128 + 64 + 32 + 16 probes; a probe whose
+//! candidate [`BusyPorts`] knows to be bound is a bit test instead of a table lookup.
+//! The engine's two maps ([`BySource`], [`BusyPorts`]) grow with the connections they
+//! describe (amortised; a busy endpoint's 8 KiB bitmap is allocated once), never per
+//! packet of an established connection.
 //!
 //! Differences from Linux, all with the same effect on the wire:
 //! - A source manip that finds no free tuple returns [`Exhausted`] (the caller drops the
