@@ -312,8 +312,8 @@ impl<P> ConnTable<P> {
     }
 
     /// Bytes of memory the table holds per connection it can hold: every allocation it
-    /// makes (index, entries, timer links and wheel, free list, event queue, GC scratch),
-    /// divided by the maximum number of connections, rounded up.
+    /// makes (index, entries, timer links and wheel, free list, event queue, GC scratch,
+    /// NAT release queue), divided by the maximum number of connections, rounded up.
     #[must_use]
     pub fn bytes_per_connection(&self) -> usize {
         let index = self.index.capacity() * size_of::<u64>();
@@ -323,7 +323,8 @@ impl<P> ConnTable<P> {
         let events = self.events.capacity() * size_of::<Event>();
         let scratch = self.scratch.capacity() * size_of::<u32>();
         let wheel = self.wheel.heap_bytes();
-        (index + entries + links + free + events + scratch + wheel).div_ceil(self.max)
+        let released = self.nat_released.capacity() * size_of::<([Tuple; 2], Status)>();
+        (index + entries + links + free + events + scratch + wheel + released).div_ceil(self.max)
     }
 
     /// The table's hash of `tuple`, for [`ConnTable::lookup_hashed`] and
