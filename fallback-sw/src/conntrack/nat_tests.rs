@@ -628,6 +628,47 @@ fn icmp_errors_about_dnat_and_full_nat_connections() {
 }
 
 #[test]
+fn icmp_errors_about_masquerade_and_vip_connections() {
+    let mut ct = gw(vec![masq_rule(1)]);
+    let m = PacketMeta {
+        in_port: 1,
+        out_port: Some(2),
+        out_addr: Some(Addr::v4(R)),
+    };
+    pass(&mut ct, &udp(C, 6000, S, 53), &m, SEC, &udp(R, 6000, S, 53));
+    pass(
+        &mut ct,
+        &icmp_err(X, R, unreach(), &udp_ip(R, 6000, S, 53)),
+        &in_meta(),
+        SEC,
+        &icmp_err(X, C, unreach(), &udp_ip(C, 6000, S, 53)),
+    );
+    let bs = vec![backend(1, 1), backend(2, 1)];
+    let mut ct = gw(vec![vip_rule(2, bs, Selection::ConsistentHash)]);
+    let v = pass_any(&mut ct, &tcpf(X, 7000, N, 443, "S", 1, 0), &in_meta());
+    let b = conn_of(&ct, v).0[1].src.as_v4();
+    // A router on the client's side cannot deliver the SYN/ACK (sent from the VIP) and
+    // tells its source, the VIP: the error goes on to the backend, quoting what the
+    // backend sent.
+    pass(
+        &mut ct,
+        &icmp_err(R, N, unreach(), &quote(&tcp_ip(N, 443, X, 7000), 28)),
+        &in_meta(),
+        SEC,
+        &icmp_err(R, b, unreach(), &quote(&tcp_ip(b, 8443, X, 7000), 28)),
+    );
+}
+
+/// Sends a first packet whose translation the test reads back from the table.
+fn pass_any(ct: &mut Conntrack, frame: &[u8], meta: &PacketMeta) -> Verdict {
+    let mut f = frame.to_vec();
+    let v = ct.process_mut(&mut f, 0, meta, SEC);
+    assert!(v.forward(), "{v:?}");
+    verify_checksums(&f);
+    v.verdict
+}
+
+#[test]
 fn icmp_error_with_bad_checksum_about_a_translated_connection_is_dropped() {
     let mut err = icmp_err(R, N, unreach(), &udp_ip(N, 4000, S, 53));
     // Corrupt the ICMP checksum; parsing without ICMP verification lets it reach NAT.
