@@ -17,7 +17,7 @@ use ctoffload_hw_regs::{
     RxReason, RxStatus, TableDumpRecord, TxDescriptor, TxError, TxStatus,
 };
 
-use crate::dma::Iova;
+use crate::dma::{DmaSpace, Iova};
 use crate::event::EventFd;
 use crate::fault::FaultHandle;
 use crate::iommu::SimIommu;
@@ -281,6 +281,15 @@ struct DmaFail {
 
 type Dma<T> = std::result::Result<T, DmaFail>;
 
+/// Why a command burst stopped early with a fatal error (applied after the burst).
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// The slow-command watchdog fired.
+    Hang,
+    /// A DMA failed.
+    Dma(DmaFail),
+}
+
 fn fail(unit: FatalUnit, addr: Iova) -> impl FnOnce(Error) -> DmaFail {
     move |_| DmaFail {
         unit,
@@ -435,6 +444,14 @@ impl Simulator {
         let _ = self.bar.store_u32_release(u64::from(reg.get()), value);
     }
 
+    /// Writes an RO register only if the image differs: the same image after the poll
+    /// as an unconditional rewrite, without dirtying a cache line the host is reading.
+    fn wr_ro(&self, reg: RegOffset, value: u32) {
+        if self.rd(reg) != value {
+            self.wr(reg, value);
+        }
+    }
+
     fn store64(&self, reg: RegOffset, value: u64) {
         let _ = self.bar.store_u64_release(u64::from(reg.get()), value);
     }
@@ -487,7 +504,7 @@ impl Simulator {
             (regs::TIMESTAMP_FREQ, limits::TIMESTAMP_FREQ_HZ),
             (regs::MAX_FRAME_LEN, SIM_MAX_FRAME_LEN),
         ] {
-            self.wr(reg, v);
+            self.wr_ro(reg, v);
         }
     }
 
@@ -504,22 +521,22 @@ impl Simulator {
     /// ignored).
     fn write_ro_regs(&self) {
         self.write_caps();
-        self.wr(regs::STATUS, self.status());
-        self.wr(regs::FATAL_CODE, self.regs.fatal_code);
-        self.wr(regs::FATAL_UNIT, self.regs.fatal_unit);
+        self.wr_ro(regs::STATUS, self.status());
+        self.wr_ro(regs::FATAL_CODE, self.regs.fatal_code);
+        self.wr_ro(regs::FATAL_UNIT, self.regs.fatal_unit);
         let addr = ctoffload_hw_regs::Iova::new(self.regs.fatal_addr);
-        self.wr(regs::FATAL_ADDR_LO, addr.lo());
-        self.wr(regs::FATAL_ADDR_HI, addr.hi());
-        self.wr(regs::RESET_COUNT, self.regs.reset_count);
-        self.wr(regs::FLOW_COUNT, self.table.count());
+        self.wr_ro(regs::FATAL_ADDR_LO, addr.lo());
+        self.wr_ro(regs::FATAL_ADDR_HI, addr.hi());
+        self.wr_ro(regs::RESET_COUNT, self.regs.reset_count);
+        self.wr_ro(regs::FLOW_COUNT, self.table.count());
         for (i, v) in self.regs.stats.iter().enumerate() {
             let off = regs::STAT_WIRE_RX.get() + 4 * u32::try_from(i).unwrap_or(0);
-            self.wr(RegOffset(off), *v);
+            self.wr_ro(RegOffset(off), *v);
         }
-        self.wr(regs::CMD_HEAD, self.rings[CMD].dev);
-        self.wr(regs::CPL_TAIL, self.rings[CPL].dev);
-        self.wr(regs::RX_HEAD, self.rings[RX].dev);
-        self.wr(regs::TX_HEAD, self.rings[TX].dev);
+        self.wr_ro(regs::CMD_HEAD, self.rings[CMD].dev);
+        self.wr_ro(regs::CPL_TAIL, self.rings[CPL].dev);
+        self.wr_ro(regs::RX_HEAD, self.rings[RX].dev);
+        self.wr_ro(regs::TX_HEAD, self.rings[TX].dev);
     }
 
     fn doorbell_reg(ring: usize) -> RegOffset {
@@ -800,8 +817,17 @@ impl Simulator {
     // ---- commands -------------------------------------------------------------------
 
     fn commands(&mut self) -> usize {
+        if self.rings[CMD].dev == self.rings[CMD].host {
+            self.cmd_started = None;
+            return 0;
+        }
+        // One IOVA-space lock for the whole burst (not two per command).
+        let iommu = self.iommu.clone();
+        let space = iommu.read();
         let mut done = 0;
-        while done < CMD_BURST && self.mode == Mode::Enabled {
+        let mut written = 0;
+        let mut stop = None;
+        while done < CMD_BURST {
             let cmd = self.rings[CMD];
             if cmd.dev == cmd.host {
                 self.cmd_started = None;
@@ -818,7 +844,7 @@ impl Simulator {
                     && elapsed >= limits::CMD_WATCHDOG_NS
                 {
                     self.stats.faults_fired += 1;
-                    self.enter_fatal(FatalCode::CmdHang.raw(), FatalUnit::CmdProcessor.raw(), 0);
+                    stop = Some(Stop::Hang);
                     break;
                 }
                 if elapsed < self.active.slow_ns {
@@ -828,12 +854,11 @@ impl Simulator {
             }
             let at = cmd.slot(cmd.dev, 128);
             let mut raw = [0u8; CommandDescriptor::SIZE];
-            let read = self
-                .iommu
-                .with(|d| d.read_bytes(at, &mut raw))
-                .map_err(fail(FatalUnit::CmdRing, at));
-            if let Err(f) = read {
-                self.dma_fatal(f);
+            if let Err(f) = space
+                .read_bytes(at, &mut raw)
+                .map_err(fail(FatalUnit::CmdRing, at))
+            {
+                stop = Some(Stop::Dma(f));
                 break;
             }
             let desc = CommandDescriptor::from_bytes(&raw);
@@ -848,12 +873,12 @@ impl Simulator {
                     false,
                 ))
             } else {
-                self.execute(&desc)
+                self.execute(&desc, &space)
             };
             let entry = match cpl_entry {
                 Ok(e) => e,
                 Err(f) => {
-                    self.dma_fatal(f);
+                    stop = Some(Stop::Dma(f));
                     break;
                 }
             };
@@ -864,15 +889,30 @@ impl Simulator {
                 self.stats.faults_fired += 1;
                 continue;
             }
-            if let Err(f) = self.write_completion(entry) {
-                self.dma_fatal(f);
+            if let Err(f) = self.write_completion(&space, entry) {
+                stop = Some(Stop::Dma(f));
                 break;
             }
+            written += 1;
+        }
+        drop(space);
+        if written > 0 {
+            // One `CMD_CPL` cause update per burst, after every completion of the burst
+            // is visible: the bit goes 0 -> 1 (and a message is sent) at most once, as
+            // with one update per completion, and never before the entry it announces.
+            self.raise(IntCause::CMD_CPL);
+        }
+        match stop {
+            Some(Stop::Hang) => {
+                self.enter_fatal(FatalCode::CmdHang.raw(), FatalUnit::CmdProcessor.raw(), 0);
+            }
+            Some(Stop::Dma(f)) => self.dma_fatal(f),
+            None => {}
         }
         done
     }
 
-    fn write_completion(&mut self, mut entry: Completion) -> Dma<()> {
+    fn write_completion(&mut self, space: &DmaSpace, mut entry: Completion) -> Dma<()> {
         let cpl = self.rings[CPL];
         entry.flags = if self.cpl_phase {
             CompletionFlags::PHASE.bits()
@@ -882,11 +922,11 @@ impl Simulator {
         let bytes = entry.to_bytes();
         let at = cpl.slot(cpl.dev, 32);
         let own = at.checked_add(28).unwrap_or(at);
-        self.iommu
-            .with(|d| {
-                d.write_bytes(at, &bytes[..28])?;
+        space
+            .write_bytes(at, &bytes[..28])
+            .and_then(|()| {
                 // Release: the body above is visible before the ownership word.
-                d.store_u32_release(own, entry.ownership_word())
+                space.store_u32_release(own, entry.ownership_word())
             })
             .map_err(fail(FatalUnit::CplRing, at))?;
         let next = cpl.next(cpl.dev);
@@ -895,12 +935,11 @@ impl Simulator {
         }
         self.rings[CPL].dev = next;
         self.stats.completions += 1;
-        self.raise(IntCause::CMD_CPL);
         Ok(())
     }
 
     /// Executes one command; `Err` is a DMA failure (dumps), fatal.
-    fn execute(&mut self, d: &CommandDescriptor) -> Dma<Completion> {
+    fn execute(&mut self, d: &CommandDescriptor, space: &DmaSpace) -> Dma<Completion> {
         let status = |s| Completion::new(d.cookie.get(), d.opcode, s, false);
         let bad = status(CompletionStatus::BadDescriptor);
         let Ok(op) = Opcode::try_from(d.opcode) else {
@@ -916,7 +955,7 @@ impl Simulator {
         let cap = self.table.capacity();
         match op {
             Opcode::Nop => {
-                if d.flow_id.get() != 0 || d.count.get() != 0 || d.operand != [0; 112] {
+                if d.flow_id.get() != 0 || d.count.get() != 0 || !all_zero(&d.operand) {
                     return Ok(bad);
                 }
                 Ok(status(CompletionStatus::Ok))
@@ -929,11 +968,11 @@ impl Simulator {
                 let range_ok = count >= 1 && first.checked_add(count).is_some_and(|end| end <= cap);
                 if !range_ok
                     || !addr.is_aligned(limits::DUMP_ADDR_ALIGN)
-                    || dump.reserved != [0; 104]
+                    || !all_zero(&dump.reserved)
                 {
                     return Ok(bad);
                 }
-                self.dump(op, first, count, Iova::new(addr.get()))?;
+                self.dump(space, op, first, count, Iova::new(addr.get()))?;
                 let id = FlowId::new(first).unwrap_or_else(unreachable_flow);
                 Ok(status(CompletionStatus::Ok)
                     .with_flow(id, 0)
@@ -953,7 +992,8 @@ impl Simulator {
                     if !self.action_valid(&key, &action) {
                         return Ok(bad);
                     }
-                } else if action != FlowAction::default() {
+                } else if !all_zero(&d.operand[KEY_LEN..]) {
+                    // The action block must be all zero (FlowAction::default()).
                     return Ok(bad);
                 }
                 if takes_id {
@@ -963,7 +1003,9 @@ impl Simulator {
                 } else if flow_id != 0 {
                     return Ok(bad);
                 }
-                let image = key.to_bytes();
+                // The operand starts with the key's 48-byte image: no re-encoding.
+                let mut image = [0u8; KEY_LEN];
+                image.copy_from_slice(&d.operand[..KEY_LEN]);
                 Ok(self.flow_op(op, by_key, flow_id, &key, &image, action, status))
             }
         }
@@ -1034,7 +1076,14 @@ impl Simulator {
         }
     }
 
-    fn dump(&mut self, op: Opcode, first: u32, count: u32, addr: Iova) -> Dma<()> {
+    fn dump(
+        &mut self,
+        space: &DmaSpace,
+        op: Opcode,
+        first: u32,
+        count: u32,
+        addr: Iova,
+    ) -> Dma<()> {
         let size: u64 = if op == Opcode::TableDump { 128 } else { 32 };
         for i in 0..count {
             let slot = first + i;
@@ -1048,10 +1097,10 @@ impl Simulator {
                     .entry(slot)
                     .map(|(k, e)| (FlowKey::from_bytes(k), e.raw));
                 let rec = TableDumpRecord::new(id, generation, entry);
-                self.iommu.with(|d| d.write_bytes(at, &rec.to_bytes()))
+                space.write_bytes(at, &rec.to_bytes())
             } else {
                 let rec = CounterRecord::new(id, valid, generation, self.table.counters(slot));
-                self.iommu.with(|d| d.write_bytes(at, &rec.to_bytes()))
+                space.write_bytes(at, &rec.to_bytes())
             };
             res.map_err(fail(FatalUnit::DumpBuffer, at))?;
         }
@@ -1076,36 +1125,36 @@ impl Simulator {
             L4Proto::Icmpv6 => [0x8000, 0x8100].contains(&k.dst_port.get()),
             _ => true,
         };
-        let addrs_ok = !v4 || (k.src_addr[4..] == [0; 12] && k.dst_addr[4..] == [0; 12]);
+        let addrs_ok = !v4 || (all_zero(&k.src_addr[4..]) && all_zero(&k.dst_addr[4..]));
         proto_ok
             && icmp_ok
             && addrs_ok
             && k.port < self.cfg.num_ports
             && k.flags == 0
             && k.zone.get() <= limits::MAX_ZONE
-            && k.reserved == [0; 6]
+            && all_zero(&k.reserved)
     }
 
     fn action_valid(&self, k: &FlowKey, a: &FlowAction) -> bool {
         let Some(flags) = ActionFlags::from_bits(a.flags.get()) else {
             return false;
         };
-        if a.reserved0 != 0 || a.reserved1 != [0; 10] || a.out_port >= self.cfg.num_ports {
+        if a.reserved0 != 0 || !all_zero(&a.reserved1) || a.out_port >= self.cfg.num_ports {
             return false;
         }
         let clear_ok = |flag: ActionFlags, zero: bool| flags.contains(flag) || zero;
-        let fields_ok = clear_ok(ActionFlags::REWRITE_SRC_MAC, a.new_src_mac == [0; 6])
-            && clear_ok(ActionFlags::REWRITE_DST_MAC, a.new_dst_mac == [0; 6])
+        let fields_ok = clear_ok(ActionFlags::REWRITE_SRC_MAC, all_zero(&a.new_src_mac))
+            && clear_ok(ActionFlags::REWRITE_DST_MAC, all_zero(&a.new_dst_mac))
             && clear_ok(
                 ActionFlags::SNAT,
-                a.new_src_addr == [0; 16] && a.new_src_port.get() == 0,
+                all_zero(&a.new_src_addr) && a.new_src_port.get() == 0,
             )
             && clear_ok(
                 ActionFlags::DNAT,
-                a.new_dst_addr == [0; 16] && a.new_dst_port.get() == 0,
+                all_zero(&a.new_dst_addr) && a.new_dst_port.get() == 0,
             );
         let v4 = k.kind == KeyKind::Ipv4.raw();
-        let addrs_ok = !v4 || (a.new_src_addr[4..] == [0; 12] && a.new_dst_addr[4..] == [0; 12]);
+        let addrs_ok = !v4 || (all_zero(&a.new_src_addr[4..]) && all_zero(&a.new_dst_addr[4..]));
         let drop_ok = !flags.contains(ActionFlags::DROP)
             || ((flags - ActionFlags::DROP - ActionFlags::PUNT_TCP_CTRL).is_empty()
                 && a.out_port == 0);
@@ -1439,6 +1488,16 @@ fn build_key(port: u8, frame: &[u8], p: &rewrite::ParsedFrame) -> [u8; 48] {
         k[32..36].copy_from_slice(&a[4..]);
     }
     k
+}
+
+/// Length of a key image; the flow operand is the key image then the action block.
+const KEY_LEN: usize = 48;
+
+/// Whether every byte is 0 (an OR-reduction the compiler vectorises, instead of a
+/// `memcmp` call per reserved field).
+#[inline]
+fn all_zero(b: &[u8]) -> bool {
+    b.iter().fold(0u8, |acc, &x| acc | x) == 0
 }
 
 /// Slot numbers are below the capacity (at most 2^23), never `0xFFFF_FFFF`.

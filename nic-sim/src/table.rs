@@ -120,6 +120,34 @@ impl Entry {
     }
 }
 
+/// `SlotMeta::entry` of a slot without an entry.
+const NO_ENTRY: u32 = u32::MAX;
+
+/// A slot's counters, generation and action index (32 bytes, aligned so that one
+/// never straddles two cache lines).
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(32))]
+struct SlotMeta {
+    bytes: u64,
+    last_hit: u64,
+    packets: u32,
+    /// Index of the decoded action in `FlowTable::pool`, or [`NO_ENTRY`].
+    entry: u32,
+    generation: u8,
+}
+
+impl SlotMeta {
+    const EMPTY: Self = Self {
+        bytes: 0,
+        last_hit: 0,
+        packets: 0,
+        entry: NO_ENTRY,
+        generation: 0,
+    };
+}
+
+const _: () = assert!(std::mem::size_of::<SlotMeta>() == 32);
+
 /// Outcome of [`FlowTable::insert`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InsertOutcome {
@@ -151,11 +179,14 @@ pub struct FlowTable {
     keys: Vec<[u8; 48]>,
     /// Bit `w` set: way `w` of the bucket is occupied.
     valid: Vec<u8>,
-    generation: Vec<u8>,
-    entries: Vec<Option<Box<Entry>>>,
-    packets: Vec<u32>,
-    bytes: Vec<u64>,
-    last_hit: Vec<u64>,
+    /// Per-slot state other than the key: one 32-byte record, so an insert, a delete
+    /// or a datapath hit touches one cache line of it (not one per field).
+    meta: Vec<SlotMeta>,
+    /// Decoded actions of installed entries (a slab: no allocation per insert once it
+    /// has grown to the table's high-water mark).
+    pool: Vec<Entry>,
+    /// Free indices in `pool`.
+    free: Vec<u32>,
     count: u32,
 }
 
@@ -168,11 +199,9 @@ impl FlowTable {
             buckets_log2,
             keys: vec![[0u8; 48]; slots],
             valid: vec![0; buckets],
-            generation: vec![0; slots],
-            entries: vec![None; slots],
-            packets: vec![0; slots],
-            bytes: vec![0; slots],
-            last_hit: vec![0; slots],
+            meta: vec![SlotMeta::EMPTY; slots],
+            pool: Vec::new(),
+            free: Vec::new(),
             count: 0,
         }
     }
@@ -201,7 +230,12 @@ impl FlowTable {
     /// The slot holding `key`, if any (searches the key's bucket only).
     #[inline]
     pub fn lookup(&self, key: &[u8; 48]) -> Option<u32> {
-        let bucket = self.bucket_of(key);
+        self.lookup_in(self.bucket_of(key), key)
+    }
+
+    /// The slot of `bucket` holding `key`, if any.
+    #[inline]
+    fn lookup_in(&self, bucket: u32, key: &[u8; 48]) -> Option<u32> {
         let b = usize::try_from(bucket).ok()?;
         let mut valid = *self.valid.get(b)?;
         while valid != 0 {
@@ -219,7 +253,9 @@ impl FlowTable {
     /// Inserts `key` with `entry` unless it exists, the table holds `limit` entries, or
     /// its bucket is full (checked in that order, device.md section 6.2).
     pub fn insert(&mut self, key: &[u8; 48], entry: Entry, limit: u32) -> InsertOutcome {
-        if let Some(slot) = self.lookup(key) {
+        // One CRC per insert: the bucket serves the duplicate check and the placement.
+        let bucket = self.bucket_of(key);
+        if let Some(slot) = self.lookup_in(bucket, key) {
             return InsertOutcome::Exists {
                 slot,
                 generation: self.generation_of(slot),
@@ -228,7 +264,6 @@ impl FlowTable {
         if self.count >= limit {
             return InsertOutcome::TableFull;
         }
-        let bucket = self.bucket_of(key);
         let Ok(b) = usize::try_from(bucket) else {
             return InsertOutcome::BucketFull;
         };
@@ -241,21 +276,21 @@ impl FlowTable {
         let slot = bucket * WAYS + way;
         let s = idx(slot);
         self.keys[s] = *key;
-        self.generation[s] = self.generation[s].wrapping_add(1);
-        self.entries[s] = Some(Box::new(entry));
-        self.packets[s] = 0;
-        self.bytes[s] = 0;
-        self.last_hit[s] = 0;
+        let e = self.alloc_entry(entry);
+        let m = &mut self.meta[s];
+        let generation = m.generation.wrapping_add(1);
+        *m = SlotMeta {
+            entry: e,
+            generation,
+            ..SlotMeta::EMPTY
+        };
         self.count += 1;
-        InsertOutcome::Installed {
-            slot,
-            generation: self.generation[s],
-        }
+        InsertOutcome::Installed { slot, generation }
     }
 
     /// Whether `slot` holds exactly `key`.
     pub fn holds(&self, slot: u32, key: &[u8; 48]) -> bool {
-        self.is_valid(slot) && self.keys.get(idx(slot)) == Some(key)
+        self.is_valid(slot) && self.keys.get(idx(slot)).is_some_and(|k| key_eq(k, key))
     }
 
     /// Whether an entry is installed in `slot`.
@@ -271,55 +306,79 @@ impl FlowTable {
         let c = self.counters(slot);
         let s = idx(slot);
         self.valid[idx(slot / WAYS)] &= !(1 << (slot % WAYS));
-        self.entries[s] = None;
+        let m = &mut self.meta[s];
+        let e = m.entry;
+        *m = SlotMeta {
+            generation: m.generation,
+            ..SlotMeta::EMPTY
+        };
+        if e != NO_ENTRY {
+            self.free.push(e);
+        }
         self.keys[s] = [0; 48];
-        self.packets[s] = 0;
-        self.bytes[s] = 0;
-        self.last_hit[s] = 0;
         self.count -= 1;
         c
     }
 
     /// Replaces the action of `slot`.
     pub fn modify(&mut self, slot: u32, entry: Entry) {
-        self.entries[idx(slot)] = Some(Box::new(entry));
+        let s = idx(slot);
+        match self.meta.get(s).map(|m| m.entry) {
+            Some(NO_ENTRY) => self.meta[s].entry = self.alloc_entry(entry),
+            Some(e) => {
+                if let Some(p) = self.pool.get_mut(idx(e)) {
+                    *p = entry;
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Stores `entry` in a free pool cell and returns its index.
+    fn alloc_entry(&mut self, entry: Entry) -> u32 {
+        if let Some(e) = self.free.pop() {
+            if let Some(p) = self.pool.get_mut(idx(e)) {
+                *p = entry;
+                return e;
+            }
+        }
+        // The pool never holds more cells than the table has slots (< 2^24).
+        let e = u32::try_from(self.pool.len()).unwrap_or(NO_ENTRY);
+        self.pool.push(entry);
+        e
     }
 
     /// The slot's generation.
     pub fn generation_of(&self, slot: u32) -> u8 {
-        self.generation.get(idx(slot)).copied().unwrap_or(0)
+        self.meta.get(idx(slot)).map_or(0, |m| m.generation)
     }
 
     /// The slot's counters (0 for an empty slot).
     pub fn counters(&self, slot: u32) -> FlowCounters {
-        let s = idx(slot);
-        FlowCounters {
-            packets: self.packets.get(s).copied().unwrap_or(0),
-            bytes: self.bytes.get(s).copied().unwrap_or(0),
-            last_hit: self.last_hit.get(s).copied().unwrap_or(0),
-        }
+        self.meta
+            .get(idx(slot))
+            .map_or(FlowCounters::default(), |m| FlowCounters {
+                packets: m.packets,
+                bytes: m.bytes,
+                last_hit: m.last_hit,
+            })
     }
 
     /// The slot's key and action, if installed.
     pub fn entry(&self, slot: u32) -> Option<(&[u8; 48], &Entry)> {
         let s = idx(slot);
-        let e = self.entries.get(s)?.as_deref()?;
+        let e = self.pool.get(idx(self.meta.get(s)?.entry))?;
         Some((self.keys.get(s)?, e))
     }
 
     /// Counts one hit of `len` bytes at `now` on `slot`.
     #[inline]
     pub fn count_hit(&mut self, slot: u32, len: usize, now: u64) {
-        let s = idx(slot);
-        if let Some(p) = self.packets.get_mut(s) {
-            *p = p.wrapping_add(1);
-        }
-        if let Some(b) = self.bytes.get_mut(s) {
+        if let Some(m) = self.meta.get_mut(idx(slot)) {
+            m.packets = m.packets.wrapping_add(1);
             let len = u64::try_from(len).unwrap_or(0);
-            *b = b.wrapping_add(len) & BYTE_COUNTER_MASK;
-        }
-        if let Some(t) = self.last_hit.get_mut(s) {
-            *t = now.max(1);
+            m.bytes = m.bytes.wrapping_add(len) & BYTE_COUNTER_MASK;
+            m.last_hit = now.max(1);
         }
     }
 
@@ -328,16 +387,16 @@ impl FlowTable {
         if !self.is_valid(slot) {
             return false;
         }
-        let s = idx(slot);
-        self.packets[s] = packets;
-        self.bytes[s] = bytes & BYTE_COUNTER_MASK;
+        let m = &mut self.meta[idx(slot)];
+        m.packets = packets;
+        m.bytes = bytes & BYTE_COUNTER_MASK;
         true
     }
 
     /// The decoded action of `slot` (datapath).
     #[inline]
     pub fn action(&self, slot: u32) -> Option<&Entry> {
-        self.entries.get(idx(slot))?.as_deref()
+        self.pool.get(idx(self.meta.get(idx(slot))?.entry))
     }
 }
 

@@ -18,9 +18,13 @@ pub enum SimClock {
     Manual(Arc<AtomicU64>),
 }
 
-/// Idle polls before the thread starts sleeping between polls.
-const SPIN_POLLS: u32 = 64;
-/// Sleep between idle polls.
+/// How long the thread keeps polling without a pause after the last poll that found
+/// work (a device keeps its queues hot; a driver submitting batches back to back finds
+/// it awake). After that it sleeps between polls.
+const SPIN_WINDOW: Duration = Duration::from_micros(200);
+/// Idle polls between two looks at the wall clock while spinning.
+const SPIN_CHECK_EVERY: u32 = 64;
+/// Sleep between idle polls once the spin window has passed.
 const IDLE_SLEEP: Duration = Duration::from_micros(30);
 
 #[derive(Debug, Default)]
@@ -39,8 +43,9 @@ pub struct SimThread {
 }
 
 impl Simulator {
-    /// Runs [`Simulator::poll`] in a background thread: it spins while there is work
-    /// and sleeps about 30 µs between polls when idle.
+    /// Runs [`Simulator::poll`] in a background thread: it polls without pause while
+    /// there is work and for 200 µs after the last work, then sleeps about 30 µs
+    /// between polls until work shows up again.
     pub fn spawn(mut self, clock: SimClock) -> SimThread {
         let control = Arc::new(Control::default());
         let faults = self.faults();
@@ -56,19 +61,33 @@ impl Simulator {
                     SimClock::Manual(t) => t.load(Ordering::Acquire),
                 };
                 let mut idle = 0u32;
+                let mut idle_since = Instant::now();
+                let mut published = self.stats();
+                *c.stats.lock().unwrap_or_else(PoisonError::into_inner) = published;
                 while !c.stop.load(Ordering::Acquire) {
                     if c.flr.swap(false, Ordering::AcqRel) {
                         self.flr(now());
                     }
                     let work = self.poll(now());
-                    *c.stats.lock().unwrap_or_else(PoisonError::into_inner) = self.stats();
-                    if work == 0 {
-                        idle = idle.saturating_add(1);
-                        if idle > SPIN_POLLS {
-                            std::thread::sleep(IDLE_SLEEP);
-                        }
-                    } else {
+                    // Take the lock only when a figure changed (not on every idle poll).
+                    let stats = self.stats();
+                    if stats != published {
+                        published = stats;
+                        *c.stats.lock().unwrap_or_else(PoisonError::into_inner) = stats;
+                    }
+                    if work > 0 {
                         idle = 0;
+                        idle_since = Instant::now();
+                        continue;
+                    }
+                    idle = idle.saturating_add(1);
+                    // Spin through the window; look at the clock only now and then.
+                    if idle > SPIN_CHECK_EVERY {
+                        std::thread::sleep(IDLE_SLEEP);
+                    } else if idle == SPIN_CHECK_EVERY && idle_since.elapsed() < SPIN_WINDOW {
+                        idle = 0;
+                    } else {
+                        std::hint::spin_loop();
                     }
                 }
                 self
