@@ -699,7 +699,9 @@ impl<Io: DeviceIo> Device<Io> {
     /// fault, the outstanding commands come back here as [`Outcome::Aborted`].
     pub fn reap(&mut self, out: &mut Vec<CommandResult>) -> Result<usize> {
         let before = out.len();
-        out.extend(self.stash.drain(..));
+        if !self.stash.is_empty() {
+            out.extend(self.stash.drain(..));
+        }
         if self.state == State::Up {
             self.reap_ring(out)?;
         }

@@ -24,7 +24,7 @@ use crate::iommu::SimIommu;
 use crate::mem::SharedRegion;
 use crate::port::{FRAME_BUF_SIZE, FrameBatch, PortBackend};
 use crate::rewrite::{self, L4, PuntReason};
-use crate::table::{Entry, FlowTable, InsertOutcome, WAYS};
+use crate::table::{Entry, FlowTable, HashedKey, InsertOutcome, WAYS};
 use crate::{Error, Result};
 
 /// Size of the BAR image.
@@ -35,6 +35,8 @@ pub const SIM_MAX_FRAME_LEN: u32 = 2048;
 const RX_BURST: usize = 64;
 /// Commands processed per poll at most (bounds the poll's latency).
 const CMD_BURST: usize = 1024;
+/// Command descriptors fetched (and their table buckets warmed) together.
+const CMD_GROUP: usize = 16;
 /// TX descriptors processed per poll at most.
 const TX_BURST: usize = 256;
 /// Number of MSI-X vectors.
@@ -827,73 +829,99 @@ impl Simulator {
         let mut done = 0;
         let mut written = 0;
         let mut stop = None;
-        while done < CMD_BURST {
+        // Descriptors are fetched a group at a time (a device prefetches descriptors
+        // too), their keys hashed and their table buckets warmed together, then the
+        // group is executed in ring order. Fetching is side-effect free: a group cut
+        // short (CPL ring full, fault) is fetched again at the next poll.
+        let mut group = [None; CMD_GROUP];
+        'burst: while done < CMD_BURST {
             let cmd = self.rings[CMD];
-            if cmd.dev == cmd.host {
+            let avail =
+                usize::try_from(cmd.host.wrapping_sub(cmd.dev) & (cmd.n() - 1)).unwrap_or(0);
+            if avail == 0 {
                 self.cmd_started = None;
                 break;
             }
-            let cpl = self.rings[CPL];
-            if cpl.next(cpl.dev) == cpl.host {
-                break; // CPL ring full: stall until HEAD moves.
-            }
-            if self.active.slow_ns > 0 {
-                let started = *self.cmd_started.get_or_insert(self.now);
-                let elapsed = self.now.saturating_sub(started);
-                if self.active.slow_ns > limits::CMD_WATCHDOG_NS
-                    && elapsed >= limits::CMD_WATCHDOG_NS
-                {
-                    self.stats.faults_fired += 1;
-                    stop = Some(Stop::Hang);
-                    break;
-                }
-                if elapsed < self.active.slow_ns {
-                    break;
-                }
-                self.cmd_started = Some(self.now);
-            }
-            let at = cmd.slot(cmd.dev, 128);
-            let mut raw = [0u8; CommandDescriptor::SIZE];
-            if let Err(f) = space
-                .read_bytes(at, &mut raw)
-                .map_err(fail(FatalUnit::CmdRing, at))
-            {
-                stop = Some(Stop::Dma(f));
-                break;
-            }
-            let desc = CommandDescriptor::from_bytes(&raw);
-            self.stats.commands += 1;
-            let cpl_entry = if self.active.device_error > 0 {
-                self.active.device_error -= 1;
-                self.stats.faults_fired += 1;
-                Ok(Completion::new(
-                    desc.cookie.get(),
-                    desc.opcode,
-                    CompletionStatus::DeviceError,
-                    false,
-                ))
+            let size = if self.active.slow_ns > 0 {
+                1
             } else {
-                self.execute(&desc, &space)
+                CMD_GROUP
             };
-            let entry = match cpl_entry {
-                Ok(e) => e,
-                Err(f) => {
-                    stop = Some(Stop::Dma(f));
-                    break;
+            let n = avail.min(size).min(CMD_BURST - done);
+            let mut slot = cmd.dev;
+            for f in group.iter_mut().take(n) {
+                *f = Some(self.fetch_command(&space, cmd.slot(slot, 128)));
+                slot = cmd.next(slot);
+            }
+            for f in group.iter().take(n).flatten() {
+                if let Ok((_, Some(key))) = f {
+                    self.table.warm(key);
                 }
-            };
-            self.rings[CMD].dev = cmd.next(cmd.dev);
-            done += 1;
-            if self.active.drop_completions > 0 {
-                self.active.drop_completions -= 1;
-                self.stats.faults_fired += 1;
-                continue;
             }
-            if let Err(f) = self.write_completion(&space, entry) {
-                stop = Some(Stop::Dma(f));
-                break;
+            for f in group.iter_mut().take(n) {
+                let Some(fetched) = f.take() else {
+                    break 'burst;
+                };
+                let cmd = self.rings[CMD];
+                let cpl = self.rings[CPL];
+                if cpl.next(cpl.dev) == cpl.host {
+                    break 'burst; // CPL ring full: stall until HEAD moves.
+                }
+                if self.active.slow_ns > 0 {
+                    let started = *self.cmd_started.get_or_insert(self.now);
+                    let elapsed = self.now.saturating_sub(started);
+                    if self.active.slow_ns > limits::CMD_WATCHDOG_NS
+                        && elapsed >= limits::CMD_WATCHDOG_NS
+                    {
+                        self.stats.faults_fired += 1;
+                        stop = Some(Stop::Hang);
+                        break 'burst;
+                    }
+                    if elapsed < self.active.slow_ns {
+                        break 'burst;
+                    }
+                    self.cmd_started = Some(self.now);
+                }
+                let (desc, key) = match fetched {
+                    Ok(d) => d,
+                    Err(f) => {
+                        stop = Some(Stop::Dma(f));
+                        break 'burst;
+                    }
+                };
+                self.stats.commands += 1;
+                let cpl_entry = if self.active.device_error > 0 {
+                    self.active.device_error -= 1;
+                    self.stats.faults_fired += 1;
+                    Ok(Completion::new(
+                        desc.cookie.get(),
+                        desc.opcode,
+                        CompletionStatus::DeviceError,
+                        false,
+                    ))
+                } else {
+                    self.execute(&desc, key.as_ref(), &space)
+                };
+                let entry = match cpl_entry {
+                    Ok(e) => e,
+                    Err(f) => {
+                        stop = Some(Stop::Dma(f));
+                        break 'burst;
+                    }
+                };
+                self.rings[CMD].dev = cmd.next(cmd.dev);
+                done += 1;
+                if self.active.drop_completions > 0 {
+                    self.active.drop_completions -= 1;
+                    self.stats.faults_fired += 1;
+                    continue;
+                }
+                if let Err(f) = self.write_completion(&space, entry) {
+                    stop = Some(Stop::Dma(f));
+                    break 'burst;
+                }
+                written += 1;
             }
-            written += 1;
         }
         drop(space);
         if written > 0 {
@@ -910,6 +938,30 @@ impl Simulator {
             None => {}
         }
         done
+    }
+
+    /// Reads the command descriptor at `at` and, for a flow command, hashes its key.
+    fn fetch_command(
+        &self,
+        space: &DmaSpace,
+        at: Iova,
+    ) -> Dma<(CommandDescriptor, Option<HashedKey>)> {
+        let mut raw = [0u8; CommandDescriptor::SIZE];
+        space
+            .read_bytes(at, &mut raw)
+            .map_err(fail(FatalUnit::CmdRing, at))?;
+        let desc = CommandDescriptor::from_bytes(&raw);
+        let flow_op = matches!(
+            Opcode::try_from(desc.opcode),
+            Ok(Opcode::FlowInsert | Opcode::FlowDelete | Opcode::FlowModify | Opcode::FlowQuery)
+        );
+        let key = flow_op.then(|| {
+            // The operand starts with the key's 48-byte image.
+            let mut image = [0u8; KEY_LEN];
+            image.copy_from_slice(&desc.operand[..KEY_LEN]);
+            self.table.hash(&image)
+        });
+        Ok((desc, key))
     }
 
     fn write_completion(&mut self, space: &DmaSpace, mut entry: Completion) -> Dma<()> {
@@ -939,7 +991,12 @@ impl Simulator {
     }
 
     /// Executes one command; `Err` is a DMA failure (dumps), fatal.
-    fn execute(&mut self, d: &CommandDescriptor, space: &DmaSpace) -> Dma<Completion> {
+    fn execute(
+        &mut self,
+        d: &CommandDescriptor,
+        hashed: Option<&HashedKey>,
+        space: &DmaSpace,
+    ) -> Dma<Completion> {
         let status = |s| Completion::new(d.cookie.get(), d.opcode, s, false);
         let bad = status(CompletionStatus::BadDescriptor);
         let Ok(op) = Opcode::try_from(d.opcode) else {
@@ -1004,9 +1061,16 @@ impl Simulator {
                     return Ok(bad);
                 }
                 // The operand starts with the key's 48-byte image: no re-encoding.
-                let mut image = [0u8; KEY_LEN];
-                image.copy_from_slice(&d.operand[..KEY_LEN]);
-                Ok(self.flow_op(op, by_key, flow_id, &key, &image, action, status))
+                // `hashed` was made from this descriptor's bytes by `fetch_command`.
+                let hashed = match hashed {
+                    Some(h) => *h,
+                    None => {
+                        let mut image = [0u8; KEY_LEN];
+                        image.copy_from_slice(&d.operand[..KEY_LEN]);
+                        self.table.hash(&image)
+                    }
+                };
+                Ok(self.flow_op(op, by_key, flow_id, &key, &hashed, action, status))
             }
         }
     }
@@ -1018,11 +1082,12 @@ impl Simulator {
         by_key: bool,
         flow_id: u32,
         key: &FlowKey,
-        image: &[u8; 48],
+        hashed: &HashedKey,
         action: FlowAction,
         status: impl Fn(CompletionStatus) -> Completion,
     ) -> Completion {
         let kind = key.kind().unwrap_or(KeyKind::Ipv4);
+        let image = hashed.image();
         let with = |slot: u32, generation: u8, s: CompletionStatus| {
             let id = FlowId::new(slot).unwrap_or_else(unreachable_flow);
             status(s).with_flow(id, generation)
@@ -1033,7 +1098,10 @@ impl Simulator {
                     .active
                     .table_full_at
                     .map_or(self.cfg.flow_limit, |f| f.min(self.cfg.flow_limit));
-                match self.table.insert(image, Entry::decode(action, kind), limit) {
+                match self
+                    .table
+                    .insert_hashed(hashed, Entry::decode(action, kind), limit)
+                {
                     InsertOutcome::Installed { slot, generation } => {
                         with(slot, generation, CompletionStatus::Ok)
                     }
@@ -1051,7 +1119,7 @@ impl Simulator {
             }
             Opcode::FlowDelete | Opcode::FlowModify | Opcode::FlowQuery => {
                 let slot = if by_key || op == Opcode::FlowQuery {
-                    self.table.lookup(image)
+                    self.table.lookup_hashed(hashed)
                 } else {
                     self.table.holds(flow_id, image).then_some(flow_id)
                 };

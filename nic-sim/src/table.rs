@@ -120,6 +120,21 @@ impl Entry {
     }
 }
 
+/// A 48-byte key image and its bucket in the table that hashed it
+/// ([`FlowTable::hash`]); the table's geometry never changes, so it stays valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashedKey {
+    image: [u8; 48],
+    bucket: u32,
+}
+
+impl HashedKey {
+    /// The key image.
+    pub fn image(&self) -> &[u8; 48] {
+        &self.image
+    }
+}
+
 /// `SlotMeta::entry` of a slot without an entry.
 const NO_ENTRY: u32 = u32::MAX;
 
@@ -233,6 +248,36 @@ impl FlowTable {
         self.lookup_in(self.bucket_of(key), key)
     }
 
+    /// Hashes a key image once, for [`warm`](Self::warm) and the `*_hashed` methods.
+    #[inline]
+    pub fn hash(&self, key: &[u8; 48]) -> HashedKey {
+        HashedKey {
+            image: *key,
+            bucket: self.bucket_of(key),
+        }
+    }
+
+    /// Reads the first cache lines of the key's bucket (validity byte, way 0's key and
+    /// per-slot record) so that a lookup or insert that follows finds them in cache.
+    /// Called for a group of keys in a row, the cache misses of the group overlap
+    /// instead of being paid one after another (the crate has no prefetch instruction:
+    /// plain loads do the job).
+    #[inline]
+    pub fn warm(&self, key: &HashedKey) {
+        let b = idx(key.bucket);
+        let s = b.saturating_mul(idx(WAYS));
+        let v = self.valid.get(b).copied().unwrap_or(0);
+        let k = self.keys.get(s).map_or(0, |k| k[0] ^ k[47]);
+        let g = self.meta.get(s).map_or(0, |m| m.generation);
+        std::hint::black_box(v ^ k ^ g);
+    }
+
+    /// [`lookup`](Self::lookup) of a hashed key.
+    #[inline]
+    pub fn lookup_hashed(&self, key: &HashedKey) -> Option<u32> {
+        self.lookup_in(key.bucket, &key.image)
+    }
+
     /// The slot of `bucket` holding `key`, if any.
     #[inline]
     fn lookup_in(&self, bucket: u32, key: &[u8; 48]) -> Option<u32> {
@@ -253,8 +298,15 @@ impl FlowTable {
     /// Inserts `key` with `entry` unless it exists, the table holds `limit` entries, or
     /// its bucket is full (checked in that order, device.md section 6.2).
     pub fn insert(&mut self, key: &[u8; 48], entry: Entry, limit: u32) -> InsertOutcome {
-        // One CRC per insert: the bucket serves the duplicate check and the placement.
-        let bucket = self.bucket_of(key);
+        let key = self.hash(key);
+        self.insert_hashed(&key, entry, limit)
+    }
+
+    /// [`insert`](Self::insert) of a hashed key: one CRC per insert, the bucket serves
+    /// the duplicate check and the placement.
+    pub fn insert_hashed(&mut self, key: &HashedKey, entry: Entry, limit: u32) -> InsertOutcome {
+        let bucket = key.bucket;
+        let key = &key.image;
         if let Some(slot) = self.lookup_in(bucket, key) {
             return InsertOutcome::Exists {
                 slot,

@@ -22,7 +22,7 @@ pub enum SimClock {
 /// work (a device keeps its queues hot; a driver submitting batches back to back finds
 /// it awake). After that it sleeps between polls.
 const SPIN_WINDOW: Duration = Duration::from_micros(200);
-/// Idle polls between two looks at the wall clock while spinning.
+/// Idle polls spent spinning before the thread yields between polls.
 const SPIN_CHECK_EVERY: u32 = 64;
 /// Sleep between idle polls once the spin window has passed.
 const IDLE_SLEEP: Duration = Duration::from_micros(30);
@@ -44,8 +44,9 @@ pub struct SimThread {
 
 impl Simulator {
     /// Runs [`Simulator::poll`] in a background thread: it polls without pause while
-    /// there is work and for 200 µs after the last work, then sleeps about 30 µs
-    /// between polls until work shows up again.
+    /// there is work, spins for a few more polls, then yields between polls until
+    /// 200 µs after the last work, then sleeps about 30 µs between polls until work
+    /// shows up again.
     pub fn spawn(mut self, clock: SimClock) -> SimThread {
         let control = Arc::new(Control::default());
         let faults = self.faults();
@@ -81,13 +82,15 @@ impl Simulator {
                         continue;
                     }
                     idle = idle.saturating_add(1);
-                    // Spin through the window; look at the clock only now and then.
-                    if idle > SPIN_CHECK_EVERY {
-                        std::thread::sleep(IDLE_SLEEP);
-                    } else if idle == SPIN_CHECK_EVERY && idle_since.elapsed() < SPIN_WINDOW {
-                        idle = 0;
-                    } else {
+                    // Spin briefly, then poll with a yield in between (the core goes to
+                    // whoever needs it, e.g. the driver's thread when both share one),
+                    // and once the window has passed, sleep between polls.
+                    if idle <= SPIN_CHECK_EVERY {
                         std::hint::spin_loop();
+                    } else if idle_since.elapsed() < SPIN_WINDOW {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::sleep(IDLE_SLEEP);
                     }
                 }
                 self
