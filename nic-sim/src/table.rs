@@ -492,6 +492,57 @@ mod tests {
     }
 
     #[test]
+    fn actions_follow_their_slot_through_remove_reinsert_and_modify() {
+        let mut t = FlowTable::new(2);
+        let act = |port| Entry::decode(FlowAction::forward(port), KeyKind::Ipv4);
+        let keys: Vec<[u8; 48]> = (0u8..20).map(|i| [i + 1; 48]).collect();
+        let mut slots = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            let port = u8::try_from(i % 8).expect("small");
+            match t.insert(k, act(port), 100) {
+                InsertOutcome::Installed { slot, .. } => slots.push(slot),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Free every other entry, put new keys in, change one action.
+        for &s in slots.iter().step_by(2) {
+            t.remove(s);
+            assert!(t.action(s).is_none());
+            assert!(t.entry(s).is_none());
+            assert_eq!(t.counters(s), FlowCounters::default());
+        }
+        let fresh: Vec<[u8; 48]> = (100u8..110).map(|i| [i; 48]).collect();
+        for k in &fresh {
+            assert!(matches!(
+                t.insert(k, act(7), 100),
+                InsertOutcome::Installed { .. }
+            ));
+        }
+        t.modify(slots[1], act(3));
+        assert_eq!(t.count(), 20);
+        for (i, (k, &s)) in keys.iter().zip(&slots).enumerate() {
+            if i % 2 == 1 {
+                let want = if i == 1 {
+                    3
+                } else {
+                    u8::try_from(i % 8).expect("small")
+                };
+                assert_eq!(t.lookup(k), Some(s));
+                assert_eq!(t.action(s).map(|e| e.out_port), Some(want));
+                assert_eq!(t.entry(s).map(|(key, _)| *key), Some(*k));
+            }
+        }
+        for k in &fresh {
+            let s = t.lookup(k).expect("installed");
+            assert_eq!(t.action(s).map(|e| e.out_port), Some(7));
+        }
+        // A hashed key finds the same slot as the plain one.
+        let h = t.hash(&fresh[0]);
+        assert_eq!(t.lookup_hashed(&h), t.lookup(&fresh[0]));
+        assert_eq!(h.image(), &fresh[0]);
+    }
+
+    #[test]
     fn lowest_free_way_and_generation() {
         let mut t = FlowTable::new(0);
         let entry = Entry::decode(FlowAction::forward(0), KeyKind::Ipv4);
