@@ -259,6 +259,9 @@ pub struct Simulator {
     /// When the command at CMD `HEAD` started (slow-command fault and watchdog).
     cmd_started: Option<u64>,
     rx_batch: FrameBatch,
+    /// Per frame of the batch being processed: classification and flow-table slot,
+    /// computed for the whole batch before any frame is acted on.
+    rx_pre: Vec<Pre>,
     tx_batches: Vec<FrameBatch>,
     now: u64,
 }
@@ -331,6 +334,7 @@ impl Simulator {
             active: Active::default(),
             cmd_started: None,
             rx_batch: FrameBatch::new(RX_BURST),
+            rx_pre: Vec::with_capacity(RX_BURST),
             tx_batches,
             now: 0,
         };
@@ -1348,9 +1352,11 @@ impl Simulator {
             batch.clear();
             let n = backend.recv_batch(&mut batch, RX_BURST).unwrap_or(0);
             total += n;
+            self.prepare(port, &batch, n);
             for i in 0..n {
+                let pre = self.rx_pre.get(i).copied().unwrap_or(Pre::NONE);
                 if let Some(frame) = batch.get_mut(i) {
-                    self.frame(port, frame);
+                    self.frame(port, frame, pre);
                 }
             }
         }
@@ -1378,11 +1384,42 @@ impl Simulator {
         self.regs.stats[stat] = self.regs.stats[stat].wrapping_add(1);
     }
 
-    /// One received frame.
+    /// Classifies and looks up every frame of a batch, with no side effect: keys are
+    /// hashed, then the buckets of all of them are read (their cache misses overlap),
+    /// then looked up, then the matched slots' records and actions are read. The frames
+    /// are then acted on one by one, in order ([`Self::frame`]), as before.
+    fn prepare(&mut self, port: u8, batch: &FrameBatch, n: usize) {
+        let mut keys = [None; RX_BURST];
+        self.rx_pre.clear();
+        for (i, key) in keys.iter_mut().enumerate().take(n) {
+            let mut pre = Pre::NONE;
+            if let Some(f) = batch.get(i).filter(|f| frame_len_ok(f.len())) {
+                let parsed = rewrite::classify(f);
+                if let Ok(p) = &parsed {
+                    *key = Some(self.table.hash(&build_key(port, f, p)));
+                }
+                pre.parsed = Some(parsed);
+            }
+            self.rx_pre.push(pre);
+        }
+        for k in keys.iter().take(n).flatten() {
+            self.table.warm(k);
+        }
+        for (pre, k) in self.rx_pre.iter_mut().zip(&keys) {
+            pre.slot = k.as_ref().and_then(|k| self.table.lookup_hashed(k));
+        }
+        for pre in &self.rx_pre {
+            if let Some(slot) = pre.slot {
+                self.table.warm_slot(slot);
+            }
+        }
+    }
+
+    /// One received frame, with its classification and lookup from [`Self::prepare`].
     #[inline]
-    fn frame(&mut self, port: u8, frame: &mut [u8]) {
+    fn frame(&mut self, port: u8, frame: &mut [u8], pre: Pre) {
         let len = frame.len();
-        if len < limits::MIN_WIRE_FRAME_LEN as usize || len > SIM_MAX_FRAME_LEN as usize {
+        if !frame_len_ok(len) {
             self.bump(ST_LEN_ERR);
             self.stats.drops += 1;
             return;
@@ -1393,7 +1430,15 @@ impl Simulator {
             self.stats.drops += 1;
             return;
         }
-        let parsed = match rewrite::classify(frame) {
+        let (classified, hit) = match pre.parsed {
+            Some(c) => (c, pre.slot),
+            None => {
+                let c = rewrite::classify(frame);
+                let key = c.as_ref().ok().map(|p| build_key(port, frame, p));
+                (c, key.and_then(|k| self.table.lookup(&k)))
+            }
+        };
+        let parsed = match classified {
             Ok(p) => p,
             Err(reason) => {
                 let reason = match reason {
@@ -1408,8 +1453,7 @@ impl Simulator {
                 return;
             }
         };
-        let key = build_key(port, frame, &parsed);
-        let Some(slot) = self.table.lookup(&key) else {
+        let Some(slot) = hit else {
             self.punt(port, frame, RxReason::Miss, FlowId::NONE_RAW);
             return;
         };
@@ -1516,6 +1560,28 @@ impl Simulator {
         self.stats.punts += 1;
         self.raise(IntCause::RX);
     }
+}
+
+/// A frame's classification and flow-table slot, computed ahead ([`Simulator::prepare`]).
+#[derive(Debug, Clone, Copy)]
+struct Pre {
+    /// `None` for a frame of bad length (never classified).
+    parsed: Option<rewrite::Classify>,
+    /// The matching slot, if the frame classified and hit.
+    slot: Option<u32>,
+}
+
+impl Pre {
+    const NONE: Self = Self {
+        parsed: None,
+        slot: None,
+    };
+}
+
+/// Section 15.1: a frame shorter or longer than the device accepts is dropped.
+#[inline]
+fn frame_len_ok(len: usize) -> bool {
+    (limits::MIN_WIRE_FRAME_LEN as usize..=SIM_MAX_FRAME_LEN as usize).contains(&len)
 }
 
 /// Builds the 48-byte key of a classified frame (section 15.2 step 6).

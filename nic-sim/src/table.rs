@@ -272,6 +272,17 @@ impl FlowTable {
         std::hint::black_box(v ^ k ^ g);
     }
 
+    /// Reads an installed slot's record and decoded action (see [`warm`](Self::warm)),
+    /// ahead of a datapath hit on it.
+    #[inline]
+    pub fn warm_slot(&self, slot: u32) {
+        let Some(m) = self.meta.get(idx(slot)) else {
+            return;
+        };
+        let f = self.pool.get(idx(m.entry)).map_or(0, |e| e.out_port);
+        std::hint::black_box(f ^ u8::from(m.packets == 0));
+    }
+
     /// [`lookup`](Self::lookup) of a hashed key.
     #[inline]
     pub fn lookup_hashed(&self, key: &HashedKey) -> Option<u32> {
