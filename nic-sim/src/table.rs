@@ -138,10 +138,8 @@ impl HashedKey {
 /// `SlotMeta::entry` of a slot without an entry.
 const NO_ENTRY: u32 = u32::MAX;
 
-/// A slot's counters, generation and action index (32 bytes, aligned so that one
-/// never straddles two cache lines).
+/// A slot's counters, generation and action index, as [`MetaArray`] stores them.
 #[derive(Debug, Clone, Copy)]
-#[repr(C, align(32))]
 struct SlotMeta {
     bytes: u64,
     last_hit: u64,
@@ -161,7 +159,71 @@ impl SlotMeta {
     };
 }
 
-const _: () = assert!(std::mem::size_of::<SlotMeta>() == 32);
+/// Words per slot in [`MetaArray`].
+const META_WORDS: usize = 4;
+
+/// The per-slot records: four 64-bit words a slot (bytes, last hit, packets and action
+/// index, generation), 32-byte aligned so that a record sits in one cache line, and
+/// all-zero when empty. Being plain zeroed words, the array is allocated zeroed: no page
+/// is touched until a slot is used, so creating or resetting a large table is cheap
+/// (a reset must complete within the device's reset time).
+#[derive(Debug)]
+struct MetaArray {
+    words: Vec<u64>,
+    /// First word of slot 0 (0 to 3): where the vector's memory is 32-byte aligned.
+    off: usize,
+}
+
+impl MetaArray {
+    fn new(slots: usize) -> Self {
+        let words = vec![0u64; slots * META_WORDS + META_WORDS - 1];
+        // The allocation is 8-byte aligned; skip 0 to 3 words to reach 32.
+        let misalign = words.as_ptr().addr() % 32;
+        let off = (32 - misalign) % 32 / 8;
+        Self { words, off }
+    }
+
+    #[inline]
+    fn range(&self, slot: u32) -> std::ops::Range<usize> {
+        let i = self.off + idx(slot) * META_WORDS;
+        i..i + META_WORDS
+    }
+
+    #[inline]
+    fn get(&self, slot: u32) -> Option<SlotMeta> {
+        let w = self.words.get(self.range(slot))?;
+        let hi = u32::try_from(w[2] >> 32).unwrap_or(0);
+        Some(SlotMeta {
+            bytes: w[0],
+            last_hit: w[1],
+            packets: u32::try_from(w[2] & 0xFFFF_FFFF).unwrap_or(0),
+            // Stored as index + 1, so that an all-zero record has no entry.
+            entry: hi.checked_sub(1).unwrap_or(NO_ENTRY),
+            generation: u8::try_from(w[3] & 0xFF).unwrap_or(0),
+        })
+    }
+
+    #[inline]
+    fn set(&mut self, slot: u32, m: SlotMeta) {
+        let range = self.range(slot);
+        if let Some(w) = self.words.get_mut(range) {
+            let entry = if m.entry == NO_ENTRY { 0 } else { m.entry + 1 };
+            w[0] = m.bytes;
+            w[1] = m.last_hit;
+            w[2] = u64::from(entry) << 32 | u64::from(m.packets);
+            w[3] = u64::from(m.generation);
+        }
+    }
+
+    /// Applies `f` to the record of `slot` (nothing for a slot out of range).
+    #[inline]
+    fn update(&mut self, slot: u32, f: impl FnOnce(&mut SlotMeta)) {
+        if let Some(mut m) = self.get(slot) {
+            f(&mut m);
+            self.set(slot, m);
+        }
+    }
+}
 
 /// Outcome of [`FlowTable::insert`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,7 +258,7 @@ pub struct FlowTable {
     valid: Vec<u8>,
     /// Per-slot state other than the key: one 32-byte record, so an insert, a delete
     /// or a datapath hit touches one cache line of it (not one per field).
-    meta: Vec<SlotMeta>,
+    meta: MetaArray,
     /// Decoded actions of installed entries (a slab: no allocation per insert once it
     /// has grown to the table's high-water mark).
     pool: Vec<Entry>,
@@ -214,7 +276,7 @@ impl FlowTable {
             buckets_log2,
             keys: vec![[0u8; 48]; slots],
             valid: vec![0; buckets],
-            meta: vec![SlotMeta::EMPTY; slots],
+            meta: MetaArray::new(slots),
             pool: Vec::new(),
             free: Vec::new(),
             count: 0,
@@ -268,7 +330,10 @@ impl FlowTable {
         let s = b.saturating_mul(idx(WAYS));
         let v = self.valid.get(b).copied().unwrap_or(0);
         let k = self.keys.get(s).map_or(0, |k| k[0] ^ k[47]);
-        let g = self.meta.get(s).map_or(0, |m| m.generation);
+        let g = u32::try_from(s)
+            .ok()
+            .and_then(|s| self.meta.get(s))
+            .map_or(0, |m| m.generation);
         std::hint::black_box(v ^ k ^ g);
     }
 
@@ -276,7 +341,7 @@ impl FlowTable {
     /// ahead of a datapath hit on it.
     #[inline]
     pub fn warm_slot(&self, slot: u32) {
-        let Some(m) = self.meta.get(idx(slot)) else {
+        let Some(m) = self.meta.get(slot) else {
             return;
         };
         let f = self.pool.get(idx(m.entry)).map_or(0, |e| e.out_port);
@@ -340,13 +405,15 @@ impl FlowTable {
         let s = idx(slot);
         self.keys[s] = *key;
         let e = self.alloc_entry(entry);
-        let m = &mut self.meta[s];
-        let generation = m.generation.wrapping_add(1);
-        *m = SlotMeta {
-            entry: e,
-            generation,
-            ..SlotMeta::EMPTY
-        };
+        let generation = self.generation_of(slot).wrapping_add(1);
+        self.meta.set(
+            slot,
+            SlotMeta {
+                entry: e,
+                generation,
+                ..SlotMeta::EMPTY
+            },
+        );
         self.count += 1;
         InsertOutcome::Installed { slot, generation }
     }
@@ -369,12 +436,15 @@ impl FlowTable {
         let c = self.counters(slot);
         let s = idx(slot);
         self.valid[idx(slot / WAYS)] &= !(1 << (slot % WAYS));
-        let m = &mut self.meta[s];
+        let m = self.meta.get(slot).unwrap_or(SlotMeta::EMPTY);
         let e = m.entry;
-        *m = SlotMeta {
-            generation: m.generation,
-            ..SlotMeta::EMPTY
-        };
+        self.meta.set(
+            slot,
+            SlotMeta {
+                generation: m.generation,
+                ..SlotMeta::EMPTY
+            },
+        );
         if e != NO_ENTRY {
             self.free.push(e);
         }
@@ -385,9 +455,11 @@ impl FlowTable {
 
     /// Replaces the action of `slot`.
     pub fn modify(&mut self, slot: u32, entry: Entry) {
-        let s = idx(slot);
-        match self.meta.get(s).map(|m| m.entry) {
-            Some(NO_ENTRY) => self.meta[s].entry = self.alloc_entry(entry),
+        match self.meta.get(slot).map(|m| m.entry) {
+            Some(NO_ENTRY) => {
+                let e = self.alloc_entry(entry);
+                self.meta.update(slot, |m| m.entry = e);
+            }
             Some(e) => {
                 if let Some(p) = self.pool.get_mut(idx(e)) {
                     *p = entry;
@@ -413,13 +485,13 @@ impl FlowTable {
 
     /// The slot's generation.
     pub fn generation_of(&self, slot: u32) -> u8 {
-        self.meta.get(idx(slot)).map_or(0, |m| m.generation)
+        self.meta.get(slot).map_or(0, |m| m.generation)
     }
 
     /// The slot's counters (0 for an empty slot).
     pub fn counters(&self, slot: u32) -> FlowCounters {
         self.meta
-            .get(idx(slot))
+            .get(slot)
             .map_or(FlowCounters::default(), |m| FlowCounters {
                 packets: m.packets,
                 bytes: m.bytes,
@@ -430,19 +502,19 @@ impl FlowTable {
     /// The slot's key and action, if installed.
     pub fn entry(&self, slot: u32) -> Option<(&[u8; 48], &Entry)> {
         let s = idx(slot);
-        let e = self.pool.get(idx(self.meta.get(s)?.entry))?;
+        let e = self.pool.get(idx(self.meta.get(slot)?.entry))?;
         Some((self.keys.get(s)?, e))
     }
 
     /// Counts one hit of `len` bytes at `now` on `slot`.
     #[inline]
     pub fn count_hit(&mut self, slot: u32, len: usize, now: u64) {
-        if let Some(m) = self.meta.get_mut(idx(slot)) {
+        let len = u64::try_from(len).unwrap_or(0);
+        self.meta.update(slot, |m| {
             m.packets = m.packets.wrapping_add(1);
-            let len = u64::try_from(len).unwrap_or(0);
             m.bytes = m.bytes.wrapping_add(len) & BYTE_COUNTER_MASK;
             m.last_hit = now.max(1);
-        }
+        });
     }
 
     /// Sets the counters of an installed slot (fault injection: counter wrap).
@@ -450,16 +522,17 @@ impl FlowTable {
         if !self.is_valid(slot) {
             return false;
         }
-        let m = &mut self.meta[idx(slot)];
-        m.packets = packets;
-        m.bytes = bytes & BYTE_COUNTER_MASK;
+        self.meta.update(slot, |m| {
+            m.packets = packets;
+            m.bytes = bytes & BYTE_COUNTER_MASK;
+        });
         true
     }
 
     /// The decoded action of `slot` (datapath).
     #[inline]
     pub fn action(&self, slot: u32) -> Option<&Entry> {
-        self.pool.get(idx(self.meta.get(idx(slot))?.entry))
+        self.pool.get(idx(self.meta.get(slot)?.entry))
     }
 }
 
@@ -551,6 +624,42 @@ mod tests {
         let h = t.hash(&fresh[0]);
         assert_eq!(t.lookup_hashed(&h), t.lookup(&fresh[0]));
         assert_eq!(h.image(), &fresh[0]);
+    }
+
+    #[test]
+    fn slot_records_are_aligned_empty_when_zero_and_round_trip() {
+        for slots in [8, 24, 4096] {
+            let mut m = MetaArray::new(slots);
+            for slot in [0, 1, u32::try_from(slots - 1).expect("small")] {
+                let r = m.range(slot);
+                assert_eq!(m.words[r.clone()].as_ptr().addr() % 32, 0);
+                let e = m.get(slot).expect("in range");
+                assert_eq!(e.entry, NO_ENTRY);
+                assert_eq!((e.bytes, e.last_hit, e.packets, e.generation), (0, 0, 0, 0));
+                let full = SlotMeta {
+                    bytes: BYTE_COUNTER_MASK,
+                    last_hit: u64::MAX,
+                    packets: u32::MAX,
+                    entry: 0x7F_FFFE,
+                    generation: 255,
+                };
+                m.set(slot, full);
+                let back = m.get(slot).expect("in range");
+                assert_eq!(
+                    (
+                        back.bytes,
+                        back.last_hit,
+                        back.packets,
+                        back.entry,
+                        back.generation
+                    ),
+                    (BYTE_COUNTER_MASK, u64::MAX, u32::MAX, 0x7F_FFFE, 255)
+                );
+                m.set(slot, SlotMeta::EMPTY);
+                assert!(m.words[r].iter().all(|&w| w == 0));
+            }
+            assert!(m.get(u32::try_from(slots).expect("small")).is_none());
+        }
     }
 
     #[test]

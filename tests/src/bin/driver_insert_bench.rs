@@ -11,7 +11,8 @@
 //! observed is printed next to it (it polls, so back-to-back doorbells merge: ≤ 1).
 //!
 //! Environment: `INSERT_BENCH_BATCHES=1,32` picks batch sizes (default 1,8,32,128);
-//! `INSERT_BENCH_REPEATS=n` (default 15); `INSERT_BENCH_FLOWS=n` (default 16384).
+//! `INSERT_BENCH_REPEATS=n` (default 15); `INSERT_BENCH_FLOWS=n` (default 16384);
+//! `INSERT_BENCH_RING_LOG2=n` (CMD ring of 2^n entries, default 10).
 #![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
@@ -55,6 +56,7 @@ struct Totals {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let flows = env_usize("INSERT_BENCH_FLOWS", 16384);
+    let ring_log2 = u8::try_from(env_usize("INSERT_BENCH_RING_LOG2", 10)).unwrap_or(10);
     let repeats = env_usize("INSERT_BENCH_REPEATS", 15);
     let batches: Vec<usize> = std::env::var("INSERT_BENCH_BATCHES")
         .ok()
@@ -78,7 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut dev = Device::new(
         io,
         DeviceConfig {
-            cmd_ring_log2: 10,
+            cmd_ring_log2: ring_log2,
             ..DeviceConfig::default()
         },
     )?;
@@ -93,7 +95,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut json = vec![r#""bench":"driver_insert""#.to_string()];
     json.push(format!(r#""flows":{flows},"repeats":{repeats}"#));
     println!(
-        "{flows} flows per repeat, {repeats} repeats, driver + nic-sim thread (CMD ring 1024)"
+        "{flows} flows per repeat, {repeats} repeats, driver + nic-sim thread (CMD ring {})",
+        1u32 << ring_log2
     );
     println!(
         "batch | inserts/s min | inserts/s median | mmio writes/insert | mmio reads/insert | doorbells/batch | sim-seen doorbells/batch | failed"
