@@ -81,6 +81,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         io,
         DeviceConfig {
             cmd_ring_log2: ring_log2,
+            // The model's thread shares two busy cores with everything else on this
+            // machine: give bring-up more than the 100 ms a real device gets (a
+            // starved model thread made Device::new time out, before and after this
+            // work alike).
+            ready_timeout: Duration::from_secs(2),
+            enable_timeout: Duration::from_secs(2),
             ..DeviceConfig::default()
         },
     )?;
