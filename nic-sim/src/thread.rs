@@ -18,12 +18,12 @@ pub enum SimClock {
     Manual(Arc<AtomicU64>),
 }
 
-/// How long the thread keeps polling without a pause after the last poll that found
-/// work (a device keeps its queues hot; a driver submitting batches back to back finds
-/// it awake). After that it sleeps between polls.
+/// How long after the last poll that found work the thread keeps polling (spinning,
+/// then yielding between polls), so that a driver submitting batches back to back finds
+/// it awake. After that it sleeps between polls.
 const SPIN_WINDOW: Duration = Duration::from_micros(200);
 /// Idle polls spent spinning before the thread yields between polls.
-const SPIN_CHECK_EVERY: u32 = 64;
+const SPIN_POLLS: u32 = 64;
 /// Sleep between idle polls once the spin window has passed.
 const IDLE_SLEEP: Duration = Duration::from_micros(30);
 
@@ -85,7 +85,7 @@ impl Simulator {
                     // Spin briefly, then poll with a yield in between (the core goes to
                     // whoever needs it, e.g. the driver's thread when both share one),
                     // and once the window has passed, sleep between polls.
-                    if idle <= SPIN_CHECK_EVERY {
+                    if idle <= SPIN_POLLS {
                         std::hint::spin_loop();
                     } else if idle_since.elapsed() < SPIN_WINDOW {
                         std::thread::yield_now();
