@@ -12,7 +12,8 @@
 //!
 //! Environment: `INSERT_BENCH_BATCHES=1,32` picks batch sizes (default 1,8,32,128);
 //! `INSERT_BENCH_REPEATS=n` (default 15); `INSERT_BENCH_FLOWS=n` (default 16384);
-//! `INSERT_BENCH_RING_LOG2=n` (CMD ring of 2^n entries, default 10).
+//! `INSERT_BENCH_RING_LOG2=n` (CMD ring of 2^n entries, default 10);
+//! `INSERT_BENCH_REAP_EAGERLY=1` reaps after every batch instead of when the ring is full.
 #![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
@@ -57,6 +58,7 @@ struct Totals {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let flows = env_usize("INSERT_BENCH_FLOWS", 16384);
     let ring_log2 = u8::try_from(env_usize("INSERT_BENCH_RING_LOG2", 10)).unwrap_or(10);
+    let reap_eagerly = std::env::var_os("INSERT_BENCH_REAP_EAGERLY").is_some();
     let repeats = env_usize("INSERT_BENCH_REPEATS", 15);
     let batches: Vec<usize> = std::env::var("INSERT_BENCH_BATCHES")
         .ok()
@@ -120,14 +122,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut done = 0usize;
             let mut failed = 0u64;
             let mut nb = 0u64;
+            let mut stalls = 0u64;
             let t0 = Instant::now();
             let mut at = 0;
             while done < flows {
                 // Submit only whole batches: with the ring nearly full, reap first
                 // (a batch split over free slots would cost extra doorbells).
-                let mut progress = false;
                 if at < flows && dev.free_slots() >= batch.min(flows - at) {
-                    progress = true;
                     let end = (at + batch).min(flows);
                     let w0 = dev.mmio_stats().writes;
                     let s = dev.submit(&cmds[at..end])?;
@@ -136,12 +137,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         nb += 1;
                     }
                     at += s.accepted();
+                    if !reap_eagerly {
+                        continue;
+                    }
                 }
+                // Reap in bulk: only when the ring has no room for the next batch (or
+                // everything is submitted). Polling the completion the model is
+                // writing right now, after every batch, makes the model and the driver
+                // trade that cache line back and forth.
                 out.clear();
-                if dev.reap(&mut out)? == 0 && !progress {
-                    // Ring full and nothing completed: the model's thread is behind
-                    // (or not running: on a loaded machine it may share this core).
-                    std::thread::yield_now();
+                if dev.reap(&mut out)? == 0 {
+                    stalls += 1;
+                    if stalls % 64 == 0 {
+                        // Nothing for a while: the model's thread is behind or not
+                        // running (on a loaded machine it may share this core).
+                        std::thread::yield_now();
+                    } else {
+                        for _ in 0..16 {
+                            std::hint::spin_loop();
+                        }
+                    }
                 }
                 // Results come back in submission order: the i-th is keys[i]'s.
                 for r in &out {
