@@ -1,8 +1,9 @@
 //! Flow-insert rate of the driver against the simulator (running on its own thread,
 //! monotonic clock): insert N distinct flows in batches, keeping the command ring full
-//! (submit a batch whenever the ring has room for all of it, reap whatever has
-//! completed, never wait for a particular batch: many batches in flight), then delete them
-//! (not timed); repeat. Prints a table and, last, one JSON line.
+//! (submit a batch whenever the ring has room for all of it; when it has not, reap
+//! everything that has completed, in bulk; never wait for a particular batch: many
+//! batches in flight), then delete them (not timed); repeat. Then the same on one
+//! thread, polling the model inline (CPU cost). Prints tables and, last, one JSON line.
 //!
 //! MMIO reads and writes are counted by the driver's backend (`SimIo`: every register
 //! access goes through it; the simulator polls a shared-memory BAR and cannot see
