@@ -17,14 +17,14 @@ use ctoffload_hw_regs::{
     RxReason, RxStatus, TableDumpRecord, TxDescriptor, TxError, TxStatus,
 };
 
-use crate::dma::Iova;
+use crate::dma::{DmaSpace, Iova};
 use crate::event::EventFd;
 use crate::fault::FaultHandle;
 use crate::iommu::SimIommu;
 use crate::mem::SharedRegion;
 use crate::port::{FRAME_BUF_SIZE, FrameBatch, PortBackend};
 use crate::rewrite::{self, L4, PuntReason};
-use crate::table::{Entry, FlowTable, InsertOutcome, WAYS};
+use crate::table::{Entry, FlowTable, HashedKey, InsertOutcome, WAYS};
 use crate::{Error, Result};
 
 /// Size of the BAR image.
@@ -35,6 +35,8 @@ pub const SIM_MAX_FRAME_LEN: u32 = 2048;
 const RX_BURST: usize = 64;
 /// Commands processed per poll at most (bounds the poll's latency).
 const CMD_BURST: usize = 1024;
+/// Command descriptors fetched (and their table buckets warmed) together.
+const CMD_GROUP: usize = 16;
 /// TX descriptors processed per poll at most.
 const TX_BURST: usize = 256;
 /// Number of MSI-X vectors.
@@ -257,6 +259,9 @@ pub struct Simulator {
     /// When the command at CMD `HEAD` started (slow-command fault and watchdog).
     cmd_started: Option<u64>,
     rx_batch: FrameBatch,
+    /// Per frame of the batch being processed: classification and flow-table slot,
+    /// computed for the whole batch before any frame is acted on.
+    rx_pre: Vec<Pre>,
     tx_batches: Vec<FrameBatch>,
     now: u64,
 }
@@ -280,6 +285,15 @@ struct DmaFail {
 }
 
 type Dma<T> = std::result::Result<T, DmaFail>;
+
+/// Why a command burst stopped early with a fatal error (applied after the burst).
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// The slow-command watchdog fired.
+    Hang,
+    /// A DMA failed.
+    Dma(DmaFail),
+}
 
 fn fail(unit: FatalUnit, addr: Iova) -> impl FnOnce(Error) -> DmaFail {
     move |_| DmaFail {
@@ -320,6 +334,7 @@ impl Simulator {
             active: Active::default(),
             cmd_started: None,
             rx_batch: FrameBatch::new(RX_BURST),
+            rx_pre: Vec::with_capacity(RX_BURST),
             tx_batches,
             now: 0,
         };
@@ -435,6 +450,14 @@ impl Simulator {
         let _ = self.bar.store_u32_release(u64::from(reg.get()), value);
     }
 
+    /// Writes an RO register only if the image differs: the same image after the poll
+    /// as an unconditional rewrite, without dirtying a cache line the host is reading.
+    fn wr_ro(&self, reg: RegOffset, value: u32) {
+        if self.rd(reg) != value {
+            self.wr(reg, value);
+        }
+    }
+
     fn store64(&self, reg: RegOffset, value: u64) {
         let _ = self.bar.store_u64_release(u64::from(reg.get()), value);
     }
@@ -487,7 +510,7 @@ impl Simulator {
             (regs::TIMESTAMP_FREQ, limits::TIMESTAMP_FREQ_HZ),
             (regs::MAX_FRAME_LEN, SIM_MAX_FRAME_LEN),
         ] {
-            self.wr(reg, v);
+            self.wr_ro(reg, v);
         }
     }
 
@@ -504,22 +527,22 @@ impl Simulator {
     /// ignored).
     fn write_ro_regs(&self) {
         self.write_caps();
-        self.wr(regs::STATUS, self.status());
-        self.wr(regs::FATAL_CODE, self.regs.fatal_code);
-        self.wr(regs::FATAL_UNIT, self.regs.fatal_unit);
+        self.wr_ro(regs::STATUS, self.status());
+        self.wr_ro(regs::FATAL_CODE, self.regs.fatal_code);
+        self.wr_ro(regs::FATAL_UNIT, self.regs.fatal_unit);
         let addr = ctoffload_hw_regs::Iova::new(self.regs.fatal_addr);
-        self.wr(regs::FATAL_ADDR_LO, addr.lo());
-        self.wr(regs::FATAL_ADDR_HI, addr.hi());
-        self.wr(regs::RESET_COUNT, self.regs.reset_count);
-        self.wr(regs::FLOW_COUNT, self.table.count());
+        self.wr_ro(regs::FATAL_ADDR_LO, addr.lo());
+        self.wr_ro(regs::FATAL_ADDR_HI, addr.hi());
+        self.wr_ro(regs::RESET_COUNT, self.regs.reset_count);
+        self.wr_ro(regs::FLOW_COUNT, self.table.count());
         for (i, v) in self.regs.stats.iter().enumerate() {
             let off = regs::STAT_WIRE_RX.get() + 4 * u32::try_from(i).unwrap_or(0);
-            self.wr(RegOffset(off), *v);
+            self.wr_ro(RegOffset(off), *v);
         }
-        self.wr(regs::CMD_HEAD, self.rings[CMD].dev);
-        self.wr(regs::CPL_TAIL, self.rings[CPL].dev);
-        self.wr(regs::RX_HEAD, self.rings[RX].dev);
-        self.wr(regs::TX_HEAD, self.rings[TX].dev);
+        self.wr_ro(regs::CMD_HEAD, self.rings[CMD].dev);
+        self.wr_ro(regs::CPL_TAIL, self.rings[CPL].dev);
+        self.wr_ro(regs::RX_HEAD, self.rings[RX].dev);
+        self.wr_ro(regs::TX_HEAD, self.rings[TX].dev);
     }
 
     fn doorbell_reg(ring: usize) -> RegOffset {
@@ -800,79 +823,152 @@ impl Simulator {
     // ---- commands -------------------------------------------------------------------
 
     fn commands(&mut self) -> usize {
+        if self.rings[CMD].dev == self.rings[CMD].host {
+            self.cmd_started = None;
+            return 0;
+        }
+        // One IOVA-space lock for the whole burst (not two per command).
+        let iommu = self.iommu.clone();
+        let space = iommu.read();
         let mut done = 0;
-        while done < CMD_BURST && self.mode == Mode::Enabled {
+        let mut written = 0;
+        let mut stop = None;
+        // Descriptors are fetched a group at a time (a device prefetches descriptors
+        // too), their keys hashed and their table buckets warmed together, then the
+        // group is executed in ring order. Fetching is side-effect free: a group cut
+        // short (CPL ring full, fault) is fetched again at the next poll.
+        let mut group = [None; CMD_GROUP];
+        'burst: while done < CMD_BURST {
             let cmd = self.rings[CMD];
-            if cmd.dev == cmd.host {
+            let avail =
+                usize::try_from(cmd.host.wrapping_sub(cmd.dev) & (cmd.n() - 1)).unwrap_or(0);
+            if avail == 0 {
                 self.cmd_started = None;
                 break;
             }
-            let cpl = self.rings[CPL];
-            if cpl.next(cpl.dev) == cpl.host {
-                break; // CPL ring full: stall until HEAD moves.
-            }
-            if self.active.slow_ns > 0 {
-                let started = *self.cmd_started.get_or_insert(self.now);
-                let elapsed = self.now.saturating_sub(started);
-                if self.active.slow_ns > limits::CMD_WATCHDOG_NS
-                    && elapsed >= limits::CMD_WATCHDOG_NS
-                {
-                    self.stats.faults_fired += 1;
-                    self.enter_fatal(FatalCode::CmdHang.raw(), FatalUnit::CmdProcessor.raw(), 0);
-                    break;
-                }
-                if elapsed < self.active.slow_ns {
-                    break;
-                }
-                self.cmd_started = Some(self.now);
-            }
-            let at = cmd.slot(cmd.dev, 128);
-            let mut raw = [0u8; CommandDescriptor::SIZE];
-            let read = self
-                .iommu
-                .with(|d| d.read_bytes(at, &mut raw))
-                .map_err(fail(FatalUnit::CmdRing, at));
-            if let Err(f) = read {
-                self.dma_fatal(f);
-                break;
-            }
-            let desc = CommandDescriptor::from_bytes(&raw);
-            self.stats.commands += 1;
-            let cpl_entry = if self.active.device_error > 0 {
-                self.active.device_error -= 1;
-                self.stats.faults_fired += 1;
-                Ok(Completion::new(
-                    desc.cookie.get(),
-                    desc.opcode,
-                    CompletionStatus::DeviceError,
-                    false,
-                ))
+            let size = if self.active.slow_ns > 0 {
+                1
             } else {
-                self.execute(&desc)
+                CMD_GROUP
             };
-            let entry = match cpl_entry {
-                Ok(e) => e,
-                Err(f) => {
-                    self.dma_fatal(f);
-                    break;
+            let n = avail.min(size).min(CMD_BURST - done);
+            let mut slot = cmd.dev;
+            for f in group.iter_mut().take(n) {
+                *f = Some(self.fetch_command(&space, cmd.slot(slot, 128)));
+                slot = cmd.next(slot);
+            }
+            for f in group.iter().take(n).flatten() {
+                if let Ok((_, Some(key))) = f {
+                    self.table.warm(key);
                 }
-            };
-            self.rings[CMD].dev = cmd.next(cmd.dev);
-            done += 1;
-            if self.active.drop_completions > 0 {
-                self.active.drop_completions -= 1;
-                self.stats.faults_fired += 1;
-                continue;
             }
-            if let Err(f) = self.write_completion(entry) {
-                self.dma_fatal(f);
-                break;
+            for f in group.iter_mut().take(n) {
+                let Some(fetched) = f.take() else {
+                    break 'burst;
+                };
+                let cmd = self.rings[CMD];
+                let cpl = self.rings[CPL];
+                if cpl.next(cpl.dev) == cpl.host {
+                    break 'burst; // CPL ring full: stall until HEAD moves.
+                }
+                if self.active.slow_ns > 0 {
+                    let started = *self.cmd_started.get_or_insert(self.now);
+                    let elapsed = self.now.saturating_sub(started);
+                    if self.active.slow_ns > limits::CMD_WATCHDOG_NS
+                        && elapsed >= limits::CMD_WATCHDOG_NS
+                    {
+                        self.stats.faults_fired += 1;
+                        stop = Some(Stop::Hang);
+                        break 'burst;
+                    }
+                    if elapsed < self.active.slow_ns {
+                        break 'burst;
+                    }
+                    self.cmd_started = Some(self.now);
+                }
+                let (desc, key) = match fetched {
+                    Ok(d) => d,
+                    Err(f) => {
+                        stop = Some(Stop::Dma(f));
+                        break 'burst;
+                    }
+                };
+                self.stats.commands += 1;
+                let cpl_entry = if self.active.device_error > 0 {
+                    self.active.device_error -= 1;
+                    self.stats.faults_fired += 1;
+                    Ok(Completion::new(
+                        desc.cookie.get(),
+                        desc.opcode,
+                        CompletionStatus::DeviceError,
+                        false,
+                    ))
+                } else {
+                    self.execute(&desc, key.as_ref(), &space)
+                };
+                let entry = match cpl_entry {
+                    Ok(e) => e,
+                    Err(f) => {
+                        stop = Some(Stop::Dma(f));
+                        break 'burst;
+                    }
+                };
+                self.rings[CMD].dev = cmd.next(cmd.dev);
+                done += 1;
+                if self.active.drop_completions > 0 {
+                    self.active.drop_completions -= 1;
+                    self.stats.faults_fired += 1;
+                    continue;
+                }
+                if let Err(f) = self.write_completion(&space, entry) {
+                    stop = Some(Stop::Dma(f));
+                    break 'burst;
+                }
+                written += 1;
             }
+        }
+        drop(space);
+        if written > 0 {
+            // One `CMD_CPL` cause update per burst, after every completion of the burst
+            // is visible: the bit goes 0 -> 1 (and a message is sent) at most once, as
+            // with one update per completion, and never before the entry it announces.
+            self.raise(IntCause::CMD_CPL);
+        }
+        match stop {
+            Some(Stop::Hang) => {
+                self.enter_fatal(FatalCode::CmdHang.raw(), FatalUnit::CmdProcessor.raw(), 0);
+            }
+            Some(Stop::Dma(f)) => self.dma_fatal(f),
+            None => {}
         }
         done
     }
 
-    fn write_completion(&mut self, mut entry: Completion) -> Dma<()> {
+    /// Reads the command descriptor at `at` and, for a flow command, hashes its key.
+    fn fetch_command(
+        &self,
+        space: &DmaSpace,
+        at: Iova,
+    ) -> Dma<(CommandDescriptor, Option<HashedKey>)> {
+        let mut raw = [0u8; CommandDescriptor::SIZE];
+        space
+            .read_bytes(at, &mut raw)
+            .map_err(fail(FatalUnit::CmdRing, at))?;
+        let desc = CommandDescriptor::from_bytes(&raw);
+        let flow_op = matches!(
+            Opcode::try_from(desc.opcode),
+            Ok(Opcode::FlowInsert | Opcode::FlowDelete | Opcode::FlowModify | Opcode::FlowQuery)
+        );
+        let key = flow_op.then(|| {
+            // The operand starts with the key's 48-byte image.
+            let mut image = [0u8; KEY_LEN];
+            image.copy_from_slice(&desc.operand[..KEY_LEN]);
+            self.table.hash(&image)
+        });
+        Ok((desc, key))
+    }
+
+    fn write_completion(&mut self, space: &DmaSpace, mut entry: Completion) -> Dma<()> {
         let cpl = self.rings[CPL];
         entry.flags = if self.cpl_phase {
             CompletionFlags::PHASE.bits()
@@ -882,11 +978,11 @@ impl Simulator {
         let bytes = entry.to_bytes();
         let at = cpl.slot(cpl.dev, 32);
         let own = at.checked_add(28).unwrap_or(at);
-        self.iommu
-            .with(|d| {
-                d.write_bytes(at, &bytes[..28])?;
+        space
+            .write_bytes(at, &bytes[..28])
+            .and_then(|()| {
                 // Release: the body above is visible before the ownership word.
-                d.store_u32_release(own, entry.ownership_word())
+                space.store_u32_release(own, entry.ownership_word())
             })
             .map_err(fail(FatalUnit::CplRing, at))?;
         let next = cpl.next(cpl.dev);
@@ -895,12 +991,16 @@ impl Simulator {
         }
         self.rings[CPL].dev = next;
         self.stats.completions += 1;
-        self.raise(IntCause::CMD_CPL);
         Ok(())
     }
 
     /// Executes one command; `Err` is a DMA failure (dumps), fatal.
-    fn execute(&mut self, d: &CommandDescriptor) -> Dma<Completion> {
+    fn execute(
+        &mut self,
+        d: &CommandDescriptor,
+        hashed: Option<&HashedKey>,
+        space: &DmaSpace,
+    ) -> Dma<Completion> {
         let status = |s| Completion::new(d.cookie.get(), d.opcode, s, false);
         let bad = status(CompletionStatus::BadDescriptor);
         let Ok(op) = Opcode::try_from(d.opcode) else {
@@ -916,7 +1016,7 @@ impl Simulator {
         let cap = self.table.capacity();
         match op {
             Opcode::Nop => {
-                if d.flow_id.get() != 0 || d.count.get() != 0 || d.operand != [0; 112] {
+                if d.flow_id.get() != 0 || d.count.get() != 0 || !all_zero(&d.operand) {
                     return Ok(bad);
                 }
                 Ok(status(CompletionStatus::Ok))
@@ -929,11 +1029,11 @@ impl Simulator {
                 let range_ok = count >= 1 && first.checked_add(count).is_some_and(|end| end <= cap);
                 if !range_ok
                     || !addr.is_aligned(limits::DUMP_ADDR_ALIGN)
-                    || dump.reserved != [0; 104]
+                    || !all_zero(&dump.reserved)
                 {
                     return Ok(bad);
                 }
-                self.dump(op, first, count, Iova::new(addr.get()))?;
+                self.dump(space, op, first, count, Iova::new(addr.get()))?;
                 let id = FlowId::new(first).unwrap_or_else(unreachable_flow);
                 Ok(status(CompletionStatus::Ok)
                     .with_flow(id, 0)
@@ -953,7 +1053,8 @@ impl Simulator {
                     if !self.action_valid(&key, &action) {
                         return Ok(bad);
                     }
-                } else if action != FlowAction::default() {
+                } else if !all_zero(&d.operand[KEY_LEN..]) {
+                    // The action block must be all zero (FlowAction::default()).
                     return Ok(bad);
                 }
                 if takes_id {
@@ -963,8 +1064,17 @@ impl Simulator {
                 } else if flow_id != 0 {
                     return Ok(bad);
                 }
-                let image = key.to_bytes();
-                Ok(self.flow_op(op, by_key, flow_id, &key, &image, action, status))
+                // The operand starts with the key's 48-byte image: no re-encoding.
+                // `hashed` was made from this descriptor's bytes by `fetch_command`.
+                let hashed = match hashed {
+                    Some(h) => *h,
+                    None => {
+                        let mut image = [0u8; KEY_LEN];
+                        image.copy_from_slice(&d.operand[..KEY_LEN]);
+                        self.table.hash(&image)
+                    }
+                };
+                Ok(self.flow_op(op, by_key, flow_id, &key, &hashed, action, status))
             }
         }
     }
@@ -976,11 +1086,12 @@ impl Simulator {
         by_key: bool,
         flow_id: u32,
         key: &FlowKey,
-        image: &[u8; 48],
+        hashed: &HashedKey,
         action: FlowAction,
         status: impl Fn(CompletionStatus) -> Completion,
     ) -> Completion {
         let kind = key.kind().unwrap_or(KeyKind::Ipv4);
+        let image = hashed.image();
         let with = |slot: u32, generation: u8, s: CompletionStatus| {
             let id = FlowId::new(slot).unwrap_or_else(unreachable_flow);
             status(s).with_flow(id, generation)
@@ -991,7 +1102,10 @@ impl Simulator {
                     .active
                     .table_full_at
                     .map_or(self.cfg.flow_limit, |f| f.min(self.cfg.flow_limit));
-                match self.table.insert(image, Entry::decode(action, kind), limit) {
+                match self
+                    .table
+                    .insert_hashed(hashed, Entry::decode(action, kind), limit)
+                {
                     InsertOutcome::Installed { slot, generation } => {
                         with(slot, generation, CompletionStatus::Ok)
                     }
@@ -1009,7 +1123,7 @@ impl Simulator {
             }
             Opcode::FlowDelete | Opcode::FlowModify | Opcode::FlowQuery => {
                 let slot = if by_key || op == Opcode::FlowQuery {
-                    self.table.lookup(image)
+                    self.table.lookup_hashed(hashed)
                 } else {
                     self.table.holds(flow_id, image).then_some(flow_id)
                 };
@@ -1034,7 +1148,14 @@ impl Simulator {
         }
     }
 
-    fn dump(&mut self, op: Opcode, first: u32, count: u32, addr: Iova) -> Dma<()> {
+    fn dump(
+        &mut self,
+        space: &DmaSpace,
+        op: Opcode,
+        first: u32,
+        count: u32,
+        addr: Iova,
+    ) -> Dma<()> {
         let size: u64 = if op == Opcode::TableDump { 128 } else { 32 };
         for i in 0..count {
             let slot = first + i;
@@ -1048,10 +1169,10 @@ impl Simulator {
                     .entry(slot)
                     .map(|(k, e)| (FlowKey::from_bytes(k), e.raw));
                 let rec = TableDumpRecord::new(id, generation, entry);
-                self.iommu.with(|d| d.write_bytes(at, &rec.to_bytes()))
+                space.write_bytes(at, &rec.to_bytes())
             } else {
                 let rec = CounterRecord::new(id, valid, generation, self.table.counters(slot));
-                self.iommu.with(|d| d.write_bytes(at, &rec.to_bytes()))
+                space.write_bytes(at, &rec.to_bytes())
             };
             res.map_err(fail(FatalUnit::DumpBuffer, at))?;
         }
@@ -1076,36 +1197,36 @@ impl Simulator {
             L4Proto::Icmpv6 => [0x8000, 0x8100].contains(&k.dst_port.get()),
             _ => true,
         };
-        let addrs_ok = !v4 || (k.src_addr[4..] == [0; 12] && k.dst_addr[4..] == [0; 12]);
+        let addrs_ok = !v4 || (all_zero(&k.src_addr[4..]) && all_zero(&k.dst_addr[4..]));
         proto_ok
             && icmp_ok
             && addrs_ok
             && k.port < self.cfg.num_ports
             && k.flags == 0
             && k.zone.get() <= limits::MAX_ZONE
-            && k.reserved == [0; 6]
+            && all_zero(&k.reserved)
     }
 
     fn action_valid(&self, k: &FlowKey, a: &FlowAction) -> bool {
         let Some(flags) = ActionFlags::from_bits(a.flags.get()) else {
             return false;
         };
-        if a.reserved0 != 0 || a.reserved1 != [0; 10] || a.out_port >= self.cfg.num_ports {
+        if a.reserved0 != 0 || !all_zero(&a.reserved1) || a.out_port >= self.cfg.num_ports {
             return false;
         }
         let clear_ok = |flag: ActionFlags, zero: bool| flags.contains(flag) || zero;
-        let fields_ok = clear_ok(ActionFlags::REWRITE_SRC_MAC, a.new_src_mac == [0; 6])
-            && clear_ok(ActionFlags::REWRITE_DST_MAC, a.new_dst_mac == [0; 6])
+        let fields_ok = clear_ok(ActionFlags::REWRITE_SRC_MAC, all_zero(&a.new_src_mac))
+            && clear_ok(ActionFlags::REWRITE_DST_MAC, all_zero(&a.new_dst_mac))
             && clear_ok(
                 ActionFlags::SNAT,
-                a.new_src_addr == [0; 16] && a.new_src_port.get() == 0,
+                all_zero(&a.new_src_addr) && a.new_src_port.get() == 0,
             )
             && clear_ok(
                 ActionFlags::DNAT,
-                a.new_dst_addr == [0; 16] && a.new_dst_port.get() == 0,
+                all_zero(&a.new_dst_addr) && a.new_dst_port.get() == 0,
             );
         let v4 = k.kind == KeyKind::Ipv4.raw();
-        let addrs_ok = !v4 || (a.new_src_addr[4..] == [0; 12] && a.new_dst_addr[4..] == [0; 12]);
+        let addrs_ok = !v4 || (all_zero(&a.new_src_addr[4..]) && all_zero(&a.new_dst_addr[4..]));
         let drop_ok = !flags.contains(ActionFlags::DROP)
             || ((flags - ActionFlags::DROP - ActionFlags::PUNT_TCP_CTRL).is_empty()
                 && a.out_port == 0);
@@ -1231,9 +1352,11 @@ impl Simulator {
             batch.clear();
             let n = backend.recv_batch(&mut batch, RX_BURST).unwrap_or(0);
             total += n;
+            self.prepare(port, &batch, n);
             for i in 0..n {
+                let pre = self.rx_pre.get(i).copied().unwrap_or(Pre::NONE);
                 if let Some(frame) = batch.get_mut(i) {
-                    self.frame(port, frame);
+                    self.frame(port, frame, pre);
                 }
             }
         }
@@ -1261,11 +1384,42 @@ impl Simulator {
         self.regs.stats[stat] = self.regs.stats[stat].wrapping_add(1);
     }
 
-    /// One received frame.
+    /// Classifies and looks up every frame of a batch, with no side effect: keys are
+    /// hashed, then the buckets of all of them are read (their cache misses overlap),
+    /// then looked up, then the matched slots' records and actions are read. The frames
+    /// are then acted on one by one, in order ([`Self::frame`]), as before.
+    fn prepare(&mut self, port: u8, batch: &FrameBatch, n: usize) {
+        let mut keys = [None; RX_BURST];
+        self.rx_pre.clear();
+        for (i, key) in keys.iter_mut().enumerate().take(n) {
+            let mut pre = Pre::NONE;
+            if let Some(f) = batch.get(i).filter(|f| frame_len_ok(f.len())) {
+                let parsed = rewrite::classify(f);
+                if let Ok(p) = &parsed {
+                    *key = Some(self.table.hash(&build_key(port, f, p)));
+                }
+                pre.parsed = Some(parsed);
+            }
+            self.rx_pre.push(pre);
+        }
+        for k in keys.iter().take(n).flatten() {
+            self.table.warm(k);
+        }
+        for (pre, k) in self.rx_pre.iter_mut().zip(&keys) {
+            pre.slot = k.as_ref().and_then(|k| self.table.lookup_hashed(k));
+        }
+        for pre in &self.rx_pre {
+            if let Some(slot) = pre.slot {
+                self.table.warm_slot(slot);
+            }
+        }
+    }
+
+    /// One received frame, with its classification and lookup from [`Self::prepare`].
     #[inline]
-    fn frame(&mut self, port: u8, frame: &mut [u8]) {
+    fn frame(&mut self, port: u8, frame: &mut [u8], pre: Pre) {
         let len = frame.len();
-        if len < limits::MIN_WIRE_FRAME_LEN as usize || len > SIM_MAX_FRAME_LEN as usize {
+        if !frame_len_ok(len) {
             self.bump(ST_LEN_ERR);
             self.stats.drops += 1;
             return;
@@ -1276,7 +1430,15 @@ impl Simulator {
             self.stats.drops += 1;
             return;
         }
-        let parsed = match rewrite::classify(frame) {
+        let (classified, hit) = match pre.parsed {
+            Some(c) => (c, pre.slot),
+            None => {
+                let c = rewrite::classify(frame);
+                let key = c.as_ref().ok().map(|p| build_key(port, frame, p));
+                (c, key.and_then(|k| self.table.lookup(&k)))
+            }
+        };
+        let parsed = match classified {
             Ok(p) => p,
             Err(reason) => {
                 let reason = match reason {
@@ -1291,8 +1453,7 @@ impl Simulator {
                 return;
             }
         };
-        let key = build_key(port, frame, &parsed);
-        let Some(slot) = self.table.lookup(&key) else {
+        let Some(slot) = hit else {
             self.punt(port, frame, RxReason::Miss, FlowId::NONE_RAW);
             return;
         };
@@ -1425,6 +1586,28 @@ impl Simulator {
     }
 }
 
+/// A frame's classification and flow-table slot, computed ahead ([`Simulator::prepare`]).
+#[derive(Debug, Clone, Copy)]
+struct Pre {
+    /// `None` for a frame of bad length (never classified).
+    parsed: Option<rewrite::Classify>,
+    /// The matching slot, if the frame classified and hit.
+    slot: Option<u32>,
+}
+
+impl Pre {
+    const NONE: Self = Self {
+        parsed: None,
+        slot: None,
+    };
+}
+
+/// Section 15.1: a frame shorter or longer than the device accepts is dropped.
+#[inline]
+fn frame_len_ok(len: usize) -> bool {
+    (limits::MIN_WIRE_FRAME_LEN as usize..=SIM_MAX_FRAME_LEN as usize).contains(&len)
+}
+
 /// Builds the 48-byte key of a classified frame (section 15.2 step 6).
 #[inline]
 fn build_key(port: u8, frame: &[u8], p: &rewrite::ParsedFrame) -> [u8; 48] {
@@ -1463,6 +1646,16 @@ fn build_key(port: u8, frame: &[u8], p: &rewrite::ParsedFrame) -> [u8; 48] {
         k[32..36].copy_from_slice(&a[4..]);
     }
     k
+}
+
+/// Length of a key image; the flow operand is the key image then the action block.
+const KEY_LEN: usize = 48;
+
+/// Whether every byte is 0 (an OR-reduction the compiler vectorises, instead of a
+/// `memcmp` call per reserved field).
+#[inline]
+fn all_zero(b: &[u8]) -> bool {
+    b.iter().fold(0u8, |acc, &x| acc | x) == 0
 }
 
 /// Slot numbers are below the capacity (at most 2^23), never `0xFFFF_FFFF`.

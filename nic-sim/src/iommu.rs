@@ -56,6 +56,12 @@ impl SimIommu {
         f(&space)
     }
 
+    /// Holds the IOVA space for a burst of accesses (one lock instead of one per
+    /// access). Do not call [`with`](Self::with) while holding it.
+    pub(crate) fn read(&self) -> std::sync::RwLockReadGuard<'_, DmaSpace> {
+        self.space.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, DmaSpace> {
         self.space.write().unwrap_or_else(PoisonError::into_inner)
     }

@@ -120,6 +120,111 @@ impl Entry {
     }
 }
 
+/// A 48-byte key image and its bucket in the table that hashed it
+/// ([`FlowTable::hash`]); the table's geometry never changes, so it stays valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashedKey {
+    image: [u8; 48],
+    bucket: u32,
+}
+
+impl HashedKey {
+    /// The key image.
+    pub fn image(&self) -> &[u8; 48] {
+        &self.image
+    }
+}
+
+/// `SlotMeta::entry` of a slot without an entry.
+const NO_ENTRY: u32 = u32::MAX;
+
+/// A slot's counters, generation and action index, as [`MetaArray`] stores them.
+#[derive(Debug, Clone, Copy)]
+struct SlotMeta {
+    bytes: u64,
+    last_hit: u64,
+    packets: u32,
+    /// Index of the decoded action in `FlowTable::pool`, or [`NO_ENTRY`].
+    entry: u32,
+    generation: u8,
+}
+
+impl SlotMeta {
+    const EMPTY: Self = Self {
+        bytes: 0,
+        last_hit: 0,
+        packets: 0,
+        entry: NO_ENTRY,
+        generation: 0,
+    };
+}
+
+/// Words per slot in [`MetaArray`].
+const META_WORDS: usize = 4;
+
+/// The per-slot records: four 64-bit words a slot (bytes, last hit, packets and action
+/// index, generation), 32-byte aligned so that a record sits in one cache line, and
+/// all-zero when empty. Being plain zeroed words, the array is allocated zeroed: no page
+/// is touched until a slot is used, so creating or resetting a large table is cheap
+/// (a reset must complete within the device's reset time).
+#[derive(Debug)]
+struct MetaArray {
+    words: Vec<u64>,
+    /// First word of slot 0 (0 to 3): where the vector's memory is 32-byte aligned.
+    off: usize,
+}
+
+impl MetaArray {
+    fn new(slots: usize) -> Self {
+        let words = vec![0u64; slots * META_WORDS + META_WORDS - 1];
+        // The allocation is 8-byte aligned; skip 0 to 3 words to reach 32.
+        let misalign = words.as_ptr().addr() % 32;
+        let off = (32 - misalign) % 32 / 8;
+        Self { words, off }
+    }
+
+    #[inline]
+    fn range(&self, slot: u32) -> std::ops::Range<usize> {
+        let i = self.off + idx(slot) * META_WORDS;
+        i..i + META_WORDS
+    }
+
+    #[inline]
+    fn get(&self, slot: u32) -> Option<SlotMeta> {
+        let w = self.words.get(self.range(slot))?;
+        let hi = u32::try_from(w[2] >> 32).unwrap_or(0);
+        Some(SlotMeta {
+            bytes: w[0],
+            last_hit: w[1],
+            packets: u32::try_from(w[2] & 0xFFFF_FFFF).unwrap_or(0),
+            // Stored as index + 1, so that an all-zero record has no entry.
+            entry: hi.checked_sub(1).unwrap_or(NO_ENTRY),
+            generation: u8::try_from(w[3] & 0xFF).unwrap_or(0),
+        })
+    }
+
+    #[inline]
+    fn set(&mut self, slot: u32, m: SlotMeta) {
+        let range = self.range(slot);
+        if let Some(w) = self.words.get_mut(range) {
+            let entry = if m.entry == NO_ENTRY { 0 } else { m.entry + 1 };
+            w[0] = m.bytes;
+            w[1] = m.last_hit;
+            w[2] = u64::from(entry) << 32 | u64::from(m.packets);
+            w[3] = u64::from(m.generation);
+        }
+    }
+
+    /// Applies `f` to the record of `slot` (nothing for a slot out of range).
+    #[inline]
+    fn update(&mut self, slot: u32, f: impl FnOnce(&mut SlotMeta)) {
+        if let Some(mut m) = self.get(slot) {
+            f(&mut m);
+            self.set(slot, m);
+        }
+    }
+}
+
 /// Outcome of [`FlowTable::insert`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InsertOutcome {
@@ -151,11 +256,14 @@ pub struct FlowTable {
     keys: Vec<[u8; 48]>,
     /// Bit `w` set: way `w` of the bucket is occupied.
     valid: Vec<u8>,
-    generation: Vec<u8>,
-    entries: Vec<Option<Box<Entry>>>,
-    packets: Vec<u32>,
-    bytes: Vec<u64>,
-    last_hit: Vec<u64>,
+    /// Per-slot state other than the key: one 32-byte record, so an insert, a delete
+    /// or a datapath hit touches one cache line of it (not one per field).
+    meta: MetaArray,
+    /// Decoded actions of installed entries (a slab: no allocation per insert once it
+    /// has grown to the table's high-water mark).
+    pool: Vec<Entry>,
+    /// Free indices in `pool`.
+    free: Vec<u32>,
     count: u32,
 }
 
@@ -168,11 +276,9 @@ impl FlowTable {
             buckets_log2,
             keys: vec![[0u8; 48]; slots],
             valid: vec![0; buckets],
-            generation: vec![0; slots],
-            entries: vec![None; slots],
-            packets: vec![0; slots],
-            bytes: vec![0; slots],
-            last_hit: vec![0; slots],
+            meta: MetaArray::new(slots),
+            pool: Vec::new(),
+            free: Vec::new(),
             count: 0,
         }
     }
@@ -201,7 +307,56 @@ impl FlowTable {
     /// The slot holding `key`, if any (searches the key's bucket only).
     #[inline]
     pub fn lookup(&self, key: &[u8; 48]) -> Option<u32> {
-        let bucket = self.bucket_of(key);
+        self.lookup_in(self.bucket_of(key), key)
+    }
+
+    /// Hashes a key image once, for [`warm`](Self::warm) and the `*_hashed` methods.
+    #[inline]
+    pub fn hash(&self, key: &[u8; 48]) -> HashedKey {
+        HashedKey {
+            image: *key,
+            bucket: self.bucket_of(key),
+        }
+    }
+
+    /// Reads the first cache lines of the key's bucket (validity byte, way 0's key and
+    /// per-slot record) so that a lookup or insert that follows finds them in cache.
+    /// Called for a group of keys in a row, the cache misses of the group overlap
+    /// instead of being paid one after another (the crate has no prefetch instruction:
+    /// plain loads do the job).
+    #[inline]
+    pub fn warm(&self, key: &HashedKey) {
+        let b = idx(key.bucket);
+        let s = b.saturating_mul(idx(WAYS));
+        let v = self.valid.get(b).copied().unwrap_or(0);
+        let k = self.keys.get(s).map_or(0, |k| k[0] ^ k[47]);
+        let g = u32::try_from(s)
+            .ok()
+            .and_then(|s| self.meta.get(s))
+            .map_or(0, |m| m.generation);
+        std::hint::black_box(v ^ k ^ g);
+    }
+
+    /// Reads an installed slot's record and decoded action (see [`warm`](Self::warm)),
+    /// ahead of a datapath hit on it.
+    #[inline]
+    pub fn warm_slot(&self, slot: u32) {
+        let Some(m) = self.meta.get(slot) else {
+            return;
+        };
+        let f = self.pool.get(idx(m.entry)).map_or(0, |e| e.out_port);
+        std::hint::black_box(f ^ u8::from(m.packets == 0));
+    }
+
+    /// [`lookup`](Self::lookup) of a hashed key.
+    #[inline]
+    pub fn lookup_hashed(&self, key: &HashedKey) -> Option<u32> {
+        self.lookup_in(key.bucket, &key.image)
+    }
+
+    /// The slot of `bucket` holding `key`, if any.
+    #[inline]
+    fn lookup_in(&self, bucket: u32, key: &[u8; 48]) -> Option<u32> {
         let b = usize::try_from(bucket).ok()?;
         let mut valid = *self.valid.get(b)?;
         while valid != 0 {
@@ -219,7 +374,16 @@ impl FlowTable {
     /// Inserts `key` with `entry` unless it exists, the table holds `limit` entries, or
     /// its bucket is full (checked in that order, device.md section 6.2).
     pub fn insert(&mut self, key: &[u8; 48], entry: Entry, limit: u32) -> InsertOutcome {
-        if let Some(slot) = self.lookup(key) {
+        let key = self.hash(key);
+        self.insert_hashed(&key, entry, limit)
+    }
+
+    /// [`insert`](Self::insert) of a hashed key: one CRC per insert, the bucket serves
+    /// the duplicate check and the placement.
+    pub fn insert_hashed(&mut self, key: &HashedKey, entry: Entry, limit: u32) -> InsertOutcome {
+        let bucket = key.bucket;
+        let key = &key.image;
+        if let Some(slot) = self.lookup_in(bucket, key) {
             return InsertOutcome::Exists {
                 slot,
                 generation: self.generation_of(slot),
@@ -228,7 +392,6 @@ impl FlowTable {
         if self.count >= limit {
             return InsertOutcome::TableFull;
         }
-        let bucket = self.bucket_of(key);
         let Ok(b) = usize::try_from(bucket) else {
             return InsertOutcome::BucketFull;
         };
@@ -241,21 +404,23 @@ impl FlowTable {
         let slot = bucket * WAYS + way;
         let s = idx(slot);
         self.keys[s] = *key;
-        self.generation[s] = self.generation[s].wrapping_add(1);
-        self.entries[s] = Some(Box::new(entry));
-        self.packets[s] = 0;
-        self.bytes[s] = 0;
-        self.last_hit[s] = 0;
-        self.count += 1;
-        InsertOutcome::Installed {
+        let e = self.alloc_entry(entry);
+        let generation = self.generation_of(slot).wrapping_add(1);
+        self.meta.set(
             slot,
-            generation: self.generation[s],
-        }
+            SlotMeta {
+                entry: e,
+                generation,
+                ..SlotMeta::EMPTY
+            },
+        );
+        self.count += 1;
+        InsertOutcome::Installed { slot, generation }
     }
 
     /// Whether `slot` holds exactly `key`.
     pub fn holds(&self, slot: u32, key: &[u8; 48]) -> bool {
-        self.is_valid(slot) && self.keys.get(idx(slot)) == Some(key)
+        self.is_valid(slot) && self.keys.get(idx(slot)).is_some_and(|k| key_eq(k, key))
     }
 
     /// Whether an entry is installed in `slot`.
@@ -271,56 +436,85 @@ impl FlowTable {
         let c = self.counters(slot);
         let s = idx(slot);
         self.valid[idx(slot / WAYS)] &= !(1 << (slot % WAYS));
-        self.entries[s] = None;
+        let m = self.meta.get(slot).unwrap_or(SlotMeta::EMPTY);
+        let e = m.entry;
+        self.meta.set(
+            slot,
+            SlotMeta {
+                generation: m.generation,
+                ..SlotMeta::EMPTY
+            },
+        );
+        if e != NO_ENTRY {
+            self.free.push(e);
+        }
         self.keys[s] = [0; 48];
-        self.packets[s] = 0;
-        self.bytes[s] = 0;
-        self.last_hit[s] = 0;
         self.count -= 1;
         c
     }
 
     /// Replaces the action of `slot`.
     pub fn modify(&mut self, slot: u32, entry: Entry) {
-        self.entries[idx(slot)] = Some(Box::new(entry));
+        match self.meta.get(slot).map(|m| m.entry) {
+            Some(NO_ENTRY) => {
+                let e = self.alloc_entry(entry);
+                self.meta.update(slot, |m| m.entry = e);
+            }
+            Some(e) => {
+                if let Some(p) = self.pool.get_mut(idx(e)) {
+                    *p = entry;
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Stores `entry` in a free pool cell and returns its index.
+    fn alloc_entry(&mut self, entry: Entry) -> u32 {
+        if let Some(e) = self.free.pop() {
+            if let Some(p) = self.pool.get_mut(idx(e)) {
+                *p = entry;
+                return e;
+            }
+        }
+        // The pool never holds more cells than the table has slots (< 2^24).
+        let e = u32::try_from(self.pool.len()).unwrap_or(NO_ENTRY);
+        self.pool.push(entry);
+        e
     }
 
     /// The slot's generation.
     pub fn generation_of(&self, slot: u32) -> u8 {
-        self.generation.get(idx(slot)).copied().unwrap_or(0)
+        self.meta.get(slot).map_or(0, |m| m.generation)
     }
 
     /// The slot's counters (0 for an empty slot).
     pub fn counters(&self, slot: u32) -> FlowCounters {
-        let s = idx(slot);
-        FlowCounters {
-            packets: self.packets.get(s).copied().unwrap_or(0),
-            bytes: self.bytes.get(s).copied().unwrap_or(0),
-            last_hit: self.last_hit.get(s).copied().unwrap_or(0),
-        }
+        self.meta
+            .get(slot)
+            .map_or(FlowCounters::default(), |m| FlowCounters {
+                packets: m.packets,
+                bytes: m.bytes,
+                last_hit: m.last_hit,
+            })
     }
 
     /// The slot's key and action, if installed.
     pub fn entry(&self, slot: u32) -> Option<(&[u8; 48], &Entry)> {
         let s = idx(slot);
-        let e = self.entries.get(s)?.as_deref()?;
+        let e = self.pool.get(idx(self.meta.get(slot)?.entry))?;
         Some((self.keys.get(s)?, e))
     }
 
     /// Counts one hit of `len` bytes at `now` on `slot`.
     #[inline]
     pub fn count_hit(&mut self, slot: u32, len: usize, now: u64) {
-        let s = idx(slot);
-        if let Some(p) = self.packets.get_mut(s) {
-            *p = p.wrapping_add(1);
-        }
-        if let Some(b) = self.bytes.get_mut(s) {
-            let len = u64::try_from(len).unwrap_or(0);
-            *b = b.wrapping_add(len) & BYTE_COUNTER_MASK;
-        }
-        if let Some(t) = self.last_hit.get_mut(s) {
-            *t = now.max(1);
-        }
+        let len = u64::try_from(len).unwrap_or(0);
+        self.meta.update(slot, |m| {
+            m.packets = m.packets.wrapping_add(1);
+            m.bytes = m.bytes.wrapping_add(len) & BYTE_COUNTER_MASK;
+            m.last_hit = now.max(1);
+        });
     }
 
     /// Sets the counters of an installed slot (fault injection: counter wrap).
@@ -328,16 +522,17 @@ impl FlowTable {
         if !self.is_valid(slot) {
             return false;
         }
-        let s = idx(slot);
-        self.packets[s] = packets;
-        self.bytes[s] = bytes & BYTE_COUNTER_MASK;
+        self.meta.update(slot, |m| {
+            m.packets = packets;
+            m.bytes = bytes & BYTE_COUNTER_MASK;
+        });
         true
     }
 
     /// The decoded action of `slot` (datapath).
     #[inline]
     pub fn action(&self, slot: u32) -> Option<&Entry> {
-        self.entries.get(idx(slot))?.as_deref()
+        self.pool.get(idx(self.meta.get(slot)?.entry))
     }
 }
 
@@ -378,6 +573,93 @@ mod tests {
     #[test]
     fn crc_check_value() {
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    #[test]
+    fn actions_follow_their_slot_through_remove_reinsert_and_modify() {
+        let mut t = FlowTable::new(2);
+        let act = |port| Entry::decode(FlowAction::forward(port), KeyKind::Ipv4);
+        let keys: Vec<[u8; 48]> = (0u8..20).map(|i| [i + 1; 48]).collect();
+        let mut slots = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            let port = u8::try_from(i % 8).expect("small");
+            match t.insert(k, act(port), 100) {
+                InsertOutcome::Installed { slot, .. } => slots.push(slot),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Free every other entry, put new keys in, change one action.
+        for &s in slots.iter().step_by(2) {
+            t.remove(s);
+            assert!(t.action(s).is_none());
+            assert!(t.entry(s).is_none());
+            assert_eq!(t.counters(s), FlowCounters::default());
+        }
+        let fresh: Vec<[u8; 48]> = (100u8..110).map(|i| [i; 48]).collect();
+        for k in &fresh {
+            assert!(matches!(
+                t.insert(k, act(7), 100),
+                InsertOutcome::Installed { .. }
+            ));
+        }
+        t.modify(slots[1], act(3));
+        assert_eq!(t.count(), 20);
+        for (i, (k, &s)) in keys.iter().zip(&slots).enumerate() {
+            if i % 2 == 1 {
+                let want = if i == 1 {
+                    3
+                } else {
+                    u8::try_from(i % 8).expect("small")
+                };
+                assert_eq!(t.lookup(k), Some(s));
+                assert_eq!(t.action(s).map(|e| e.out_port), Some(want));
+                assert_eq!(t.entry(s).map(|(key, _)| *key), Some(*k));
+            }
+        }
+        for k in &fresh {
+            let s = t.lookup(k).expect("installed");
+            assert_eq!(t.action(s).map(|e| e.out_port), Some(7));
+        }
+        // A hashed key finds the same slot as the plain one.
+        let h = t.hash(&fresh[0]);
+        assert_eq!(t.lookup_hashed(&h), t.lookup(&fresh[0]));
+        assert_eq!(h.image(), &fresh[0]);
+    }
+
+    #[test]
+    fn slot_records_are_aligned_empty_when_zero_and_round_trip() {
+        for slots in [8, 24, 4096] {
+            let mut m = MetaArray::new(slots);
+            for slot in [0, 1, u32::try_from(slots - 1).expect("small")] {
+                let r = m.range(slot);
+                assert_eq!(m.words[r.clone()].as_ptr().addr() % 32, 0);
+                let e = m.get(slot).expect("in range");
+                assert_eq!(e.entry, NO_ENTRY);
+                assert_eq!((e.bytes, e.last_hit, e.packets, e.generation), (0, 0, 0, 0));
+                let full = SlotMeta {
+                    bytes: BYTE_COUNTER_MASK,
+                    last_hit: u64::MAX,
+                    packets: u32::MAX,
+                    entry: 0x7F_FFFE,
+                    generation: 255,
+                };
+                m.set(slot, full);
+                let back = m.get(slot).expect("in range");
+                assert_eq!(
+                    (
+                        back.bytes,
+                        back.last_hit,
+                        back.packets,
+                        back.entry,
+                        back.generation
+                    ),
+                    (BYTE_COUNTER_MASK, u64::MAX, u32::MAX, 0x7F_FFFE, 255)
+                );
+                m.set(slot, SlotMeta::EMPTY);
+                assert!(m.words[r].iter().all(|&w| w == 0));
+            }
+            assert!(m.get(u32::try_from(slots).expect("small")).is_none());
+        }
     }
 
     #[test]

@@ -18,9 +18,13 @@ pub enum SimClock {
     Manual(Arc<AtomicU64>),
 }
 
-/// Idle polls before the thread starts sleeping between polls.
+/// How long after the last poll that found work the thread keeps polling (spinning,
+/// then yielding between polls), so that a driver submitting batches back to back finds
+/// it awake. After that it sleeps between polls.
+const SPIN_WINDOW: Duration = Duration::from_micros(200);
+/// Idle polls spent spinning before the thread yields between polls.
 const SPIN_POLLS: u32 = 64;
-/// Sleep between idle polls.
+/// Sleep between idle polls once the spin window has passed.
 const IDLE_SLEEP: Duration = Duration::from_micros(30);
 
 #[derive(Debug, Default)]
@@ -39,8 +43,10 @@ pub struct SimThread {
 }
 
 impl Simulator {
-    /// Runs [`Simulator::poll`] in a background thread: it spins while there is work
-    /// and sleeps about 30 µs between polls when idle.
+    /// Runs [`Simulator::poll`] in a background thread: it polls without pause while
+    /// there is work, spins for a few more polls, then yields between polls until
+    /// 200 µs after the last work, then sleeps about 30 µs between polls until work
+    /// shows up again.
     pub fn spawn(mut self, clock: SimClock) -> SimThread {
         let control = Arc::new(Control::default());
         let faults = self.faults();
@@ -56,19 +62,35 @@ impl Simulator {
                     SimClock::Manual(t) => t.load(Ordering::Acquire),
                 };
                 let mut idle = 0u32;
+                let mut idle_since = Instant::now();
+                let mut published = self.stats();
+                *c.stats.lock().unwrap_or_else(PoisonError::into_inner) = published;
                 while !c.stop.load(Ordering::Acquire) {
                     if c.flr.swap(false, Ordering::AcqRel) {
                         self.flr(now());
                     }
                     let work = self.poll(now());
-                    *c.stats.lock().unwrap_or_else(PoisonError::into_inner) = self.stats();
-                    if work == 0 {
-                        idle = idle.saturating_add(1);
-                        if idle > SPIN_POLLS {
-                            std::thread::sleep(IDLE_SLEEP);
-                        }
-                    } else {
+                    // Take the lock only when a figure changed (not on every idle poll).
+                    let stats = self.stats();
+                    if stats != published {
+                        published = stats;
+                        *c.stats.lock().unwrap_or_else(PoisonError::into_inner) = stats;
+                    }
+                    if work > 0 {
                         idle = 0;
+                        idle_since = Instant::now();
+                        continue;
+                    }
+                    idle = idle.saturating_add(1);
+                    // Spin briefly, then poll with a yield in between (the core goes to
+                    // whoever needs it, e.g. the driver's thread when both share one),
+                    // and once the window has passed, sleep between polls.
+                    if idle <= SPIN_POLLS {
+                        std::hint::spin_loop();
+                    } else if idle_since.elapsed() < SPIN_WINDOW {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::sleep(IDLE_SLEEP);
                     }
                 }
                 self
