@@ -188,6 +188,18 @@ impl MmioRegion {
     }
 
     volatile_rw!(read32, write32, u32, 4);
+
+    /// Atomically clears `bits` of the 32-bit word at `offset` (W1C emulation) and
+    /// returns the old value. Only for a region that is plain shared memory polled by
+    /// a device model (a VFIO BAR backed by `ivshmem` in the QEMU guest test,
+    /// [`crate::vfio::BarKind::SharedMemory`]); never for a real device BAR, where a
+    /// locked read-modify-write has no defined meaning.
+    pub fn fetch_and32_shared_memory(&self, offset: usize, bits_to_clear: u32) -> Result<u32> {
+        Ok(self
+            .map
+            .atomic32(offset)?
+            .fetch_and(!bits_to_clear, Ordering::AcqRel))
+    }
 }
 
 /// Whether DMA memory may or must come from 2 MiB hugepages.
