@@ -5,6 +5,8 @@
 //! - [`frames`]: Ethernet frames with correct checksums (built with etherparse).
 //! - [`kernel`]: reading Linux conntrack state (`conntrack -L`) and nftables counters.
 //! - [`inject`]: sending raw frames into an interface of a namespace.
+//! - [`qemu`]: the QEMU guest test of the VFIO backend (packages, initramfs, guest,
+//!   ivshmem server, simulator behind the BAR).
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]
 
@@ -12,3 +14,4 @@ pub mod frames;
 pub mod inject;
 pub mod kernel;
 pub mod netns;
+pub mod qemu;
