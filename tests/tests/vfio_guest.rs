@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ctoffload_driver::sim_process::SimFault;
 use ctoffload_tests::qemu::proto::{COUNTED_SPORT, parse_line, tcp_frame};
 use ctoffload_tests::qemu::{
     ChildGuard, GUEST_MEM_MIB, IvshmemServer, Packages, SimGuard, build_initramfs, line_reader,
@@ -135,6 +136,11 @@ fn vfio_backend_in_qemu_guest() {
                 let f = tcp_frame(COUNTED_SPORT);
                 let frames: Vec<&[u8]> = (0..n).map(|_| f.as_slice()).collect();
                 sim.ctl.port_inject(0, &frames).expect("port_inject");
+            }
+            "FAULT" if text.trim() == "spontaneous_reset" => {
+                sim.ctl
+                    .inject_fault(SimFault::SpontaneousReset)
+                    .expect("inject spontaneous reset");
             }
             "RESULT" => result = Some(text.to_string()),
             _ => {}
