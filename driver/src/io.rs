@@ -165,9 +165,7 @@ impl DeviceIo for VfioIo {
             // ivshmem): clear atomically, as docs/device.md section 19.1 says.
             BarKind::SharedMemory => {
                 self.counters.write();
-                self.bar
-                    .fetch_and32_shared_memory(off(reg), bits)
-                    .map(drop)
+                self.bar.fetch_and32_shared_memory(off(reg), bits).map(drop)
             }
         }
     }

@@ -559,6 +559,22 @@ impl DmaMemory {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn shared_memory_w1c_clears_only_the_given_bits() {
+        let r = MmioRegion::anonymous(4096).expect("region");
+        r.write32(0x60, 0x1F).expect("write");
+        assert_eq!(
+            r.fetch_and32_shared_memory(0x60, 0x11).expect("clear"),
+            0x1F
+        );
+        assert_eq!(r.read32(0x60).expect("read"), 0x0E);
+        assert!(r.fetch_and32_shared_memory(0x62, 1).is_err(), "unaligned");
+        assert!(
+            r.fetch_and32_shared_memory(4096, 1).is_err(),
+            "out of bounds"
+        );
+    }
+
     use super::*;
 
     #[test]

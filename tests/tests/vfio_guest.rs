@@ -51,7 +51,13 @@ fn sim_binary() -> Result<PathBuf, String> {
     // Not built by this cargo invocation (e.g. `cargo test -p ctoffload-tests`).
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let st = std::process::Command::new(cargo)
-        .args(["build", "-p", "ctoffload-nic-sim", "--bin", "ctoffload-nic-sim"])
+        .args([
+            "build",
+            "-p",
+            "ctoffload-nic-sim",
+            "--bin",
+            "ctoffload-nic-sim",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .map_err(|e| format!("cargo build nic-sim: {e}"))?;
@@ -88,7 +94,8 @@ fn vfio_backend_in_qemu_guest() {
         .expect("tempdir");
 
     let initrd = tmp.path().join("initramfs.cpio");
-    let cpio = build_initramfs(&pk, Path::new(env!("CARGO_BIN_EXE_vfio_guest"))).expect("initramfs");
+    let cpio =
+        build_initramfs(&pk, Path::new(env!("CARGO_BIN_EXE_vfio_guest"))).expect("initramfs");
     write_file(&initrd, &cpio).expect("write initramfs");
 
     // The simulator: BAR0 memfd + 3 MSI-X eventfds, handed to QEMU as ivshmem server.
@@ -155,11 +162,22 @@ fn vfio_backend_in_qemu_guest() {
     for l in &log {
         eprintln!("{l}");
     }
-    let result = result.unwrap_or_else(|| panic!("no result from the guest within {RUN_TIMEOUT:?}"));
+    let result =
+        result.unwrap_or_else(|| panic!("no result from the guest within {RUN_TIMEOUT:?}"));
     assert_eq!(result, "PASS", "guest test failed");
     // The guest's own evidence, each item of the "done when".
     for tag in [
-        "BIND", "BOUND", "BAR", "BME", "REGS", "DMA", "UP", "FLOWS", "IRQ", "COUNTERS", "RESET",
+        "BIND",
+        "BOUND",
+        "BAR",
+        "BME",
+        "REGS",
+        "DMA",
+        "UP",
+        "FLOWS",
+        "IRQ",
+        "COUNTERS",
+        "RESET",
         "VFIO_RESET",
     ] {
         assert!(

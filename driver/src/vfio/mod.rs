@@ -27,9 +27,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX,
-    VFIO_PCI_BAR5_REGION_INDEX,
-    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
-    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_PCI_BAR5_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 
 use self::container::{Container, Group};
@@ -236,7 +235,10 @@ impl VfioDevice {
             ));
         }
         if opts.register_bar > VFIO_PCI_BAR5_REGION_INDEX {
-            return Err(region_err(opts.register_bar, "register BAR index is not 0..=5"));
+            return Err(region_err(
+                opts.register_bar,
+                "register BAR index is not 0..=5",
+            ));
         }
         let bar0_info = region_info(&device, opts.register_bar)?;
         let config = region_info(&device, VFIO_PCI_CONFIG_REGION_INDEX)?;
@@ -410,7 +412,11 @@ impl VfioDevice {
 
     fn enable_memory_and_bus_master(&self) -> Result<()> {
         let cmd = self.config_read16(PCI_COMMAND)?;
-        let master = if self.bus_master { PCI_COMMAND_MASTER } else { 0 };
+        let master = if self.bus_master {
+            PCI_COMMAND_MASTER
+        } else {
+            0
+        };
         let want = cmd | PCI_COMMAND_MEMORY | master;
         if want != cmd {
             self.config_write16(PCI_COMMAND, want)?;
@@ -628,7 +634,9 @@ enum MapBarError {
 /// `mmap(MAP_SHARED)` of a BAR region on the device fd.
 fn map_bar(device: &File, info: &RegionInfo) -> std::result::Result<MmioRegion, MapBarError> {
     if info.size == 0 {
-        return Err(MapBarError::Region("the register BAR is not implemented (size 0)"));
+        return Err(MapBarError::Region(
+            "the register BAR is not implemented (size 0)",
+        ));
     }
     if !info.has(VFIO_REGION_INFO_FLAG_MMAP) {
         return Err(MapBarError::Region(
@@ -638,7 +646,8 @@ fn map_bar(device: &File, info: &RegionInfo) -> std::result::Result<MmioRegion, 
     if !info.has(VFIO_REGION_INFO_FLAG_READ) || !info.has(VFIO_REGION_INFO_FLAG_WRITE) {
         return Err(MapBarError::Region("the register BAR is not read/write"));
     }
-    let len = usize::try_from(info.size).map_err(|_| MapBarError::Region("the register BAR is too large"))?;
+    let len = usize::try_from(info.size)
+        .map_err(|_| MapBarError::Region("the register BAR is too large"))?;
     let off = libc::off_t::try_from(info.offset)
         .map_err(|_| MapBarError::Region("the register BAR offset is too large"))?;
     // SAFETY: maps `len` bytes of the device fd at the region offset the kernel gave us;
@@ -833,6 +842,15 @@ mod tests {
         assert_eq!(min_page_size(0x2001_0000), 0x1_0000);
         assert_eq!(min_page_size(0), 4096);
         assert_eq!(min_page_size(0x200), 4096);
+    }
+
+    #[test]
+    fn default_options_are_production() {
+        let o = VfioOptions::default();
+        assert_eq!(o.register_bar, 0);
+        assert_eq!(o.iova_mode, IovaMode::Allocated);
+        assert_eq!(o.bar_kind, BarKind::Device);
+        assert!(o.bus_master);
     }
 
     #[test]

@@ -87,7 +87,7 @@ fn wait_irq(fd: &EventFd, wait: Duration) -> Res<u64> {
     }
 }
 
-fn irq<'a>(dev: &'a Device<VfioIo>, v: u16) -> Res<&'a EventFd> {
+fn irq(dev: &Device<VfioIo>, v: u16) -> Res<&EventFd> {
     dev.io()
         .irq(v)
         .ok_or_else(|| format!("no eventfd for MSI-X vector {v}"))
@@ -115,7 +115,10 @@ fn insert_batch(dev: &mut Device<VfioIo>, from: u16, n: u16) -> Res<Vec<u32>> {
 fn bus_master_negative(addr: &PciAddress) -> Res<()> {
     let vd = VfioDevice::open(addr, &opts(false)).map_err(err("open without BME"))?;
     let cmd = vd.config_read16(PCI_COMMAND).map_err(err("config read"))?;
-    say("BME_NEG", &format!("opened with bus_master=false: PCI_COMMAND={cmd:#06x}"));
+    say(
+        "BME_NEG",
+        &format!("opened with bus_master=false: PCI_COMMAND={cmd:#06x}"),
+    );
     if cmd & PCI_COMMAND_MASTER != 0 {
         return Err("Bus Master set although the driver was told not to".into());
     }
@@ -132,7 +135,10 @@ fn bus_master_negative(addr: &PciAddress) -> Res<()> {
     if n != 0 {
         return Err("an interrupt arrived although Bus Master was clear".into());
     }
-    say("BME_NEG", "OK: no MSI-X without Bus Master (the device is mute)");
+    say(
+        "BME_NEG",
+        "OK: no MSI-X without Bus Master (the device is mute)",
+    );
     let io = dev.shutdown().map_err(err("shutdown"))?;
     drop(io);
     Ok(())
@@ -166,7 +172,13 @@ fn run(addr: &PciAddress) -> Res<()> {
         ),
     );
     let cmd = vd.config_read16(PCI_COMMAND).map_err(err("config read"))?;
-    say("BME", &format!("PCI_COMMAND={cmd:#06x} bus_master={}", cmd & PCI_COMMAND_MASTER != 0));
+    say(
+        "BME",
+        &format!(
+            "PCI_COMMAND={cmd:#06x} bus_master={}",
+            cmd & PCI_COMMAND_MASTER != 0
+        ),
+    );
     if cmd & PCI_COMMAND_MASTER == 0 {
         return Err("driver did not set Bus Master".into());
     }
@@ -175,9 +187,13 @@ fn run(addr: &PciAddress) -> Res<()> {
 
     // Registers through the mmapped BAR.
     let magic = io.read32(regs::MAGIC).map_err(err("read MAGIC"))?;
-    io.write32(regs::INT_MASK, 0x5).map_err(err("write INT_MASK"))?;
+    io.write32(regs::INT_MASK, 0x5)
+        .map_err(err("write INT_MASK"))?;
     let back = io.read32(regs::INT_MASK).map_err(err("read INT_MASK"))?;
-    say("REGS", &format!("MAGIC={magic:#010x} INT_MASK write 0x5 read back {back:#x}"));
+    say(
+        "REGS",
+        &format!("MAGIC={magic:#010x} INT_MASK write 0x5 read back {back:#x}"),
+    );
     if magic != regs::MAGIC_VALUE || back != 0x5 {
         return Err("register read/write through the BAR failed".into());
     }
@@ -221,7 +237,10 @@ fn run(addr: &PciAddress) -> Res<()> {
         ),
     );
     let n = wait_irq(irq(&dev, 0)?, IRQ_WAIT)?;
-    say("IRQ", &format!("MSI-X vector 0 (CMD_CPL) eventfd count {n}"));
+    say(
+        "IRQ",
+        &format!("MSI-X vector 0 (CMD_CPL) eventfd count {n}"),
+    );
     if n == 0 {
         return Err("no completion interrupt".into());
     }

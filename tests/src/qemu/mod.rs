@@ -86,7 +86,11 @@ impl Packages {
             .ok_or_else(|| format!("no vmlinuz-* in {}", boot.display()))?;
         let version = kernel
             .file_name()
-            .map(|n| n.to_string_lossy().trim_start_matches("vmlinuz-").to_string())
+            .map(|n| {
+                n.to_string_lossy()
+                    .trim_start_matches("vmlinuz-")
+                    .to_string()
+            })
             .unwrap_or_default();
         let modules = root.join("lib/modules").join(&version).join("kernel");
         for p in [&qemu, &busybox, &modules] {
@@ -260,7 +264,15 @@ poweroff -f
 /// build works; a static one needs none).
 pub fn build_initramfs(pk: &Packages, guest_bin: &Path) -> Result<Vec<u8>, String> {
     let mut a = Initramfs::new();
-    for d in ["/bin", "/dev", "/proc", "/sys", "/tmp", "/lib", "/lib/modules"] {
+    for d in [
+        "/bin",
+        "/dev",
+        "/proc",
+        "/sys",
+        "/tmp",
+        "/lib",
+        "/lib/modules",
+    ] {
         a.dir(d);
     }
     a.chardev("/dev/console", 5, 1);
@@ -279,7 +291,9 @@ pub fn build_initramfs(pk: &Packages, guest_bin: &Path) -> Result<Vec<u8>, Strin
     a.file(
         "/init",
         0o755,
-        INIT_SCRIPT.replace("MODULE_LIST", &names.join(" ")).as_bytes(),
+        INIT_SCRIPT
+            .replace("MODULE_LIST", &names.join(" "))
+            .as_bytes(),
     );
     a.copy("/vfio_guest", guest_bin, 0o755)?;
     for lib in shared_libs(guest_bin)? {
@@ -335,7 +349,9 @@ impl ChildGuard {
 
     /// Whether it has exited (and how).
     pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits up to `timeout` for it to exit by itself; kills it otherwise.
@@ -483,8 +499,13 @@ fn send_msg(s: &UnixStream, value: i64, fd: Option<BorrowedFd<'_>>) -> Result<()
             return Err("no room for SCM_RIGHTS".into());
         }
     }
-    let n = rustix::net::sendmsg(s, &[IoSlice::new(&bytes)], &mut control, SendFlags::NOSIGNAL)
-        .map_err(|e| format!("ivshmem sendmsg: {e}"))?;
+    let n = rustix::net::sendmsg(
+        s,
+        &[IoSlice::new(&bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )
+    .map_err(|e| format!("ivshmem sendmsg: {e}"))?;
     if n != bytes.len() {
         return Err("ivshmem sendmsg: short write".into());
     }
@@ -528,30 +549,40 @@ pub fn qemu_command(pk: &Packages, initrd: &Path, ivshmem_sock: &Path) -> Comman
     for f in &pk.firmware {
         c.arg("-L").arg(f);
     }
-    c.args(["-accel", "tcg", "-smp", "1", "-m", &format!("{GUEST_MEM_MIB}M")])
-        .arg("-object")
-        .arg(format!(
-            "memory-backend-memfd,id=mem,size={GUEST_MEM_MIB}M,share=on"
-        ))
-        .args(["-machine", "q35,memory-backend=mem"])
-        .args(["-device", "intel-iommu,intremap=on"])
-        .args(["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1"])
-        .arg("-chardev")
-        .arg(format!("socket,id=ivs,path={}", ivshmem_sock.display()))
-        .args(["-device", "ivshmem-doorbell,chardev=ivs,vectors=3,bus=rp1"])
-        .args(["-display", "none", "-vga", "none", "-nic", "none"])
-        .args(["-serial", "stdio", "-monitor", "none", "-no-reboot"])
-        .arg("-kernel")
-        .arg(&pk.kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args([
-            "-append",
-            "console=ttyS0 intel_iommu=on hugepages=32 panic=-1 loglevel=4 rdinit=/init",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    c.args([
+        "-accel",
+        "tcg",
+        "-smp",
+        "1",
+        "-m",
+        &format!("{GUEST_MEM_MIB}M"),
+    ])
+    .arg("-object")
+    .arg(format!(
+        "memory-backend-memfd,id=mem,size={GUEST_MEM_MIB}M,share=on"
+    ))
+    .args(["-machine", "q35,memory-backend=mem"])
+    .args(["-device", "intel-iommu,intremap=on"])
+    .args([
+        "-device",
+        "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1",
+    ])
+    .arg("-chardev")
+    .arg(format!("socket,id=ivs,path={}", ivshmem_sock.display()))
+    .args(["-device", "ivshmem-doorbell,chardev=ivs,vectors=3,bus=rp1"])
+    .args(["-display", "none", "-vga", "none", "-nic", "none"])
+    .args(["-serial", "stdio", "-monitor", "none", "-no-reboot"])
+    .arg("-kernel")
+    .arg(&pk.kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .args([
+        "-append",
+        "console=ttyS0 intel_iommu=on hugepages=32 panic=-1 loglevel=4 rdinit=/init",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     c
 }
 
@@ -596,8 +627,9 @@ impl SimGuard {
                 Err(_) => return Err("ctoffload-nic-sim did not start listening".into()),
             }
         }
-        let ctl = ctoffload_driver::sim_process::SimProcess::connect(socket, Duration::from_secs(5))
-            .map_err(|e| format!("connect to the simulator: {e}"))?;
+        let ctl =
+            ctoffload_driver::sim_process::SimProcess::connect(socket, Duration::from_secs(5))
+                .map_err(|e| format!("connect to the simulator: {e}"))?;
         Ok(Self {
             ctl,
             child,
@@ -611,5 +643,110 @@ impl Drop for SimGuard {
         let _ = self.ctl.shutdown();
         self.child.finish(Duration::from_secs(2));
         let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proto::{FRAME_LEN, parse_line, tcp_frame};
+    use super::*;
+
+    fn field(entry: &[u8], i: usize) -> u32 {
+        let s = std::str::from_utf8(&entry[6 + 8 * i..14 + 8 * i]).expect("hex");
+        u32::from_str_radix(s, 16).expect("hex")
+    }
+
+    #[test]
+    fn newc_archive_layout() {
+        let mut a = Initramfs::new();
+        a.dir("/bin");
+        a.file("/init", 0o755, b"#!x\n");
+        a.chardev("/dev/console", 5, 1);
+        let buf = a.finish();
+        assert_eq!(buf.len() % 4, 0);
+        // First entry: directory "bin" (leading slash dropped), 110-byte header.
+        assert_eq!(&buf[..6], b"070701");
+        assert_eq!(field(&buf, 1), 0o040_755);
+        assert_eq!(field(&buf, 11), 4, "namesize includes the NUL");
+        assert_eq!(&buf[110..113], b"bin");
+        // Second entry starts 4-aligned after "bin\0" (110 + 4 = 114 -> 116).
+        let e2 = &buf[116..];
+        assert_eq!(&e2[..6], b"070701");
+        assert_eq!(field(e2, 1), 0o100_755);
+        assert_eq!(field(e2, 6), 4, "file size");
+        let name_end = 110 + 5;
+        assert_eq!(&e2[110..name_end - 1], b"init");
+        let data_at = name_end.next_multiple_of(4);
+        assert_eq!(&e2[data_at..data_at + 4], b"#!x\n");
+        // The device node carries its rdev, and the archive ends with the trailer.
+        let e3 = &e2[data_at + 4..];
+        assert_eq!(field(e3, 1), 0o020_600);
+        assert_eq!((field(e3, 9), field(e3, 10)), (5, 1));
+        let tail = String::from_utf8_lossy(&buf[buf.len() - 16..]).into_owned();
+        assert!(tail.contains("TRAILER!!!"), "{tail}");
+    }
+
+    #[test]
+    fn init_script_loads_every_module_and_binds_with_driver_override() {
+        assert!(INIT_SCRIPT.contains("MODULE_LIST"));
+        assert!(INIT_SCRIPT.contains("driver_override"));
+        assert!(INIT_SCRIPT.contains("drivers_probe"));
+        assert!(INIT_SCRIPT.contains("/vfio_guest $dev"));
+    }
+
+    #[test]
+    fn console_lines_parse() {
+        assert_eq!(parse_line("CTO|RESULT|PASS\r\n"), Some(("RESULT", "PASS")));
+        assert_eq!(
+            parse_line("[  1.2] CTO|RESULT|FAIL|no irq"),
+            Some(("RESULT", "FAIL|no irq"))
+        );
+        assert_eq!(parse_line("CTO|INJECT|3"), Some(("INJECT", "3")));
+        assert_eq!(parse_line("random kernel line"), None);
+    }
+
+    #[test]
+    fn injected_frame_is_valid_ipv4() {
+        let f = tcp_frame(1007);
+        assert_eq!(f.len(), FRAME_LEN);
+        let ip = &f[14..34];
+        let mut sum = 0u32;
+        for c in ip.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+        }
+        while sum > 0xFFFF {
+            sum = (sum & 0xFFFF) + (sum >> 16);
+        }
+        assert_eq!(sum, 0xFFFF, "header checksum verifies");
+        assert_eq!(u16::from_be_bytes([f[34], f[35]]), 1007);
+    }
+
+    #[test]
+    fn qemu_command_line_has_the_pieces_the_test_relies_on() {
+        let pk = Packages {
+            cache: PathBuf::from("/c"),
+            qemu: PathBuf::from("/c/qemu"),
+            firmware: vec![PathBuf::from("/c/fw")],
+            kernel: PathBuf::from("/c/vmlinuz"),
+            modules: PathBuf::from("/c/mods"),
+            busybox: PathBuf::from("/c/busybox"),
+        };
+        let c = qemu_command(&pk, Path::new("/t/initrd"), Path::new("/t/ivs.sock"));
+        let args: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let line = args.join(" ");
+        for want in [
+            "-accel tcg",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "q35,memory-backend=mem",
+            "intel-iommu,intremap=on",
+            "ivshmem-doorbell,chardev=ivs,vectors=3,bus=rp1",
+            "socket,id=ivs,path=/t/ivs.sock",
+            "intel_iommu=on",
+        ] {
+            assert!(line.contains(want), "{want} missing from {line}");
+        }
     }
 }
