@@ -50,6 +50,9 @@ for d in "$CACHE"/debs/*.deb; do
   dpkg -x "$d" "$CACHE/root"
 done
 rm -rf "$CACHE/debs"
+# Keep only the kernel modules the guest loads (the rest is ~400 MB).
+find "$CACHE/root/lib/modules" -name '*.ko*' ! -path '*/drivers/vfio/*' ! -name 'irqbypass.ko*' -delete
+rm -rf "$CACHE/root/usr/share/doc" "$CACHE/root/usr/share/man"
 "$CACHE/root/usr/bin/qemu-system-x86_64" --version | head -1
 ls "$CACHE"/root/boot/vmlinuz-* >/dev/null
 echo "$kernel" > "$CACHE/ready"

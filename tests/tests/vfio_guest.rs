@@ -154,6 +154,9 @@ fn vfio_backend_in_qemu_guest() {
         }
     }
     qemu.finish(Duration::from_secs(5));
+    while let Ok(l) = lines.try_recv() {
+        log.push(l.trim_end().to_string());
+    }
     while let Ok(l) = errs.try_recv() {
         log.push(format!("qemu stderr: {}", l.trim_end()));
     }
