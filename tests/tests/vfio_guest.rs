@@ -113,46 +113,48 @@ fn vfio_backend_in_qemu_guest() {
     let mut qemu = ChildGuard::new(child, "qemu-system-x86_64");
     let lines = line_reader(out);
     let errs = line_reader(err);
-    ivs.wait_served().expect("ivshmem set-up sent");
-
-    // Guest RAM as the simulator's DMA memory: IOVA = guest-physical address.
-    let ram = open_guest_ram(qemu.id(), Duration::from_secs(20)).expect("guest RAM memfd");
-    sim.ctl
-        .dma_map(0, std::os::fd::AsFd::as_fd(&ram), 0, GUEST_MEM_MIB << 20)
-        .expect("map guest RAM at IOVA 0");
-
     let mut log = Vec::new();
     let mut cto = Vec::new();
     let mut result = None;
-    while result.is_none() && t_start.elapsed() < RUN_TIMEOUT {
-        let Ok(l) = lines.recv_timeout(Duration::from_millis(200)) else {
-            if let Some(st) = qemu.try_wait() {
-                log.push(format!("(qemu exited: {st})"));
-                break;
+    let run = (|| -> Result<(), String> {
+        ivs.wait_served()?;
+        // Guest RAM as the simulator's DMA memory: IOVA = guest-physical address.
+        let ram = open_guest_ram(qemu.id(), Duration::from_secs(20))?;
+        sim.ctl
+            .dma_map(0, std::os::fd::AsFd::as_fd(&ram), 0, GUEST_MEM_MIB << 20)
+            .map_err(|e| format!("map guest RAM at IOVA 0: {e}"))?;
+        while result.is_none() && t_start.elapsed() < RUN_TIMEOUT {
+            let Ok(l) = lines.recv_timeout(Duration::from_millis(200)) else {
+                if let Some(st) = qemu.try_wait() {
+                    return Err(format!("qemu exited early: {st}"));
+                }
+                continue;
+            };
+            log.push(l.trim_end().to_string());
+            let Some((tag, text)) = parse_line(&l) else {
+                continue;
+            };
+            cto.push(format!("{tag}|{text}"));
+            match tag {
+                "INJECT" => {
+                    let n: usize = text.trim().parse().map_err(|_| "bad INJECT count")?;
+                    let f = tcp_frame(COUNTED_SPORT);
+                    let frames: Vec<&[u8]> = (0..n).map(|_| f.as_slice()).collect();
+                    sim.ctl
+                        .port_inject(0, &frames)
+                        .map_err(|e| format!("port_inject: {e}"))?;
+                }
+                "FAULT" if text.trim() == "spontaneous_reset" => {
+                    sim.ctl
+                        .inject_fault(SimFault::SpontaneousReset)
+                        .map_err(|e| format!("inject spontaneous reset: {e}"))?;
+                }
+                "RESULT" => result = Some(text.to_string()),
+                _ => {}
             }
-            continue;
-        };
-        log.push(l.trim_end().to_string());
-        let Some((tag, text)) = parse_line(&l) else {
-            continue;
-        };
-        cto.push(format!("{tag}|{text}"));
-        match tag {
-            "INJECT" => {
-                let n: usize = text.trim().parse().expect("inject count");
-                let f = tcp_frame(COUNTED_SPORT);
-                let frames: Vec<&[u8]> = (0..n).map(|_| f.as_slice()).collect();
-                sim.ctl.port_inject(0, &frames).expect("port_inject");
-            }
-            "FAULT" if text.trim() == "spontaneous_reset" => {
-                sim.ctl
-                    .inject_fault(SimFault::SpontaneousReset)
-                    .expect("inject spontaneous reset");
-            }
-            "RESULT" => result = Some(text.to_string()),
-            _ => {}
         }
-    }
+        Ok(())
+    })();
     qemu.finish(Duration::from_secs(5));
     while let Ok(l) = lines.try_recv() {
         log.push(l.trim_end().to_string());
@@ -164,6 +166,9 @@ fn vfio_backend_in_qemu_guest() {
     eprintln!("---- guest console ({elapsed:?}) ----");
     for l in &log {
         eprintln!("{l}");
+    }
+    if let Err(e) = run {
+        panic!("harness: {e}");
     }
     let result =
         result.unwrap_or_else(|| panic!("no result from the guest within {RUN_TIMEOUT:?}"));
