@@ -27,11 +27,11 @@ use ctoffload_tests::qemu::proto::{
 };
 
 /// How long an interrupt may take to arrive (TCG guest, host model polling).
-const IRQ_WAIT: Duration = Duration::from_secs(3);
+const IRQ_WAIT: Duration = Duration::from_secs(10);
 /// How long the negative case waits for an interrupt that must not come.
-const NO_IRQ_WAIT: Duration = Duration::from_secs(1);
+const NO_IRQ_WAIT: Duration = Duration::from_secs(2);
 /// Command batches and dumps (the guest is emulated: generous).
-const CMD_WAIT: Duration = Duration::from_secs(10);
+const CMD_WAIT: Duration = Duration::from_secs(20);
 
 type Res<T> = Result<T, String>;
 
@@ -61,9 +61,9 @@ fn dev_config() -> DeviceConfig {
         rx_ring_log2: 4,
         tx_ring_log2: 4,
         // The guest CPU is emulated (TCG) and the model polls from another process.
-        cmd_timeout_ns: 2_000_000_000,
-        ready_timeout: Duration::from_secs(5),
-        enable_timeout: Duration::from_secs(5),
+        cmd_timeout_ns: 10_000_000_000,
+        ready_timeout: Duration::from_secs(20),
+        enable_timeout: Duration::from_secs(20),
         use_flr: false,
         dump_chunk: 64,
         clock: Clock::monotonic(),
