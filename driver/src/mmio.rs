@@ -372,7 +372,9 @@ impl Mapping {
     /// `&AtomicU32` is sound there because every party (this process, the device
     /// model in another thread or process) accesses the word only atomically, and a
     /// spurious atomic load the compiler might add has no side effect on plain shared
-    /// memory. It is never used on a real device BAR.
+    /// memory. It is never used on a real device BAR (the one VFIO BAR it is used on,
+    /// through [`MmioRegion::fetch_and32_shared_memory`], is `ivshmem` shared memory in
+    /// the QEMU guest test, whose other accesses are aligned 32-bit volatile ones).
     fn atomic32(&self, offset: usize) -> Result<&AtomicU32> {
         let p = self.ptr_at(offset, 4)?;
         // SAFETY: `ptr_at` checked bounds and 4-byte alignment inside the live mapping,
@@ -559,6 +561,8 @@ impl DmaMemory {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn shared_memory_w1c_clears_only_the_given_bits() {
         let r = MmioRegion::anonymous(4096).expect("region");
@@ -574,8 +578,6 @@ mod tests {
             "out of bounds"
         );
     }
-
-    use super::*;
 
     #[test]
     fn mmio_read_write_roundtrip() {
