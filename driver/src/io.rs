@@ -19,7 +19,7 @@ use ctoffload_hw_regs::regs::{self, RegOffset};
 use crate::error::Result;
 use crate::iova::Iova;
 use crate::mmio::{DmaMemory, MmioRegion};
-use crate::vfio::{DmaBuffer, EventFd, VfioDevice};
+use crate::vfio::{BarKind, DmaBuffer, EventFd, VfioDevice};
 
 /// DMA memory the device can reach at [`iova`](DmaRegion::iova). Access it only through
 /// [`DmaMemory`]'s volatile/atomic methods: no reference to the bytes is ever handed out.
@@ -158,8 +158,16 @@ impl DeviceIo for VfioIo {
     }
 
     fn clear_bits32(&self, reg: RegOffset, bits: u32) -> Result<()> {
-        // W1C on real hardware: writing the bits clears them.
-        self.write32(reg, bits)
+        match self.dev.bar_kind() {
+            // W1C on real hardware: writing the bits clears them.
+            BarKind::Device => self.write32(reg, bits),
+            // A model polling shared memory behind the BAR (QEMU guest test over
+            // ivshmem): clear atomically, as docs/device.md section 19.1 says.
+            BarKind::SharedMemory => {
+                self.counters.write();
+                self.bar.fetch_and32_shared_memory(off(reg), bits).map(drop)
+            }
+        }
     }
 
     fn read_timestamp(&self) -> Result<u64> {

@@ -188,6 +188,18 @@ impl MmioRegion {
     }
 
     volatile_rw!(read32, write32, u32, 4);
+
+    /// Atomically clears `bits` of the 32-bit word at `offset` (W1C emulation) and
+    /// returns the old value. Only for a region that is plain shared memory polled by
+    /// a device model (a VFIO BAR backed by `ivshmem` in the QEMU guest test,
+    /// [`crate::vfio::BarKind::SharedMemory`]); never for a real device BAR, where a
+    /// locked read-modify-write has no defined meaning.
+    pub fn fetch_and32_shared_memory(&self, offset: usize, bits_to_clear: u32) -> Result<u32> {
+        Ok(self
+            .map
+            .atomic32(offset)?
+            .fetch_and(!bits_to_clear, Ordering::AcqRel))
+    }
 }
 
 /// Whether DMA memory may or must come from 2 MiB hugepages.
@@ -360,7 +372,9 @@ impl Mapping {
     /// `&AtomicU32` is sound there because every party (this process, the device
     /// model in another thread or process) accesses the word only atomically, and a
     /// spurious atomic load the compiler might add has no side effect on plain shared
-    /// memory. It is never used on a real device BAR.
+    /// memory. It is never used on a real device BAR (the one VFIO BAR it is used on,
+    /// through [`MmioRegion::fetch_and32_shared_memory`], is `ivshmem` shared memory in
+    /// the QEMU guest test, whose other accesses are aligned 32-bit volatile ones).
     fn atomic32(&self, offset: usize) -> Result<&AtomicU32> {
         let p = self.ptr_at(offset, 4)?;
         // SAFETY: `ptr_at` checked bounds and 4-byte alignment inside the live mapping,
@@ -548,6 +562,22 @@ impl DmaMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_memory_w1c_clears_only_the_given_bits() {
+        let r = MmioRegion::anonymous(4096).expect("region");
+        r.write32(0x60, 0x1F).expect("write");
+        assert_eq!(
+            r.fetch_and32_shared_memory(0x60, 0x11).expect("clear"),
+            0x1F
+        );
+        assert_eq!(r.read32(0x60).expect("read"), 0x0E);
+        assert!(r.fetch_and32_shared_memory(0x62, 1).is_err(), "unaligned");
+        assert!(
+            r.fetch_and32_shared_memory(4096, 1).is_err(),
+            "out of bounds"
+        );
+    }
 
     #[test]
     fn mmio_read_write_roundtrip() {

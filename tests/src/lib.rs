@@ -6,6 +6,8 @@
 //! - [`kernel`]: reading Linux conntrack state (`conntrack -L`) and nftables counters.
 //! - [`inject`]: sending raw frames into an interface of a namespace.
 //! - [`capture`]: receiving the raw frames that arrive on an interface of a namespace.
+//! - [`qemu`]: the QEMU guest test of the VFIO backend (packages, initramfs, guest,
+//!   ivshmem server, simulator behind the BAR).
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]
 
@@ -14,3 +16,4 @@ pub mod frames;
 pub mod inject;
 pub mod kernel;
 pub mod netns;
+pub mod qemu;

@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_BAR0_REGION_INDEX,
-    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
-    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_PCI_BAR5_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 
 use self::container::{Container, Group};
@@ -61,6 +61,46 @@ pub struct VfioOptions {
     pub expected_ids: Option<(u16, u16)>,
     /// Hugepage policy for [`VfioDevice::dma_alloc`].
     pub huge_pages: HugePages,
+    /// The VFIO region index of the BAR that holds the device's registers (0..=5).
+    /// The CTO-1 device has them in BAR0 (the default). The QEMU guest test sets 2:
+    /// there the register image is the shared memory of an `ivshmem` device, which
+    /// QEMU exposes as BAR2 (BAR0 holds ivshmem's own registers, BAR1 its MSI-X table);
+    /// see `docs/vfio.md`, "QEMU guest test".
+    pub register_bar: u32,
+    /// How DMA buffers get their IOVA.
+    pub iova_mode: IovaMode,
+    /// What kind of memory the register BAR is (W1C emulation for shared memory).
+    pub bar_kind: BarKind,
+    /// Set Bus Master Enable at open and after reset (default true). `false` exists
+    /// only for the guest test's negative case, which proves that a device without
+    /// BME does not deliver MSI-X; a driver must never use it.
+    pub bus_master: bool,
+}
+
+/// How [`VfioDevice::dma_alloc`] chooses the IOVA of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IovaMode {
+    /// IOVAs come from the driver's allocator over the IOMMU's aperture (production).
+    #[default]
+    Allocated,
+    /// IOVA = the buffer's physical address, read from `/proc/self/pagemap` (DPDK's
+    /// "IOVA as PA"). The buffer is still mapped with `VFIO_IOMMU_MAP_DMA` at that
+    /// IOVA, so the IOMMU translation is the identity for it. For a device model that
+    /// cannot walk the IOMMU's tables (the QEMU guest test, where the model runs on the
+    /// host and reads guest RAM by guest-physical address). Needs root and physically
+    /// contiguous buffers (2 MiB hugepages).
+    PhysAddr,
+}
+
+/// What the register BAR is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BarKind {
+    /// Real device registers: a W1C clear is a plain write of the bits (section 2).
+    #[default]
+    Device,
+    /// Plain shared memory polled by a device model (docs/device.md section 19.1, e.g.
+    /// behind `ivshmem`): a W1C clear is an atomic `fetch_and`, as the model expects.
+    SharedMemory,
 }
 
 impl Default for VfioOptions {
@@ -70,6 +110,10 @@ impl Default for VfioOptions {
             vfio_dir: PathBuf::from("/dev/vfio"),
             expected_ids: None,
             huge_pages: HugePages::Prefer,
+            register_bar: VFIO_PCI_BAR0_REGION_INDEX,
+            iova_mode: IovaMode::Allocated,
+            bar_kind: BarKind::Device,
+            bus_master: true,
         }
     }
 }
@@ -128,6 +172,9 @@ pub struct VfioDevice {
     msix_count: u32,
     msix_enabled: u32,
     huge_pages: HugePages,
+    iova_mode: IovaMode,
+    bar_kind: BarKind,
+    bus_master: bool,
     iommu: Arc<IommuCtx>,
 }
 
@@ -187,7 +234,13 @@ impl VfioDevice {
                 "device reports too few regions",
             ));
         }
-        let bar0_info = region_info(&device, VFIO_PCI_BAR0_REGION_INDEX)?;
+        if opts.register_bar > VFIO_PCI_BAR5_REGION_INDEX {
+            return Err(region_err(
+                opts.register_bar,
+                "register BAR index is not 0..=5",
+            ));
+        }
+        let bar0_info = region_info(&device, opts.register_bar)?;
         let config = region_info(&device, VFIO_PCI_CONFIG_REGION_INDEX)?;
         if config.size < 0x40 || !config.has(VFIO_REGION_INFO_FLAG_READ) {
             return Err(region_err(
@@ -195,9 +248,9 @@ impl VfioDevice {
                 "config space is not readable",
             ));
         }
-        // 7. BAR0 mmap.
+        // 7. Register BAR (BAR0 unless `opts.register_bar` says otherwise) mmap.
         let bar0 = Arc::new(map_bar(&device, &bar0_info).map_err(|e| match e {
-            MapBarError::Region(reason) => region_err(VFIO_PCI_BAR0_REGION_INDEX, reason),
+            MapBarError::Region(reason) => region_err(opts.register_bar, reason),
             MapBarError::Driver(e) => e,
         })?);
         let msix_count = if dinfo.num_irqs > VFIO_PCI_MSIX_IRQ_INDEX {
@@ -220,6 +273,9 @@ impl VfioDevice {
             msix_count,
             msix_enabled: 0,
             huge_pages: opts.huge_pages,
+            iova_mode: opts.iova_mode,
+            bar_kind: opts.bar_kind,
+            bus_master: opts.bus_master,
             iommu: Arc::new(IommuCtx {
                 allocator: Mutex::new(allocator),
                 min_pgsize,
@@ -242,7 +298,7 @@ impl VfioDevice {
                 expected_device: ed,
             });
         }
-        // 9. Memory Space + Bus Master Enable.
+        // 9. Memory Space + Bus Master Enable (BME skipped only when a test asks).
         dev.enable_memory_and_bus_master()?;
         Ok(dev)
     }
@@ -277,7 +333,17 @@ impl VfioDevice {
         self.msix_count
     }
 
-    /// BAR0's region info.
+    /// How DMA buffers get their IOVA.
+    pub fn iova_mode(&self) -> IovaMode {
+        self.iova_mode
+    }
+
+    /// What the register BAR is made of.
+    pub fn bar_kind(&self) -> BarKind {
+        self.bar_kind
+    }
+
+    /// The register BAR's region info (BAR0 unless [`VfioOptions::register_bar`]).
     pub fn bar0_info(&self) -> RegionInfo {
         self.bar0_info
     }
@@ -287,7 +353,7 @@ impl VfioDevice {
         self.config
     }
 
-    /// The mapped BAR0, shared (the mapping lives as long as any handle).
+    /// The mapped register BAR (BAR0 unless [`VfioOptions::register_bar`]), shared (the mapping lives as long as any handle).
     pub fn bar0(&self) -> Arc<MmioRegion> {
         Arc::clone(&self.bar0)
     }
@@ -346,12 +412,17 @@ impl VfioDevice {
 
     fn enable_memory_and_bus_master(&self) -> Result<()> {
         let cmd = self.config_read16(PCI_COMMAND)?;
-        let want = cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        let master = if self.bus_master {
+            PCI_COMMAND_MASTER
+        } else {
+            0
+        };
+        let want = cmd | PCI_COMMAND_MEMORY | master;
         if want != cmd {
             self.config_write16(PCI_COMMAND, want)?;
         }
         let back = self.config_read16(PCI_COMMAND)?;
-        if back & PCI_COMMAND_MASTER == 0 {
+        if self.bus_master && back & PCI_COMMAND_MASTER == 0 {
             return Err(DriverError::BusMasterNotEnabled {
                 addr: self.addr.to_string(),
                 command: back,
@@ -366,7 +437,8 @@ impl VfioDevice {
     }
 
     /// Allocates at least `len` bytes of locked DMA memory and maps it in the IOMMU
-    /// (read + write) at a fresh IOVA aligned to its page size.
+    /// (read + write) at a fresh IOVA aligned to its page size, or, in
+    /// [`IovaMode::PhysAddr`], at its physical address.
     pub fn dma_alloc(&self, len: usize) -> Result<DmaBuffer> {
         // Whole IOMMU pages: on hosts whose smallest IOMMU page is above 4 KiB.
         let pg = usize::try_from(self.iommu.min_pgsize).unwrap_or(4096);
@@ -376,31 +448,103 @@ impl VfioDevice {
             len: u64::MAX,
             align: 0,
         })?;
+        if self.iova_mode == IovaMode::PhysAddr {
+            return self.dma_map_phys(mem, size);
+        }
         let align = u64::try_from(mem.page_size())
             .unwrap_or(4096)
             .max(self.iommu.min_pgsize);
         let range = self.iommu.allocator().alloc(size, align)?;
-        let vaddr = u64::try_from(mem.as_mut_ptr().addr()).unwrap_or(u64::MAX);
-        // SAFETY: `mem` is owned by the returned `DmaBuffer`, which unmaps the IOVA range
-        // before `mem` is unmapped (and leaks `mem` if the unmap fails); `DmaMemory` only
-        // ever accesses the memory through raw-pointer volatile operations.
-        let mapped = unsafe {
-            ioctl::iommu_map_dma(self.iommu.container.file(), vaddr, range.start.raw(), size)
-        };
-        if let Err(source) = mapped {
+        if let Err(e) = self.map_dma(&mem, range.start, size) {
             let _ = self.iommu.allocator().free(range.start);
-            return Err(DriverError::DmaMap {
-                iova: range.start,
-                len: size,
-                source,
-            });
+            return Err(e);
         }
         Ok(DmaBuffer {
             mem: ManuallyDrop::new(mem),
             iova: range.start,
             size,
+            from_allocator: true,
             iommu: Arc::clone(&self.iommu),
         })
+    }
+
+    /// `VFIO_IOMMU_MAP_DMA` of all of `mem` at `iova`.
+    fn map_dma(&self, mem: &DmaMemory, iova: Iova, size: u64) -> Result<()> {
+        let vaddr = u64::try_from(mem.as_mut_ptr().addr()).unwrap_or(u64::MAX);
+        // SAFETY: `mem` is owned by the `DmaBuffer` the caller builds on success (or is
+        // dropped after a failed map, when nothing is mapped); that buffer unmaps the
+        // IOVA range before `mem` is unmapped (and leaks `mem` if the unmap fails);
+        // `DmaMemory` only ever accesses the memory through raw-pointer volatile
+        // operations.
+        unsafe { ioctl::iommu_map_dma(self.iommu.container.file(), vaddr, iova.raw(), size) }
+            .map_err(|source| DriverError::DmaMap {
+                iova,
+                len: size,
+                source,
+            })
+    }
+
+    /// IOVA-as-PA: map `mem` at its physical address. Pinning (`MAP_DMA`) may migrate
+    /// pages before pinning them (long-term pins leave movable zones), so the address
+    /// is read again once pinned; if it moved, the buffer is mapped again at the new
+    /// address, which can no longer change.
+    fn dma_map_phys(&self, mem: DmaMemory, size: u64) -> Result<DmaBuffer> {
+        let pa = pagemap::dma_memory_phys(&mem)?;
+        self.check_in_aperture(pa, size)?;
+        self.map_dma(&mem, pa, size)?;
+        let mut iova = pa;
+        let pinned = match pagemap::dma_memory_phys(&mem) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = ioctl::iommu_unmap_dma(self.iommu.container.file(), pa.raw(), size);
+                return Err(e);
+            }
+        };
+        if pinned != pa {
+            // The pages moved while being pinned: map again where they are now.
+            let unmapped = ioctl::iommu_unmap_dma(self.iommu.container.file(), pa.raw(), size);
+            if !unmapped.is_ok_and(|n| n == size) {
+                // Cannot prove the device no longer reaches the memory: leak it.
+                std::mem::forget(mem);
+                return Err(DriverError::Pagemap {
+                    vaddr: 0,
+                    reason: "pages moved while pinned and the old mapping could not be removed",
+                    source: None,
+                });
+            }
+            self.check_in_aperture(pinned, size)?;
+            self.map_dma(&mem, pinned, size)?;
+            iova = pinned;
+        }
+        Ok(DmaBuffer {
+            mem: ManuallyDrop::new(mem),
+            iova,
+            size,
+            from_allocator: false,
+            iommu: Arc::clone(&self.iommu),
+        })
+    }
+
+    fn check_in_aperture(&self, iova: Iova, size: u64) -> Result<()> {
+        let want = IovaRange::from_start_len(iova, size).ok_or(DriverError::IovaRequest {
+            len: size,
+            align: 0,
+        })?;
+        if self
+            .iommu
+            .allocator()
+            .aperture()
+            .iter()
+            .any(|r| r.contains_range(&want))
+        {
+            Ok(())
+        } else {
+            Err(DriverError::Pagemap {
+                vaddr: 0,
+                reason: "physical address of the buffer is outside the IOMMU aperture",
+                source: None,
+            })
+        }
     }
 
     /// Routes MSI-X vectors `0..n` to fresh eventfds, one per vector (vector `i` signals
@@ -490,19 +634,22 @@ enum MapBarError {
 /// `mmap(MAP_SHARED)` of a BAR region on the device fd.
 fn map_bar(device: &File, info: &RegionInfo) -> std::result::Result<MmioRegion, MapBarError> {
     if info.size == 0 {
-        return Err(MapBarError::Region("BAR0 is not implemented (size 0)"));
+        return Err(MapBarError::Region(
+            "the register BAR is not implemented (size 0)",
+        ));
     }
     if !info.has(VFIO_REGION_INFO_FLAG_MMAP) {
         return Err(MapBarError::Region(
-            "BAR0 cannot be mmapped (I/O BAR, or not page-sized)",
+            "the register BAR cannot be mmapped (I/O BAR, or not page-sized)",
         ));
     }
     if !info.has(VFIO_REGION_INFO_FLAG_READ) || !info.has(VFIO_REGION_INFO_FLAG_WRITE) {
-        return Err(MapBarError::Region("BAR0 is not read/write"));
+        return Err(MapBarError::Region("the register BAR is not read/write"));
     }
-    let len = usize::try_from(info.size).map_err(|_| MapBarError::Region("BAR0 too large"))?;
+    let len = usize::try_from(info.size)
+        .map_err(|_| MapBarError::Region("the register BAR is too large"))?;
     let off = libc::off_t::try_from(info.offset)
-        .map_err(|_| MapBarError::Region("BAR0 offset too large"))?;
+        .map_err(|_| MapBarError::Region("the register BAR offset is too large"))?;
     // SAFETY: maps `len` bytes of the device fd at the region offset the kernel gave us;
     // the kernel picks the address, so no existing mapping is touched. The result is
     // checked against MAP_FAILED.
@@ -518,7 +665,7 @@ fn map_bar(device: &File, info: &RegionInfo) -> std::result::Result<MmioRegion, 
     };
     if p == libc::MAP_FAILED {
         return Err(MapBarError::Driver(DriverError::Mmap {
-            what: "BAR0",
+            what: "register BAR",
             len,
             source: std::io::Error::last_os_error(),
         }));
@@ -538,6 +685,8 @@ pub struct DmaBuffer {
     mem: ManuallyDrop<DmaMemory>,
     iova: Iova,
     size: u64,
+    /// The IOVA range came from the allocator (not [`IovaMode::PhysAddr`]).
+    from_allocator: bool,
     iommu: Arc<IommuCtx>,
 }
 
@@ -600,7 +749,9 @@ impl Drop for DmaBuffer {
         let unmapped =
             ioctl::iommu_unmap_dma(self.iommu.container.file(), self.iova.raw(), self.size);
         if unmapped.is_ok_and(|n| n == self.size) {
-            let _ = self.iommu.allocator().free(self.iova);
+            if self.from_allocator {
+                let _ = self.iommu.allocator().free(self.iova);
+            }
             // SAFETY: the IOMMU no longer maps the memory, so the device cannot reach
             // it; `mem` is not used again after this.
             unsafe { ManuallyDrop::drop(&mut self.mem) };
@@ -691,6 +842,15 @@ mod tests {
         assert_eq!(min_page_size(0x2001_0000), 0x1_0000);
         assert_eq!(min_page_size(0), 4096);
         assert_eq!(min_page_size(0x200), 4096);
+    }
+
+    #[test]
+    fn default_options_are_production() {
+        let o = VfioOptions::default();
+        assert_eq!(o.register_bar, 0);
+        assert_eq!(o.iova_mode, IovaMode::Allocated);
+        assert_eq!(o.bar_kind, BarKind::Device);
+        assert!(o.bus_master);
     }
 
     #[test]
