@@ -8,4 +8,5 @@
 #![deny(missing_docs, missing_debug_implementations)]
 
 pub mod api;
+pub mod dataplane;
 pub mod replay;

@@ -1,0 +1,396 @@
+//! Driving a connection through its hardware states: queueing inserts and deletes,
+//! applying their completions, and the after-delete actions (return to software with
+//! the conntrack fix-up, or free). Everything here runs inside the worker.
+
+use ctoffload_driver::counters::CounterDelta;
+use ctoffload_driver::device::{CommandResult, FlowCommand, Outcome};
+use ctoffload_driver::io::DeviceIo;
+use ctoffload_fallback_sw::conntrack::Teardown;
+use ctoffload_fallback_sw::table::Counter;
+use ctoffload_fallback_sw::tuple::Dir;
+use ctoffload_hw_regs::{CompletionStatus, FlowId};
+
+use super::hw_rule::build_rules;
+use super::policy::{NotOffloaded, idle_timeout};
+use super::state::{AfterDelete, CmdKind, ConnHandle, Entry, HwConn, HwState, Tagged};
+use super::worker::Worker;
+
+const DIRS: [Dir; 2] = [Dir::Original, Dir::Reply];
+
+fn idx(id: FlowId) -> usize {
+    usize::try_from(id.get()).unwrap_or(usize::MAX)
+}
+
+impl<Io: DeviceIo> Worker<Io> {
+    /// Builds the rules and queues both inserts; the connection becomes `Pending` and
+    /// is marked offloaded in conntrack (its timeout is held, so software GC cannot
+    /// free it while a rule may exist).
+    pub(super) fn start_offload(&mut self, h: ConnHandle, now: u64) {
+        let Some(conn) = self.ct.table().get(h.slot) else {
+            return;
+        };
+        let tuples = conn.tuples;
+        let Some(rec) = self.side.get_mut(&h.id) else {
+            return;
+        };
+        let Some(orig_in) = rec.orig_in else {
+            return;
+        };
+        let rules = match build_rules(&tuples, orig_in, &self.cfg.routing) {
+            Ok(r) => r,
+            Err(e) => {
+                rec.reason = Some(NotOffloaded::NoRule(e));
+                return;
+            }
+        };
+        if self.ct.mark_offloaded(h.slot, now).is_err() {
+            return;
+        }
+        rec.rules = Some(rules);
+        rec.entries = [Entry::Inserting; 2];
+        rec.state = HwState::Pending;
+        rec.abort = false;
+        for d in DIRS {
+            let r = rules[d.index()];
+            self.queue.push_back(Tagged {
+                cmd: FlowCommand::Insert {
+                    key: r.key,
+                    action: r.action,
+                },
+                conn: h,
+                dir: d,
+                kind: CmdKind::Insert,
+            });
+        }
+    }
+
+    /// Queues the deletes of every installed rule; the connection becomes `Dying` and
+    /// `after` runs once all are confirmed gone.
+    pub(super) fn begin_delete(&mut self, h: ConnHandle, after: AfterDelete, now: u64) {
+        let Some(rec) = self.side.get_mut(&h.id) else {
+            return;
+        };
+        rec.state = HwState::Dying(after);
+        let Some(rules) = rec.rules else {
+            self.settle(h, now);
+            return;
+        };
+        for d in DIRS {
+            if let Entry::Installed {
+                flow_id,
+                generation,
+            } = rec.entries[d.index()]
+            {
+                rec.entries[d.index()] = Entry::Deleting {
+                    flow_id,
+                    generation,
+                };
+                self.queue.push_back(Tagged {
+                    cmd: FlowCommand::Delete {
+                        flow_id,
+                        key: rules[d.index()].key,
+                    },
+                    conn: h,
+                    dir: d,
+                    kind: CmdKind::Delete,
+                });
+            }
+        }
+        self.settle(h, now);
+    }
+
+    /// Deletes the installed rules of a record that no connection owns any more.
+    pub(super) fn orphan_entries(&mut self, h: ConnHandle, rec: &HwConn) {
+        let Some(rules) = rec.rules else { return };
+        for d in DIRS {
+            if let Entry::Installed { flow_id, .. } | Entry::Deleting { flow_id, .. } =
+                rec.entries[d.index()]
+            {
+                self.queue.push_back(Tagged {
+                    cmd: FlowCommand::Delete {
+                        flow_id,
+                        key: rules[d.index()].key,
+                    },
+                    conn: h,
+                    dir: d,
+                    kind: CmdKind::Orphan,
+                });
+            }
+        }
+    }
+
+    /// Applies one completion.
+    pub(super) fn completed(&mut self, t: Tagged, r: &CommandResult, now: u64) {
+        match t.kind {
+            CmdKind::Insert => self.insert_done(t, r, now),
+            CmdKind::Delete => self.delete_done(t, r, now),
+            CmdKind::Orphan => {
+                if let Some(id) = r.flow_id {
+                    self.tracker.forget(id);
+                    if let Some(slot) = self.by_flow.get_mut(idx(id)) {
+                        *slot = None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn insert_done(&mut self, t: Tagged, r: &CommandResult, now: u64) {
+        let Some(rec) = self.side.get_mut(&t.conn.id) else {
+            // The connection is gone: a rule installed for it must not stay.
+            if r.is_ok() {
+                if let (Some(flow_id), FlowCommand::Insert { key, .. }) = (r.flow_id, t.cmd) {
+                    self.queue.push_back(Tagged {
+                        cmd: FlowCommand::Delete { flow_id, key },
+                        kind: CmdKind::Orphan,
+                        ..t
+                    });
+                }
+            }
+            return;
+        };
+        let e = &mut rec.entries[t.dir.index()];
+        if *e != Entry::Inserting {
+            return;
+        }
+        *e = match (r.outcome, r.flow_id) {
+            (Outcome::Status(CompletionStatus::Ok), Some(flow_id)) => {
+                if let Some(slot) = self.by_flow.get_mut(idx(flow_id)) {
+                    *slot = Some((t.conn, t.dir));
+                }
+                Entry::Installed {
+                    flow_id,
+                    generation: r.generation,
+                }
+            }
+            (Outcome::Status(CompletionStatus::TableFull), _) => {
+                self.stats.insert_table_full += 1;
+                Entry::Failed(NotOffloaded::TableFull)
+            }
+            (Outcome::Status(CompletionStatus::BucketFull | CompletionStatus::Exists), _) => {
+                self.stats.insert_collision += 1;
+                Entry::Failed(NotOffloaded::Collision)
+            }
+            (Outcome::Aborted, _) => Entry::Failed(NotOffloaded::DeviceDown),
+            _ => {
+                self.stats.insert_error += 1;
+                Entry::Failed(NotOffloaded::DeviceError)
+            }
+        };
+        self.settle(t.conn, now);
+    }
+
+    fn delete_done(&mut self, t: Tagged, r: &CommandResult, now: u64) {
+        let Some(rec) = self.side.get_mut(&t.conn.id) else {
+            return;
+        };
+        let Entry::Deleting {
+            flow_id,
+            generation,
+        } = rec.entries[t.dir.index()]
+        else {
+            return;
+        };
+        match r.outcome {
+            Outcome::Status(CompletionStatus::Ok) => {
+                // Invariant 3: the final counters since the last pull, exactly once.
+                let d = self.tracker.finish(flow_id, generation, r.counters);
+                rec.entries[t.dir.index()] = Entry::Absent;
+                self.fold(t.conn, t.dir, &d);
+            }
+            Outcome::Status(CompletionStatus::NotFound) => {
+                self.stats.delete_not_found += 1;
+                self.tracker.forget(flow_id);
+                rec.entries[t.dir.index()] = Entry::Absent;
+            }
+            Outcome::Aborted => return, // the fault handler owns it now
+            _ => {
+                // DEVICE_ERROR had no effect: retry, still in order behind nothing.
+                self.stats.delete_retries += 1;
+                self.queue.push_back(t);
+                return;
+            }
+        }
+        if let Some(s) = self.by_flow.get_mut(idx(flow_id)) {
+            if s.is_some_and(|(c, _)| c == t.conn) {
+                *s = None;
+            }
+        }
+        self.settle(t.conn, now);
+    }
+
+    /// Adds a hardware counter delta to the connection (L2 bytes turned into L3 bytes
+    /// as conntrack counts them) and moves its hardware last-hit forward.
+    pub(super) fn fold(&mut self, h: ConnHandle, dir: Dir, d: &CounterDelta) {
+        let last_hit = (d.last_hit != 0).then(|| self.agent_time(d.last_hit));
+        let Some(rec) = self.side.get_mut(&h.id) else {
+            return;
+        };
+        if let Some(t) = last_hit {
+            rec.hw_last_hit = rec.hw_last_hit.max(t);
+        }
+        if d.packets == 0 && d.bytes == 0 {
+            return;
+        }
+        let l2 = u64::from(rec.l2_len[dir.index()]);
+        self.stats.hw_packets += d.packets;
+        self.stats.hw_bytes_l2 += d.bytes;
+        let delta = Counter {
+            packets: d.packets,
+            bytes: d.bytes.saturating_sub(d.packets.saturating_mul(l2)),
+        };
+        self.ct.add_external_counts(h.slot, dir, delta);
+    }
+
+    /// Moves a connection on once no command is outstanding for it.
+    pub(super) fn settle(&mut self, h: ConnHandle, now: u64) {
+        let Some(rec) = self.side.get_mut(&h.id) else {
+            return;
+        };
+        if rec.busy() {
+            return;
+        }
+        let installed = rec
+            .entries
+            .iter()
+            .filter(|e| matches!(e, Entry::Installed { .. }))
+            .count();
+        let failed = rec.entries.iter().find_map(|e| match e {
+            Entry::Failed(r) => Some(*r),
+            _ => None,
+        });
+        match rec.state {
+            HwState::Pending => {
+                if let Some(reason) = failed {
+                    rec.backoff.fail(&self.cfg.policy, now);
+                    let after = AfterDelete::Return(Teardown::Returned, reason);
+                    if installed > 0 {
+                        self.begin_delete(h, after, now);
+                    } else {
+                        self.finish_dead(h, after, now);
+                    }
+                    if reason == NotOffloaded::TableFull && self.cfg.policy.displace_coldest {
+                        self.displace_coldest(h, now);
+                    }
+                } else if rec.abort {
+                    let after = AfterDelete::Return(Teardown::Returned, NotOffloaded::Closing);
+                    self.begin_delete(h, after, now);
+                } else {
+                    rec.state = HwState::Offloaded;
+                    rec.reason = None;
+                    rec.offloaded_at = now;
+                    rec.backoff.reset();
+                    self.stats.offloaded += 1;
+                    self.ct.set_hw_offloaded(h.slot, true);
+                }
+            }
+            HwState::Dying(after) if installed == 0 => self.finish_dead(h, after, now),
+            _ => {}
+        }
+    }
+
+    /// Every rule is gone (invariant 2): only now return or free the connection.
+    fn finish_dead(&mut self, h: ConnHandle, after: AfterDelete, now: u64) {
+        let Some(rec) = self.side.get_mut(&h.id) else {
+            return;
+        };
+        rec.state = HwState::Dead;
+        rec.entries = [Entry::Absent; 2];
+        rec.rules = None;
+        match after {
+            AfterDelete::Return(how, reason) => {
+                let how = match how {
+                    // The idle time is measured now, from the final counters folded in
+                    // by the deletes: a late hit shortens it (invariant 1).
+                    Teardown::Idle { .. } => Teardown::Idle {
+                        idle_ns: now.saturating_sub(rec.last_active()),
+                    },
+                    other => other,
+                };
+                rec.state = HwState::None;
+                rec.reason = Some(reason);
+                self.stats.returned += 1;
+                self.ct.teardown(h.slot, how, now);
+            }
+            AfterDelete::Free => {
+                self.side.remove(&h.id);
+                self.ct.teardown(h.slot, Teardown::Returned, now);
+                let _ = self.ct.delete(h.slot);
+            }
+        }
+    }
+
+    /// Table full: take the offloaded flow idle the longest out of hardware so that a
+    /// later retry of `for_whom` finds room.
+    fn displace_coldest(&mut self, for_whom: ConnHandle, now: u64) {
+        let victim = self
+            .side
+            .iter()
+            .filter(|(id, r)| **id != for_whom.id && r.state == HwState::Offloaded)
+            .min_by_key(|(_, r)| r.last_active())
+            .map(|(id, r)| ConnHandle {
+                slot: r.slot,
+                id: *id,
+            });
+        if let Some(v) = victim {
+            self.stats.displaced += 1;
+            self.begin_delete(
+                v,
+                AfterDelete::Return(Teardown::Idle { idle_ns: 0 }, NotOffloaded::Displaced),
+                now,
+            );
+            if let Some(rec) = self.side.get_mut(&for_whom.id) {
+                rec.backoff.retry_at = now;
+            }
+        }
+    }
+
+    /// Idle check for an offloaded connection (reconciler): past its protocol's idle
+    /// timeout it leaves hardware, then returns to software with the idle time
+    /// subtracted from its conntrack timeout.
+    pub(super) fn check_idle(&mut self, h: ConnHandle, now: u64) {
+        let Some(rec) = self.side.get(&h.id) else {
+            return;
+        };
+        if rec.state != HwState::Offloaded {
+            return;
+        }
+        let Some(conn) = self.ct.table().get(h.slot) else {
+            return;
+        };
+        let limit = idle_timeout(&self.cfg.policy, conn.tuples[0].proto);
+        self.ct.keep_alive(h.slot, now);
+        if now.saturating_sub(rec.last_active()) > limit {
+            self.begin_delete(
+                h,
+                AfterDelete::Return(Teardown::Idle { idle_ns: 0 }, NotOffloaded::Idle),
+                now,
+            );
+        }
+    }
+
+    /// Operator delete: an offloaded connection leaves hardware first (invariant 2),
+    /// then is deleted from software. Returns whether the connection existed.
+    pub fn delete_connection(&mut self, h: ConnHandle, now: u64) -> bool {
+        if self.ct.table().get_checked(h.slot, h.id).is_none() {
+            return false;
+        }
+        match self.side.get(&h.id).map(|r| r.state) {
+            Some(HwState::Offloaded) => self.begin_delete(h, AfterDelete::Free, now),
+            Some(HwState::Pending | HwState::Dying(_)) => {
+                // Let the outstanding commands finish, then free.
+                if let Some(rec) = self.side.get_mut(&h.id) {
+                    rec.abort = true;
+                    if let HwState::Dying(_) = rec.state {
+                        rec.state = HwState::Dying(AfterDelete::Free);
+                    }
+                }
+            }
+            Some(HwState::None | HwState::Dead) | None => {
+                self.side.remove(&h.id);
+                let _ = self.ct.delete(h.slot);
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,124 @@
+//! The reconciler: the periodic, incremental counter pull that keeps software's view
+//! of offloaded flows true.
+//!
+//! Each [`Worker::reconcile`] tick pulls the counters of the next
+//! `counter_slots_per_tick` device slots with `COUNTER_DUMP` (one DMA per chunk, no
+//! per-flow register reads) and, for every slot that holds one of our rules:
+//!
+//! - turns the raw counters into a wrap-safe delta ([`CounterTracker`], keyed by slot
+//!   and generation) and adds it to the connection's conntrack counters exactly once
+//!   (invariant 3); the final delta comes with the delete's completion;
+//! - moves the connection's hardware last-hit forward, refreshes its conntrack timeout
+//!   (`keep_alive`), and only when the flow has been idle in *both* directions for its
+//!   protocol's idle timeout starts its removal (invariant 1): delete in hardware,
+//!   wait for the completion, then return it to software with the idle time
+//!   subtracted from its conntrack timeout (invariant 2 and Linux flowtable teardown).
+//!
+//! Work per tick is bounded by the slot budget plus the GC budget; a full sweep of the
+//! table takes `capacity / counter_slots_per_tick` ticks and must stay under 25 s.
+//!
+//! [`CounterTracker`]: ctoffload_driver::counters::CounterTracker
+
+use ctoffload_driver::io::DeviceIo;
+
+use super::state::Entry;
+use super::worker::Worker;
+
+impl<Io: DeviceIo> Worker<Io> {
+    /// One reconcile tick at `now`: device health, recovery if down, one chunk of the
+    /// counter sweep with idle checks, completions, conntrack GC, queued commands.
+    pub fn reconcile(&mut self, now: u64) {
+        self.stats.reconcile_ticks += 1;
+        self.check_events(now);
+        self.check_health(now);
+        if !self.device_up {
+            self.try_recover(now);
+        }
+        if self.device_up {
+            self.pull_counters(now);
+        }
+        self.reap(now);
+        self.ct.gc(now, self.cfg.gc_budget);
+        self.drain_ct_events(now);
+        self.flush(now);
+    }
+
+    /// Pulls the whole table's counters in one go (every chunk), e.g. before reading
+    /// totals, or in a benchmark.
+    pub fn reconcile_full_sweep(&mut self, now: u64) {
+        let cap = self.dev.capabilities().flow_capacity;
+        let per = self.cfg.counter_slots_per_tick.max(1);
+        let ticks = cap.div_ceil(per);
+        self.cursor = 0;
+        for _ in 0..ticks {
+            if !self.device_up {
+                break;
+            }
+            self.pull_counters(now);
+        }
+        self.reap(now);
+        self.flush(now);
+    }
+
+    fn pull_counters(&mut self, now: u64) {
+        let cap = self.dev.capabilities().flow_capacity;
+        if cap == 0 {
+            return;
+        }
+        if self.cursor >= cap {
+            self.cursor = 0;
+        }
+        let n = self
+            .cfg
+            .counter_slots_per_tick
+            .max(1)
+            .min(cap - self.cursor);
+        let mut samples = std::mem::take(&mut self.samples);
+        samples.clear();
+        if self
+            .dev
+            .dump_counters(self.cursor, n, &mut samples)
+            .is_err()
+        {
+            self.samples = samples;
+            self.device_fault(now);
+            return;
+        }
+        self.cursor += n;
+        for s in &samples {
+            self.stats.counter_records += 1;
+            let i = usize::try_from(s.flow_id.get()).unwrap_or(usize::MAX);
+            let Some((h, dir)) = self.by_flow.get(i).copied().flatten() else {
+                if !s.valid {
+                    self.tracker.forget(s.flow_id);
+                }
+                continue;
+            };
+            let Some(rec) = self.side.get(&h.id) else {
+                continue;
+            };
+            let ours = matches!(
+                rec.entries[dir.index()],
+                Entry::Installed { flow_id, generation }
+                    if flow_id == s.flow_id && generation == s.generation
+            );
+            if !ours || !s.valid {
+                continue;
+            }
+            // The idle check runs at the later of the connection's two slots in sweep
+            // order, so both directions' last hits are fresh when it decides.
+            let other = match rec.entries[dir.opposite().index()] {
+                Entry::Installed { flow_id, .. } => Some(flow_id),
+                _ => None,
+            };
+            let last_of_two = other.is_none_or(|o| o <= s.flow_id);
+            if let Some(d) = self.tracker.update(s) {
+                self.fold(h, dir, &d);
+            }
+            if last_of_two {
+                self.check_idle(h, now);
+            }
+        }
+        self.samples = samples;
+    }
+}
