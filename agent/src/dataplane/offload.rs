@@ -16,6 +16,10 @@ use super::state::{AfterDelete, CmdKind, ConnHandle, Entry, HwConn, HwState, Tag
 use super::worker::Worker;
 
 const DIRS: [Dir; 2] = [Dir::Original, Dir::Reply];
+/// Hold a connection with outstanding commands this far ahead...
+const HOLD_NS: u64 = 86_400 * 1_000_000_000;
+/// ...whenever less than this remains.
+const HOLD_MIN_NS: u64 = 300 * 1_000_000_000;
 
 fn idx(id: FlowId) -> usize {
     usize::try_from(id.get()).unwrap_or(usize::MAX)
@@ -297,6 +301,9 @@ impl<Io: DeviceIo> Worker<Io> {
         rec.state = HwState::Dead;
         rec.entries = [Entry::Absent; 2];
         rec.rules = None;
+        if let Some(t) = rec.held_timeout.take() {
+            self.ct.table_mut().set_timeout(h.slot, t);
+        }
         match after {
             AfterDelete::Return(how, reason) => {
                 let how = match how {
@@ -367,6 +374,58 @@ impl<Io: DeviceIo> Worker<Io> {
                 now,
             );
         }
+    }
+
+    /// Invariant 2 against software time: a connection with a command queued or in
+    /// flight is never expired by conntrack (GC or lazy expiry on lookup), however far
+    /// `now` runs ahead of the device; its timeout is held and restored when its rules
+    /// are dead. Costs O(outstanding commands).
+    pub(super) fn hold_in_flight(&mut self, now: u64) {
+        let mut held = std::mem::take(&mut self.held_scratch);
+        held.clear();
+        held.extend(
+            self.inflight
+                .values()
+                .chain(self.queue.iter())
+                .filter(|t| t.kind != CmdKind::Orphan)
+                .map(|t| t.conn),
+        );
+        for h in &held {
+            let Some(conn) = self.ct.table().get_checked(h.slot, h.id) else {
+                continue;
+            };
+            let timeout = conn.timeout;
+            if timeout > now.saturating_add(HOLD_MIN_NS) {
+                continue;
+            }
+            if let Some(rec) = self.side.get_mut(&h.id) {
+                rec.held_timeout.get_or_insert(timeout);
+                self.ct
+                    .table_mut()
+                    .set_timeout(h.slot, now.saturating_add(HOLD_NS));
+            }
+        }
+        self.held_scratch = held;
+    }
+
+    /// A TCP control packet punted by an offloaded flow's rule: Linux order, the
+    /// flowtable teardown fix-up first (window tracking restarts, since software did
+    /// not see the segments the device forwarded), then the packet goes through
+    /// conntrack; the rules are deleted and the connection stays held until they are.
+    pub(super) fn tcp_ctrl_punt(&mut self, flow_id: FlowId, now: u64) {
+        let Some((h, _)) = self.by_flow.get(idx(flow_id)).copied().flatten() else {
+            return;
+        };
+        if self.side.get(&h.id).map(|r| r.state) != Some(HwState::Offloaded) {
+            return;
+        }
+        self.ct.teardown(h.slot, Teardown::Returned, now);
+        self.begin_delete(
+            h,
+            AfterDelete::Return(Teardown::Returned, NotOffloaded::Closing),
+            now,
+        );
+        self.hold_in_flight(now);
     }
 
     /// Operator delete: an offloaded connection leaves hardware first (invariant 2),

@@ -29,6 +29,7 @@ impl<Io: DeviceIo> Worker<Io> {
     /// counter sweep with idle checks, completions, conntrack GC, queued commands.
     pub fn reconcile(&mut self, now: u64) {
         self.stats.reconcile_ticks += 1;
+        self.hold_in_flight(now);
         self.check_events(now);
         self.check_health(now);
         if !self.device_up {

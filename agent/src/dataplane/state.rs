@@ -117,6 +117,9 @@ pub struct HwConn {
     pub backoff: Backoff,
     /// A teardown packet was seen while inserts were in flight: delete on completion.
     pub abort: bool,
+    /// The conntrack timeout it had before the worker held it for an outstanding
+    /// command (restored when the rules are dead).
+    pub held_timeout: Option<u64>,
 }
 
 impl HwConn {
@@ -136,6 +139,7 @@ impl HwConn {
             offloaded_at: 0,
             backoff: Backoff::default(),
             abort: false,
+            held_timeout: None,
         }
     }
 

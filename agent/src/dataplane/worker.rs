@@ -141,6 +141,7 @@ pub struct Worker<Io: DeviceIo> {
     pub(super) events: Vec<DeviceEvent>,
     pub(super) samples: Vec<CounterSample>,
     pub(super) cmds: Vec<FlowCommand>,
+    pub(super) held_scratch: Vec<ConnHandle>,
 }
 
 impl<Io: DeviceIo> Worker<Io> {
@@ -168,6 +169,7 @@ impl<Io: DeviceIo> Worker<Io> {
             events: Vec::new(),
             samples: Vec::new(),
             cmds: Vec::new(),
+            held_scratch: Vec::new(),
             cfg,
         }
     }
@@ -232,10 +234,20 @@ impl<Io: DeviceIo> Worker<Io> {
     /// One run-to-completion step: device events, completions, up to `rx_batch`
     /// exception frames, offload decisions, and one command batch.
     pub fn poll(&mut self, now: u64) -> usize {
+        self.hold_in_flight(now);
         self.check_events(now);
         self.reap(now);
         let n = self.rx(now);
         self.flush(now);
+        self.drain_ct_events(now);
+        n
+    }
+
+    /// Conntrack GC at `now` (at most `gc_budget` timers), then the side table follows
+    /// the removals. Also run by [`Worker::reconcile`].
+    pub fn gc(&mut self, now: u64) -> usize {
+        self.hold_in_flight(now);
+        let n = self.ct.gc(now, self.cfg.gc_budget);
         self.drain_ct_events(now);
         n
     }
@@ -278,6 +290,9 @@ impl<Io: DeviceIo> Worker<Io> {
     fn exception_frame(&mut self, m: &RxMeta, at: usize, len: usize, now: u64) {
         if m.reason == Ok(RxReason::TcpCtrl) {
             self.stats.punt_tcp_ctrl += 1;
+            if let Some(id) = m.flow_id {
+                self.tcp_ctrl_punt(id, now);
+            }
         }
         let frame = &self.rx_buf[at..at + len];
         let zone = if m.vlan && frame.len() >= 16 {
