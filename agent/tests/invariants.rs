@@ -39,15 +39,18 @@ const UDP_L3: u64 = 20 + 8 + 32;
 
 struct Rig {
     w: Worker<SimIo>,
-    sim: Option<SimThread>,
+    sim: SimGuard,
     faults: FaultHandle,
     wire: Vec<MemPort>,
     clock: Arc<AtomicU64>,
 }
 
-impl Drop for Rig {
+/// Stops the simulator thread when the test ends.
+struct SimGuard(Option<SimThread>);
+
+impl Drop for SimGuard {
     fn drop(&mut self) {
-        if let Some(s) = self.sim.take() {
+        if let Some(s) = self.0.take() {
             drop(s.stop());
         }
     }
@@ -88,7 +91,7 @@ fn rig_with(sim_cfg: SimConfig, wcfg: WorkerConfig) -> Rig {
     let dev = Device::new(io, dcfg).expect("bring-up");
     Rig {
         w: Worker::new(wcfg, dev),
-        sim: Some(sim),
+        sim: SimGuard(Some(sim)),
         faults,
         wire,
         clock,
@@ -176,7 +179,11 @@ impl Rig {
     }
 
     fn sim_stats(&self) -> ctoffload_nic_sim::SimStats {
-        self.sim.as_ref().map(SimThread::stats).unwrap_or_default()
+        self.sim
+            .0
+            .as_ref()
+            .map(SimThread::stats)
+            .unwrap_or_default()
     }
 
     fn poll(&mut self) {
@@ -680,4 +687,99 @@ fn invariant5_device_error_leaves_flow_in_software_and_retries() {
     r.advance(2 * S);
     r.send_expect(0, &udp(CLIENT, 9000, SERVER, 53), 1, 1);
     assert_eq!(r.state(h), (HwState::Offloaded, None));
+}
+
+/// Restart: a new worker over the device that stayed up rebuilds its connections from
+/// the table dump; stale entries are deleted; adopted flows keep forwarding in
+/// hardware and their counts continue.
+#[test]
+fn restart_rebuilds_connections_from_the_device_table() {
+    let mut r = rig();
+    let a = r.udp_flow(10_000);
+    r.send_expect(0, &tcp(CLIENT, 10_001, SERVER, 80, 100, None, "S"), 1, 1);
+    r.send_expect(
+        1,
+        &tcp(SERVER, 80, CLIENT, 10_001, 500, Some(101), "S"),
+        0,
+        1,
+    );
+    r.send_expect(
+        0,
+        &tcp(CLIENT, 10_001, SERVER, 80, 101, Some(501), ""),
+        1,
+        1,
+    );
+    let tt = tuple(CLIENT, 10_001, SERVER, 80, proto::TCP);
+    let b = r.handle(&tt);
+    assert_eq!(r.state(a).0, HwState::Offloaded);
+    assert_eq!(r.state(b).0, HwState::Offloaded);
+    // A stale entry with no partner (as if left by a crashed worker).
+    let stale = ctoffload_hw_regs::FlowKey::ipv4(
+        0,
+        ctoffload_hw_regs::L4Proto::Udp,
+        0,
+        [10, 9, 9, 9].into(),
+        1,
+        [10, 9, 9, 8].into(),
+        2,
+    );
+    let res =
+        r.w.device_mut()
+            .execute(
+                &[ctoffload_driver::device::FlowCommand::Insert {
+                    key: stale,
+                    action: ctoffload_hw_regs::FlowAction::forward(1),
+                }],
+                WAIT,
+            )
+            .expect("insert");
+    assert!(res[0].is_ok());
+    r.hw_burst(0, &udp(CLIENT, 10_000, SERVER, 53), 3);
+    // Restart.
+    let Rig {
+        w,
+        sim,
+        faults,
+        wire,
+        clock,
+    } = r;
+    let now = clock.load(Ordering::Acquire);
+    let (w, report) = w.restart(now);
+    let mut r = Rig {
+        w,
+        sim,
+        faults,
+        wire,
+        clock,
+    };
+    let report = report.expect("restore");
+    assert_eq!(report.entries, 5);
+    assert_eq!(report.adopted, 2);
+    assert_eq!(report.deleted, 1);
+    r.settle();
+    assert_eq!(r.w.device_mut().dump_table().expect("dump").len(), 4);
+    let ut = tuple(CLIENT, 10_000, SERVER, 53, proto::UDP);
+    let a2 = r.handle(&ut);
+    let b2 = r.handle(&tt);
+    assert_eq!(r.state(a2), (HwState::Offloaded, None));
+    assert_eq!(r.state(b2), (HwState::Offloaded, None));
+    let conn = r.w.conntrack().table().get(b2.slot).expect("tcp");
+    let L4State::Tcp(t) = conn.proto else {
+        panic!("tcp")
+    };
+    assert_eq!(t.state(), TcpState::Established);
+    // Hardware keeps forwarding; the first pull brings the counts since insert.
+    r.hw_burst(0, &udp(CLIENT, 10_000, SERVER, 53), 2);
+    let now = r.now();
+    r.w.reconcile_full_sweep(now);
+    assert_eq!(r.counters(a2)[0], (5, 5 * UDP_L3));
+    // Teardown still works on an adopted TCP connection.
+    r.send_expect(
+        1,
+        &tcp(SERVER, 80, CLIENT, 10_001, 501, Some(101), "F"),
+        0,
+        1,
+    );
+    r.pump_until("teardown", |r| r.state(b2).0 == HwState::None);
+    assert_eq!(r.w.stats().freed_while_in_hw, 0);
 }

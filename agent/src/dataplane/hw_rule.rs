@@ -109,7 +109,7 @@ fn ip(family: Family, a: &Addr) -> IpAddr {
 }
 
 /// The key of a packet carrying `t` on the wire, arriving on `port`.
-fn key_of(t: &Tuple, port: u8) -> FlowKey {
+pub fn key_of(t: &Tuple, port: u8) -> FlowKey {
     let mut src = t.src.0;
     let mut dst = t.dst.0;
     if t.family == Family::V4 {

@@ -8,6 +8,7 @@
 //!   batched flow commands); `offload` applies command completions.
 //! - [`reconciler`]: incremental bulk counter pull, idle expiry, teardown.
 //! - `faults`: device faults and recovery.
+//! - [`restore`]: rebuilding connections from the device table after a restart.
 //!
 //! `docs/agent.md` describes how each invariant of the design is kept.
 
@@ -16,10 +17,12 @@ pub mod hw_rule;
 mod offload;
 pub mod policy;
 pub mod reconciler;
+pub mod restore;
 pub mod state;
 pub mod worker;
 
 pub use hw_rule::{HwRule, PortL2, Routing, RuleError, build_rules};
 pub use policy::{NotOffloaded, OffloadPolicy, Wait};
+pub use restore::RestoreReport;
 pub use state::{AfterDelete, ConnHandle, Entry, HwConn, HwState};
 pub use worker::{Worker, WorkerConfig, WorkerStats};

@@ -129,7 +129,8 @@ impl<Io: DeviceIo> Worker<Io> {
             CmdKind::Insert => self.insert_done(t, r, now),
             CmdKind::Delete => self.delete_done(t, r, now),
             CmdKind::Orphan => {
-                if let Some(id) = r.flow_id {
+                // Only a successful delete frees the slot (NOT_FOUND: someone else's).
+                if let (true, Some(id)) = (r.is_ok(), r.flow_id) {
                     self.tracker.forget(id);
                     if let Some(slot) = self.by_flow.get_mut(idx(id)) {
                         *slot = None;
