@@ -142,14 +142,24 @@ pub struct Worker<Io: DeviceIo> {
     pub(super) samples: Vec<CounterSample>,
     pub(super) cmds: Vec<FlowCommand>,
     pub(super) held_scratch: Vec<ConnHandle>,
+    gone_scratch: Vec<u64>,
 }
 
 impl<Io: DeviceIo> Worker<Io> {
     /// A worker over a device that is already up.
     pub fn new(cfg: WorkerConfig, dev: Device<Io>) -> Self {
         let cap = usize::try_from(dev.capabilities().flow_capacity).unwrap_or(0);
+        // The side table follows conntrack's Destroy events, drained after every poll
+        // and GC run: make room for a GC run plus two polls' worth of New events, so
+        // none is lost.
+        let mut ct_cfg = cfg.conntrack;
+        ct_cfg.event_capacity = ct_cfg.event_capacity.max(
+            cfg.gc_budget
+                .saturating_add(cfg.rx_batch.saturating_mul(2))
+                .saturating_add(1024),
+        );
         Self {
-            ct: Conntrack::new(cfg.conntrack),
+            ct: Conntrack::new(ct_cfg),
             device_up: dev.is_up(),
             dev,
             side: HashMap::new(),
@@ -170,6 +180,7 @@ impl<Io: DeviceIo> Worker<Io> {
             samples: Vec::new(),
             cmds: Vec::new(),
             held_scratch: Vec::new(),
+            gone_scratch: Vec::new(),
             cfg,
         }
     }
@@ -511,13 +522,14 @@ impl<Io: DeviceIo> Worker<Io> {
     /// Conntrack removed connections: drop their records. A record still holding a
     /// rule would break invariant 2; it is counted and its rules are deleted.
     pub(super) fn drain_ct_events(&mut self, _now: u64) {
-        let mut gone = Vec::new();
+        let mut gone = std::mem::take(&mut self.gone_scratch);
+        gone.clear();
         for ev in self.ct.table_mut().drain_events() {
             if let Event::Destroy { id, .. } = ev {
                 gone.push(id);
             }
         }
-        for id in gone {
+        for &id in &gone {
             if let Some(rec) = self.side.remove(&id) {
                 if !matches!(rec.state, HwState::None | HwState::Dead) {
                     self.stats.freed_while_in_hw += 1;
@@ -525,6 +537,7 @@ impl<Io: DeviceIo> Worker<Io> {
                 }
             }
         }
+        self.gone_scratch = gone;
     }
 }
 
