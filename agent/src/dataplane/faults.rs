@@ -71,8 +71,8 @@ impl<Io: DeviceIo> Worker<Io> {
     fn lose_hardware_state(&mut self, now: u64) {
         self.queue.clear();
         self.inflight.clear();
-        self.tracker.clear();
-        self.by_flow.fill(None);
+        let cap = usize::try_from(self.dev.capabilities().flow_capacity).unwrap_or(0);
+        self.slots.reset(cap);
         let held: Vec<(u64, HwState)> = self
             .side
             .iter()
@@ -113,7 +113,8 @@ impl<Io: DeviceIo> Worker<Io> {
             Ok(()) => {
                 self.device_up = true;
                 self.stats.recoveries += 1;
-                self.tracker.clear();
+                let cap = usize::try_from(self.dev.capabilities().flow_capacity).unwrap_or(0);
+                self.slots.reset(cap);
                 // Stale results of the old rings come back as aborted: drop them.
                 self.results.clear();
                 let _ = self.dev.reap(&mut self.results);

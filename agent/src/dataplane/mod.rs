@@ -8,6 +8,7 @@
 //!   batched flow commands); `offload` applies command completions.
 //! - [`reconciler`]: incremental bulk counter pull, idle expiry, teardown.
 //! - `faults`: device faults and recovery.
+//! - [`slots`]: per device slot owner and counter baseline (wrap-safe deltas).
 //! - [`restore`]: rebuilding connections from the device table after a restart.
 //!
 //! `docs/agent.md` describes how each invariant of the design is kept.
@@ -18,6 +19,7 @@ mod offload;
 pub mod policy;
 pub mod reconciler;
 pub mod restore;
+pub mod slots;
 pub mod state;
 pub mod worker;
 

@@ -2,7 +2,6 @@
 //! applying their completions, and the after-delete actions (return to software with
 //! the conntrack fix-up, or free). Everything here runs inside the worker.
 
-use ctoffload_driver::counters::CounterDelta;
 use ctoffload_driver::device::{CommandResult, FlowCommand, Outcome};
 use ctoffload_driver::io::DeviceIo;
 use ctoffload_fallback_sw::conntrack::Teardown;
@@ -12,6 +11,7 @@ use ctoffload_hw_regs::{CompletionStatus, FlowId};
 
 use super::hw_rule::build_rules;
 use super::policy::{NotOffloaded, idle_timeout};
+use super::slots::Delta;
 use super::state::{AfterDelete, CmdKind, ConnHandle, Entry, HwConn, HwState, Tagged};
 use super::worker::Worker;
 
@@ -20,10 +20,6 @@ const DIRS: [Dir; 2] = [Dir::Original, Dir::Reply];
 const HOLD_NS: u64 = 86_400 * 1_000_000_000;
 /// ...whenever less than this remains.
 const HOLD_MIN_NS: u64 = 300 * 1_000_000_000;
-
-fn idx(id: FlowId) -> usize {
-    usize::try_from(id.get()).unwrap_or(usize::MAX)
-}
 
 impl<Io: DeviceIo> Worker<Io> {
     /// Builds the rules and queues both inserts; the connection becomes `Pending` and
@@ -131,10 +127,7 @@ impl<Io: DeviceIo> Worker<Io> {
             CmdKind::Orphan => {
                 // Only a successful delete frees the slot (NOT_FOUND: someone else's).
                 if let (true, Some(id)) = (r.is_ok(), r.flow_id) {
-                    self.tracker.forget(id);
-                    if let Some(slot) = self.by_flow.get_mut(idx(id)) {
-                        *slot = None;
-                    }
+                    self.slots.clear(id);
                 }
             }
         }
@@ -160,9 +153,7 @@ impl<Io: DeviceIo> Worker<Io> {
         }
         *e = match (r.outcome, r.flow_id) {
             (Outcome::Status(CompletionStatus::Ok), Some(flow_id)) => {
-                if let Some(slot) = self.by_flow.get_mut(idx(flow_id)) {
-                    *slot = Some((t.conn, t.dir));
-                }
+                self.slots.install(flow_id, (t.conn, t.dir), r.generation);
                 Entry::Installed {
                     flow_id,
                     generation: r.generation,
@@ -199,13 +190,13 @@ impl<Io: DeviceIo> Worker<Io> {
         match r.outcome {
             Outcome::Status(CompletionStatus::Ok) => {
                 // Invariant 3: the final counters since the last pull, exactly once.
-                let d = self.tracker.finish(flow_id, generation, r.counters);
+                let d = self.slots.finish(flow_id, generation, &r.counters);
                 rec.entries[t.dir.index()] = Entry::Absent;
                 self.fold(t.conn, t.dir, &d);
             }
             Outcome::Status(CompletionStatus::NotFound) => {
                 self.stats.delete_not_found += 1;
-                self.tracker.forget(flow_id);
+                self.slots.clear_if(flow_id, t.conn);
                 rec.entries[t.dir.index()] = Entry::Absent;
             }
             Outcome::Aborted => return, // the fault handler owns it now
@@ -216,17 +207,13 @@ impl<Io: DeviceIo> Worker<Io> {
                 return;
             }
         }
-        if let Some(s) = self.by_flow.get_mut(idx(flow_id)) {
-            if s.is_some_and(|(c, _)| c == t.conn) {
-                *s = None;
-            }
-        }
+        self.slots.clear_if(flow_id, t.conn);
         self.settle(t.conn, now);
     }
 
     /// Adds a hardware counter delta to the connection (L2 bytes turned into L3 bytes
     /// as conntrack counts them) and moves its hardware last-hit forward.
-    pub(super) fn fold(&mut self, h: ConnHandle, dir: Dir, d: &CounterDelta) {
+    pub(super) fn fold(&mut self, h: ConnHandle, dir: Dir, d: &Delta) {
         let last_hit = (d.last_hit != 0).then(|| self.agent_time(d.last_hit));
         let Some(rec) = self.side.get_mut(&h.id) else {
             return;
@@ -281,6 +268,13 @@ impl<Io: DeviceIo> Worker<Io> {
                     let after = AfterDelete::Return(Teardown::Returned, NotOffloaded::Closing);
                     self.begin_delete(h, after, now);
                 } else {
+                    if let [
+                        Entry::Installed { flow_id: a, .. },
+                        Entry::Installed { flow_id: b, .. },
+                    ] = rec.entries
+                    {
+                        self.slots.pair(a, b);
+                    }
                     rec.state = HwState::Offloaded;
                     rec.reason = None;
                     rec.offloaded_at = now;
@@ -414,7 +408,7 @@ impl<Io: DeviceIo> Worker<Io> {
     /// not see the segments the device forwarded), then the packet goes through
     /// conntrack; the rules are deleted and the connection stays held until they are.
     pub(super) fn tcp_ctrl_punt(&mut self, flow_id: FlowId, now: u64) {
-        let Some((h, _)) = self.by_flow.get(idx(flow_id)).copied().flatten() else {
+        let Some((h, _)) = self.slots.owner(flow_id) else {
             return;
         };
         if self.side.get(&h.id).map(|r| r.state) != Some(HwState::Offloaded) {

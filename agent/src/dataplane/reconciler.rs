@@ -5,8 +5,8 @@
 //! `counter_slots_per_tick` device slots with `COUNTER_DUMP` (one DMA per chunk, no
 //! per-flow register reads) and, for every slot that holds one of our rules:
 //!
-//! - turns the raw counters into a wrap-safe delta ([`CounterTracker`], keyed by slot
-//!   and generation) and adds it to the connection's conntrack counters exactly once
+//! - turns the raw counters into a wrap-safe delta (the slot table, [`super::slots`],
+//!   per slot and generation) and adds it to the connection's conntrack counters exactly once
 //!   (invariant 3); the final delta comes with the delete's completion;
 //! - moves the connection's hardware last-hit forward, refreshes its conntrack timeout
 //!   (`keep_alive`), and only when the flow has been idle in *both* directions for its
@@ -17,11 +17,11 @@
 //! Work per tick is bounded by the slot budget plus the GC budget; a full sweep of the
 //! table takes `capacity / counter_slots_per_tick` ticks and must stay under 25 s.
 //!
-//! [`CounterTracker`]: ctoffload_driver::counters::CounterTracker
+//! Slots whose counters did not move cost an array read: no hash lookup, no conntrack
+//! access, unless the slot table says the flow may be idle.
 
 use ctoffload_driver::io::DeviceIo;
 
-use super::state::Entry;
 use super::worker::Worker;
 
 impl<Io: DeviceIo> Worker<Io> {
@@ -86,37 +86,42 @@ impl<Io: DeviceIo> Worker<Io> {
             return;
         }
         self.cursor += n;
+        // Candidates for the idle check need no hash lookup to be ruled out: the
+        // newest activity the slot table knows of must be older than the shortest idle
+        // timeout (check_idle then decides with the software last-seen too).
+        let min_idle = self.cfg.policy.tcp_idle_ns.min(self.cfg.policy.udp_idle_ns);
         for s in &samples {
             self.stats.counter_records += 1;
-            let i = usize::try_from(s.flow_id.get()).unwrap_or(usize::MAX);
-            let Some((h, dir)) = self.by_flow.get(i).copied().flatten() else {
-                if !s.valid {
-                    self.tracker.forget(s.flow_id);
-                }
+            let Some(rec) = self.slots.get_mut(s.flow_id) else {
                 continue;
             };
-            let Some(rec) = self.side.get(&h.id) else {
+            let Some((h, dir)) = rec.owner else {
                 continue;
             };
-            let ours = matches!(
-                rec.entries[dir.index()],
-                Entry::Installed { flow_id, generation }
-                    if flow_id == s.flow_id && generation == s.generation
-            );
-            if !ours || !s.valid {
+            if !s.valid || s.generation != rec.generation {
                 continue;
+            }
+            let changed = rec.changed(&s.counters);
+            let d = changed.then(|| rec.update(&s.counters));
+            if !changed {
+                rec.last_hit = s.counters.last_hit;
+            }
+            let mut last = rec.last_hit;
+            let partner = rec.partner();
+            if let Some(d) = d {
+                self.fold(h, dir, &d);
+                self.ct.keep_alive(h.slot, now);
             }
             // The idle check runs at the later of the connection's two slots in sweep
             // order, so both directions' last hits are fresh when it decides.
-            let other = match rec.entries[dir.opposite().index()] {
-                Entry::Installed { flow_id, .. } => Some(flow_id),
-                _ => None,
-            };
-            let last_of_two = other.is_none_or(|o| o <= s.flow_id);
-            if let Some(d) = self.tracker.update(s) {
-                self.fold(h, dir, &d);
+            if let Some(p) = partner {
+                if p > s.flow_id {
+                    continue;
+                }
+                last = last.max(self.slots.get(p).map_or(0, |o| o.last_hit));
             }
-            if last_of_two {
+            let last = if last == 0 { 0 } else { self.agent_time(last) };
+            if now.saturating_sub(last) > min_idle {
                 self.check_idle(h, now);
             }
         }

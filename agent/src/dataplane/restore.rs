@@ -257,11 +257,9 @@ impl<Io: DeviceIo> Worker<Io> {
                 flow_id: e.flow_id,
                 generation: e.generation,
             };
-            let i = usize::try_from(e.flow_id.get()).unwrap_or(usize::MAX);
-            if let Some(s) = self.by_flow.get_mut(i) {
-                *s = Some((h, d));
-            }
+            self.slots.install(e.flow_id, (h, d), e.generation);
         }
+        self.slots.pair(o.flow_id, r.flow_id);
         self.side.insert(id, rec);
         true
     }

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use ctoffload_driver::counters::{CounterSample, CounterTracker};
+use ctoffload_driver::counters::CounterSample;
 use ctoffload_driver::device::{CommandResult, Device, DeviceEvent, FlowCommand, RxMeta, TxFrame};
 use ctoffload_driver::io::DeviceIo;
 use ctoffload_fallback_sw::conntrack::{Config, Conntrack, L4State, Teardown, Verdict};
@@ -20,6 +20,7 @@ use ctoffload_hw_regs::RxReason;
 
 use super::hw_rule::Routing;
 use super::policy::{self, NotOffloaded, OffloadPolicy};
+use super::slots::Slots;
 use super::state::{AfterDelete, ConnHandle, HwConn, HwState, Tagged};
 
 /// Worker configuration.
@@ -122,11 +123,10 @@ pub struct Worker<Io: DeviceIo> {
     pub(super) dev: Device<Io>,
     /// Hardware state per connection id.
     pub(super) side: HashMap<u64, HwConn>,
-    /// Which connection direction owns a device slot.
-    pub(super) by_flow: Vec<Option<(ConnHandle, Dir)>>,
+    /// Per device slot: owner and counter baseline.
+    pub(super) slots: Slots,
     pub(super) queue: VecDeque<Tagged>,
     pub(super) inflight: HashMap<u32, Tagged>,
-    pub(super) tracker: CounterTracker,
     pub(super) device_up: bool,
     pub(super) recover_at: u64,
     pub(super) cursor: u32,
@@ -163,10 +163,9 @@ impl<Io: DeviceIo> Worker<Io> {
             device_up: dev.is_up(),
             dev,
             side: HashMap::new(),
-            by_flow: vec![None; cap],
+            slots: Slots::new(cap),
             queue: VecDeque::new(),
             inflight: HashMap::new(),
-            tracker: CounterTracker::new(),
             recover_at: 0,
             cursor: 0,
             pending_free: Vec::new(),
