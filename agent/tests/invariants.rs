@@ -320,9 +320,9 @@ fn invariant1_long_lived_hardware_flow_is_not_expired() {
         assert_eq!(r.state(h).0, HwState::Offloaded, "still in hardware");
         assert!(r.w.conntrack().table().get_checked(h.slot, h.id).is_some());
     }
-    let rec = r.w.hw_record(h).expect("record");
     assert_eq!(
-        rec.hw_last_hit, last_hit,
+        r.w.hw_last_hit(h),
+        last_hit,
         "liveness follows the device last-hit"
     );
     // Idle for longer than the hardware idle timeout: it leaves hardware, and its

@@ -153,7 +153,9 @@ impl<Io: DeviceIo> Worker<Io> {
         }
         *e = match (r.outcome, r.flow_id) {
             (Outcome::Status(CompletionStatus::Ok), Some(flow_id)) => {
-                self.slots.install(flow_id, (t.conn, t.dir), r.generation);
+                let l2 = rec.l2_len[t.dir.index()];
+                self.slots
+                    .install(flow_id, (t.conn, t.dir), r.generation, now, l2);
                 Entry::Installed {
                     flow_id,
                     generation: r.generation,
@@ -221,10 +223,17 @@ impl<Io: DeviceIo> Worker<Io> {
         if let Some(t) = last_hit {
             rec.hw_last_hit = rec.hw_last_hit.max(t);
         }
+        let l2 = rec.l2_len[dir.index()];
+        self.fold_counts(h, dir, d, l2);
+    }
+
+    /// The counting half of [`fold`](Self::fold), without the side table (the
+    /// reconciler's sweep keeps last hits in the slot table).
+    pub(super) fn fold_counts(&mut self, h: ConnHandle, dir: Dir, d: &Delta, l2_len: u8) {
         if d.packets == 0 && d.bytes == 0 {
             return;
         }
-        let l2 = u64::from(rec.l2_len[dir.index()]);
+        let l2 = u64::from(l2_len);
         self.stats.hw_packets += d.packets;
         self.stats.hw_bytes_l2 += d.bytes;
         let delta = Counter {
@@ -329,7 +338,7 @@ impl<Io: DeviceIo> Worker<Io> {
             .side
             .iter()
             .filter(|(id, r)| **id != for_whom.id && r.state == HwState::Offloaded)
-            .min_by_key(|(_, r)| r.last_active())
+            .min_by_key(|(_, r)| r.last_active().max(self.slot_last_hit(r)))
             .map(|(id, r)| ConnHandle {
                 slot: r.slot,
                 id: *id,
@@ -361,7 +370,12 @@ impl<Io: DeviceIo> Worker<Io> {
             return;
         };
         let limit = idle_timeout(&self.cfg.policy, conn.tuples[0].proto);
+        let hw = self.slot_last_hit(rec);
         self.ct.keep_alive(h.slot, now);
+        let Some(rec) = self.side.get_mut(&h.id) else {
+            return;
+        };
+        rec.hw_last_hit = rec.hw_last_hit.max(hw);
         if now.saturating_sub(rec.last_active()) > limit {
             self.begin_delete(
                 h,
@@ -369,6 +383,23 @@ impl<Io: DeviceIo> Worker<Io> {
                 now,
             );
         }
+    }
+
+    /// The newest hardware hit of a connection's installed rules, as the slot table
+    /// last pulled it (agent time; 0 = none).
+    pub(super) fn slot_last_hit(&self, rec: &HwConn) -> u64 {
+        rec.entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Installed { flow_id, .. } | Entry::Deleting { flow_id, .. } => {
+                    self.slots.get(*flow_id).map(|s| s.last_hit)
+                }
+                _ => None,
+            })
+            .filter(|&t| t != 0)
+            .map(|t| self.agent_time(t))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Invariant 2 against software time: a connection with a command queued or in

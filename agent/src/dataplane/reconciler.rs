@@ -107,9 +107,11 @@ impl<Io: DeviceIo> Worker<Io> {
                 rec.last_hit = s.counters.last_hit;
             }
             let mut last = rec.last_hit;
+            let since = rec.since;
+            let l2 = rec.l2_len;
             let partner = rec.partner();
             if let Some(d) = d {
-                self.fold(h, dir, &d);
+                self.fold_counts(h, dir, &d, l2);
                 self.ct.keep_alive(h.slot, now);
             }
             // The idle check runs at the later of the connection's two slots in sweep
@@ -121,7 +123,7 @@ impl<Io: DeviceIo> Worker<Io> {
                 last = last.max(self.slots.get(p).map_or(0, |o| o.last_hit));
             }
             let last = if last == 0 { 0 } else { self.agent_time(last) };
-            if now.saturating_sub(last) > min_idle {
+            if now.saturating_sub(last.max(since)) > min_idle {
                 self.check_idle(h, now);
             }
         }

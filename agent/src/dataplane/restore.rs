@@ -257,7 +257,7 @@ impl<Io: DeviceIo> Worker<Io> {
                 flow_id: e.flow_id,
                 generation: e.generation,
             };
-            self.slots.install(e.flow_id, (h, d), e.generation);
+            self.slots.install(e.flow_id, (h, d), e.generation, now, 14);
         }
         self.slots.pair(o.flow_id, r.flow_id);
         self.side.insert(id, rec);

@@ -30,6 +30,10 @@ pub struct SlotRec {
     pub bytes: u64,
     /// Raw last-hit at the last pull (device time, 0 = never).
     pub last_hit: u64,
+    /// When the rule was installed (agent time).
+    pub since: u64,
+    /// L2 header length of this direction (device bytes → L3 bytes).
+    pub l2_len: u8,
     /// The slot of the connection's other direction ([`SlotRec::partner`]).
     partner: u32,
 }
@@ -43,6 +47,8 @@ impl Default for SlotRec {
             packets: 0,
             bytes: 0,
             last_hit: 0,
+            since: 0,
+            l2_len: 14,
             partner: NONE,
         }
     }
@@ -130,12 +136,22 @@ impl Slots {
         self.get(id).and_then(|s| s.owner)
     }
 
-    /// A rule was installed: new owner, no baseline (the first pull is since insert).
-    pub fn install(&mut self, id: FlowId, owner: (ConnHandle, Dir), generation: u8) {
+    /// A rule was installed at `since`: new owner, no baseline (the first pull is
+    /// since insert).
+    pub fn install(
+        &mut self,
+        id: FlowId,
+        owner: (ConnHandle, Dir),
+        generation: u8,
+        since: u64,
+        l2_len: u8,
+    ) {
         if let Some(s) = self.get_mut(id) {
             *s = SlotRec {
                 owner: Some(owner),
                 generation,
+                since,
+                l2_len,
                 ..SlotRec::default()
             };
         }
@@ -213,7 +229,7 @@ mod tests {
         };
         let id = FlowId::new(3).expect("id");
         let mut t = Slots::new(8);
-        t.install(id, (h, Dir::Reply), 5);
+        t.install(id, (h, Dir::Reply), 5, 0, 14);
         let s = t.get_mut(id).expect("slot");
         assert!(s.changed(&c(0, 0, 0)));
         assert_eq!(s.update(&c(10, 1000, 9)).packets, 10);
@@ -226,7 +242,7 @@ mod tests {
         assert_eq!((d.packets, d.bytes), (1, 5));
         assert!(t.owner(id).is_none());
         // A finish for a generation never pulled: everything since insert.
-        t.install(id, (h, Dir::Original), 6);
+        t.install(id, (h, Dir::Original), 6, 0, 14);
         assert_eq!(t.finish(id, 6, &c(2, 200, 1)).packets, 2);
     }
 
@@ -242,8 +258,8 @@ mod tests {
         };
         let (a, b) = (FlowId::new(1).expect("a"), FlowId::new(6).expect("b"));
         let mut t = Slots::new(8);
-        t.install(a, (h, Dir::Original), 1);
-        t.install(b, (h, Dir::Reply), 1);
+        t.install(a, (h, Dir::Original), 1, 0, 14);
+        t.install(b, (h, Dir::Reply), 1, 0, 14);
         t.pair(a, b);
         assert_eq!(t.get(a).and_then(SlotRec::partner), Some(b));
         t.clear_if(a, other);

@@ -221,6 +221,14 @@ impl<Io: DeviceIo> Worker<Io> {
         self.side.get(&h.id).map(|r| (r.state, r.reason))
     }
 
+    /// The newest hardware hit of a connection known to the agent (agent time; 0 =
+    /// none): the record's, or its rules' as last pulled.
+    pub fn hw_last_hit(&self, h: ConnHandle) -> u64 {
+        self.side
+            .get(&h.id)
+            .map_or(0, |r| r.hw_last_hit.max(self.slot_last_hit(r)))
+    }
+
     /// The side-table record of a connection.
     pub fn hw_record(&self, h: ConnHandle) -> Option<&HwConn> {
         self.side.get(&h.id)
