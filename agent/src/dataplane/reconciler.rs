@@ -86,9 +86,9 @@ impl<Io: DeviceIo> Worker<Io> {
             return;
         }
         self.cursor += n;
-        // Candidates for the idle check need no hash lookup to be ruled out: the
-        // newest activity the slot table knows of must be older than the shortest idle
-        // timeout (check_idle then decides with the software last-seen too).
+        // Candidates for the idle check are found in the slot table alone: the newest
+        // activity it knows of must be older than the shortest idle timeout
+        // (check_idle then decides with the software last-seen too).
         let min_idle = self.cfg.policy.tcp_idle_ns.min(self.cfg.policy.udp_idle_ns);
         for s in &samples {
             self.stats.counter_records += 1;
@@ -106,7 +106,7 @@ impl<Io: DeviceIo> Worker<Io> {
             if !changed {
                 rec.last_hit = s.counters.last_hit;
             }
-            let mut last = rec.last_hit;
+            let last = rec.last_hit;
             let since = rec.since;
             let l2 = rec.l2_len;
             let partner = rec.partner();
@@ -114,18 +114,25 @@ impl<Io: DeviceIo> Worker<Io> {
                 self.fold_counts(h, dir, &d, l2);
                 self.ct.keep_alive(h.slot, now);
             }
-            // The idle check runs at the later of the connection's two slots in sweep
-            // order, so both directions' last hits are fresh when it decides.
+            // This direction moved recently: the connection is not idle. Otherwise the
+            // check runs at the later of the connection's two slots in sweep order, so
+            // both directions' last hits are fresh when it decides; the partner's slot
+            // (a random access) is read only for such candidates.
+            let own = if last == 0 { 0 } else { self.agent_time(last) }.max(since);
+            if now.saturating_sub(own) <= min_idle {
+                continue;
+            }
             if let Some(p) = partner {
                 if p > s.flow_id {
                     continue;
                 }
-                last = last.max(self.slots.get(p).map_or(0, |o| o.last_hit));
+                let pl = self.slots.get(p).map_or(0, |o| o.last_hit);
+                let other = if pl == 0 { 0 } else { self.agent_time(pl) };
+                if now.saturating_sub(other) <= min_idle {
+                    continue;
+                }
             }
-            let last = if last == 0 { 0 } else { self.agent_time(last) };
-            if now.saturating_sub(last.max(since)) > min_idle {
-                self.check_idle(h, now);
-            }
+            self.check_idle(h, now);
         }
         self.samples = samples;
     }
