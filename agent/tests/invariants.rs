@@ -886,3 +886,45 @@ fn software_and_hardware_paths_are_equivalent() {
     }
     assert_eq!(sw_states, hw_states);
 }
+
+/// Invariant 2 for an operator delete that arrives while the inserts are in flight:
+/// the connection is freed only after the inserts completed and their rules were
+/// deleted again.
+#[test]
+fn invariant2_delete_while_pending_frees_after_the_rules_are_gone() {
+    let mut r = rig();
+    r.send_expect(0, &udp(CLIENT, 11_000, SERVER, 53), 1, 1);
+    let h = r.handle(&tuple(CLIENT, 11_000, SERVER, 53, proto::UDP));
+    // Inserts take 40 ms of (frozen) model time each.
+    r.faults.slow_commands(40 * MS);
+    r.wire[1]
+        .send(&udp(SERVER, 53, CLIENT, 11_000))
+        .expect("inject");
+    r.pump_until("inserts submitted", |r| r.sim_stats().cmd_doorbells >= 1);
+    assert_eq!(r.state(h).0, HwState::Pending);
+    let now = r.now();
+    assert!(r.w.delete_connection(h, now));
+    let t = r.now();
+    // Model time moves 41 ms at a time: insert, insert (then the deletes are queued
+    // and the simulator must see them before time moves on), delete, delete. The
+    // worker's outstanding commands after each step: 1, 2, 1, 0.
+    for (step, outstanding) in [(1u64, 1usize), (2, 2), (3, 1), (4, 0)] {
+        r.clock.fetch_add(41 * MS, Ordering::AcqRel);
+        r.sim_at(t + step * 41 * MS);
+        r.pump_until("a command", |r| r.w.commands_outstanding() == outstanding);
+        if step == 2 {
+            r.pump_until("delete doorbell", |r| r.sim_stats().cmd_doorbells >= 2);
+        }
+        if step < 4 {
+            assert!(
+                r.w.conntrack().table().get_checked(h.slot, h.id).is_some(),
+                "freed before its rules were gone (step {step})"
+            );
+        }
+    }
+    r.pump_until("freed", |r| r.w.hw_state(h).is_none());
+    r.faults.clear();
+    assert!(r.w.conntrack().table().get_checked(h.slot, h.id).is_none());
+    assert!(r.w.device_mut().dump_table().expect("dump").is_empty());
+    assert_eq!(r.w.stats().freed_while_in_hw, 0);
+}

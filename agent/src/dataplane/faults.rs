@@ -96,9 +96,11 @@ impl<Io: DeviceIo> Worker<Io> {
             rec.reason = Some(NotOffloaded::DeviceDown);
             rec.backoff.reset();
             rec.abort = false;
+            let free = rec.free_requested || state == HwState::Dying(AfterDelete::Free);
+            rec.free_requested = false;
             self.stats.flows_lost_to_fault += 1;
             self.ct.teardown(h.slot, how, now);
-            if state == HwState::Dying(AfterDelete::Free) {
+            if free {
                 self.pending_free.push(h);
             }
         }

@@ -262,19 +262,31 @@ impl<Io: DeviceIo> Worker<Io> {
         });
         match rec.state {
             HwState::Pending => {
+                let free = rec.free_requested;
                 if let Some(reason) = failed {
                     rec.backoff.fail(&self.cfg.policy, now);
-                    let after = AfterDelete::Return(Teardown::Returned, reason);
+                    let after = if free {
+                        AfterDelete::Free
+                    } else {
+                        AfterDelete::Return(Teardown::Returned, reason)
+                    };
                     if installed > 0 {
                         self.begin_delete(h, after, now);
                     } else {
                         self.finish_dead(h, after, now);
                     }
-                    if reason == NotOffloaded::TableFull && self.cfg.policy.displace_coldest {
+                    if !free
+                        && reason == NotOffloaded::TableFull
+                        && self.cfg.policy.displace_coldest
+                    {
                         self.displace_coldest(h, now);
                     }
-                } else if rec.abort {
-                    let after = AfterDelete::Return(Teardown::Returned, NotOffloaded::Closing);
+                } else if rec.abort || free {
+                    let after = if free {
+                        AfterDelete::Free
+                    } else {
+                        AfterDelete::Return(Teardown::Returned, NotOffloaded::Closing)
+                    };
                     self.begin_delete(h, after, now);
                 } else {
                     if let [
@@ -465,7 +477,7 @@ impl<Io: DeviceIo> Worker<Io> {
             Some(HwState::Pending | HwState::Dying(_)) => {
                 // Let the outstanding commands finish, then free.
                 if let Some(rec) = self.side.get_mut(&h.id) {
-                    rec.abort = true;
+                    rec.free_requested = true;
                     if let HwState::Dying(_) = rec.state {
                         rec.state = HwState::Dying(AfterDelete::Free);
                     }

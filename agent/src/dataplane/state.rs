@@ -117,6 +117,8 @@ pub struct HwConn {
     pub backoff: Backoff,
     /// A teardown packet was seen while inserts were in flight: delete on completion.
     pub abort: bool,
+    /// An operator delete is waiting for outstanding commands: free when dead.
+    pub free_requested: bool,
     /// The conntrack timeout it had before the worker held it for an outstanding
     /// command (restored when the rules are dead).
     pub held_timeout: Option<u64>,
@@ -139,6 +141,7 @@ impl HwConn {
             offloaded_at: 0,
             backoff: Backoff::default(),
             abort: false,
+            free_requested: false,
             held_timeout: None,
         }
     }
