@@ -1006,3 +1006,73 @@ fn replay_backend_and_simulated_nic_are_equivalent() {
     assert_eq!(sw.len(), 3);
     assert_eq!(sw, hw);
 }
+
+/// Every connection not in hardware says why: protocol, policy (minimum packets), and
+/// the per-protocol switch.
+#[test]
+fn not_offloaded_reasons_are_visible() {
+    let mut r = rig_with(
+        SimConfig::small(),
+        WorkerConfig {
+            policy: OffloadPolicy {
+                min_packets: 4,
+                tcp: false,
+                ..OffloadPolicy::default()
+            },
+            ..WorkerConfig::default()
+        },
+    );
+    // ICMP echo: tracked, forwarded by software, never offloaded.
+    let mut ping = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(CLIENT, SERVER, 64)
+        .icmpv4_echo_request(7, 1)
+        .write(&mut ping, &PAYLOAD)
+        .expect("build");
+    r.send_expect(0, &ping, 1, 1);
+    let icmp = Tuple {
+        src_l4: 7,
+        dst_l4: 0x0800,
+        ..tuple(CLIENT, 0, SERVER, 0, proto::ICMP)
+    };
+    let h = r.handle(&icmp);
+    assert_eq!(
+        r.state(h),
+        (HwState::None, Some(NotOffloaded::Protocol { proto: 1 }))
+    );
+    // UDP: replied, but below the minimum until the fourth packet.
+    r.send_expect(0, &udp(CLIENT, 12_000, SERVER, 53), 1, 1);
+    r.send_expect(1, &udp(SERVER, 53, CLIENT, 12_000), 0, 1);
+    let u = r.handle(&tuple(CLIENT, 12_000, SERVER, 53, proto::UDP));
+    assert_eq!(
+        r.state(u),
+        (
+            HwState::None,
+            Some(NotOffloaded::Policy(
+                ctoffload_agent::dataplane::Wait::TooFewPackets { seen: 2, need: 4 }
+            ))
+        )
+    );
+    r.send_expect(0, &udp(CLIENT, 12_000, SERVER, 53), 1, 1);
+    r.send_expect(1, &udp(SERVER, 53, CLIENT, 12_000), 0, 1);
+    assert_eq!(r.state(u), (HwState::Offloaded, None));
+    // TCP switched off.
+    r.send_expect(0, &tcp(CLIENT, 12_001, SERVER, 80, 100, None, "S"), 1, 1);
+    r.send_expect(
+        1,
+        &tcp(SERVER, 80, CLIENT, 12_001, 500, Some(101), "S"),
+        0,
+        1,
+    );
+    r.send_expect(
+        0,
+        &tcp(CLIENT, 12_001, SERVER, 80, 101, Some(501), ""),
+        1,
+        1,
+    );
+    let t = r.handle(&tuple(CLIENT, 12_001, SERVER, 80, proto::TCP));
+    assert_eq!(
+        r.state(t),
+        (HwState::None, Some(NotOffloaded::Disabled { proto: 6 }))
+    );
+}
