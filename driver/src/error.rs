@@ -540,6 +540,34 @@ pub enum DriverError {
         /// What failed.
         what: &'static str,
     },
+
+    /// A simulator control-socket operation failed locally (socket, send, receive).
+    #[error("simulator control socket {socket}: {op} failed")]
+    SimSocket {
+        /// The socket path.
+        socket: String,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The simulator answered a control request with an error, or with nonsense.
+    #[error("simulator control request {op} failed: {reason}")]
+    SimControl {
+        /// The request (`op` of the protocol).
+        op: &'static str,
+        /// The simulator's error kind and message, or what was wrong with its reply.
+        reason: String,
+    },
+
+    /// The simulator process is gone: its control socket was closed.
+    #[error("simulator process behind {socket} is gone (control socket closed)")]
+    SimGone {
+        /// The socket path.
+        socket: String,
+    },
 }
 
 /// The driver's result type.

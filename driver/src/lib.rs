@@ -8,6 +8,8 @@
 //!
 //! - [`io`]: the [`io::DeviceIo`] trait in front of the hardware, and [`io::VfioIo`].
 //! - [`sim_io`]: [`sim_io::SimIo`], the simulator backend.
+//! - [`sim_process`]: [`sim_process::SimProcess`], the client of a simulator running as
+//!   its own process (`ctoffload-nic-sim`), which builds a [`sim_io::SimIo`].
 //! - [`device`]: the register engine ([`device::Device`]).
 //! - [`counters`]: counter records and wrap-safe deltas.
 //! - `mock` (feature `test-utils`): a failure-injecting [`io::DeviceIo`] double.
@@ -23,6 +25,7 @@ pub mod mmio;
 pub mod mock;
 pub mod rings;
 pub mod sim_io;
+pub mod sim_process;
 pub mod vfio;
 
 pub use counters::{CounterDelta, CounterSample, CounterTracker};

@@ -9,9 +9,15 @@
 //! 32-bit release stores, reads are acquire loads, W1C is an atomic `fetch_and`, and
 //! `TIMESTAMP` is one aligned 64-bit atomic load. DMA memory is sealed memfds mapped
 //! `MAP_SHARED`, registered with the simulator at IOVAs from an [`IovaAllocator`].
+//!
+//! When the simulator runs as its own process ([`crate::sim_process`]), a liveness flag
+//! ([`SimIo::with_liveness`]) turns every register access after the process is gone
+//! into [`DriverError::SimGone`] instead of reads of a register image nobody updates.
 
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ctoffload_hw_regs::pci::BAR0_SIZE;
 use ctoffload_hw_regs::regs::{self, RegOffset};
@@ -57,6 +63,14 @@ pub struct SimIo {
     irqs: Vec<EventFd>,
     iovas: IovaAllocator,
     counters: MmioCounters,
+    liveness: Option<Liveness>,
+}
+
+/// Set when the simulator process is gone; `what` names it in the error.
+#[derive(Debug, Clone)]
+struct Liveness {
+    gone: Arc<AtomicBool>,
+    what: Arc<str>,
 }
 
 impl fmt::Debug for SimIo {
@@ -89,7 +103,29 @@ impl SimIo {
             irqs,
             iovas: IovaAllocator::new(&[aperture], Iova::new(DEFAULT_MIN_IOVA)),
             counters: MmioCounters::default(),
+            liveness: None,
         })
+    }
+
+    /// Fails every register access with [`DriverError::SimGone`] (naming `what`, e.g.
+    /// the control socket) once `gone` is set, e.g. by a watcher of the simulator
+    /// process. Costs one relaxed load per access.
+    #[must_use]
+    pub fn with_liveness(mut self, gone: Arc<AtomicBool>, what: &str) -> Self {
+        self.liveness = Some(Liveness {
+            gone,
+            what: what.into(),
+        });
+        self
+    }
+
+    fn alive(&self) -> Result<()> {
+        match &self.liveness {
+            Some(l) if l.gone.load(Ordering::Relaxed) => Err(DriverError::SimGone {
+                socket: l.what.to_string(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Sets the function-level reset operation (e.g. one that calls the simulator's
@@ -110,22 +146,26 @@ impl DeviceIo for SimIo {
     type Dma = SimDma;
 
     fn read32(&self, reg: RegOffset) -> Result<u32> {
+        self.alive()?;
         self.counters.read(1);
         self.bar.load32(off(reg))
     }
 
     fn write32(&self, reg: RegOffset, value: u32) -> Result<()> {
+        self.alive()?;
         self.counters.write();
         self.bar.store32(off(reg), value)
     }
 
     fn clear_bits32(&self, reg: RegOffset, bits: u32) -> Result<()> {
+        self.alive()?;
         self.counters.write();
         self.bar.fetch_and32(off(reg), bits).map(drop)
     }
 
     fn read_timestamp(&self) -> Result<u64> {
         // The model stores TIMESTAMP as one aligned 64-bit value: one atomic load.
+        self.alive()?;
         self.counters.read(1);
         self.bar.load64(off(regs::TIMESTAMP_LO))
     }
@@ -159,9 +199,7 @@ impl DeviceIo for SimIo {
 
     fn function_reset(&mut self) -> Result<()> {
         match &mut self.reset {
-            Some(f) => f().map_err(|_| DriverError::Injected {
-                what: "simulator function reset failed",
-            }),
+            Some(f) => f().map_err(|reason| DriverError::SimControl { op: "flr", reason }),
             None => Err(DriverError::ResetUnsupported {
                 addr: "simulator".into(),
             }),

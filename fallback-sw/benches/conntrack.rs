@@ -7,19 +7,34 @@
 //! new UDP connections per second, full TCP handshakes (SYN, SYN-ACK, ACK) per second,
 //! and table memory per connection.
 //!
+//! NAT rows: the same established workload with SNAT applied to every packet (every
+//! frame copied into a work buffer and rewritten in place by
+//! [`Conntrack::process_batch_mut`]), next to the same path with no rule, measured in
+//! alternation in the same run; and new SNAT connections per second when 90 % of the
+//! rule's port range towards each remote endpoint is already in use (the allocator
+//! searches from a random offset, like Linux), next to the same connections created in
+//! a table filled the same way with no rule.
+//!
 //! The trace visits the connections in a random order (originals, then replies, each
 //! pass a fresh permutation fixed at build time), so table accesses are not sequential.
 //!
-//! `cargo bench -p ctoffload-fallback-sw --bench conntrack`; `CT_BENCH_QUICK=1` runs a
-//! small, single-repeat version (a smoke test). The last line printed is a JSON object
-//! with every figure.
+//! `cargo bench -p ctoffload-fallback-sw --bench conntrack`; `CT_BENCH_QUICK=1` (or a run
+//! without `--bench`, as `cargo test --all-targets` does) runs a small, single-repeat
+//! version (a smoke test). The last line printed is a JSON object with every figure.
 #![allow(clippy::unwrap_used)]
 
 use std::hint::black_box;
 use std::time::Instant;
 
 use ctoffload_fallback_sw::checksum;
-use ctoffload_fallback_sw::conntrack::{Config, Conntrack, Verdict};
+use ctoffload_fallback_sw::conntrack::{
+    Config, Conntrack, NatOutcome, NatVerdict, Prefix, Untracked, Verdict,
+};
+use ctoffload_fallback_sw::nat::PacketMeta;
+use ctoffload_fallback_sw::nat::rules::{
+    AddrRange, NatAction, NatFlags, NatRule, PortRange, RuleMatch,
+};
+use ctoffload_fallback_sw::tuple::{Addr, Family};
 
 const NS: u64 = 1_000_000_000;
 const BATCH: usize = 32;
@@ -284,6 +299,232 @@ fn tcp_handshakes(n: usize, repeats: usize) -> Summary {
     summary(rates)
 }
 
+// ------------------------------------------------------------------------- NAT
+
+/// SNAT of everything from 10.0.0.0/8 leaving port 2, to `addrs` and `ports`.
+fn snat(addrs: AddrRange, ports: Option<PortRange>) -> NatRule {
+    NatRule {
+        id: 1,
+        r#match: RuleMatch {
+            src: Some(Prefix {
+                family: Family::V4,
+                addr: Addr::v4([10, 0, 0, 0]),
+                len: 8,
+            }),
+            out_port: Some(2),
+            proto: Some(17),
+            ..RuleMatch::default()
+        },
+        action: NatAction::Snat {
+            addrs,
+            ports,
+            flags: NatFlags::default(),
+        },
+    }
+}
+
+const OUT: PacketMeta = PacketMeta {
+    in_port: 1,
+    out_port: Some(2),
+    out_addr: None,
+};
+
+const NO_VERDICT: NatVerdict = NatVerdict {
+    verdict: Verdict::Untracked(Untracked::Fragment),
+    nat: NatOutcome::Unchanged,
+};
+
+fn nat_conntrack(max: usize, rule: Option<NatRule>) -> Conntrack {
+    let mut ct = conntrack(max);
+    if let Some(r) = rule {
+        ct.nat_mut().rules_mut().add(r).unwrap();
+    }
+    ct
+}
+
+/// Runs `frames` through `ct` with NAT, batches of 32: each batch is copied into a
+/// work buffer (the trace stays as it is) and rewritten there. Returns (tracked,
+/// rewritten).
+fn run_mut(ct: &mut Conntrack, frames: &[&[u8]], now: u64) -> (usize, usize) {
+    let mut work = [[0u8; FRAME]; BATCH];
+    let mut out = [NO_VERDICT; BATCH];
+    let (mut tracked, mut rewritten) = (0, 0);
+    for chunk in frames.chunks(BATCH) {
+        for (w, f) in work.iter_mut().zip(chunk) {
+            w.copy_from_slice(f);
+        }
+        let mut refs = work.each_mut().map(|w| &mut w[..]);
+        let out = &mut out[..chunk.len()];
+        ct.process_batch_mut(&mut refs[..chunk.len()], 0, &OUT, now, out);
+        for v in out.iter() {
+            tracked += usize::from(matches!(v.verdict, Verdict::Tracked { .. }));
+            rewritten += usize::from(v.nat == NatOutcome::Rewritten);
+        }
+        black_box(&work);
+    }
+    (black_box(tracked), rewritten)
+}
+
+/// Creates the connections of `frames` (originals) in `ct` (not timed) and returns the
+/// reply of each, addressed to what the original became, in a random order.
+fn create_and_answer(ct: &mut Conntrack, frames: &[&[u8]], now: u64, rng: &mut Rng) -> Trace {
+    let n = frames.len();
+    let mut translated = vec![[0u8; FRAME]; n];
+    for (chunk, t) in frames.chunks(BATCH).zip(translated.chunks_mut(BATCH)) {
+        for (w, f) in t.iter_mut().zip(chunk) {
+            w.copy_from_slice(f);
+        }
+        let mut refs: Vec<&mut [u8]> = t.iter_mut().map(|w| &mut w[..]).collect();
+        let mut out = vec![NO_VERDICT; refs.len()];
+        ct.process_batch_mut(&mut refs, 0, &OUT, now, &mut out);
+        assert!(out.iter().all(NatVerdict::forward), "all created");
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    rng.shuffle(&mut order);
+    let mut replies = Trace::with_capacity(n);
+    for &i in &order {
+        let f = &translated[i];
+        let src = <[u8; 4]>::try_from(&f[26..30]).unwrap();
+        let dst = <[u8; 4]>::try_from(&f[30..34]).unwrap();
+        let sp = u16::from_be_bytes([f[34], f[35]]);
+        let dp = u16::from_be_bytes([f[36], f[37]]);
+        udp_frame(&mut replies, dst, dp, src, sp);
+    }
+    replies
+}
+
+/// Established packets per second with `n` live connections through the NAT path:
+/// (no rule, SNAT on every packet), measured alternately in the same run.
+fn established_nat(
+    n: usize,
+    repeats: usize,
+    min_packets: usize,
+    rng: &mut Rng,
+) -> (Summary, Summary) {
+    let (orig, _) = udp_trace(n, rng);
+    let now = 10 * NS;
+    // 64 addresses: 7 servers x 64 addresses x 64512 ports hold the 1M connections.
+    let rule = snat(AddrRange::v4([203, 0, 113, 1], [203, 0, 113, 64]), None);
+    let mut cts = [nat_conntrack(n, None), nat_conntrack(n, Some(rule))];
+    let frames = orig.frames();
+    let mut both = Vec::new();
+    for ct in &mut cts {
+        let replies = create_and_answer(ct, &frames, now, rng);
+        let mut b = Trace::with_capacity(2 * n);
+        b.bytes.extend_from_slice(&orig.bytes);
+        b.bytes.extend_from_slice(&replies.bytes);
+        assert_eq!(ct.table().len(), n);
+        both.push(b);
+    }
+    assert_eq!(cts[0].nat_connections(), 0);
+    assert_eq!(cts[1].nat_connections(), n, "every connection translated");
+    let traces = [both[0].frames(), both[1].frames()];
+    let passes = min_packets.div_ceil(traces[0].len()).max(1);
+    let mut rates = [Vec::new(), Vec::new()];
+    for r in 0..repeats {
+        let now = now + u64::try_from(r + 1).unwrap() * NS;
+        for (k, ct) in cts.iter_mut().enumerate() {
+            let frames = &traces[k];
+            let t0 = Instant::now();
+            let (mut tracked, mut rewritten) = (0, 0);
+            for _ in 0..passes {
+                let (t, w) = run_mut(ct, frames, now);
+                tracked += t;
+                rewritten += w;
+            }
+            let dt = t0.elapsed().as_secs_f64();
+            let total = passes * frames.len();
+            assert_eq!(tracked, total, "every packet tracked");
+            assert_eq!(rewritten, if k == 1 { total } else { 0 }, "rewrites");
+            rates[k].push(total as f64 / dt);
+        }
+    }
+    assert_eq!(cts[1].table().len(), n, "nothing expired or evicted");
+    assert_eq!(cts[1].stats().nat_rewrite_failed, 0);
+    let [a, b] = rates;
+    (summary(a), summary(b))
+}
+
+/// New SNAT connections per second from a range that is 90 % in use towards each of
+/// `endpoints` remote endpoints: the range is filled by the allocator itself (not
+/// timed), then `fresh` more connections per endpoint are timed (the range ends at most
+/// 5 % fuller). Returns the rate and the mean probes per timed connection.
+fn new_nat(
+    endpoints: usize,
+    range: u16,
+    fresh: usize,
+    repeats: usize,
+    rng: &mut Rng,
+) -> (Summary, f64, u64, Summary) {
+    let ports = PortRange::new(20_000, 20_000 + range - 1);
+    let fill = usize::from(range) * 9 / 10;
+    let endpoint = |k: usize| -> ([u8; 4], u16) {
+        let k = u32::try_from(k).unwrap();
+        let [_, _, b, c] = k.to_be_bytes();
+        ([172, 16 + b, c, 1], 5000)
+    };
+    // Client j: its own address, a port outside the range (so it is never kept).
+    let client = |j: usize| -> ([u8; 4], u16) {
+        let [_, b, c, d] = u32::try_from(j).unwrap().to_be_bytes();
+        ([10, b, c, d], 40_000)
+    };
+    let trace = |from: usize, to: usize, rng: &mut Rng| {
+        let mut pairs: Vec<(usize, usize)> = (0..endpoints)
+            .flat_map(|k| (from..to).map(move |j| (j, k)))
+            .collect();
+        rng.shuffle(&mut pairs);
+        let mut t = Trace::with_capacity(pairs.len());
+        for (j, k) in pairs {
+            let ((c, cp), (s, sp)) = (client(j), endpoint(k));
+            udp_frame(&mut t, c, cp, s, sp);
+        }
+        t
+    };
+    let prefill = trace(0, fill, rng);
+    let timed = trace(fill, fill + fresh, rng);
+    let (pf, tf) = (prefill.frames(), timed.frames());
+    let max = endpoints * (fill + fresh);
+    let mut rates = Vec::new();
+    let mut plain = Vec::new();
+    let mut probes = 0.0;
+    let mut exhausted = 0;
+    for _ in 0..repeats {
+        let rule = snat(AddrRange::single_v4([203, 0, 113, 1]), Some(ports));
+        let mut ct = nat_conntrack(max, Some(rule));
+        // Like Linux, a search can give up (128+64+32+16 probes from random offsets)
+        // before the range is really full: a handful of the last connections are
+        // dropped (the sender retries). They are counted, not hidden.
+        let (t, w) = run_mut(&mut ct, &pf, 10 * NS);
+        assert_eq!(t, w, "every tracked connection translated");
+        assert!(t + t / 1000 >= pf.len(), "prefill: {t} of {}", pf.len());
+        let before = ct.nat().stats();
+        let t0 = Instant::now();
+        let (t, w) = run_mut(&mut ct, &tf, 10 * NS);
+        let dt = t0.elapsed().as_secs_f64();
+        assert_eq!(t, w, "every tracked connection translated");
+        let after = ct.nat().stats();
+        let tried = after.decisions - before.decisions;
+        let failed = after.exhausted - before.exhausted;
+        assert_eq!(usize::try_from(tried - failed).unwrap(), t);
+        assert!(failed * 100 <= tried, "{failed} of {tried} exhausted");
+        exhausted += failed;
+        probes = (after.probes - before.probes) as f64 / tried as f64;
+        rates.push(t as f64 / dt);
+        drop(ct);
+        // Baseline, same repeat: the same connections without any rule (the table as
+        // full, no NAT decision, no port search).
+        let mut ct = nat_conntrack(max, None);
+        let (t, _) = run_mut(&mut ct, &pf, 10 * NS);
+        assert_eq!(t, pf.len());
+        let t0 = Instant::now();
+        let (t, _) = run_mut(&mut ct, &tf, 10 * NS);
+        let dt = t0.elapsed().as_secs_f64();
+        assert_eq!(t, tf.len());
+        plain.push(t as f64 / dt);
+    }
+    (summary(rates), probes, exhausted, summary(plain))
+}
+
 fn row(name: &str, unit: &str, s: Summary, ovs: &str, goal: &str) {
     println!(
         "| {name:<36} | {:>8.2} | {:>8.2} | {:>8.2} | {unit:<6} | {ovs:>12} | {goal:>8} |",
@@ -292,7 +533,10 @@ fn row(name: &str, unit: &str, s: Summary, ovs: &str, goal: &str) {
 }
 
 fn main() {
-    let quick = std::env::var_os("CT_BENCH_QUICK").is_some_and(|v| v != "0");
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary
+    // without it: then only the smoke test.
+    let quick = std::env::var_os("CT_BENCH_QUICK").is_some_and(|v| v != "0")
+        || !std::env::args().any(|a| a == "--bench");
     let (sizes, big, repeats, min_packets) = if quick {
         ([1_000, 10_000, 20_000], 20_000, 1, 10_000)
     } else {
@@ -326,6 +570,27 @@ fn main() {
         tcp_handshakes(big, repeats)
     } else {
         zero
+    };
+    let est_nat: Vec<(Summary, Summary)> = sizes
+        .iter()
+        .map(|&n| {
+            if want("nat") {
+                established_nat(n, repeats, min_packets, &mut rng)
+            } else {
+                (zero, zero)
+            }
+        })
+        .collect();
+    // 256 endpoints x 1024 ports, 90 % used: 235 776 connections, then 12 800 timed.
+    let (nat_endpoints, nat_range, nat_fresh) = if quick {
+        (16, 256, 12)
+    } else {
+        (256, 1024, 50)
+    };
+    let (nat_new, nat_probes, nat_exhausted, nat_new_plain) = if want("natnew") {
+        new_nat(nat_endpoints, nat_range, nat_fresh, repeats, &mut rng)
+    } else {
+        (zero, 0.0, 0, zero)
     };
 
     let m = |s: Summary| Summary {
@@ -374,13 +639,57 @@ fn main() {
         "| {:<36} | {:>8} | {:>8.1} | {:>8} | {:<6} | {:>12} | {:>8} |",
         "table memory per connection", "", bytes, "", "bytes", "312-336", "96"
     );
+    let mut ratios = [0.0; 3];
+    for i in 0..3 {
+        let (plain, nat) = est_nat[i];
+        row(
+            &format!("est. UDP, NAT path no rule, {}", sizes[i]),
+            "Mpps",
+            m(plain),
+            "-",
+            "-",
+        );
+        ratios[i] = if plain.median > 0.0 {
+            nat.median / plain.median
+        } else {
+            0.0
+        };
+        row(
+            &format!("est. UDP, SNAT every pkt, {}", sizes[i]),
+            "Mpps",
+            m(nat),
+            &format!("x{:.3} of above", ratios[i]),
+            ">=x0.9",
+        );
+    }
+    row(
+        "new conns, same table, no rule",
+        "M/s",
+        m(nat_new_plain),
+        "-",
+        "-",
+    );
+    row(
+        "new SNAT conns, range 90% used",
+        "M/s",
+        m(nat_new),
+        &format!("{nat_probes:.1} pr, {nat_exhausted} ex"),
+        "3",
+    );
     println!(
         "{{\"bench\":\"ct_established\",\"quick\":{quick},\"repeats\":{repeats},\
          \"conns_1k_mpps\":{:.3},\"conns_100k_mpps\":{:.3},\"conns_1m_mpps\":{:.3},\
          \"conns_1k_mpps_min\":{:.3},\"conns_100k_mpps_min\":{:.3},\"conns_1m_mpps_min\":{:.3},\
          \"new_udp_per_s\":{:.0},\"new_udp_per_s_min\":{:.0},\
          \"tcp_handshakes_per_s\":{:.0},\"tcp_handshakes_per_s_min\":{:.0},\
-         \"bytes_per_conn\":{:.1}}}",
+         \"bytes_per_conn\":{:.1},\
+         \"nat_plain_1k_mpps\":{:.3},\"nat_plain_100k_mpps\":{:.3},\"nat_plain_1m_mpps\":{:.3},\
+         \"snat_1k_mpps\":{:.3},\"snat_100k_mpps\":{:.3},\"snat_1m_mpps\":{:.3},\
+         \"snat_1k_mpps_min\":{:.3},\"snat_100k_mpps_min\":{:.3},\"snat_1m_mpps_min\":{:.3},\
+         \"snat_ratio_1k\":{:.3},\"snat_ratio_100k\":{:.3},\"snat_ratio_1m\":{:.3},\
+         \"new_snat_busy90_per_s\":{:.0},\"new_snat_busy90_per_s_min\":{:.0},\
+         \"new_snat_busy90_probes\":{:.2},\"new_snat_busy90_exhausted\":{},\
+         \"new_plain_busy90_per_s\":{:.0},\"new_plain_busy90_per_s_min\":{:.0}}}",
         m(est[0]).median,
         m(est[1]).median,
         m(est[2]).median,
@@ -391,6 +700,24 @@ fn main() {
         udp_new.min,
         tcp.median,
         tcp.min,
-        bytes
+        bytes,
+        m(est_nat[0].0).median,
+        m(est_nat[1].0).median,
+        m(est_nat[2].0).median,
+        m(est_nat[0].1).median,
+        m(est_nat[1].1).median,
+        m(est_nat[2].1).median,
+        m(est_nat[0].1).min,
+        m(est_nat[1].1).min,
+        m(est_nat[2].1).min,
+        ratios[0],
+        ratios[1],
+        ratios[2],
+        nat_new.median,
+        nat_new.min,
+        nat_probes,
+        nat_exhausted,
+        nat_new_plain.median,
+        nat_new_plain.min
     );
 }

@@ -11,7 +11,17 @@
 //!   fragment is reported as [`Untracked::Fragment`] and the caller applies its policy.
 //! - Creation and confirmation happen in the same call (there is no unconfirmed entry
 //!   seen by anyone else), so "confirm-time clash" is an insert clash here.
+//!
+//! NAT (see `docs/nat.md`): the instance owns a [`NatEngine`]. A new connection's REPLY
+//! tuple comes from [`NatEngine::decide`] (with no rule and no translated connection in
+//! the table, the plain inverse, as before); [`Conntrack::process_mut`] and
+//! [`Conntrack::process_batch_mut`] also rewrite the frame in place (both directions and
+//! RELATED ICMP errors); every connection with a NAT bit that leaves the table, for any
+//! reason, is handed to [`NatEngine::released`].
 
+use crate::nat::rewrite::{self, RewriteError};
+use crate::nat::rules::RuleId;
+use crate::nat::{NatEngine, NatError, PacketMeta};
 use crate::table::{ConnTable, InsertError, RemoveReason, Slot, Status};
 use crate::tcp::{ConnStatus, TcpConfig, TcpConn, TcpFlags, TcpInvalid, TcpOutcome, TcpSegment};
 use crate::tuple::{Addr, Dir, Family, Tuple, icmpv4_is_request, icmpv6_is_request};
@@ -136,6 +146,22 @@ pub enum Invalid {
     /// The new connection's tuple is already owned by another connection.
     #[error("tuple clash on insert")]
     InsertClash,
+    /// NAT found no free tuple for the new connection (Linux drops it at confirm and
+    /// counts `insert_failed`: its kind is [`InvalidKind::InsertClash`]). Also counted
+    /// in [`Stats::nat_exhausted`] and the engine's and rule's counters.
+    #[error("nat rule {rule:?}: no free tuple")]
+    NatExhausted {
+        /// The rule whose range is full; `None` for a null binding.
+        rule: Option<RuleId>,
+    },
+    /// A masquerade rule matched but the egress has no IPv4 address (Linux drops in
+    /// the target). Its kind is [`InvalidKind::InsertClash`]; also counted in
+    /// [`Stats::nat_no_address`].
+    #[error("nat rule {rule}: no egress address to masquerade to")]
+    NatNoAddress {
+        /// The masquerade rule.
+        rule: RuleId,
+    },
 }
 
 impl Invalid {
@@ -150,7 +176,9 @@ impl Invalid {
             Invalid::IcmpErrorSpoofed => InvalidKind::IcmpErrorSpoofed,
             Invalid::IcmpErrorQuote(_) => InvalidKind::IcmpErrorQuote,
             Invalid::TableFull => InvalidKind::TableFull,
-            Invalid::InsertClash => InvalidKind::InsertClash,
+            Invalid::InsertClash | Invalid::NatExhausted { .. } | Invalid::NatNoAddress { .. } => {
+                InvalidKind::InsertClash
+            }
         }
     }
 }
@@ -241,6 +269,45 @@ pub struct Stats {
     pub malformed: [u64; DropReason::COUNT],
     /// Untracked packets.
     pub untracked: u64,
+    /// New connections dropped because NAT found no free tuple.
+    pub nat_exhausted: u64,
+    /// New connections dropped because masquerade had no egress address.
+    pub nat_no_address: u64,
+    /// Frames rewritten by NAT ([`Conntrack::process_mut`] and the batch form).
+    pub nat_rewritten: u64,
+    /// Frames of translated connections that could not be rewritten (to be dropped).
+    pub nat_rewrite_failed: u64,
+}
+
+/// What NAT did to a frame given to [`Conntrack::process_mut`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatOutcome {
+    /// Not touched: its connection is not translated, or the packet is not tracked.
+    Unchanged,
+    /// Rewritten in place (addresses, ports or ICMP ids, checksums; for an ICMP error
+    /// the quoted packet too).
+    Rewritten,
+    /// The connection is translated but the frame could not be rewritten: drop it.
+    Drop(RewriteError),
+}
+
+/// The result of [`Conntrack::process_mut`]: the conntrack verdict and the NAT outcome.
+/// Forward the frame only when [`NatVerdict::forward`] says so (or per the caller's
+/// policy for untracked and invalid packets, which NAT never touches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatVerdict {
+    /// The conntrack verdict, as [`Conntrack::process`] gives it.
+    pub verdict: Verdict,
+    /// What NAT did to the frame.
+    pub nat: NatOutcome,
+}
+
+impl NatVerdict {
+    /// Tracked and not refused by NAT.
+    #[must_use]
+    pub fn forward(&self) -> bool {
+        matches!(self.verdict, Verdict::Tracked { .. }) && !matches!(self.nat, NatOutcome::Drop(_))
+    }
 }
 
 /// One conntrack instance (one per worker).
@@ -249,7 +316,18 @@ pub struct Conntrack {
     cfg: Config,
     table: ConnTable<L4State>,
     stats: Stats,
+    nat: NatEngine,
+    /// Connections in the table with `SRC_NAT` or `DST_NAT`: while there are none and
+    /// there is no rule, a new connection's reply is the plain inverse (a null binding
+    /// cannot clash with anything), without asking the engine.
+    nat_live: usize,
+    /// A translated connection that the current packet closed (TCP RST, reopen): the
+    /// rewrite still needs its tuples.
+    closed: Option<([Tuple; 2], Status)>,
 }
+
+/// Seed of the NAT engine that [`Conntrack::new`] creates, mixed with the hash seed.
+const NAT_SEED: u64 = 0x6e61_745f_7365_6564;
 
 fn tuple_parts(l4: &L4) -> (u16, u16) {
     match *l4 {
@@ -318,11 +396,58 @@ impl Conntrack {
     /// A new instance; allocates its whole table now.
     #[must_use]
     pub fn new(cfg: Config) -> Self {
+        Self::with_nat(cfg, NatEngine::new(cfg.hash_seed ^ NAT_SEED))
+    }
+
+    /// A new instance with a NAT engine (its rules already set, or set later through
+    /// [`Conntrack::nat_mut`]).
+    #[must_use]
+    pub fn with_nat(cfg: Config, nat: NatEngine) -> Self {
         Self {
             table: ConnTable::new(cfg.max_connections, cfg.hash_seed, cfg.event_capacity),
             cfg,
             stats: Stats::default(),
+            nat,
+            nat_live: 0,
+            closed: None,
         }
+    }
+
+    /// The NAT engine (rules, counters, by-source index).
+    #[must_use]
+    pub fn nat(&self) -> &NatEngine {
+        &self.nat
+    }
+
+    /// The NAT engine, mutable: change rules here. Existing connections keep their
+    /// translation.
+    pub fn nat_mut(&mut self) -> &mut NatEngine {
+        &mut self.nat
+    }
+
+    /// Connections in the table whose status has `SRC_NAT` or `DST_NAT`.
+    #[must_use]
+    pub fn nat_connections(&self) -> usize {
+        self.nat_live
+    }
+
+    /// Hands connections with NAT bits that left the table (for any reason, including
+    /// removals made through [`Conntrack::table_mut`]) to [`NatEngine::released`].
+    /// Every call that can remove entries runs it; calling it more is harmless.
+    pub fn release_nat(&mut self) {
+        if !self.table.has_nat_released() {
+            return;
+        }
+        let Self {
+            table,
+            nat,
+            nat_live,
+            ..
+        } = self;
+        table.take_nat_released(|tuples, status| {
+            *nat_live = nat_live.saturating_sub(1);
+            nat.released(tuples, status);
+        });
     }
 
     /// The configuration.
@@ -350,7 +475,9 @@ impl Conntrack {
 
     /// Reap expired connections, visiting at most `budget` timers.
     pub fn gc(&mut self, now: u64, budget: usize) -> usize {
-        self.table.gc(now, budget)
+        let n = self.table.gc(now, budget);
+        self.release_nat();
+        n
     }
 
     /// Parse and track one Ethernet frame that arrived in `zone` at `now` (ns).
@@ -371,11 +498,29 @@ impl Conntrack {
     }
 
     /// Track an already parsed frame (`frame` is needed to read ICMP error quotes).
+    ///
+    /// NAT bindings of new connections are decided as in
+    /// [`Conntrack::track_parsed_meta`] with a default [`PacketMeta`] (ingress port 0, no
+    /// egress: masquerade rules fail); the frame is not rewritten.
     pub fn track_parsed(
         &mut self,
         pkt: &ParsedPacket,
         frame: &[u8],
         zone: u16,
+        now: u64,
+    ) -> Verdict {
+        self.track_parsed_meta(pkt, frame, zone, &PacketMeta::default(), now)
+    }
+
+    /// [`Conntrack::track_parsed`] with the ingress/egress context NAT rules match on
+    /// (used only when the packet creates a connection). The frame is not rewritten:
+    /// see [`Conntrack::track_parsed_mut`].
+    pub fn track_parsed_meta(
+        &mut self,
+        pkt: &ParsedPacket,
+        frame: &[u8],
+        zone: u16,
+        meta: &PacketMeta,
         now: u64,
     ) -> Verdict {
         let Some(family) = family_of(pkt.l3) else {
@@ -402,20 +547,28 @@ impl Conntrack {
         }
         let tuple = tuple_of(family, pkt.src, pkt.dst, pkt.protocol, &pkt.l4, zone);
         let hash = self.table.hash(&tuple);
-        self.track_tuple(&tuple, hash, pkt, now)
+        self.track_tuple(&tuple, hash, pkt, meta, now)
     }
 
     /// The common path after classification: look `tuple` (hashed to `hash` by the
     /// table) up, run the protocol handler or create the connection.
     #[inline]
-    fn track_tuple(&mut self, tuple: &Tuple, hash: u64, pkt: &ParsedPacket, now: u64) -> Verdict {
+    fn track_tuple(
+        &mut self,
+        tuple: &Tuple,
+        hash: u64,
+        pkt: &ParsedPacket,
+        meta: &PacketMeta,
+        now: u64,
+    ) -> Verdict {
         let bytes = u64::from(pkt.l3_len);
         // At most two rounds: a TCP reopen deletes the old entry and starts over.
         for _ in 0..2 {
             let verdict = match self.table.lookup_hashed(tuple, hash, now) {
                 Some((slot, dir)) => self.existing(slot, dir, pkt, bytes, now),
-                None => self.create(*tuple, hash, pkt, bytes, now),
+                None => self.create(*tuple, hash, pkt, meta, bytes, now),
             };
+            self.release_nat();
             if let Ok(v) = verdict {
                 if matches!(v, Verdict::Tracked { .. }) {
                     self.stats.tracked += 1;
@@ -433,6 +586,7 @@ impl Conntrack {
         tuple: Tuple,
         hash: u64,
         pkt: &ParsedPacket,
+        meta: &PacketMeta,
         bytes: u64,
         now: u64,
     ) -> Result<Verdict, Reopen> {
@@ -466,27 +620,46 @@ impl Conntrack {
                 (L4State::Generic, u64::from(self.cfg.timeouts.generic) * NS)
             }
         };
-        let reply = match tuple.invert() {
-            Ok(r) => r,
+        let plain = self.nat_live == 0 && self.nat.rules().is_empty();
+        let (reply, status) = if plain {
+            match tuple.invert() {
+                Ok(r) => (r, Status::empty()),
+                Err(e) => {
+                    return Ok(self.invalid(Invalid::IcmpNotRequest {
+                        icmp_type: e.icmp_type,
+                    }));
+                }
+            }
+        } else {
+            match self.nat_decide(&tuple, meta, now) {
+                Ok(x) => x,
+                Err(why) => return Ok(self.invalid(why)),
+            }
+        };
+        let timeout = now.saturating_add(timeout_ns);
+        // After a NAT decision both tuples are known free: the original just missed its
+        // lookup and `decide` reported the reply free, with nothing inserted since.
+        let inserted = if plain {
+            self.table
+                .insert_hashed(tuple, hash, reply, status, timeout, state, now)
+        } else {
+            self.table
+                .insert_hashed_unchecked(tuple, hash, reply, status, timeout, state, now)
+        };
+        let slot = match inserted {
+            Ok(slot) => slot,
             Err(e) => {
-                return Ok(self.invalid(Invalid::IcmpNotRequest {
-                    icmp_type: e.icmp_type,
+                // The decision holds a by-source reference: give it back.
+                self.nat.released(&[tuple, reply], status);
+                return Ok(self.invalid(match e {
+                    InsertError::TableFull { .. } => Invalid::TableFull,
+                    InsertError::Clash { .. } => Invalid::InsertClash,
                 }));
             }
         };
-        let slot = match self.table.insert_hashed(
-            tuple,
-            hash,
-            reply,
-            Status::empty(),
-            now.saturating_add(timeout_ns),
-            state,
-            now,
-        ) {
-            Ok(slot) => slot,
-            Err(InsertError::TableFull { .. }) => return Ok(self.invalid(Invalid::TableFull)),
-            Err(InsertError::Clash { .. }) => return Ok(self.invalid(Invalid::InsertClash)),
-        };
+        if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
+            self.nat_live += 1;
+        }
         if let Some(c) = self.table.get_mut(slot) {
             c.counters[0].packets += 1;
             c.counters[0].bytes += bytes;
@@ -498,6 +671,30 @@ impl Conntrack {
             info: CtInfo::New,
             created: true,
         })
+    }
+
+    /// [`NatEngine::decide`] for a new connection: its reply tuple and status bits.
+    fn nat_decide(
+        &mut self,
+        tuple: &Tuple,
+        meta: &PacketMeta,
+        now: u64,
+    ) -> Result<(Tuple, Status), Invalid> {
+        let Self { nat, table, .. } = self;
+        match nat.decide(tuple, meta, &mut |r| table.lookup(r, now).is_some()) {
+            Ok(d) => Ok((d.reply, d.status)),
+            Err(NatError::NotInvertible(e)) => Err(Invalid::IcmpNotRequest {
+                icmp_type: e.icmp_type,
+            }),
+            Err(NatError::Exhausted { rule, .. }) => {
+                self.stats.nat_exhausted += 1;
+                Err(Invalid::NatExhausted { rule })
+            }
+            Err(NatError::NoMasqueradeAddress { rule }) => {
+                self.stats.nat_no_address += 1;
+                Err(Invalid::NatNoAddress { rule })
+            }
+        }
     }
 
     fn existing(
@@ -546,6 +743,7 @@ impl Conntrack {
                         return Ok(self.invalid(Invalid::Tcp(reason)));
                     }
                     TcpOutcome::Reopen => {
+                        // The packet is tracked again and belongs to the new entry.
                         self.table.remove(slot, RemoveReason::Closed);
                         return Err(Reopen);
                     }
@@ -579,6 +777,9 @@ impl Conntrack {
         }
         let fixed = conn.status.contains(Status::FIXED_TIMEOUT);
         if delete {
+            if conn.status.intersects(Status::SRC_NAT | Status::DST_NAT) {
+                self.closed = Some((conn.tuples, conn.status));
+            }
             self.table.remove(slot, RemoveReason::Closed);
         } else if let (Some(ns), false) = (timeout_ns, fixed) {
             self.table.set_timeout(slot, now.saturating_add(ns));
@@ -619,7 +820,9 @@ impl Conntrack {
             return self.invalid(Invalid::IcmpErrorNoMatch);
         };
         // RELATED packets change nothing in the entry: no refresh, no state, no counters.
-        let Some((slot, dir)) = self.table.lookup(&wanted, now) else {
+        let found = self.table.lookup(&wanted, now);
+        self.release_nat();
+        let Some((slot, dir)) = found else {
             return self.invalid(Invalid::IcmpErrorNoMatch);
         };
         let Some(conn) = self.table.get(slot) else {
@@ -646,10 +849,91 @@ impl Conntrack {
 /// The TCP handler asked to delete the entry and look the packet up again.
 struct Reopen;
 
+impl Conntrack {
+    /// [`Conntrack::process`], then NAT: when the packet's connection is translated,
+    /// the frame is rewritten in place to look like the inverse of the other
+    /// direction's tuple (a RELATED ICMP error has its quoted packet translated too).
+    /// `meta` is what NAT rules match on when the packet creates a connection (the
+    /// egress address is what masquerade translates to).
+    pub fn process_mut(
+        &mut self,
+        frame: &mut [u8],
+        zone: u16,
+        meta: &PacketMeta,
+        now: u64,
+    ) -> NatVerdict {
+        self.stats.packets += 1;
+        match wire::parse(frame, self.cfg.parse) {
+            Ok(pkt) => self.track_parsed_mut(&pkt, frame, zone, meta, now),
+            Err(e) => {
+                self.stats.malformed[e.reason().index()] += 1;
+                NatVerdict {
+                    verdict: self.invalid(Invalid::Malformed(e)),
+                    nat: NatOutcome::Unchanged,
+                }
+            }
+        }
+    }
+
+    /// [`Conntrack::track_parsed_meta`], then the NAT rewrite of
+    /// [`Conntrack::process_mut`]. `pkt` must be the parse of `frame`.
+    pub fn track_parsed_mut(
+        &mut self,
+        pkt: &ParsedPacket,
+        frame: &mut [u8],
+        zone: u16,
+        meta: &PacketMeta,
+        now: u64,
+    ) -> NatVerdict {
+        self.closed = None;
+        let verdict = self.track_parsed_meta(pkt, frame, zone, meta, now);
+        let nat = self.nat_rewrite(&verdict, pkt, frame);
+        NatVerdict { verdict, nat }
+    }
+
+    /// The NAT step after tracking: rewrite `frame` if its connection is translated.
+    #[inline]
+    pub(crate) fn nat_rewrite(
+        &mut self,
+        verdict: &Verdict,
+        pkt: &ParsedPacket,
+        frame: &mut [u8],
+    ) -> NatOutcome {
+        let Verdict::Tracked { slot, dir, .. } = *verdict else {
+            return NatOutcome::Unchanged;
+        };
+        let nat_bits = Status::SRC_NAT | Status::DST_NAT;
+        let result = match self.table.get(slot) {
+            Some(c) if c.status.intersects(nat_bits) => {
+                rewrite::rewrite(frame, pkt, &c.tuples, c.status, dir)
+            }
+            Some(_) => return NatOutcome::Unchanged,
+            // The packet closed its connection (TCP RST): it still goes out translated.
+            None => match self.closed.take() {
+                Some((tuples, status)) => rewrite::rewrite(frame, pkt, &tuples, status, dir),
+                None => return NatOutcome::Unchanged,
+            },
+        };
+        match result {
+            Ok(()) => {
+                self.stats.nat_rewritten += 1;
+                NatOutcome::Rewritten
+            }
+            Err(e) => {
+                self.stats.nat_rewrite_failed += 1;
+                NatOutcome::Drop(e)
+            }
+        }
+    }
+}
+
 mod batch;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod nat_tests;
 
 mod offload;
 mod query;

@@ -203,6 +203,9 @@ pub struct TableStats {
 }
 
 const EMPTY: u64 = u64::MAX;
+/// Room reserved for [`ConnTable::take_nat_released`]'s queue: more than one packet's
+/// removals (a lookup reaps one, early drop at most 8 groups of 8).
+const NAT_RELEASED_RESERVE: usize = 128;
 /// Early drop walks this many groups of index slots ...
 const EARLY_DROP_GROUPS: usize = 8;
 /// ... of this many slots each (Linux: 8 hash buckets).
@@ -243,6 +246,9 @@ pub struct ConnTable<P> {
     stats: TableStats,
     /// Reused by `gc` so that it allocates nothing.
     scratch: Vec<u32>,
+    /// Tuples and status of removed connections that carried NAT bits, until
+    /// [`ConnTable::take_nat_released`] hands them to the NAT engine.
+    nat_released: Vec<([Tuple; 2], Status)>,
 }
 
 impl<P> ConnTable<P> {
@@ -271,6 +277,7 @@ impl<P> ConnTable<P> {
             events_cap,
             stats: TableStats::default(),
             scratch: Vec::new(),
+            nat_released: Vec::with_capacity(NAT_RELEASED_RESERVE),
         }
     }
 
@@ -305,8 +312,8 @@ impl<P> ConnTable<P> {
     }
 
     /// Bytes of memory the table holds per connection it can hold: every allocation it
-    /// makes (index, entries, timer links and wheel, free list, event queue, GC scratch),
-    /// divided by the maximum number of connections, rounded up.
+    /// makes (index, entries, timer links and wheel, free list, event queue, GC scratch,
+    /// NAT release queue), divided by the maximum number of connections, rounded up.
     #[must_use]
     pub fn bytes_per_connection(&self) -> usize {
         let index = self.index.capacity() * size_of::<u64>();
@@ -316,7 +323,8 @@ impl<P> ConnTable<P> {
         let events = self.events.capacity() * size_of::<Event>();
         let scratch = self.scratch.capacity() * size_of::<u32>();
         let wheel = self.wheel.heap_bytes();
-        (index + entries + links + free + events + scratch + wheel).div_ceil(self.max)
+        let released = self.nat_released.capacity() * size_of::<([Tuple; 2], Status)>();
+        (index + entries + links + free + events + scratch + wheel + released).div_ceil(self.max)
     }
 
     /// The table's hash of `tuple`, for [`ConnTable::lookup_hashed`] and
@@ -483,6 +491,54 @@ impl<P> ConnTable<P> {
                 return Err(InsertError::Clash { tuple, dir, id });
             }
         }
+        self.insert_new(
+            orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
+        )
+    }
+
+    /// [`ConnTable::insert_hashed`] for a caller that has just checked, in this same
+    /// call and with nothing inserted since, that neither tuple is live in the table
+    /// (conntrack's create path after a NAT decision: the original missed its lookup and
+    /// every reply `decide` returns was reported free). It skips the two clash lookups;
+    /// a clash it was promised not to find is still refused in debug builds.
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_hashed_unchecked(
+        &mut self,
+        orig: Tuple,
+        orig_hash: u64,
+        reply: Tuple,
+        status: Status,
+        timeout: u64,
+        proto: P,
+        now: u64,
+    ) -> Result<Slot, InsertError> {
+        debug_assert!(
+            self.find(&orig, orig_hash)
+                .is_none_or(|(s, _)| { self.entry(s).is_some_and(|c| c.expired(now)) })
+        );
+        debug_assert!(
+            self.find(&reply, self.hasher.hash(&reply))
+                .is_none_or(|(s, _)| { self.entry(s).is_some_and(|c| c.expired(now)) })
+        );
+        let reply_hash = self.hasher.hash(&reply);
+        self.insert_new(
+            orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
+        )
+    }
+
+    /// The part of an insert after the clash checks.
+    #[allow(clippy::too_many_arguments)]
+    fn insert_new(
+        &mut self,
+        orig: Tuple,
+        orig_hash: u64,
+        reply: Tuple,
+        reply_hash: u64,
+        status: Status,
+        timeout: u64,
+        proto: P,
+        now: u64,
+    ) -> Result<Slot, InsertError> {
         if self.count >= self.max && !self.early_drop(&orig, now) {
             self.stats.insert_full += 1;
             return Err(InsertError::TableFull { max: self.max });
@@ -568,6 +624,9 @@ impl<P> ConnTable<P> {
         self.wheel.unlink(&mut self.links, slot.0);
         self.free.push(slot.0);
         self.count -= 1;
+        if conn.status.intersects(Status::SRC_NAT | Status::DST_NAT) {
+            self.nat_released.push((conn.tuples, conn.status));
+        }
         self.push_event(Event::Destroy {
             id: conn.id,
             tuples: conn.tuples,
@@ -648,6 +707,23 @@ impl<P> ConnTable<P> {
         expired.clear();
         self.scratch = expired;
         removed
+    }
+
+    /// Whether removed connections with NAT bits wait for
+    /// [`ConnTable::take_nat_released`].
+    #[inline]
+    #[must_use]
+    pub fn has_nat_released(&self) -> bool {
+        !self.nat_released.is_empty()
+    }
+
+    /// Hands every connection removed since the last call whose status had `SRC_NAT` or
+    /// `DST_NAT` (any reason: expiry, early drop, close, delete) to `f`, with its tuples
+    /// and status, once. The queue keeps its memory.
+    pub fn take_nat_released(&mut self, mut f: impl FnMut(&[Tuple; 2], Status)) {
+        for (tuples, status) in self.nat_released.drain(..) {
+            f(&tuples, status);
+        }
     }
 
     /// Take the queued events.

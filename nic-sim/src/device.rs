@@ -1334,8 +1334,32 @@ impl Simulator {
         }
     }
 
+    /// Re-reads `RX.TAIL` when the ring looks empty. The register scan at the start
+    /// of a poll took a snapshot; buffers the host posted since then (a doorbell
+    /// written while the datapath ran) are posted (section 13.3) and must be used
+    /// rather than the frame dropped as `NO_BUF`. Same handling as in the scan.
+    fn refresh_rx_doorbell(&mut self) {
+        // Acquire (in `rd`): the descriptors written before the doorbell are visible.
+        let v = self.rd(Self::doorbell_reg(RX));
+        if v != self.regs.doorbells[RX] {
+            self.regs.doorbells[RX] = v;
+            self.count_doorbell(RX);
+            if self.mode == Mode::Enabled {
+                self.doorbell(RX, v);
+            }
+        }
+    }
+
     /// Writes a frame to the RX ring (section 13.3).
     fn punt(&mut self, port: u8, frame: &[u8], reason: RxReason, flow_id: u32) {
+        if self.rings[RX].dev == self.rings[RX].host {
+            self.refresh_rx_doorbell();
+            if self.mode != Mode::Enabled {
+                // The new doorbell was out of range: the device is now fatal.
+                self.stats.drops += 1;
+                return;
+            }
+        }
         let rx = self.rings[RX];
         if rx.dev == rx.host {
             self.bump(ST_NO_BUF);

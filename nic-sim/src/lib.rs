@@ -9,8 +9,10 @@
 //!   [`Simulator::spawn`] runs it in a thread.
 //! - [`SimIommu`]: where the driver maps DMA memory (the model's `VFIO_IOMMU_MAP_DMA`).
 //! - [`FaultHandle`]: fault injection for tests.
+//! - [`control`]: process mode, the control socket of the `ctoffload-nic-sim` binary.
 #![deny(missing_docs, missing_debug_implementations)]
 
+pub mod control;
 pub mod device;
 pub mod dma;
 pub mod error;

@@ -5,9 +5,11 @@
 //! - [`frames`]: Ethernet frames with correct checksums (built with etherparse).
 //! - [`kernel`]: reading Linux conntrack state (`conntrack -L`) and nftables counters.
 //! - [`inject`]: sending raw frames into an interface of a namespace.
+//! - [`capture`]: receiving the raw frames that arrive on an interface of a namespace.
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]
 
+pub mod capture;
 pub mod frames;
 pub mod inject;
 pub mod kernel;

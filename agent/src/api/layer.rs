@@ -39,6 +39,19 @@ impl RpcMetrics {
             .unwrap_or(0)
     }
 
+    /// Every (method, code, count) counted so far, sorted by method then code.
+    #[must_use]
+    pub fn snapshot(&self) -> Vec<(String, Code, u64)> {
+        self.counts
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|((method, code), n)| (method.clone(), Code::from_i32(*code), *n))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Total calls counted.
     #[must_use]
     pub fn total(&self) -> u64 {

@@ -19,8 +19,10 @@
 use core::hint::black_box;
 
 use super::{
-    Conntrack, Family, Invalid, L4, L4State, Tuple, Verdict, family_of, icmpv6_untracked, tuple_of,
+    Conntrack, Family, Invalid, L4, L4State, NatOutcome, NatVerdict, Tuple, Verdict, family_of,
+    icmpv6_untracked, tuple_of,
 };
+use crate::nat::PacketMeta;
 use crate::tuple::Dir;
 use crate::wire::{self, Fragment, ParsedPacket};
 
@@ -115,8 +117,84 @@ impl Conntrack {
             match p {
                 Pre::Done => {}
                 Pre::Slow(pkt) => *o = self.track_parsed(pkt, frame, zone, now),
-                Pre::Fast { pkt, tuple, hash } => *o = self.track_tuple(tuple, *hash, pkt, now),
+                Pre::Fast { pkt, tuple, hash } => {
+                    *o = self.track_tuple(tuple, *hash, pkt, &PacketMeta::default(), now);
+                }
             }
+        }
+    }
+
+    /// [`Conntrack::process_batch`] with NAT: `out[i]` receives what
+    /// [`Conntrack::process_mut`] would return for `frames[i]` (rewritten in place), for
+    /// the first `min(frames.len(), out.len())` frames, processed in order. `meta` is
+    /// the context of every frame of the batch (they arrived on one port; masquerade
+    /// translates to `meta.out_addr`).
+    pub fn process_batch_mut(
+        &mut self,
+        frames: &mut [&mut [u8]],
+        zone: u16,
+        meta: &PacketMeta,
+        now: u64,
+        out: &mut [NatVerdict],
+    ) {
+        let n = frames.len().min(out.len());
+        for (f, o) in frames[..n]
+            .chunks_mut(BATCH)
+            .zip(out[..n].chunks_mut(BATCH))
+        {
+            self.batch_mut(f, zone, meta, now, o);
+        }
+    }
+
+    fn batch_mut(
+        &mut self,
+        frames: &mut [&mut [u8]],
+        zone: u16,
+        meta: &PacketMeta,
+        now: u64,
+        out: &mut [NatVerdict],
+    ) {
+        let mut pre = [Pre::Done; BATCH];
+        let pre = &mut pre[..frames.len()];
+        // 1: parse, classify, hash.
+        for ((frame, o), p) in frames.iter().zip(out.iter_mut()).zip(pre.iter_mut()) {
+            self.stats.packets += 1;
+            match wire::parse(frame, self.cfg.parse) {
+                Ok(pkt) => {
+                    *p = match common_tuple(&pkt, zone) {
+                        Some(tuple) => Pre::Fast {
+                            hash: self.table.hash(&tuple),
+                            pkt,
+                            tuple,
+                        },
+                        None => Pre::Slow(pkt),
+                    };
+                }
+                Err(e) => {
+                    self.stats.malformed[e.reason().index()] += 1;
+                    *o = NatVerdict {
+                        verdict: self.invalid(Invalid::Malformed(e)),
+                        nat: NatOutcome::Unchanged,
+                    };
+                }
+            }
+        }
+        if self.table.capacity() >= PREFETCH_MIN_CONNECTIONS {
+            self.prefetch(pre);
+        }
+        // 4: finish in order, each packet rewritten right after it is tracked (a later
+        // packet may close its connection).
+        for ((frame, o), p) in frames.iter_mut().zip(out.iter_mut()).zip(pre.iter()) {
+            self.closed = None;
+            let (verdict, pkt) = match p {
+                Pre::Done => continue,
+                Pre::Slow(pkt) => (self.track_parsed_meta(pkt, frame, zone, meta, now), pkt),
+                Pre::Fast { pkt, tuple, hash } => {
+                    (self.track_tuple(tuple, *hash, pkt, meta, now), pkt)
+                }
+            };
+            let nat = self.nat_rewrite(&verdict, pkt, frame);
+            *o = NatVerdict { verdict, nat };
         }
     }
 
@@ -130,10 +208,15 @@ impl Conntrack {
             }
         }
         // 3: the entries they point to. No entry: probably a new connection, whose
-        // insert probes the index for the reply tuple too.
+        // insert probes the index for the reply tuple too (unless NAT chooses the
+        // reply: then it is not the inverse).
+        let plain_reply = self.nat.rules().is_empty();
         for p in pre {
             if let Pre::Fast { hash, tuple, .. } = p {
                 let Some((c, dir)) = self.table.prefetch(*hash) else {
+                    if !plain_reply {
+                        continue;
+                    }
                     if let Ok(reply) = tuple.invert() {
                         sink ^= self.table.touch_index(self.table.hash(&reply));
                     }

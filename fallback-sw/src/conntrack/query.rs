@@ -111,7 +111,11 @@ impl Conntrack {
         match self.table.get(slot) {
             None => Ok(false),
             Some(c) if c.status.contains(Status::OFFLOAD) => Err(DeleteError::Offloaded),
-            Some(_) => Ok(self.table.remove(slot, RemoveReason::Deleted).is_some()),
+            Some(_) => {
+                let removed = self.table.remove(slot, RemoveReason::Deleted).is_some();
+                self.release_nat();
+                Ok(removed)
+            }
         }
     }
 }

@@ -5,7 +5,11 @@
 //! direction): the caller answers through an `is_taken` closure that is given the
 //! candidate reply tuple, so this module does not depend on the table.
 //!
-//! Nothing here allocates; a search costs at most 128 + 64 + 32 + 16 probes.
+//! A search allocates nothing and costs at most 128 + 64 + 32 + 16 probes; a probe whose
+//! candidate [`BusyPorts`] knows to be bound is a bit test instead of a table lookup.
+//! The engine's two maps ([`BySource`], [`BusyPorts`]) grow with the connections they
+//! describe (amortised; a busy endpoint's 8 KiB bitmap is allocated once), never per
+//! packet of an established connection.
 //!
 //! Differences from Linux, all with the same effect on the wire:
 //! - A source manip that finds no free tuple returns [`Exhausted`] (the caller drops the
@@ -63,8 +67,8 @@ impl NatRng {
     /// 16 random bits.
     #[inline]
     pub fn next_u16(&mut self) -> u16 {
-        let [a, b, ..] = (self.next_u64() >> 32).to_be_bytes();
-        u16::from_be_bytes([a, b])
+        // The top 16 bits (xorshift64*'s best). `>> 48` leaves exactly 16 bits.
+        u16::try_from(self.next_u64() >> 48).unwrap_or(0)
     }
 }
 
@@ -127,6 +131,222 @@ pub struct Exhausted {
     pub probes: u32,
 }
 
+/// Source ports one endpoint records inline before it needs a bitmap.
+const FEW: usize = 7;
+/// At most this many endpoints have a bitmap (8 KiB each: 32 MiB).
+pub const BUSY_MAX_DENSE: usize = 4096;
+/// At most this many endpoints are recorded (about 64 bytes each: 16 MiB).
+pub const BUSY_MAX_ENDPOINTS: usize = 1 << 18;
+
+/// A candidate ORIGINAL tuple after source manip, without its source port (or ICMP id):
+/// every candidate of one search has the same key.
+fn endpoint_of(t: &Tuple) -> Tuple {
+    let mut k = *t;
+    k.src_l4 = 0;
+    k
+}
+
+/// Source ports bound towards one endpoint: a few inline, or one bit each.
+#[derive(Clone)]
+enum PortBits {
+    Few { ports: [u16; FEW], n: u8 },
+    Dense { words: Box<[u64; 1024]>, count: u32 },
+}
+
+impl PortBits {
+    #[inline]
+    fn test(&self, port: u16) -> bool {
+        match self {
+            Self::Few { ports, n } => ports[..usize::from(*n)].contains(&port),
+            Self::Dense { words, .. } => {
+                let p = usize::from(port);
+                words[p >> 6] & (1 << (p & 63)) != 0
+            }
+        }
+    }
+}
+
+/// A multiplicative hasher for the NAT engine's maps ([`BusyPorts`], [`BySource`]),
+/// keyed per map from `RandomState` so that remote peers cannot aim collisions; much
+/// cheaper than SipHash for these 20-40 byte keys.
+#[derive(Clone, Copy)]
+struct FoldHasher(u64);
+
+impl core::hash::Hasher for FoldHasher {
+    fn finish(&self) -> u64 {
+        mix64(self.0)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.0 = (self.0 ^ u64::from_le_bytes(w)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+}
+
+/// Builds [`FoldHasher`]s with a random key.
+#[derive(Clone, Copy)]
+struct FoldBuild(u64);
+
+impl Default for FoldBuild {
+    fn default() -> Self {
+        use core::hash::BuildHasher;
+        Self(std::collections::hash_map::RandomState::new().hash_one(0x6e61_7421_u64))
+    }
+}
+
+impl core::hash::BuildHasher for FoldBuild {
+    type Hasher = FoldHasher;
+    fn build_hasher(&self) -> FoldHasher {
+        FoldHasher(self.0)
+    }
+}
+
+/// Source ports bound by source-NAT connections, per endpoint (the translated ORIGINAL
+/// tuple without its source port: NAT address, remote address and port, protocol,
+/// zone), so that a port search in a busy range tests a bit instead of looking each
+/// candidate up in the connection table. It only skips probes whose answer it knows
+/// ("used"): the probe order, count and limits stay Linux's, and the chosen tuple is
+/// still checked with `is_taken`.
+///
+/// [`NatEngine::decide`](super::NatEngine::decide) records every `SRC_NAT` binding and
+/// [`NatEngine::released`](super::NatEngine::released) clears it; an endpoint keeps up to
+/// seven ports inline, then a 64 Ki-bit bitmap, and is forgotten when its last binding
+/// is released. Bounded: at most [`BUSY_MAX_ENDPOINTS`] endpoints and
+/// [`BUSY_MAX_DENSE`] bitmaps; past that, bindings are simply not recorded (a search
+/// then asks the table, as without this index).
+#[derive(Clone, Default)]
+pub struct BusyPorts {
+    map: HashMap<Tuple, PortBits, FoldBuild>,
+    dense: usize,
+}
+
+impl core::fmt::Debug for BusyPorts {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BusyPorts")
+            .field("endpoints", &self.map.len())
+            .field("bitmaps", &self.dense)
+            .finish()
+    }
+}
+
+impl BusyPorts {
+    /// Endpoints recorded.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no endpoint is recorded.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Endpoints recorded with a bitmap.
+    #[must_use]
+    pub fn bitmaps(&self) -> usize {
+        self.dense
+    }
+
+    /// Records the binding `new` (a source-manipped ORIGINAL tuple), room permitting.
+    pub fn add(&mut self, new: &Tuple) {
+        let port = new.src_l4;
+        let key = endpoint_of(new);
+        let room = self.map.len() < BUSY_MAX_ENDPOINTS;
+        let bits = match self.map.get_mut(&key) {
+            Some(b) => b,
+            None if room => self.map.entry(key).or_insert(PortBits::Few {
+                ports: [0; FEW],
+                n: 0,
+            }),
+            None => return,
+        };
+        if bits.test(port) {
+            return;
+        }
+        match bits {
+            PortBits::Few { ports, n } if usize::from(*n) < FEW => {
+                ports[usize::from(*n)] = port;
+                *n += 1;
+            }
+            PortBits::Few { ports, .. } => {
+                if self.dense >= BUSY_MAX_DENSE {
+                    return;
+                }
+                let mut words = Box::new([0u64; 1024]);
+                for &p in ports.iter().chain(core::iter::once(&port)) {
+                    let p = usize::from(p);
+                    words[p >> 6] |= 1 << (p & 63);
+                }
+                self.dense += 1;
+                *bits = PortBits::Dense {
+                    words,
+                    count: u32::try_from(FEW + 1).unwrap_or(u32::MAX),
+                };
+            }
+            PortBits::Dense { words, count } => {
+                let p = usize::from(port);
+                words[p >> 6] |= 1 << (p & 63);
+                *count += 1;
+            }
+        }
+    }
+
+    /// Clears the binding `new` if recorded; forgets its endpoint when it was the last.
+    pub fn remove(&mut self, new: &Tuple) {
+        if self.map.is_empty() {
+            return;
+        }
+        let key = endpoint_of(new);
+        let Some(bits) = self.map.get_mut(&key) else {
+            return;
+        };
+        let port = new.src_l4;
+        let empty = match bits {
+            PortBits::Few { ports, n } => {
+                let len = usize::from(*n);
+                if let Some(i) = ports[..len].iter().position(|&p| p == port) {
+                    ports.swap(i, len - 1);
+                    *n -= 1;
+                }
+                *n == 0
+            }
+            PortBits::Dense { words, count } => {
+                let p = usize::from(port);
+                let m = 1u64 << (p & 63);
+                if words[p >> 6] & m != 0 {
+                    words[p >> 6] &= !m;
+                    *count -= 1;
+                }
+                *count == 0
+            }
+        };
+        if empty {
+            if matches!(bits, PortBits::Dense { .. }) {
+                self.dense -= 1;
+            }
+            self.map.remove(&key);
+        }
+    }
+
+    /// Whether the port of candidate `t` is recorded as used.
+    #[must_use]
+    pub fn contains(&self, t: &Tuple) -> bool {
+        self.map
+            .get(&endpoint_of(t))
+            .is_some_and(|b| b.test(t.src_l4))
+    }
+
+    fn get(&self, t: &Tuple) -> Option<&PortBits> {
+        if self.map.is_empty() {
+            return None;
+        }
+        self.map.get(&endpoint_of(t))
+    }
+}
+
 /// Key of the by-source index: the original source (Linux `hash_by_src`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct SrcKey {
@@ -154,9 +374,17 @@ struct Mappings {
 /// source-NATed connection, the mapped (address, port) and how many live connections
 /// use it. It gives endpoint-independent mapping: a new connection from the same source
 /// reuses the mapping if it is in range and free.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct BySource {
-    map: HashMap<SrcKey, Mappings>,
+    map: HashMap<SrcKey, Mappings, FoldBuild>,
+}
+
+impl core::fmt::Debug for BySource {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BySource")
+            .field("sources", &self.map.len())
+            .finish()
+    }
 }
 
 fn key_of(t: &Tuple) -> SrcKey {
@@ -371,6 +599,8 @@ pub struct AllocCtx<'a> {
     pub seed: u64,
     /// Whether a candidate REPLY tuple is in the table (either direction).
     pub is_taken: &'a mut dyn FnMut(&Tuple) -> bool,
+    /// Ports known to be used towards busy endpoints (source manip), if kept.
+    pub busy: Option<&'a BusyPorts>,
 }
 
 impl core::fmt::Debug for AllocCtx<'_> {
@@ -488,12 +718,22 @@ fn search(
     };
     let mut attempts = size.min(128);
     let mut probes = 0u32;
+    // Every candidate of this search has the same endpoint: one map lookup.
+    let busy = match (manip, ctx.busy) {
+        (Manip::Src, Some(b)) => b.get(&t),
+        _ => None,
+    };
     loop {
         for _ in 0..attempts {
             let port = u32::from(r.min) + off % size;
             off = off.wrapping_add(1);
-            set_key(&mut t, manip, u16::try_from(port).unwrap_or(r.max));
+            let port = u16::try_from(port).unwrap_or(r.max);
+            set_key(&mut t, manip, port);
             probes += 1;
+            // Known used: the table would say so too.
+            if busy.is_some_and(|b| b.test(port)) {
+                continue;
+            }
             if !ctx.used(&t) {
                 return Ok((t, Found::Searched { probes }));
             }
@@ -534,6 +774,94 @@ mod tests {
     }
 
     #[test]
+    fn rng_offsets_cover_the_range() {
+        // Regression: next_u16 once returned the zero high bytes of a shifted u64, so
+        // every search started at the range's first port and never got past 128.
+        let mut rng = NatRng::new(5);
+        let seen: HashSet<u16> = (0..4096).map(|_| rng.next_u16() % 1024).collect();
+        assert!(seen.len() > 900, "{} distinct offsets", seen.len());
+    }
+
+    #[test]
+    fn a_range_fills_past_the_first_probe_window() {
+        let by = BySource::default();
+        let mut rng = NatRng::new(9);
+        let mut taken: HashSet<Tuple> = HashSet::new();
+        let ports = PortRange::new(20_000, 21_023);
+        let range = snat([192, 0, 2, 1], [192, 0, 2, 1], Some(ports));
+        for i in 0..900u32 {
+            let [_, b, c, d] = i.to_be_bytes();
+            let cur = udp([10, b, c, d], 40_000, [8, 8, 8, 8], 53);
+            let mut is_taken = |t: &Tuple| taken.contains(t);
+            let mut ctx = AllocCtx {
+                by_source: &by,
+                rng: &mut rng,
+                seed: 0,
+                is_taken: &mut is_taken,
+                busy: None,
+            };
+            let (t, _) = get_unique_tuple(&cur, &range, Manip::Src, &mut ctx)
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            assert!(ports.contains(t.src_l4));
+            assert!(taken.insert(t.invert().expect("udp")), "unique");
+        }
+    }
+
+    #[test]
+    fn busy_ports_skip_known_used_probes_without_changing_the_choice() {
+        let by = BySource::default();
+        let ports = PortRange::new(20_000, 20_255);
+        let range = snat([192, 0, 2, 1], [192, 0, 2, 1], Some(ports));
+        let mut taken: HashSet<Tuple> = HashSet::new();
+        let mut busy = BusyPorts::default();
+        let mut rng_a = NatRng::new(21);
+        let mut rng_b = NatRng::new(21);
+        for i in 0..230u32 {
+            let [_, b, c, d] = i.to_be_bytes();
+            let cur = udp([10, b, c, d], 40_000, [8, 8, 8, 8], 53);
+            let mut is_taken = |t: &Tuple| taken.contains(t);
+            let mut plain = AllocCtx {
+                by_source: &by,
+                rng: &mut rng_a,
+                seed: 0,
+                is_taken: &mut is_taken,
+                busy: None,
+            };
+            let a = get_unique_tuple(&cur, &range, Manip::Src, &mut plain);
+            let mut lookups = 0u32;
+            let mut is_taken = |t: &Tuple| {
+                lookups += 1;
+                taken.contains(t)
+            };
+            let mut fast = AllocCtx {
+                by_source: &by,
+                rng: &mut rng_b,
+                seed: 0,
+                is_taken: &mut is_taken,
+                busy: Some(&busy),
+            };
+            let b = get_unique_tuple(&cur, &range, Manip::Src, &mut fast);
+            assert_eq!(a, b, "connection {i}: same choice, same probe count");
+            let (t, found) = b.expect("room left");
+            if let Found::Searched { probes } = found {
+                assert!(lookups <= probes);
+            }
+            busy.add(&t);
+            assert!(taken.insert(t.invert().expect("udp")));
+        }
+        assert_eq!(
+            (busy.len(), busy.bitmaps()),
+            (1, 1),
+            "one busy endpoint recorded"
+        );
+        // Releasing every recorded binding forgets the endpoint.
+        for t in taken.iter().map(|r| r.invert().expect("udp")) {
+            busy.remove(&t);
+        }
+        assert!(busy.is_empty());
+    }
+
+    #[test]
     fn keeps_port_when_free_and_searches_when_taken() {
         let by = BySource::default();
         let mut rng = NatRng::new(1);
@@ -546,6 +874,7 @@ mod tests {
             rng: &mut rng,
             seed: 0,
             is_taken: &mut is_taken,
+            busy: None,
         };
         let (t, f) = get_unique_tuple(&cur, &range, Manip::Src, &mut ctx).expect("free");
         assert_eq!(f, Found::AddrOnly);
@@ -558,6 +887,7 @@ mod tests {
             rng: &mut rng,
             seed: 0,
             is_taken: &mut is_taken,
+            busy: None,
         };
         let other = udp([10, 0, 0, 2], 40000, [8, 8, 8, 8], 53);
         let (t2, f2) = get_unique_tuple(&other, &range, Manip::Src, &mut ctx).expect("free");
@@ -584,6 +914,7 @@ mod tests {
                 rng: &mut rng,
                 seed: 0,
                 is_taken: &mut is_taken,
+                busy: None,
             };
             let (t, _) = get_unique_tuple(&cur, &range, Manip::Src, &mut ctx).expect("free");
             assert!((lo..=hi).contains(&t.src_l4), "{port} -> {}", t.src_l4);
@@ -605,6 +936,7 @@ mod tests {
             rng: &mut rng,
             seed: 0,
             is_taken: &mut is_taken,
+            busy: None,
         };
         let cur = udp([1, 2, 3, 4], 5555, [203, 0, 113, 1], 80);
         let (t, _) = get_unique_tuple(&cur, &range, Manip::Dst, &mut ctx).expect("free");
@@ -621,6 +953,7 @@ mod tests {
             rng: &mut rng,
             seed: 42,
             is_taken: &mut free,
+            busy: None,
         };
         let mut range = snat([192, 0, 2, 1], [192, 0, 2, 200], None);
         let a = udp([10, 0, 0, 1], 1000, [8, 8, 8, 8], 53);

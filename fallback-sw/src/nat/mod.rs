@@ -22,9 +22,9 @@ pub mod rewrite;
 pub mod rules;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
-use self::alloc::{AllocCtx, BySource, Exhausted, Found, Manip, NatRange, NatRng};
+use self::alloc::{AllocCtx, BusyPorts, BySource, Exhausted, Found, Manip, NatRange, NatRng};
 use self::rules::{Hook, NatAction, NatFlags, NatRuleSet, PortRange, RuleId};
 use crate::table::Status;
 use crate::tuple::{Addr, Family, NotInvertible, Tuple};
@@ -107,6 +107,7 @@ pub struct NatStats {
 pub struct NatEngine {
     rules: NatRuleSet,
     by_source: BySource,
+    busy: BusyPorts,
     rng: NatRng,
     seed: u64,
     stats: NatStats,
@@ -135,6 +136,7 @@ impl NatEngine {
         Self {
             rules: NatRuleSet::new(),
             by_source: BySource::default(),
+            busy: BusyPorts::default(),
             rng: NatRng::new(seed),
             seed: rules::mix64(seed ^ 0x6e61_745f_6861_7368),
             stats: NatStats::default(),
@@ -162,6 +164,12 @@ impl NatEngine {
     #[must_use]
     pub fn by_source(&self) -> &BySource {
         &self.by_source
+    }
+
+    /// Ports known to be in use towards busy endpoints (a search shortcut).
+    #[must_use]
+    pub fn busy_ports(&self) -> &BusyPorts {
+        &self.busy
     }
 
     /// Decides the NAT binding of a new connection whose first packet has ORIGINAL
@@ -238,6 +246,7 @@ impl NatEngine {
                 rng: &mut self.rng,
                 seed: self.seed,
                 is_taken: &mut *is_taken,
+                busy: None,
             };
             // A destination clash is left for the source manip to resolve (Linux keeps
             // the last candidate too); only the final reply must be unique.
@@ -303,6 +312,7 @@ impl NatEngine {
             rng: &mut self.rng,
             seed: self.seed,
             is_taken,
+            busy: Some(&self.busy),
         };
         let (new, found) = match alloc::get_unique_tuple(&cur, &plan.range, Manip::Src, &mut ctx) {
             Ok(x) => x,
@@ -336,6 +346,7 @@ impl NatEngine {
             } else {
                 self.by_source.add(orig, new.src, new.src_l4);
             }
+            self.busy.add(&new);
         }
         let reply = new.invert()?;
         if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
@@ -363,6 +374,7 @@ impl NatEngine {
         };
         let key = alloc::key_of_l4(&new, Manip::Src).unwrap_or(new.src_l4);
         self.by_source.remove(orig, new.src, key);
+        self.busy.remove(&new);
     }
 }
 

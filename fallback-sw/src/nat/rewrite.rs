@@ -16,7 +16,7 @@
 use core::net::Ipv4Addr;
 
 use super::alloc::Manip;
-use crate::checksum::{self, udp_adjust, update16, update32};
+use crate::checksum::{self, udp_finish, update16, update32};
 use crate::table::Status;
 use crate::tuple::{Dir, Tuple, proto};
 use crate::wire::{L3, L4, ParsedPacket};
@@ -116,6 +116,7 @@ pub(crate) fn inverse_fields(other: &Tuple) -> ([u8; 4], [u8; 4], u16, u16) {
 
 /// Linux `nf_nat_ipv4_manip_pkt`: sets the `manip` address to `addr` and the port (or,
 /// for an ICMP query, the id) to `l4`, fixing checksums per `mode`.
+#[inline]
 pub(crate) fn manip_v4(
     frame: &mut [u8],
     at: &V4At,
@@ -161,7 +162,10 @@ pub(crate) fn manip_v4(
             let c = be16(frame, c_off);
             let upd = |c: u16| update16(update32(c, old, new), old_p, l4);
             let v = match at.proto {
-                proto::UDP => udp_adjust(c, upd),
+                // An absent UDP checksum (0) stays absent; an updated 0 is sent as 0xFFFF
+                // (`checksum::udp_adjust`, written out so that it inlines here).
+                proto::UDP if c == 0 => 0,
+                proto::UDP => udp_finish(upd(c)),
                 proto::SCTP => {
                     let end = at.end.min(frame.len());
                     frame[c_off..c_off + 4].copy_from_slice(&[0; 4]);

@@ -16,20 +16,20 @@ use crate::table::Status;
 use crate::tuple::{Addr, Dir, Family, Tuple, proto};
 use crate::wire::{L4, ParseOptions, parse};
 
-const MAC_C: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
-const MAC_G: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const C: [u8; 4] = [10, 0, 0, 5];
-const C2: [u8; 4] = [10, 0, 0, 6];
-const SRV_IN: [u8; 4] = [10, 0, 0, 10];
-const GW_IN: [u8; 4] = [10, 0, 0, 1];
-const S: [u8; 4] = [203, 0, 113, 10];
-const X: [u8; 4] = [198, 51, 100, 7];
-const N: [u8; 4] = [192, 0, 2, 1];
-const R: [u8; 4] = [203, 0, 113, 254];
+pub(crate) const MAC_C: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
+pub(crate) const MAC_G: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub(crate) const C: [u8; 4] = [10, 0, 0, 5];
+pub(crate) const C2: [u8; 4] = [10, 0, 0, 6];
+pub(crate) const SRV_IN: [u8; 4] = [10, 0, 0, 10];
+pub(crate) const GW_IN: [u8; 4] = [10, 0, 0, 1];
+pub(crate) const S: [u8; 4] = [203, 0, 113, 10];
+pub(crate) const X: [u8; 4] = [198, 51, 100, 7];
+pub(crate) const N: [u8; 4] = [192, 0, 2, 1];
+pub(crate) const R: [u8; 4] = [203, 0, 113, 254];
 
 // ---------------------------------------------------------------- frame builders
 
-fn tcp_ip(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
+pub(crate) fn tcp_ip(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
     let mut v = Vec::new();
     PacketBuilder::ipv4(src, dst, 64)
         .tcp(sp, dp, 0x1234_5678, 4096)
@@ -39,7 +39,7 @@ fn tcp_ip(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
     v
 }
 
-fn tcp(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
+pub(crate) fn tcp(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
     let mut v = Vec::new();
     PacketBuilder::ethernet2(MAC_C, MAC_G)
         .ipv4(src, dst, 64)
@@ -50,7 +50,7 @@ fn tcp(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
     v
 }
 
-fn udp_ip(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
+pub(crate) fn udp_ip(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
     let mut v = Vec::new();
     PacketBuilder::ipv4(src, dst, 64)
         .udp(sp, dp)
@@ -59,7 +59,7 @@ fn udp_ip(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
     v
 }
 
-fn udp(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
+pub(crate) fn udp(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
     let mut v = Vec::new();
     PacketBuilder::ethernet2(MAC_C, MAC_G)
         .ipv4(src, dst, 64)
@@ -69,13 +69,13 @@ fn udp(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
     v
 }
 
-fn udp_nocsum(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
+pub(crate) fn udp_nocsum(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
     let mut v = udp(src, sp, dst, dp);
     v[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
     v
 }
 
-fn echo_ip(src: [u8; 4], dst: [u8; 4], id: u16, request: bool) -> Vec<u8> {
+pub(crate) fn echo_ip(src: [u8; 4], dst: [u8; 4], id: u16, request: bool) -> Vec<u8> {
     let mut v = Vec::new();
     let b = PacketBuilder::ipv4(src, dst, 64);
     let b = if request {
@@ -87,7 +87,7 @@ fn echo_ip(src: [u8; 4], dst: [u8; 4], id: u16, request: bool) -> Vec<u8> {
     v
 }
 
-fn echo(src: [u8; 4], dst: [u8; 4], id: u16, request: bool) -> Vec<u8> {
+pub(crate) fn echo(src: [u8; 4], dst: [u8; 4], id: u16, request: bool) -> Vec<u8> {
     let mut v = Vec::new();
     let b = PacketBuilder::ethernet2(MAC_C, MAC_G).ipv4(src, dst, 64);
     let b = if request {
@@ -99,7 +99,7 @@ fn echo(src: [u8; 4], dst: [u8; 4], id: u16, request: bool) -> Vec<u8> {
     v
 }
 
-fn icmp_err(src: [u8; 4], dst: [u8; 4], ty: Icmpv4Type, quote: &[u8]) -> Vec<u8> {
+pub(crate) fn icmp_err(src: [u8; 4], dst: [u8; 4], ty: Icmpv4Type, quote: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
     PacketBuilder::ethernet2(MAC_C, MAC_G)
         .ipv4(src, dst, 60)
@@ -109,13 +109,13 @@ fn icmp_err(src: [u8; 4], dst: [u8; 4], ty: Icmpv4Type, quote: &[u8]) -> Vec<u8>
     v
 }
 
-fn unreach() -> Icmpv4Type {
+pub(crate) fn unreach() -> Icmpv4Type {
     Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port)
 }
 
 // ---------------------------------------------------------------- harness
 
-fn t4(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, p: u8) -> Tuple {
+pub(crate) fn t4(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, p: u8) -> Tuple {
     Tuple {
         src: Addr::v4(src),
         dst: Addr::v4(dst),
@@ -128,7 +128,7 @@ fn t4(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, p: u8) -> Tuple {
 }
 
 /// The tuple of a frame, as conntrack builds it.
-fn tuple_of(frame: &[u8]) -> Tuple {
+pub(crate) fn tuple_of(frame: &[u8]) -> Tuple {
     let p = parse(frame, ParseOptions::VERIFY_ALL).expect("valid frame");
     let (sl4, dl4) = match p.l4 {
         L4::Tcp(t) => (t.src_port, t.dst_port),
@@ -209,7 +209,7 @@ fn nat(frame: &[u8], c: &Conn, dir: Dir) -> Vec<u8> {
     f
 }
 
-fn assert_frame(got: &[u8], want: &[u8]) {
+pub(crate) fn assert_frame(got: &[u8], want: &[u8]) {
     assert_eq!(
         got,
         want,
@@ -219,7 +219,7 @@ fn assert_frame(got: &[u8], want: &[u8]) {
     );
 }
 
-fn out_meta() -> PacketMeta {
+pub(crate) fn out_meta() -> PacketMeta {
     PacketMeta {
         in_port: 1,
         out_port: Some(2),
@@ -227,7 +227,7 @@ fn out_meta() -> PacketMeta {
     }
 }
 
-fn in_meta() -> PacketMeta {
+pub(crate) fn in_meta() -> PacketMeta {
     PacketMeta {
         in_port: 2,
         out_port: Some(1),
@@ -235,7 +235,7 @@ fn in_meta() -> PacketMeta {
     }
 }
 
-fn prefix(a: [u8; 4], len: u8) -> Prefix {
+pub(crate) fn prefix(a: [u8; 4], len: u8) -> Prefix {
     Prefix {
         family: Family::V4,
         addr: Addr::v4(a),
@@ -243,7 +243,7 @@ fn prefix(a: [u8; 4], len: u8) -> Prefix {
     }
 }
 
-fn snat_rule(id: RuleId, ports: Option<PortRange>) -> NatRule {
+pub(crate) fn snat_rule(id: RuleId, ports: Option<PortRange>) -> NatRule {
     NatRule {
         id,
         r#match: RuleMatch {
@@ -259,12 +259,12 @@ fn snat_rule(id: RuleId, ports: Option<PortRange>) -> NatRule {
     }
 }
 
-fn with_proto(mut r: NatRule, p: u8) -> NatRule {
+pub(crate) fn with_proto(mut r: NatRule, p: u8) -> NatRule {
     r.r#match.proto = Some(p);
     r
 }
 
-fn masq_rule(id: RuleId) -> NatRule {
+pub(crate) fn masq_rule(id: RuleId) -> NatRule {
     NatRule {
         id,
         r#match: RuleMatch {
@@ -278,7 +278,7 @@ fn masq_rule(id: RuleId) -> NatRule {
     }
 }
 
-fn dnat_rule(id: RuleId) -> NatRule {
+pub(crate) fn dnat_rule(id: RuleId) -> NatRule {
     NatRule {
         id,
         r#match: RuleMatch {
@@ -294,7 +294,7 @@ fn dnat_rule(id: RuleId) -> NatRule {
     }
 }
 
-fn dnat_udp_rule(id: RuleId) -> NatRule {
+pub(crate) fn dnat_udp_rule(id: RuleId) -> NatRule {
     NatRule {
         id,
         r#match: RuleMatch {
@@ -310,7 +310,7 @@ fn dnat_udp_rule(id: RuleId) -> NatRule {
     }
 }
 
-fn dnat_icmp_rule(id: RuleId) -> NatRule {
+pub(crate) fn dnat_icmp_rule(id: RuleId) -> NatRule {
     NatRule {
         id,
         r#match: RuleMatch {
@@ -325,7 +325,7 @@ fn dnat_icmp_rule(id: RuleId) -> NatRule {
     }
 }
 
-fn fullnat_rule(id: RuleId, p: u8) -> NatRule {
+pub(crate) fn fullnat_rule(id: RuleId, p: u8) -> NatRule {
     NatRule {
         id,
         r#match: RuleMatch {
@@ -344,7 +344,7 @@ fn fullnat_rule(id: RuleId, p: u8) -> NatRule {
     }
 }
 
-fn vip_rule(id: RuleId, backends: Vec<Backend>, selection: Selection) -> NatRule {
+pub(crate) fn vip_rule(id: RuleId, backends: Vec<Backend>, selection: Selection) -> NatRule {
     NatRule {
         id,
         r#match: RuleMatch {
@@ -360,7 +360,7 @@ fn vip_rule(id: RuleId, backends: Vec<Backend>, selection: Selection) -> NatRule
     }
 }
 
-fn backend(last: u8, weight: u32) -> Backend {
+pub(crate) fn backend(last: u8, weight: u32) -> Backend {
     Backend {
         addr: Addr::v4([10, 0, 1, last]),
         port: Some(8443),

@@ -1,0 +1,414 @@
+//! `ctoffload agent`: run the gRPC API over the control plane that exists today
+//! ([`SoftwareControl`]), the Prometheus endpoint, periodic GC, and reload the
+//! configuration on SIGHUP. SIGTERM and SIGINT shut down gracefully.
+
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Args;
+use ctoffload_fallback_sw::conntrack::Config as CtConfig;
+use ctoffload_fallback_sw::tcp::TcpConfig;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{ApiServer, Listen, ServeError, ServerConfig, SoftwareControl, TlsConfig};
+use crate::config::{self, AgentConfig, ApplyReport, ConfigError, DEFAULT_CONFIG_PATH};
+use crate::metrics;
+
+/// Options of `ctoffload agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Configuration file (TOML, see docs/config.md).
+    #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Check the configuration and exit (status 0 if valid, 2 if not).
+    #[arg(long)]
+    pub check: bool,
+    /// Track the frames of a pcap capture at start (zone 0): for demos and tests,
+    /// until the dataplane feeds the table.
+    #[arg(long, value_name = "PCAP")]
+    pub preload: Option<PathBuf>,
+}
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration is unusable.
+    #[error("{path}")]
+    Config {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: ConfigError,
+    },
+    /// A TLS file named by the configuration could not be read.
+    #[error("{key}: cannot read {path}")]
+    TlsFile {
+        /// The key (`api.tls.cert`).
+        key: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The API server could not start or failed.
+    #[error("API server")]
+    Serve(#[source] ServeError),
+    /// The metrics endpoint could not listen.
+    #[error("metrics.listen: cannot listen on {addr}")]
+    Metrics {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The preload capture could not be read.
+    #[error("--preload {path}")]
+    Preload {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: pcap_file::PcapError,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+/// The running agent: its control plane and the configuration it runs with.
+#[derive(Debug)]
+pub struct Agent {
+    path: PathBuf,
+    control: Arc<SoftwareControl>,
+    config: Mutex<AgentConfig>,
+    metrics: metrics::MetricsHandle,
+    socket_override: Option<PathBuf>,
+}
+
+fn conntrack_config(cfg: &AgentConfig) -> CtConfig {
+    CtConfig {
+        tcp: TcpConfig {
+            timeouts: cfg.timeouts.tcp,
+            ..TcpConfig::default()
+        },
+        timeouts: cfg.timeouts.other,
+        max_connections: usize::try_from(cfg.limits.max_connections).unwrap_or(usize::MAX),
+        ..CtConfig::default()
+    }
+}
+
+fn log_report(what: &str, r: &ApplyReport) {
+    tracing::info!(applied = ?r.applied, "{what}");
+    if !r.restart_required.is_empty() {
+        tracing::warn!(keys = ?r.restart_required, "these settings take effect only after a restart");
+    }
+    for (key, e) in &r.failed {
+        tracing::error!(key = %key, error = %e, "setting not applied");
+    }
+}
+
+impl Agent {
+    /// A control plane built from `cfg` (read from `path`), with its settings applied.
+    #[must_use]
+    pub fn new(path: PathBuf, cfg: AgentConfig) -> Self {
+        let journal = usize::try_from(cfg.limits.event_journal_capacity).unwrap_or(usize::MAX);
+        let control = Arc::new(SoftwareControl::new(conntrack_config(&cfg), journal));
+        let report = config::apply(&*control, None, &cfg);
+        log_report("configuration applied", &report);
+        Self {
+            path,
+            control,
+            config: Mutex::new(cfg),
+            metrics: metrics::MetricsHandle::default(),
+            socket_override: None,
+        }
+    }
+
+    /// Listen on `socket` instead of the configuration's `api.socket`, now and after
+    /// every reload.
+    #[must_use]
+    pub fn with_socket(mut self, socket: Option<PathBuf>) -> Self {
+        if let Some(s) = &socket {
+            self.config
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .api
+                .socket
+                .clone_from(s);
+        }
+        self.socket_override = socket;
+        self
+    }
+
+    /// The control plane.
+    #[must_use]
+    pub fn control(&self) -> &Arc<SoftwareControl> {
+        &self.control
+    }
+
+    /// Where the dataplane feeds the time-to-offload histogram and the offload-queue
+    /// gauge of the metrics endpoint.
+    #[must_use]
+    pub fn metrics(&self) -> &metrics::MetricsHandle {
+        &self.metrics
+    }
+
+    /// The configuration in force.
+    #[must_use]
+    pub fn config(&self) -> AgentConfig {
+        self.config
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Re-read the file, validate it and apply what changed. An invalid file changes
+    /// nothing and is returned as the error.
+    pub fn reload(&self) -> Result<ApplyReport, ConfigError> {
+        let mut new = config::load(&self.path)?;
+        if let Some(s) = &self.socket_override {
+            new.api.socket.clone_from(s);
+        }
+        let mut cur = self
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let report = config::apply(&*self.control, Some(&cur), &new);
+        *cur = new;
+        Ok(report)
+    }
+
+    fn reload_logged(&self) {
+        match self.reload() {
+            Ok(r) => log_report("configuration reloaded", &r),
+            Err(e) => tracing::error!(
+                path = %self.path.display(),
+                error = %crate::cli::error_chain(&e),
+                "configuration reload rejected; the running configuration stays"
+            ),
+        }
+    }
+
+    /// Track the frames of a pcap capture.
+    pub fn preload(&self, path: &Path) -> Result<u64, AgentError> {
+        let err = |source| AgentError::Preload {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(|e| err(pcap_file::PcapError::IoError(e)))?;
+        let mut reader = pcap_file::pcap::PcapReader::new(file).map_err(err)?;
+        let mut n = 0;
+        while let Some(pkt) = reader.next_packet() {
+            let pkt = pkt.map_err(err)?;
+            if let Err(e) = self.control.process(&pkt.data, 0) {
+                tracing::warn!(error = %e, "preload: frame not tracked");
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+fn read_tls(key: &'static str, path: &Path) -> Result<Vec<u8>, AgentError> {
+    std::fs::read(path).map_err(|source| AgentError::TlsFile {
+        key,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Serve until SIGTERM/SIGINT or `shutdown`; reload on SIGHUP.
+pub async fn serve(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let cfg = agent.config();
+    // Everything that can fail is done before the Unix socket is bound, so that a
+    // failed start leaves no socket behind.
+    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
+    let tls = match &cfg.api.tcp {
+        Some((addr, tls)) => Some((
+            *addr,
+            TlsConfig {
+                cert_pem: read_tls("api.tls.cert", &tls.cert)?,
+                key_pem: read_tls("api.tls.key", &tls.key)?,
+                client_ca_pem: read_tls("api.tls.client_ca", &tls.client_ca)?,
+            },
+        )),
+        None => None,
+    };
+    let metrics_listener = match cfg.metrics {
+        Some(addr) => {
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AgentError::Metrics {
+                        addr: addr.to_string(),
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    };
+    let mut servers = Vec::new();
+    if let Some((addr, tls)) = tls {
+        servers.push(
+            ApiServer::bind(&ServerConfig {
+                listen: Listen::Tcp {
+                    addr,
+                    tls: Some(tls),
+                },
+            })
+            .await
+            .map_err(AgentError::Serve)?,
+        );
+    }
+    servers.push(
+        ApiServer::bind(&ServerConfig {
+            listen: Listen::unix(&cfg.api.socket),
+        })
+        .await
+        .map_err(AgentError::Serve)?,
+    );
+    let rpc = servers.iter().map(ApiServer::metrics).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(listener) = metrics_listener {
+        let local = listener
+            .local_addr()
+            .map_err(|source| AgentError::Metrics {
+                addr: cfg.metrics.map(|a| a.to_string()).unwrap_or_default(),
+                source,
+            })?;
+        let reg = metrics::registry_with(Arc::clone(agent.control()), rpc, agent.metrics());
+        tracing::info!(addr = %local, "metrics listening on http://{local}/metrics");
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            metrics::serve(listener, Arc::new(reg), token).await;
+            Ok(())
+        });
+    }
+    for s in servers {
+        match s.local_addr() {
+            Some(a) => tracing::info!(addr = %a, "API listening on TCP with mutual TLS"),
+            None => tracing::info!(socket = %cfg.api.socket.display(), "API listening"),
+        }
+        let control = Arc::clone(agent.control());
+        let token = shutdown.clone();
+        tasks.spawn(async move { s.serve(control, token).await.map_err(AgentError::Serve) });
+    }
+    {
+        let control = Arc::clone(agent.control());
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => return Ok(()),
+                    _ = tick.tick() => {
+                        if let Err(e) = control.gc(4096) {
+                            tracing::error!(error = %e, "gc failed");
+                        }
+                    }
+                }
+            }
+        });
+    }
+    tracing::info!(config = %agent.path.display(), "agent ready");
+    let mut result = Ok(());
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => agent.reload_logged(),
+            () = shutdown.cancelled() => break,
+            Some(done) = tasks.join_next() => {
+                // A server stopped on its own: that is an error; stop the rest.
+                if let Ok(Err(e)) = done {
+                    result = Err(e);
+                }
+                break;
+            }
+        }
+    }
+    shutdown.cancel();
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(Err(e)) = done {
+                tracing::error!(error = %crate::cli::error_chain(&e), "while stopping");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("shutdown took over 10 s; leaving the rest");
+    }
+    tracing::info!("agent stopped");
+    result
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+/// `ctoffload agent`; `socket` (the global `--socket`) overrides `api.socket`.
+#[must_use]
+pub fn main(args: &AgentArgs, socket: Option<&Path>) -> ExitCode {
+    let cfg = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "ctoffload agent: {}: {}",
+                args.config.display(),
+                crate::cli::error_chain(&e)
+            );
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("{}: configuration OK", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ctoffload agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let agent =
+        Arc::new(Agent::new(args.config.clone(), cfg).with_socket(socket.map(Path::to_path_buf)));
+    if let Some(p) = &args.preload {
+        match agent.preload(p) {
+            Ok(n) => tracing::info!(frames = n, file = %p.display(), "preloaded"),
+            Err(e) => {
+                eprintln!("ctoffload agent: {}", crate::cli::error_chain(&e));
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match rt.block_on(serve(agent, CancellationToken::new())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ctoffload agent: {}", crate::cli::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,925 @@
+//! NAT through the whole pipeline: frames built with etherparse go in through
+//! [`Conntrack::process_mut`] (and the batch form) and come out rewritten; every output
+//! is compared byte for byte with a frame etherparse built from scratch for the
+//! translated addresses (so its checksums are computed independently), and its
+//! checksums are verified again by the small ones'-complement implementation below,
+//! which shares no code with the crate.
+
+use std::collections::{HashMap, HashSet};
+
+use etherparse::{Icmpv4Type, PacketBuilder};
+use proptest::prelude::*;
+
+use super::*;
+use crate::nat::rules::{AddrRange, NatAction, NatFlags, NatRule, PortRange, RuleMatch, Selection};
+use crate::nat::tests::{
+    C, C2, GW_IN, MAC_C, MAC_G, N, R, S, SRV_IN, X, backend, dnat_icmp_rule, dnat_rule,
+    dnat_udp_rule, echo, echo_ip, fullnat_rule, icmp_err, in_meta, masq_rule, out_meta, prefix,
+    snat_rule, tcp_ip, udp, udp_ip, unreach, vip_rule, with_proto,
+};
+use crate::tuple::proto;
+
+const SEC: u64 = NS;
+
+// ------------------------------------------------------------------ independent checks
+
+/// RFC 1071 sum, folded, complemented: 0 when `data` (with its checksum) verifies.
+fn ones(data: &[u8], mut acc: u32) -> u16 {
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        acc += u32::from(w);
+    }
+    while acc > 0xFFFF {
+        acc = (acc & 0xFFFF) + (acc >> 16);
+    }
+    !u16::try_from(acc).unwrap_or(0)
+}
+
+/// Verifies the IPv4 header checksum and the TCP/UDP (pseudo-header) or ICMP checksum
+/// of an untagged Ethernet + IPv4 frame; for an ICMP error also those of the quote
+/// (the inner IPv4 header always, the inner TCP/UDP checksum when the whole inner
+/// packet is quoted).
+fn verify_checksums(frame: &[u8]) {
+    assert_eq!(&frame[12..14], &[0x08, 0x00], "ipv4 frame");
+    verify_ip(&frame[14..], true);
+}
+
+fn verify_ip(ip: &[u8], outer: bool) {
+    let ihl = usize::from(ip[0] & 0x0F) * 4;
+    assert_eq!(ones(&ip[..ihl], 0), 0, "ipv4 header checksum");
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let whole = total <= ip.len();
+    let l4 = &ip[ihl..total.min(ip.len())];
+    let pseudo = |len: usize| -> u32 {
+        let mut acc = u32::from(ip[9]) + u32::try_from(len).unwrap_or(0);
+        for w in ip[12..20].chunks(2) {
+            acc += u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+        acc
+    };
+    match ip[9] {
+        6 if whole => assert_eq!(ones(l4, pseudo(l4.len())), 0, "tcp checksum"),
+        17 if whole && l4[6..8] != [0, 0] => {
+            assert_eq!(ones(l4, pseudo(l4.len())), 0, "udp checksum");
+        }
+        1 if outer || whole => {
+            assert_eq!(ones(l4, 0), 0, "icmp checksum");
+            if outer && matches!(l4[0], 3 | 4 | 5 | 11 | 12) {
+                verify_ip(&l4[8..], false);
+            }
+        }
+        _ => {}
+    }
+}
+
+// ------------------------------------------------------------------ frames
+
+fn tcpf(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, flags: &str, seq: u32, ack: u32) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(MAC_C, MAC_G)
+        .ipv4(src, dst, 64)
+        .tcp(sp, dp, seq, 29200);
+    if flags.contains('S') {
+        b = b.syn();
+    }
+    if flags.contains('A') {
+        b = b.ack(ack);
+    }
+    if flags.contains('R') {
+        b = b.rst();
+    }
+    if flags.contains('F') {
+        b = b.fin();
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, if flags.contains('P') { b"data" } else { b"" })
+        .expect("build tcp");
+    v
+}
+
+fn echo_req(src: [u8; 4], dst: [u8; 4], id: u16) -> Vec<u8> {
+    echo(src, dst, id, true)
+}
+
+fn echo_rep(src: [u8; 4], dst: [u8; 4], id: u16) -> Vec<u8> {
+    echo(src, dst, id, false)
+}
+
+/// The first `len` bytes of an IP packet (what an ICMP error quotes).
+fn quote(ip: &[u8], len: usize) -> Vec<u8> {
+    ip[..len.min(ip.len())].to_vec()
+}
+
+// ------------------------------------------------------------------ harness
+
+fn gw(rules: Vec<NatRule>) -> Conntrack {
+    let mut ct = Conntrack::new(Config {
+        max_connections: 4096,
+        ..Config::default()
+    });
+    for r in rules {
+        ct.nat_mut().rules_mut().add(r).expect("valid rule");
+    }
+    ct
+}
+
+/// Sends `frame` through the pipeline and checks it comes out as `want` (byte for
+/// byte, checksums verified independently). Returns the verdict.
+#[track_caller]
+fn pass(ct: &mut Conntrack, frame: &[u8], meta: &PacketMeta, now: u64, want: &[u8]) -> Verdict {
+    let mut f = frame.to_vec();
+    let v = ct.process_mut(&mut f, 0, meta, now);
+    assert!(v.forward(), "{v:?}");
+    assert_eq!(
+        f,
+        want,
+        "\n got: {:02x?}\nwant: {:02x?}",
+        &f[14..],
+        &want[14..]
+    );
+    verify_checksums(&f);
+    if frame != want {
+        assert_eq!(v.nat, NatOutcome::Rewritten);
+    }
+    assert_unique(ct, now);
+    v.verdict
+}
+
+/// Every tuple in the table is owned by exactly one connection and direction, and the
+/// reply tuples of translated connections are pairwise distinct.
+#[track_caller]
+fn assert_unique(ct: &Conntrack, now: u64) {
+    let mut seen = HashSet::new();
+    for (_, c) in ct.table().iter(now) {
+        for t in &c.tuples {
+            assert!(seen.insert(*t), "tuple {t} held twice");
+        }
+    }
+}
+
+fn conn_of(ct: &Conntrack, v: Verdict) -> ([Tuple; 2], Status) {
+    let Verdict::Tracked { slot, .. } = v else {
+        panic!("not tracked: {v:?}");
+    };
+    let c = ct.table().get(slot).expect("live connection");
+    (c.tuples, c.status)
+}
+
+fn t4(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, p: u8) -> Tuple {
+    crate::nat::tests::t4(src, sp, dst, dp, p)
+}
+
+fn snat_range_rule(id: u32, ports: PortRange) -> NatRule {
+    NatRule {
+        id,
+        r#match: RuleMatch {
+            src: Some(prefix([10, 0, 0, 0], 8)),
+            out_port: Some(2),
+            proto: Some(proto::UDP),
+            ..RuleMatch::default()
+        },
+        action: NatAction::Snat {
+            addrs: AddrRange::v4([192, 0, 2, 1], [192, 0, 2, 2]),
+            ports: Some(ports),
+            flags: NatFlags::default(),
+        },
+    }
+}
+
+// ------------------------------------------------------------------ SNAT
+
+#[test]
+fn snat_tcp_handshake_both_directions_with_port_collision() {
+    let mut ct = gw(vec![snat_rule(1, None)]);
+    let m = out_meta();
+    // Host C: port kept.
+    let v = pass(
+        &mut ct,
+        &tcpf(C, 40000, S, 80, "S", 100, 0),
+        &m,
+        SEC,
+        &tcpf(N, 40000, S, 80, "S", 100, 0),
+    );
+    assert_eq!(conn_of(&ct, v).0[1], t4(S, 80, N, 40000, proto::TCP));
+    // Host C2, same port, same server: a different port.
+    let v2 = ct.process_mut(&mut tcpf(C2, 40000, S, 80, "S", 500, 0), 0, &m, SEC);
+    let (t2, st2) = conn_of(&ct, v2.verdict);
+    let p2 = t2[1].dst_l4;
+    assert_ne!(p2, 40000);
+    assert!((1024..=65535).contains(&p2), "same range class as 40000");
+    assert!(st2.contains(Status::SRC_NAT));
+    assert_unique(&ct, SEC);
+    // Replies come back to the right host, then the handshake completes.
+    pass(
+        &mut ct,
+        &tcpf(S, 80, N, 40000, "SA", 900, 101),
+        &in_meta(),
+        SEC,
+        &tcpf(S, 80, C, 40000, "SA", 900, 101),
+    );
+    pass(
+        &mut ct,
+        &tcpf(S, 80, N, p2, "SA", 700, 501),
+        &in_meta(),
+        SEC,
+        &tcpf(S, 80, C2, 40000, "SA", 700, 501),
+    );
+    pass(
+        &mut ct,
+        &tcpf(C, 40000, S, 80, "AP", 101, 901),
+        &m,
+        SEC,
+        &tcpf(N, 40000, S, 80, "AP", 101, 901),
+    );
+    pass(
+        &mut ct,
+        &tcpf(C2, 40000, S, 80, "AP", 501, 701),
+        &m,
+        SEC,
+        &tcpf(N, p2, S, 80, "AP", 501, 701),
+    );
+    assert_eq!(ct.stats().nat_rewritten, 6);
+    assert_eq!(ct.nat_connections(), 2);
+}
+
+#[test]
+fn snat_address_range_and_port_range_udp_both_directions() {
+    let range = PortRange::new(20000, 20099);
+    let mut ct = gw(vec![snat_range_rule(1, range)]);
+    let m = out_meta();
+    let mut f = udp(C, 5000, S, 53);
+    let v = ct.process_mut(&mut f, 0, &m, SEC);
+    let (t, st) = conn_of(&ct, v.verdict);
+    let (na, np) = (t[1].dst.as_v4(), t[1].dst_l4);
+    assert!(na == [192, 0, 2, 1] || na == [192, 0, 2, 2]);
+    assert!(range.contains(np));
+    assert!(st.contains(Status::SRC_NAT) && !st.contains(Status::DST_NAT));
+    assert_eq!(f, udp(na, np, S, 53));
+    verify_checksums(&f);
+    pass(
+        &mut ct,
+        &udp(S, 53, na, np),
+        &in_meta(),
+        SEC,
+        &udp(S, 53, C, 5000),
+    );
+    pass(&mut ct, &udp(C, 5000, S, 53), &m, SEC, &udp(na, np, S, 53));
+    // A zero UDP checksum stays zero.
+    let mut z = udp(S, 53, na, np);
+    z[14 + 26..14 + 28].copy_from_slice(&[0, 0]);
+    let mut zw = udp(S, 53, C, 5000);
+    zw[14 + 26..14 + 28].copy_from_slice(&[0, 0]);
+    pass(&mut ct, &z, &in_meta(), SEC, &zw);
+}
+
+#[test]
+fn snat_icmp_echo_both_directions_and_id_collision() {
+    let mut ct = gw(vec![snat_rule(1, None)]);
+    let m = out_meta();
+    pass(&mut ct, &echo_req(C, S, 77), &m, SEC, &echo_req(N, S, 77));
+    let mut f = echo_req(C2, S, 77);
+    let v = ct.process_mut(&mut f, 0, &m, SEC);
+    let id2 = conn_of(&ct, v.verdict).0[1].src_l4;
+    assert_ne!(id2, 77);
+    assert_eq!(f, echo_req(N, S, id2));
+    verify_checksums(&f);
+    pass(
+        &mut ct,
+        &echo_rep(S, N, 77),
+        &in_meta(),
+        SEC,
+        &echo_rep(S, C, 77),
+    );
+    pass(
+        &mut ct,
+        &echo_rep(S, N, id2),
+        &in_meta(),
+        SEC,
+        &echo_rep(S, C2, 77),
+    );
+}
+
+#[test]
+fn masquerade_translates_to_the_egress_address() {
+    let mut ct = gw(vec![masq_rule(1)]);
+    let m = PacketMeta {
+        in_port: 1,
+        out_port: Some(2),
+        out_addr: Some(Addr::v4(R)),
+    };
+    pass(
+        &mut ct,
+        &tcpf(C, 33000, S, 443, "S", 1, 0),
+        &m,
+        SEC,
+        &tcpf(R, 33000, S, 443, "S", 1, 0),
+    );
+    pass(
+        &mut ct,
+        &tcpf(S, 443, R, 33000, "SA", 9, 2),
+        &in_meta(),
+        SEC,
+        &tcpf(S, 443, C, 33000, "SA", 9, 2),
+    );
+    pass(&mut ct, &udp(C, 1234, S, 53), &m, SEC, &udp(R, 1234, S, 53));
+    pass(
+        &mut ct,
+        &udp(S, 53, R, 1234),
+        &in_meta(),
+        SEC,
+        &udp(S, 53, C, 1234),
+    );
+    pass(&mut ct, &echo_req(C, S, 9), &m, SEC, &echo_req(R, S, 9));
+    pass(
+        &mut ct,
+        &echo_rep(S, R, 9),
+        &in_meta(),
+        SEC,
+        &echo_rep(S, C, 9),
+    );
+    // No egress address: the first packet is dropped and counted, nothing created.
+    let before = ct.table().len();
+    let mut f = udp(C, 999, S, 53);
+    let no_addr = PacketMeta {
+        out_addr: None,
+        ..m
+    };
+    let v = ct.process_mut(&mut f, 0, &no_addr, SEC);
+    assert_eq!(
+        v.verdict,
+        Verdict::Invalid(Invalid::NatNoAddress { rule: 1 })
+    );
+    assert_eq!(f, udp(C, 999, S, 53), "dropped frames are not touched");
+    assert_eq!(ct.stats().nat_no_address, 1);
+    assert_eq!(ct.table().len(), before);
+}
+
+// ------------------------------------------------------------------ DNAT, full NAT, VIP
+
+#[test]
+fn dnat_port_forward_tcp_udp_icmp_both_directions() {
+    let mut ct = gw(vec![dnat_rule(1), dnat_udp_rule(2), dnat_icmp_rule(3)]);
+    let m = in_meta();
+    let v = pass(
+        &mut ct,
+        &tcpf(X, 5555, N, 8080, "S", 1, 0),
+        &m,
+        SEC,
+        &tcpf(X, 5555, SRV_IN, 80, "S", 1, 0),
+    );
+    let (t, st) = conn_of(&ct, v);
+    assert_eq!(t[1], t4(SRV_IN, 80, X, 5555, proto::TCP));
+    assert!(st.contains(Status::DST_NAT) && !st.contains(Status::SRC_NAT));
+    pass(
+        &mut ct,
+        &tcpf(SRV_IN, 80, X, 5555, "SA", 50, 2),
+        &out_meta(),
+        SEC,
+        &tcpf(N, 8080, X, 5555, "SA", 50, 2),
+    );
+    pass(
+        &mut ct,
+        &udp(X, 7, N, 5353),
+        &m,
+        SEC,
+        &udp(X, 7, SRV_IN, 53),
+    );
+    pass(
+        &mut ct,
+        &udp(SRV_IN, 53, X, 7),
+        &out_meta(),
+        SEC,
+        &udp(N, 5353, X, 7),
+    );
+    pass(
+        &mut ct,
+        &echo_req(X, N, 4),
+        &m,
+        SEC,
+        &echo_req(X, SRV_IN, 4),
+    );
+    pass(
+        &mut ct,
+        &echo_rep(SRV_IN, X, 4),
+        &out_meta(),
+        SEC,
+        &echo_rep(N, X, 4),
+    );
+    // Not matched: untouched.
+    let f = tcpf(X, 5555, N, 8081, "S", 1, 0);
+    pass(&mut ct, &f, &m, SEC, &f);
+}
+
+#[test]
+fn full_nat_tcp_udp_icmp_both_directions() {
+    for p in [proto::TCP, proto::UDP, proto::ICMP] {
+        let mut ct = gw(vec![fullnat_rule(1, p)]);
+        let m = in_meta();
+        let (fwd, want_fwd, back, want_back) = match p {
+            proto::TCP => (
+                tcpf(X, 6000, N, 80, "S", 1, 0),
+                tcpf(GW_IN, 6000, SRV_IN, 80, "S", 1, 0),
+                tcpf(SRV_IN, 80, GW_IN, 6000, "SA", 5, 2),
+                tcpf(N, 80, X, 6000, "SA", 5, 2),
+            ),
+            proto::UDP => (
+                udp(X, 6000, N, 80),
+                udp(GW_IN, 6000, SRV_IN, 80),
+                udp(SRV_IN, 80, GW_IN, 6000),
+                udp(N, 80, X, 6000),
+            ),
+            _ => (
+                echo_req(X, N, 31),
+                echo_req(GW_IN, SRV_IN, 31),
+                echo_rep(SRV_IN, GW_IN, 31),
+                echo_rep(N, X, 31),
+            ),
+        };
+        let v = pass(&mut ct, &fwd, &m, SEC, &want_fwd);
+        let st = conn_of(&ct, v).1;
+        assert!(st.contains(Status::SRC_NAT | Status::DST_NAT));
+        pass(&mut ct, &back, &out_meta(), SEC, &want_back);
+    }
+}
+
+#[test]
+fn vip_backends_distribution_stickiness_and_both_directions() {
+    let bs = vec![backend(1, 1), backend(2, 2), backend(3, 3), backend(4, 4)];
+    let mut ct = gw(vec![vip_rule(1, bs.clone(), Selection::ConsistentHash)]);
+    let m = in_meta();
+    let mut chosen = HashMap::new();
+    let mut counts: HashMap<[u8; 4], u32> = HashMap::new();
+    let flows = 4000u16;
+    for i in 0..flows {
+        let sp = 10_000 + i;
+        let mut f = tcpf(X, sp, N, 443, "S", 1, 0);
+        let v = ct.process_mut(&mut f, 0, &m, SEC);
+        let (t, _) = conn_of(&ct, v.verdict);
+        let b = t[1].src.as_v4();
+        assert_eq!(f, tcpf(X, sp, b, 8443, "S", 1, 0));
+        verify_checksums(&f);
+        chosen.insert(sp, b);
+        *counts.entry(b).or_default() += 1;
+    }
+    for b in &bs {
+        let want = f64::from(flows) * f64::from(b.weight) / 10.0;
+        let got = f64::from(counts[&b.addr.as_v4()]);
+        assert!((got - want).abs() <= want * 0.2, "{b:?}: {got} vs {want}");
+    }
+    // Replies are translated back to the VIP.
+    for sp in (10_000..10_000 + flows).step_by(101) {
+        let b = chosen[&sp];
+        pass(
+            &mut ct,
+            &tcpf(b, 8443, X, sp, "SA", 9, 2),
+            &out_meta(),
+            SEC,
+            &tcpf(N, 443, X, sp, "SA", 9, 2),
+        );
+    }
+    // Stickiness: a retransmitted SYN stays on its connection; after the connections
+    // are gone, the same client tuple picks the same backend again.
+    let sp = 10_007;
+    let b = chosen[&sp];
+    pass(
+        &mut ct,
+        &tcpf(X, sp, N, 443, "S", 1, 0),
+        &m,
+        2 * SEC,
+        &tcpf(X, sp, b, 8443, "S", 1, 0),
+    );
+    let later = 1000 * SEC;
+    ct.gc(later, usize::MAX);
+    assert_eq!(ct.table().len(), 0);
+    assert_eq!(ct.nat_connections(), 0);
+    for sp in (10_000..10_000 + flows).step_by(37) {
+        let b = chosen[&sp];
+        pass(
+            &mut ct,
+            &tcpf(X, sp, N, 443, "S", 1, 0),
+            &m,
+            later,
+            &tcpf(X, sp, b, 8443, "S", 1, 0),
+        );
+    }
+}
+
+// ------------------------------------------------------------------ ICMP errors
+
+/// A router beyond the NAT reports that N:40000 → S:80 (as the server side saw it)
+/// cannot be delivered: RELATED_REPLY, translated back to the inside host, the quote
+/// too. And the inside host reports that a reply to it was unreachable: RELATED in the
+/// original direction, translated out.
+#[test]
+fn icmp_errors_about_snat_connections_both_directions() {
+    let mut ct = gw(vec![snat_rule(1, None)]);
+    let m = out_meta();
+    // Two hosts, same port: the second is remapped, so the quote really changes.
+    pass(&mut ct, &udp(C, 4000, S, 53), &m, SEC, &udp(N, 4000, S, 53));
+    let mut f = udp(C2, 4000, S, 53);
+    let v = ct.process_mut(&mut f, 0, &m, SEC);
+    let p2 = conn_of(&ct, v.verdict).0[1].dst_l4;
+    assert_ne!(p2, 4000);
+    for len in [28, 37] {
+        // Full quote (UDP checksum fixed) and 8 bytes of UDP (only ports changed).
+        let err = icmp_err(R, N, unreach(), &quote(&udp_ip(N, p2, S, 53), len));
+        let want = icmp_err(R, C2, unreach(), &quote(&udp_ip(C2, 4000, S, 53), len));
+        let v = pass(&mut ct, &err, &in_meta(), SEC, &want);
+        assert!(matches!(
+            v,
+            Verdict::Tracked {
+                info: CtInfo::RelatedReply,
+                ..
+            }
+        ));
+    }
+    // TCP, full 20-byte header quoted (checksum fixed) and only 8 bytes.
+    pass(
+        &mut ct,
+        &tcpf(C2, 4000, S, 80, "S", 1, 0),
+        &m,
+        SEC,
+        &tcpf(N, 4000, S, 80, "S", 1, 0),
+    );
+    for len in [40, 28] {
+        let err = icmp_err(R, N, unreach(), &quote(&tcp_ip(N, 4000, S, 80), len));
+        let want = icmp_err(R, C2, unreach(), &quote(&tcp_ip(C2, 4000, S, 80), len));
+        let mut g = err.clone();
+        let v = ct.process_mut(&mut g, 0, &in_meta(), SEC);
+        assert!(v.forward(), "{v:?}");
+        // Port unchanged (kept), only the address: compare the headers etherparse
+        // cannot build (its TCP quote is a SYN with payload): everything but the inner
+        // TCP checksum when truncated is byte-exact.
+        assert_eq!(g, want);
+        verify_checksums(&g);
+    }
+    // Echo: error quoting the translated request.
+    pass(&mut ct, &echo_req(C, S, 5), &m, SEC, &echo_req(N, S, 5));
+    pass(
+        &mut ct,
+        &icmp_err(R, N, unreach(), &echo_ip(N, S, 5, true)),
+        &in_meta(),
+        SEC,
+        &icmp_err(R, C, unreach(), &echo_ip(C, S, 5, true)),
+    );
+    // Original direction: inside host C2 says the reply S:53 → C2:4000 was unreachable.
+    let v = pass(
+        &mut ct,
+        &icmp_err(C2, S, unreach(), &udp_ip(S, 53, C2, 4000)),
+        &m,
+        SEC,
+        &icmp_err(N, S, unreach(), &udp_ip(S, 53, N, p2)),
+    );
+    assert!(matches!(
+        v,
+        Verdict::Tracked {
+            info: CtInfo::Related,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn icmp_errors_about_dnat_and_full_nat_connections() {
+    let mut ct = gw(vec![dnat_udp_rule(1)]);
+    pass(
+        &mut ct,
+        &udp(X, 7, N, 5353),
+        &in_meta(),
+        SEC,
+        &udp(X, 7, SRV_IN, 53),
+    );
+    // The backend says "port unreachable" about the forwarded packet: it leaves quoting
+    // what the client sent.
+    pass(
+        &mut ct,
+        &icmp_err(SRV_IN, X, unreach(), &udp_ip(X, 7, SRV_IN, 53)),
+        &out_meta(),
+        SEC,
+        &icmp_err(N, X, unreach(), &udp_ip(X, 7, N, 5353)),
+    );
+    // Time exceeded from a router on the client side about the reply.
+    let te = Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit);
+    pass(
+        &mut ct,
+        &icmp_err(R, N, te.clone(), &udp_ip(N, 5353, X, 7)),
+        &in_meta(),
+        SEC,
+        &icmp_err(R, SRV_IN, te, &udp_ip(SRV_IN, 53, X, 7)),
+    );
+    let mut ct = gw(vec![fullnat_rule(1, proto::UDP)]);
+    pass(
+        &mut ct,
+        &udp(X, 7, N, 80),
+        &in_meta(),
+        SEC,
+        &udp(GW_IN, 7, SRV_IN, 80),
+    );
+    pass(
+        &mut ct,
+        &icmp_err(SRV_IN, GW_IN, unreach(), &udp_ip(GW_IN, 7, SRV_IN, 80)),
+        &out_meta(),
+        SEC,
+        &icmp_err(N, X, unreach(), &udp_ip(X, 7, N, 80)),
+    );
+}
+
+#[test]
+fn icmp_errors_about_masquerade_and_vip_connections() {
+    let mut ct = gw(vec![masq_rule(1)]);
+    let m = PacketMeta {
+        in_port: 1,
+        out_port: Some(2),
+        out_addr: Some(Addr::v4(R)),
+    };
+    pass(&mut ct, &udp(C, 6000, S, 53), &m, SEC, &udp(R, 6000, S, 53));
+    pass(
+        &mut ct,
+        &icmp_err(X, R, unreach(), &udp_ip(R, 6000, S, 53)),
+        &in_meta(),
+        SEC,
+        &icmp_err(X, C, unreach(), &udp_ip(C, 6000, S, 53)),
+    );
+    let bs = vec![backend(1, 1), backend(2, 1)];
+    let mut ct = gw(vec![vip_rule(2, bs, Selection::ConsistentHash)]);
+    let v = pass_any(&mut ct, &tcpf(X, 7000, N, 443, "S", 1, 0), &in_meta());
+    let b = conn_of(&ct, v).0[1].src.as_v4();
+    // A router on the client's side cannot deliver the SYN/ACK (sent from the VIP) and
+    // tells its source, the VIP: the error goes on to the backend, quoting what the
+    // backend sent.
+    pass(
+        &mut ct,
+        &icmp_err(R, N, unreach(), &quote(&tcp_ip(N, 443, X, 7000), 28)),
+        &in_meta(),
+        SEC,
+        &icmp_err(R, b, unreach(), &quote(&tcp_ip(b, 8443, X, 7000), 28)),
+    );
+}
+
+/// Sends a first packet whose translation the test reads back from the table.
+fn pass_any(ct: &mut Conntrack, frame: &[u8], meta: &PacketMeta) -> Verdict {
+    let mut f = frame.to_vec();
+    let v = ct.process_mut(&mut f, 0, meta, SEC);
+    assert!(v.forward(), "{v:?}");
+    verify_checksums(&f);
+    v.verdict
+}
+
+#[test]
+fn icmp_error_with_bad_checksum_about_a_translated_connection_is_dropped() {
+    let mut err = icmp_err(R, N, unreach(), &udp_ip(N, 4000, S, 53));
+    // Corrupt the ICMP checksum; parsing without ICMP verification lets it reach NAT.
+    err[14 + 20 + 2] ^= 0xFF;
+    let mut ct2 = Conntrack::new(Config {
+        parse: ParseOptions::VERIFY_NONE,
+        ..Config::default()
+    });
+    ct2.nat_mut()
+        .rules_mut()
+        .add(snat_rule(1, None))
+        .expect("valid");
+    ct2.process_mut(&mut udp(C, 4000, S, 53), 0, &out_meta(), SEC);
+    let v = ct2.process_mut(&mut err, 0, &in_meta(), SEC);
+    assert_eq!(v.nat, NatOutcome::Drop(RewriteError::BadIcmpChecksum));
+    assert!(!v.forward());
+    assert_eq!(ct2.stats().nat_rewrite_failed, 1);
+}
+
+// ------------------------------------------------------------------ lifecycle
+
+#[test]
+fn exhaustion_drops_counts_and_frees_on_destroy() {
+    let range = PortRange::new(30000, 30003);
+    let mut rule = snat_range_rule(1, range);
+    if let NatAction::Snat { addrs, .. } = &mut rule.action {
+        *addrs = AddrRange::single_v4(N);
+    }
+    let mut ct = gw(vec![rule]);
+    let m = out_meta();
+    let mut ports = HashSet::new();
+    for i in 0..4u8 {
+        let mut f = udp([10, 0, 1, i], 5000, S, 53);
+        let v = ct.process_mut(&mut f, 0, &m, SEC);
+        let p = conn_of(&ct, v.verdict).0[1].dst_l4;
+        assert!(range.contains(p));
+        assert!(ports.insert(p), "port {p} handed out twice");
+        assert_eq!(f, udp(N, p, S, 53));
+    }
+    // Full: the fifth host is dropped and counted; nothing else changes.
+    let mut f = udp([10, 0, 1, 9], 5000, S, 53);
+    let orig = f.clone();
+    let v = ct.process_mut(&mut f, 0, &m, SEC);
+    assert_eq!(
+        v.verdict,
+        Verdict::Invalid(Invalid::NatExhausted { rule: Some(1) })
+    );
+    assert!(!v.forward());
+    assert_eq!(f, orig);
+    assert_eq!(ct.stats().nat_exhausted, 1);
+    assert_eq!(ct.stats().invalid[InvalidKind::InsertClash.index()], 1);
+    assert_eq!(ct.nat().stats().exhausted, 1);
+    assert_eq!(ct.table().len(), 4);
+    // Another destination still works (uniqueness is per remote endpoint) ...
+    let mut g = udp([10, 0, 1, 9], 5000, X, 53);
+    assert!(ct.process_mut(&mut g, 0, &m, SEC).forward());
+    // ... and existing connections keep translating.
+    let p0 = *ports.iter().min().expect("ports");
+    let back = ct.process_mut(&mut udp(S, 53, N, p0), 0, &in_meta(), SEC);
+    assert_eq!(back.nat, NatOutcome::Rewritten);
+    // Delete one connection: its binding is released and its port reusable.
+    let (slot, _) = ct
+        .lookup(&t4(S, 53, N, p0, proto::UDP), SEC)
+        .expect("connection");
+    assert!(ct.delete(slot).expect("not offloaded"));
+    let mut f = udp([10, 0, 1, 9], 5000, S, 53);
+    let v = ct.process_mut(&mut f, 0, &m, 2 * SEC);
+    assert!(v.forward(), "{v:?}");
+    assert_eq!(f, udp(N, p0, S, 53));
+    assert_unique(&ct, 2 * SEC);
+    // Expiry releases everything: no binding or by-source reference is left.
+    ct.gc(1000 * SEC, usize::MAX);
+    assert_eq!(ct.table().len(), 0);
+    assert_eq!(ct.nat_connections(), 0);
+    assert!(ct.nat().by_source().is_empty());
+}
+
+#[test]
+fn busy_range_is_shortcut_and_forgotten_when_idle() {
+    let range = PortRange::new(30_000, 30_255);
+    let mut rule = snat_range_rule(1, range);
+    if let NatAction::Snat { addrs, .. } = &mut rule.action {
+        *addrs = AddrRange::single_v4(N);
+    }
+    let mut ct = gw(vec![rule]);
+    let mut ports = HashSet::new();
+    // 240 of 256 ports towards one server: searches get long, the endpoint is recorded.
+    for i in 0..240u32 {
+        let [_, _, b, c] = i.to_be_bytes();
+        let mut f = udp([10, 9, b, c], 40_000, S, 53);
+        let v = ct.process_mut(&mut f, 0, &out_meta(), SEC);
+        if let Verdict::Tracked { slot, .. } = v.verdict {
+            let p = ct.table().get(slot).expect("live").tuples[1].dst_l4;
+            assert!(range.contains(p) && ports.insert(p), "unique port {p}");
+        }
+    }
+    assert!(ports.len() >= 235, "{} bound", ports.len());
+    assert_eq!(ct.nat().busy_ports().len(), 1);
+    assert_eq!(ct.nat().busy_ports().bitmaps(), 1);
+    assert_unique(&ct, SEC);
+    ct.gc(1000 * SEC, usize::MAX);
+    assert!(ct.nat().busy_ports().is_empty());
+    assert!(ct.nat().by_source().is_empty());
+}
+
+#[test]
+fn tcp_rst_that_closes_the_connection_is_still_translated() {
+    let mut ct = gw(vec![snat_rule(1, None)]);
+    pass(
+        &mut ct,
+        &tcpf(C, 41000, S, 80, "S", 100, 0),
+        &out_meta(),
+        SEC,
+        &tcpf(N, 41000, S, 80, "S", 100, 0),
+    );
+    // RST+ACK from the server before any reply: Linux deletes the entry at once.
+    pass(
+        &mut ct,
+        &tcpf(S, 80, N, 41000, "RA", 0, 101),
+        &in_meta(),
+        SEC,
+        &tcpf(S, 80, C, 41000, "RA", 0, 101),
+    );
+    assert_eq!(ct.table().len(), 0);
+    assert_eq!(ct.nat_connections(), 0);
+    assert!(ct.nat().by_source().is_empty());
+}
+
+#[test]
+fn early_drop_releases_bindings() {
+    let mut ct = Conntrack::new(Config {
+        max_connections: 8,
+        ..Config::default()
+    });
+    ct.nat_mut()
+        .rules_mut()
+        .add(snat_rule(1, None))
+        .expect("valid");
+    for i in 0..40u16 {
+        let mut f = udp(C, 2000 + i, S, 53);
+        assert!(ct.process_mut(&mut f, 0, &out_meta(), SEC).forward());
+        assert_unique(&ct, SEC);
+        // One by-source reference per live translated connection, at every step.
+        assert_eq!(ct.nat_connections(), ct.table().len());
+        assert_eq!(ct.nat().by_source().len(), ct.table().len());
+    }
+    assert!(ct.table().stats().early_drop > 0);
+}
+
+#[test]
+fn batch_matches_per_packet_processing() {
+    let rules = || {
+        vec![
+            with_proto(snat_rule(1, None), proto::UDP),
+            dnat_rule(2),
+            with_proto(masq_rule(3), proto::ICMP),
+        ]
+    };
+    let mut frames = Vec::new();
+    for i in 0..50u16 {
+        let host = [10, 0, 0, u8::try_from(2 + i % 3).unwrap_or(2)];
+        frames.push(udp(host, 7000 + i % 5, S, 53));
+        frames.push(udp(S, 53, N, 7000 + i % 5));
+        frames.push(tcpf(X, 5000 + i, N, 8080, "S", 1, 0));
+        frames.push(echo_req(host, S, i));
+    }
+    let mut one = gw(rules());
+    let mut want = frames.clone();
+    let singles: Vec<NatVerdict> = want
+        .iter_mut()
+        .map(|f| one.process_mut(f, 0, &out_meta(), SEC))
+        .collect();
+    let mut batch = gw(rules());
+    let mut got = frames.clone();
+    let mut refs: Vec<&mut [u8]> = got.iter_mut().map(Vec::as_mut_slice).collect();
+    let mut out = vec![
+        NatVerdict {
+            verdict: Verdict::Untracked(Untracked::Fragment),
+            nat: NatOutcome::Unchanged,
+        };
+        refs.len()
+    ];
+    batch.process_batch_mut(&mut refs, 0, &out_meta(), SEC, &mut out);
+    assert_eq!(out, singles);
+    assert_eq!(got, want);
+    assert_eq!(batch.stats(), one.stats());
+}
+
+#[test]
+fn without_rules_nothing_changes() {
+    let mut ct = gw(vec![]);
+    let f = tcpf(C, 1, S, 2, "S", 1, 0);
+    let v = pass(&mut ct, &f, &out_meta(), SEC, &f);
+    let (t, st) = conn_of(&ct, v);
+    assert_eq!(t[1], t[0].invert().expect("invertible"));
+    assert_eq!(st, Status::CONFIRMED);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Random inside hosts and ports against few servers through a 16-port pool, with
+    /// random time steps and GC: reply tuples stay unique, every connection's packets
+    /// translate both ways, exhaustion only when the pool is really full for that
+    /// server, and when everything expired no binding is left.
+    #[test]
+    fn ports_stay_unique_under_collisions(ops in prop::collection::vec((0u8..8, 0u16..4, 0u8..3, 0u64..20), 1..200)) {
+        let range = PortRange::new(40000, 40015);
+        let mut rule = snat_range_rule(1, range);
+        if let NatAction::Snat { addrs, .. } = &mut rule.action {
+            *addrs = AddrRange::single_v4(N);
+        }
+        let mut ct = gw(vec![rule]);
+        let servers = [S, X, R];
+        let mut now = SEC;
+        for (host, port, server, step) in ops {
+            now += step * SEC;
+            ct.gc(now, 64);
+            let (h, sp, s) = ([10, 0, 2, host], 3000 + port, servers[usize::from(server)]);
+            let mut f = udp(h, sp, s, 53);
+            let v = ct.process_mut(&mut f, 0, &out_meta(), now);
+            match v.verdict {
+                Verdict::Tracked { slot, .. } => {
+                    let t = ct.table().get(slot).expect("live").tuples;
+                    let p = t[1].dst_l4;
+                    prop_assert!(range.contains(p));
+                    prop_assert_eq!(&f, &udp(N, p, s, 53));
+                    let mut back = udp(s, 53, N, p);
+                    let b = ct.process_mut(&mut back, 0, &in_meta(), now);
+                    prop_assert!(b.forward());
+                    prop_assert_eq!(&back, &udp(s, 53, h, sp));
+                }
+                Verdict::Invalid(Invalid::NatExhausted { .. }) => {
+                    let to_s = ct
+                        .table()
+                        .iter(now)
+                        .filter(|(_, c)| c.tuples[1].src == Addr::v4(s))
+                        .count();
+                    prop_assert_eq!(to_s, 16);
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+            let mut seen = HashSet::new();
+            for (_, c) in ct.table().iter(now) {
+                prop_assert!(seen.insert(c.tuples[0]));
+                prop_assert!(seen.insert(c.tuples[1]));
+            }
+        }
+        ct.gc(now + 10_000 * SEC, usize::MAX);
+        prop_assert_eq!(ct.nat_connections(), 0);
+        prop_assert!(ct.nat().by_source().is_empty());
+        prop_assert!(ct.nat().busy_ports().is_empty());
+    }
+}
