@@ -1076,3 +1076,61 @@ fn not_offloaded_reasons_are_visible() {
         (HwState::None, Some(NotOffloaded::Disabled { proto: 6 }))
     );
 }
+
+/// NAT (masquerade on the egress port) through the slow path and then through the
+/// device: the hardware rules built from the connection's tuples rewrite exactly as
+/// software did (byte-identical frames, checksums included), and the NAT binding is
+/// released only after the rules are gone (invariant 2).
+#[test]
+fn nat_in_hardware_matches_software_and_binding_outlives_the_rules() {
+    use ctoffload_fallback_sw::nat::rules::{NatAction, NatFlags, NatRule, RuleMatch};
+    const GW: [u8; 4] = [203, 0, 113, 1];
+    let mut r = rig_with(
+        SimConfig::small(),
+        WorkerConfig {
+            port_addrs: vec![None, Some(GW)],
+            ..WorkerConfig::default()
+        },
+    );
+    r.w.nat_mut()
+        .rules_mut()
+        .add(NatRule {
+            id: 1,
+            r#match: RuleMatch {
+                out_port: Some(1),
+                ..RuleMatch::default()
+            },
+            action: NatAction::Masquerade {
+                ports: None,
+                flags: NatFlags::default(),
+            },
+        })
+        .expect("rule");
+    let req = udp(CLIENT, 13_000, SERVER, 53);
+    let sw_req = r.send_expect(0, &req, 1, 1).remove(0);
+    assert_eq!(&sw_req[26..30], &GW, "source translated by software");
+    let nat_port = u16::from_be_bytes([sw_req[34], sw_req[35]]);
+    let reply = udp(SERVER, 53, GW, nat_port);
+    let sw_rep = r.send_expect(1, &reply, 0, 1).remove(0);
+    assert_eq!(&sw_rep[30..34], &CLIENT, "destination restored by software");
+    assert_eq!(&sw_rep[36..38], &13_000u16.to_be_bytes());
+    let h = r.handle(&tuple(CLIENT, 13_000, SERVER, 53, proto::UDP));
+    assert_eq!(r.state(h), (HwState::Offloaded, None));
+    assert_eq!(r.w.conntrack().nat_connections(), 1);
+    // The device now does the same, without the worker.
+    let rx = r.w.stats().rx;
+    r.wire[0].send(&req).expect("inject");
+    r.pump_until("hardware SNAT", |r| r.wire[1].pending() >= 1);
+    assert_eq!(r.wire[1].recv_vec().expect("frame"), sw_req);
+    r.wire[1].send(&reply).expect("inject");
+    r.pump_until("hardware DNAT", |r| r.wire[0].pending() >= 1);
+    assert_eq!(r.wire[0].recv_vec().expect("frame"), sw_rep);
+    assert_eq!(r.w.stats().rx, rx, "both went through the device only");
+    // Delete: the binding goes with the connection, after the rules.
+    let now = r.now();
+    assert!(r.w.delete_connection(h, now));
+    assert_eq!(r.w.conntrack().nat_connections(), 1, "rules not gone yet");
+    r.pump_until("freed", |r| r.w.hw_state(h).is_none());
+    assert_eq!(r.w.conntrack().nat_connections(), 0);
+    assert!(r.w.device_mut().dump_table().expect("dump").is_empty());
+}

@@ -10,12 +10,12 @@ use std::collections::{HashMap, VecDeque};
 use ctoffload_driver::counters::CounterSample;
 use ctoffload_driver::device::{CommandResult, Device, DeviceEvent, FlowCommand, RxMeta, TxFrame};
 use ctoffload_driver::io::DeviceIo;
-use ctoffload_fallback_sw::conntrack::{Config, Conntrack, L4State, Teardown, Verdict};
-use ctoffload_fallback_sw::nat::rewrite;
-use ctoffload_fallback_sw::table::{Event, Status};
+use ctoffload_fallback_sw::conntrack::{Config, Conntrack, L4State, NatOutcome, Teardown, Verdict};
+use ctoffload_fallback_sw::nat::NatEngine;
+use ctoffload_fallback_sw::nat::PacketMeta;
+use ctoffload_fallback_sw::table::Event;
 use ctoffload_fallback_sw::tcp::TcpState;
-use ctoffload_fallback_sw::tuple::{Dir, Tuple};
-use ctoffload_fallback_sw::wire;
+use ctoffload_fallback_sw::tuple::{Addr, Dir, Tuple};
 use ctoffload_hw_regs::RxReason;
 
 use super::hw_rule::Routing;
@@ -45,6 +45,8 @@ pub struct WorkerConfig {
     pub device_time_offset_ns: i64,
     /// Wait between failed recovery attempts.
     pub recover_retry_ns: u64,
+    /// IPv4 address of each port (what masquerade translates to); `None`: none.
+    pub port_addrs: Vec<Option<[u8; 4]>>,
 }
 
 impl Default for WorkerConfig {
@@ -59,6 +61,7 @@ impl Default for WorkerConfig {
             gc_budget: 4096,
             device_time_offset_ns: 0,
             recover_retry_ns: 1_000_000_000,
+            port_addrs: Vec::new(),
         }
     }
 }
@@ -187,6 +190,11 @@ impl<Io: DeviceIo> Worker<Io> {
     /// The software conntrack.
     pub fn conntrack(&self) -> &Conntrack {
         &self.ct
+    }
+
+    /// The NAT engine (set rules here; existing connections keep their translation).
+    pub fn nat_mut(&mut self) -> &mut NatEngine {
+        self.ct.nat_mut()
     }
 
     /// The device (diagnostics, tests).
@@ -318,17 +326,32 @@ impl<Io: DeviceIo> Worker<Io> {
         } else {
             0
         };
-        let verdict = self.ct.process(frame, zone, now);
         let Some(egress) = self.cfg.routing.egress_of(m.port) else {
             self.stats.drop_other += 1;
             return;
         };
+        // Conntrack and NAT on the copy that will be sent: NAT rewrites it in place,
+        // exactly as the connection's hardware rule will once it is offloaded.
         let start = self.tx_buf.len();
         self.tx_buf.extend_from_slice(&self.rx_buf[at..at + len]);
-        let ok = match verdict {
+        let meta = PacketMeta {
+            in_port: u32::from(m.port),
+            out_port: Some(u32::from(egress)),
+            out_addr: self
+                .cfg
+                .port_addrs
+                .get(usize::from(egress))
+                .copied()
+                .flatten()
+                .map(Addr::v4),
+        };
+        let v = self
+            .ct
+            .process_mut(&mut self.tx_buf[start..], zone, &meta, now);
+        let ok = match v.verdict {
             Verdict::Tracked { slot, dir, .. } => {
                 self.tracked(slot, dir, m, now);
-                self.rewrite_tracked(start, slot, dir)
+                !matches!(v.nat, NatOutcome::Drop(_))
             }
             Verdict::Invalid(_) => {
                 self.stats.drop_invalid += 1;
@@ -398,27 +421,6 @@ impl<Io: DeviceIo> Worker<Io> {
             },
             _ => {}
         }
-    }
-
-    /// NAT rewrite of the frame at `tx_buf[start..]`, as the hardware rule would do.
-    fn rewrite_tracked(
-        &mut self,
-        start: usize,
-        slot: ctoffload_fallback_sw::table::Slot,
-        dir: Dir,
-    ) -> bool {
-        let Some(conn) = self.ct.table().get(slot) else {
-            return true;
-        };
-        if !conn.status.intersects(Status::SRC_NAT | Status::DST_NAT) {
-            return true;
-        }
-        let (tuples, status) = (conn.tuples, conn.status);
-        let frame = &mut self.tx_buf[start..];
-        let Ok(pkt) = wire::parse(frame, self.cfg.conntrack.parse) else {
-            return false;
-        };
-        rewrite::rewrite(frame, &pkt, &tuples, status, dir).is_ok()
     }
 
     /// MAC rewrite and TTL decrement for frames leaving on `egress`, the same as the
