@@ -12,5 +12,6 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod dataplane;
 pub mod metrics;
 pub mod replay;

@@ -1,0 +1,30 @@
+//! The data plane: the software conntrack joined to the hardware flow table.
+//!
+//! - [`hw_rule`]: the pure function from a connection to its two device flow entries.
+//! - [`policy`]: which connections go to hardware and when; why one is not there.
+//! - [`state`]: the per-connection hardware state (`None`, `Pending`, `Offloaded`,
+//!   `Dying`, `Dead`) in an agent-side table keyed by connection.
+//! - [`worker`]: the run-to-completion worker (exception RX → conntrack/NAT → TX,
+//!   batched flow commands); `offload` applies command completions.
+//! - [`reconciler`]: incremental bulk counter pull, idle expiry, teardown.
+//! - `faults`: device faults and recovery.
+//! - [`slots`]: per device slot owner and counter baseline (wrap-safe deltas).
+//! - [`restore`]: rebuilding connections from the device table after a restart.
+//!
+//! `docs/agent.md` describes how each invariant of the design is kept.
+
+mod faults;
+pub mod hw_rule;
+mod offload;
+pub mod policy;
+pub mod reconciler;
+pub mod restore;
+pub mod slots;
+pub mod state;
+pub mod worker;
+
+pub use hw_rule::{HwRule, PortL2, Routing, RuleError, build_rules};
+pub use policy::{NotOffloaded, OffloadPolicy, Wait};
+pub use restore::RestoreReport;
+pub use state::{AfterDelete, ConnHandle, Entry, HwConn, HwState};
+pub use worker::{Worker, WorkerConfig, WorkerStats};

@@ -1,0 +1,493 @@
+//! Driving a connection through its hardware states: queueing inserts and deletes,
+//! applying their completions, and the after-delete actions (return to software with
+//! the conntrack fix-up, or free). Everything here runs inside the worker.
+
+use ctoffload_driver::device::{CommandResult, FlowCommand, Outcome};
+use ctoffload_driver::io::DeviceIo;
+use ctoffload_fallback_sw::conntrack::Teardown;
+use ctoffload_fallback_sw::table::Counter;
+use ctoffload_fallback_sw::tuple::Dir;
+use ctoffload_hw_regs::{CompletionStatus, FlowId};
+
+use super::hw_rule::build_rules;
+use super::policy::{NotOffloaded, idle_timeout};
+use super::slots::Delta;
+use super::state::{AfterDelete, CmdKind, ConnHandle, Entry, HwConn, HwState, Tagged};
+use super::worker::Worker;
+
+const DIRS: [Dir; 2] = [Dir::Original, Dir::Reply];
+/// Hold a connection with outstanding commands this far ahead...
+const HOLD_NS: u64 = 86_400 * 1_000_000_000;
+/// ...whenever less than this remains.
+const HOLD_MIN_NS: u64 = 300 * 1_000_000_000;
+
+impl<Io: DeviceIo> Worker<Io> {
+    /// Builds the rules and queues both inserts; the connection becomes `Pending` and
+    /// is marked offloaded in conntrack (its timeout is held, so software GC cannot
+    /// free it while a rule may exist).
+    pub(super) fn start_offload(&mut self, h: ConnHandle, now: u64) {
+        let Some(conn) = self.ct.table().get(h.slot) else {
+            return;
+        };
+        let tuples = conn.tuples;
+        let Some(rec) = self.side.get_mut(&h.id) else {
+            return;
+        };
+        let Some(orig_in) = rec.orig_in else {
+            return;
+        };
+        let rules = match build_rules(&tuples, orig_in, &self.cfg.routing) {
+            Ok(r) => r,
+            Err(e) => {
+                rec.reason = Some(NotOffloaded::NoRule(e));
+                return;
+            }
+        };
+        if self.ct.mark_offloaded(h.slot, now).is_err() {
+            return;
+        }
+        rec.rules = Some(rules);
+        rec.entries = [Entry::Inserting; 2];
+        rec.state = HwState::Pending;
+        rec.abort = false;
+        for d in DIRS {
+            let r = rules[d.index()];
+            self.queue.push_back(Tagged {
+                cmd: FlowCommand::Insert {
+                    key: r.key,
+                    action: r.action,
+                },
+                conn: h,
+                dir: d,
+                kind: CmdKind::Insert,
+            });
+        }
+    }
+
+    /// Queues the deletes of every installed rule; the connection becomes `Dying` and
+    /// `after` runs once all are confirmed gone.
+    pub(super) fn begin_delete(&mut self, h: ConnHandle, after: AfterDelete, now: u64) {
+        let Some(rec) = self.side.get_mut(&h.id) else {
+            return;
+        };
+        rec.state = HwState::Dying(after);
+        let Some(rules) = rec.rules else {
+            self.settle(h, now);
+            return;
+        };
+        for d in DIRS {
+            if let Entry::Installed {
+                flow_id,
+                generation,
+            } = rec.entries[d.index()]
+            {
+                rec.entries[d.index()] = Entry::Deleting {
+                    flow_id,
+                    generation,
+                };
+                self.queue.push_back(Tagged {
+                    cmd: FlowCommand::Delete {
+                        flow_id,
+                        key: rules[d.index()].key,
+                    },
+                    conn: h,
+                    dir: d,
+                    kind: CmdKind::Delete,
+                });
+            }
+        }
+        self.settle(h, now);
+    }
+
+    /// Deletes the installed rules of a record that no connection owns any more.
+    pub(super) fn orphan_entries(&mut self, h: ConnHandle, rec: &HwConn) {
+        let Some(rules) = rec.rules else { return };
+        for d in DIRS {
+            if let Entry::Installed { flow_id, .. } | Entry::Deleting { flow_id, .. } =
+                rec.entries[d.index()]
+            {
+                self.queue.push_back(Tagged {
+                    cmd: FlowCommand::Delete {
+                        flow_id,
+                        key: rules[d.index()].key,
+                    },
+                    conn: h,
+                    dir: d,
+                    kind: CmdKind::Orphan,
+                });
+            }
+        }
+    }
+
+    /// Applies one completion.
+    pub(super) fn completed(&mut self, t: Tagged, r: &CommandResult, now: u64) {
+        match t.kind {
+            CmdKind::Insert => self.insert_done(t, r, now),
+            CmdKind::Delete => self.delete_done(t, r, now),
+            CmdKind::Orphan => {
+                // Only a successful delete frees the slot (NOT_FOUND: someone else's).
+                if let (true, Some(id)) = (r.is_ok(), r.flow_id) {
+                    self.slots.clear(id);
+                }
+            }
+        }
+    }
+
+    fn insert_done(&mut self, t: Tagged, r: &CommandResult, now: u64) {
+        let Some(rec) = self.side.get_mut(&t.conn.id) else {
+            // The connection is gone: a rule installed for it must not stay.
+            if r.is_ok() {
+                if let (Some(flow_id), FlowCommand::Insert { key, .. }) = (r.flow_id, t.cmd) {
+                    self.queue.push_back(Tagged {
+                        cmd: FlowCommand::Delete { flow_id, key },
+                        kind: CmdKind::Orphan,
+                        ..t
+                    });
+                }
+            }
+            return;
+        };
+        let e = &mut rec.entries[t.dir.index()];
+        if *e != Entry::Inserting {
+            return;
+        }
+        *e = match (r.outcome, r.flow_id) {
+            (Outcome::Status(CompletionStatus::Ok), Some(flow_id)) => {
+                let l2 = rec.l2_len[t.dir.index()];
+                self.slots
+                    .install(flow_id, (t.conn, t.dir), r.generation, now, l2);
+                Entry::Installed {
+                    flow_id,
+                    generation: r.generation,
+                }
+            }
+            (Outcome::Status(CompletionStatus::TableFull), _) => {
+                self.stats.insert_table_full += 1;
+                Entry::Failed(NotOffloaded::TableFull)
+            }
+            (Outcome::Status(CompletionStatus::BucketFull | CompletionStatus::Exists), _) => {
+                self.stats.insert_collision += 1;
+                Entry::Failed(NotOffloaded::Collision)
+            }
+            (Outcome::Aborted, _) => Entry::Failed(NotOffloaded::DeviceDown),
+            _ => {
+                self.stats.insert_error += 1;
+                Entry::Failed(NotOffloaded::DeviceError)
+            }
+        };
+        self.settle(t.conn, now);
+    }
+
+    fn delete_done(&mut self, t: Tagged, r: &CommandResult, now: u64) {
+        let Some(rec) = self.side.get_mut(&t.conn.id) else {
+            return;
+        };
+        let Entry::Deleting {
+            flow_id,
+            generation,
+        } = rec.entries[t.dir.index()]
+        else {
+            return;
+        };
+        match r.outcome {
+            Outcome::Status(CompletionStatus::Ok) => {
+                // Invariant 3: the final counters since the last pull, exactly once.
+                let d = self.slots.finish(flow_id, generation, &r.counters);
+                rec.entries[t.dir.index()] = Entry::Absent;
+                self.fold(t.conn, t.dir, &d);
+            }
+            Outcome::Status(CompletionStatus::NotFound) => {
+                self.stats.delete_not_found += 1;
+                self.slots.clear_if(flow_id, t.conn);
+                rec.entries[t.dir.index()] = Entry::Absent;
+            }
+            Outcome::Aborted => return, // the fault handler owns it now
+            _ => {
+                // DEVICE_ERROR had no effect: retry, still in order behind nothing.
+                self.stats.delete_retries += 1;
+                self.queue.push_back(t);
+                return;
+            }
+        }
+        self.slots.clear_if(flow_id, t.conn);
+        self.settle(t.conn, now);
+    }
+
+    /// Adds a hardware counter delta to the connection (L2 bytes turned into L3 bytes
+    /// as conntrack counts them) and moves its hardware last-hit forward.
+    pub(super) fn fold(&mut self, h: ConnHandle, dir: Dir, d: &Delta) {
+        let last_hit = (d.last_hit != 0).then(|| self.agent_time(d.last_hit));
+        let Some(rec) = self.side.get_mut(&h.id) else {
+            return;
+        };
+        if let Some(t) = last_hit {
+            rec.hw_last_hit = rec.hw_last_hit.max(t);
+        }
+        let l2 = rec.l2_len[dir.index()];
+        self.fold_counts(h, dir, d, l2);
+    }
+
+    /// The counting half of [`fold`](Self::fold), without the side table (the
+    /// reconciler's sweep keeps last hits in the slot table).
+    pub(super) fn fold_counts(&mut self, h: ConnHandle, dir: Dir, d: &Delta, l2_len: u8) {
+        if d.packets == 0 && d.bytes == 0 {
+            return;
+        }
+        let l2 = u64::from(l2_len);
+        self.stats.hw_packets += d.packets;
+        self.stats.hw_bytes_l2 += d.bytes;
+        let delta = Counter {
+            packets: d.packets,
+            bytes: d.bytes.saturating_sub(d.packets.saturating_mul(l2)),
+        };
+        self.ct.add_external_counts(h.slot, dir, delta);
+    }
+
+    /// Moves a connection on once no command is outstanding for it.
+    pub(super) fn settle(&mut self, h: ConnHandle, now: u64) {
+        let Some(rec) = self.side.get_mut(&h.id) else {
+            return;
+        };
+        if rec.busy() {
+            return;
+        }
+        let installed = rec
+            .entries
+            .iter()
+            .filter(|e| matches!(e, Entry::Installed { .. }))
+            .count();
+        let failed = rec.entries.iter().find_map(|e| match e {
+            Entry::Failed(r) => Some(*r),
+            _ => None,
+        });
+        match rec.state {
+            HwState::Pending => {
+                let free = rec.free_requested;
+                if let Some(reason) = failed {
+                    rec.backoff.fail(&self.cfg.policy, now);
+                    let after = if free {
+                        AfterDelete::Free
+                    } else {
+                        AfterDelete::Return(Teardown::Returned, reason)
+                    };
+                    if installed > 0 {
+                        self.begin_delete(h, after, now);
+                    } else {
+                        self.finish_dead(h, after, now);
+                    }
+                    if !free
+                        && reason == NotOffloaded::TableFull
+                        && self.cfg.policy.displace_coldest
+                    {
+                        self.displace_coldest(h, now);
+                    }
+                } else if rec.abort || free {
+                    let after = if free {
+                        AfterDelete::Free
+                    } else {
+                        AfterDelete::Return(Teardown::Returned, NotOffloaded::Closing)
+                    };
+                    self.begin_delete(h, after, now);
+                } else {
+                    if let [
+                        Entry::Installed { flow_id: a, .. },
+                        Entry::Installed { flow_id: b, .. },
+                    ] = rec.entries
+                    {
+                        self.slots.pair(a, b);
+                    }
+                    rec.state = HwState::Offloaded;
+                    rec.reason = None;
+                    rec.offloaded_at = now;
+                    rec.backoff.reset();
+                    self.stats.offloaded += 1;
+                    self.ct.set_hw_offloaded(h.slot, true);
+                }
+            }
+            HwState::Dying(after) if installed == 0 => self.finish_dead(h, after, now),
+            _ => {}
+        }
+    }
+
+    /// Every rule is gone (invariant 2): only now return or free the connection.
+    fn finish_dead(&mut self, h: ConnHandle, after: AfterDelete, now: u64) {
+        let Some(rec) = self.side.get_mut(&h.id) else {
+            return;
+        };
+        rec.state = HwState::Dead;
+        rec.entries = [Entry::Absent; 2];
+        rec.rules = None;
+        if let Some(t) = rec.held_timeout.take() {
+            self.ct.table_mut().set_timeout(h.slot, t);
+        }
+        match after {
+            AfterDelete::Return(how, reason) => {
+                let how = match how {
+                    // The idle time is measured now, from the final counters folded in
+                    // by the deletes: a late hit shortens it (invariant 1).
+                    Teardown::Idle { .. } => Teardown::Idle {
+                        idle_ns: now.saturating_sub(rec.last_active()),
+                    },
+                    other => other,
+                };
+                rec.state = HwState::None;
+                rec.reason = Some(reason);
+                self.stats.returned += 1;
+                self.ct.teardown(h.slot, how, now);
+            }
+            AfterDelete::Free => {
+                self.side.remove(&h.id);
+                self.ct.teardown(h.slot, Teardown::Returned, now);
+                let _ = self.ct.delete(h.slot);
+            }
+        }
+    }
+
+    /// Table full: take the offloaded flow idle the longest out of hardware so that a
+    /// later retry of `for_whom` finds room.
+    fn displace_coldest(&mut self, for_whom: ConnHandle, now: u64) {
+        let victim = self
+            .side
+            .iter()
+            .filter(|(id, r)| **id != for_whom.id && r.state == HwState::Offloaded)
+            .min_by_key(|(_, r)| r.last_active().max(self.slot_last_hit(r)))
+            .map(|(id, r)| ConnHandle {
+                slot: r.slot,
+                id: *id,
+            });
+        if let Some(v) = victim {
+            self.stats.displaced += 1;
+            self.begin_delete(
+                v,
+                AfterDelete::Return(Teardown::Idle { idle_ns: 0 }, NotOffloaded::Displaced),
+                now,
+            );
+            if let Some(rec) = self.side.get_mut(&for_whom.id) {
+                rec.backoff.retry_at = now;
+            }
+        }
+    }
+
+    /// Idle check for an offloaded connection (reconciler): past its protocol's idle
+    /// timeout it leaves hardware, then returns to software with the idle time
+    /// subtracted from its conntrack timeout.
+    pub(super) fn check_idle(&mut self, h: ConnHandle, now: u64) {
+        let Some(rec) = self.side.get(&h.id) else {
+            return;
+        };
+        if rec.state != HwState::Offloaded {
+            return;
+        }
+        let Some(conn) = self.ct.table().get(h.slot) else {
+            return;
+        };
+        let limit = idle_timeout(&self.cfg.policy, conn.tuples[0].proto);
+        let hw = self.slot_last_hit(rec);
+        self.ct.keep_alive(h.slot, now);
+        let Some(rec) = self.side.get_mut(&h.id) else {
+            return;
+        };
+        rec.hw_last_hit = rec.hw_last_hit.max(hw);
+        if now.saturating_sub(rec.last_active()) > limit {
+            self.begin_delete(
+                h,
+                AfterDelete::Return(Teardown::Idle { idle_ns: 0 }, NotOffloaded::Idle),
+                now,
+            );
+        }
+    }
+
+    /// The newest hardware hit of a connection's installed rules, as the slot table
+    /// last pulled it (agent time; 0 = none).
+    pub(super) fn slot_last_hit(&self, rec: &HwConn) -> u64 {
+        rec.entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Installed { flow_id, .. } | Entry::Deleting { flow_id, .. } => {
+                    self.slots.get(*flow_id).map(|s| s.last_hit)
+                }
+                _ => None,
+            })
+            .filter(|&t| t != 0)
+            .map(|t| self.agent_time(t))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Invariant 2 against software time: a connection with a command queued or in
+    /// flight is never expired by conntrack (GC or lazy expiry on lookup), however far
+    /// `now` runs ahead of the device; its timeout is held and restored when its rules
+    /// are dead. Costs O(outstanding commands).
+    pub(super) fn hold_in_flight(&mut self, now: u64) {
+        let mut held = std::mem::take(&mut self.held_scratch);
+        held.clear();
+        held.extend(
+            self.inflight
+                .values()
+                .chain(self.queue.iter())
+                .filter(|t| t.kind != CmdKind::Orphan)
+                .map(|t| t.conn),
+        );
+        for h in &held {
+            let Some(conn) = self.ct.table().get_checked(h.slot, h.id) else {
+                continue;
+            };
+            let timeout = conn.timeout;
+            if timeout > now.saturating_add(HOLD_MIN_NS) {
+                continue;
+            }
+            if let Some(rec) = self.side.get_mut(&h.id) {
+                rec.held_timeout.get_or_insert(timeout);
+                self.ct
+                    .table_mut()
+                    .set_timeout(h.slot, now.saturating_add(HOLD_NS));
+            }
+        }
+        self.held_scratch = held;
+    }
+
+    /// A TCP control packet punted by an offloaded flow's rule: Linux order, the
+    /// flowtable teardown fix-up first (window tracking restarts, since software did
+    /// not see the segments the device forwarded), then the packet goes through
+    /// conntrack; the rules are deleted and the connection stays held until they are.
+    pub(super) fn tcp_ctrl_punt(&mut self, flow_id: FlowId, now: u64) {
+        let Some((h, _)) = self.slots.owner(flow_id) else {
+            return;
+        };
+        if self.side.get(&h.id).map(|r| r.state) != Some(HwState::Offloaded) {
+            return;
+        }
+        self.ct.teardown(h.slot, Teardown::Returned, now);
+        self.begin_delete(
+            h,
+            AfterDelete::Return(Teardown::Returned, NotOffloaded::Closing),
+            now,
+        );
+        self.hold_in_flight(now);
+    }
+
+    /// Operator delete: an offloaded connection leaves hardware first (invariant 2),
+    /// then is deleted from software. Returns whether the connection existed.
+    pub fn delete_connection(&mut self, h: ConnHandle, now: u64) -> bool {
+        if self.ct.table().get_checked(h.slot, h.id).is_none() {
+            return false;
+        }
+        match self.side.get(&h.id).map(|r| r.state) {
+            Some(HwState::Offloaded) => self.begin_delete(h, AfterDelete::Free, now),
+            Some(HwState::Pending | HwState::Dying(_)) => {
+                // Let the outstanding commands finish, then free.
+                if let Some(rec) = self.side.get_mut(&h.id) {
+                    rec.free_requested = true;
+                    if let HwState::Dying(_) = rec.state {
+                        rec.state = HwState::Dying(AfterDelete::Free);
+                    }
+                }
+            }
+            Some(HwState::None | HwState::Dead) | None => {
+                self.side.remove(&h.id);
+                let _ = self.ct.delete(h.slot);
+            }
+        }
+        true
+    }
+}
