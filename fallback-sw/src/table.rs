@@ -12,7 +12,8 @@
 //!   bounded and proportional to the entries that expire (see [`crate::timer`]).
 //! - When the table is full, an insert runs Linux's early drop: walk up to 8 groups of 8
 //!   index slots starting at the new tuple's position, delete every entry that is not
-//!   ASSURED in the first group that has any, and succeed; otherwise fail.
+//!   ASSURED in the first group that has any, and succeed; otherwise fail. Offloaded
+//!   entries (`OFFLOAD` or `HW_OFFLOAD`) are never taken, not even when expired.
 //! - Every insert and removal produces an [`Event`] for the agent's event stream.
 //!
 //! The per-protocol state `P` is opaque here: the table does not know about TCP.
@@ -653,10 +654,14 @@ impl<P> ConnTable<P> {
                 if victims[..n].contains(&slot) {
                     continue;
                 }
-                if self
-                    .entry(slot)
-                    .is_some_and(|c| c.expired(now) || !c.status.contains(Status::ASSURED))
-                {
+                // An offloaded connection is never taken, expired or not: a fast path
+                // (the NIC) may still use it and its NAT binding, and only its owner
+                // removes it, after the fast path has let go (design invariant 2;
+                // Linux `early_drop_list` skips IPS_OFFLOAD too).
+                if self.entry(slot).is_some_and(|c| {
+                    !c.status.intersects(Status::OFFLOAD | Status::HW_OFFLOAD)
+                        && (c.expired(now) || !c.status.contains(Status::ASSURED))
+                }) {
                     victims[n] = slot;
                     n += 1;
                 }
@@ -924,6 +929,44 @@ mod tests {
         assert_eq!(tab.stats().early_drop, 1);
         assert!(tab.lookup(&t(2), 1).is_none());
         assert_eq!(tab.lookup(&new, 1), Some((s, Dir::Original)));
+    }
+
+    #[test]
+    fn early_drop_never_takes_an_offloaded_entry() {
+        for bit in [
+            Status::OFFLOAD,
+            Status::HW_OFFLOAD,
+            Status::OFFLOAD | Status::HW_OFFLOAD,
+        ] {
+            let mut tab: ConnTable<()> = ConnTable::new(4, 9, 64);
+            // Four unassured entries (UDP that never saw a reply), all offloaded; one
+            // of them already past its timeout.
+            let mut slots = Vec::new();
+            for i in 0..4 {
+                let a = t(i);
+                let timeout = if i == 1 { 5 * S } else { 300 * S };
+                slots.push(tab.insert(a, inv(&a), bit, timeout, (), 0).expect("room"));
+            }
+            let new = t(100);
+            let err = tab
+                .insert(new, inv(&new), Status::empty(), 30 * S, (), 10 * S)
+                .expect_err("only offloaded entries: nothing to evict");
+            assert_eq!(err, InsertError::TableFull { max: 4 });
+            assert_eq!(tab.len(), 4);
+            assert_eq!(tab.stats().early_drop, 0);
+            for &s in &slots {
+                assert!(tab.get(s).is_some(), "offloaded entry kept ({bit:?})");
+            }
+            // Once it is back in software, an unassured entry is fair game again.
+            tab.get_mut(slots[3]).expect("live").status = Status::CONFIRMED;
+            tab.insert(new, inv(&new), Status::empty(), 30 * S, (), 10 * S)
+                .expect("early drop made room");
+            assert_eq!(tab.stats().early_drop, 1);
+            assert!(tab.lookup(&t(3), 10 * S).is_none(), "the software entry went");
+            for &s in &slots[..3] {
+                assert!(tab.get(s).is_some(), "offloaded entry kept ({bit:?})");
+            }
+        }
     }
 
     #[test]
