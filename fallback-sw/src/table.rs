@@ -85,10 +85,11 @@ pub struct Conn<P> {
     pub timeout: u64,
     /// Per-direction counters, indexed by [`Dir::index`].
     pub counters: [Counter; 2],
-    /// Unique id of this connection within the table's lifetime (never reused).
-    pub id: u64,
-    /// Protocol state.
+    /// Protocol state (its first bytes, read by every packet, follow the counters).
     pub proto: P,
+    /// Unique id of this connection within the table's lifetime (never reused; not
+    /// read on the packet path, hence last).
+    pub id: u64,
 }
 
 impl<P> Conn<P> {
@@ -491,6 +492,39 @@ impl<P> ConnTable<P> {
                 let id = self.entry(slot).map_or(0, |c| c.id);
                 return Err(InsertError::Clash { tuple, dir, id });
             }
+        }
+        self.insert_new(
+            orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
+        )
+    }
+
+    /// [`ConnTable::insert_hashed`] for a caller whose lookup of `orig` (with
+    /// [`ConnTable::lookup_hashed`], which reaps an expired owner) has just missed, with
+    /// nothing inserted since: only the reply tuple is checked for a clash (conntrack's
+    /// create path without NAT). `reply_hash` is the reply tuple's
+    /// [`ConnTable::hash`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_after_miss(
+        &mut self,
+        orig: Tuple,
+        orig_hash: u64,
+        reply: Tuple,
+        reply_hash: u64,
+        status: Status,
+        timeout: u64,
+        proto: P,
+        now: u64,
+    ) -> Result<Slot, InsertError> {
+        debug_assert!(self.find(&orig, orig_hash).is_none());
+        debug_assert_eq!(reply_hash, self.hasher.hash(&reply));
+        if let Some((slot, _)) = self.lookup_hashed(&reply, reply_hash, now) {
+            self.stats.insert_clash += 1;
+            let id = self.entry(slot).map_or(0, |c| c.id);
+            return Err(InsertError::Clash {
+                tuple: reply,
+                dir: Dir::Reply,
+                id,
+            });
         }
         self.insert_new(
             orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
@@ -962,7 +996,10 @@ mod tests {
             tab.insert(new, inv(&new), Status::empty(), 30 * S, (), 10 * S)
                 .expect("early drop made room");
             assert_eq!(tab.stats().early_drop, 1);
-            assert!(tab.lookup(&t(3), 10 * S).is_none(), "the software entry went");
+            assert!(
+                tab.lookup(&t(3), 10 * S).is_none(),
+                "the software entry went"
+            );
             for &s in &slots[..3] {
                 assert!(tab.get(s).is_some(), "offloaded entry kept ({bit:?})");
             }

@@ -224,7 +224,10 @@ impl Conntrack {
                 };
                 {
                     let d = dir.index();
-                    sink ^= u64::from(c.tuples[d].src_l4)
+                    // The whole tuple is compared: its first and last bytes (a
+                    // 40-byte tuple may straddle two cache lines).
+                    sink ^= u64::from(c.tuples[d].src.0[0])
+                        ^ u64::from(c.tuples[d].zone)
                         ^ c.timeout
                         ^ c.counters[d].packets
                         ^ c.counters[Dir::Reply.index() - d].bytes
