@@ -641,10 +641,10 @@ impl Conntrack {
         // lookup and `decide` reported the reply free, with nothing inserted since.
         // Without NAT the original just missed its lookup in `track_tuple`, with
         // nothing inserted since: only the reply needs the clash check.
+        // The index hash is the same for a tuple and its inverse.
         let inserted = if plain {
-            let reply_hash = self.table.hash(&reply);
             self.table
-                .insert_after_miss(tuple, hash, reply, reply_hash, status, timeout, state, now)
+                .insert_after_miss(tuple, hash, reply, hash, status, timeout, state, now)
         } else {
             self.table
                 .insert_hashed_unchecked(tuple, hash, reply, status, timeout, state, now)

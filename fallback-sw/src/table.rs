@@ -334,7 +334,7 @@ impl<P> ConnTable<P> {
     #[inline]
     #[must_use]
     pub fn hash(&self, tuple: &Tuple) -> u64 {
-        self.hasher.hash(tuple)
+        self.hasher.pair_hash(tuple)
     }
 
     /// Batch helper, first step: read the index slot where the lookup of a tuple with
@@ -368,7 +368,7 @@ impl<P> ConnTable<P> {
     /// connection found on the way is reaped (with its Destroy event) and not returned.
     #[inline]
     pub fn lookup(&mut self, tuple: &Tuple, now: u64) -> Option<(Slot, Dir)> {
-        let h = self.hasher.hash(tuple);
+        let h = self.hash(tuple);
         self.lookup_hashed(tuple, h, now)
     }
 
@@ -465,7 +465,7 @@ impl<P> ConnTable<P> {
         proto: P,
         now: u64,
     ) -> Result<Slot, InsertError> {
-        let h = self.hasher.hash(&orig);
+        let h = self.hash(&orig);
         self.insert_hashed(orig, h, reply, status, timeout, proto, now)
     }
 
@@ -482,7 +482,7 @@ impl<P> ConnTable<P> {
         proto: P,
         now: u64,
     ) -> Result<Slot, InsertError> {
-        let reply_hash = self.hasher.hash(&reply);
+        let reply_hash = self.hash(&reply);
         for (tuple, h, dir) in [
             (orig, orig_hash, Dir::Original),
             (reply, reply_hash, Dir::Reply),
@@ -516,7 +516,7 @@ impl<P> ConnTable<P> {
         now: u64,
     ) -> Result<Slot, InsertError> {
         debug_assert!(self.find(&orig, orig_hash).is_none());
-        debug_assert_eq!(reply_hash, self.hasher.hash(&reply));
+        debug_assert_eq!(reply_hash, self.hash(&reply));
         if let Some((slot, _)) = self.lookup_hashed(&reply, reply_hash, now) {
             self.stats.insert_clash += 1;
             let id = self.entry(slot).map_or(0, |c| c.id);
@@ -552,10 +552,10 @@ impl<P> ConnTable<P> {
                 .is_none_or(|(s, _)| { self.entry(s).is_some_and(|c| c.expired(now)) })
         );
         debug_assert!(
-            self.find(&reply, self.hasher.hash(&reply))
+            self.find(&reply, self.hash(&reply))
                 .is_none_or(|(s, _)| { self.entry(s).is_some_and(|c| c.expired(now)) })
         );
-        let reply_hash = self.hasher.hash(&reply);
+        let reply_hash = self.hash(&reply);
         self.insert_new(
             orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
         )
@@ -614,7 +614,7 @@ impl<P> ConnTable<P> {
     }
 
     fn index_remove(&mut self, tuple: &Tuple, slot: Slot, dir: Dir) {
-        let h = self.hasher.hash(tuple);
+        let h = self.hash(tuple);
         let want = pack(h, slot, dir);
         let mut pos = self.pos(h);
         loop {
@@ -639,7 +639,7 @@ impl<P> ConnTable<P> {
             let (_, s, d) = unpack(v);
             let home = self
                 .entry(s)
-                .map_or(cur, |c| self.pos(self.hasher.hash(c.tuple(d))));
+                .map_or(cur, |c| self.pos(self.hash(c.tuple(d))));
             let dist_home = cur.wrapping_sub(home) & self.mask;
             let dist_hole = cur.wrapping_sub(hole) & self.mask;
             if dist_home >= dist_hole {
@@ -653,9 +653,13 @@ impl<P> ConnTable<P> {
 
     /// Remove a connection now, with a Destroy event. Returns it.
     pub fn remove(&mut self, slot: Slot, reason: RemoveReason) -> Option<Conn<P>> {
+        // Unindex while the entry is still in place: backward-shift deletion reads the
+        // tuple of every cell it may move to find its home, and the connection's other
+        // cell is often right behind the first (same index hash without NAT).
+        let tuples = self.entries.get(slot.idx())?.as_ref()?.tuples;
+        self.index_remove(&tuples[0], slot, Dir::Original);
+        self.index_remove(&tuples[1], slot, Dir::Reply);
         let conn = self.entries.get_mut(slot.idx())?.take()?;
-        self.index_remove(&conn.tuples[0], slot, Dir::Original);
-        self.index_remove(&conn.tuples[1], slot, Dir::Reply);
         self.wheel.unlink(&mut self.links, slot.0);
         self.free.push(slot.0);
         self.count -= 1;
@@ -674,7 +678,7 @@ impl<P> ConnTable<P> {
 
     /// Linux `early_drop`: see the module documentation. Returns whether room was made.
     fn early_drop(&mut self, tuple: &Tuple, now: u64) -> bool {
-        let start = self.pos(self.hasher.hash(tuple));
+        let start = self.pos(self.hash(tuple));
         let mut victims = [Slot(0); EARLY_DROP_GROUP_SLOTS];
         for group in 0..EARLY_DROP_GROUPS {
             let mut n = 0;
@@ -1004,6 +1008,33 @@ mod tests {
                 assert!(tab.get(s).is_some(), "offloaded entry kept ({bit:?})");
             }
         }
+    }
+
+    /// Index cells in use.
+    fn cells(tab: &ConnTable<()>) -> usize {
+        tab.index.iter().filter(|&&v| v != EMPTY).count()
+    }
+
+    #[test]
+    fn removal_leaves_no_index_cell_behind() {
+        // Both cells of a connection without NAT start at the same index position, so
+        // removing the first shifts the second back: its home must still be found.
+        let mut tab: ConnTable<()> = ConnTable::new(8, 3, 0);
+        for round in 0..200u32 {
+            let live: Vec<_> = (0..6)
+                .map(|i| {
+                    let a = t(round * 8 + i);
+                    tab.insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+                        .expect("room")
+                })
+                .collect();
+            assert_eq!(cells(&tab), 2 * tab.len());
+            for (i, s) in live.into_iter().enumerate() {
+                tab.remove(s, RemoveReason::Deleted).expect("live");
+                assert_eq!(cells(&tab), 2 * tab.len(), "round {round}, removal {i}");
+            }
+        }
+        assert!(tab.is_empty());
     }
 
     #[test]
