@@ -639,9 +639,12 @@ impl Conntrack {
         let timeout = now.saturating_add(timeout_ns);
         // After a NAT decision both tuples are known free: the original just missed its
         // lookup and `decide` reported the reply free, with nothing inserted since.
+        // Without NAT the original just missed its lookup in `track_tuple`, with
+        // nothing inserted since: only the reply needs the clash check.
+        // The index hash is the same for a tuple and its inverse.
         let inserted = if plain {
             self.table
-                .insert_hashed(tuple, hash, reply, status, timeout, state, now)
+                .insert_after_miss(tuple, hash, reply, hash, status, timeout, state, now)
         } else {
             self.table
                 .insert_hashed_unchecked(tuple, hash, reply, status, timeout, state, now)

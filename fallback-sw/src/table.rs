@@ -12,7 +12,8 @@
 //!   bounded and proportional to the entries that expire (see [`crate::timer`]).
 //! - When the table is full, an insert runs Linux's early drop: walk up to 8 groups of 8
 //!   index slots starting at the new tuple's position, delete every entry that is not
-//!   ASSURED in the first group that has any, and succeed; otherwise fail.
+//!   ASSURED in the first group that has any, and succeed; otherwise fail. Offloaded
+//!   entries (`OFFLOAD` or `HW_OFFLOAD`) are never taken, not even when expired.
 //! - Every insert and removal produces an [`Event`] for the agent's event stream.
 //!
 //! The per-protocol state `P` is opaque here: the table does not know about TCP.
@@ -84,10 +85,11 @@ pub struct Conn<P> {
     pub timeout: u64,
     /// Per-direction counters, indexed by [`Dir::index`].
     pub counters: [Counter; 2],
-    /// Unique id of this connection within the table's lifetime (never reused).
-    pub id: u64,
-    /// Protocol state.
+    /// Protocol state (its first bytes, read by every packet, follow the counters).
     pub proto: P,
+    /// Unique id of this connection within the table's lifetime (never reused; not
+    /// read on the packet path, hence last).
+    pub id: u64,
 }
 
 impl<P> Conn<P> {
@@ -332,7 +334,7 @@ impl<P> ConnTable<P> {
     #[inline]
     #[must_use]
     pub fn hash(&self, tuple: &Tuple) -> u64 {
-        self.hasher.hash(tuple)
+        self.hasher.pair_hash(tuple)
     }
 
     /// Batch helper, first step: read the index slot where the lookup of a tuple with
@@ -366,7 +368,7 @@ impl<P> ConnTable<P> {
     /// connection found on the way is reaped (with its Destroy event) and not returned.
     #[inline]
     pub fn lookup(&mut self, tuple: &Tuple, now: u64) -> Option<(Slot, Dir)> {
-        let h = self.hasher.hash(tuple);
+        let h = self.hash(tuple);
         self.lookup_hashed(tuple, h, now)
     }
 
@@ -463,7 +465,7 @@ impl<P> ConnTable<P> {
         proto: P,
         now: u64,
     ) -> Result<Slot, InsertError> {
-        let h = self.hasher.hash(&orig);
+        let h = self.hash(&orig);
         self.insert_hashed(orig, h, reply, status, timeout, proto, now)
     }
 
@@ -480,7 +482,7 @@ impl<P> ConnTable<P> {
         proto: P,
         now: u64,
     ) -> Result<Slot, InsertError> {
-        let reply_hash = self.hasher.hash(&reply);
+        let reply_hash = self.hash(&reply);
         for (tuple, h, dir) in [
             (orig, orig_hash, Dir::Original),
             (reply, reply_hash, Dir::Reply),
@@ -490,6 +492,39 @@ impl<P> ConnTable<P> {
                 let id = self.entry(slot).map_or(0, |c| c.id);
                 return Err(InsertError::Clash { tuple, dir, id });
             }
+        }
+        self.insert_new(
+            orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
+        )
+    }
+
+    /// [`ConnTable::insert_hashed`] for a caller whose lookup of `orig` (with
+    /// [`ConnTable::lookup_hashed`], which reaps an expired owner) has just missed, with
+    /// nothing inserted since: only the reply tuple is checked for a clash (conntrack's
+    /// create path without NAT). `reply_hash` is the reply tuple's
+    /// [`ConnTable::hash`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_after_miss(
+        &mut self,
+        orig: Tuple,
+        orig_hash: u64,
+        reply: Tuple,
+        reply_hash: u64,
+        status: Status,
+        timeout: u64,
+        proto: P,
+        now: u64,
+    ) -> Result<Slot, InsertError> {
+        debug_assert!(self.find(&orig, orig_hash).is_none());
+        debug_assert_eq!(reply_hash, self.hash(&reply));
+        if let Some((slot, _)) = self.lookup_hashed(&reply, reply_hash, now) {
+            self.stats.insert_clash += 1;
+            let id = self.entry(slot).map_or(0, |c| c.id);
+            return Err(InsertError::Clash {
+                tuple: reply,
+                dir: Dir::Reply,
+                id,
+            });
         }
         self.insert_new(
             orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
@@ -517,10 +552,10 @@ impl<P> ConnTable<P> {
                 .is_none_or(|(s, _)| { self.entry(s).is_some_and(|c| c.expired(now)) })
         );
         debug_assert!(
-            self.find(&reply, self.hasher.hash(&reply))
+            self.find(&reply, self.hash(&reply))
                 .is_none_or(|(s, _)| { self.entry(s).is_some_and(|c| c.expired(now)) })
         );
-        let reply_hash = self.hasher.hash(&reply);
+        let reply_hash = self.hash(&reply);
         self.insert_new(
             orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
         )
@@ -579,7 +614,7 @@ impl<P> ConnTable<P> {
     }
 
     fn index_remove(&mut self, tuple: &Tuple, slot: Slot, dir: Dir) {
-        let h = self.hasher.hash(tuple);
+        let h = self.hash(tuple);
         let want = pack(h, slot, dir);
         let mut pos = self.pos(h);
         loop {
@@ -604,7 +639,7 @@ impl<P> ConnTable<P> {
             let (_, s, d) = unpack(v);
             let home = self
                 .entry(s)
-                .map_or(cur, |c| self.pos(self.hasher.hash(c.tuple(d))));
+                .map_or(cur, |c| self.pos(self.hash(c.tuple(d))));
             let dist_home = cur.wrapping_sub(home) & self.mask;
             let dist_hole = cur.wrapping_sub(hole) & self.mask;
             if dist_home >= dist_hole {
@@ -618,9 +653,13 @@ impl<P> ConnTable<P> {
 
     /// Remove a connection now, with a Destroy event. Returns it.
     pub fn remove(&mut self, slot: Slot, reason: RemoveReason) -> Option<Conn<P>> {
+        // Unindex while the entry is still in place: backward-shift deletion reads the
+        // tuple of every cell it may move to find its home, and the connection's other
+        // cell is often right behind the first (same index hash without NAT).
+        let tuples = self.entries.get(slot.idx())?.as_ref()?.tuples;
+        self.index_remove(&tuples[0], slot, Dir::Original);
+        self.index_remove(&tuples[1], slot, Dir::Reply);
         let conn = self.entries.get_mut(slot.idx())?.take()?;
-        self.index_remove(&conn.tuples[0], slot, Dir::Original);
-        self.index_remove(&conn.tuples[1], slot, Dir::Reply);
         self.wheel.unlink(&mut self.links, slot.0);
         self.free.push(slot.0);
         self.count -= 1;
@@ -639,7 +678,7 @@ impl<P> ConnTable<P> {
 
     /// Linux `early_drop`: see the module documentation. Returns whether room was made.
     fn early_drop(&mut self, tuple: &Tuple, now: u64) -> bool {
-        let start = self.pos(self.hasher.hash(tuple));
+        let start = self.pos(self.hash(tuple));
         let mut victims = [Slot(0); EARLY_DROP_GROUP_SLOTS];
         for group in 0..EARLY_DROP_GROUPS {
             let mut n = 0;
@@ -653,10 +692,14 @@ impl<P> ConnTable<P> {
                 if victims[..n].contains(&slot) {
                     continue;
                 }
-                if self
-                    .entry(slot)
-                    .is_some_and(|c| c.expired(now) || !c.status.contains(Status::ASSURED))
-                {
+                // An offloaded connection is never taken, expired or not: a fast path
+                // (the NIC) may still use it and its NAT binding, and only its owner
+                // removes it, after the fast path has let go (design invariant 2;
+                // Linux `early_drop_list` skips IPS_OFFLOAD too).
+                if self.entry(slot).is_some_and(|c| {
+                    !c.status.intersects(Status::OFFLOAD | Status::HW_OFFLOAD)
+                        && (c.expired(now) || !c.status.contains(Status::ASSURED))
+                }) {
                     victims[n] = slot;
                     n += 1;
                 }
@@ -924,6 +967,74 @@ mod tests {
         assert_eq!(tab.stats().early_drop, 1);
         assert!(tab.lookup(&t(2), 1).is_none());
         assert_eq!(tab.lookup(&new, 1), Some((s, Dir::Original)));
+    }
+
+    #[test]
+    fn early_drop_never_takes_an_offloaded_entry() {
+        for bit in [
+            Status::OFFLOAD,
+            Status::HW_OFFLOAD,
+            Status::OFFLOAD | Status::HW_OFFLOAD,
+        ] {
+            let mut tab: ConnTable<()> = ConnTable::new(4, 9, 64);
+            // Four unassured entries (UDP that never saw a reply), all offloaded; one
+            // of them already past its timeout.
+            let mut slots = Vec::new();
+            for i in 0..4 {
+                let a = t(i);
+                let timeout = if i == 1 { 5 * S } else { 300 * S };
+                slots.push(tab.insert(a, inv(&a), bit, timeout, (), 0).expect("room"));
+            }
+            let new = t(100);
+            let err = tab
+                .insert(new, inv(&new), Status::empty(), 30 * S, (), 10 * S)
+                .expect_err("only offloaded entries: nothing to evict");
+            assert_eq!(err, InsertError::TableFull { max: 4 });
+            assert_eq!(tab.len(), 4);
+            assert_eq!(tab.stats().early_drop, 0);
+            for &s in &slots {
+                assert!(tab.get(s).is_some(), "offloaded entry kept ({bit:?})");
+            }
+            // Once it is back in software, an unassured entry is fair game again.
+            tab.get_mut(slots[3]).expect("live").status = Status::CONFIRMED;
+            tab.insert(new, inv(&new), Status::empty(), 30 * S, (), 10 * S)
+                .expect("early drop made room");
+            assert_eq!(tab.stats().early_drop, 1);
+            assert!(
+                tab.lookup(&t(3), 10 * S).is_none(),
+                "the software entry went"
+            );
+            for &s in &slots[..3] {
+                assert!(tab.get(s).is_some(), "offloaded entry kept ({bit:?})");
+            }
+        }
+    }
+
+    /// Index cells in use.
+    fn cells(tab: &ConnTable<()>) -> usize {
+        tab.index.iter().filter(|&&v| v != EMPTY).count()
+    }
+
+    #[test]
+    fn removal_leaves_no_index_cell_behind() {
+        // Both cells of a connection without NAT start at the same index position, so
+        // removing the first shifts the second back: its home must still be found.
+        let mut tab: ConnTable<()> = ConnTable::new(8, 3, 0);
+        for round in 0..200u32 {
+            let live: Vec<_> = (0..6)
+                .map(|i| {
+                    let a = t(round * 8 + i);
+                    tab.insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+                        .expect("room")
+                })
+                .collect();
+            assert_eq!(cells(&tab), 2 * tab.len());
+            for (i, s) in live.into_iter().enumerate() {
+                tab.remove(s, RemoveReason::Deleted).expect("live");
+                assert_eq!(cells(&tab), 2 * tab.len(), "round {round}, removal {i}");
+            }
+        }
+        assert!(tab.is_empty());
     }
 
     #[test]

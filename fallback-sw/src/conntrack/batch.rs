@@ -7,10 +7,10 @@
 //!
 //! 1. parse every frame (checksums included), build its tuple and hash it;
 //! 2. read the first index slot of every tuple;
-//! 3. read the connection each slot points to (when its hash tag matches): the tuple,
-//!    timeout, counters and protocol state the last pass will use; or, when there is
-//!    none (probably a new connection), the index slot of the reply tuple that the
-//!    insert will probe;
+//! 3. read the connection each slot points to (when its hash tag matches): the tuples,
+//!    timeout, counters and protocol state the last pass will use (a new connection's
+//!    reply tuple, without NAT, has the same index hash as its original: pass 2 read
+//!    the slot its insert will probe);
 //! 4. finish each packet in order, exactly as [`Conntrack::process`] would.
 //!
 //! Passes 2 and 3 only read, so a packet may depend on an earlier one of the same batch
@@ -208,32 +208,30 @@ impl Conntrack {
             }
         }
         // 3: the entries they point to. No entry: probably a new connection, whose
-        // insert probes the index for the reply tuple too (unless NAT chooses the
-        // reply: then it is not the inverse).
-        let plain_reply = self.nat.rules().is_empty();
+        // insert also probes the index for the reply tuple; without NAT that is the
+        // inverse, whose index hash is the same (`TupleHasher::pair_hash`), so pass 2
+        // has read its slot already. The first slot of a tuple may hold the other
+        // direction of the same connection (same hash): both tuples are touched.
         for p in pre {
-            if let Pre::Fast { hash, tuple, .. } = p {
+            if let Pre::Fast { hash, .. } = p {
                 let Some((c, dir)) = self.table.prefetch(*hash) else {
-                    if !plain_reply {
-                        continue;
-                    }
-                    if let Ok(reply) = tuple.invert() {
-                        sink ^= self.table.touch_index(self.table.hash(&reply));
-                    }
                     continue;
                 };
-                {
-                    let d = dir.index();
-                    sink ^= u64::from(c.tuples[d].src_l4)
-                        ^ c.timeout
-                        ^ c.counters[d].packets
-                        ^ c.counters[Dir::Reply.index() - d].bytes
-                        ^ match c.proto {
-                            L4State::Udp { stream_at } => stream_at,
-                            L4State::Tcp(ref t) => u64::from(t.state() as u8),
-                            L4State::Icmp | L4State::Generic => 0,
-                        };
-                }
+                let d = dir.index();
+                // The compared tuple's first and last bytes (a 40-byte tuple may
+                // straddle two cache lines), then the fields the handler reads.
+                sink ^= u64::from(c.tuples[0].src.0[0])
+                    ^ u64::from(c.tuples[0].zone)
+                    ^ u64::from(c.tuples[1].src.0[0])
+                    ^ u64::from(c.tuples[1].zone)
+                    ^ c.timeout
+                    ^ c.counters[d].packets
+                    ^ c.counters[Dir::Reply.index() - d].bytes
+                    ^ match c.proto {
+                        L4State::Udp { stream_at } => stream_at,
+                        L4State::Tcp(ref t) => u64::from(t.state() as u8),
+                        L4State::Icmp | L4State::Generic => 0,
+                    };
             }
         }
         black_box(sink);

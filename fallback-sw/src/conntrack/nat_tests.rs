@@ -819,6 +819,50 @@ fn early_drop_releases_bindings() {
 }
 
 #[test]
+fn early_drop_spares_offloaded_connections_and_their_bindings() {
+    let mut ct = Conntrack::new(Config {
+        max_connections: 4,
+        ..Config::default()
+    });
+    ct.nat_mut()
+        .rules_mut()
+        .add(snat_rule(1, None))
+        .expect("valid");
+    // Four translated UDP flows that never saw a reply (not ASSURED), offloaded; two
+    // of them also in the hardware table.
+    let mut held = Vec::new();
+    for i in 0..4u16 {
+        let mut f = udp(C, 2000 + i, S, 53);
+        let v = ct.process_mut(&mut f, 0, &out_meta(), SEC);
+        let Verdict::Tracked { slot, .. } = v.verdict else {
+            panic!("not tracked: {v:?}");
+        };
+        ct.mark_offloaded(slot, SEC).expect("udp offloadable");
+        if i % 2 == 0 {
+            ct.set_hw_offloaded(slot, true);
+        }
+        held.push(conn_of(&ct, v.verdict));
+    }
+    // A fifth connection finds only offloaded entries: it is refused, nothing is
+    // evicted, and every binding the NIC rewrites to stays reserved.
+    let mut f = udp(C, 3000, S, 53);
+    let v = ct.process_mut(&mut f, 0, &out_meta(), 2 * SEC);
+    assert!(!v.forward(), "table full of offloaded flows: {v:?}");
+    assert_eq!(ct.table().stats().early_drop, 0);
+    assert_eq!(ct.table().len(), 4);
+    assert_eq!(ct.nat_connections(), 4);
+    for (tuples, status) in &held {
+        let (slot, dir) = ct.lookup(&tuples[1], 2 * SEC).expect("still tracked");
+        assert_eq!(dir, Dir::Reply);
+        let c = ct.table().get(slot).expect("live");
+        assert_eq!(c.tuples, *tuples);
+        assert!(c.status.contains(Status::OFFLOAD));
+        assert!(status.contains(Status::SRC_NAT));
+    }
+    assert_unique(&ct, 2 * SEC);
+}
+
+#[test]
 fn batch_matches_per_packet_processing() {
     let rules = || {
         vec![
