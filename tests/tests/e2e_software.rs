@@ -39,6 +39,7 @@ const IN_B: [u8; 4] = [10, 77, 0, 3];
 const GW_IN: [u8; 4] = [10, 77, 0, 1];
 const GW_OUT: [u8; 4] = [192, 0, 2, 1];
 const OUT_HOST: [u8; 4] = [192, 0, 2, 2];
+const NO_ROUTE: [u8; 4] = [203, 0, 113, 9];
 const WAIT: Duration = Duration::from_secs(5);
 
 fn mac_str(m: [u8; 6]) -> String {
@@ -139,9 +140,21 @@ fn start_gateway(gw: &NetNs, if_in: &str, if_out: &str) -> Running {
     }
 }
 
-/// One ICMP echo exchange from the calling thread's namespace over a raw socket:
-/// `Ok(())` once a reply from `dst` with our identifier arrives.
-fn ping(dst: [u8; 4], ident: u16) -> Result<(), String> {
+/// What answered an echo request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IcmpAnswer {
+    /// Who sent the answer.
+    from: [u8; 4],
+    /// ICMP type (0 echo reply, 3 unreachable, 11 time exceeded).
+    icmp_type: u8,
+    /// ICMP code.
+    code: u8,
+}
+
+/// Echo requests to `dst` (with IP TTL `ttl`) from the calling thread's namespace over a
+/// raw socket, until an echo reply with our identifier or an ICMP error quoting one of
+/// our requests arrives.
+fn ping(dst: [u8; 4], ident: u16, ttl: u32) -> Result<IcmpAnswer, String> {
     use rustix::net::{
         AddressFamily, RecvFlags, SendFlags, SocketType, ipproto, recv, sendto, sockopt,
     };
@@ -153,6 +166,7 @@ fn ping(dst: [u8; 4], ident: u16) -> Result<(), String> {
         Some(Duration::from_millis(300)),
     )
     .map_err(|e| e.to_string())?;
+    sockopt::set_ip_ttl(&fd, ttl).map_err(|e| e.to_string())?;
     for seq in 1u16..=5 {
         let mut echo = [8u8, 0, 0, 0, 0, 0, 0, 0, b'c', b't', b'o', b'f'];
         echo[4..6].copy_from_slice(&ident.to_be_bytes());
@@ -181,16 +195,34 @@ fn ping(dst: [u8; 4], ident: u16) -> Result<(), String> {
             };
             let pkt = &buf[..n];
             let ihl = usize::from(pkt.first().copied().unwrap_or(0) & 0x0f) * 4;
-            if pkt.len() >= ihl + 8
-                && pkt[12..16] == dst
-                && pkt[ihl] == 0
-                && pkt[ihl + 4..ihl + 6] == ident.to_be_bytes()
-            {
-                return Ok(());
+            if pkt.len() < ihl + 8 || ihl < 20 {
+                continue;
+            }
+            let from: [u8; 4] = pkt[12..16].try_into().unwrap_or_default();
+            let (icmp_type, code) = (pkt[ihl], pkt[ihl + 1]);
+            let ours = match icmp_type {
+                0 => from == dst && pkt[ihl + 4..ihl + 6] == ident.to_be_bytes(),
+                3 | 11 => {
+                    // The quoted datagram: its header, then our echo request.
+                    let q = &pkt[ihl + 8..];
+                    let qihl = usize::from(q.first().copied().unwrap_or(0) & 0x0f) * 4;
+                    q.len() >= qihl + 8
+                        && q[16..20] == dst
+                        && q[qihl] == 8
+                        && q[qihl + 4..qihl + 6] == ident.to_be_bytes()
+                }
+                _ => false,
+            };
+            if ours {
+                return Ok(IcmpAnswer {
+                    from,
+                    icmp_type,
+                    code,
+                });
             }
         }
     }
-    Err(format!("no echo reply from {}", ip(dst)))
+    Err(format!("no ICMP answer about {}", ip(dst)))
 }
 
 fn setup_links(inside: &NetNs, gw: &NetNs, outside: &NetNs, names: &[String; 4]) {
@@ -383,14 +415,45 @@ fn software_gateway_forwards_real_traffic_with_snat() {
     let running = start_gateway(&gw, &names[1], &names[2]);
 
     // Ping: the gateway's own inside address, then the outside host through SNAT.
+    let in_ping = |dst, ident, ttl| {
+        inside
+            .run_inside(move || ping(dst, ident, ttl))
+            .expect("enter inside")
+    };
+    let answer = in_ping(GW_IN, 0x4701, 64).expect("ping the gateway's inside address");
+    assert_eq!((answer.from, answer.icmp_type), (GW_IN, 0), "echo reply");
+    let answer = in_ping(OUT_HOST, 0x4702, 64).expect("ping inside -> outside");
+    assert_eq!((answer.from, answer.icmp_type), (OUT_HOST, 0), "echo reply");
+    // Router behaviour: TTL 1 expires at the gateway; a destination without a route
+    // is net unreachable; both errors come from the ingress port's address.
+    let answer = in_ping(OUT_HOST, 0x4703, 1).expect("ping with TTL 1");
+    assert_eq!(
+        answer,
+        IcmpAnswer {
+            from: GW_IN,
+            icmp_type: 11,
+            code: 0
+        },
+        "time exceeded"
+    );
+    let answer = in_ping(NO_ROUTE, 0x4704, 64).expect("ping without route");
+    assert_eq!(
+        answer,
+        IcmpAnswer {
+            from: GW_IN,
+            icmp_type: 3,
+            code: 0
+        },
+        "net unreachable"
+    );
+    // Traffic to the gateway's own address that it does not serve: dropped, counted.
     inside
-        .run_inside(|| ping(GW_IN, 0x4701))
+        .run_inside(|| {
+            let u = UdpSocket::bind((ip(IN_A), 0))?;
+            u.send_to(b"x", (ip(GW_IN), 9))
+        })
         .expect("enter inside")
-        .expect("ping the gateway's inside address");
-    inside
-        .run_inside(|| ping(OUT_HOST, 0x4702))
-        .expect("enter inside")
-        .expect("ping inside -> outside through the gateway");
+        .expect("UDP to the gateway");
 
     let tcp_peer = tcp_exchange(&inside, &outside);
     assert_eq!(
@@ -432,6 +495,12 @@ fn software_gateway_forwards_real_traffic_with_snat() {
         "resolved a next hop itself: {s:?}"
     );
     assert!(s.echo_replies >= 1, "{s:?}");
+    assert_eq!((s.ttl_exceeded, s.no_route), (1, 1), "{s:?}");
+    assert!(s.icmp_errors_sent >= 2, "{s:?}");
+    assert!(
+        s.local_dropped >= 1,
+        "UDP to our own address counted: {s:?}"
+    );
     assert!(s.forwarded >= 10, "{s:?}");
     let ct = fwd.conntrack().stats();
     assert!(ct.created >= 4, "ping, TCP, two UDP flows tracked: {ct:?}");
