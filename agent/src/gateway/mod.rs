@@ -62,14 +62,17 @@ pub struct PortConfig {
     pub addrs: Vec<([u8; 4], u8)>,
 }
 
-/// A static route: packets to `prefix` go to the neighbour `via`, which must be on a
-/// connected prefix.
+/// A static route (the config file's `[[routes]]`): packets to `prefix` go to the
+/// neighbour `via`, or, without `via`, straight to their destination on `port` (an
+/// extra connected prefix).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StaticRoute {
     /// Destination prefix.
     pub prefix: Prefix,
-    /// Next hop.
-    pub via: [u8; 4],
+    /// Next hop; `None`: the destination is on-link on `port`.
+    pub via: Option<[u8; 4]>,
+    /// Egress port; `None`: the port of the connected prefix that holds `via`.
+    pub port: Option<usize>,
 }
 
 /// Gateway configuration.
@@ -99,6 +102,13 @@ pub enum ConfigError {
         prefix: Prefix,
         /// The next hop.
         via: [u8; 4],
+    },
+    /// A static route with neither next hop nor port, or with a port that does not
+    /// exist.
+    #[error("route {prefix:?} names no next hop and no existing port")]
+    NoEgress {
+        /// The route's prefix.
+        prefix: Prefix,
     },
 }
 
@@ -210,19 +220,25 @@ impl Gateway {
             if r.prefix.len > 32 {
                 return Err(ConfigError::PrefixLength { len: r.prefix.len });
             }
-            let port = connected
-                .iter()
-                .filter(|c| c.prefix.contains(r.via))
-                .max_by_key(|c| c.prefix.len)
-                .map(|c| c.port)
-                .ok_or(ConfigError::NextHopNotConnected {
-                    prefix: r.prefix,
-                    via: r.via,
-                })?;
+            let port = match (r.port, r.via) {
+                (Some(port), _) if port < cfg.ports.len() => port,
+                (Some(_), _) | (None, None) => {
+                    return Err(ConfigError::NoEgress { prefix: r.prefix });
+                }
+                (None, Some(via)) => connected
+                    .iter()
+                    .filter(|c| c.prefix.contains(via))
+                    .max_by_key(|c| c.prefix.len)
+                    .map(|c| c.port)
+                    .ok_or(ConfigError::NextHopNotConnected {
+                        prefix: r.prefix,
+                        via,
+                    })?,
+            };
             routes.push(RouteEntry {
                 prefix: r.prefix,
                 port,
-                via: Some(r.via),
+                via: r.via,
             });
         }
         // Longest prefix first; a stable sort keeps connected before static at equal

@@ -32,7 +32,8 @@ fn gw() -> Gateway {
                 addr: [0; 4],
                 len: 0,
             },
-            via: ROUTER,
+            via: Some(ROUTER),
+            port: None,
         }],
         arp: ArpConfig::default(),
     })
@@ -82,11 +83,38 @@ fn longest_prefix_match_and_bad_next_hop() {
                 addr: [0; 4],
                 len: 0,
             },
-            via: ROUTER,
+            via: Some(ROUTER),
+            port: None,
         }],
         ..GatewayConfig::default()
     });
     assert!(matches!(bad, Err(ConfigError::NextHopNotConnected { .. })));
+    // An on-link route on an explicit port.
+    let mut cfg = GatewayConfig {
+        ports: g.ports().to_vec(),
+        ..GatewayConfig::default()
+    };
+    cfg.routes.push(StaticRoute {
+        prefix: Prefix {
+            addr: [172, 16, 0, 0],
+            len: 12,
+        },
+        via: None,
+        port: Some(1),
+    });
+    let g2 = Gateway::new(cfg.clone()).expect("config");
+    assert_eq!(
+        g2.route([172, 16, 5, 5]),
+        Some(Hop {
+            port: 1,
+            next_hop: [172, 16, 5, 5]
+        })
+    );
+    cfg.routes[0].port = Some(7);
+    assert!(matches!(
+        Gateway::new(cfg),
+        Err(ConfigError::NoEgress { .. })
+    ));
 }
 
 #[test]
