@@ -225,3 +225,171 @@ impl<P: PacketPort> SoftwareForwarder<P> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ctoffload_fallback_sw::conntrack::Config;
+    use ctoffload_fallback_sw::nat::rules::{NatAction, NatFlags, NatRule, RuleMatch};
+
+    use super::*;
+    use crate::gateway::{GatewayConfig, PortConfig};
+    use crate::port::MemPort;
+
+    const GW_IN_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
+    const HOST_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
+    const GW_OUT_MAC: [u8; 6] = [2, 0, 0, 0, 2, 1];
+    const OUT_MAC: [u8; 6] = [2, 0, 0, 0, 2, 2];
+    const GW_IN: [u8; 4] = [10, 0, 0, 1];
+    const HOST: [u8; 4] = [10, 0, 0, 2];
+    const GW_OUT: [u8; 4] = [192, 0, 2, 1];
+    const OUT: [u8; 4] = [192, 0, 2, 2];
+
+    /// An Ethernet/IPv4/UDP frame with valid checksums.
+    fn udp(
+        macs: ([u8; 6], [u8; 6]),
+        src: ([u8; 4], u16),
+        dst: ([u8; 4], u16),
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&macs.0);
+        f.extend_from_slice(&macs.1);
+        f.extend_from_slice(&[0x08, 0x00]);
+        let total = u16::try_from(28 + payload.len()).expect("short");
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&src.0);
+        ip[16..20].copy_from_slice(&dst.0);
+        let c = wire::csum_finish(wire::csum_add(0, &ip));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&src.1.to_be_bytes());
+        f.extend_from_slice(&dst.1.to_be_bytes());
+        f.extend_from_slice(&(total - 20).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(payload);
+        assert!(wire::fill_l4_checksum(&mut f));
+        f
+    }
+
+    fn send(p: &mut MemPort, frame: &[u8]) {
+        let mut b = FrameBatch::new(1);
+        b.push(frame).expect("fits");
+        p.send_batch(&b).expect("send");
+    }
+
+    fn recv(p: &mut MemPort) -> Vec<Vec<u8>> {
+        let mut b = FrameBatch::new(16);
+        p.recv_batch(&mut b, 16).expect("recv");
+        b.iter().map(<[u8]>::to_vec).collect()
+    }
+
+    fn udp_ports(f: &[u8]) -> (u16, u16) {
+        (
+            u16::from_be_bytes([f[34], f[35]]),
+            u16::from_be_bytes([f[36], f[37]]),
+        )
+    }
+
+    #[test]
+    fn masqueraded_udp_round_trip_with_arp_on_both_sides() {
+        let (gw_in, mut host) = MemPort::pair("in", "host", 16);
+        let (gw_out, mut out) = MemPort::pair("out", "server", 16);
+        let gw = Gateway::new(GatewayConfig {
+            ports: vec![
+                PortConfig {
+                    name: "in".into(),
+                    mac: GW_IN_MAC,
+                    addrs: vec![(GW_IN, 24)],
+                },
+                PortConfig {
+                    name: "out".into(),
+                    mac: GW_OUT_MAC,
+                    addrs: vec![(GW_OUT, 24)],
+                },
+            ],
+            ..GatewayConfig::default()
+        })
+        .expect("config");
+        let mut ct = Conntrack::new(Config::default());
+        ct.nat_mut()
+            .rules_mut()
+            .add(NatRule {
+                id: 1,
+                r#match: RuleMatch {
+                    out_port: Some(1),
+                    ..RuleMatch::default()
+                },
+                action: NatAction::Masquerade {
+                    ports: None,
+                    flags: NatFlags::default(),
+                },
+            })
+            .expect("rule");
+        let mut fwd =
+            SoftwareForwarder::new(ForwarderConfig::default(), vec![gw_in, gw_out], gw, ct);
+
+        // Inside -> outside: the gateway asks for the server's MAC first.
+        send(
+            &mut host,
+            &udp((GW_IN_MAC, HOST_MAC), (HOST, 1234), (OUT, 53), b"query"),
+        );
+        fwd.poll(1_000).expect("poll");
+        let got = recv(&mut out);
+        assert_eq!(got.len(), 1, "one ARP request");
+        let a = wire::arp(&got[0]).expect("arp");
+        assert_eq!((a.op, a.sha, a.spa, a.tpa), (1, GW_OUT_MAC, GW_OUT, OUT));
+        send(
+            &mut out,
+            &wire::arp_frame(GW_OUT_MAC, 2, OUT_MAC, OUT, GW_OUT_MAC, GW_OUT),
+        );
+        fwd.poll(2_000).expect("poll");
+        let got = recv(&mut out);
+        assert_eq!(got.len(), 1, "the queued packet");
+        let f = &got[0];
+        assert_eq!((&f[0..6], &f[6..12]), (&OUT_MAC[..], &GW_OUT_MAC[..]));
+        let h = wire::ipv4(f).expect("valid IPv4");
+        assert_eq!((h.src, h.dst, h.ttl), (GW_OUT, OUT, 63), "masqueraded");
+        let mut check = f.clone();
+        assert!(wire::fill_l4_checksum(&mut check));
+        assert_eq!(&check, f, "UDP checksum was already right");
+        let (nat_port, _) = udp_ports(f);
+
+        // The answer comes back to the gateway's address and goes to the host, whose
+        // MAC the gateway resolves in turn.
+        send(
+            &mut out,
+            &udp(
+                (GW_OUT_MAC, OUT_MAC),
+                (OUT, 53),
+                (GW_OUT, nat_port),
+                b"answer",
+            ),
+        );
+        fwd.poll(3_000).expect("poll");
+        let got = recv(&mut host);
+        assert_eq!(got.len(), 1);
+        let a = wire::arp(&got[0]).expect("arp");
+        assert_eq!((a.op, a.spa, a.tpa), (1, GW_IN, HOST));
+        send(
+            &mut host,
+            &wire::arp_frame(GW_IN_MAC, 2, HOST_MAC, HOST, GW_IN_MAC, GW_IN),
+        );
+        fwd.poll(4_000).expect("poll");
+        let got = recv(&mut host);
+        assert_eq!(got.len(), 1);
+        let f = &got[0];
+        assert_eq!((&f[0..6], &f[6..12]), (&HOST_MAC[..], &GW_IN_MAC[..]));
+        let h = wire::ipv4(f).expect("valid IPv4");
+        assert_eq!((h.src, h.dst, h.ttl), (OUT, HOST, 63), "translated back");
+        assert_eq!(udp_ports(f), (53, 1234));
+        assert_eq!(&f[42..48], b"answer");
+        let s = fwd.stats();
+        assert_eq!((s.rx, s.drop_invalid, s.drop_nat), (4, 0, 0));
+        assert_eq!(fwd.conntrack().stats().created, 1);
+        assert_eq!(fwd.gateway().stats().arp_requests_sent, 2);
+    }
+}
