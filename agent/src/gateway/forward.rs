@@ -148,9 +148,12 @@ impl<P: PacketPort> SoftwareForwarder<P> {
                 self.frame(in_port, i, now);
             }
         }
-        for (port, f) in std::mem::take(&mut self.generated) {
+        // Taken out and put back so its capacity is reused.
+        let mut generated = std::mem::take(&mut self.generated);
+        for (port, f) in generated.drain(..) {
             self.queue_tx(port, &f);
         }
+        self.generated = generated;
         for (port, batch) in self.ports.iter_mut().zip(&mut self.tx) {
             if !batch.is_empty() {
                 self.stats.tx += u64::try_from(batch.len()).unwrap_or(u64::MAX);
