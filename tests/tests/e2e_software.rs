@@ -41,6 +41,8 @@ const GW_OUT: [u8; 4] = [192, 0, 2, 1];
 const OUT_HOST: [u8; 4] = [192, 0, 2, 2];
 const NO_ROUTE: [u8; 4] = [203, 0, 113, 9];
 const WAIT: Duration = Duration::from_secs(5);
+/// Bytes each way over TCP: many full-sized segments.
+const TCP_BYTES: usize = 256 * 1024;
 
 fn mac_str(m: [u8; 6]) -> String {
     m.iter()
@@ -276,6 +278,21 @@ fn setup_links(inside: &NetNs, gw: &NetNs, outside: &NetNs, names: &[String; 4])
     let ok = |r: Result<String, ctoffload_tests::netns::CommandError>| {
         r.unwrap_or_else(|e| panic!("{e}"));
     };
+    // The hosts' veths hand the peer whole GSO super-packets (up to 64 KiB) unless
+    // told to build one segment per packet; the gateway's ports take frames of at most
+    // 2048 bytes, like a wire with a 1500-byte MTU (no ethtool needed for this).
+    for (ns, dev) in [(inside, a), (outside, d)] {
+        ok(ns.ip(&[
+            "link",
+            "set",
+            "dev",
+            dev,
+            "gso_max_segs",
+            "1",
+            "gso_max_size",
+            "1500",
+        ]));
+    }
     ok(inside.ip(&["addr", "add", "10.77.0.2/24", "dev", a]));
     ok(inside.ip(&["addr", "add", "10.77.0.3/24", "dev", a]));
     ok(inside.ip(&["link", "set", a, "up"]));
@@ -290,7 +307,7 @@ fn setup_links(inside: &NetNs, gw: &NetNs, outside: &NetNs, names: &[String; 4])
     ok(outside.ip(&["link", "set", "lo", "up"]));
 }
 
-/// TCP: 1000 bytes each way; returns the source address the outside server saw.
+/// TCP: [`TCP_BYTES`] each way; returns the source address the outside server saw.
 fn tcp_exchange(inside: &NetNs, outside: &NetNs) -> SocketAddr {
     let listener = outside
         .run_inside(|| TcpListener::bind((ip(OUT_HOST), 5001)))
@@ -310,7 +327,7 @@ fn tcp_exchange(inside: &NetNs, outside: &NetNs) -> SocketAddr {
         };
         s.set_nonblocking(false)?;
         s.set_read_timeout(Some(WAIT))?;
-        let mut req = [0u8; 1000];
+        let mut req = vec![0u8; TCP_BYTES];
         s.read_exact(&mut req)?;
         let resp: Vec<u8> = req.iter().map(|b| b.wrapping_add(1)).collect();
         s.write_all(&resp)?;
@@ -321,11 +338,11 @@ fn tcp_exchange(inside: &NetNs, outside: &NetNs) -> SocketAddr {
         .expect("enter inside")
         .expect("TCP connect through the gateway");
     client.set_read_timeout(Some(WAIT)).expect("timeout");
-    let req: Vec<u8> = (0..1000u32)
+    let req: Vec<u8> = (0..u32::try_from(TCP_BYTES).unwrap_or(0))
         .map(|i| u8::try_from(i % 251).unwrap_or(0))
         .collect();
     client.write_all(&req).expect("send");
-    let mut resp = [0u8; 1000];
+    let mut resp = vec![0u8; TCP_BYTES];
     client
         .read_exact(&mut resp)
         .expect("TCP response through the gateway");
