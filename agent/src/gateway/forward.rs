@@ -38,8 +38,10 @@ pub struct ForwarderConfig {
     pub fill_checksums: bool,
     /// Connections conntrack GC looks at per poll.
     pub gc_budget: usize,
-    /// Sleep when a poll found nothing to do (`run` only).
-    pub idle_sleep: Duration,
+    /// The longest wait when a round found nothing to do (`run` only): `poll(2)` on
+    /// the ports' sockets, which a frame ends at once; a plain sleep when a port has no
+    /// descriptor. Bounds how late timers (ARP retries) run on an idle gateway.
+    pub idle_wait: Duration,
 }
 
 impl Default for ForwarderConfig {
@@ -48,7 +50,7 @@ impl Default for ForwarderConfig {
             rx_batch: 32,
             fill_checksums: false,
             gc_budget: 64,
-            idle_sleep: Duration::from_micros(200),
+            idle_wait: Duration::from_millis(1),
         }
     }
 }
@@ -211,8 +213,8 @@ impl<P: PacketPort> SoftwareForwarder<P> {
     }
 
     /// Polls until `stop` is set, with `now` from a monotonic clock started here
-    /// (ns since the loop started, plus `epoch_ns`); sleeps `idle_sleep` when a round
-    /// found nothing.
+    /// (ns since the loop started, plus `epoch_ns`); waits up to `idle_wait` for a
+    /// frame when a round found nothing (see [`ForwarderConfig::idle_wait`]).
     ///
     /// # Errors
     /// A port's socket failed.
@@ -222,10 +224,35 @@ impl<P: PacketPort> SoftwareForwarder<P> {
             let now = epoch_ns
                 .saturating_add(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
             if self.poll(now)? == 0 {
-                std::thread::sleep(self.cfg.idle_sleep);
+                self.wait_idle();
             }
         }
         Ok(())
+    }
+
+    /// Waits for a frame on any port, at most `idle_wait`.
+    fn wait_idle(&self) {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let wait = self.cfg.idle_wait;
+        let fds: Option<Vec<PollFd<'_>>> = self
+            .ports
+            .iter()
+            .map(|p| {
+                p.poll_fd()
+                    .map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::IN))
+            })
+            .collect();
+        match fds {
+            Some(mut fds) if !fds.is_empty() => {
+                let timeout = Timespec {
+                    tv_sec: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
+                    tv_nsec: i64::from(wait.subsec_nanos()),
+                };
+                // An error (EINTR) only ends the wait early.
+                let _ = rustix::event::poll(&mut fds, Some(&timeout));
+            }
+            _ => std::thread::sleep(wait),
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 //! [`MemPort`] is an in-memory port for tests.
 
 use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use ctoffload_nic_sim::port::{AfPacketPort, MemPort as SimMemPort, PortBackend};
 pub use ctoffload_nic_sim::port::{FRAME_BUF_SIZE, FrameBatch, PortStats};
@@ -46,6 +47,10 @@ pub trait PacketPort: Send + fmt::Debug {
     fn send_batch(&mut self, batch: &FrameBatch) -> Result<(), PortError>;
     /// The port's counters.
     fn stats(&self) -> PortStats;
+    /// A descriptor that polls readable when frames wait, if the port has one.
+    fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// A Linux interface through an `AF_PACKET` socket (see the module docs).
@@ -97,6 +102,9 @@ impl PacketPort for AfPacket {
     }
     fn stats(&self) -> PortStats {
         self.inner.stats()
+    }
+    fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.inner.as_fd())
     }
 }
 
