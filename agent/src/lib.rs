@@ -13,5 +13,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod gateway;
 pub mod metrics;
+pub mod port;
 pub mod replay;

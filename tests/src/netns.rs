@@ -233,6 +233,29 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// Start `f` on a new thread that has entered this namespace and return its handle
+    /// (for long-running work, such as a forwarding loop, that the caller stops and
+    /// joins). The thread's result is an error if it could not enter the namespace.
+    ///
+    /// # Errors
+    /// The namespace file cannot be opened.
+    pub fn spawn_inside<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::io::Result<thread::JoinHandle<std::io::Result<T>>> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let ns = File::open(&path)?;
+        Ok(thread::spawn(move || -> std::io::Result<T> {
+            rustix::thread::move_into_link_name_space(
+                ns.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )?;
+            Ok(f())
+        }))
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Deleting the namespace also deletes the veths in it (and so their peers).

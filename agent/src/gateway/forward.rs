@@ -1,0 +1,425 @@
+//! The software backend's forwarding loop: frames from [`PacketPort`]s through the
+//! [`Gateway`] (ARP, own addresses, TTL, routing), `fallback-sw`'s conntrack with NAT
+//! (`Conntrack::process_mut`; masquerade translates to the egress port's primary
+//! address), and out on the egress port. Run to completion on one thread, no tokio:
+//! [`SoftwareForwarder::poll`] does one round over every port, [`SoftwareForwarder::run`]
+//! loops until told to stop.
+//!
+//! Per received IPv4 frame:
+//! 1. [`Gateway::ingress`]: L2 filter, ARP, header checks; for packets to be forwarded,
+//!    the route of the original destination, TTL expiry (ICMP time exceeded) and no
+//!    route (ICMP net unreachable), answered from the ingress port's address;
+//! 2. optionally the TCP/UDP checksum filled in (see [`ForwarderConfig::fill_checksums`]);
+//! 3. conntrack + NAT, with `PacketMeta` { ingress port, routed egress port, its
+//!    address }; invalid packets and NAT refusals are dropped and counted;
+//! 4. [`Gateway::egress`] on the translated packet: own address (echo answered, the rest
+//!    dropped and counted) or route, TTL decrement, MAC rewrite, ARP resolution;
+//! 5. one `send_batch` per port per poll.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ctoffload_fallback_sw::conntrack::{Conntrack, NatOutcome, Verdict};
+use ctoffload_fallback_sw::nat::PacketMeta;
+use ctoffload_fallback_sw::tuple::Addr;
+
+use super::{Egress, Gateway, Ingress, wire};
+use crate::port::{FrameBatch, PacketPort, PortError};
+
+/// Forwarding loop settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwarderConfig {
+    /// Frames taken from one port per poll.
+    pub rx_batch: usize,
+    /// Recompute TCP/UDP checksums of received IPv4 packets before conntrack. Needed on
+    /// veth and other virtual interfaces, whose senders leave checksums to offload
+    /// (the packet socket gives no per-frame status to tell); hides corrupted packets
+    /// from conntrack's checksum check, so leave it off on physical NICs.
+    pub fill_checksums: bool,
+    /// Connections conntrack GC looks at per poll.
+    pub gc_budget: usize,
+    /// The longest wait when a round found nothing to do (`run` only): `poll(2)` on
+    /// the ports' sockets, which a frame ends at once; a plain sleep when a port has no
+    /// descriptor. Bounds how late timers (ARP retries) run on an idle gateway.
+    pub idle_wait: Duration,
+}
+
+impl Default for ForwarderConfig {
+    fn default() -> Self {
+        Self {
+            rx_batch: 32,
+            fill_checksums: false,
+            gc_budget: 64,
+            idle_wait: Duration::from_millis(1),
+        }
+    }
+}
+
+/// Forwarding loop counters (the gateway's and conntrack's have their own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForwarderStats {
+    /// Frames received from all ports.
+    pub rx: u64,
+    /// Frames handed to ports for sending.
+    pub tx: u64,
+    /// Packets conntrack found invalid, dropped.
+    pub drop_invalid: u64,
+    /// Packets NAT could not rewrite, dropped.
+    pub drop_nat: u64,
+    /// Frames that did not fit a TX batch, dropped.
+    pub drop_tx_full: u64,
+}
+
+/// The loop: ports, gateway, conntrack.
+#[derive(Debug)]
+pub struct SoftwareForwarder<P: PacketPort> {
+    cfg: ForwarderConfig,
+    ports: Vec<P>,
+    gw: Gateway,
+    ct: Conntrack,
+    rx: FrameBatch,
+    tx: Vec<FrameBatch>,
+    generated: Vec<(usize, Vec<u8>)>,
+    stats: ForwarderStats,
+}
+
+impl<P: PacketPort> SoftwareForwarder<P> {
+    /// A loop over `ports` (index i is the gateway's port i), with NAT rules already in
+    /// `ct`.
+    #[must_use]
+    pub fn new(cfg: ForwarderConfig, ports: Vec<P>, gw: Gateway, ct: Conntrack) -> Self {
+        let cap = cfg.rx_batch.max(1);
+        let tx = (0..ports.len())
+            .map(|_| FrameBatch::new(cap.saturating_mul(ports.len()).saturating_add(cap)))
+            .collect();
+        Self {
+            cfg,
+            ports,
+            gw,
+            ct,
+            rx: FrameBatch::new(cap),
+            tx,
+            generated: Vec::new(),
+            stats: ForwarderStats::default(),
+        }
+    }
+
+    /// The gateway (neighbours, counters).
+    #[must_use]
+    pub fn gateway(&self) -> &Gateway {
+        &self.gw
+    }
+
+    /// Conntrack (connections, NAT bindings).
+    #[must_use]
+    pub fn conntrack(&self) -> &Conntrack {
+        &self.ct
+    }
+
+    /// Conntrack, for NAT rule changes.
+    pub fn conntrack_mut(&mut self) -> &mut Conntrack {
+        &mut self.ct
+    }
+
+    /// The ports.
+    #[must_use]
+    pub fn ports(&self) -> &[P] {
+        &self.ports
+    }
+
+    /// The loop's counters.
+    #[must_use]
+    pub fn stats(&self) -> ForwarderStats {
+        self.stats
+    }
+
+    /// One round: timers, up to `rx_batch` frames from each port, then the TX batches.
+    /// Returns the frames received.
+    ///
+    /// # Errors
+    /// A port's socket failed.
+    pub fn poll(&mut self, now: u64) -> Result<usize, PortError> {
+        self.gw.poll(now, &mut self.generated);
+        self.ct.gc(now, self.cfg.gc_budget);
+        let mut got = 0;
+        for in_port in 0..self.ports.len() {
+            self.rx.clear();
+            let n = self.ports[in_port].recv_batch(&mut self.rx, self.cfg.rx_batch)?;
+            got += n;
+            for i in 0..n {
+                self.frame(in_port, i, now);
+            }
+        }
+        // Taken out and put back so its capacity is reused.
+        let mut generated = std::mem::take(&mut self.generated);
+        for (port, f) in generated.drain(..) {
+            self.queue_tx(port, &f);
+        }
+        self.generated = generated;
+        for (port, batch) in self.ports.iter_mut().zip(&mut self.tx) {
+            if !batch.is_empty() {
+                self.stats.tx += u64::try_from(batch.len()).unwrap_or(u64::MAX);
+                let r = port.send_batch(batch);
+                batch.clear();
+                r?;
+            }
+        }
+        Ok(got)
+    }
+
+    fn queue_tx(&mut self, port: usize, frame: &[u8]) {
+        let ok = self.tx.get_mut(port).is_some_and(|b| b.push(frame).is_ok());
+        if !ok {
+            self.stats.drop_tx_full += 1;
+        }
+    }
+
+    fn frame(&mut self, in_port: usize, i: usize, now: u64) {
+        self.stats.rx += 1;
+        let Some(frame) = self.rx.get_mut(i) else {
+            return;
+        };
+        let route = match self.gw.ingress(in_port, frame, now, &mut self.generated) {
+            Ingress::Consumed => return,
+            Ingress::Ipv4 { route } => route,
+        };
+        if self.cfg.fill_checksums {
+            wire::fill_l4_checksum(frame);
+        }
+        let out_port = route.map(|h| h.port);
+        let meta = PacketMeta {
+            in_port: u32::try_from(in_port).unwrap_or(u32::MAX),
+            out_port: out_port.and_then(|p| u32::try_from(p).ok()),
+            out_addr: out_port.and_then(|p| self.gw.primary_addr(p)).map(Addr::v4),
+        };
+        let v = self.ct.process_mut(frame, 0, &meta, now);
+        match v.verdict {
+            Verdict::Invalid(_) => {
+                self.stats.drop_invalid += 1;
+                return;
+            }
+            Verdict::Tracked { .. } if matches!(v.nat, NatOutcome::Drop(_)) => {
+                self.stats.drop_nat += 1;
+                return;
+            }
+            Verdict::Tracked { .. } | Verdict::Untracked(_) => {}
+        }
+        if let Egress::Send(port) = self.gw.egress(in_port, frame, now, &mut self.generated) {
+            let ok = self.tx.get_mut(port).is_some_and(|b| b.push(frame).is_ok());
+            if !ok {
+                self.stats.drop_tx_full += 1;
+            }
+        }
+    }
+
+    /// Polls until `stop` is set, with `now` from a monotonic clock started here
+    /// (ns since the loop started, plus `epoch_ns`); waits up to `idle_wait` for a
+    /// frame when a round found nothing (see [`ForwarderConfig::idle_wait`]).
+    ///
+    /// # Errors
+    /// A port's socket failed.
+    pub fn run(&mut self, stop: &AtomicBool, epoch_ns: u64) -> Result<(), PortError> {
+        let start = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let now = epoch_ns
+                .saturating_add(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            if self.poll(now)? == 0 {
+                self.wait_idle();
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for a frame on any port, at most `idle_wait`.
+    fn wait_idle(&self) {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let wait = self.cfg.idle_wait;
+        let fds: Option<Vec<PollFd<'_>>> = self
+            .ports
+            .iter()
+            .map(|p| {
+                p.poll_fd()
+                    .map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::IN))
+            })
+            .collect();
+        match fds {
+            Some(mut fds) if !fds.is_empty() => {
+                let timeout = Timespec {
+                    tv_sec: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
+                    tv_nsec: i64::from(wait.subsec_nanos()),
+                };
+                // An error (EINTR) only ends the wait early.
+                let _ = rustix::event::poll(&mut fds, Some(&timeout));
+            }
+            _ => std::thread::sleep(wait),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ctoffload_fallback_sw::conntrack::Config;
+    use ctoffload_fallback_sw::nat::rules::{NatAction, NatFlags, NatRule, RuleMatch};
+
+    use super::*;
+    use crate::gateway::{GatewayConfig, PortConfig};
+    use crate::port::MemPort;
+
+    const GW_IN_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
+    const HOST_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
+    const GW_OUT_MAC: [u8; 6] = [2, 0, 0, 0, 2, 1];
+    const OUT_MAC: [u8; 6] = [2, 0, 0, 0, 2, 2];
+    const GW_IN: [u8; 4] = [10, 0, 0, 1];
+    const HOST: [u8; 4] = [10, 0, 0, 2];
+    const GW_OUT: [u8; 4] = [192, 0, 2, 1];
+    const OUT: [u8; 4] = [192, 0, 2, 2];
+
+    /// An Ethernet/IPv4/UDP frame with valid checksums.
+    fn udp(
+        macs: ([u8; 6], [u8; 6]),
+        src: ([u8; 4], u16),
+        dst: ([u8; 4], u16),
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&macs.0);
+        f.extend_from_slice(&macs.1);
+        f.extend_from_slice(&[0x08, 0x00]);
+        let total = u16::try_from(28 + payload.len()).expect("short");
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&src.0);
+        ip[16..20].copy_from_slice(&dst.0);
+        let c = wire::csum_finish(wire::csum_add(0, &ip));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&src.1.to_be_bytes());
+        f.extend_from_slice(&dst.1.to_be_bytes());
+        f.extend_from_slice(&(total - 20).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(payload);
+        assert!(wire::fill_l4_checksum(&mut f));
+        f
+    }
+
+    fn send(p: &mut MemPort, frame: &[u8]) {
+        let mut b = FrameBatch::new(1);
+        b.push(frame).expect("fits");
+        p.send_batch(&b).expect("send");
+    }
+
+    fn recv(p: &mut MemPort) -> Vec<Vec<u8>> {
+        let mut b = FrameBatch::new(16);
+        p.recv_batch(&mut b, 16).expect("recv");
+        b.iter().map(<[u8]>::to_vec).collect()
+    }
+
+    fn udp_ports(f: &[u8]) -> (u16, u16) {
+        (
+            u16::from_be_bytes([f[34], f[35]]),
+            u16::from_be_bytes([f[36], f[37]]),
+        )
+    }
+
+    #[test]
+    fn masqueraded_udp_round_trip_with_arp_on_both_sides() {
+        let (gw_in, mut host) = MemPort::pair("in", "host", 16);
+        let (gw_out, mut out) = MemPort::pair("out", "server", 16);
+        let gw = Gateway::new(GatewayConfig {
+            ports: vec![
+                PortConfig {
+                    name: "in".into(),
+                    mac: GW_IN_MAC,
+                    addrs: vec![(GW_IN, 24)],
+                },
+                PortConfig {
+                    name: "out".into(),
+                    mac: GW_OUT_MAC,
+                    addrs: vec![(GW_OUT, 24)],
+                },
+            ],
+            ..GatewayConfig::default()
+        })
+        .expect("config");
+        let mut ct = Conntrack::new(Config::default());
+        ct.nat_mut()
+            .rules_mut()
+            .add(NatRule {
+                id: 1,
+                r#match: RuleMatch {
+                    out_port: Some(1),
+                    ..RuleMatch::default()
+                },
+                action: NatAction::Masquerade {
+                    ports: None,
+                    flags: NatFlags::default(),
+                },
+            })
+            .expect("rule");
+        let mut fwd =
+            SoftwareForwarder::new(ForwarderConfig::default(), vec![gw_in, gw_out], gw, ct);
+
+        // Inside -> outside: the gateway asks for the server's MAC first.
+        send(
+            &mut host,
+            &udp((GW_IN_MAC, HOST_MAC), (HOST, 1234), (OUT, 53), b"query"),
+        );
+        fwd.poll(1_000).expect("poll");
+        let got = recv(&mut out);
+        assert_eq!(got.len(), 1, "one ARP request");
+        let a = wire::arp(&got[0]).expect("arp");
+        assert_eq!((a.op, a.sha, a.spa, a.tpa), (1, GW_OUT_MAC, GW_OUT, OUT));
+        send(
+            &mut out,
+            &wire::arp_frame(GW_OUT_MAC, 2, OUT_MAC, OUT, GW_OUT_MAC, GW_OUT),
+        );
+        fwd.poll(2_000).expect("poll");
+        let got = recv(&mut out);
+        assert_eq!(got.len(), 1, "the queued packet");
+        let f = &got[0];
+        assert_eq!((&f[0..6], &f[6..12]), (&OUT_MAC[..], &GW_OUT_MAC[..]));
+        let h = wire::ipv4(f).expect("valid IPv4");
+        assert_eq!((h.src, h.dst, h.ttl), (GW_OUT, OUT, 63), "masqueraded");
+        let mut check = f.clone();
+        assert!(wire::fill_l4_checksum(&mut check));
+        assert_eq!(&check, f, "UDP checksum was already right");
+        let (nat_port, _) = udp_ports(f);
+
+        // The answer comes back to the gateway's address and goes to the host, whose
+        // MAC the gateway resolves in turn.
+        send(
+            &mut out,
+            &udp(
+                (GW_OUT_MAC, OUT_MAC),
+                (OUT, 53),
+                (GW_OUT, nat_port),
+                b"answer",
+            ),
+        );
+        fwd.poll(3_000).expect("poll");
+        let got = recv(&mut host);
+        assert_eq!(got.len(), 1);
+        let a = wire::arp(&got[0]).expect("arp");
+        assert_eq!((a.op, a.spa, a.tpa), (1, GW_IN, HOST));
+        send(
+            &mut host,
+            &wire::arp_frame(GW_IN_MAC, 2, HOST_MAC, HOST, GW_IN_MAC, GW_IN),
+        );
+        fwd.poll(4_000).expect("poll");
+        let got = recv(&mut host);
+        assert_eq!(got.len(), 1);
+        let f = &got[0];
+        assert_eq!((&f[0..6], &f[6..12]), (&HOST_MAC[..], &GW_IN_MAC[..]));
+        let h = wire::ipv4(f).expect("valid IPv4");
+        assert_eq!((h.src, h.dst, h.ttl), (OUT, HOST, 63), "translated back");
+        assert_eq!(udp_ports(f), (53, 1234));
+        assert_eq!(&f[42..48], b"answer");
+        let s = fwd.stats();
+        assert_eq!((s.rx, s.drop_invalid, s.drop_nat), (4, 0, 0));
+        assert_eq!(fwd.conntrack().stats().created, 1);
+        assert_eq!(fwd.gateway().stats().arp_requests_sent, 2);
+    }
+}
