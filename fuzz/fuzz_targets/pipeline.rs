@@ -123,6 +123,9 @@ fn rules(small_range: bool, selection: Selection) -> Vec<NatRule> {
             r#match: RuleMatch {
                 src: Some(prefix([10, 0, 0, 0], 8)),
                 out_port: Some(2),
+                // A port range needs a port protocol: UDP gets the small range (easy
+                // to exhaust); the rest falls through to masquerade.
+                proto: small_range.then_some(17),
                 ..RuleMatch::default()
             },
             action: NatAction::Snat {
