@@ -13,9 +13,11 @@
 //! --nocapture` shows them; `docs/reliability.md` records the last run).
 
 use ctoffload_fallback_sw::conntrack::{
-    CtInfo, Config, Conntrack, Invalid, InvalidKind, L4State, NatOutcome, Prefix, Verdict,
+    Config, Conntrack, CtInfo, Invalid, InvalidKind, L4State, NatOutcome, Prefix, Verdict,
 };
-use ctoffload_fallback_sw::nat::rules::{AddrRange, NatAction, NatFlags, NatRule, PortRange, RuleMatch};
+use ctoffload_fallback_sw::nat::rules::{
+    AddrRange, NatAction, NatFlags, NatRule, PortRange, RuleMatch,
+};
 use ctoffload_fallback_sw::nat::{NatEngine, PacketMeta};
 use ctoffload_fallback_sw::table::{Event, RemoveReason, Status};
 use ctoffload_fallback_sw::tcp::TcpState;
@@ -34,7 +36,16 @@ const ACK: u8 = 0x10;
 const PSH: u8 = 0x08;
 
 #[allow(clippy::too_many_arguments)]
-fn tcp(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, flags: u8, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
+fn tcp(
+    src: [u8; 4],
+    sp: u16,
+    dst: [u8; 4],
+    dp: u16,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut b = PacketBuilder::ethernet2(MAC_A, MAC_B)
         .ipv4(src, dst, 64)
         .tcp(sp, dp, seq, 64240);
@@ -64,19 +75,21 @@ fn udp(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
     v
 }
 
-/// A deterministic "spoofed" source: 100.64.0.0/10 addresses and high ports from a
-/// linear congruential generator (no RNG crate, same sequence every run).
+/// Deterministic "spoofed" sources: the `n`th is a distinct address of `net.x.0.0/16`
+/// blocks (so no two flood packets share a tuple) with a high port from a linear
+/// congruential generator (no RNG crate, the same sequence every run).
 struct Spoofer(u64);
 
 impl Spoofer {
-    fn next(&mut self) -> ([u8; 4], u16) {
+    fn next(&mut self, net: u8, n: usize) -> ([u8; 4], u16) {
         self.0 = self
             .0
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
         let b = (self.0 >> 24).to_be_bytes();
         let port = u16::from_be_bytes([b[4], b[5]]) | 0x8000;
-        ([100, 64 | (b[0] & 0x3F), b[1], b[2]], port)
+        let n = u32::try_from(n).expect("small").to_be_bytes();
+        ([net, 64 + n[1], n[2], n[3]], port)
     }
 }
 
@@ -120,37 +133,49 @@ fn tcp_state(ct: &Conntrack, frame: &[u8], now: u64) -> (Status, TcpState) {
     (c.status, tc.state())
 }
 
-#[test]
-fn syn_flood_keeps_established_connections() {
-    const MAX: usize = 512;
-    const ESTABLISHED: usize = 64;
-    const FLOOD: usize = 50_000;
-    let cfg = Config {
-        max_connections: MAX,
-        event_capacity: 1 << 17,
-        ..Config::default()
-    };
-    let mut ct = Conntrack::new(cfg);
-    let bytes_before = ct.table().capacity() * ct.table().bytes_per_connection();
-    let mut now = SEC;
-
-    // Established, ASSURED connections: handshake, then one data exchange.
+/// `count` established, ASSURED connections 10.0.x.y:port <-> SERVER:443 (handshake
+/// and final ACK), checked to be ESTABLISHED and ASSURED.
+fn establish(ct: &mut Conntrack, count: usize, now: u64) -> Vec<Client> {
     let mut clients = Vec::new();
-    for i in 0..ESTABLISHED {
+    for i in 0..count {
         let i = u16::try_from(i).expect("small");
+        let [hi, lo] = i.to_be_bytes();
         let c = Client {
-            addr: [10, 0, (i >> 8) as u8, (i & 0xFF) as u8],
+            addr: [10, 0, hi, lo],
             port: 40000 + i,
             seq: 1000,
             srv_seq: 5000,
         };
-        let (_, created) = tracked(ct.process(&tcp(c.addr, c.port, SERVER, 443, SYN, c.seq, 0, b""), 0, now));
+        let syn = tcp(c.addr, c.port, SERVER, 443, SYN, c.seq, 0, b"");
+        let (_, created) = tracked(ct.process(&syn, 0, now));
         assert!(created);
-        tracked(ct.process(&tcp(SERVER, 443, c.addr, c.port, SYN | ACK, c.srv_seq, c.seq + 1, b""), 0, now));
-        let ack = tcp(c.addr, c.port, SERVER, 443, ACK, c.seq + 1, c.srv_seq + 1, b"");
+        let syn_ack = tcp(
+            SERVER,
+            443,
+            c.addr,
+            c.port,
+            SYN | ACK,
+            c.srv_seq,
+            c.seq + 1,
+            b"",
+        );
+        tracked(ct.process(&syn_ack, 0, now));
+        let ack = tcp(
+            c.addr,
+            c.port,
+            SERVER,
+            443,
+            ACK,
+            c.seq + 1,
+            c.srv_seq + 1,
+            b"",
+        );
         tracked(ct.process(&ack, 0, now));
-        let (status, state) = tcp_state(&ct, &ack, now);
-        assert!(status.contains(Status::ASSURED), "connection {i} not assured: {status:?}");
+        let (status, state) = tcp_state(ct, &ack, now);
+        assert!(
+            status.contains(Status::ASSURED),
+            "connection {i} not assured: {status:?}"
+        );
         assert_eq!(state, TcpState::Established);
         clients.push(Client {
             seq: c.seq + 1,
@@ -158,6 +183,24 @@ fn syn_flood_keeps_established_connections() {
             ..c
         });
     }
+    clients
+}
+
+#[test]
+fn syn_flood_keeps_established_connections() {
+    const MAX: usize = 512;
+    const ESTABLISHED: usize = 64;
+    const FLOOD: usize = 50_000;
+    let cfg = Config {
+        max_connections: MAX,
+        event_capacity: 4096,
+        ..Config::default()
+    };
+    let mut ct = Conntrack::new(cfg);
+    let bytes_before = ct.table().capacity() * ct.table().bytes_per_connection();
+    let mut now = SEC;
+
+    let mut clients = establish(&mut ct, ESTABLISHED, now);
     ct.table_mut().drain_events().for_each(drop);
 
     // The flood: SYNs from spoofed sources, interleaved with traffic on the
@@ -170,10 +213,10 @@ fn syn_flood_keeps_established_connections() {
     let mut syn_dropped_full = 0u64;
     let mut kept_checks = 0u64;
     for n in 0..FLOOD {
-        let (src, sp) = spoof.next();
+        let (src, sp) = spoof.next(100, n);
         let v = ct.process(&tcp(src, sp, SERVER, 443, SYN, 1, 0, b""), 0, now);
         match v {
-            Verdict::Tracked { .. } => syn_tracked += 1,
+            Verdict::Tracked { created: true, .. } => syn_tracked += 1,
             Verdict::Invalid(Invalid::TableFull) => syn_dropped_full += 1,
             other => panic!("unexpected verdict for a flood SYN: {other:?}"),
         }
@@ -181,7 +224,11 @@ fn syn_flood_keeps_established_connections() {
         assert!(ct.table().len() <= MAX, "table over its maximum");
         for ev in ct.table_mut().drain_events() {
             if let Event::Destroy { reason, status, .. } = ev {
-                assert_eq!(reason, RemoveReason::EarlyDrop, "only early drop removes here");
+                assert_eq!(
+                    reason,
+                    RemoveReason::EarlyDrop,
+                    "only early drop removes here"
+                );
                 evicted += 1;
                 if status.contains(Status::ASSURED) {
                     evicted_assured += 1;
@@ -191,11 +238,29 @@ fn syn_flood_keeps_established_connections() {
         if n % 1000 == 999 {
             now += SEC / 100;
             for c in &mut clients {
-                let data = tcp(c.addr, c.port, SERVER, 443, ACK | PSH, c.seq, c.srv_seq, b"hello");
+                let data = tcp(
+                    c.addr,
+                    c.port,
+                    SERVER,
+                    443,
+                    ACK | PSH,
+                    c.seq,
+                    c.srv_seq,
+                    b"hello",
+                );
                 let (info, created) = tracked(ct.process(&data, 0, now));
                 assert_eq!((info, created), (CtInfo::Established, false));
                 c.seq += 5;
-                let reply = tcp(SERVER, 443, c.addr, c.port, ACK | PSH, c.srv_seq, c.seq, b"world");
+                let reply = tcp(
+                    SERVER,
+                    443,
+                    c.addr,
+                    c.port,
+                    ACK | PSH,
+                    c.srv_seq,
+                    c.seq,
+                    b"world",
+                );
                 let (info, created) = tracked(ct.process(&reply, 0, now));
                 assert_eq!((info, created), (CtInfo::EstablishedReply, false));
                 c.srv_seq += 5;
@@ -212,26 +277,125 @@ fn syn_flood_keeps_established_connections() {
     let bytes_after = ct.table().capacity() * ct.table().bytes_per_connection();
     println!("SYN flood into a table of {MAX} with {ESTABLISHED} established connections");
     println!("  {:<40} {:>10}", "flood SYNs sent", FLOOD);
-    println!("  {:<40} {:>10}", "flood SYNs tracked (entry created)", syn_tracked);
-    println!("  {:<40} {:>10}", "flood SYNs dropped: table full", syn_dropped_full);
-    println!("  {:<40} {:>10}", "entries evicted by early drop", ts.early_drop);
-    println!("  {:<40} {:>10}", "assured entries evicted", evicted_assured);
-    println!("  {:<40} {:>10}", "established connections kept", clients.len());
-    println!("  {:<40} {:>10}", "established round trips checked", kept_checks);
+    println!(
+        "  {:<40} {:>10}",
+        "flood SYNs tracked (entry created)", syn_tracked
+    );
+    println!(
+        "  {:<40} {:>10}",
+        "flood SYNs dropped: table full", syn_dropped_full
+    );
+    println!(
+        "  {:<40} {:>10}",
+        "entries evicted by early drop", ts.early_drop
+    );
+    println!(
+        "  {:<40} {:>10}",
+        "assured entries evicted", evicted_assured
+    );
+    println!(
+        "  {:<40} {:>10}",
+        "established connections kept",
+        clients.len()
+    );
+    println!(
+        "  {:<40} {:>10}",
+        "established round trips checked", kept_checks
+    );
     println!("  {:<40} {:>10}", "largest table size seen", max_len);
-    println!("  {:<40} {:>10}", "insert_full (table counter)", ts.insert_full);
-    println!("  {:<40} {:>10}", "invalid: table full (ct counter)", st.invalid[InvalidKind::TableFull.index()]);
-    println!("  {:<40} {:>10}", "table memory, bytes (before = after)", bytes_after);
+    println!(
+        "  {:<40} {:>10}",
+        "insert_full (table counter)", ts.insert_full
+    );
+    println!(
+        "  {:<40} {:>10}",
+        "invalid: table full (ct counter)",
+        st.invalid[InvalidKind::TableFull.index()]
+    );
+    println!(
+        "  {:<40} {:>10}",
+        "table memory, bytes (before = after)", bytes_after
+    );
 
-    assert_eq!(evicted_assured, 0, "early drop evicted an assured connection");
+    assert_eq!(
+        evicted_assured, 0,
+        "early drop evicted an assured connection"
+    );
     assert_eq!(evicted, ts.early_drop);
-    assert!(ts.early_drop > 0, "the flood made early drop evict");
-    assert_eq!(syn_tracked + syn_dropped_full, u64::try_from(FLOOD).expect("fits"));
+    assert_eq!(
+        ts.early_drop,
+        syn_tracked - u64::try_from(MAX - ESTABLISHED).expect("fits"),
+        "every flood SYN past the free room evicted one unassured entry"
+    );
+    assert_eq!(
+        syn_tracked + syn_dropped_full,
+        u64::try_from(FLOOD).expect("fits")
+    );
     assert_eq!(st.invalid[InvalidKind::TableFull.index()], syn_dropped_full);
     assert_eq!(ts.insert_full, syn_dropped_full);
     assert_eq!(max_len, MAX, "the flood filled the table");
     assert_eq!(bytes_before, bytes_after, "table memory is allocated once");
-    assert_eq!(kept_checks, u64::try_from(ESTABLISHED * (FLOOD / 1000)).expect("fits"));
+    assert_eq!(
+        kept_checks,
+        u64::try_from(ESTABLISHED * (FLOOD / 1000)).expect("fits")
+    );
+    assert_eq!(ct.table().len(), MAX);
+}
+
+#[test]
+fn syn_flood_into_a_table_full_of_assured_connections_is_dropped() {
+    const MAX: usize = 128;
+    const FLOOD: usize = 5_000;
+    let cfg = Config {
+        max_connections: MAX,
+        ..Config::default()
+    };
+    let mut ct = Conntrack::new(cfg);
+    let now = SEC;
+    let mut clients = establish(&mut ct, MAX, now);
+    let mut spoof = Spoofer(0xf011);
+    let mut dropped = 0u64;
+    for n in 0..FLOOD {
+        let (src, sp) = spoof.next(100, n);
+        match ct.process(&tcp(src, sp, SERVER, 443, SYN, 1, 0, b""), 0, now) {
+            Verdict::Invalid(Invalid::TableFull) => dropped += 1,
+            other => panic!("a flood SYN got in: {other:?}"),
+        }
+    }
+    for c in &mut clients {
+        let data = tcp(
+            c.addr,
+            c.port,
+            SERVER,
+            443,
+            ACK | PSH,
+            c.seq,
+            c.srv_seq,
+            b"hello",
+        );
+        assert_eq!(
+            tracked(ct.process(&data, 0, now)),
+            (CtInfo::Established, false)
+        );
+    }
+    let ts = ct.table().stats();
+    let st = *ct.stats();
+    println!("SYN flood into a table of {MAX} full of assured connections");
+    println!("  {:<40} {:>10}", "flood SYNs sent", FLOOD);
+    println!("  {:<40} {:>10}", "flood SYNs dropped: table full", dropped);
+    println!(
+        "  {:<40} {:>10}",
+        "entries evicted by early drop", ts.early_drop
+    );
+    println!(
+        "  {:<40} {:>10}",
+        "established connections kept",
+        clients.len()
+    );
+    assert_eq!(dropped, u64::try_from(FLOOD).expect("fits"));
+    assert_eq!(ts.insert_full, dropped);
+    assert_eq!(st.invalid[InvalidKind::TableFull.index()], dropped);
+    assert_eq!(ts.early_drop, 0);
     assert_eq!(ct.table().len(), MAX);
 }
 
@@ -245,6 +409,7 @@ fn snat(ports: PortRange) -> NatRule {
                 len: 8,
             }),
             out_port: Some(2),
+            proto: Some(17),
             ..RuleMatch::default()
         },
         action: NatAction::Snat {
@@ -332,8 +497,7 @@ fn udp_flood_exhausts_nat_ports_and_recovers() {
     let mut admitted = 0u64;
     let mut exhausted = 0u64;
     for n in 0..FLOOD {
-        let (src, sp) = spoof.next();
-        let src = [10, src[1], src[2], src[3]];
+        let (src, sp) = spoof.next(10, n);
         let mut f = udp(src, sp, SERVER, 53);
         let v = ct.process_mut(&mut f, 0, &out_meta(), now);
         match v.verdict {
@@ -359,17 +523,43 @@ fn udp_flood_exhausts_nat_ports_and_recovers() {
     let v = ct.process_mut(&mut f, 0, &out_meta(), now);
     let recovered = v.forward() && v.nat == NatOutcome::Rewritten;
 
-    println!("UDP flood through SNAT with a range of {PORTS} ports, {EXISTING} existing conversations");
+    println!(
+        "UDP flood through SNAT with a range of {PORTS} ports, {EXISTING} existing conversations"
+    );
     println!("  {:<40} {:>10}", "flood packets (new flows) sent", FLOOD);
-    println!("  {:<40} {:>10}", "flood flows admitted (ports left)", admitted);
-    println!("  {:<40} {:>10}", "flood flows dropped: nat exhausted", exhausted);
+    println!(
+        "  {:<40} {:>10}",
+        "flood flows admitted (ports left)", admitted
+    );
+    println!(
+        "  {:<40} {:>10}",
+        "flood flows dropped: nat exhausted", exhausted
+    );
     println!("  {:<40} {:>10}", "nat_exhausted (ct counter)", during);
-    println!("  {:<40} {:>10}", "exhausted (nat engine counter)", nat_during);
-    println!("  {:<40} {:>10}", "existing conversations kept", existing.len());
-    println!("  {:<40} {:>10}", "entries reaped by gc after the flood", reaped);
-    println!("  {:<40} {:>10}", "new connection after the flood", if recovered { "ok" } else { "FAILED" });
+    println!(
+        "  {:<40} {:>10}",
+        "exhausted (nat engine counter)", nat_during
+    );
+    println!(
+        "  {:<40} {:>10}",
+        "existing conversations kept",
+        existing.len()
+    );
+    println!(
+        "  {:<40} {:>10}",
+        "entries reaped by gc after the flood", reaped
+    );
+    println!(
+        "  {:<40} {:>10}",
+        "new connection after the flood",
+        if recovered { "ok" } else { "FAILED" }
+    );
 
-    assert_eq!(admitted, u64::from(PORTS - EXISTING), "every free port was used once");
+    assert_eq!(
+        admitted,
+        u64::from(PORTS - EXISTING),
+        "every free port was used once"
+    );
     assert_eq!(exhausted, u64::try_from(FLOOD).expect("fits") - admitted);
     assert_eq!(during, exhausted);
     assert_eq!(nat_during, exhausted);
@@ -377,5 +567,9 @@ fn udp_flood_exhausts_nat_ports_and_recovers() {
     assert!(recovered, "new connection after the flood: {v:?}");
     assert_eq!(udp_src(&f), NAT_ADDR);
     assert!((20000..20000 + PORTS).contains(&udp_src_port(&f)));
-    assert_eq!(ct.stats().nat_exhausted, during, "no exhaustion after recovery");
+    assert_eq!(
+        ct.stats().nat_exhausted,
+        during,
+        "no exhaustion after recovery"
+    );
 }

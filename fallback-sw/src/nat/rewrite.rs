@@ -198,7 +198,11 @@ pub(crate) fn manip_v4(
             if v == 0 && mode == L4Mode::Full {
                 let end = at.end.min(frame.len());
                 let msg = frame.get(at.l4..end).unwrap_or_default();
-                if msg.iter().enumerate().all(|(i, b)| *b == 0 || i == 2 || i == 3) {
+                if msg
+                    .iter()
+                    .enumerate()
+                    .all(|(i, b)| *b == 0 || i == 2 || i == 3)
+                {
                     v = 0xFFFF;
                 }
             }
