@@ -30,7 +30,12 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(cmd.to_bytes(), b128);
     let _ = (cmd.opcode(), cmd.flags());
     let fo = cmd.flow_operand();
-    let _ = (fo.key.kind(), fo.key.proto(), fo.key.src_ip(), fo.key.dst_ip());
+    let _ = (
+        fo.key.kind(),
+        fo.key.proto(),
+        fo.key.src_ip(),
+        fo.key.dst_ip(),
+    );
     let _ = fo.action.flags();
     let _ = cmd.dump_operand();
     let b112: [u8; 112] = arr(data);
@@ -54,7 +59,13 @@ fuzz_target!(|data: &[u8]| {
     let b16: [u8; 16] = arr(data);
     let tx = TxDescriptor::from_bytes(&b16);
     assert_eq!(tx.to_bytes(), b16);
-    let _ = (tx.buf(), tx.status(), tx.done(), tx.error(), tx.ownership_word());
+    let _ = (
+        tx.buf(),
+        tx.status(),
+        tx.done(),
+        tx.error(),
+        tx.ownership_word(),
+    );
     let rec = CounterRecord::from_bytes(&b32);
     assert_eq!(rec.to_bytes(), b32);
     let _ = (rec.valid(), rec.generation(), rec.counters());

@@ -19,13 +19,14 @@
 
 use std::collections::HashMap;
 
-use ctoffload_fallback_sw::conntrack::{Config, Conntrack, NatOutcome, NatVerdict, Verdict};
 use ctoffload_fallback_sw::conntrack::Prefix;
-use ctoffload_fallback_sw::nat::rules::{
-    AddrRange, Backend, NatAction, NatFlags, NatRule, PacketMeta, PortRange, RuleMatch,
-    Selection,
+use ctoffload_fallback_sw::conntrack::{
+    Config, Conntrack, CtInfo, NatOutcome, NatVerdict, Verdict,
 };
 use ctoffload_fallback_sw::nat::NatEngine;
+use ctoffload_fallback_sw::nat::rules::{
+    AddrRange, Backend, NatAction, NatFlags, NatRule, PacketMeta, PortRange, RuleMatch, Selection,
+};
 use ctoffload_fallback_sw::tuple::{Addr, Family, Tuple};
 use ctoffload_fallback_sw::wire::{self, ParseOptions};
 use ctoffload_fuzz::{L4Spec, audit, build_v4, fix_checksums, l3_of, v4_at};
@@ -247,8 +248,7 @@ fn reply_to(out: &[u8], flags: u8, seq: u32) -> Option<Vec<u8>> {
                 let old_flags = f[l4 + 13];
                 let hl = usize::from(f[l4 + 12] >> 4) * 4;
                 let payload = f.len().saturating_sub(l4 + hl);
-                let seg = u32::try_from(payload).unwrap_or(0)
-                    + u32::from(old_flags & 0x03 != 0);
+                let seg = u32::try_from(payload).unwrap_or(0) + u32::from(old_flags & 0x03 != 0);
                 let new_seq = if old_flags & 0x10 != 0 { old_ack } else { seq };
                 f[l4 + 4..l4 + 8].copy_from_slice(&new_seq.to_be_bytes());
                 f[l4 + 8..l4 + 12].copy_from_slice(&old_seq.wrapping_add(seg).to_be_bytes());
@@ -273,7 +273,13 @@ fn reply_to(out: &[u8], flags: u8, seq: u32) -> Option<Vec<u8>> {
 
 /// An ICMP error about an emitted IPv4 frame, from its destination (or a router) back
 /// to its source, quoting `quote_len` bytes of it.
-fn icmp_error_about(out: &[u8], ty: u8, code: u8, quote_len: usize, router: bool) -> Option<Vec<u8>> {
+fn icmp_error_about(
+    out: &[u8],
+    ty: u8,
+    code: u8,
+    quote_len: usize,
+    router: bool,
+) -> Option<Vec<u8>> {
     let (l3, 0x0800) = l3_of(out)? else {
         return None;
     };
@@ -306,7 +312,7 @@ struct Harness {
 }
 
 impl Harness {
-    fn check_frame(&mut self, before: &[u8], after: &[u8], v: &NatVerdict, m: u8) {
+    fn check_frame(&mut self, before: &[u8], after: &[u8], v: &NatVerdict, m: u8, single: bool) {
         assert_eq!(before.len(), after.len());
         match v.nat {
             NatOutcome::Unchanged => assert_eq!(before, after, "untouched frame changed: {v:?}"),
@@ -316,17 +322,75 @@ impl Harness {
                     "rewritten but not tracked: {v:?}"
                 );
                 if let Err(e) = wire::parse(after, self.parse) {
-                    panic!("rewritten frame does not parse: {e}\nbefore {before:02x?}\nafter  {after:02x?}");
+                    panic!(
+                        "rewritten frame does not parse: {e}\nbefore {before:02x?}\nafter  {after:02x?}"
+                    );
                 }
                 let (a, b) = (audit(before), audit(after));
                 let kept = |x: Option<bool>, y: Option<bool>| x != Some(true) || y == Some(true);
-                assert!(kept(a.ip, b.ip), "ipv4 checksum broken by NAT\nbefore {before:02x?}\nafter  {after:02x?}");
-                assert!(kept(a.l4, b.l4), "l4 checksum broken by NAT\nbefore {before:02x?}\nafter  {after:02x?}");
-                assert!(kept(a.inner_ip, b.inner_ip), "quoted ipv4 checksum broken by NAT\nbefore {before:02x?}\nafter  {after:02x?}");
-                assert!(kept(a.inner_l4, b.inner_l4), "quoted l4 checksum broken by NAT\nbefore {before:02x?}\nafter  {after:02x?}");
+                assert!(
+                    kept(a.ip, b.ip),
+                    "ipv4 checksum broken by NAT\nbefore {before:02x?}\nafter  {after:02x?}"
+                );
+                assert!(
+                    kept(a.l4, b.l4),
+                    "l4 checksum broken by NAT\nbefore {before:02x?}\nafter  {after:02x?}"
+                );
+                assert!(
+                    kept(a.inner_ip, b.inner_ip),
+                    "quoted ipv4 checksum broken by NAT\nbefore {before:02x?}\nafter  {after:02x?}"
+                );
+                assert!(
+                    kept(a.inner_l4, b.inner_l4),
+                    "quoted l4 checksum broken by NAT\nbefore {before:02x?}\nafter  {after:02x?}"
+                );
                 assert!(!a.udp_zero || b.udp_zero, "udp zero checksum made non-zero");
             }
             NatOutcome::Drop(_) => {}
+        }
+        // What leaves looks like the inverse of the other direction's tuple (that is
+        // what NAT is), for every tracked packet of a live connection but ICMP errors.
+        // Only one frame at a time: after a batch, a slot may hold a newer connection.
+        if let (
+            true,
+            Verdict::Tracked {
+                slot, dir, info, ..
+            },
+        ) = (single, v.verdict)
+        {
+            let related = matches!(info, CtInfo::Related | CtInfo::RelatedReply);
+            let conn = self.ct.table().get(slot).map(|c| c.tuples);
+            if let (false, false, Some(tuples)) =
+                (related, matches!(v.nat, NatOutcome::Drop(_)), conn)
+            {
+                if let (Ok(p), Ok(want)) = (
+                    wire::parse(after, ParseOptions::VERIFY_NONE),
+                    tuples[dir.opposite().index()].invert(),
+                ) {
+                    let (sl4, dl4) = match p.l4 {
+                        wire::L4::IcmpQuery {
+                            id,
+                            icmp_type,
+                            code,
+                        } => (id, u16::from_be_bytes([icmp_type, code])),
+                        l4 => l4.ports().unwrap_or((0, 0)),
+                    };
+                    let (src, family) = Addr::from_ip(p.src);
+                    let got = Tuple {
+                        src,
+                        dst: Addr::from_ip(p.dst).0,
+                        src_l4: sl4,
+                        dst_l4: dl4,
+                        proto: p.protocol,
+                        family,
+                        zone: 0,
+                    };
+                    assert_eq!(
+                        got, want,
+                        "emitted frame is not the other direction's inverse: {v:?}"
+                    );
+                }
+            }
         }
         if v.forward() {
             if self.history.len() >= 16 {
@@ -346,7 +410,10 @@ impl Harness {
             for (d, t) in c.tuples.iter().enumerate() {
                 if let Some(&(s, _)) = seen.get(t) {
                     // Only a connection whose two tuples are equal may repeat a tuple.
-                    assert!(s == slot.0 && c.tuples[0] == c.tuples[1], "tuple {t} owned twice");
+                    assert!(
+                        s == slot.0 && c.tuples[0] == c.tuples[1],
+                        "tuple {t} owned twice"
+                    );
                 }
                 seen.insert(*t, (slot.0, d));
                 all.push((*t, slot, d));
@@ -360,14 +427,17 @@ impl Harness {
             };
             assert_eq!(s, slot, "tuple {t} maps to another connection");
             let c = table.get(s).map(|c| c.tuples[0] == c.tuples[1]);
-            assert!(dir.index() == d || c == Some(true), "tuple {t} maps to the wrong direction");
+            assert!(
+                dir.index() == d || c == Some(true),
+                "tuple {t} maps to the wrong direction"
+            );
         }
     }
 
     fn single(&mut self, mut frame: Vec<u8>, m: u8) {
         let before = frame.clone();
         let v = self.ct.process_mut(&mut frame, 0, &meta(m), self.now);
-        self.check_frame(&before, &frame, &v, m);
+        self.check_frame(&before, &frame, &v, m, true);
         self.check_table();
     }
 
@@ -377,9 +447,7 @@ impl Harness {
         let mut refs: Vec<&mut [u8]> = frames.iter_mut().map(Vec::as_mut_slice).collect();
         let mut out = vec![
             NatVerdict {
-                verdict: Verdict::Invalid(
-                    ctoffload_fallback_sw::conntrack::Invalid::TableFull
-                ),
+                verdict: Verdict::Invalid(ctoffload_fallback_sw::conntrack::Invalid::TableFull),
                 nat: NatOutcome::Unchanged,
             };
             refs.len()
@@ -388,7 +456,7 @@ impl Harness {
             .process_batch_mut(&mut refs, 0, &meta(m), self.now, &mut out);
         drop(refs);
         for ((b, a), v) in before.iter().zip(&frames).zip(&out) {
-            self.check_frame(b, a, v, m);
+            self.check_frame(b, a, v, m, false);
         }
         self.check_table();
     }
@@ -515,7 +583,11 @@ fuzz_target!(|data: &[u8]| {
             }
             4 => {
                 let step = u64::from(inp.byte().unwrap_or(1));
-                h.now += if op & 0x40 != 0 { step * SEC * 8 } else { step * SEC / 16 };
+                h.now += if op & 0x40 != 0 {
+                    step * SEC * 8
+                } else {
+                    step * SEC / 16
+                };
                 None
             }
             _ => {

@@ -45,7 +45,10 @@ pub fn fold(mut acc: u64) -> u16 {
 }
 
 fn be16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at.checked_add(1)?)?]))
+    Some(u16::from_be_bytes([
+        *b.get(at)?,
+        *b.get(at.checked_add(1)?)?,
+    ]))
 }
 
 /// The offset of the L3 header and the ethertype, after up to two VLAN tags.
@@ -151,9 +154,7 @@ pub fn audit(frame: &[u8]) -> Audit {
     let Some(ip) = v4_at(frame, l3) else {
         return a;
     };
-    a.ip = frame
-        .get(l3..l3 + ip.ihl)
-        .map(|h| fold(sum(h, 0)) == 0);
+    a.ip = frame.get(l3..l3 + ip.ihl).map(|h| fold(sum(h, 0)) == 0);
     if let Some((ok, zero)) = l4_ok(frame, &ip) {
         a.l4 = Some(ok);
         a.udp_zero = zero;
@@ -162,7 +163,9 @@ pub fn audit(frame: &[u8]) -> Audit {
     let l4 = l3 + ip.ihl;
     let is_err = ip.proto == 1
         && !ip.fragment
-        && frame.get(l4).is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12));
+        && frame
+            .get(l4)
+            .is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12));
     if is_err {
         let quote = frame.get(..ip.end).unwrap_or_default();
         if let Some(inner) = v4_at(quote, l4 + 8) {
@@ -224,7 +227,9 @@ pub fn fix_checksums(frame: &mut [u8]) {
     let l4 = l3 + ip.ihl;
     if ip.proto == 1
         && !ip.fragment
-        && frame.get(l4).is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12))
+        && frame
+            .get(l4)
+            .is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12))
     {
         let end = ip.end;
         if let Some(quote) = frame.get_mut(..end) {
