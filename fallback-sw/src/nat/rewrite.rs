@@ -183,9 +183,30 @@ pub(crate) fn manip_v4(
                 return Ok(());
             }
             let old_id = be16(frame, at.l4 + 4);
+            if old_id == l4 {
+                // Nothing the checksum covers changes: leave it alone (an update with
+                // a null delta turns a 0xFFFF checksum into 0x0000).
+                return Ok(());
+            }
             put16(frame, at.l4 + 4, l4);
             let c = be16(frame, at.l4 + 2);
-            put16(frame, at.l4 + 2, update16(c, old_id, l4));
+            let mut v = update16(c, old_id, l4);
+            // RFC 1624 eqn. 3 never yields 0xFFFF, but an ICMP message (no pseudo-header)
+            // whose other words are all zero needs exactly that: its sum is +0, and a
+            // 0x0000 checksum would not verify. (0xFFFF also verifies whenever 0x0000
+            // does, so only the rare all-zero case is looked at.)
+            if v == 0 && mode == L4Mode::Full {
+                let end = at.end.min(frame.len());
+                let msg = frame.get(at.l4..end).unwrap_or_default();
+                if msg
+                    .iter()
+                    .enumerate()
+                    .all(|(i, b)| *b == 0 || i == 2 || i == 3)
+                {
+                    v = 0xFFFF;
+                }
+            }
+            put16(frame, at.l4 + 2, v);
         }
         _ => {}
     }
@@ -397,6 +418,43 @@ pub fn icmp_time_exceeded(
 #[cfg(test)]
 mod tests {
     use super::crc32c;
+    use crate::conntrack::{Config, Conntrack, NatOutcome};
+    use crate::nat::NatEngine;
+    use crate::nat::tests::{C, MAC_C, MAC_G, N, S, in_meta, out_meta, snat_rule};
+    use crate::wire::{self, ParseOptions};
+
+    fn echo_zero(src: [u8; 4], dst: [u8; 4], request: bool) -> Vec<u8> {
+        let mut v = Vec::new();
+        let b = etherparse::PacketBuilder::ethernet2(MAC_C, MAC_G).ipv4(src, dst, 64);
+        let b = if request {
+            b.icmpv4_echo_request(0, 0)
+        } else {
+            b.icmpv4_echo_reply(0, 0)
+        };
+        b.write(&mut v, b"").expect("write");
+        v
+    }
+
+    /// Found by the `pipeline` fuzz target: an all-zero ICMP echo reply (checksum
+    /// 0xFFFF) translated without an id change came out with checksum 0x0000, which
+    /// does not verify (the parser then rejects the frame NAT emitted).
+    #[test]
+    fn all_zero_icmp_echo_keeps_a_valid_checksum() {
+        let mut nat = NatEngine::new(1);
+        nat.rules_mut().add(snat_rule(1, None)).expect("rule");
+        let mut ct = Conntrack::with_nat(Config::default(), nat);
+        let mut req = echo_zero(C, S, true);
+        let v = ct.process_mut(&mut req, 0, &out_meta(), 1);
+        assert_eq!(v.nat, NatOutcome::Rewritten);
+        assert_eq!(&req[38..40], &[0, 0], "id kept");
+        let mut reply = echo_zero(S, N, false);
+        assert_eq!(&reply[36..38], &[0xFF, 0xFF], "all-zero message");
+        let v = ct.process_mut(&mut reply, 0, &in_meta(), 2);
+        assert_eq!(v.nat, NatOutcome::Rewritten);
+        assert_eq!(&reply[30..34], &C, "translated back");
+        assert_eq!(&reply[36..38], &[0xFF, 0xFF]);
+        assert!(wire::parse(&reply, ParseOptions::VERIFY_ALL).is_ok());
+    }
 
     #[test]
     fn crc32c_check_value() {
