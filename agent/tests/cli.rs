@@ -396,9 +396,9 @@ fn stats_nat_device_policy_timeouts() {
     assert_eq!(list.as_array().unwrap().len(), 1);
 
     let d = a.json(&["device", "-o", "json"]);
-    assert_eq!(d["backend"], "software");
+    assert_eq!(d["backend"], "sim");
     assert_eq!(d["health"], "ok");
-    assert!(a.ok(&["device"]).contains("backend       software"));
+    assert!(a.ok(&["device"]).contains("backend       sim"));
 
     // Policy: defaults from the config, partial set keeps the rest, drain.
     let p = a.json(&["policy", "get", "-o", "json"]);
@@ -644,5 +644,5 @@ fn agent_socket_option_overrides_the_config() {
         "-o",
         "json",
     ]));
-    assert!(out.contains("\"backend\": \"software\""), "{out}");
+    assert!(out.contains("\"backend\": \"sim\""), "{out}");
 }

@@ -11,6 +11,8 @@
 pub mod agent;
 pub mod client;
 pub mod output;
+pub mod sim;
+pub mod demo;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -1,0 +1,1 @@
+//! `ctoffload demo` (placeholder while it is written).
