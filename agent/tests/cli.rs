@@ -396,9 +396,9 @@ fn stats_nat_device_policy_timeouts() {
     assert_eq!(list.as_array().unwrap().len(), 1);
 
     let d = a.json(&["device", "-o", "json"]);
-    assert_eq!(d["backend"], "sim");
+    assert_eq!(d["backend"], "software");
     assert_eq!(d["health"], "ok");
-    assert!(a.ok(&["device"]).contains("backend       sim"));
+    assert!(a.ok(&["device"]).contains("backend       software"));
 
     // Policy: defaults from the config, partial set keeps the rest, drain.
     let p = a.json(&["policy", "get", "-o", "json"]);

@@ -101,7 +101,12 @@ fn tcp_state(c: &Conn<L4State>) -> Option<TcpState> {
     }
 }
 
-fn info<Io: DeviceIo>(w: &Worker<Io>, c: &Conn<L4State>, slot: ctoffload_fallback_sw::table::Slot, now: u64) -> ConnInfo {
+fn info<Io: DeviceIo>(
+    w: &Worker<Io>,
+    c: &Conn<L4State>,
+    slot: ctoffload_fallback_sw::table::Slot,
+    now: u64,
+) -> ConnInfo {
     let hw = w
         .hw_record(ConnHandle { slot, id: c.id })
         .map_or([Counter::default(); 2], |r| r.hw_counters);
@@ -151,13 +156,21 @@ pub fn not_offloaded_reason(state: Option<(HwState, Option<NotOffloaded>)>) -> O
         Some((HwState::Pending, _)) => Some("insert pending".into()),
         Some((HwState::Dying(_), _)) => Some("leaving hardware".into()),
         Some((HwState::None | HwState::Dead, Some(r))) => Some(r.to_string()),
-        Some((HwState::None | HwState::Dead, None)) | None => Some("not seen by the policy yet".into()),
+        Some((HwState::None | HwState::Dead, None)) | None => {
+            Some("not seen by the policy yet".into())
+        }
     }
 }
 
 impl<Io: DeviceIo> Core<Io> {
     /// Move the worker's observed events into the journal and the metrics.
-    fn publish(&mut self, scratch: &mut Vec<Observed>, journal: &EventJournal, metrics: &MetricsHandle, now: u64) {
+    fn publish(
+        &mut self,
+        scratch: &mut Vec<Observed>,
+        journal: &EventJournal,
+        metrics: &MetricsHandle,
+        now: u64,
+    ) {
         scratch.clear();
         self.worker.take_observed(scratch);
         if scratch.is_empty() {
@@ -201,8 +214,7 @@ impl<Io: DeviceIo> Core<Io> {
                     status,
                 } => {
                     *self.destroyed.entry(reason_name(reason)).or_default() += 1;
-                    self.destroyed_hw_packets +=
-                        hw_counters[0].packets + hw_counters[1].packets;
+                    self.destroyed_hw_packets += hw_counters[0].packets + hw_counters[1].packets;
                     Event::EndOfFlow {
                         id,
                         tuples,
@@ -439,7 +451,11 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
             let start = u32::try_from(cursor.0).unwrap_or(u32::MAX);
             let mut conns = Vec::with_capacity(max.min(4096));
             let mut next = None;
-            for (slot, c) in w.conntrack().select(&filter, now).filter(|(s, _)| s.0 >= start) {
+            for (slot, c) in w
+                .conntrack()
+                .select(&filter, now)
+                .filter(|(s, _)| s.0 >= start)
+            {
                 if conns.len() == max {
                     next = Some(ListCursor(u64::from(slot.0)));
                     break;

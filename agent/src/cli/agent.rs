@@ -22,18 +22,18 @@ use tokio_util::sync::CancellationToken;
 
 use ctoffload_driver::sim_io::SimIo;
 
-use crate::api::{
-    ApiServer, ControlPlane, DataplaneControl, Listen, ServeError, ServerConfig, SoftwareControl,
-    TlsConfig,
-};
+use super::sim::{SimDataplane, SimError};
 use crate::api::error::ApiError;
 use crate::api::journal::EventJournal;
 use crate::api::model::{
     Configured, ConnFilter, ConnInfo, ConnKey, DeviceStatus, Limits, LimitsUpdate, ListCursor,
     ListPage, NatRule, OffloadPolicy, StatsSnapshot, Timeouts, TimeoutsUpdate,
 };
+use crate::api::{
+    ApiServer, ControlPlane, DataplaneControl, Listen, ServeError, ServerConfig, SoftwareControl,
+    TlsConfig,
+};
 use crate::config::Backend;
-use super::sim::{SimDataplane, SimError};
 use crate::config::{self, AgentConfig, ApplyReport, ConfigError, DEFAULT_CONFIG_PATH};
 use crate::metrics;
 
@@ -528,8 +528,13 @@ pub async fn serve(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(),
 }
 
 fn init_logging() {
+    init_logging_with("info");
+}
+
+/// Logs to stderr, at `RUST_LOG` or else `default` level.
+pub fn init_logging_with(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -14,8 +14,8 @@ use ctoffload_driver::sim_io::SimIo;
 use ctoffload_nic_sim::port::MemPort;
 use ctoffload_nic_sim::{SimClock, SimConfig, SimStats, SimThread, Simulator};
 
-use crate::api::dataplane::DeviceFacts;
 use crate::api::DataplaneControl;
+use crate::api::dataplane::DeviceFacts;
 use crate::config::{AgentConfig, Backend, Displacement};
 use crate::dataplane::{OffloadPolicy, PortL2, Routing, Worker, WorkerConfig};
 use crate::metrics::MetricsHandle;
