@@ -445,7 +445,7 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
         cursor: ListCursor,
         max: usize,
     ) -> Result<ListPage, ApiError> {
-        let filter = filter.0.clone();
+        let filter = filter.0;
         self.call(move |core, now| {
             let w = &core.worker;
             let start = u32::try_from(cursor.0).unwrap_or(u32::MAX);
@@ -467,7 +467,7 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
     }
 
     fn get(&self, key: &ConnKey) -> Result<ConnInfo, ApiError> {
-        let key = key.clone();
+        let key = *key;
         self.call(move |core, now| {
             let h = find(&mut core.worker, &key, now).ok_or_else(|| not_found(&key))?;
             let w = &core.worker;
@@ -480,7 +480,7 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
     }
 
     fn delete(&self, key: &ConnKey) -> Result<ConnInfo, ApiError> {
-        let key = key.clone();
+        let key = *key;
         self.call(move |core, now| {
             let h = find(&mut core.worker, &key, now).ok_or_else(|| not_found(&key))?;
             let snapshot = {
@@ -502,7 +502,7 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
     }
 
     fn delete_matching(&self, filter: &ConnFilter) -> Result<u64, ApiError> {
-        self.delete_where(filter.0.clone())
+        self.delete_where(filter.0)
     }
 
     fn flush(&self) -> Result<u64, ApiError> {
@@ -614,7 +614,6 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
             let w = &mut core.worker;
             let up = w.device_up();
             let caps = *w.device_mut().capabilities();
-            let resets = u64::from(w.device_mut().saved_reset_count());
             let mut capabilities: Vec<String> = caps
                 .features
                 .iter_names()
@@ -628,7 +627,8 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
                 spec_version: format!("{}.{}", caps.spec.major, caps.spec.minor),
                 capabilities,
                 health: if up { Health::Ok } else { Health::Failed },
-                resets: resets.max(s.recoveries),
+                // Resets since the agent started: recoveries (bring-up's own reset is not one).
+                resets: s.recoveries,
                 errors: s.faults,
                 last_error: if s.faults > 0 {
                     format!("{} device faults, {} recoveries", s.faults, s.recoveries)
