@@ -22,8 +22,9 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    /// Waits up to `limit` for the child to exit; kills it after that.
-    fn output(mut self, limit: Duration) -> Output {
+    /// Waits up to `limit` for the child to exit (killing it after that); its output
+    /// went to files (a pipe nobody reads while waiting could fill up and block it).
+    fn output(mut self, limit: Duration, out: &Path, err: &Path) -> Output {
         let mut child = self.0.take().expect("child");
         let start = Instant::now();
         loop {
@@ -38,22 +39,41 @@ impl Proc {
                 }
             }
         }
-        child.wait_with_output().expect("output")
+        let status = child.wait().expect("wait");
+        Output {
+            status,
+            stdout: std::fs::read(out).unwrap_or_default(),
+            stderr: std::fs::read(err).unwrap_or_default(),
+        }
     }
+}
+
+/// Files for a child's stdout and stderr.
+fn out_files(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    (
+        dir.join(format!("{name}.out")),
+        dir.join(format!("{name}.err")),
+    )
+}
+
+fn file(p: &Path) -> Stdio {
+    Stdio::from(std::fs::File::create(p).expect("output file"))
 }
 
 /// Runs the CLI once, bounded.
 fn ctl(sock: &Path, args: &[&str]) -> Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (o, e) = out_files(dir.path(), "ctl");
     let child = Command::new(BIN)
         .arg("--socket")
         .arg(sock)
         .args(args)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(file(&o))
+        .stderr(file(&e))
         .spawn()
         .expect("spawn ctl");
-    Proc(Some(child)).output(Duration::from_secs(20))
+    Proc(Some(child)).output(Duration::from_secs(20), &o, &e)
 }
 
 fn wait_for_socket(sock: &Path, limit: Duration) {
@@ -88,22 +108,24 @@ fn leading_number(s: &str) -> u64 {
 fn demo_serves_the_api_while_it_runs_and_ends_with_a_summary() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("demo.sock");
+    let (o, e) = out_files(dir.path(), "demo");
     let child = Command::new(BIN)
         .args(["demo", "--duration", "3", "--seed", "7", "--socket"])
         .arg(&sock)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(file(&o))
+        .stderr(file(&e))
         .spawn()
         .expect("spawn demo");
     let demo = Proc(Some(child));
     wait_for_socket(&sock, Duration::from_secs(15));
     // Let traffic build up, then look at it through the API.
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(800));
     let flows = ctl(&sock, &["flows", "-o", "json"]);
     assert!(
         flows.status.success(),
-        "{}",
+        "{:?} {}",
+        flows.status,
         String::from_utf8_lossy(&flows.stderr)
     );
     let list: serde_json::Value = serde_json::from_slice(&flows.stdout).expect("flows json");
@@ -129,7 +151,7 @@ fn demo_serves_the_api_while_it_runs_and_ends_with_a_summary() {
     let device: serde_json::Value = serde_json::from_slice(&device.stdout).expect("device json");
     assert_eq!(device["backend"], "sim");
 
-    let out = demo.output(Duration::from_secs(30));
+    let out = demo.output(Duration::from_secs(30), &o, &e);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -204,7 +226,7 @@ fn agent_with_backend_sim_serves_the_dataplane() {
         .arg(&pcap)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .expect("spawn agent");
     let _agent = Proc(Some(child));
