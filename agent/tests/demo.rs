@@ -143,6 +143,42 @@ fn demo_serves_the_api_while_it_runs_and_ends_with_a_summary() {
         "no masqueraded address: {}",
         &text[..text.len().min(2000)]
     );
+    // The journal has the dataplane's events: offloads to hardware, TCP state changes.
+    let events = ctl(
+        &sock,
+        &[
+            "events",
+            "--from",
+            "1",
+            "-c",
+            "2",
+            "-e",
+            "offloaded",
+            "-o",
+            "json",
+        ],
+    );
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert_eq!(events.matches("\"hardware\":true").count(), 2, "{events}");
+    let events = ctl(
+        &sock,
+        &[
+            "events",
+            "--from",
+            "1",
+            "-c",
+            "1",
+            "-e",
+            "state-change",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&events.stdout).contains("\"new_state\""),
+        "{}",
+        String::from_utf8_lossy(&events.stdout)
+    );
     let stats = ctl(&sock, &["stats"]);
     assert!(stats.status.success());
     let stats = String::from_utf8_lossy(&stats.stdout);

@@ -180,6 +180,17 @@ impl<Io: DeviceIo> Core<Io> {
         for o in scratch.drain(..) {
             events.push(match o {
                 Observed::New { id, tuples } => Event::New { id, tuples },
+                Observed::StateChange {
+                    id,
+                    original,
+                    old,
+                    new,
+                } => Event::StateChange {
+                    id,
+                    original,
+                    old,
+                    new,
+                },
                 Observed::Offloaded {
                     id,
                     original,

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use ctoffload_driver::io::DeviceIo;
 use ctoffload_fallback_sw::table::{Counter, Event, RemoveReason, Status};
+use ctoffload_fallback_sw::tcp::TcpState;
 use ctoffload_fallback_sw::tuple::Tuple;
 
 use super::policy::{NotOffloaded, OffloadPolicy};
@@ -23,6 +24,17 @@ pub enum Observed {
         id: u64,
         /// Its tuples.
         tuples: [Tuple; 2],
+    },
+    /// The slow path saw its TCP state change.
+    StateChange {
+        /// Connection id.
+        id: u64,
+        /// Its original tuple.
+        original: Tuple,
+        /// The state before.
+        old: TcpState,
+        /// The state now.
+        new: TcpState,
     },
     /// Both of its rules are live in hardware.
     Offloaded {
@@ -68,6 +80,15 @@ pub struct Observer {
 }
 
 impl Observer {
+    pub(super) fn state_change(&mut self, id: u64, original: Tuple, old: TcpState, new: TcpState) {
+        self.out.push(Observed::StateChange {
+            id,
+            original,
+            old,
+            new,
+        });
+    }
+
     pub(super) fn conntrack_event(&mut self, ev: Event) {
         match ev {
             Event::New { id, tuples } => self.out.push(Observed::New { id, tuples }),

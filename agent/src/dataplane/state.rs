@@ -127,6 +127,8 @@ pub struct HwConn {
     pub hw_counters: [Counter; 2],
     /// When its inserts were queued (agent time, ns): time to offload starts here.
     pub queued_at: u64,
+    /// The TCP state the slow path last saw (state-change events).
+    pub tcp_state: Option<ctoffload_fallback_sw::tcp::TcpState>,
 }
 
 impl HwConn {
@@ -150,6 +152,7 @@ impl HwConn {
             held_timeout: None,
             hw_counters: [Counter::default(); 2],
             queued_at: 0,
+            tcp_state: None,
         }
     }
 

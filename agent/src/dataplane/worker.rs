@@ -383,16 +383,26 @@ impl<Io: DeviceIo> Worker<Io> {
             return;
         };
         let h = ConnHandle { slot, id: conn.id };
-        let closing = match conn.proto {
-            L4State::Tcp(t) => t.state() != TcpState::Established,
-            _ => false,
+        let tcp = match conn.proto {
+            L4State::Tcp(t) => Some(t.state()),
+            _ => None,
         };
+        let closing = tcp.is_some_and(|s| s != TcpState::Established);
+        let original = conn.tuples[0];
         let egress = self.cfg.routing.egress_of(m.port);
         let rec = self
             .side
             .entry(h.id)
             .or_insert_with(|| HwConn::new(slot, now));
         rec.sw_last_seen = now;
+        if let Some(new) = tcp {
+            if let (Some(old), Some(o)) = (rec.tcp_state, self.observer.as_mut())
+                && old != new
+            {
+                o.state_change(h.id, original, old, new);
+            }
+            rec.tcp_state = Some(new);
+        }
         rec.l2_len[dir.index()] = if m.vlan { 18 } else { 14 };
         if rec.orig_in.is_none() {
             rec.orig_in = match dir {
