@@ -3,9 +3,10 @@
 //! The generator plays both sides of a masquerading gateway. Inside hosts
 //! (10.0.0.0/24, port 0) open long-lived TCP flows carrying data, short TCP
 //! connections (handshake, request, response, FIN teardown), UDP request/response
-//! flows and ICMP echoes towards outside servers (198.51.100.0/24, port 1). Hosts pick
-//! source ports from one small range, so several hosts collide on a source port and
-//! the masquerade (to 203.0.113.1) must choose another. The outside servers answer the
+//! flows and ICMP echoes towards outside servers (198.51.100.0/24, port 1). Four hosts
+//! walk the same ephemeral port sequence (the others start at random points), and the
+//! server follows from the port, so those hosts collide on a source port and the
+//! masquerade (to 203.0.113.1) must choose another. The outside servers answer the
 //! frames the simulator emits on the outside port (SYN-ACK from the translated
 //! destination, data, FIN-ACK, UDP replies, echo replies), so NAT is real: replies
 //! only reach inside hosts if the device or the slow path translates them back.
@@ -55,6 +56,10 @@ const PEER_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0x10];
 const PUBLIC: [u8; 4] = [203, 0, 113, 1];
 const HOSTS: u8 = 32;
 const SERVERS: u8 = 8;
+/// Hosts whose ephemeral ports start at the same value.
+const CLONES: u8 = 4;
+const SPORT_FIRST: u16 = 40_000;
+const SPORT_SPAN: u16 = 16_384;
 
 const CONFIG: &str = r#"
 [backend]
@@ -270,12 +275,19 @@ const FROM_PEER: ([u8; 6], [u8; 6]) = (PEER_MAC, GW_OUT_MAC);
 
 impl Traffic {
     fn new(seed: u64, inside: MemPort, outside: MemPort) -> Self {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        // Ephemeral ports start at random points of the range, except for the first
+        // hosts (clones of one image, say), which start at the same port and so keep
+        // colliding after masquerade.
+        let mut next_sport = [SPORT_FIRST; HOSTS as usize];
+        for p in next_sport.iter_mut().skip(usize::from(CLONES)) {
+            *p = SPORT_FIRST + u16::try_from(rng.below(u64::from(SPORT_SPAN))).unwrap_or(0);
+        }
         Self {
-            rng: Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
+            rng,
             clients: HashMap::new(),
             servers: HashMap::new(),
-            // Every host starts at the same ephemeral port: hosts collide.
-            next_sport: [40_000; HOSTS as usize],
+            next_sport,
             icmp_id: 1,
             inside,
             outside,
@@ -292,7 +304,11 @@ impl Traffic {
             (self.icmp_id, proto::ICMP)
         } else {
             let p = &mut self.next_sport[usize::from(h)];
-            *p = if *p >= 40_511 { 40_000 } else { *p + 1 };
+            *p = if *p >= SPORT_FIRST + SPORT_SPAN - 1 {
+                SPORT_FIRST
+            } else {
+                *p + 1
+            };
             (
                 *p,
                 if kind == Kind::Udp {
@@ -640,6 +656,8 @@ struct Snapshot {
     slow_path_rx: u64,
     returned: u64,
     insert_failures: u64,
+    dropped_invalid: u64,
+    dropped_other: u64,
 }
 
 fn snapshot(control: &AgentControl) -> Option<Snapshot> {
@@ -682,6 +700,8 @@ fn snapshot(control: &AgentControl) -> Option<Snapshot> {
             slow_path_rx: s.rx,
             returned: s.returned,
             insert_failures: s.insert_table_full + s.insert_collision + s.insert_error,
+            dropped_invalid: s.drop_invalid,
+            dropped_other: s.drop_other + s.drop_tx,
         })
     })
     .ok()
@@ -887,6 +907,10 @@ pub fn main(args: &DemoArgs, socket: Option<&Path>) -> ExitCode {
     println!("| expired | {} |", s.expired);
     println!("| destroyed (all reasons) | {} |", s.destroyed);
     println!("| NAT port collisions resolved | {} |", remapped.len());
+    println!(
+        "| slow-path drops: invalid / other | {} / {} |",
+        s.dropped_invalid, s.dropped_other
+    );
     println!("| packets in hardware | {hits} |");
     println!("| packets in software (slow path) | {punts} |");
     println!(
