@@ -880,7 +880,12 @@ pub fn main(args: &DemoArgs, socket: Option<&Path>) -> ExitCode {
     remapped.extend(s.remapped.iter().copied());
     let sim_stats = dp.sim_stats();
     token.cancel();
-    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), server).await });
+    let served = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), server).await });
+    let mut status = ExitCode::SUCCESS;
+    if let Ok(Ok(Err(e))) = served {
+        eprintln!("ctoffload demo: {}", super::error_chain(&e));
+        status = ExitCode::FAILURE;
+    }
     dp.stop();
     let (hits, punts) = sim_stats.map_or((0, 0), |x| (x.hits, x.punts));
     let g = &t.tally;
@@ -926,7 +931,7 @@ pub fn main(args: &DemoArgs, socket: Option<&Path>) -> ExitCode {
         g.udp_done, g.pings_answered
     );
     let _ = std::io::stdout().flush();
-    ExitCode::SUCCESS
+    status
 }
 
 #[cfg(test)]
