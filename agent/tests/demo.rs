@@ -296,4 +296,14 @@ fn agent_with_backend_sim_serves_the_dataplane() {
     let s: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("stats json");
     assert_eq!(s["connections"], 3);
     assert_eq!(s["hw_table"]["capacity"], 4096);
+    // Flush goes through the worker's operator delete.
+    let flush = ctl(&sock, &["flows", "flush"]);
+    assert!(
+        flush.status.success(),
+        "{}",
+        String::from_utf8_lossy(&flush.stderr)
+    );
+    let flows = ctl(&sock, &["flows", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&flows.stdout).expect("flows json");
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
 }
