@@ -186,6 +186,21 @@ fn demo_serves_the_api_while_it_runs_and_ends_with_a_summary() {
     let device = ctl(&sock, &["device", "-o", "json"]);
     let device: serde_json::Value = serde_json::from_slice(&device.stdout).expect("device json");
     assert_eq!(device["backend"], "sim");
+    // Drain: every flow in hardware goes back to software (they may come back later);
+    // the CLI says how many (`ctoffload: N flows returned to software.`).
+    let drain = ctl(&sock, &["policy", "drain"]);
+    let drain_out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&drain.stdout),
+        String::from_utf8_lossy(&drain.stderr)
+    );
+    assert!(drain.status.success(), "{drain_out}");
+    assert!(
+        drain_out
+            .split(|c: char| !c.is_ascii_digit())
+            .any(|n| n.parse::<u64>().is_ok_and(|n| n > 0)),
+        "{drain_out}"
+    );
 
     let out = demo.output(Duration::from_secs(30), &o, &e);
     let stdout = String::from_utf8_lossy(&out.stdout);
