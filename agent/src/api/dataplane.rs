@@ -293,10 +293,15 @@ fn run<Io: DeviceIo>(
             );
             next_gauge = now + 100_000_000;
         }
-        if n == 0 && jobs == 0 && core.worker.commands_outstanding() == 0 {
-            // Idle: no frames, no commands. A real worker would busy-poll or wait on
-            // the RX interrupt; the simulator shares the machine with us.
-            std::thread::sleep(Duration::from_micros(200));
+        if n == 0 && jobs == 0 {
+            if core.worker.commands_outstanding() > 0 {
+                // Waiting for completions: let the simulator's thread run.
+                std::thread::yield_now();
+            } else {
+                // Idle: no frames, no commands. A real worker would busy-poll or wait
+                // on the RX interrupt; the simulator shares the machine with us.
+                std::thread::sleep(Duration::from_micros(200));
+            }
         }
     }
 }
