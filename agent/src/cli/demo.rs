@@ -32,6 +32,16 @@ use super::agent::{Agent, AgentControl};
 use super::sim;
 use crate::config;
 
+/// `println!` that ignores a closed stdout (`demo | head` must not panic).
+macro_rules! out {
+    () => {{
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 /// Options of `ctoffload demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -783,18 +793,21 @@ pub fn main(args: &DemoArgs, socket: Option<&Path>) -> ExitCode {
     let token = CancellationToken::new();
     let server = rt.spawn(super::agent::serve(Arc::clone(&agent), token.clone()));
 
-    println!("ctoffload demo: the agent on the simulated NIC (nic-sim CTO-1 model, in-process)");
-    println!(
+    out!("ctoffload demo: the agent on the simulated NIC (nic-sim CTO-1 model, in-process)");
+    out!(
         "  inside 10.0.0.0/24 (port 0) --masquerade to {}--> outside (port 1); {} hosts, {} servers",
         std::net::Ipv4Addr::from(PUBLIC),
         HOSTS,
         SERVERS
     );
-    println!(
+    out!(
         "  traffic: {} long-lived TCP flows, {} short TCP connections/s, {} UDP flows/s, ICMP echo; seed {}",
-        args.long_flows, args.rate, args.rate, args.seed
+        args.long_flows,
+        args.rate,
+        args.rate,
+        args.seed
     );
-    println!(
+    out!(
         "  the API is live while it runs; from another terminal:\n    ctoffload --socket {} flows\n",
         sock.display()
     );
@@ -849,7 +862,7 @@ pub fn main(args: &DemoArgs, socket: Option<&Path>) -> ExitCode {
             if let Some(s) = snapshot(&control) {
                 remapped.extend(s.remapped.iter().copied());
                 let hw = dp.sim_stats().map_or(0, |x| x.hits);
-                println!(
+                out!(
                     "[{:>3}s] flows: {:>5} in software, {:>5} in hardware | offloads/s {:>5} | aged {:>5} | packets: {:>8} hardware, {:>7} slow path | NAT port collisions resolved {:>4}",
                     next_report,
                     s.in_software,
@@ -889,15 +902,15 @@ pub fn main(args: &DemoArgs, socket: Option<&Path>) -> ExitCode {
     dp.stop();
     let (hits, punts) = sim_stats.map_or((0, 0), |x| (x.hits, x.punts));
     let g = &t.tally;
-    println!();
-    println!(
+    out!();
+    out!(
         "summary ({:.1} s{}):",
         elapsed,
         if interrupted { ", interrupted" } else { "" }
     );
-    println!("| measure | value |");
-    println!("| --- | --- |");
-    println!(
+    out!("| measure | value |");
+    out!("| --- | --- |");
+    out!(
         "| connections tracked | {} (long TCP {}, short TCP {}, UDP {}, ICMP {}) |",
         s.created,
         g.started[Kind::Long as usize],
@@ -905,30 +918,36 @@ pub fn main(args: &DemoArgs, socket: Option<&Path>) -> ExitCode {
         g.started[Kind::Udp as usize],
         g.started[Kind::Icmp as usize]
     );
-    println!("| offloaded to hardware | {} |", s.offloads);
-    println!("| returned to software | {} |", s.returned);
-    println!("| hardware insert failures | {} |", s.insert_failures);
-    println!("| TCP connections torn down (FIN) | {} |", g.torn_down);
-    println!("| expired | {} |", s.expired);
-    println!("| destroyed (all reasons) | {} |", s.destroyed);
-    println!("| NAT port collisions resolved | {} |", remapped.len());
-    println!(
+    out!("| offloaded to hardware | {} |", s.offloads);
+    out!("| returned to software | {} |", s.returned);
+    out!("| hardware insert failures | {} |", s.insert_failures);
+    out!("| TCP connections torn down (FIN) | {} |", g.torn_down);
+    out!("| expired | {} |", s.expired);
+    out!("| destroyed (all reasons) | {} |", s.destroyed);
+    out!("| NAT port collisions resolved | {} |", remapped.len());
+    out!(
         "| slow-path drops: invalid / other | {} / {} |",
-        s.dropped_invalid, s.dropped_other
+        s.dropped_invalid,
+        s.dropped_other
     );
-    println!("| packets in hardware | {hits} |");
-    println!("| packets in software (slow path) | {punts} |");
-    println!(
+    out!("| packets in hardware | {hits} |");
+    out!("| packets in software (slow path) | {punts} |");
+    out!(
         "| time to offload p50 / p99 | {:.1} / {:.1} µs ({} samples) |",
-        s.p50_us, s.p99_us, s.samples
+        s.p50_us,
+        s.p99_us,
+        s.samples
     );
-    println!(
+    out!(
         "| frames injected / delivered | {} / {} ({} not injected: port queue full) |",
-        g.frames_in, g.frames_out, g.send_drops
+        g.frames_in,
+        g.frames_out,
+        g.send_drops
     );
-    println!(
+    out!(
         "| UDP flows answered / ICMP echoes answered | {} / {} |",
-        g.udp_done, g.pings_answered
+        g.udp_done,
+        g.pings_answered
     );
     let _ = std::io::stdout().flush();
     status
