@@ -70,6 +70,8 @@ const SERVERS: u8 = 8;
 const CLONES: u8 = 4;
 const SPORT_FIRST: u16 = 40_000;
 const SPORT_SPAN: u16 = 16_384;
+/// Hardware idle timeout of the demo (ns).
+const HW_IDLE_NS: u64 = 5_000_000_000;
 
 const CONFIG: &str = r#"
 [backend]
@@ -759,7 +761,12 @@ pub fn main(args: &DemoArgs, socket: Option<&Path>) -> ExitCode {
     let sock = demo_socket(socket);
     cfg.api.socket.clone_from(&sock);
     let metrics = crate::metrics::MetricsHandle::default();
-    let mut dp = match sim::start(&cfg, metrics.clone()) {
+    // Idle flows leave hardware after 5 s instead of Linux's 30 s, so that a short run
+    // shows them aging out of the NIC as well.
+    let mut dp = match sim::start_with(&cfg, metrics.clone(), |w| {
+        w.policy.tcp_idle_ns = HW_IDLE_NS;
+        w.policy.udp_idle_ns = HW_IDLE_NS;
+    }) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("ctoffload demo: {}", super::error_chain(&e));

@@ -137,11 +137,22 @@ pub fn worker_config(cfg: &AgentConfig) -> WorkerConfig {
 /// Start the simulator, bring the device up over it, install the configuration's NAT
 /// rules and start the worker thread.
 pub fn start(cfg: &AgentConfig, metrics: MetricsHandle) -> Result<SimDataplane, SimError> {
+    start_with(cfg, metrics, |_| {})
+}
+
+/// [`start`], with the worker configuration adjusted by `tweak` first (the demo
+/// shortens the hardware idle timeouts).
+pub fn start_with(
+    cfg: &AgentConfig,
+    metrics: MetricsHandle,
+    tweak: impl FnOnce(&mut WorkerConfig),
+) -> Result<SimDataplane, SimError> {
     let table_size = match &cfg.backend {
         Backend::Sim { table_size } => *table_size,
         Backend::Vfio { .. } | Backend::Software { .. } => None,
     };
-    let wcfg = worker_config(cfg);
+    let mut wcfg = worker_config(cfg);
+    tweak(&mut wcfg);
     let nports = wcfg.routing.egress.len();
     let (buckets_log2, flow_limit) = geometry(table_size);
     let sim_err = |what: String| SimError::Sim { what };
