@@ -172,10 +172,10 @@ pub enum BackendSection {
 }
 
 impl Default for BackendSection {
+    /// The built-in simulated NIC: `ctoffload agent` with no configuration runs the
+    /// dataplane over it.
     fn default() -> Self {
-        Self::Software {
-            interfaces: Vec::new(),
-        }
+        Self::Sim { table_size: None }
     }
 }
 

@@ -644,5 +644,5 @@ fn agent_socket_option_overrides_the_config() {
         "-o",
         "json",
     ]));
-    assert!(out.contains("\"backend\": \"software\""), "{out}");
+    assert!(out.contains("\"backend\": \"sim\""), "{out}");
 }

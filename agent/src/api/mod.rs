@@ -1,7 +1,8 @@
 //! The gRPC management API (`ctoffload.v1`).
 //!
 //! - [`ControlPlane`] is the boundary to the agent's core; [`SoftwareControl`]
-//!   implements it over one software conntrack table.
+//!   implements it over one software conntrack table, [`DataplaneControl`] over the
+//!   dataplane's worker thread (command channel serviced between polls).
 //! - [`service`] holds the tonic handlers: validate, convert the request with
 //!   `TryFrom` ([`convert`]), call the control plane, convert the answer back.
 //!   Every failure is an [`ApiError`], turned into a gRPC status in one place.
@@ -14,6 +15,7 @@
 
 pub mod control;
 pub mod convert;
+pub mod dataplane;
 pub mod error;
 pub mod journal;
 pub mod layer;
@@ -24,6 +26,7 @@ pub mod service;
 pub mod software;
 
 pub use control::ControlPlane;
+pub use dataplane::DataplaneControl;
 pub use error::{ApiError, ServeError};
 pub use journal::EventJournal;
 pub use layer::{RpcLogLayer, RpcMetrics};

@@ -1,6 +1,11 @@
-//! `ctoffload agent`: run the gRPC API over the control plane that exists today
-//! ([`SoftwareControl`]), the Prometheus endpoint, periodic GC, and reload the
-//! configuration on SIGHUP. SIGTERM and SIGINT shut down gracefully.
+//! `ctoffload agent`: run the dataplane and the gRPC API over it, the Prometheus
+//! endpoint, and reload the configuration on SIGHUP. SIGTERM and SIGINT shut down
+//! gracefully.
+//!
+//! `backend = "sim"` (the default) starts the built-in simulated NIC and the worker
+//! thread ([`sim`](super::sim)) and serves [`DataplaneControl`]; `backend = "software"`
+//! serves [`SoftwareControl`] (one software table, GC every second) until the
+//! AF_PACKET port backend exists; `vfio` is not wired into the runner yet.
 
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
@@ -15,7 +20,20 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{ApiServer, Listen, ServeError, ServerConfig, SoftwareControl, TlsConfig};
+use ctoffload_driver::sim_io::SimIo;
+
+use super::sim::{SimDataplane, SimError};
+use crate::api::error::ApiError;
+use crate::api::journal::EventJournal;
+use crate::api::model::{
+    Configured, ConnFilter, ConnInfo, ConnKey, DeviceStatus, Limits, LimitsUpdate, ListCursor,
+    ListPage, NatRule, OffloadPolicy, StatsSnapshot, Timeouts, TimeoutsUpdate,
+};
+use crate::api::{
+    ApiServer, ControlPlane, DataplaneControl, Listen, ServeError, ServerConfig, SoftwareControl,
+    TlsConfig,
+};
+use crate::config::Backend;
 use crate::config::{self, AgentConfig, ApplyReport, ConfigError, DEFAULT_CONFIG_PATH};
 use crate::metrics;
 
@@ -81,19 +99,105 @@ pub enum AgentError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    /// The simulated dataplane could not start.
+    #[error("backend sim")]
+    Sim(#[source] SimError),
+    /// The configured backend is not available in this build of the runner.
+    #[error("backend {backend}: not supported by the agent runner yet")]
+    Unsupported {
+        /// The backend.
+        backend: &'static str,
+    },
+}
+
+/// The control plane the agent serves: the dataplane's, or the software table's.
+#[derive(Debug, Clone)]
+pub enum AgentControl {
+    /// One software table (`backend = "software"`).
+    Software(Arc<SoftwareControl>),
+    /// The dataplane's worker thread over a device.
+    Dataplane(Arc<DataplaneControl<SimIo>>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $c:ident => $e:expr) => {
+        match $self {
+            AgentControl::Software($c) => $e,
+            AgentControl::Dataplane($c) => $e,
+        }
+    };
+}
+
+impl ControlPlane for AgentControl {
+    fn list(&self, f: &ConnFilter, cur: ListCursor, max: usize) -> Result<ListPage, ApiError> {
+        delegate!(self, c => c.list(f, cur, max))
+    }
+    fn get(&self, key: &ConnKey) -> Result<ConnInfo, ApiError> {
+        delegate!(self, c => c.get(key))
+    }
+    fn delete(&self, key: &ConnKey) -> Result<ConnInfo, ApiError> {
+        delegate!(self, c => c.delete(key))
+    }
+    fn delete_matching(&self, f: &ConnFilter) -> Result<u64, ApiError> {
+        delegate!(self, c => c.delete_matching(f))
+    }
+    fn flush(&self) -> Result<u64, ApiError> {
+        delegate!(self, c => c.flush())
+    }
+    fn journal(&self) -> &EventJournal {
+        delegate!(self, c => c.journal())
+    }
+    fn stats(&self) -> Result<StatsSnapshot, ApiError> {
+        delegate!(self, c => c.stats())
+    }
+    fn nat_rules(&self) -> Result<Vec<NatRule>, ApiError> {
+        delegate!(self, c => c.nat_rules())
+    }
+    fn add_nat_rule(&self, rule: NatRule) -> Result<NatRule, ApiError> {
+        delegate!(self, c => c.add_nat_rule(rule))
+    }
+    fn remove_nat_rule(&self, name: &str) -> Result<(), ApiError> {
+        delegate!(self, c => c.remove_nat_rule(name))
+    }
+    fn offload_policy(&self) -> Result<OffloadPolicy, ApiError> {
+        delegate!(self, c => c.offload_policy())
+    }
+    fn set_offload_policy(&self, p: OffloadPolicy) -> Result<OffloadPolicy, ApiError> {
+        delegate!(self, c => c.set_offload_policy(p))
+    }
+    fn drain_offload(&self, disable: bool) -> Result<u64, ApiError> {
+        delegate!(self, c => c.drain_offload(disable))
+    }
+    fn device_status(&self) -> Result<DeviceStatus, ApiError> {
+        delegate!(self, c => c.device_status())
+    }
+    fn timeouts(&self) -> Result<Configured<Timeouts>, ApiError> {
+        delegate!(self, c => c.timeouts())
+    }
+    fn set_timeouts(&self, u: TimeoutsUpdate) -> Result<Configured<Timeouts>, ApiError> {
+        delegate!(self, c => c.set_timeouts(u))
+    }
+    fn limits(&self) -> Result<Configured<Limits>, ApiError> {
+        delegate!(self, c => c.limits())
+    }
+    fn set_limits(&self, u: LimitsUpdate) -> Result<Configured<Limits>, ApiError> {
+        delegate!(self, c => c.set_limits(u))
+    }
 }
 
 /// The running agent: its control plane and the configuration it runs with.
 #[derive(Debug)]
 pub struct Agent {
     path: PathBuf,
-    control: Arc<SoftwareControl>,
+    control: Arc<AgentControl>,
+    sim: Mutex<Option<SimDataplane>>,
     config: Mutex<AgentConfig>,
     metrics: metrics::MetricsHandle,
     socket_override: Option<PathBuf>,
 }
 
-fn conntrack_config(cfg: &AgentConfig) -> CtConfig {
+/// The software conntrack configuration of `cfg`.
+pub fn conntrack_config(cfg: &AgentConfig) -> CtConfig {
     CtConfig {
         tcp: TcpConfig {
             timeouts: cfg.timeouts.tcp,
@@ -116,19 +220,70 @@ fn log_report(what: &str, r: &ApplyReport) {
 }
 
 impl Agent {
-    /// A control plane built from `cfg` (read from `path`), with its settings applied.
+    /// A software control plane built from `cfg` (read from `path`), with its settings
+    /// applied, whatever the backend (tests; [`Agent::start`] runs the backend).
     #[must_use]
     pub fn new(path: PathBuf, cfg: AgentConfig) -> Self {
         let journal = usize::try_from(cfg.limits.event_journal_capacity).unwrap_or(usize::MAX);
-        let control = Arc::new(SoftwareControl::new(conntrack_config(&cfg), journal));
+        let control = AgentControl::Software(Arc::new(SoftwareControl::new(
+            conntrack_config(&cfg),
+            journal,
+        )));
+        Self::with_control(path, cfg, control, None, metrics::MetricsHandle::default())
+    }
+
+    /// The agent over the configured backend: `sim` starts the simulated NIC and the
+    /// worker thread; `software` the software table.
+    pub fn start(path: PathBuf, cfg: AgentConfig) -> Result<Self, AgentError> {
+        match &cfg.backend {
+            Backend::Sim { .. } => {
+                let m = metrics::MetricsHandle::default();
+                let sim = super::sim::start(&cfg, m.clone()).map_err(AgentError::Sim)?;
+                tracing::info!(
+                    ports = sim.wire.len(),
+                    "backend sim: simulated NIC and dataplane worker started"
+                );
+                let control = AgentControl::Dataplane(Arc::clone(&sim.control));
+                Ok(Self::with_control(path, cfg, control, Some(sim), m))
+            }
+            Backend::Software { .. } => {
+                tracing::warn!(
+                    "backend software: serving one software conntrack table; no packet \
+                     I/O until the AF_PACKET port backend exists"
+                );
+                Ok(Self::new(path, cfg))
+            }
+            Backend::Vfio { .. } => Err(AgentError::Unsupported { backend: "vfio" }),
+        }
+    }
+
+    /// The agent over a running dataplane (the demo starts its own).
+    #[must_use]
+    pub fn with_control(
+        path: PathBuf,
+        cfg: AgentConfig,
+        control: AgentControl,
+        sim: Option<SimDataplane>,
+        metrics: metrics::MetricsHandle,
+    ) -> Self {
+        let control = Arc::new(control);
         let report = config::apply(&*control, None, &cfg);
         log_report("configuration applied", &report);
         Self {
             path,
             control,
+            sim: Mutex::new(sim),
             config: Mutex::new(cfg),
-            metrics: metrics::MetricsHandle::default(),
+            metrics,
             socket_override: None,
+        }
+    }
+
+    /// Stop the dataplane (worker thread, simulator), if any.
+    pub fn stop_dataplane(&self) {
+        let sim = self.sim.lock().ok().and_then(|mut s| s.take());
+        if let Some(mut s) = sim {
+            s.stop();
         }
     }
 
@@ -150,7 +305,7 @@ impl Agent {
 
     /// The control plane.
     #[must_use]
-    pub fn control(&self) -> &Arc<SoftwareControl> {
+    pub fn control(&self) -> &Arc<AgentControl> {
         &self.control
     }
 
@@ -206,10 +361,28 @@ impl Agent {
         let file = std::fs::File::open(path).map_err(|e| err(pcap_file::PcapError::IoError(e)))?;
         let mut reader = pcap_file::pcap::PcapReader::new(file).map_err(err)?;
         let mut n = 0;
+        let mut sim = self
+            .sim
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         while let Some(pkt) = reader.next_packet() {
             let pkt = pkt.map_err(err)?;
-            if let Err(e) = self.control.process(&pkt.data, 0) {
-                tracing::warn!(error = %e, "preload: frame not tracked");
+            match (&*self.control, sim.as_mut()) {
+                (AgentControl::Software(c), _) => {
+                    if let Err(e) = c.process(&pkt.data, 0) {
+                        tracing::warn!(error = %e, "preload: frame not tracked");
+                    }
+                }
+                // Into the simulator's first port, as if it came from the wire.
+                (AgentControl::Dataplane(_), Some(s)) => {
+                    use ctoffload_nic_sim::port::PortBackend as _;
+                    if let Some(port) = s.wire.first_mut()
+                        && let Err(e) = port.send(&pkt.data)
+                    {
+                        tracing::warn!(error = %e, "preload: frame not injected");
+                    }
+                }
+                (AgentControl::Dataplane(_), None) => {}
             }
             n += 1;
         }
@@ -303,8 +476,8 @@ pub async fn serve(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(),
         let token = shutdown.clone();
         tasks.spawn(async move { s.serve(control, token).await.map_err(AgentError::Serve) });
     }
-    {
-        let control = Arc::clone(agent.control());
+    if let AgentControl::Software(control) = &**agent.control() {
+        let control = Arc::clone(control);
         let token = shutdown.clone();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -349,13 +522,19 @@ pub async fn serve(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(),
     if drained.is_err() {
         tracing::warn!("shutdown took over 10 s; leaving the rest");
     }
+    agent.stop_dataplane();
     tracing::info!("agent stopped");
     result
 }
 
 fn init_logging() {
+    init_logging_with("info");
+}
+
+/// Logs to stderr, at `RUST_LOG` or else `default` level.
+pub fn init_logging_with(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -393,8 +572,13 @@ pub fn main(args: &AgentArgs, socket: Option<&Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let agent =
-        Arc::new(Agent::new(args.config.clone(), cfg).with_socket(socket.map(Path::to_path_buf)));
+    let agent = match Agent::start(args.config.clone(), cfg) {
+        Ok(a) => Arc::new(a.with_socket(socket.map(Path::to_path_buf))),
+        Err(e) => {
+            eprintln!("ctoffload agent: {}", crate::cli::error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     if let Some(p) = &args.preload {
         match agent.preload(p) {
             Ok(n) => tracing::info!(frames = n, file = %p.display(), "preloaded"),

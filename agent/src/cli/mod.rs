@@ -10,7 +10,9 @@
 
 pub mod agent;
 pub mod client;
+pub mod demo;
 pub mod output;
+pub mod sim;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -122,7 +124,7 @@ enum Command {
         shell: clap_complete::Shell,
     },
     /// Run the agent on the built-in simulated NIC with a traffic generator.
-    Demo,
+    Demo(demo::DemoArgs),
     /// Run a pcapng (or pcap) through the software pipeline, deterministically.
     ///
     /// Each capture interface is a gateway port (ports 0<->1, 2<->3, ... forward to each
@@ -501,11 +503,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Demo => {
-            println!("ctoffload demo: the demo is not built yet.");
-            println!("Run the agent over the software control plane with `ctoffload agent`.");
-            ExitCode::FAILURE
-        }
+        Command::Demo(args) => demo::main(&args, cli.conn.socket.as_deref()),
         Command::Replay(args) => run_replay(&args),
         Command::Agent(args) => agent::main(&args, cli.conn.socket.as_deref()),
         Command::Completions { shell } => {
@@ -568,7 +566,7 @@ fn precheck(command: &Command) -> Result<(), CliError> {
 async fn client_command(target: &Target, command: Command) -> Result<(), CliError> {
     precheck(&command)?;
     let ch = match &command {
-        Command::Agent(_) | Command::Completions { .. } | Command::Demo | Command::Replay(_) => {
+        Command::Agent(_) | Command::Completions { .. } | Command::Demo(_) | Command::Replay(_) => {
             return Ok(());
         }
         _ => client::connect(target).await?,
@@ -618,7 +616,7 @@ async fn client_command(target: &Target, command: Command) -> Result<(), CliErro
         }
         Command::Policy(p) => policy(ch, p).await,
         Command::Timeouts(t) => timeouts(ch, t).await,
-        Command::Agent(_) | Command::Completions { .. } | Command::Demo | Command::Replay(_) => {
+        Command::Agent(_) | Command::Completions { .. } | Command::Demo(_) | Command::Replay(_) => {
             Ok(())
         }
     }

@@ -7,12 +7,15 @@
 //! - [`worker`]: the run-to-completion worker (exception RX → conntrack/NAT → TX,
 //!   batched flow commands); `offload` applies command completions.
 //! - [`reconciler`]: incremental bulk counter pull, idle expiry, teardown.
+//! - [`control`]: what the control plane asks of a worker (observed events, policy,
+//!   drain), serviced between polls.
 //! - `faults`: device faults and recovery.
 //! - [`slots`]: per device slot owner and counter baseline (wrap-safe deltas).
 //! - [`restore`]: rebuilding connections from the device table after a restart.
 //!
 //! `docs/agent.md` describes how each invariant of the design is kept.
 
+pub mod control;
 mod faults;
 pub mod hw_rule;
 mod offload;
@@ -23,6 +26,7 @@ pub mod slots;
 pub mod state;
 pub mod worker;
 
+pub use control::{Observed, Observer};
 pub use hw_rule::{HwRule, PortL2, Routing, RuleError, build_rules};
 pub use policy::{NotOffloaded, OffloadPolicy, Wait};
 pub use restore::RestoreReport;

@@ -47,6 +47,7 @@ impl<Io: DeviceIo> Worker<Io> {
             return;
         }
         rec.rules = Some(rules);
+        rec.queued_at = now;
         rec.entries = [Entry::Inserting; 2];
         rec.state = HwState::Pending;
         rec.abort = false;
@@ -241,6 +242,11 @@ impl<Io: DeviceIo> Worker<Io> {
             bytes: d.bytes.saturating_sub(d.packets.saturating_mul(l2)),
         };
         self.ct.add_external_counts(h.slot, dir, delta);
+        if let Some(rec) = self.side.get_mut(&h.id) {
+            let c = &mut rec.hw_counters[dir.index()];
+            c.packets = c.packets.saturating_add(delta.packets);
+            c.bytes = c.bytes.saturating_add(delta.bytes);
+        }
     }
 
     /// Moves a connection on once no command is outstanding for it.
@@ -301,7 +307,9 @@ impl<Io: DeviceIo> Worker<Io> {
                     rec.offloaded_at = now;
                     rec.backoff.reset();
                     self.stats.offloaded += 1;
+                    let latency = now.saturating_sub(rec.queued_at);
                     self.ct.set_hw_offloaded(h.slot, true);
+                    self.observe_offloaded(h, latency);
                 }
             }
             HwState::Dying(after) if installed == 0 => self.finish_dead(h, after, now),
@@ -334,9 +342,12 @@ impl<Io: DeviceIo> Worker<Io> {
                 rec.reason = Some(reason);
                 self.stats.returned += 1;
                 self.ct.teardown(h.slot, how, now);
+                self.observe_returned(h, reason);
             }
             AfterDelete::Free => {
-                self.side.remove(&h.id);
+                if let Some(rec) = self.side.remove(&h.id) {
+                    self.observe_freed(h.id, rec.hw_counters);
+                }
                 self.ct.teardown(h.slot, Teardown::Returned, now);
                 let _ = self.ct.delete(h.slot);
             }

@@ -115,6 +115,9 @@ pub enum NotOffloaded {
     /// It was displaced to make room for another flow.
     #[error("displaced by a newer flow")]
     Displaced,
+    /// An operator drained the hardware table.
+    #[error("drained by the operator")]
+    Drained,
 }
 
 impl NotOffloaded {

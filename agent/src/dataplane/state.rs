@@ -16,7 +16,7 @@
 
 use ctoffload_driver::device::FlowCommand;
 use ctoffload_fallback_sw::conntrack::Teardown;
-use ctoffload_fallback_sw::table::Slot;
+use ctoffload_fallback_sw::table::{Counter, Slot};
 use ctoffload_fallback_sw::tuple::Dir;
 use ctoffload_hw_regs::FlowId;
 
@@ -122,6 +122,13 @@ pub struct HwConn {
     /// The conntrack timeout it had before the worker held it for an outstanding
     /// command (restored when the rules are dead).
     pub held_timeout: Option<u64>,
+    /// The part of the connection's counters that hardware counted, per direction
+    /// (L3 bytes, as folded into conntrack).
+    pub hw_counters: [Counter; 2],
+    /// When its inserts were queued (agent time, ns): time to offload starts here.
+    pub queued_at: u64,
+    /// The TCP state the slow path last saw (state-change events).
+    pub tcp_state: Option<ctoffload_fallback_sw::tcp::TcpState>,
 }
 
 impl HwConn {
@@ -143,6 +150,9 @@ impl HwConn {
             abort: false,
             free_requested: false,
             held_timeout: None,
+            hw_counters: [Counter::default(); 2],
+            queued_at: 0,
+            tcp_state: None,
         }
     }
 

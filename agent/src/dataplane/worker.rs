@@ -146,6 +146,8 @@ pub struct Worker<Io: DeviceIo> {
     pub(super) cmds: Vec<FlowCommand>,
     pub(super) held_scratch: Vec<ConnHandle>,
     gone_scratch: Vec<u64>,
+    /// What the control plane is told (`None`: nobody listens; see control.rs).
+    pub(super) observer: Option<super::control::Observer>,
 }
 
 impl<Io: DeviceIo> Worker<Io> {
@@ -183,6 +185,7 @@ impl<Io: DeviceIo> Worker<Io> {
             cmds: Vec::new(),
             held_scratch: Vec::new(),
             gone_scratch: Vec::new(),
+            observer: None,
             cfg,
         }
     }
@@ -380,16 +383,26 @@ impl<Io: DeviceIo> Worker<Io> {
             return;
         };
         let h = ConnHandle { slot, id: conn.id };
-        let closing = match conn.proto {
-            L4State::Tcp(t) => t.state() != TcpState::Established,
-            _ => false,
+        let tcp = match conn.proto {
+            L4State::Tcp(t) => Some(t.state()),
+            _ => None,
         };
+        let closing = tcp.is_some_and(|s| s != TcpState::Established);
+        let original = conn.tuples[0];
         let egress = self.cfg.routing.egress_of(m.port);
         let rec = self
             .side
             .entry(h.id)
             .or_insert_with(|| HwConn::new(slot, now));
         rec.sw_last_seen = now;
+        if let Some(new) = tcp {
+            if let (Some(old), Some(o)) = (rec.tcp_state, self.observer.as_mut())
+                && old != new
+            {
+                o.state_change(h.id, original, old, new);
+            }
+            rec.tcp_state = Some(new);
+        }
         rec.l2_len[dir.index()] = if m.vlan { 18 } else { 14 };
         if rec.orig_in.is_none() {
             rec.orig_in = match dir {
@@ -533,13 +546,20 @@ impl<Io: DeviceIo> Worker<Io> {
     pub(super) fn drain_ct_events(&mut self, _now: u64) {
         let mut gone = std::mem::take(&mut self.gone_scratch);
         gone.clear();
+        let observer = &mut self.observer;
         for ev in self.ct.table_mut().drain_events() {
             if let Event::Destroy { id, .. } = ev {
                 gone.push(id);
             }
+            if let Some(o) = observer.as_mut() {
+                o.conntrack_event(ev);
+            }
         }
         for &id in &gone {
             if let Some(rec) = self.side.remove(&id) {
+                if let Some(o) = self.observer.as_mut() {
+                    o.hw_final(id, rec.hw_counters);
+                }
                 if !matches!(rec.state, HwState::None | HwState::Dead) {
                     self.stats.freed_while_in_hw += 1;
                     self.orphan_entries(ConnHandle { slot: rec.slot, id }, &rec);

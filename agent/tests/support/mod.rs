@@ -179,9 +179,16 @@ pub struct Agent {
 }
 
 /// The minimal configuration for an agent in `dir` (plus `extra` TOML).
+/// These tests exercise the API over the software table (`backend = "software"`,
+/// preloaded with exact frames) unless `extra` names a backend.
 pub fn config_text(dir: &Path, extra: &str) -> String {
+    let backend = if extra.contains("[backend]") {
+        ""
+    } else {
+        "[backend]\nkind = \"software\"\n"
+    };
     format!(
-        "[api]\nsocket = {:?}\n{extra}\n",
+        "{backend}[api]\nsocket = {:?}\n{extra}\n",
         dir.join("api.sock").display().to_string()
     )
 }

@@ -1,0 +1,237 @@
+//! The built-in simulated NIC (`backend = "sim"`): nic-sim on its own thread with
+//! in-memory ports, the driver over it, and the dataplane's worker thread serving the
+//! API ([`DataplaneControl`]).
+//!
+//! The far ends of the simulator's ports ([`MemPort`]) stay with the caller: the demo's
+//! traffic generator sends frames into them and reads what the device emits; the agent
+//! uses them only for `--preload`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ctoffload_driver::device::{Clock, Device, DeviceConfig};
+use ctoffload_driver::sim_io::SimIo;
+use ctoffload_nic_sim::port::MemPort;
+use ctoffload_nic_sim::{SimClock, SimConfig, SimStats, SimThread, Simulator};
+
+use crate::api::DataplaneControl;
+use crate::api::dataplane::DeviceFacts;
+use crate::config::{AgentConfig, Backend, Displacement};
+use crate::dataplane::{OffloadPolicy, PortL2, Routing, Worker, WorkerConfig};
+use crate::metrics::MetricsHandle;
+
+/// Frames each in-memory link holds per direction.
+pub const PORT_QUEUE: usize = 8192;
+
+/// Why the simulated dataplane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The simulator refused its configuration or a port.
+    #[error("simulator: {what}")]
+    Sim {
+        /// What failed.
+        what: String,
+    },
+    /// The driver could not bring the device up.
+    #[error("driver bring-up")]
+    Driver(#[source] ctoffload_driver::DriverError),
+    /// The worker thread could not be spawned.
+    #[error("worker thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// The running simulated dataplane.
+#[derive(Debug)]
+pub struct SimDataplane {
+    /// The control plane over the worker thread.
+    pub control: Arc<DataplaneControl<SimIo>>,
+    /// The far end of each simulator port (index = port number).
+    pub wire: Vec<MemPort>,
+    /// The clock shared by the driver, the worker and the simulator.
+    pub clock: Clock,
+    sim: Option<SimThread>,
+}
+
+impl SimDataplane {
+    /// The simulator's datapath counters (hits = packets the table forwarded).
+    #[must_use]
+    pub fn sim_stats(&self) -> Option<SimStats> {
+        self.sim.as_ref().map(SimThread::stats)
+    }
+
+    /// Stop the worker, then the simulator.
+    pub fn stop(&mut self) {
+        self.control.shutdown();
+        if let Some(s) = self.sim.take() {
+            drop(s.stop());
+        }
+    }
+}
+
+impl Drop for SimDataplane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The device table geometry for `table_size` entries (default 64 Ki): 8-way buckets.
+fn geometry(table_size: Option<u32>) -> (u8, u32) {
+    let want = table_size.unwrap_or(1 << 16).clamp(1 << 7, 1 << 20);
+    let buckets = (want / 8).next_power_of_two();
+    let log2 = u8::try_from(buckets.trailing_zeros()).unwrap_or(13);
+    (log2, want)
+}
+
+/// The worker configuration for `cfg`: ports (two when none is configured), L2
+/// rewrite from the ports' MACs, masquerade address per port, policy, and NAT rules.
+#[must_use]
+pub fn worker_config(cfg: &AgentConfig) -> WorkerConfig {
+    let nports = cfg.ports.len().max(2);
+    // Frames leave on the port of the first route whose egress differs, else the
+    // other port of a pair.
+    let egress: Vec<u8> = (0..nports)
+        .map(|p| {
+            let other = if p % 2 == 0 { p + 1 } else { p - 1 };
+            u8::try_from(other.min(nports - 1)).unwrap_or(0)
+        })
+        .collect();
+    let l2 = (0..nports)
+        .map(|p| {
+            cfg.ports.get(p).map(|port| PortL2 {
+                mac: port.mac,
+                // No neighbour resolution yet: frames go to the broadcast address.
+                next_hop: [0xff; 6],
+            })
+        })
+        .collect();
+    let port_addrs = (0..nports)
+        .map(|p| {
+            cfg.ports.get(p).and_then(|port| {
+                port.addresses.iter().find_map(|(a, _)| match a {
+                    std::net::IpAddr::V4(v4) => Some(v4.octets()),
+                    std::net::IpAddr::V6(_) => None,
+                })
+            })
+        })
+        .collect();
+    let second = 1_000_000_000;
+    WorkerConfig {
+        conntrack: super::agent::conntrack_config(cfg),
+        policy: OffloadPolicy {
+            displace_coldest: cfg.offload.displacement == Displacement::Idlest,
+            ..OffloadPolicy::default()
+        },
+        routing: Routing {
+            egress,
+            l2,
+            dec_ttl: false,
+        },
+        rx_batch: 256,
+        cmd_batch: 256,
+        recover_retry_ns: second,
+        port_addrs,
+        ..WorkerConfig::default()
+    }
+}
+
+/// Start the simulator, bring the device up over it, install the configuration's NAT
+/// rules and start the worker thread.
+pub fn start(cfg: &AgentConfig, metrics: MetricsHandle) -> Result<SimDataplane, SimError> {
+    start_with(cfg, metrics, |_| {})
+}
+
+/// [`start`], with the worker configuration adjusted by `tweak` first (the demo
+/// shortens the hardware idle timeouts).
+pub fn start_with(
+    cfg: &AgentConfig,
+    metrics: MetricsHandle,
+    tweak: impl FnOnce(&mut WorkerConfig),
+) -> Result<SimDataplane, SimError> {
+    let table_size = match &cfg.backend {
+        Backend::Sim { table_size } => *table_size,
+        Backend::Vfio { .. } | Backend::Software { .. } => None,
+    };
+    let mut wcfg = worker_config(cfg);
+    tweak(&mut wcfg);
+    let nports = wcfg.routing.egress.len();
+    let (buckets_log2, flow_limit) = geometry(table_size);
+    let sim_err = |what: String| SimError::Sim { what };
+    let mut sim = Simulator::new(SimConfig {
+        buckets_log2,
+        flow_limit,
+        num_ports: u8::try_from(nports).unwrap_or(2),
+        rx_ring_max_log2: 12,
+        ..SimConfig::default()
+    })
+    .map_err(|e| sim_err(e.to_string()))?;
+    let mut wire = Vec::with_capacity(nports);
+    for p in 0..nports {
+        let (dev_end, host_end) = MemPort::pair(PORT_QUEUE);
+        sim.attach_port(u8::try_from(p).unwrap_or(0), Box::new(dev_end))
+            .map_err(|e| sim_err(format!("port {p}: {e}")))?;
+        wire.push(host_end);
+    }
+    let iommu = sim.iommu();
+    let irqs = sim.irq_fds().map_err(|e| sim_err(e.to_string()))?;
+    let io = SimIo::new(
+        sim.bar_fd(),
+        Box::new(move |iova, fd, off, len| {
+            iommu.map(iova, fd, off, len).map_err(|e| e.to_string())
+        }),
+        irqs,
+    )
+    .map_err(SimError::Driver)?;
+    let sim = sim.spawn(SimClock::Monotonic);
+    let clock = Clock::monotonic();
+    let dev = match Device::new(
+        io,
+        DeviceConfig {
+            cmd_ring_log2: 12,
+            rx_ring_log2: 12,
+            tx_ring_log2: 12,
+            clock: clock.clone(),
+            // The simulator shares the machine with everything else.
+            cmd_timeout_ns: 1_000_000_000,
+            ready_timeout: Duration::from_secs(2),
+            enable_timeout: Duration::from_secs(2),
+            ..DeviceConfig::default()
+        },
+    ) {
+        Ok(d) => d,
+        Err(e) => {
+            drop(sim.stop());
+            return Err(SimError::Driver(e));
+        }
+    };
+    let mut worker = Worker::new(wcfg, dev);
+    for r in &cfg.nat_rules {
+        if let Err(e) = worker.nat_mut().rules_mut().add(r.engine.clone()) {
+            tracing::error!(rule = %r.name, error = %e, "NAT rule not installed");
+        }
+    }
+    let journal = usize::try_from(cfg.limits.event_journal_capacity).unwrap_or(usize::MAX);
+    let control = DataplaneControl::start(
+        worker,
+        cfg.offload.policy,
+        clock.clone(),
+        DeviceFacts {
+            backend: "sim".into(),
+            identity: "nic-sim CTO-1 model (in-process)".into(),
+        },
+        journal,
+        metrics,
+    );
+    let control = match control {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            drop(sim.stop());
+            return Err(SimError::Thread(e));
+        }
+    };
+    Ok(SimDataplane {
+        control,
+        wire,
+        clock,
+        sim: Some(sim),
+    })
+}
