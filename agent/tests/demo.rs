@@ -110,7 +110,7 @@ fn demo_serves_the_api_while_it_runs_and_ends_with_a_summary() {
     let sock = dir.path().join("demo.sock");
     let (o, e) = out_files(dir.path(), "demo");
     let child = Command::new(BIN)
-        .args(["demo", "--duration", "3", "--seed", "7", "--socket"])
+        .args(["demo", "--duration", "8", "--seed", "7", "--socket"])
         .arg(&sock)
         .stdin(Stdio::null())
         .stdout(file(&o))
