@@ -138,6 +138,13 @@ fn demo_serves_the_api_while_it_runs_and_ends_with_a_summary() {
         "nothing offloaded: {}",
         &text[..text.len().min(2000)]
     );
+    // Every connection not in hardware says why (policy, table full, ...).
+    for f in list {
+        if f["hw_offloaded"] == false {
+            let reason = f["not_offloaded_reason"].as_str().unwrap_or("");
+            assert!(!reason.is_empty(), "no reason for a software flow: {f}");
+        }
+    }
     assert!(
         text.contains("203.0.113.1"),
         "no masqueraded address: {}",

@@ -260,6 +260,7 @@ impl From<&ConnInfo> for pb::Connection {
             timeout_remaining_ms: c.remaining_ns / 1_000_000,
             original_counters: Some(dir_counters(c.counters[0], c.hw_counters[0])),
             reply_counters: Some(dir_counters(c.counters[1], c.hw_counters[1])),
+            not_offloaded_reason: c.not_offloaded.clone().unwrap_or_default(),
         }
     }
 }

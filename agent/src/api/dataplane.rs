@@ -118,6 +118,7 @@ fn info<Io: DeviceIo>(
         remaining_ns: c.remaining(now),
         counters: c.counters,
         hw_counters: hw,
+        not_offloaded: not_offloaded_reason(w.hw_state(ConnHandle { slot, id: c.id })),
     }
 }
 

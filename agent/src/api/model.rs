@@ -49,7 +49,7 @@ pub struct ListPage {
 }
 
 /// A snapshot of one connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnInfo {
     /// Unique id.
     pub id: u64,
@@ -65,6 +65,8 @@ pub struct ConnInfo {
     pub counters: [Counter; 2],
     /// The part of `counters` counted by hardware.
     pub hw_counters: [Counter; 2],
+    /// Why the connection is not in hardware (`None` when it is).
+    pub not_offloaded: Option<String>,
 }
 
 /// Why a flow returned from the fast path to software.

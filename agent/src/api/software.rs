@@ -88,6 +88,7 @@ fn info(c: &Conn<L4State>, now: u64) -> ConnInfo {
         remaining_ns: c.remaining(now),
         counters: c.counters,
         hw_counters: [Counter::default(); 2],
+        not_offloaded: Some("software backend: no offload device".into()),
     }
 }
 

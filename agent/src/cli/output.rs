@@ -96,6 +96,8 @@ pub fn conn_line(c: &pb::Connection) -> String {
     }
     if c.hw_offloaded {
         s.push_str(" [HW_OFFLOAD]");
+    } else if !c.not_offloaded_reason.is_empty() {
+        s.push_str(&format!(" sw_reason=\"{}\"", c.not_offloaded_reason));
     }
     if orig.zone != 0 {
         s.push_str(&format!(" zone={}", orig.zone));
@@ -145,6 +147,7 @@ pub fn conn_json(c: &pb::Connection) -> Value {
         "timeout_remaining_ms": c.timeout_remaining_ms,
         "original_counters": counters_json(c.original_counters.as_ref()),
         "reply_counters": counters_json(c.reply_counters.as_ref()),
+        "not_offloaded_reason": c.not_offloaded_reason,
     })
 }
 
