@@ -771,6 +771,8 @@ fn rule(name: &str, first: &str, last: &str, ports: Option<(u32, u32)>) -> pb::A
                 last: last.into(),
             }),
             to_ports: ports.map(|(first, last)| pb::PortRange { first, last }),
+            // Port translation needs a port protocol.
+            protocol: if ports.is_some() { 6 } else { 0 },
             ..Default::default()
         }),
     }
@@ -829,6 +831,16 @@ async fn nat_rules_are_validated() {
         nat.add_nat_rule(pb::AddNatRuleRequest { rule: None }).await,
         "rule",
     );
+    let mut any_proto = rule("anyproto", "198.51.100.1", "", Some((300, 400)));
+    if let Some(r) = any_proto.rule.as_mut() {
+        r.protocol = 0;
+    }
+    assert_invalid(nat.add_nat_rule(any_proto).await, "rule.to_ports");
+    let mut dnat_range = rule("dnat", "10.9.0.1", "10.9.0.2", None);
+    if let Some(r) = dnat_range.rule.as_mut() {
+        r.kind = pb::NatKind::Dnat.into();
+    }
+    assert_invalid(nat.add_nat_rule(dnat_range).await, "rule.to_addresses");
     let e = nat
         .add_nat_rule(rule("out", "203.0.113.1", "", None))
         .await
@@ -1014,10 +1026,7 @@ async fn policy_stats_and_settings() {
         (45, 120),
         "zero fields keep their value"
     );
-    assert!(
-        t.restart_required,
-        "the software table keeps its creation-time timeouts"
-    );
+    assert!(!t.restart_required, "applied to the running table");
     let l = set
         .set_limits(pb::SetLimitsRequest {
             limits: Some(pb::Limits {
