@@ -300,6 +300,10 @@ fn sighup_applies_changes_and_keeps_connections() {
     assert_eq!(t["udp"], 45);
     assert_eq!(t["tcp_established"], 7200);
     assert_eq!(t["icmp"], 30, "unchanged keys keep their value");
+    assert_eq!(t["restart_required"], false, "applied to the running table");
+    let log = a.log_text();
+    assert!(log.contains("nat.rules[out] added"), "{log}");
+    assert!(!log.contains("only after a restart"), "{log}");
     assert_eq!(a.json(&["policy", "get", "-o", "json"])["min_packets"], 9);
     let nat = a.json(&["nat", "list", "-o", "json"]);
     assert_eq!(nat[0]["name"], "out");
