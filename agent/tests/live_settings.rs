@@ -5,6 +5,8 @@
 //! software backend (`SoftwareControl` with a clock driven by the test).
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
+mod grpc;
+
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ctoffload_agent::api::software::Clock;
-use ctoffload_agent::api::{ApiServer, Listen, ServeError, ServerConfig, SoftwareControl};
+use ctoffload_agent::api::{ServeError, SoftwareControl};
 use ctoffload_agent::cli::agent::{Agent, AgentControl, conntrack_config};
 use ctoffload_agent::cli::sim::{self, SimDataplane};
 use ctoffload_agent::config;
@@ -25,11 +27,9 @@ use ctoffload_proto::v1::nat_service_client::NatServiceClient;
 use ctoffload_proto::v1::settings_service_client::SettingsServiceClient;
 use ctoffload_proto::v1::stats_service_client::StatsServiceClient;
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const S: u64 = 1_000_000_000;
 /// Wall-clock bound on waiting for the worker thread (never the thing asserted).
@@ -72,17 +72,6 @@ fn write_config(dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
-async fn unix_channel(path: PathBuf) -> Channel {
-    Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let p = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-        }))
-        .await
-        .unwrap()
-}
-
 /// `backend`: `sim` or `software`; `extra`: more configuration.
 async fn start(backend: &str, extra: &str) -> Harness {
     let dir = tempfile::tempdir().unwrap();
@@ -103,15 +92,12 @@ async fn start(backend: &str, extra: &str) -> Harness {
         (AgentControl::Software(Arc::new(sw)), None)
     };
     let agent = Agent::with_control(path, cfg, control, None, metrics);
-    let sock = dir.path().join("api.sock");
-    let server = ApiServer::bind(&ServerConfig {
-        listen: Listen::unix(&sock),
-    })
-    .await
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.serve(Arc::clone(agent.control()), shutdown.clone()));
-    let channel = unix_channel(sock).await;
+    let grpc::Served {
+        shutdown,
+        task,
+        channel,
+        ..
+    } = grpc::serve(Arc::clone(agent.control()), &dir.path().join("api.sock")).await;
     Harness {
         dir,
         agent,
@@ -205,16 +191,7 @@ impl Harness {
     }
 
     async fn conns(&self) -> Vec<pb::Connection> {
-        let mut s = ConntrackServiceClient::new(self.channel.clone())
-            .list_connections(pb::ListConnectionsRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(m) = s.message().await.unwrap() {
-            out.extend(m.connections);
-        }
-        out
+        grpc::list(&self.channel, pb::ConnectionFilter::default()).await
     }
 
     /// The connection whose original source port is `sp`.
@@ -240,13 +217,39 @@ impl Harness {
     }
 
     async fn stop(mut self) {
-        self.shutdown.cancel();
         let task = std::mem::replace(&mut self.task, tokio::spawn(async { Ok(()) }));
-        tokio::time::timeout(Duration::from_secs(5), task)
+        grpc::stop(&self.shutdown, task).await;
+    }
+
+    async fn set_limits(&self, limits: pb::Limits) -> pb::LimitsResponse {
+        self.settings()
+            .set_limits(pb::SetLimitsRequest {
+                limits: Some(limits),
+            })
             .await
-            .expect("graceful shutdown in time")
             .unwrap()
-            .unwrap();
+            .into_inner()
+    }
+
+    async fn set_max_connections(&self, max_connections: u64) -> pb::LimitsResponse {
+        self.set_limits(pb::Limits {
+            max_connections,
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn set_udp_timeout(&self, udp: u32) -> pb::TimeoutsResponse {
+        self.settings()
+            .set_timeouts(pb::SetTimeoutsRequest {
+                timeouts: Some(pb::Timeouts {
+                    udp,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
     }
 }
 
@@ -316,17 +319,7 @@ async fn sim_nat_rules_timeouts_and_limits_apply_live() {
     assert_eq!(pool_used(&h.stats().await, "out"), None, "rule gone");
 
     // Timeouts: applied at once (no restart), taken by a flow at its next packet.
-    let t = h
-        .settings()
-        .set_timeouts(pb::SetTimeoutsRequest {
-            timeouts: Some(pb::Timeouts {
-                udp: 5,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let t = h.set_udp_timeout(5).await;
     assert!(!t.restart_required);
     assert!(
         h.conn(5001).await.timeout_remaining_ms > 5_000,
@@ -364,17 +357,7 @@ async fn sim_nat_rules_timeouts_and_limits_apply_live() {
         })
         .await
         .unwrap();
-    let l = h
-        .settings()
-        .set_limits(pb::SetLimitsRequest {
-            limits: Some(pb::Limits {
-                max_connections: 1,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let l = h.set_max_connections(1).await;
     assert!(!l.restart_required);
     assert_eq!(l.limits.unwrap().max_connections, 1);
     let full_before = h.stats().await.insert_failed_full;
@@ -397,27 +380,9 @@ async fn sim_nat_rules_timeouts_and_limits_apply_live() {
     assert_eq!(st.max_connections, 1);
 
     // Raised within the allocation: admitted again. Above it: restart required.
-    h.settings()
-        .set_limits(pb::SetLimitsRequest {
-            limits: Some(pb::Limits {
-                max_connections: 100,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    h.set_max_connections(100).await;
     h.through(&udp([10, 0, 0, 5], 5002, SERVER, 53));
-    let l = h
-        .settings()
-        .set_limits(pb::SetLimitsRequest {
-            limits: Some(pb::Limits {
-                max_connections: 1 << 30,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let l = h.set_max_connections(1 << 30).await;
     assert!(l.restart_required, "above the allocated table");
     assert!(h.stats().await.max_connections < 1 << 30);
     h.stop().await;
@@ -444,17 +409,7 @@ async fn software_nat_rules_timeouts_and_limits_apply_live() {
     assert_eq!(reply_dst(&h.conn(5000).await), (POOL.into(), port), "kept");
 
     // A UDP flow lives 30 s by default; 5 s once set, from its next packet on.
-    let t = h
-        .settings()
-        .set_timeouts(pb::SetTimeoutsRequest {
-            timeouts: Some(pb::Timeouts {
-                udp: 5,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let t = h.set_udp_timeout(5).await;
     assert!(!t.restart_required);
     h.advance(S);
     h.feed(&udp([10, 0, 0, 3], 5001, SERVER, 53));
@@ -477,15 +432,7 @@ async fn software_nat_rules_timeouts_and_limits_apply_live() {
     h.advance(3 * S);
     h.feed(&udp([10, 0, 0, 2], 5000, SERVER, 53));
     assert!(h.conn(5000).await.assured);
-    h.settings()
-        .set_limits(pb::SetLimitsRequest {
-            limits: Some(pb::Limits {
-                max_connections: 1,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    h.set_max_connections(1).await;
     assert_eq!(
         h.feed(&udp([10, 0, 0, 6], 5006, SERVER, 53)),
         Verdict::Invalid(Invalid::TableFull)
