@@ -7,8 +7,8 @@
 //! with indices (`nat.rules[2].to_ports: range 2000-1000 is empty`).
 //!
 //! [`apply`] pushes the run-time settings of a configuration (timeouts, limits,
-//! offload policy, the NAT rules the API can express) into a running
-//! [`ControlPlane`] without touching its connections. `docs/config.md` documents the
+//! offload policy, every NAT rule) into a running [`ControlPlane`], which applies
+//! them to its engine, without touching its connections. `docs/config.md` documents the
 //! file for operators.
 
 use std::collections::{HashMap, HashSet};
@@ -545,7 +545,8 @@ pub struct ConfiguredNatRule {
     pub name: String,
     /// Kind.
     pub kind: NatRuleKind,
-    /// The NAT engine's rule (id = position + 1).
+    /// The NAT engine's rule (id = position + 1 in the file; the control plane
+    /// installs it under an id of its own).
     pub engine: EngineRule,
     /// The API's view (`NatService`), for SNAT/DNAT rules that match only on
     /// protocol, prefixes and zone.

@@ -7,6 +7,10 @@
 //! moves the worker's observed events into the journal and feeds the metrics. A job is
 //! a closure run on the worker's state with the loop's `now`; the caller waits for its
 //! answer for at most [`ANSWER_TIMEOUT`]. Listing is paged like the software table.
+//!
+//! NAT rules, timeouts and limits are a [`Settings`] owned by the worker thread
+//! ([`Core`]): a change is a job, applied to the worker's engine between two polls
+//! (see [`super::settings`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

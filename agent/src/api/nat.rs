@@ -316,3 +316,99 @@ fn check_overlap(rule: &NatRule, other: &NatRule) -> Result<(), ApiError> {
         ),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ctoffload_fallback_sw::conntrack::Prefix;
+    use ctoffload_fallback_sw::tuple::proto as ipproto;
+
+    fn rule(name: &str, kind: NatKind, first: &str, last: &str) -> NatRule {
+        NatRule {
+            name: name.into(),
+            kind,
+            protocol: Some(ipproto::UDP),
+            src: None,
+            dst: None,
+            zone: None,
+            to_addrs: AddrRange {
+                first: first.parse().unwrap_or_else(|e| panic!("{e}")),
+                last: last.parse().unwrap_or_else(|e| panic!("{e}")),
+            },
+            to_ports: None,
+        }
+    }
+
+    #[test]
+    fn api_rules_convert_to_the_engines_actions() {
+        let mut snat = rule("s", NatKind::Snat, "192.0.2.1", "192.0.2.4");
+        snat.to_ports = Some((1024, 2047));
+        snat.src = Some(Prefix {
+            family: ctoffload_fallback_sw::tuple::Family::V4,
+            addr: Addr::v4([10, 0, 0, 0]),
+            len: 8,
+        });
+        let e = to_engine(&snat, 7).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(e.id, 7);
+        assert_eq!(e.r#match.src, snat.src);
+        assert_eq!(e.r#match.proto, Some(ipproto::UDP));
+        assert_eq!(
+            e.action,
+            NatAction::Snat {
+                addrs: EngineAddrRange::v4([192, 0, 2, 1], [192, 0, 2, 4]),
+                ports: Some(PortRange::new(1024, 2047)),
+                flags: NatFlags::default(),
+            }
+        );
+        let mut dnat = rule("d", NatKind::Dnat, "10.0.0.80", "10.0.0.80");
+        dnat.to_ports = Some((80, 80));
+        let e = to_engine(&dnat, 1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            e.action,
+            NatAction::Dnat {
+                to_addr: Addr::v4([10, 0, 0, 80]),
+                to_port: Some(80),
+            }
+        );
+        dnat.to_ports = Some((80, 81));
+        let err = to_engine(&dnat, 1).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("to_ports: a DNAT rule translates to one port")
+        );
+    }
+
+    #[test]
+    fn store_and_engine_change_together() {
+        let (mut store, mut set) = (NatRules::default(), NatRuleSet::default());
+        let a = rule("a", NatKind::Snat, "192.0.2.1", "192.0.2.1");
+        let engine = to_engine(&a, 0).unwrap_or_else(|e| panic!("{e}"));
+        let id = store
+            .install("a".into(), Some(a.clone()), engine.clone(), 8, &mut set)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(set.iter().map(|r| r.id).collect::<Vec<_>>(), [id]);
+        // The engine refuses an IPv6 pool: neither side changes.
+        let v6 = rule("v6", NatKind::Snat, "2001:db8::1", "2001:db8::1");
+        let engine6 = to_engine(&v6, 0).unwrap_or_else(|e| panic!("{e}"));
+        let err = store
+            .install("v6".into(), Some(v6), engine6, 8, &mut set)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("to_addresses: "), "{err}");
+        assert_eq!((store.len(), set.len()), (1, 1));
+        // Removed from both; a new rule gets a new id.
+        store
+            .uninstall("a", &mut set)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((store.len(), set.len()), (0, 0));
+        let again = store
+            .install("a".into(), Some(a), engine, 8, &mut set)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(again > id, "ids are not reused");
+        assert!(matches!(
+            store.uninstall("nope", &mut set),
+            Err(ApiError::NotFound { .. })
+        ));
+    }
+}

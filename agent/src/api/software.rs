@@ -6,6 +6,9 @@
 //! eligible flows as their packets pass [`SoftwareControl::process`]; a TCP flow
 //! that leaves ESTABLISHED is returned to the slow path.
 //!
+//! NAT rules, timeouts and limits are a [`Settings`] kept under the same lock as the
+//! table and applied to it as they change (see [`super::settings`]).
+//!
 //! Events come from the table's queue (`drain_events`) after every operation that
 //! can produce them, plus the state-change, offload and return events this type
 //! produces itself, all appended to the journal under the table lock so that their
