@@ -1280,3 +1280,89 @@ fn fault_campaign_under_traffic() {
         "seed {seed}: faults were injected and recovered from"
     );
 }
+
+/// The checks themselves fail when they should: a device entry no connection owns, a
+/// frame translated differently from software's binding, and a connection lost after
+/// the faults are each reported.
+#[test]
+fn the_checks_catch_broken_invariants() {
+    let mut c = Campaign::new(7);
+    let mut lasting = Lasting::default();
+    while c.tick < 60 {
+        c.traffic_tick(&mut lasting, u64::MAX);
+    }
+    c.settle();
+    let kept = c.check_liveness();
+    assert!(kept > 0 && c.errors.is_empty(), "{:?}", c.errors);
+    c.settle();
+    c.check_tables();
+    assert!(c.errors.is_empty(), "clean before: {:?}", c.errors);
+    // (c): a stray device entry.
+    let stray = ctoffload_hw_regs::FlowKey::ipv4(
+        0,
+        ctoffload_hw_regs::L4Proto::Udp,
+        0,
+        [10, 9, 9, 9].into(),
+        1,
+        [10, 9, 9, 8].into(),
+        2,
+    );
+    let res =
+        c.r.w
+            .device_mut()
+            .execute(
+                &[ctoffload_driver::device::FlowCommand::Insert {
+                    key: stray,
+                    action: ctoffload_hw_regs::FlowAction::forward(1),
+                }],
+                WAIT,
+            )
+            .expect("insert");
+    assert!(res[0].is_ok());
+    c.check_tables();
+    assert!(
+        c.errors
+            .iter()
+            .any(|e| e.contains("belongs to no offloaded connection")),
+        "{:?}",
+        c.errors
+    );
+    // (a)/(b): a frame of a connection that left with another NAT port.
+    c.errors.clear();
+    let i = c
+        .live()
+        .into_iter()
+        .find(|&i| c.conns[i].nat_port.is_some())
+        .expect("bound");
+    let f = c.conns[i].frame(0, 0, "A").expect("frame");
+    let wrong = c.conns[i].nat_port.map_or(1, |p| p ^ 1);
+    let payload = &f[f.len() - PAYLOAD_LEN..];
+    let (kind, server, sport) = (c.conns[i].kind, c.conns[i].server, c.conns[i].sport);
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(GW, server, 64);
+    let mut f = Vec::new();
+    match kind {
+        Kind::Udp => b.udp(wrong, sport).write(&mut f, payload),
+        Kind::Tcp => b.tcp(wrong, sport, 1, 65_535).write(&mut f, payload),
+    }
+    .expect("build");
+    c.check_frame(OUTSIDE, &f);
+    assert!(
+        c.errors.iter().any(|e| e.contains("want")),
+        "{:?}",
+        c.errors
+    );
+    // (a): a live connection whose conntrack entry is gone.
+    c.errors.clear();
+    let now = c.r.now();
+    let h = c.conns[i].handle.expect("handle");
+    c.r.w.delete_connection(h, now);
+    c.settle();
+    c.check_liveness();
+    assert!(
+        c.errors
+            .iter()
+            .any(|e| e.contains(&format!("connection {i} "))),
+        "{:?}",
+        c.errors
+    );
+}
