@@ -78,19 +78,28 @@ fn assert_dropped(what: &str, status: &str, kept: u64) {
     assert_eq!(f("NoNewPrivs:"), 1, "{what}: NoNewPrivs");
 }
 
-#[test]
-fn software_backend_keeps_only_net_raw_and_net_admin() {
+/// As root: an agent with `extra` configuration whose process status shows exactly
+/// `kept`; `None` (test skipped) without the privileges to check it.
+fn start_checked(extra: &str, kept: u64) -> Option<(tempfile::TempDir, Proc)> {
     if !privileged() {
         eprintln!("skipped: needs root with all capabilities");
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
-    let agent = start(dir.path(), "", "info");
-    let pid = agent.0.id();
+    let agent = start(dir.path(), extra, "info");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.0.id())).unwrap();
+    assert_dropped("process", &status, kept);
+    Some((dir, agent))
+}
+
+#[test]
+fn software_backend_keeps_only_net_raw_and_net_admin() {
     let kept = mask_of(&[CAP_NET_RAW, CAP_NET_ADMIN]);
     assert_eq!(kept, 0x3000);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    assert_dropped("process", &status, kept);
+    let Some((dir, agent)) = start_checked("", kept) else {
+        return;
+    };
+    let pid = agent.0.id();
     // Every thread: the software backend starts no thread before the drop but the
     // runtime's, which drop too.
     let all = threads(pid);
@@ -110,15 +119,10 @@ fn software_backend_keeps_only_net_raw_and_net_admin() {
 
 #[test]
 fn sim_backend_keeps_no_capability_on_the_threads_it_controls() {
-    if !privileged() {
-        eprintln!("skipped: needs root with all capabilities");
+    let Some((dir, agent)) = start_checked("[backend]\nkind = \"sim\"\n", 0) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let agent = start(dir.path(), "[backend]\nkind = \"sim\"\n", "info");
+    };
     let pid = agent.0.id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    assert_dropped("process", &status, 0);
     let all = threads(pid);
     let workers: Vec<_> = all
         .iter()
