@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ctoffload_agent::dataplane::{
-    ConnHandle, Entry, HwRule, HwState, NotOffloaded, Worker, WorkerConfig,
+    ConnHandle, Entry, HwRule, HwState, NotOffloaded, OffloadPolicy, Worker, WorkerConfig,
 };
 use ctoffload_driver::device::{Clock, Device, DeviceConfig};
 use ctoffload_driver::sim_io::SimIo;
@@ -144,6 +144,11 @@ fn rig() -> Rig {
     let mut w = Worker::new(
         WorkerConfig {
             port_addrs: vec![None, Some(GW)],
+            // A full table evicts the coldest flow, so table-full faults evict entries.
+            policy: OffloadPolicy {
+                displace_coldest: true,
+                ..OffloadPolicy::default()
+            },
             ..WorkerConfig::default()
         },
         dev,
@@ -1200,7 +1205,7 @@ fn fault_campaign_under_traffic() {
     for (k, v) in &f.injected {
         println!("| faults injected: {k} | {v} |");
     }
-    let rows: [(&str, u64); 25] = [
+    let rows: [(&str, u64); 26] = [
         ("faults injected, total", injected_total),
         ("device faults seen by the worker", st.faults),
         ("recoveries (reinit)", st.recoveries),
@@ -1224,6 +1229,7 @@ fn fault_campaign_under_traffic() {
         ),
         ("flows returned to software, all causes", st.returned),
         ("inserts refused: table full", st.insert_table_full),
+        ("entries evicted: coldest flow displaced", st.displaced),
         ("inserts refused: device error", st.insert_error),
         ("packets sent", f.packets_sent),
         ("packets delivered", f.packets_delivered),
@@ -1259,6 +1265,7 @@ fn fault_campaign_under_traffic() {
         "flows_lost_to_fault": st.flows_lost_to_fault,
         "returned": st.returned,
         "insert_table_full": st.insert_table_full,
+        "displaced": st.displaced,
         "insert_error": st.insert_error,
         "packets_sent": f.packets_sent,
         "packets_delivered": f.packets_delivered,
@@ -1297,7 +1304,17 @@ fn the_checks_catch_broken_invariants() {
     c.settle();
     c.check_tables();
     assert!(c.errors.is_empty(), "clean before: {:?}", c.errors);
-    // (c): a stray device entry.
+    // (c): a stray device entry (in the room of a deleted connection: a full table
+    // would refuse it).
+    let now = c.r.now();
+    let room = c
+        .live()
+        .into_iter()
+        .filter_map(|i| c.conns[i].handle)
+        .find(|&h| matches!(c.r.w.hw_state(h), Some((HwState::Offloaded, _))))
+        .expect("an offloaded connection");
+    c.r.w.delete_connection(room, now);
+    c.settle();
     let stray = ctoffload_hw_regs::FlowKey::ipv4(
         0,
         ctoffload_hw_regs::L4Proto::Udp,
