@@ -16,4 +16,5 @@ pub mod dataplane;
 pub mod gateway;
 pub mod metrics;
 pub mod port;
+pub mod privileges;
 pub mod replay;

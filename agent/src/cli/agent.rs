@@ -502,6 +502,7 @@ pub async fn serve(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(),
             }
         });
     }
+    crate::privileges::drop_after_setup(&cfg.backend).await;
     tracing::info!(config = %agent.path.display(), "agent ready");
     let mut result = Ok(());
     loop {
