@@ -1,0 +1,214 @@
+//! The worker as a router between real hosts (the sim backend on host interfaces):
+//! every exception frame goes through the [`Gateway`] shared with the software backend
+//! (ARP answers and resolution with a bounded queue, own addresses, TTL and ICMP
+//! errors, routes), conntrack + NAT, and the gateway's egress stage (route of the
+//! translated destination, TTL decrement, MAC rewrite from the neighbour table).
+//!
+//! Hardware rules follow the same decision: each direction leaves on the port of the
+//! route to its translated destination with the resolved next hop's MAC, so a
+//! connection is not offloaded until both next hops are resolved
+//! ([`RuleError::NextHopUnresolved`], visible as its not-offloaded reason). The rules
+//! decrement TTL when the device has `FEATURES.DEC_TTL`; a packet whose TTL runs out
+//! there is punted (`TTL_EXPIRED`) and answered here with ICMP time exceeded.
+
+use ctoffload_driver::device::RxMeta;
+use ctoffload_driver::io::DeviceIo;
+use ctoffload_fallback_sw::conntrack::{NatOutcome, Verdict};
+use ctoffload_fallback_sw::nat::PacketMeta;
+use ctoffload_fallback_sw::tuple::{Addr, Dir, Family, Tuple};
+use ctoffload_hw_regs::regs::Features;
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::hw_rule::{HwRule, Path, PortL2, Routing, RuleError, build_rules, build_rules_on};
+use super::worker::Worker;
+use crate::gateway::{Egress, Gateway, GatewayStats, Ingress, wire};
+
+/// How often the neighbour table's timers (request retries, give-ups) run.
+const TIMER_NS: u64 = 10_000_000;
+
+/// The gateway of a worker and the frames it originates.
+#[derive(Debug)]
+pub struct Router {
+    gw: Gateway,
+    fill_checksums: bool,
+    hw_dec_ttl: bool,
+    /// Frames the gateway originated (ARP, ICMP, released after resolution).
+    out: Vec<(usize, Vec<u8>)>,
+    next_timers: u64,
+}
+
+impl Router {
+    /// The hardware rules of a connection routed by the gateway: the original direction
+    /// arrives on `orig_in`; each direction leaves towards its translated destination.
+    ///
+    /// # Errors
+    /// [`RuleError`] when it cannot be offloaded (yet).
+    pub fn rules(
+        &self,
+        tuples: &[Tuple; 2],
+        orig_in: u8,
+        now: u64,
+    ) -> Result<[HwRule; 2], RuleError> {
+        let (o, r) = (&tuples[Dir::Original.index()], &tuples[Dir::Reply.index()]);
+        // Original packets leave towards the reply's source, replies towards the
+        // original source.
+        let orig_out = self.hop(r, now)?;
+        let reply_out = self.hop(o, now)?;
+        let paths = [
+            Path {
+                in_port: orig_in,
+                out_port: orig_out.0,
+                l2: Some(orig_out.1),
+            },
+            Path {
+                in_port: orig_out.0,
+                out_port: reply_out.0,
+                l2: Some(reply_out.1),
+            },
+        ];
+        build_rules_on(tuples, &paths, self.hw_dec_ttl)
+    }
+
+    /// The egress port and L2 rewrite towards `t`'s source.
+    fn hop(&self, t: &Tuple, now: u64) -> Result<(u8, PortL2), RuleError> {
+        if t.family != Family::V4 {
+            return Err(RuleError::NoRouteTo {
+                addr: IpAddr::from(t.src.0),
+            });
+        }
+        let dst = t.src.as_v4();
+        let addr = IpAddr::V4(Ipv4Addr::from(dst));
+        if self.gw.is_own(dst) {
+            return Err(RuleError::LocalDestination { addr });
+        }
+        let hop = self.gw.route(dst).ok_or(RuleError::NoRouteTo { addr })?;
+        let port = u8::try_from(hop.port).map_err(|_| RuleError::NoRouteTo { addr })?;
+        let unresolved = RuleError::NextHopUnresolved {
+            port,
+            next_hop: IpAddr::V4(Ipv4Addr::from(hop.next_hop)),
+        };
+        let next_hop = self
+            .gw
+            .neighbours()
+            .lookup(hop.port, hop.next_hop, now)
+            .ok_or(unresolved)?;
+        let mac = self.gw.ports().get(hop.port).ok_or(unresolved)?.mac;
+        Ok((port, PortL2 { mac, next_hop }))
+    }
+}
+
+/// The hardware rules of a connection: from the router when the worker has one, else
+/// from the fixed port pairing.
+pub(super) fn rules_for(
+    router: Option<&Router>,
+    routing: &Routing,
+    tuples: &[Tuple; 2],
+    orig_in: u8,
+    now: u64,
+) -> Result<[HwRule; 2], RuleError> {
+    match router {
+        Some(r) => r.rules(tuples, orig_in, now),
+        None => build_rules(tuples, orig_in, routing),
+    }
+}
+
+impl<Io: DeviceIo> Worker<Io> {
+    /// Makes this worker a router: exception frames go through `gw` (port i of the
+    /// gateway is device port i). `fill_checksums`: recompute TCP/UDP checksums of
+    /// received IPv4 packets before conntrack (veth peers leave them to offload).
+    pub fn set_gateway(&mut self, gw: Gateway, fill_checksums: bool) {
+        let hw_dec_ttl = self.dev.capabilities().features.contains(Features::DEC_TTL);
+        self.router = Some(Router {
+            gw,
+            fill_checksums,
+            hw_dec_ttl,
+            out: Vec::new(),
+            next_timers: 0,
+        });
+    }
+
+    /// The gateway's counters (`None`: not a router).
+    pub fn gateway_stats(&self) -> Option<GatewayStats> {
+        self.router.as_ref().map(|r| r.gw.stats())
+    }
+
+    /// The gateway (`None`: not a router).
+    pub fn gateway(&self) -> Option<&Gateway> {
+        self.router.as_ref().map(|r| &r.gw)
+    }
+
+    /// One exception frame through the gateway, conntrack and NAT; queued for TX on
+    /// the port the gateway chose. False: not a router (the caller forwards it).
+    pub(super) fn routed_frame(&mut self, m: &RxMeta, at: usize, len: usize, now: u64) -> bool {
+        let Some(router) = self.router.as_mut() else {
+            return false;
+        };
+        let start = self.tx_buf.len();
+        self.tx_buf.extend_from_slice(&self.rx_buf[at..at + len]);
+        let frame = &mut self.tx_buf[start..];
+        let in_port = usize::from(m.port);
+        let route = match router.gw.ingress(in_port, frame, now, &mut router.out) {
+            Ingress::Consumed => {
+                self.tx_buf.truncate(start);
+                return true;
+            }
+            Ingress::Ipv4 { route } => route,
+        };
+        if router.fill_checksums {
+            wire::fill_l4_checksum(frame);
+        }
+        let out_port = route.map(|h| h.port);
+        let meta = PacketMeta {
+            in_port: u32::from(m.port),
+            out_port: out_port.and_then(|p| u32::try_from(p).ok()),
+            out_addr: out_port
+                .and_then(|p| router.gw.primary_addr(p))
+                .map(Addr::v4),
+        };
+        let v = self.ct.process_mut(frame, 0, &meta, now);
+        let tracked = match v.verdict {
+            Verdict::Invalid(_) => {
+                self.stats.drop_invalid += 1;
+                self.tx_buf.truncate(start);
+                return true;
+            }
+            Verdict::Tracked { .. } if matches!(v.nat, NatOutcome::Drop(_)) => {
+                self.stats.drop_other += 1;
+                self.tx_buf.truncate(start);
+                return true;
+            }
+            Verdict::Tracked { slot, dir, .. } => Some((slot, dir)),
+            Verdict::Untracked(_) => None,
+        };
+        // Egress first: a packet that resolves a next hop lets its connection offload.
+        match router.gw.egress(in_port, frame, now, &mut router.out) {
+            Egress::Send(p) => {
+                let p = u8::try_from(p).unwrap_or(u8::MAX);
+                self.tx_meta.push((p, start, len));
+            }
+            Egress::Consumed => self.tx_buf.truncate(start),
+        }
+        if let Some((slot, dir)) = tracked {
+            self.tracked(slot, dir, m, now);
+        }
+        true
+    }
+
+    /// The gateway's timers (at most every [`TIMER_NS`]) and the frames it originated,
+    /// queued for TX.
+    pub(super) fn routed_output(&mut self, now: u64) {
+        let Some(router) = self.router.as_mut() else {
+            return;
+        };
+        if now >= router.next_timers {
+            router.gw.poll(now, &mut router.out);
+            router.next_timers = now.saturating_add(TIMER_NS);
+        }
+        for (port, f) in router.out.drain(..) {
+            let start = self.tx_buf.len();
+            self.tx_buf.extend_from_slice(&f);
+            self.tx_meta
+                .push((u8::try_from(port).unwrap_or(u8::MAX), start, f.len()));
+        }
+    }
+}
