@@ -38,6 +38,19 @@ pub struct Router {
 }
 
 impl Router {
+    /// A router over `gw`; see [`Worker::set_gateway`]. `hw_dec_ttl`: the hardware
+    /// rules decrement TTL.
+    #[must_use]
+    pub fn new(gw: Gateway, fill_checksums: bool, hw_dec_ttl: bool) -> Self {
+        Self {
+            gw,
+            fill_checksums,
+            hw_dec_ttl,
+            out: Vec::new(),
+            next_timers: 0,
+        }
+    }
+
     /// The hardware rules of a connection routed by the gateway: the original direction
     /// arrives on `orig_in`; each direction leaves towards its translated destination.
     ///
@@ -118,13 +131,7 @@ impl<Io: DeviceIo> Worker<Io> {
     /// received IPv4 packets before conntrack (veth peers leave them to offload).
     pub fn set_gateway(&mut self, gw: Gateway, fill_checksums: bool) {
         let hw_dec_ttl = self.dev.capabilities().features.contains(Features::DEC_TTL);
-        self.router = Some(Router {
-            gw,
-            fill_checksums,
-            hw_dec_ttl,
-            out: Vec::new(),
-            next_timers: 0,
-        });
+        self.router = Some(Router::new(gw, fill_checksums, hw_dec_ttl));
     }
 
     /// The gateway's counters (`None`: not a router).
@@ -210,5 +217,133 @@ impl<Io: DeviceIo> Worker<Io> {
             self.tx_meta
                 .push((u8::try_from(port).unwrap_or(u8::MAX), start, f.len()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ctoffload_fallback_sw::tuple::proto;
+    use ctoffload_hw_regs::ActionFlags;
+
+    use super::*;
+    use crate::gateway::wire::{BROADCAST, arp_frame};
+    use crate::gateway::{GatewayConfig, PortConfig};
+
+    const GW_IN_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
+    const GW_OUT_MAC: [u8; 6] = [2, 0, 0, 0, 2, 1];
+    const HOST_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
+    const SERVER_MAC: [u8; 6] = [2, 0, 0, 0, 2, 2];
+    const GW_IN: [u8; 4] = [10, 0, 0, 1];
+    const HOST: [u8; 4] = [10, 0, 0, 2];
+    const GW_OUT: [u8; 4] = [192, 0, 2, 1];
+    const SERVER: [u8; 4] = [192, 0, 2, 2];
+
+    fn router(hw_dec_ttl: bool) -> Router {
+        let port = |name: &str, mac, addr| PortConfig {
+            name: name.into(),
+            mac,
+            addrs: vec![(addr, 24)],
+        };
+        let gw = Gateway::new(GatewayConfig {
+            ports: vec![
+                port("in", GW_IN_MAC, GW_IN),
+                port("out", GW_OUT_MAC, GW_OUT),
+            ],
+            ..GatewayConfig::default()
+        })
+        .expect("gateway");
+        Router::new(gw, false, hw_dec_ttl)
+    }
+
+    /// `host` at `mac` on `port` asks for the gateway's address `gw` (learned).
+    fn arp_from(r: &mut Router, port: usize, host: [u8; 4], mac: [u8; 6], gw: [u8; 4]) {
+        let req = arp_frame(BROADCAST, 1, mac, host, [0; 6], gw);
+        let mut out = Vec::new();
+        assert_eq!(r.gw.ingress(port, &req, 1, &mut out), Ingress::Consumed);
+        assert_eq!(out.len(), 1, "answered");
+    }
+
+    fn tuple(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Tuple {
+        Tuple {
+            src: Addr::v4(src),
+            dst: Addr::v4(dst),
+            src_l4: sp,
+            dst_l4: dp,
+            proto: proto::TCP,
+            family: Family::V4,
+            zone: 0,
+        }
+    }
+
+    #[test]
+    fn masqueraded_connection_waits_for_both_next_hops_then_carries_their_macs() {
+        let mut r = router(true);
+        let tuples = [
+            tuple(HOST, 40000, SERVER, 80),
+            tuple(SERVER, 80, GW_OUT, 61000),
+        ];
+        assert_eq!(
+            r.rules(&tuples, 0, 2),
+            Err(RuleError::NextHopUnresolved {
+                port: 1,
+                next_hop: IpAddr::from(SERVER),
+            })
+        );
+        arp_from(&mut r, 1, SERVER, SERVER_MAC, GW_OUT);
+        assert_eq!(
+            r.rules(&tuples, 0, 2),
+            Err(RuleError::NextHopUnresolved {
+                port: 0,
+                next_hop: IpAddr::from(HOST),
+            })
+        );
+        arp_from(&mut r, 0, HOST, HOST_MAC, GW_IN);
+        let [fwd, rev] = r.rules(&tuples, 0, 2).expect("rules");
+        assert_eq!((fwd.key.port, fwd.action.out_port), (0, 1));
+        assert_eq!(
+            (fwd.action.new_src_mac, fwd.action.new_dst_mac),
+            (GW_OUT_MAC, SERVER_MAC)
+        );
+        assert!(fwd.action.flags().contains(
+            ActionFlags::SNAT
+                | ActionFlags::DEC_TTL
+                | ActionFlags::REWRITE_SRC_MAC
+                | ActionFlags::REWRITE_DST_MAC
+        ));
+        assert_eq!(&fwd.action.new_src_addr[..4], &GW_OUT);
+        assert_eq!((rev.key.port, rev.action.out_port), (1, 0));
+        assert_eq!(&rev.key.dst_addr[..4], &GW_OUT);
+        assert_eq!(
+            (rev.action.new_src_mac, rev.action.new_dst_mac),
+            (GW_IN_MAC, HOST_MAC)
+        );
+        assert!(rev.action.flags().contains(ActionFlags::DNAT));
+        // Without the device feature, no TTL decrement in hardware.
+        let mut plain = router(false);
+        arp_from(&mut plain, 1, SERVER, SERVER_MAC, GW_OUT);
+        arp_from(&mut plain, 0, HOST, HOST_MAC, GW_IN);
+        let [fwd, _] = plain.rules(&tuples, 0, 2).expect("rules");
+        assert!(!fwd.action.flags().contains(ActionFlags::DEC_TTL));
+    }
+
+    #[test]
+    fn connections_to_the_gateway_or_off_route_stay_in_software() {
+        let mut r = router(true);
+        arp_from(&mut r, 0, HOST, HOST_MAC, GW_IN);
+        let local = [tuple(HOST, 40000, GW_IN, 22), tuple(GW_IN, 22, HOST, 40000)];
+        assert_eq!(
+            r.rules(&local, 0, 2),
+            Err(RuleError::LocalDestination {
+                addr: IpAddr::from(GW_IN),
+            })
+        );
+        let far = [198, 51, 100, 7];
+        let off = [tuple(HOST, 40000, far, 80), tuple(far, 80, HOST, 40000)];
+        assert_eq!(
+            r.rules(&off, 0, 2),
+            Err(RuleError::NoRouteTo {
+                addr: IpAddr::from(far),
+            })
+        );
     }
 }
