@@ -396,6 +396,26 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
     assert_eq!(echo, Ok((OUTSIDE, 0)), "echo reply from the outside host");
     let expired = inside.run_inside(|| ping(OUTSIDE, 1)).expect("enter");
     assert_eq!(expired, Ok((GW_IN, 11)), "time exceeded from the gateway");
+    // Echo to the gateway is answered; other packets for its addresses are dropped
+    // and counted.
+    let own = inside.run_inside(|| ping(GW_IN, 64)).expect("enter");
+    assert_eq!(own, Ok((GW_IN, 0)), "the gateway answers echo");
+    let local = |a: &Agent| {
+        a.cli(&["stats"]).expect("stats")["drops_by_reason"]["gateway/local"]
+            .as_u64()
+            .expect("gateway/local counter")
+    };
+    let before = local(&agent);
+    inside
+        .run_inside(|| {
+            let s = UdpSocket::bind((INSIDE, 0))?;
+            s.send_to(b"to the gateway", (GW_IN, 9))
+        })
+        .expect("enter")
+        .expect("send");
+    wait_for(WAIT, "the packet for the gateway counted", || {
+        (local(&agent) > before).then_some(())
+    });
 
     // TCP: handshake and a few round trips in software, offload, then bulk data.
     let server = tcp_server(&outside, 5001);

@@ -110,6 +110,21 @@ impl Router {
     }
 }
 
+/// The gateway's drops by reason, as `ctoffload stats` lists them (`gateway/...`).
+#[must_use]
+pub fn gateway_drops(s: &GatewayStats) -> [(&'static str, u64); 8] {
+    [
+        ("gateway/not-for-us", s.not_for_us),
+        ("gateway/local", s.local_dropped),
+        ("gateway/no-route", s.no_route),
+        ("gateway/ttl-exceeded", s.ttl_exceeded),
+        ("gateway/arp-unresolved", s.arp_dropped),
+        ("gateway/bad-ipv4", s.bad_ipv4),
+        ("gateway/ipv6-not-routed", s.ipv6_not_routed),
+        ("gateway/other-ethertype", s.other_ethertype),
+    ]
+}
+
 /// The hardware rules of a connection: from the router when the worker has one, else
 /// from the fixed port pairing.
 pub(super) fn rules_for(
