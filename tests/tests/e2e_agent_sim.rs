@@ -11,8 +11,9 @@
 //! Checks: ping through the gateway and TTL expiry (ICMP time exceeded from the
 //! gateway); TCP and UDP reach the outside host from the gateway's address; established
 //! connections are carried by the simulated NIC (hardware counters advance while the
-//! slow path's counts stay put during bulk transfer) and `ctoffload flows` shows them
-//! offloaded; a connection kept alive only by hardware traffic outlives its software
+//! slow path's counts stay put during bulk transfer; TTL decremented by the NIC) and
+//! `ctoffload flows` shows them offloaded; echo to the gateway is answered and other
+//! packets for it are counted as dropped; a connection kept alive only by hardware traffic outlives its software
 //! timeout; an idle one ages out of both tables.
 //!
 //! Needs root, `ip`, `ethtool` and the `ctoffload` binary next to the test's directory
@@ -505,6 +506,16 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
         "UDP masqueraded"
     );
     let hw0 = packets(&offloaded).1;
+    // The outside host's copy of every UDP packet it receives, to read their TTL.
+    let sniff = outside
+        .run_inside(|| {
+            use rustix::net::{AddressFamily, SocketType, ipproto, sockopt};
+            let fd = rustix::net::socket(AddressFamily::INET, SocketType::RAW, Some(ipproto::UDP))?;
+            sockopt::set_socket_timeout(&fd, sockopt::Timeout::Recv, Some(Duration::from_secs(2)))?;
+            Ok::<_, rustix::io::Errno>(fd)
+        })
+        .expect("enter")
+        .expect("raw UDP socket");
     for _ in 0..20 {
         udp.send_to(b"q", (OUTSIDE, 5353)).expect("send");
         let mut b = [0u8; 16];
@@ -518,6 +529,23 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
         let c = agent.flows("udp", uport).into_iter().next()?;
         (packets(&c).1 >= hw0 + 40).then_some(())
     });
+    // Forwarded by the NIC with the TTL decremented, as the slow path does.
+    let mut ttls = Vec::new();
+    let mut buf = [0u8; 256];
+    while let Ok((n, _)) = rustix::net::recv(&sniff, &mut buf, rustix::net::RecvFlags::empty()) {
+        let p = &buf[..n];
+        if n >= 24 && p[12..16] == GW_OUT.octets() && p[22..24] == 5353u16.to_be_bytes() {
+            ttls.push(p[8]);
+        }
+        if ttls.len() == 20 {
+            break;
+        }
+    }
+    assert_eq!(
+        ttls,
+        vec![63; 20],
+        "TTL of the requests the outside host got"
+    );
     // Idle: out of hardware (idle time = the UDP timeout here), then out of software.
     wait_for(
         Duration::from_secs(UDP_S * 4 + 30),
