@@ -352,3 +352,32 @@ pub fn start_with(
         sim: Some(sim),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interface_that_cannot_be_opened_is_named_by_its_key() {
+        let cfg = crate::config::parse(
+            r#"
+[backend]
+kind = "sim"
+interfaces = ["ctoffload-no0"]
+
+[[ports]]
+name = "only"
+mac = "02:00:00:00:00:01"
+addresses = ["10.0.0.1/24"]
+"#,
+        )
+        .expect("valid configuration");
+        match start(&cfg, MetricsHandle::default()) {
+            Err(SimError::Interface { key, interface, .. }) => {
+                assert_eq!(key, "backend.interfaces[0]");
+                assert_eq!(interface, "ctoffload-no0");
+            }
+            other => panic!("expected an interface error, got {other:?}"),
+        }
+    }
+}
