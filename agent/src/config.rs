@@ -7,8 +7,8 @@
 //! with indices (`nat.rules[2].to_ports: range 2000-1000 is empty`).
 //!
 //! [`apply`] pushes the run-time settings of a configuration (timeouts, limits,
-//! offload policy, the NAT rules the API can express) into a running
-//! [`ControlPlane`] without touching its connections. `docs/config.md` documents the
+//! offload policy, every NAT rule) into a running [`ControlPlane`], which applies
+//! them to its engine, without touching its connections. `docs/config.md` documents the
 //! file for operators.
 
 use std::collections::{HashMap, HashSet};
@@ -17,11 +17,11 @@ use std::path::{Path, PathBuf};
 
 use ctoffload_fallback_sw::conntrack::{OtherTimeouts, Prefix};
 use ctoffload_fallback_sw::nat::rules::{
-    AddrRange as EngineAddrRange, Backend as EngineBackend, NatAction, NatFlags,
-    NatRule as EngineRule, NatRuleSet, PortRange, RuleError, RuleMatch, Selection,
+    Backend as EngineBackend, NatAction, NatFlags, NatRule as EngineRule, NatRuleSet, PortRange,
+    RuleError, RuleMatch, Selection,
 };
 use ctoffload_fallback_sw::tcp::TcpTimeouts;
-use ctoffload_fallback_sw::tuple::{Addr, Family, proto as ipproto};
+use ctoffload_fallback_sw::tuple::{Family, proto as ipproto};
 use ctoffload_proto::v1 as pb;
 use serde::Deserialize;
 
@@ -29,10 +29,10 @@ use crate::api::control::ControlPlane;
 use crate::api::convert::{MAX_CONNECTIONS, parse_ip, parse_prefix, rule_name};
 use crate::api::error::ApiError;
 use crate::api::model::{
-    AddrRange, Limits, LimitsUpdate, MAX_TIMEOUT_S, NatRule, OffloadPolicy, Timeouts,
+    AddrRange, Limits, LimitsUpdate, MAX_TIMEOUT_S, NatKind, NatRule, OffloadPolicy, Timeouts,
     TimeoutsUpdate,
 };
-use crate::api::nat::NatRules;
+use crate::api::nat::{NatRules, engine_addr, engine_range, to_engine};
 
 /// Where the agent listens and the CLI connects unless told otherwise.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/ctoffload/api.sock";
@@ -554,11 +554,24 @@ pub struct ConfiguredNatRule {
     pub name: String,
     /// Kind.
     pub kind: NatRuleKind,
-    /// The NAT engine's rule (id = position + 1).
+    /// The NAT engine's rule (id = position + 1 in the file; the control plane
+    /// installs it under an id of its own).
     pub engine: EngineRule,
     /// The API's view (`NatService`), for SNAT/DNAT rules that match only on
     /// protocol, prefixes and zone.
     pub api: Option<NatRule>,
+}
+
+impl ConfiguredNatRule {
+    /// The same rule, wherever it is in the file (the engine id is the position).
+    #[must_use]
+    pub fn same_rule(&self, other: &Self) -> bool {
+        let action_and_match = |r: &Self| (r.engine.r#match, r.engine.action.clone());
+        self.name == other.name
+            && self.kind == other.kind
+            && self.api == other.api
+            && action_and_match(self) == action_and_match(other)
+    }
 }
 
 /// The validated TLS files (read at start).
@@ -766,19 +779,6 @@ pub fn protocol_number(name: &str) -> Option<u8> {
     })
 }
 
-fn engine_addr(ip: IpAddr) -> Addr {
-    Addr::from_ip(ip).0
-}
-
-fn engine_range((a, b): (IpAddr, IpAddr)) -> EngineAddrRange {
-    let (min, family) = Addr::from_ip(a);
-    EngineAddrRange {
-        family,
-        min,
-        max: engine_addr(b),
-    }
-}
-
 fn valid_pci(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 12
@@ -955,6 +955,7 @@ impl ConfigFile {
         }
         let mut engine = NatRuleSet::default();
         let mut api_store = NatRules::default();
+        let mut scratch = NatRuleSet::default();
         let mut names = HashSet::new();
         let mut out = Vec::with_capacity(self.nat.rules.len());
         for (i, r) in self.nat.rules.iter().enumerate() {
@@ -969,9 +970,17 @@ impl ConfigFile {
             engine
                 .add(rule.engine.clone())
                 .map_err(|e| engine_error(&e, &key, &self.nat.rules))?;
+            // The API's checks (pool overlaps among the rules it shows), on a scratch
+            // engine: `engine` above has checked the engine's.
             if let Some(api) = &rule.api {
                 api_store
-                    .add(api.clone(), u64::MAX)
+                    .install(
+                        rule.name.clone(),
+                        Some(api.clone()),
+                        rule.engine.clone(),
+                        u64::MAX,
+                        &mut scratch,
+                    )
                     .map_err(|e| ConfigError::from_api(e, &key))?;
             }
             out.push(rule);
@@ -1122,53 +1131,70 @@ impl NatRuleSection {
             random_fully: self.random_fully,
             persistent: self.persistent,
         };
-        let mut api_to_addrs = None;
-        let action = match kind {
+        let id =
+            u32::try_from(index + 1).map_err(|_| ConfigError::invalid(key, "too many rules"))?;
+        // SNAT and DNAT rules are the API's rules plus the matches and flags the API
+        // lacks: one conversion to the engine's form (`api::nat::to_engine`).
+        let base = match kind {
             NatRuleKind::Snat => {
-                let r = addr_range(
+                let (first, last) = addr_range(
                     &required(self.to_addresses.as_ref(), "to_addresses")?,
                     &k("to_addresses"),
                 )?;
-                api_to_addrs = Some(r);
-                NatAction::Snat {
-                    addrs: engine_range(r),
-                    ports: to_ports,
-                    flags,
-                }
+                Some((NatKind::Snat, AddrRange { first, last }, to_ports))
             }
-            NatRuleKind::Masquerade => NatAction::Masquerade {
-                ports: to_ports,
-                flags,
-            },
             NatRuleKind::Dnat => {
                 let a = ip(
                     &required(self.to_address.as_ref(), "to_address")?,
                     &k("to_address"),
                 )?;
-                api_to_addrs = Some((a, a));
-                NatAction::Dnat {
-                    to_addr: engine_addr(a),
-                    to_port: self.to_port,
-                }
+                let port = self.to_port.map(|p| PortRange::new(p, p));
+                Some((NatKind::Dnat, AddrRange { first: a, last: a }, port))
             }
-            NatRuleKind::Fullnat => {
+            NatRuleKind::Masquerade | NatRuleKind::Fullnat | NatRuleKind::Vip => None,
+        };
+        let base = base.map(|(nat_kind, to_addrs, ports)| NatRule {
+            name: name.clone(),
+            kind: nat_kind,
+            protocol: proto,
+            src,
+            dst,
+            zone: self.zone,
+            to_addrs,
+            to_ports: ports.map(|p| (p.min, p.max)),
+        });
+        let action = match (kind, &base) {
+            (NatRuleKind::Snat | NatRuleKind::Dnat, Some(b)) => {
+                let mut action = to_engine(b, id)
+                    .map_err(|e| ConfigError::from_api(e, key))?
+                    .action;
+                if let NatAction::Snat { flags: f, .. } = &mut action {
+                    *f = flags;
+                }
+                action
+            }
+            (NatRuleKind::Masquerade, _) => NatAction::Masquerade {
+                ports: to_ports,
+                flags,
+            },
+            (NatRuleKind::Fullnat, _) => {
                 let a = ip(
                     &required(self.to_address.as_ref(), "to_address")?,
                     &k("to_address"),
                 )?;
-                let r = addr_range(
+                let (first, last) = addr_range(
                     &required(self.to_addresses.as_ref(), "to_addresses")?,
                     &k("to_addresses"),
                 )?;
                 NatAction::FullNat {
                     to_addr: engine_addr(a),
                     to_port: self.to_port,
-                    snat_addrs: engine_range(r),
+                    snat_addrs: engine_range(AddrRange { first, last }),
                     snat_ports: to_ports,
                     flags,
                 }
             }
-            NatRuleKind::Vip => {
+            (NatRuleKind::Vip, _) => {
                 if self.backends.is_empty() {
                     return Err(ConfigError::invalid(
                         k("backends"),
@@ -1202,9 +1228,10 @@ impl NatRuleSection {
                     },
                 }
             }
+            (NatRuleKind::Snat | NatRuleKind::Dnat, None) => {
+                return Err(ConfigError::invalid(key, "internal: no base rule"));
+            }
         };
-        let id =
-            u32::try_from(index + 1).map_err(|_| ConfigError::invalid(key, "too many rules"))?;
         let engine = EngineRule {
             id,
             r#match: RuleMatch {
@@ -1219,44 +1246,17 @@ impl NatRuleSection {
             action,
         };
         // The API's NatService shows SNAT and DNAT rules that match on protocol,
-        // prefixes and zone only; the others exist for the dataplane alone.
-        let api = match (kind, api_to_addrs) {
-            (NatRuleKind::Snat | NatRuleKind::Dnat, Some((first, last)))
+        // prefixes and zone only; the others exist for the dataplane alone. The API's
+        // form is checked as the API would check it (a round trip through protobuf).
+        let api = match base {
+            Some(b)
                 if dport.is_none()
                     && in_port.is_none()
                     && out_port.is_none()
                     && !self.random_fully
                     && !self.persistent =>
             {
-                let pbr = pb::NatRule {
-                    name: name.clone(),
-                    kind: if kind == NatRuleKind::Snat {
-                        pb::NatKind::Snat
-                    } else {
-                        pb::NatKind::Dnat
-                    }
-                    .into(),
-                    protocol: proto.map_or(0, u32::from),
-                    src_prefix: self.src.clone().unwrap_or_default(),
-                    dst_prefix: self.dst.clone().unwrap_or_default(),
-                    zone: self.zone.map(u32::from),
-                    to_addresses: Some(pb::AddressRange {
-                        first: first.to_string(),
-                        last: last.to_string(),
-                    }),
-                    to_ports: if kind == NatRuleKind::Snat {
-                        to_ports.map(|p| pb::PortRange {
-                            first: u32::from(p.min),
-                            last: u32::from(p.max),
-                        })
-                    } else {
-                        self.to_port.map(|p| pb::PortRange {
-                            first: u32::from(p),
-                            last: u32::from(p),
-                        })
-                    },
-                };
-                let rule = NatRule::try_from(&pbr).map_err(|e| {
+                let rule = NatRule::try_from(&pb::NatRule::from(&b)).map_err(|e| {
                     let e = match e {
                         ApiError::InvalidArgument { field, reason }
                             if kind == NatRuleKind::Dnat =>
@@ -1274,7 +1274,7 @@ impl NatRuleSection {
                 })?;
                 Some(rule)
             }
-            _ => None,
+            Some(_) | None => None,
         };
         Ok(ConfiguredNatRule {
             name,
@@ -1453,9 +1453,12 @@ pub struct ApplyReport {
 }
 
 /// Push the run-time settings of `new` into `control`, given the configuration it
-/// runs with now (`old`; `None` at start). Connections are untouched. NAT rules the
-/// API can express are managed by name: those `old` had and `new` lacks (or changes)
-/// are removed, new or changed ones added; rules added through the API are left alone.
+/// runs with now (`old`; `None` at start). Connections are untouched. Everything here
+/// applies to the running engine (see [`crate::api::settings`]): timeouts (existing
+/// connections at their next packet), limits, the offload policy, and every NAT rule
+/// of the file, managed by name: rules `old` had and `new` lacks or changes are
+/// removed (their connections keep their binding), new or changed ones added after
+/// the rules already installed; rules added through the API are left alone.
 pub fn apply<C: ControlPlane + ?Sized>(
     control: &C,
     old: Option<&AgentConfig>,
@@ -1464,7 +1467,12 @@ pub fn apply<C: ControlPlane + ?Sized>(
     let mut report = ApplyReport::default();
     if old.is_none_or(|o| o.timeouts != new.timeouts) {
         match control.set_timeouts(TimeoutsUpdate(new.timeouts)) {
-            Ok(_) => report.applied.push("timeouts".into()),
+            Ok(c) => {
+                report.applied.push("timeouts".into());
+                if c.restart_required {
+                    report.restart_required.push("timeouts");
+                }
+            }
             Err(e) => report.failed.push(("timeouts".into(), e)),
         }
     }
@@ -1474,20 +1482,16 @@ pub fn apply<C: ControlPlane + ?Sized>(
             Err(e) => report.failed.push(("offload".into(), e)),
         }
     }
-    let api_rules = |c: &AgentConfig| -> Vec<NatRule> {
-        c.nat_rules.iter().filter_map(|r| r.api.clone()).collect()
-    };
-    let old_rules = old.map(api_rules).unwrap_or_default();
-    let new_rules = api_rules(new);
-    for r in &old_rules {
-        if !new_rules.contains(r) {
-            match control.remove_nat_rule(&r.name) {
-                Ok(()) => report
-                    .applied
-                    .push(format!("nat.rules[{}] removed", r.name)),
-                Err(ApiError::NotFound { .. }) => {}
-                Err(e) => report.failed.push((format!("nat.rules[{}]", r.name), e)),
-            }
+    let old_rules = old.map_or(&[][..], |o| o.nat_rules.as_slice());
+    let kept =
+        |r: &ConfiguredNatRule, among: &[ConfiguredNatRule]| among.iter().any(|o| o.same_rule(r));
+    for r in old_rules.iter().filter(|r| !kept(r, &new.nat_rules)) {
+        match control.remove_nat_rule(&r.name) {
+            Ok(()) => report
+                .applied
+                .push(format!("nat.rules[{}] removed", r.name)),
+            Err(ApiError::NotFound { .. }) => {}
+            Err(e) => report.failed.push((format!("nat.rules[{}]", r.name), e)),
         }
     }
     // Limits after removals (a lower max_nat_rules may need them) and before
@@ -1497,19 +1501,36 @@ pub fn apply<C: ControlPlane + ?Sized>(
             Ok(c) => {
                 report.applied.push("limits".into());
                 if c.restart_required {
-                    report.restart_required.push("limits.max_connections");
+                    report
+                        .restart_required
+                        .push("limits.max_connections (above the table's allocated size)");
                 }
             }
             Err(e) => report.failed.push(("limits".into(), e)),
         }
     }
-    for r in &new_rules {
-        if !old_rules.contains(r) {
-            match control.add_nat_rule(r.clone()) {
-                Ok(_) => report.applied.push(format!("nat.rules[{}] added", r.name)),
-                Err(e) => report.failed.push((format!("nat.rules[{}]", r.name), e)),
-            }
+    let added: Vec<&ConfiguredNatRule> = new
+        .nat_rules
+        .iter()
+        .filter(|r| !kept(r, old_rules))
+        .collect();
+    for r in &added {
+        match control.add_engine_nat_rule(r.name.clone(), r.engine.clone(), r.api.clone()) {
+            Ok(()) => report.applied.push(format!("nat.rules[{}] added", r.name)),
+            Err(e) => report.failed.push((format!("nat.rules[{}]", r.name), e)),
         }
+    }
+    // Rules match in order; added rules go after the kept ones. A file whose order
+    // differs from that gets it only at a restart.
+    let running = old_rules
+        .iter()
+        .filter(|r| kept(r, &new.nat_rules))
+        .chain(added.iter().copied())
+        .map(|r| r.name.as_str());
+    if !running.eq(new.nat_rules.iter().map(|r| r.name.as_str())) {
+        report
+            .restart_required
+            .push("nat.rules (order: reloaded rules match after the others)");
     }
     if let Some(o) = old {
         for (changed, key) in [
@@ -1529,23 +1550,6 @@ pub fn apply<C: ControlPlane + ?Sized>(
                 report.restart_required.push(key);
             }
         }
-        let engine_only = |c: &AgentConfig| -> Vec<EngineRule> {
-            c.nat_rules
-                .iter()
-                .filter(|r| r.api.is_none())
-                .map(|r| r.engine.clone())
-                .collect()
-        };
-        if engine_only(o) != engine_only(new) {
-            report
-                .restart_required
-                .push("nat.rules (kinds the API does not show)");
-        }
-    }
-    if let Ok(t) = control.timeouts()
-        && t.restart_required
-    {
-        report.restart_required.push("timeouts (running table)");
     }
     report
 }
@@ -1603,7 +1607,11 @@ mod tests {
         );
         assert!(r.applied.contains(&"offload".to_owned()));
         assert!(!r.applied.contains(&"limits".to_owned()), "unchanged");
-        assert!(r.restart_required.contains(&"timeouts (running table)"));
+        assert!(r.restart_required.is_empty(), "{:?}", r.restart_required);
+        assert!(
+            control.timeouts().is_ok_and(|t| !t.restart_required),
+            "timeouts run in the table"
+        );
         let names: Vec<String> = control
             .nat_rules()
             .unwrap_or_default()

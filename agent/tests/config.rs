@@ -300,6 +300,10 @@ fn sighup_applies_changes_and_keeps_connections() {
     assert_eq!(t["udp"], 45);
     assert_eq!(t["tcp_established"], 7200);
     assert_eq!(t["icmp"], 30, "unchanged keys keep their value");
+    assert_eq!(t["restart_required"], false, "applied to the running table");
+    let log = a.log_text();
+    assert!(log.contains("nat.rules[out] added"), "{log}");
+    assert!(!log.contains("only after a restart"), "{log}");
     assert_eq!(a.json(&["policy", "get", "-o", "json"])["min_packets"], 9);
     let nat = a.json(&["nat", "list", "-o", "json"]);
     assert_eq!(nat[0]["name"], "out");
@@ -377,7 +381,8 @@ fn metrics_endpoint_serves_the_statistics() {
     let addr = format!("127.0.0.1:{port}");
     let a = Agent::start(&format!(
         "[metrics]\nlisten = {addr:?}\n{}",
-        snat("out", "to_ports = \"1024-1033\"")
+        // Matches none of the preloaded flows (the rule is live in the engine).
+        snat("out", "to_ports = \"1024-1033\"\nsrc = \"198.18.0.0/15\"")
     ));
     a.ok(&["stats"]);
     let (head, body) = scrape(&addr, "/metrics");

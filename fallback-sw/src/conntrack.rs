@@ -23,7 +23,9 @@ use crate::nat::rewrite::{self, RewriteError};
 use crate::nat::rules::RuleId;
 use crate::nat::{NatEngine, NatError, PacketMeta};
 use crate::table::{ConnTable, InsertError, RemoveReason, Slot, Status};
-use crate::tcp::{ConnStatus, TcpConfig, TcpConn, TcpFlags, TcpInvalid, TcpOutcome, TcpSegment};
+use crate::tcp::{
+    ConnStatus, TcpConfig, TcpConn, TcpFlags, TcpInvalid, TcpOutcome, TcpSegment, TcpTimeouts,
+};
 use crate::tuple::{Addr, Dir, Family, Tuple, icmpv4_is_request, icmpv6_is_request};
 use crate::wire::{self, DropReason, Fragment, L3, L4, ParseOptions, ParsedPacket, TcpInfo};
 
@@ -454,6 +456,21 @@ impl Conntrack {
     #[must_use]
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Change the timeouts at run time, like writing the `nf_conntrack_*_timeout*`
+    /// sysctls: a connection keeps the expiry it has and takes the new value at its
+    /// next packet (or state change); new connections start with it.
+    pub fn set_timeouts(&mut self, tcp: TcpTimeouts, other: OtherTimeouts) {
+        self.cfg.tcp.timeouts = tcp;
+        self.cfg.timeouts = other;
+    }
+
+    /// Change the number of connections admitted (`nf_conntrack_max`) at run time,
+    /// within the table's allocation; returns the limit now in force (see
+    /// [`ConnTable::set_limit`]). [`Config::max_connections`] stays the allocated size.
+    pub fn set_max_connections(&mut self, max: usize) -> usize {
+        self.table.set_limit(max)
     }
 
     /// Counters.

@@ -241,6 +241,9 @@ pub struct ConnTable<P> {
     free: Vec<u32>,
     count: usize,
     max: usize,
+    /// Connections admitted at most (`nf_conntrack_max`): at most `max`, the allocated
+    /// size; lowered or raised at run time by [`ConnTable::set_limit`].
+    limit: usize,
     next_id: u64,
     wheel: TimerWheel,
     events: Vec<Event>,
@@ -273,6 +276,7 @@ impl<P> ConnTable<P> {
             free,
             count: 0,
             max,
+            limit: max,
             next_id: 1,
             wheel: TimerWheel::new(),
             events: Vec::with_capacity(events_cap),
@@ -295,10 +299,27 @@ impl<P> ConnTable<P> {
         self.count == 0
     }
 
-    /// The configured maximum number of connections.
+    /// The number of connections the table was allocated for (the most
+    /// [`ConnTable::set_limit`] can admit).
     #[must_use]
     pub fn capacity(&self) -> usize {
         self.max
+    }
+
+    /// The number of connections admitted at most now (`nf_conntrack_max`).
+    #[must_use]
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Change the admission limit, like writing `nf_conntrack_max`: clamped to
+    /// `1..=capacity()`; returns the limit now in force. Nothing is evicted when the
+    /// limit falls below [`ConnTable::len`]: a new connection then early-drops one
+    /// unassured entry or is refused ([`InsertError::TableFull`]), until the count is
+    /// under the limit again.
+    pub fn set_limit(&mut self, limit: usize) -> usize {
+        self.limit = limit.clamp(1, self.max);
+        self.limit
     }
 
     /// Table counters.
@@ -574,9 +595,9 @@ impl<P> ConnTable<P> {
         proto: P,
         now: u64,
     ) -> Result<Slot, InsertError> {
-        if self.count >= self.max && !self.early_drop(&orig, now) {
+        if self.count >= self.limit && !self.early_drop(&orig, now) {
             self.stats.insert_full += 1;
-            return Err(InsertError::TableFull { max: self.max });
+            return Err(InsertError::TableFull { max: self.limit });
         }
         let Some(raw) = self.free.pop() else {
             self.stats.insert_full += 1;
@@ -717,7 +738,7 @@ impl<P> ConnTable<P> {
                 }
             }
             // Expired entries reaped on the way make room but do not count (Linux).
-            if dropped > 0 || self.count < self.max {
+            if dropped > 0 || self.count < self.limit {
                 return true;
             }
         }
@@ -967,6 +988,30 @@ mod tests {
         assert_eq!(tab.stats().early_drop, 1);
         assert!(tab.lookup(&t(2), 1).is_none());
         assert_eq!(tab.lookup(&new, 1), Some((s, Dir::Original)));
+    }
+
+    #[test]
+    fn lowered_limit_evicts_nothing_and_refuses_until_under_it() {
+        let mut tab: ConnTable<()> = ConnTable::new(8, 9, 64);
+        for i in 0..4 {
+            let a = t(i);
+            tab.insert(a, inv(&a), Status::ASSURED, 300 * S, (), 0)
+                .expect("room");
+        }
+        assert_eq!(tab.set_limit(2), 2);
+        assert_eq!(tab.len(), 4, "lowering the limit evicts nothing");
+        let new = t(100);
+        let err = tab
+            .insert(new, inv(&new), Status::empty(), 30 * S, (), 0)
+            .expect_err("over the limit, all assured: refused");
+        assert_eq!(err, InsertError::TableFull { max: 2 });
+        // Clamped to the allocation; back at 8 there is room again.
+        assert_eq!(tab.set_limit(100), 8);
+        assert_eq!(tab.set_limit(0), 1);
+        tab.set_limit(8);
+        tab.insert(new, inv(&new), Status::empty(), 30 * S, (), 0)
+            .expect("under the limit");
+        assert_eq!(tab.len(), 5);
     }
 
     #[test]

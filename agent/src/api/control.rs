@@ -1,5 +1,7 @@
 //! The boundary between the API server and the agent's core.
 
+use ctoffload_fallback_sw::nat::rules::NatRule as EngineRule;
+
 use super::error::ApiError;
 use super::journal::EventJournal;
 use super::model::{
@@ -36,9 +38,20 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn stats(&self) -> Result<StatsSnapshot, ApiError>;
     /// NAT rules in insertion order.
     fn nat_rules(&self) -> Result<Vec<NatRule>, ApiError>;
-    /// Add a rule (checked against the others and the limits).
+    /// Add a rule (checked against the others and the limits) and install it in the
+    /// running engine: new connections see it.
     fn add_nat_rule(&self, rule: NatRule) -> Result<NatRule, ApiError>;
-    /// Remove a rule by name.
+    /// Add a rule given in the engine's form (the configuration file's, which may use
+    /// actions and matches the API lacks), shown by `nat_rules` as `api` when the API
+    /// can express it. Its id is the control plane's to choose.
+    fn add_engine_nat_rule(
+        &self,
+        name: String,
+        rule: EngineRule,
+        api: Option<NatRule>,
+    ) -> Result<(), ApiError>;
+    /// Remove a rule by name, from the running engine too. Connections it translated
+    /// keep their binding until they end (Linux).
     fn remove_nat_rule(&self, name: &str) -> Result<(), ApiError>;
     /// The offload policy.
     fn offload_policy(&self) -> Result<OffloadPolicy, ApiError>;
@@ -50,10 +63,12 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn device_status(&self) -> Result<DeviceStatus, ApiError>;
     /// Timeouts.
     fn timeouts(&self) -> Result<Configured<Timeouts>, ApiError>;
-    /// Change timeouts.
+    /// Change timeouts: applied to the running engine, existing connections take them
+    /// at their next packet.
     fn set_timeouts(&self, update: TimeoutsUpdate) -> Result<Configured<Timeouts>, ApiError>;
     /// Limits.
     fn limits(&self) -> Result<Configured<Limits>, ApiError>;
-    /// Change limits.
+    /// Change limits: `max_connections` applies to the running table (see
+    /// [`settings`](super::settings)).
     fn set_limits(&self, update: LimitsUpdate) -> Result<Configured<Limits>, ApiError>;
 }

@@ -7,6 +7,10 @@
 //! moves the worker's observed events into the journal and feeds the metrics. A job is
 //! a closure run on the worker's state with the loop's `now`; the caller waits for its
 //! answer for at most [`ANSWER_TIMEOUT`]. Listing is paged like the software table.
+//!
+//! NAT rules, timeouts and limits are a [`Settings`] owned by the worker thread
+//! ([`Core`]): a change is a job, applied to the worker's engine between two polls
+//! (see [`super::settings`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +21,8 @@ use std::time::Duration;
 
 use ctoffload_driver::device::Clock;
 use ctoffload_driver::io::DeviceIo;
-use ctoffload_fallback_sw::conntrack::{Filter, L4State};
+use ctoffload_fallback_sw::conntrack::{Conntrack, Filter, L4State};
+use ctoffload_fallback_sw::nat::rules::{NatRule as EngineRule, NatRuleSet};
 use ctoffload_fallback_sw::table::{Conn, Counter, Status};
 use ctoffload_fallback_sw::tcp::TcpState;
 
@@ -29,7 +34,7 @@ use super::model::{
     LimitsUpdate, ListCursor, ListPage, NatRule, OffloadPolicy, ReturnReason, StatsSnapshot,
     Timeouts, TimeoutsUpdate,
 };
-use super::nat::NatRules;
+use super::settings::{Engine, Settings};
 use crate::dataplane::{self, ConnHandle, HwState, NotOffloaded, Observed, Worker};
 use crate::metrics::MetricsHandle;
 
@@ -56,15 +61,24 @@ pub struct Core<Io: DeviceIo> {
     /// The hardware part of the counters of destroyed connections (packets).
     pub destroyed_hw_packets: u64,
     policy: OffloadPolicy,
+    settings: Settings,
 }
 
 type Job<Io> = Box<dyn FnOnce(&mut Core<Io>, u64) + Send>;
 
-#[derive(Debug)]
-struct Settings {
-    nat: NatRules,
-    timeouts: Timeouts,
-    limits: Limits,
+impl<Io: DeviceIo> Engine for Worker<Io> {
+    fn conntrack(&self) -> &Conntrack {
+        Worker::conntrack(self)
+    }
+    fn nat_rules_mut(&mut self) -> &mut NatRuleSet {
+        self.nat_mut().rules_mut()
+    }
+    fn set_timeouts(&mut self, t: &Timeouts) {
+        Worker::set_timeouts(self, t.tcp, t.other);
+    }
+    fn set_max_connections(&mut self, max: usize) -> usize {
+        Worker::set_max_connections(self, max)
+    }
 }
 
 /// Static facts about the device, read at start.
@@ -80,7 +94,6 @@ pub struct DeviceFacts {
 pub struct DataplaneControl<Io: DeviceIo> {
     tx: SyncSender<Job<Io>>,
     journal: Arc<EventJournal>,
-    settings: Mutex<Settings>,
     facts: DeviceFacts,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -321,21 +334,7 @@ impl<Io: DeviceIo + Send + 'static> DataplaneControl<Io> {
         worker.set_observing(true);
         let base = worker.policy();
         worker.set_policy(worker_policy(base, policy));
-        let ct = worker.conntrack().config();
-        let cap = worker.conntrack().table().capacity() as u64;
-        let settings = Settings {
-            nat: NatRules::default(),
-            timeouts: Timeouts {
-                tcp: ct.tcp.timeouts,
-                other: ct.timeouts,
-            },
-            limits: Limits {
-                max_connections: cap,
-                max_offloaded: cap,
-                max_nat_rules: 1024,
-                event_journal_capacity: journal_capacity as u64,
-            },
-        };
+        let settings = Settings::of(worker.conntrack(), journal_capacity);
         let journal = Arc::new(EventJournal::new(journal_capacity));
         let (tx, rx) = mpsc::sync_channel(QUEUE_BOUND);
         let stop = Arc::new(AtomicBool::new(false));
@@ -346,6 +345,7 @@ impl<Io: DeviceIo + Send + 'static> DataplaneControl<Io> {
             destroyed: HashMap::new(),
             destroyed_hw_packets: 0,
             policy,
+            settings,
         };
         let thread = {
             let (stop, journal) = (Arc::clone(&stop), Arc::clone(&journal));
@@ -356,7 +356,6 @@ impl<Io: DeviceIo + Send + 'static> DataplaneControl<Io> {
         Ok(Self {
             tx,
             journal,
-            settings: Mutex::new(settings),
             facts,
             stop,
             thread: Mutex::new(Some(thread)),
@@ -401,12 +400,6 @@ impl<Io: DeviceIo + Send + 'static> DataplaneControl<Io> {
         if let Some(h) = handle {
             let _ = h.join();
         }
-    }
-
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Settings>, ApiError> {
-        self.settings
-            .lock()
-            .map_err(|_| ApiError::Poisoned { what: "settings" })
     }
 
     fn delete_where(&self, filter: Filter) -> Result<u64, ApiError> {
@@ -532,10 +525,10 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
 
     fn stats(&self) -> Result<StatsSnapshot, ApiError> {
         let journal = self.journal.info()?;
-        let pools = self.lock()?.nat.pools(|_| 0);
         self.call(move |core, now| {
             let hw_table = hw_table(core);
             let w = &core.worker;
+            let pools = core.settings.port_pools(w.conntrack(), now);
             let mut by_state: HashMap<&'static str, u64> = HashMap::new();
             let mut by_proto: HashMap<u8, u64> = HashMap::new();
             let (mut connections, mut offloaded, mut hw) = (0u64, 0u64, 0u64);
@@ -569,7 +562,7 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
             by_protocol.sort_unstable();
             Ok(StatsSnapshot {
                 connections,
-                max_connections: w.conntrack().table().capacity() as u64,
+                max_connections: w.conntrack().table().limit() as u64,
                 by_tcp_state,
                 by_protocol,
                 offloaded,
@@ -589,18 +582,28 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
     }
 
     fn nat_rules(&self) -> Result<Vec<NatRule>, ApiError> {
-        Ok(self.lock()?.nat.rules().to_vec())
+        self.call(|core, _| Ok(core.settings.nat_rules()))
     }
 
     fn add_nat_rule(&self, rule: NatRule) -> Result<NatRule, ApiError> {
-        let mut st = self.lock()?;
-        let max = st.limits.max_nat_rules;
-        st.nat.add(rule.clone(), max)?;
-        Ok(rule)
+        self.call(move |core, _| core.settings.add_nat_rule(&mut core.worker, rule))
+    }
+
+    fn add_engine_nat_rule(
+        &self,
+        name: String,
+        rule: EngineRule,
+        api: Option<NatRule>,
+    ) -> Result<(), ApiError> {
+        self.call(move |core, _| {
+            core.settings
+                .add_engine_rule(&mut core.worker, name, rule, api)
+        })
     }
 
     fn remove_nat_rule(&self, name: &str) -> Result<(), ApiError> {
-        self.lock()?.nat.remove(name, 0).map(drop)
+        let name = name.to_owned();
+        self.call(move |core, _| core.settings.remove_nat_rule(&mut core.worker, &name))
     }
 
     fn offload_policy(&self) -> Result<OffloadPolicy, ApiError> {
@@ -662,55 +665,27 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
     }
 
     fn timeouts(&self) -> Result<Configured<Timeouts>, ApiError> {
-        let value = self.lock()?.timeouts;
-        self.call(move |core, _| {
-            let running = core.worker.conntrack().config();
-            Ok(Configured {
-                value,
-                restart_required: running.tcp.timeouts != value.tcp
-                    || running.timeouts != value.other,
-            })
-        })
+        self.call(|core, _| Ok(core.settings.timeouts(core.worker.conntrack())))
     }
 
     fn set_timeouts(&self, update: TimeoutsUpdate) -> Result<Configured<Timeouts>, ApiError> {
-        {
-            let mut st = self.lock()?;
-            st.timeouts = update.apply(&st.timeouts);
-        }
-        self.timeouts()
+        self.call(move |core, _| Ok(core.settings.set_timeouts(&mut core.worker, update)))
     }
 
     fn limits(&self) -> Result<Configured<Limits>, ApiError> {
-        let value = self.lock()?.limits;
-        self.call(move |core, _| {
-            Ok(Configured {
-                value,
-                restart_required: value.max_connections
-                    != core.worker.conntrack().table().capacity() as u64,
-            })
-        })
+        self.call(|core, _| Ok(core.settings.configured_limits(core.worker.conntrack())))
     }
 
     fn set_limits(&self, update: LimitsUpdate) -> Result<Configured<Limits>, ApiError> {
-        let new = {
-            let st = self.lock()?;
-            let new = update.apply(&st.limits);
-            let rules = st.nat.len() as u64;
-            if new.max_nat_rules < rules {
-                return Err(ApiError::FailedPrecondition {
-                    reason: format!(
-                        "limits.max_nat_rules: {rules} rules exist, more than {}; remove some first",
-                        new.max_nat_rules
-                    ),
-                });
-            }
-            new
-        };
-        self.journal
-            .set_capacity(usize::try_from(new.event_journal_capacity).unwrap_or(usize::MAX))?;
-        self.lock()?.limits = new;
-        self.limits()
+        let journal = Arc::clone(&self.journal);
+        self.call(move |core, _| {
+            // The dataplane does not enforce max_offloaded (the device table's size
+            // bounds it): no check against the flows offloaded now.
+            let new = core.settings.check_limits(update, None)?;
+            journal
+                .set_capacity(usize::try_from(new.event_journal_capacity).unwrap_or(usize::MAX))?;
+            Ok(core.settings.set_limits(&mut core.worker, new))
+        })
     }
 }
 

@@ -6,6 +6,8 @@
 //! - [`service`] holds the tonic handlers: validate, convert the request with
 //!   `TryFrom` ([`convert`]), call the control plane, convert the answer back.
 //!   Every failure is an [`ApiError`], turned into a gRPC status in one place.
+//! - [`settings`] holds the NAT rules, timeouts and limits both control planes
+//!   apply to their running engine; [`nat`] converts API rules to engine rules.
 //! - [`journal`] is the sequenced event log behind `WatchEvents`.
 //! - [`server`] listens (Unix socket 0600 by default, TCP only with mutual TLS),
 //!   adds the standard health service and the [`layer`] that logs and counts RPCs,
@@ -23,6 +25,7 @@ pub mod model;
 pub mod nat;
 pub mod server;
 pub mod service;
+pub mod settings;
 pub mod software;
 
 pub use control::ControlPlane;

@@ -6,6 +6,9 @@
 //! eligible flows as their packets pass [`SoftwareControl::process`]; a TCP flow
 //! that leaves ESTABLISHED is returned to the slow path.
 //!
+//! NAT rules, timeouts and limits are a [`Settings`] kept under the same lock as the
+//! table and applied to it as they change (see [`super::settings`]).
+//!
 //! Events come from the table's queue (`drain_events`) after every operation that
 //! can produce them, plus the state-change, offload and return events this type
 //! produces itself, all appended to the journal under the table lock so that their
@@ -20,6 +23,8 @@ use ctoffload_fallback_sw::table::{Conn, Counter, Event as CtEvent, Slot, Status
 use ctoffload_fallback_sw::tcp::TcpState;
 use ctoffload_fallback_sw::tuple::proto as ipproto;
 
+use ctoffload_fallback_sw::nat::rules::NatRule as EngineRule;
+
 use super::control::ControlPlane;
 use super::convert::MAX_CONNECTIONS;
 use super::error::ApiError;
@@ -29,7 +34,7 @@ use super::model::{
     Limits, LimitsUpdate, ListCursor, ListPage, NatRule, OffloadPolicy, ReturnReason,
     StatsSnapshot, Timeouts, TimeoutsUpdate,
 };
-use super::nat::NatRules;
+use super::settings::Settings;
 
 /// The clock: nanoseconds on a monotonic scale.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -50,10 +55,8 @@ struct State {
     meta: HashMap<u64, Meta>,
     source_lost_seen: u64,
     offloaded: u64,
-    nat: NatRules,
+    settings: Settings,
     policy: OffloadPolicy,
-    timeouts: Timeouts,
-    limits: Limits,
     pending: Vec<Event>,
 }
 
@@ -206,7 +209,7 @@ impl State {
         if p.enabled
             && proto_ok
             && packets >= p.min_packets
-            && self.offloaded < self.limits.max_offloaded
+            && self.offloaded < self.settings.limits().max_offloaded
             && self.ct.mark_offloaded(slot, now).is_ok()
         {
             self.offloaded += 1;
@@ -274,25 +277,15 @@ impl SoftwareControl {
     /// The same with a given clock (tests pass a manual one).
     #[must_use]
     pub fn with_clock(cfg: Config, journal_capacity: usize, clock: Clock) -> Self {
-        let limits = Limits {
-            max_connections: cfg.max_connections as u64,
-            max_offloaded: cfg.max_connections as u64,
-            max_nat_rules: 1024,
-            event_journal_capacity: journal_capacity as u64,
-        };
+        let ct = Conntrack::new(cfg);
         Self {
             state: Mutex::new(State {
-                timeouts: Timeouts {
-                    tcp: cfg.tcp.timeouts,
-                    other: cfg.timeouts,
-                },
-                ct: Conntrack::new(cfg),
+                settings: Settings::of(&ct, journal_capacity),
+                ct,
                 meta: HashMap::new(),
                 source_lost_seen: 0,
                 offloaded: 0,
-                nat: NatRules::default(),
                 policy: OffloadPolicy::default(),
-                limits,
                 pending: Vec::new(),
             }),
             journal: EventJournal::new(journal_capacity),
@@ -427,7 +420,7 @@ impl ControlPlane for SoftwareControl {
         by_protocol.sort_unstable();
         Ok(StatsSnapshot {
             connections,
-            max_connections: st.ct.table().capacity() as u64,
+            max_connections: st.ct.table().limit() as u64,
             by_tcp_state,
             by_protocol,
             offloaded,
@@ -438,8 +431,7 @@ impl ControlPlane for SoftwareControl {
             early_drops: ts.early_drop,
             expired: ts.expired,
             drops_by_reason: drops,
-            // The software engine has no NAT bindings yet: pools are unused.
-            port_pools: st.nat.pools(|_| 0),
+            port_pools: st.settings.port_pools(&st.ct, now),
             packets: cs.packets,
             created: cs.created,
             journal: self.journal.info()?,
@@ -447,18 +439,27 @@ impl ControlPlane for SoftwareControl {
     }
 
     fn nat_rules(&self) -> Result<Vec<NatRule>, ApiError> {
-        Ok(self.lock()?.nat.rules().to_vec())
+        Ok(self.lock()?.settings.nat_rules())
     }
 
     fn add_nat_rule(&self, rule: NatRule) -> Result<NatRule, ApiError> {
-        let mut st = self.lock()?;
-        let max = st.limits.max_nat_rules;
-        st.nat.add(rule.clone(), max)?;
-        Ok(rule)
+        let st = &mut *self.lock()?;
+        st.settings.add_nat_rule(&mut st.ct, rule)
+    }
+
+    fn add_engine_nat_rule(
+        &self,
+        name: String,
+        rule: EngineRule,
+        api: Option<NatRule>,
+    ) -> Result<(), ApiError> {
+        let st = &mut *self.lock()?;
+        st.settings.add_engine_rule(&mut st.ct, name, rule, api)
     }
 
     fn remove_nat_rule(&self, name: &str) -> Result<(), ApiError> {
-        self.lock()?.nat.remove(name, 0).map(drop)
+        let st = &mut *self.lock()?;
+        st.settings.remove_nat_rule(&mut st.ct, name)
     }
 
     fn offload_policy(&self) -> Result<OffloadPolicy, ApiError> {
@@ -503,45 +504,26 @@ impl ControlPlane for SoftwareControl {
 
     fn timeouts(&self) -> Result<Configured<Timeouts>, ApiError> {
         let st = self.lock()?;
-        Ok(configured_timeouts(&st))
+        Ok(st.settings.timeouts(&st.ct))
     }
 
     fn set_timeouts(&self, update: TimeoutsUpdate) -> Result<Configured<Timeouts>, ApiError> {
-        let mut st = self.lock()?;
-        st.timeouts = update.apply(&st.timeouts);
-        Ok(configured_timeouts(&st))
+        let st = &mut *self.lock()?;
+        Ok(st.settings.set_timeouts(&mut st.ct, update))
     }
 
     fn limits(&self) -> Result<Configured<Limits>, ApiError> {
         let st = self.lock()?;
-        Ok(configured_limits(&st))
+        Ok(st.settings.configured_limits(&st.ct))
     }
 
     fn set_limits(&self, update: LimitsUpdate) -> Result<Configured<Limits>, ApiError> {
-        let mut st = self.lock()?;
-        let new = update.apply(&st.limits);
-        if new.max_offloaded < st.offloaded {
-            return Err(ApiError::FailedPrecondition {
-                reason: format!(
-                    "limits.max_offloaded: {} flows are offloaded now, more than {}; drain first",
-                    st.offloaded, new.max_offloaded
-                ),
-            });
-        }
-        let rules = st.nat.len() as u64;
-        if new.max_nat_rules < rules {
-            return Err(ApiError::FailedPrecondition {
-                reason: format!(
-                    "limits.max_nat_rules: {rules} rules exist, more than {}; remove some first",
-                    new.max_nat_rules
-                ),
-            });
-        }
+        let st = &mut *self.lock()?;
+        let new = st.settings.check_limits(update, Some(st.offloaded))?;
         debug_assert!(new.max_connections <= MAX_CONNECTIONS);
         self.journal
             .set_capacity(usize::try_from(new.event_journal_capacity).unwrap_or(usize::MAX))?;
-        st.limits = new;
-        Ok(configured_limits(&st))
+        Ok(st.settings.set_limits(&mut st.ct, new))
     }
 }
 
@@ -551,23 +533,5 @@ fn not_found(key: &ConnKey) -> ApiError {
             ConnKey::Id(id) => format!("connection id {id}"),
             ConnKey::Tuple(t) => format!("connection {t}"),
         },
-    }
-}
-
-/// The software table cannot change its timeouts while it runs (fallback-sw has no
-/// runtime setter): report whether the configured values differ from the running ones.
-fn configured_timeouts(st: &State) -> Configured<Timeouts> {
-    let running = st.ct.config();
-    Configured {
-        value: st.timeouts,
-        restart_required: running.tcp.timeouts != st.timeouts.tcp
-            || running.timeouts != st.timeouts.other,
-    }
-}
-
-fn configured_limits(st: &State) -> Configured<Limits> {
-    Configured {
-        value: st.limits,
-        restart_required: st.limits.max_connections != st.ct.table().capacity() as u64,
     }
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use clap::Args;
 use ctoffload_fallback_sw::conntrack::Config as CtConfig;
+use ctoffload_fallback_sw::nat::rules::NatRule as EngineRule;
 use ctoffload_fallback_sw::tcp::TcpConfig;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -155,6 +156,14 @@ impl ControlPlane for AgentControl {
     }
     fn add_nat_rule(&self, rule: NatRule) -> Result<NatRule, ApiError> {
         delegate!(self, c => c.add_nat_rule(rule))
+    }
+    fn add_engine_nat_rule(
+        &self,
+        name: String,
+        rule: EngineRule,
+        api: Option<NatRule>,
+    ) -> Result<(), ApiError> {
+        delegate!(self, c => c.add_engine_nat_rule(name, rule, api))
     }
     fn remove_nat_rule(&self, name: &str) -> Result<(), ApiError> {
         delegate!(self, c => c.remove_nat_rule(name))

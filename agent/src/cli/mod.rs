@@ -896,7 +896,7 @@ fn timeouts_text(r: &pb::TimeoutsResponse) -> String {
     if r.restart_required {
         rows.push((
             "restart_required".into(),
-            "true (the running table keeps its values until the agent restarts)".into(),
+            "true (the running engine could not take every value; see the agent's log)".into(),
         ));
     }
     output::kv(&rows)

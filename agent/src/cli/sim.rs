@@ -221,8 +221,8 @@ fn hw_policy(cfg: &AgentConfig) -> OffloadPolicy {
     }
 }
 
-/// Start the simulator, bring the device up over it, install the configuration's NAT
-/// rules and start the worker thread.
+/// Start the simulator, bring the device up over it and start the worker thread
+/// (without NAT rules: [`crate::config::apply`] installs them).
 pub fn start(cfg: &AgentConfig, metrics: MetricsHandle) -> Result<SimDataplane, SimError> {
     start_with(cfg, metrics, |_| {})
 }
@@ -309,15 +309,12 @@ pub fn start_with(
             return Err(SimError::Driver(e));
         }
     };
+    // NAT rules are installed by `config::apply` through the control plane, as on
+    // SIGHUP, so that the API's rule store and the engine hold the same rules.
     let mut worker = Worker::new(wcfg, dev);
     if let Some(gw) = gateway {
         // veth and other virtual interfaces leave TCP/UDP checksums to offload.
         worker.set_gateway(gw, true);
-    }
-    for r in &cfg.nat_rules {
-        if let Err(e) = worker.nat_mut().rules_mut().add(r.engine.clone()) {
-            tracing::error!(rule = %r.name, error = %e, "NAT rule not installed");
-        }
     }
     let journal = usize::try_from(cfg.limits.event_journal_capacity).unwrap_or(usize::MAX);
     let control = DataplaneControl::start(

@@ -10,11 +10,13 @@ use std::collections::{HashMap, VecDeque};
 use ctoffload_driver::counters::CounterSample;
 use ctoffload_driver::device::{CommandResult, Device, DeviceEvent, FlowCommand, RxMeta, TxFrame};
 use ctoffload_driver::io::DeviceIo;
-use ctoffload_fallback_sw::conntrack::{Config, Conntrack, L4State, NatOutcome, Teardown, Verdict};
+use ctoffload_fallback_sw::conntrack::{
+    Config, Conntrack, L4State, NatOutcome, OtherTimeouts, Teardown, Verdict,
+};
 use ctoffload_fallback_sw::nat::NatEngine;
 use ctoffload_fallback_sw::nat::PacketMeta;
 use ctoffload_fallback_sw::table::Event;
-use ctoffload_fallback_sw::tcp::TcpState;
+use ctoffload_fallback_sw::tcp::{TcpState, TcpTimeouts};
 use ctoffload_fallback_sw::tuple::{Addr, Dir, Tuple};
 use ctoffload_hw_regs::RxReason;
 
@@ -201,6 +203,18 @@ impl<Io: DeviceIo> Worker<Io> {
     /// The NAT engine (set rules here; existing connections keep their translation).
     pub fn nat_mut(&mut self) -> &mut NatEngine {
         self.ct.nat_mut()
+    }
+
+    /// Change the conntrack timeouts at run time (existing connections take them at
+    /// their next packet, as with Linux's sysctls).
+    pub fn set_timeouts(&mut self, tcp: TcpTimeouts, other: OtherTimeouts) {
+        self.ct.set_timeouts(tcp, other);
+    }
+
+    /// Change the number of connections admitted (`nf_conntrack_max`) within the
+    /// table's allocation; returns the limit now in force.
+    pub fn set_max_connections(&mut self, max: usize) -> usize {
+        self.ct.set_max_connections(max)
     }
 
     /// The device (diagnostics, tests).

@@ -549,3 +549,43 @@ fn full_table_early_drops_unassured_and_refuses_when_all_assured() {
         usize::try_from(4 - dropped + 1).expect("small")
     );
 }
+
+#[test]
+fn set_timeouts_applies_at_the_next_packet_like_the_sysctls() {
+    let mut ct = ct();
+    let (slot, ..) = tracked(ct.process(&udp(C, 1000, S, 2000, b"x"), 0, sec(0)));
+    assert_eq!(remaining_s(&ct, slot, sec(0)), 30);
+    let other = OtherTimeouts {
+        udp: 5,
+        ..OtherTimeouts::default()
+    };
+    ct.set_timeouts(ct.config().tcp.timeouts, other);
+    // The connection keeps its expiry until its next packet.
+    assert_eq!(remaining_s(&ct, slot, sec(1)), 29);
+    tracked(ct.process(&udp(C, 1000, S, 2000, b"x"), 0, sec(1)));
+    assert_eq!(remaining_s(&ct, slot, sec(1)), 5);
+    assert_eq!(ct.gc(sec(7), 100), 1);
+}
+
+#[test]
+fn lowered_max_connections_refuses_new_connections() {
+    let mut ct = ct();
+    let (a, ..) = tracked(ct.process(&udp(C, 1000, S, 2000, b"x"), 0, sec(0)));
+    // A reply, then a packet after the stream delay, make it ASSURED (not
+    // early-droppable).
+    tracked(ct.process(&udp(S, 2000, C, 1000, b"y"), 0, sec(1)));
+    tracked(ct.process(&udp(C, 1000, S, 2000, b"x"), 0, sec(3)));
+    assert!(
+        ct.table()
+            .get(a)
+            .is_some_and(|c| c.status.contains(Status::ASSURED))
+    );
+    assert_eq!(ct.set_max_connections(1), 1);
+    assert_eq!(
+        ct.process(&udp(C, 1001, S, 2000, b"x"), 0, sec(4)),
+        Verdict::Invalid(Invalid::TableFull)
+    );
+    assert_eq!(ct.table().len(), 1);
+    ct.set_max_connections(1024);
+    tracked(ct.process(&udp(C, 1001, S, 2000, b"x"), 0, sec(5)));
+}
