@@ -157,6 +157,10 @@ pub enum BackendSection {
         /// Hardware flow-table entries of the simulated device.
         #[serde(default)]
         table_size: Option<u32>,
+        /// Host interfaces the simulated ports are wired to: `interfaces[i]` is port i
+        /// (`[[ports]]` entry i); empty: in-memory ports.
+        #[serde(default)]
+        interfaces: Vec<String>,
     },
     /// A real device through VFIO.
     Vfio {
@@ -175,7 +179,10 @@ impl Default for BackendSection {
     /// The built-in simulated NIC: `ctoffload agent` with no configuration runs the
     /// dataplane over it.
     fn default() -> Self {
-        Self::Sim { table_size: None }
+        Self::Sim {
+            table_size: None,
+            interfaces: Vec::new(),
+        }
     }
 }
 
@@ -503,6 +510,8 @@ pub enum Backend {
     Sim {
         /// Table entries.
         table_size: Option<u32>,
+        /// Host interface of each port (index = port number).
+        interfaces: Vec<String>,
     },
     /// VFIO.
     Vfio {
@@ -781,19 +790,54 @@ fn valid_pci(s: &str) -> bool {
         })
 }
 
+/// `backend.interfaces`: interface names, each once.
+fn validate_interfaces(interfaces: &[String]) -> Result<()> {
+    let mut seen = HashSet::new();
+    for (i, name) in interfaces.iter().enumerate() {
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            return Err(ConfigError::invalid(
+                format!("backend.interfaces[{i}]"),
+                format!("{name:?} is not an interface name (1 to 15 characters, no '/' or space)"),
+            ));
+        }
+        if !seen.insert(name) {
+            return Err(ConfigError::invalid(
+                format!("backend.interfaces[{i}]"),
+                format!("{name:?} is listed twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl ConfigFile {
     /// Check every value; the first problem is returned, naming its key.
     pub fn validate(&self) -> Result<AgentConfig> {
         let backend = match &self.backend {
-            BackendSection::Sim { table_size } => {
+            BackendSection::Sim {
+                table_size,
+                interfaces,
+            } => {
                 if *table_size == Some(0) {
                     return Err(ConfigError::invalid(
                         "backend.table_size",
                         "must be at least 1",
                     ));
                 }
+                validate_interfaces(interfaces)?;
+                if !interfaces.is_empty() && interfaces.len() != self.ports.len() {
+                    return Err(ConfigError::invalid(
+                        "backend.interfaces",
+                        format!(
+                            "{} interfaces for {} [[ports]]: one interface per port",
+                            interfaces.len(),
+                            self.ports.len()
+                        ),
+                    ));
+                }
                 Backend::Sim {
                     table_size: *table_size,
+                    interfaces: interfaces.clone(),
                 }
             }
             BackendSection::Vfio { pci } => {
@@ -806,23 +850,7 @@ impl ConfigFile {
                 Backend::Vfio { pci: pci.clone() }
             }
             BackendSection::Software { interfaces } => {
-                let mut seen = HashSet::new();
-                for (i, name) in interfaces.iter().enumerate() {
-                    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-                        return Err(ConfigError::invalid(
-                            format!("backend.interfaces[{i}]"),
-                            format!(
-                                "{name:?} is not an interface name (1 to 15 characters, no '/' or space)"
-                            ),
-                        ));
-                    }
-                    if !seen.insert(name) {
-                        return Err(ConfigError::invalid(
-                            format!("backend.interfaces[{i}]"),
-                            format!("{name:?} is listed twice"),
-                        ));
-                    }
-                }
+                validate_interfaces(interfaces)?;
                 Backend::Software {
                     interfaces: interfaces.clone(),
                 }

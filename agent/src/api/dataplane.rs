@@ -552,6 +552,10 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
             for r in ctoffload_fallback_sw::wire::DropReason::ALL {
                 drops.push((format!("malformed/{}", r.name()), cs.malformed[r.index()]));
             }
+            if let Some(g) = w.gateway_stats() {
+                let named = dataplane::router::gateway_drops(&g);
+                drops.extend(named.into_iter().map(|(n, v)| (n.to_owned(), v)));
+            }
             let mut by_tcp_state: Vec<_> = by_state.into_iter().collect();
             by_tcp_state.sort_unstable();
             let mut by_protocol: Vec<_> = by_proto.into_iter().collect();

@@ -5,13 +5,19 @@
 //! The far ends of the simulator's ports ([`MemPort`]) stay with the caller: the demo's
 //! traffic generator sends frames into them and reads what the device emits; the agent
 //! uses them only for `--preload`.
+//!
+//! With `backend.interfaces`, port i is wired to host interface i instead
+//! ([`AfPacketPort`]) and the worker becomes a router between real hosts: the gateway
+//! of `[[ports]]` and `[[routes]]` (ARP, routes, TTL, ICMP errors; see
+//! `dataplane::router`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ctoffload_driver::device::{Clock, Device, DeviceConfig};
 use ctoffload_driver::sim_io::SimIo;
-use ctoffload_nic_sim::port::MemPort;
+use ctoffload_hw_regs::limits::MIN_WIRE_FRAME_LEN;
+use ctoffload_nic_sim::port::{AfPacketPort, FrameBatch, MemPort, PortBackend, PortStats};
 use ctoffload_nic_sim::{SimClock, SimConfig, SimStats, SimThread, Simulator};
 
 use crate::api::DataplaneControl;
@@ -32,6 +38,19 @@ pub enum SimError {
         /// What failed.
         what: String,
     },
+    /// A host interface could not be opened as a simulator port.
+    #[error("{key}: interface {interface:?}: {what}")]
+    Interface {
+        /// The configuration key (`backend.interfaces[1]`).
+        key: String,
+        /// The interface.
+        interface: String,
+        /// What failed.
+        what: String,
+    },
+    /// The gateway refused the ports or routes.
+    #[error("gateway")]
+    Gateway(#[source] crate::gateway::from_config::GatewayConfigError),
     /// The driver could not bring the device up.
     #[error("driver bring-up")]
     Driver(#[source] ctoffload_driver::DriverError),
@@ -45,7 +64,8 @@ pub enum SimError {
 pub struct SimDataplane {
     /// The control plane over the worker thread.
     pub control: Arc<DataplaneControl<SimIo>>,
-    /// The far end of each simulator port (index = port number).
+    /// The far end of each simulator port (index = port number); empty when the ports
+    /// are on host interfaces.
     pub wire: Vec<MemPort>,
     /// The clock shared by the driver, the worker and the simulator.
     pub clock: Clock,
@@ -71,6 +91,61 @@ impl SimDataplane {
 impl Drop for SimDataplane {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A host interface as a simulated port, as a wire would deliver its frames: the
+/// sending host's MAC pads frames to the Ethernet minimum (60 bytes without FCS), but
+/// a packet socket hands them up unpadded (a 42-byte ARP request), and the device drops
+/// runts. Received frames are padded here; sent ones go out as they are.
+#[derive(Debug)]
+struct WirePort {
+    port: AfPacketPort,
+    scratch: FrameBatch,
+}
+
+impl WirePort {
+    fn new(port: AfPacketPort) -> Self {
+        Self {
+            port,
+            scratch: FrameBatch::new(64),
+        }
+    }
+}
+
+impl PortBackend for WirePort {
+    fn recv_batch(
+        &mut self,
+        batch: &mut FrameBatch,
+        max: usize,
+    ) -> ctoffload_nic_sim::Result<usize> {
+        self.scratch.clear();
+        let want = max.min(batch.spare()).min(self.scratch.capacity());
+        let n = self.port.recv_batch(&mut self.scratch, want)?;
+        let min = usize::try_from(MIN_WIRE_FRAME_LEN).unwrap_or(60);
+        let mut padded = [0u8; 64];
+        for f in self.scratch.iter() {
+            if f.len() < min && min <= padded.len() {
+                padded[..f.len()].copy_from_slice(f);
+                padded[f.len()..min].fill(0);
+                batch.push(&padded[..min])?;
+            } else {
+                batch.push(f)?;
+            }
+        }
+        Ok(n)
+    }
+
+    fn send(&mut self, frame: &[u8]) -> ctoffload_nic_sim::Result<()> {
+        self.port.send(frame)
+    }
+
+    fn send_batch(&mut self, batch: &FrameBatch) -> ctoffload_nic_sim::Result<()> {
+        self.port.send_batch(batch)
+    }
+
+    fn stats(&self) -> PortStats {
+        self.port.stats()
     }
 }
 
@@ -117,10 +192,7 @@ pub fn worker_config(cfg: &AgentConfig) -> WorkerConfig {
     let second = 1_000_000_000;
     WorkerConfig {
         conntrack: super::agent::conntrack_config(cfg),
-        policy: OffloadPolicy {
-            displace_coldest: cfg.offload.displacement == Displacement::Idlest,
-            ..OffloadPolicy::default()
-        },
+        policy: hw_policy(cfg),
         routing: Routing {
             egress,
             l2,
@@ -131,6 +203,21 @@ pub fn worker_config(cfg: &AgentConfig) -> WorkerConfig {
         recover_retry_ns: second,
         port_addrs,
         ..WorkerConfig::default()
+    }
+}
+
+/// The offload policy of `cfg`. A flow leaves hardware after being idle there for its
+/// protocol's idle time (Linux flowtable: 30 s) or, when shorter, the software timeout
+/// of an established TCP connection / a UDP stream: hardware never keeps a connection
+/// software would have expired.
+fn hw_policy(cfg: &AgentConfig) -> OffloadPolicy {
+    let d = OffloadPolicy::default();
+    let secs = |s: u32| u64::from(s).saturating_mul(1_000_000_000);
+    OffloadPolicy {
+        displace_coldest: cfg.offload.displacement == Displacement::Idlest,
+        tcp_idle_ns: d.tcp_idle_ns.min(secs(cfg.timeouts.tcp.established)),
+        udp_idle_ns: d.udp_idle_ns.min(secs(cfg.timeouts.other.udp_stream)),
+        ..d
     }
 }
 
@@ -147,13 +234,21 @@ pub fn start_with(
     metrics: MetricsHandle,
     tweak: impl FnOnce(&mut WorkerConfig),
 ) -> Result<SimDataplane, SimError> {
-    let table_size = match &cfg.backend {
-        Backend::Sim { table_size } => *table_size,
-        Backend::Vfio { .. } | Backend::Software { .. } => None,
+    let (table_size, interfaces) = match &cfg.backend {
+        Backend::Sim {
+            table_size,
+            interfaces,
+        } => (*table_size, interfaces.as_slice()),
+        Backend::Vfio { .. } | Backend::Software { .. } => (None, &[][..]),
+    };
+    let gateway = if interfaces.is_empty() {
+        None
+    } else {
+        Some(crate::gateway::from_config::gateway(cfg).map_err(SimError::Gateway)?)
     };
     let mut wcfg = worker_config(cfg);
     tweak(&mut wcfg);
-    let nports = wcfg.routing.egress.len();
+    let nports = wcfg.routing.egress.len().max(interfaces.len());
     let (buckets_log2, flow_limit) = geometry(table_size);
     let sim_err = |what: String| SimError::Sim { what };
     let mut sim = Simulator::new(SimConfig {
@@ -165,11 +260,22 @@ pub fn start_with(
     })
     .map_err(|e| sim_err(e.to_string()))?;
     let mut wire = Vec::with_capacity(nports);
-    for p in 0..nports {
-        let (dev_end, host_end) = MemPort::pair(PORT_QUEUE);
-        sim.attach_port(u8::try_from(p).unwrap_or(0), Box::new(dev_end))
+    for (p, name) in interfaces.iter().enumerate() {
+        let port = AfPacketPort::open(name).map_err(|e| SimError::Interface {
+            key: format!("backend.interfaces[{p}]"),
+            interface: name.clone(),
+            what: e.to_string(),
+        })?;
+        sim.attach_port(u8::try_from(p).unwrap_or(0), Box::new(WirePort::new(port)))
             .map_err(|e| sim_err(format!("port {p}: {e}")))?;
-        wire.push(host_end);
+    }
+    if interfaces.is_empty() {
+        for p in 0..nports {
+            let (dev_end, host_end) = MemPort::pair(PORT_QUEUE);
+            sim.attach_port(u8::try_from(p).unwrap_or(0), Box::new(dev_end))
+                .map_err(|e| sim_err(format!("port {p}: {e}")))?;
+            wire.push(host_end);
+        }
     }
     let iommu = sim.iommu();
     let irqs = sim.irq_fds().map_err(|e| sim_err(e.to_string()))?;
@@ -205,7 +311,11 @@ pub fn start_with(
     };
     // NAT rules are installed by `config::apply` through the control plane, as on
     // SIGHUP, so that the API's rule store and the engine hold the same rules.
-    let worker = Worker::new(wcfg, dev);
+    let mut worker = Worker::new(wcfg, dev);
+    if let Some(gw) = gateway {
+        // veth and other virtual interfaces leave TCP/UDP checksums to offload.
+        worker.set_gateway(gw, true);
+    }
     let journal = usize::try_from(cfg.limits.event_journal_capacity).unwrap_or(usize::MAX);
     let control = DataplaneControl::start(
         worker,
@@ -213,7 +323,14 @@ pub fn start_with(
         clock.clone(),
         DeviceFacts {
             backend: "sim".into(),
-            identity: "nic-sim CTO-1 model (in-process)".into(),
+            identity: if interfaces.is_empty() {
+                "nic-sim CTO-1 model (in-process)".into()
+            } else {
+                format!(
+                    "nic-sim CTO-1 model (in-process) on {}",
+                    interfaces.join(", ")
+                )
+            },
         },
         journal,
         metrics,
@@ -231,4 +348,33 @@ pub fn start_with(
         clock,
         sim: Some(sim),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interface_that_cannot_be_opened_is_named_by_its_key() {
+        let cfg = crate::config::parse(
+            r#"
+[backend]
+kind = "sim"
+interfaces = ["ctoffload-no0"]
+
+[[ports]]
+name = "only"
+mac = "02:00:00:00:00:01"
+addresses = ["10.0.0.1/24"]
+"#,
+        )
+        .expect("valid configuration");
+        match start(&cfg, MetricsHandle::default()) {
+            Err(SimError::Interface { key, interface, .. }) => {
+                assert_eq!(key, "backend.interfaces[0]");
+                assert_eq!(interface, "ctoffload-no0");
+            }
+            other => panic!("expected an interface error, got {other:?}"),
+        }
+    }
 }

@@ -65,6 +65,18 @@ impl Routing {
     }
 }
 
+/// Where one direction of a connection enters and leaves, and its L2 rewrite: what a
+/// router's per-destination lookup (route + neighbour) decided for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Path {
+    /// The port packets of this direction arrive on (the key's port).
+    pub in_port: u8,
+    /// The port they leave on.
+    pub out_port: u8,
+    /// Source and destination MACs written on the way out (`None`: kept).
+    pub l2: Option<PortL2>,
+}
+
 /// One device flow entry: the key a packet of one direction carries on the wire, and
 /// what the device does with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -99,6 +111,26 @@ pub enum RuleError {
     /// The two tuples disagree on protocol, family or zone.
     #[error("original and reply tuples disagree on protocol, family or zone")]
     Inconsistent,
+    /// No route to where one direction goes.
+    #[error("no route to {addr}")]
+    NoRouteTo {
+        /// The (translated) destination.
+        addr: IpAddr,
+    },
+    /// The next hop's MAC address is not known yet (ARP resolution pending).
+    #[error("next hop {next_hop} on port {port} not resolved")]
+    NextHopUnresolved {
+        /// The egress port.
+        port: u8,
+        /// The neighbour's address.
+        next_hop: IpAddr,
+    },
+    /// One direction ends at the gateway itself (no hardware forwarding).
+    #[error("{addr} is the gateway's own address")]
+    LocalDestination {
+        /// The gateway's address.
+        addr: IpAddr,
+    },
 }
 
 fn ip(family: Family, a: &Addr) -> IpAddr {
@@ -135,13 +167,13 @@ pub fn key_of(t: &Tuple, port: u8) -> FlowKey {
 }
 
 /// The action for packets carrying `this` that must leave looking like the inverse
-/// of `other`, out of `out_port`.
-fn action_of(this: &Tuple, other: &Tuple, out_port: u8, routing: &Routing) -> FlowAction {
-    let mut a = FlowAction::forward(out_port);
-    if let Some(l2) = routing.l2_of(out_port) {
+/// of `other`, along `path`.
+fn action_of(this: &Tuple, other: &Tuple, path: &Path, dec_ttl: bool) -> FlowAction {
+    let mut a = FlowAction::forward(path.out_port);
+    if let Some(l2) = path.l2 {
         a = a.with_src_mac(l2.mac).with_dst_mac(l2.next_hop);
     }
-    if routing.dec_ttl {
+    if dec_ttl {
         a = a.with_dec_ttl();
     }
     // Leaving as the inverse of `other`: source := other.dst, destination := other.src.
@@ -170,6 +202,35 @@ pub fn build_rules(
     orig_in: u8,
     routing: &Routing,
 ) -> Result<[HwRule; 2], RuleError> {
+    let reply_in = routing
+        .egress_of(orig_in)
+        .ok_or(RuleError::NoRoute { port: orig_in })?;
+    let paths = [
+        Path {
+            in_port: orig_in,
+            out_port: reply_in,
+            l2: routing.l2_of(reply_in),
+        },
+        Path {
+            in_port: reply_in,
+            out_port: orig_in,
+            l2: routing.l2_of(orig_in),
+        },
+    ];
+    build_rules_on(tuples, &paths, routing.dec_ttl)
+}
+
+/// Builds the two device entries of a connection whose directions take `paths`
+/// (indexed by [`Dir::index`], as decided by a router), decrementing TTL in both when
+/// `dec_ttl`.
+///
+/// # Errors
+/// [`RuleError`] when the connection cannot be expressed as device entries.
+pub fn build_rules_on(
+    tuples: &[Tuple; 2],
+    paths: &[Path; 2],
+    dec_ttl: bool,
+) -> Result<[HwRule; 2], RuleError> {
     let (o, r) = (&tuples[Dir::Original.index()], &tuples[Dir::Reply.index()]);
     if o.proto != r.proto || o.family != r.family || o.zone != r.zone {
         return Err(RuleError::Inconsistent);
@@ -180,17 +241,15 @@ pub fn build_rules(
     if o.zone > MAX_ZONE {
         return Err(RuleError::Zone { zone: o.zone });
     }
-    let reply_in = routing
-        .egress_of(orig_in)
-        .ok_or(RuleError::NoRoute { port: orig_in })?;
+    let (po, pr) = (&paths[Dir::Original.index()], &paths[Dir::Reply.index()]);
     Ok([
         HwRule {
-            key: key_of(o, orig_in),
-            action: action_of(o, r, reply_in, routing),
+            key: key_of(o, po.in_port),
+            action: action_of(o, r, po, dec_ttl),
         },
         HwRule {
-            key: key_of(r, reply_in),
-            action: action_of(r, o, orig_in, routing),
+            key: key_of(r, pr.in_port),
+            action: action_of(r, o, pr, dec_ttl),
         },
     ])
 }

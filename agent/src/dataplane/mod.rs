@@ -11,6 +11,8 @@
 //!   drain), serviced between polls.
 //! - `faults`: device faults and recovery.
 //! - [`slots`]: per device slot owner and counter baseline (wrap-safe deltas).
+//! - [`router`]: the worker as a gateway between real hosts (ARP, routes, TTL, next-hop
+//!   MACs in the hardware rules), reusing `crate::gateway`.
 //! - [`restore`]: rebuilding connections from the device table after a restart.
 //!
 //! `docs/agent.md` describes how each invariant of the design is kept.
@@ -22,6 +24,7 @@ mod offload;
 pub mod policy;
 pub mod reconciler;
 pub mod restore;
+pub mod router;
 pub mod slots;
 pub mod state;
 pub mod worker;

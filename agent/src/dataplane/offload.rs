@@ -9,8 +9,8 @@ use ctoffload_fallback_sw::table::Counter;
 use ctoffload_fallback_sw::tuple::Dir;
 use ctoffload_hw_regs::{CompletionStatus, FlowId};
 
-use super::hw_rule::build_rules;
 use super::policy::{NotOffloaded, idle_timeout};
+use super::router::rules_for;
 use super::slots::Delta;
 use super::state::{AfterDelete, CmdKind, ConnHandle, Entry, HwConn, HwState, Tagged};
 use super::worker::Worker;
@@ -36,7 +36,13 @@ impl<Io: DeviceIo> Worker<Io> {
         let Some(orig_in) = rec.orig_in else {
             return;
         };
-        let rules = match build_rules(&tuples, orig_in, &self.cfg.routing) {
+        let rules = match rules_for(
+            self.router.as_ref(),
+            &self.cfg.routing,
+            &tuples,
+            orig_in,
+            now,
+        ) {
             Ok(r) => r,
             Err(e) => {
                 rec.reason = Some(NotOffloaded::NoRule(e));

@@ -138,10 +138,10 @@ pub struct Worker<Io: DeviceIo> {
     pub(super) pending_free: Vec<ConnHandle>,
     pub(super) stats: WorkerStats,
     // Scratch, reused across polls (no allocation per packet).
-    rx_buf: Vec<u8>,
+    pub(super) rx_buf: Vec<u8>,
     rx_meta: Vec<(RxMeta, usize, usize)>,
-    tx_buf: Vec<u8>,
-    tx_meta: Vec<(u8, usize, usize)>,
+    pub(super) tx_buf: Vec<u8>,
+    pub(super) tx_meta: Vec<(u8, usize, usize)>,
     pub(super) results: Vec<CommandResult>,
     pub(super) events: Vec<DeviceEvent>,
     pub(super) samples: Vec<CounterSample>,
@@ -150,6 +150,8 @@ pub struct Worker<Io: DeviceIo> {
     gone_scratch: Vec<u64>,
     /// What the control plane is told (`None`: nobody listens; see control.rs).
     pub(super) observer: Option<super::control::Observer>,
+    /// The gateway, when the worker routes between real hosts (router.rs).
+    pub(super) router: Option<super::router::Router>,
 }
 
 impl<Io: DeviceIo> Worker<Io> {
@@ -188,6 +190,7 @@ impl<Io: DeviceIo> Worker<Io> {
             held_scratch: Vec::new(),
             gone_scratch: Vec::new(),
             observer: None,
+            router: None,
             cfg,
         }
     }
@@ -325,6 +328,7 @@ impl<Io: DeviceIo> Worker<Io> {
             self.stats.rx += 1;
             self.exception_frame(&m, at, len, now);
         }
+        self.routed_output(now);
         self.transmit(now);
         self.rx_meta.len()
     }
@@ -336,6 +340,9 @@ impl<Io: DeviceIo> Worker<Io> {
             if let Some(id) = m.flow_id {
                 self.tcp_ctrl_punt(id, now);
             }
+        }
+        if self.routed_frame(m, at, len, now) {
+            return;
         }
         let frame = &self.rx_buf[at..at + len];
         let zone = if m.vlan && frame.len() >= 16 {
@@ -386,7 +393,7 @@ impl<Io: DeviceIo> Worker<Io> {
     }
 
     /// Side-table bookkeeping for a tracked packet, teardown and offload decisions.
-    fn tracked(
+    pub(super) fn tracked(
         &mut self,
         slot: ctoffload_fallback_sw::table::Slot,
         dir: Dir,

@@ -12,6 +12,7 @@
 
 pub mod arp;
 pub mod forward;
+pub mod from_config;
 pub mod wire;
 
 use std::collections::VecDeque;
