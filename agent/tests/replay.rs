@@ -717,3 +717,26 @@ fn nat_config_errors_name_the_key() {
         .expect("plain");
     assert!(plain.nat.rules.is_empty());
 }
+
+#[test]
+fn masquerade_without_a_declared_egress_address_drops_the_new_connection() {
+    // No [[ports]]: the egress interface has no address to masquerade to.
+    let config = "[[nat.rules]]\nname = \"masq\"\nkind = \"masquerade\"\n";
+    let settings = replay::parse_settings(config, std::path::Path::new("m.toml")).expect("config");
+    let opts = ReplayOptions {
+        nat: settings.nat,
+        ..ReplayOptions::default()
+    };
+    let t0 = 1_700_000_000_000_000u64;
+    let packets = vec![(INSIDE, t0, udp(true, b"query"))];
+    let (records, out) = run(&input_pcapng(&packets), &opts);
+    assert_eq!(records[0].verdict, VerdictClass::Invalid);
+    assert_eq!(records[0].egress_port, None);
+    assert_eq!(records[0].nat, None);
+    let reason = records[0].reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("no egress address to masquerade to"),
+        "{reason}"
+    );
+    assert_eq!(out, expected_output(&packets, &[0]));
+}
