@@ -116,7 +116,8 @@ pub enum Found {
     AddrOnly,
     /// The port search found it after this many probes.
     Searched {
-        /// Probes made.
+        /// Probes made: candidates checked in the table (a source search does not
+        /// count the ports [`BusyPorts`] records as bound).
         probes: u32,
     },
 }
