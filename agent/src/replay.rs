@@ -8,14 +8,16 @@
 //! For every input packet the replay writes one [`Record`] (JSON Lines) and, when the
 //! gateway emits the packet, writes it to an output pcapng on its egress port.
 //!
-//! Until NAT and routing exist, the gateway is a two-port bridge with conntrack:
+//! Until routing exists, the gateway is a two-port bridge with conntrack and NAT:
 //! - Ports are paired in the order the capture declares them: 0 with 1, 2 with 3, and so
 //!   on. A packet leaves by the other port of its pair; a port without a partner (the
 //!   only interface of a classic pcap, or the last of an odd number) sends it back out of
 //!   itself.
 //! - Tracked and untracked packets are forwarded; invalid ones are dropped, or forwarded
 //!   with [`InvalidPolicy::Pass`] (`ct state invalid drop` is the default).
-//! - Emitted packets are the input bytes, unchanged.
+//! - Emitted packets are the input bytes, translated by the configuration's NAT rules
+//!   (`[[nat.rules]]`, the agent's syntax) when their connection has a binding; the
+//!   record then shows the packet's tuple before and after.
 //!
 //! The capture's clock never runs backwards for conntrack: a packet stamped earlier than
 //! the one before it is processed at the earlier packet's time (its record keeps its own
@@ -29,12 +31,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ctoffload_fallback_sw::conntrack::{
-    Config, Conntrack, CtInfo, L4State, OtherTimeouts, Untracked, Verdict,
+    Config, Conntrack, CtInfo, L4State, NatOutcome, NatVerdict, OtherTimeouts, Untracked, Verdict,
 };
+use ctoffload_fallback_sw::nat::PacketMeta;
+use ctoffload_fallback_sw::nat::rules::NatRuleSet;
 use ctoffload_fallback_sw::table::{Conn, Event, RemoveReason, Status};
 use ctoffload_fallback_sw::tcp::{TcpConfig, TcpTimeouts};
-use ctoffload_fallback_sw::tuple::Tuple;
-use ctoffload_fallback_sw::wire::ParseOptions;
+use ctoffload_fallback_sw::tuple::{Addr, Tuple};
+use ctoffload_fallback_sw::wire::{self, L4, ParseOptions};
 use pcap_file::DataLink;
 use pcap_file::pcap::PcapReader;
 use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
@@ -44,6 +48,8 @@ use pcap_file::pcapng::blocks::interface_description::{
 use pcap_file::pcapng::{Block, PcapNgReader, PcapNgWriter};
 use pcap_file::{Endianness, PcapError};
 use serde::{Deserialize, Serialize};
+
+use crate::config::{self as agent_config, ConfigError, NatSection, PortSection};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// Timers GC may visit before each packet. A replay is not latency-bound: large enough
@@ -139,6 +145,16 @@ pub enum ReplayError {
         #[source]
         source: Box<toml::de::Error>,
     },
+    /// The `[[ports]]` or `[nat]` part of the configuration file is invalid (checked by
+    /// the agent's configuration code; the message names the key).
+    #[error("{path}: invalid NAT configuration")]
+    NatConfig {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: ConfigError,
+    },
     /// A configuration value is out of range.
     #[error("{path}: `{key}` {problem}")]
     ConfigValue {
@@ -188,6 +204,8 @@ pub struct ReplayOptions {
     pub invalid: InvalidPolicy,
     /// Add the whole connection table to every record.
     pub dump_table: bool,
+    /// NAT rules and the ports they name.
+    pub nat: ReplayNat,
 }
 
 impl Default for ReplayOptions {
@@ -196,7 +214,80 @@ impl Default for ReplayOptions {
             conntrack: default_conntrack_config(),
             invalid: InvalidPolicy::Drop,
             dump_table: false,
+            nat: ReplayNat::default(),
         }
+    }
+}
+
+/// A port of the configuration file (`[[ports]]`): what NAT rules need to know of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatPort {
+    /// Name; a capture interface of the same name is this port.
+    pub name: String,
+    /// Its first IPv4 address (masquerade's address), if any.
+    pub ipv4: Option<Addr>,
+}
+
+/// The NAT part of a replay's configuration: the rules in order, and the ports of
+/// `[[ports]]`. A rule's `in_port` / `out_port` is an index into `ports`.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayNat {
+    /// The rules (already validated).
+    pub rules: NatRuleSet,
+    /// The declared ports, by index.
+    pub ports: Vec<NatPort>,
+}
+
+impl ReplayNat {
+    /// Rules and ports from the agent's configuration sections (`[[ports]]` and `[nat]`),
+    /// validated by the agent's own code: the same rule syntax, the same errors.
+    ///
+    /// # Errors
+    /// The agent's [`ConfigError`], naming the key (`nat.rules[0].to_ports`).
+    pub fn from_sections(
+        ports: &[ReplayPortSection],
+        nat: &NatSection,
+    ) -> Result<Self, ConfigError> {
+        let file = agent_config::ConfigFile {
+            ports: ports
+                .iter()
+                .map(|p| PortSection {
+                    name: p.name.clone(),
+                    // The replay does not rewrite MACs; a MAC, when given, is still
+                    // checked like the agent's.
+                    mac: p
+                        .mac
+                        .clone()
+                        .unwrap_or_else(|| "02:00:00:00:00:00".to_owned()),
+                    addresses: p.addresses.clone(),
+                })
+                .collect(),
+            nat: nat.clone(),
+            ..agent_config::ConfigFile::default()
+        };
+        let cfg = file.validate()?;
+        let mut rules = NatRuleSet::default();
+        for r in &cfg.nat_rules {
+            // Validation added each rule to a set of its own: this cannot fail.
+            rules
+                .add(r.engine.clone())
+                .map_err(|e| ConfigError::Invalid {
+                    key: "nat.rules".to_owned(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let ports = cfg
+            .ports
+            .iter()
+            .map(|p| NatPort {
+                name: p.name.clone(),
+                ipv4: p.addresses.iter().find_map(|(a, _)| match a {
+                    IpAddr::V4(v4) => Some(Addr::v4(v4.octets())),
+                    IpAddr::V6(_) => None,
+                }),
+            })
+            .collect();
+        Ok(Self { rules, ports })
     }
 }
 
@@ -222,6 +313,45 @@ pub struct ConfigFile {
     pub tcp: Option<TcpSection>,
     /// Timeouts of UDP, ICMP and other protocols, in seconds.
     pub timeouts: Option<OtherTimeoutsSection>,
+    /// `[[ports]]`: gateway ports that NAT rules name (`in_port`, `out_port`) or
+    /// masquerade to; matched to the capture's interfaces by name.
+    #[serde(default)]
+    pub ports: Vec<ReplayPortSection>,
+    /// `[nat]` with `[[nat.rules]]`, exactly the agent's syntax.
+    #[serde(default)]
+    pub nat: NatSection,
+}
+
+/// `[[ports]]` of the configuration file: the agent's port section with the MAC optional
+/// (the replay does not route).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayPortSection {
+    /// Name: the capture interface of this name is this port.
+    pub name: String,
+    /// MAC address (checked, unused).
+    pub mac: Option<String>,
+    /// Addresses with prefix length; the first IPv4 one is masquerade's.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// Everything a configuration file sets.
+#[derive(Debug, Clone)]
+pub struct ReplaySettings {
+    /// Conntrack.
+    pub conntrack: Config,
+    /// NAT.
+    pub nat: ReplayNat,
+}
+
+impl Default for ReplaySettings {
+    fn default() -> Self {
+        Self {
+            conntrack: default_conntrack_config(),
+            nat: ReplayNat::default(),
+        }
+    }
 }
 
 /// `[tcp]` of the configuration file.
@@ -339,11 +469,28 @@ impl ConfigFile {
 /// # Errors
 /// Invalid TOML, an unknown key or a value out of range; the error names the key.
 pub fn parse_config(text: &str, path: &Path) -> Result<Config, ReplayError> {
+    parse_settings(text, path).map(|s| s.conntrack)
+}
+
+/// Parse a configuration file's text: conntrack settings and NAT (`path` names it in
+/// errors).
+///
+/// # Errors
+/// Invalid TOML, an unknown key, a value out of range or an invalid NAT rule; the error
+/// names the key.
+pub fn parse_settings(text: &str, path: &Path) -> Result<ReplaySettings, ReplayError> {
     let file: ConfigFile = toml::from_str(text).map_err(|e| ReplayError::Config {
         path: path.to_owned(),
         source: Box::new(e),
     })?;
-    file.to_config(path)
+    let conntrack = file.to_config(path)?;
+    let nat = ReplayNat::from_sections(&file.ports, &file.nat).map_err(|source| {
+        ReplayError::NatConfig {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
+    Ok(ReplaySettings { conntrack, nat })
 }
 
 /// Read and parse a configuration file.
@@ -351,11 +498,19 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Config, ReplayError> {
 /// # Errors
 /// See [`parse_config`]; also an unreadable file.
 pub fn load_config(path: &Path) -> Result<Config, ReplayError> {
+    load_settings(path).map(|s| s.conntrack)
+}
+
+/// Read and parse a configuration file: conntrack settings and NAT.
+///
+/// # Errors
+/// See [`parse_settings`]; also an unreadable file.
+pub fn load_settings(path: &Path) -> Result<ReplaySettings, ReplayError> {
     let text = std::fs::read_to_string(path).map_err(|source| ReplayError::Open {
         path: path.to_owned(),
         source,
     })?;
-    parse_config(&text, path)
+    parse_settings(&text, path)
 }
 
 /// How a packet relates to conntrack, as `ct state` names it.
@@ -493,9 +648,22 @@ pub struct Record {
     pub destroyed: bool,
     /// The port the gateway sent the packet out of; `null` when dropped.
     pub egress_port: Option<String>,
+    /// When NAT rewrote the packet: its addresses and ports before and after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatRecord>,
     /// With `--dump-table`: every live connection after the packet, by id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table: Option<Vec<ConnRecord>>,
+}
+
+/// How NAT changed a packet: the outer header's tuple as it arrived and as it left (for
+/// an ICMP error, the quoted packet was translated too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatRecord {
+    /// As it arrived.
+    pub before: TupleRecord,
+    /// As it left.
+    pub after: TupleRecord,
 }
 
 /// What the gateway did with one packet.
@@ -505,6 +673,49 @@ pub struct Outcome {
     pub record: Record,
     /// Egress port index, `None` when dropped.
     pub egress: Option<usize>,
+    /// The emitted bytes when NAT rewrote the packet; `None`: the input bytes.
+    pub rewritten: Option<Vec<u8>>,
+}
+
+/// The tuple of a frame's outer header (addresses, protocol, ports or ICMP type, code
+/// and id), for [`NatRecord`]; `None` if it is not IP or not parseable.
+fn frame_tuple(frame: &[u8]) -> Option<TupleRecord> {
+    let p = wire::parse(frame, ParseOptions::VERIFY_NONE).ok()?;
+    if matches!(p.l3, wire::L3::Other { .. }) {
+        return None;
+    }
+    let mut t = TupleRecord {
+        proto: p.protocol,
+        src: p.src,
+        dst: p.dst,
+        sport: None,
+        dport: None,
+        icmp_type: None,
+        icmp_code: None,
+        icmp_id: None,
+        zone: 0,
+    };
+    match p.l4 {
+        L4::Tcp(tcp) => (t.sport, t.dport) = (Some(tcp.src_port), Some(tcp.dst_port)),
+        L4::Udp { src_port, dst_port } | L4::Ports { src_port, dst_port } => {
+            (t.sport, t.dport) = (Some(src_port), Some(dst_port));
+        }
+        L4::IcmpQuery {
+            id,
+            icmp_type,
+            code,
+        } => {
+            (t.icmp_type, t.icmp_code, t.icmp_id) = (Some(icmp_type), Some(code), Some(id));
+        }
+        L4::IcmpError {
+            icmp_type, code, ..
+        }
+        | L4::IcmpOther {
+            icmp_type, code, ..
+        } => (t.icmp_type, t.icmp_code) = (Some(icmp_type), Some(code)),
+        L4::None | L4::Generic => {}
+    }
+    Some(t)
 }
 
 /// Counts of a finished replay.
@@ -555,6 +766,8 @@ pub struct Replayer {
     invalid: InvalidPolicy,
     dump_table: bool,
     ports: Vec<String>,
+    /// The configuration's ports (NAT rules name them by index).
+    nat_ports: Vec<NatPort>,
     clock: u64,
     index: u64,
 }
@@ -563,13 +776,34 @@ impl Replayer {
     /// A gateway with no ports yet.
     #[must_use]
     pub fn new(opts: &ReplayOptions) -> Self {
+        let mut ct = Conntrack::new(opts.conntrack);
+        *ct.nat_mut().rules_mut() = opts.nat.rules.clone();
         Self {
-            ct: Conntrack::new(opts.conntrack),
+            ct,
             invalid: opts.invalid,
             dump_table: opts.dump_table,
             ports: Vec::new(),
+            nat_ports: opts.nat.ports.clone(),
             clock: 0,
             index: 0,
+        }
+    }
+
+    /// What NAT rules see of a packet from `port` leaving by `egress`: the ports'
+    /// indices in the configuration's `[[ports]]` (matched by name; an undeclared port
+    /// matches no rule that names a port) and the egress port's IPv4 address.
+    fn nat_meta(&self, port: usize, egress: usize) -> PacketMeta {
+        let declared = |p: usize| {
+            let name = self.ports.get(p)?;
+            self.nat_ports.iter().position(|n| &n.name == name)
+        };
+        let out = declared(egress);
+        PacketMeta {
+            in_port: declared(port)
+                .and_then(|i| u32::try_from(i).ok())
+                .unwrap_or(u32::MAX),
+            out_port: out.and_then(|i| u32::try_from(i).ok()),
+            out_addr: out.and_then(|i| self.nat_ports[i].ipv4),
         }
     }
 
@@ -641,7 +875,10 @@ impl Replayer {
         self.ct.gc(now, GC_BUDGET);
         // Events of expiries are not reported per packet; start clean.
         self.ct.table_mut().drain_events().for_each(drop);
-        let verdict = self.ct.process(frame, 0, now);
+        let egress_port = self.egress_of(port);
+        let meta = self.nat_meta(port, egress_port);
+        let mut out = frame.to_vec();
+        let NatVerdict { verdict, nat } = self.ct.process_mut(&mut out, 0, &meta, now);
         let closed = self
             .ct
             .table_mut()
@@ -673,6 +910,7 @@ impl Replayer {
             status: Vec::new(),
             destroyed: false,
             egress_port: None,
+            nat: None,
             table: None,
         };
         self.index += 1;
@@ -693,7 +931,19 @@ impl Replayer {
                     record.status = status_names(status);
                     record.destroyed = true;
                 }
-                true
+                match nat {
+                    NatOutcome::Unchanged => true,
+                    NatOutcome::Rewritten => {
+                        record.nat = frame_tuple(frame)
+                            .zip(frame_tuple(&out))
+                            .map(|(before, after)| NatRecord { before, after });
+                        true
+                    }
+                    NatOutcome::Drop(e) => {
+                        record.reason = Some(format!("NAT rewrite failed: {e}"));
+                        false
+                    }
+                }
             }
             Verdict::Untracked(u) => {
                 record.verdict = VerdictClass::Untracked;
@@ -706,7 +956,7 @@ impl Replayer {
                 self.invalid == InvalidPolicy::Pass
             }
         };
-        let egress = forward.then(|| self.egress_of(port));
+        let egress = forward.then_some(egress_port);
         record.egress_port = egress.map(|e| {
             self.ports
                 .get(e)
@@ -716,7 +966,12 @@ impl Replayer {
         if self.dump_table {
             record.table = Some(self.table());
         }
-        Outcome { record, egress }
+        let rewritten = (nat == NatOutcome::Rewritten && egress.is_some()).then_some(out);
+        Outcome {
+            record,
+            egress,
+            rewritten,
+        }
     }
 }
 
@@ -830,7 +1085,7 @@ impl<W: Write, J: Write> Sink<'_, W, J> {
                 interface_id: u32::try_from(egress).unwrap_or(u32::MAX),
                 timestamp: Duration::from_nanos(ts_ns),
                 original_len,
-                data: Cow::Borrowed(data),
+                data: Cow::Borrowed(out.rewritten.as_deref().unwrap_or(data)),
                 options: Vec::new(),
             };
             self.pcap

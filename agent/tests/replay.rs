@@ -501,3 +501,242 @@ fn binary_writes_files_and_exits_2_on_errors() {
         let _ = std::fs::remove_file(p);
     }
 }
+
+// ───────────────────────────── NAT ─────────────────────────────
+
+/// The replay configuration of the NAT test: the agent's `[[ports]]` and
+/// `[[nat.rules]]` syntax.
+const NAT_CONFIG: &str = r#"
+[[ports]]
+name = "inside"
+mac = "02:00:00:00:00:01"
+
+[[ports]]
+name = "outside"
+addresses = ["203.0.113.1/24"]
+
+[[nat.rules]]
+name = "web-in"
+kind = "dnat"
+protocol = "tcp"
+dst = "203.0.113.1/32"
+dport = "8080"
+to_address = "10.0.0.80"
+to_port = 80
+
+[[nat.rules]]
+name = "tcp-out"
+kind = "snat"
+protocol = "tcp"
+src = "10.0.0.0/8"
+out_port = "outside"
+to_addresses = "198.51.100.7"
+to_ports = "20000-20000"
+
+[[nat.rules]]
+name = "lan-masq"
+kind = "masquerade"
+src = "10.0.0.0/8"
+out_port = "outside"
+"#;
+
+/// What a packet is, for [`nat_frame`].
+#[derive(Clone, Copy)]
+enum Kind {
+    /// TCP with flags (`S`, `A`, `SA`) and sequence number.
+    Tcp(&'static str, u32, u32),
+    Udp,
+    EchoRequest,
+    EchoReply,
+}
+
+/// A frame built by etherparse (its own checksum code): `(addr, port)` endpoints; for
+/// ICMP echo the port is the identifier.
+fn nat_frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), kind: Kind, from_inside: bool) -> Vec<u8> {
+    let (sm, dm) = if from_inside {
+        (CMAC, SMAC)
+    } else {
+        (SMAC, CMAC)
+    };
+    let ip = PacketBuilder::ethernet2(sm, dm).ipv4(src.0, dst.0, 64);
+    let mut v = Vec::new();
+    match kind {
+        Kind::Tcp(flags, seq, ack) => {
+            let mut b = ip.tcp(src.1, dst.1, seq, 64240);
+            if flags.contains('S') {
+                b = b.syn();
+            }
+            if flags.contains('A') {
+                b = b.ack(ack);
+            }
+            b.write(&mut v, &[]).expect("tcp");
+        }
+        Kind::Udp => ip.udp(src.1, dst.1).write(&mut v, b"dns?").expect("udp"),
+        Kind::EchoRequest => ip
+            .icmpv4_echo_request(src.1, 1)
+            .write(&mut v, b"ping")
+            .expect("echo"),
+        Kind::EchoReply => ip
+            .icmpv4_echo_reply(dst.1, 1)
+            .write(&mut v, b"ping")
+            .expect("echo"),
+    }
+    v
+}
+
+#[test]
+fn nat_rules_from_the_config_translate_emitted_packets() {
+    let settings =
+        replay::parse_settings(NAT_CONFIG, std::path::Path::new("nat.toml")).expect("config");
+    let opts = ReplayOptions {
+        nat: settings.nat,
+        conntrack: settings.conntrack,
+        ..ReplayOptions::default()
+    };
+    let (c, s, x) = ([10, 0, 0, 2], [192, 0, 2, 10], [198, 18, 0, 5]);
+    let (web, snat, public) = ([10, 0, 0, 80], [198, 51, 100, 7], [203, 0, 113, 1]);
+    let t0 = 1_700_000_000_000_000u64;
+    // (port, packet as captured, packet as the gateway must emit it)
+    let steps: Vec<(u32, Vec<u8>, Vec<u8>)> = vec![
+        // TCP out through SNAT to one port: 40000 becomes 20000, both directions.
+        (
+            INSIDE,
+            nat_frame((c, 40000), (s, 80), Kind::Tcp("S", 1000, 0), true),
+            nat_frame((snat, 20000), (s, 80), Kind::Tcp("S", 1000, 0), true),
+        ),
+        (
+            OUTSIDE,
+            nat_frame((s, 80), (snat, 20000), Kind::Tcp("SA", 5000, 1001), false),
+            nat_frame((s, 80), (c, 40000), Kind::Tcp("SA", 5000, 1001), false),
+        ),
+        (
+            INSIDE,
+            nat_frame((c, 40000), (s, 80), Kind::Tcp("A", 1001, 5001), true),
+            nat_frame((snat, 20000), (s, 80), Kind::Tcp("A", 1001, 5001), true),
+        ),
+        // UDP masqueraded to the outside port's address, port kept.
+        (
+            INSIDE,
+            nat_frame((c, 5353), (s, 53), Kind::Udp, true),
+            nat_frame((public, 5353), (s, 53), Kind::Udp, true),
+        ),
+        (
+            OUTSIDE,
+            nat_frame((s, 53), (public, 5353), Kind::Udp, false),
+            nat_frame((s, 53), (c, 5353), Kind::Udp, false),
+        ),
+        // ICMP echo masqueraded, identifier kept.
+        (
+            INSIDE,
+            nat_frame((c, 0x1234), (s, 0), Kind::EchoRequest, true),
+            nat_frame((public, 0x1234), (s, 0), Kind::EchoRequest, true),
+        ),
+        (
+            OUTSIDE,
+            nat_frame((s, 0), (public, 0x1234), Kind::EchoReply, false),
+            nat_frame((s, 0), (c, 0x1234), Kind::EchoReply, false),
+        ),
+        // A port forward: 203.0.113.1:8080 is 10.0.0.80:80.
+        (
+            OUTSIDE,
+            nat_frame((x, 33000), (public, 8080), Kind::Tcp("S", 7, 0), false),
+            nat_frame((x, 33000), (web, 80), Kind::Tcp("S", 7, 0), false),
+        ),
+        (
+            INSIDE,
+            nat_frame((web, 80), (x, 33000), Kind::Tcp("SA", 9, 8), true),
+            nat_frame((public, 8080), (x, 33000), Kind::Tcp("SA", 9, 8), true),
+        ),
+    ];
+    let captured: Vec<(u32, u64, Vec<u8>)> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, (p, f, _))| (*p, t0 + 1000 * i as u64, f.clone()))
+        .collect();
+    let emitted: Vec<(u32, u64, Vec<u8>)> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _, e))| (*p, t0 + 1000 * i as u64, e.clone()))
+        .collect();
+    let (records, out) = run(&input_pcapng(&captured), &opts);
+    assert_eq!(records.len(), steps.len());
+    for r in &records {
+        assert!(r.egress_port.is_some(), "{r:?}");
+        assert!(r.nat.is_some(), "every packet translated: {r:?}");
+    }
+    // Byte for byte (so every IPv4, TCP, UDP and ICMP checksum is etherparse's).
+    assert_eq!(out, expected_output(&emitted, &[]));
+
+    // The records show the translation.
+    let first = records[0].nat.as_ref().expect("nat");
+    let ip = |a: [u8; 4]| std::net::IpAddr::from(a);
+    assert_eq!((first.before.src, first.before.sport), (ip(c), Some(40000)));
+    assert_eq!(
+        (first.after.src, first.after.sport),
+        (ip(snat), Some(20000))
+    );
+    assert_eq!(first.after.dst, ip(s));
+    assert!(records[0].status.iter().any(|b| b == "SRC_NAT"));
+    let echo = records[5].nat.as_ref().expect("nat");
+    assert_eq!(echo.after.src, ip(public));
+    assert_eq!(echo.after.icmp_id, Some(0x1234));
+    let forward = records[7].nat.as_ref().expect("nat");
+    assert_eq!(
+        (forward.after.dst, forward.after.dport),
+        (ip(web), Some(80))
+    );
+    assert!(records[7].status.iter().any(|b| b == "DST_NAT"));
+    let json = serde_json::to_string(&records[3]).expect("json");
+    assert!(
+        json.contains(r#""nat":{"before":{"proto":17,"src":"10.0.0.2","dst":"192.0.2.10","sport":5353,"dport":53},"after":{"proto":17,"src":"203.0.113.1","dst":"192.0.2.10","sport":5353,"dport":53}}"#),
+        "{json}"
+    );
+}
+
+#[test]
+fn nat_config_errors_name_the_key() {
+    let bad = NAT_CONFIG.replace("20000-20000", "2000-1000");
+    let e = replay::parse_settings(&bad, std::path::Path::new("nat.toml")).expect_err("bad");
+    let msg = ctoffload_agent::cli::error_chain(&e);
+    assert_eq!(
+        msg,
+        "nat.toml: invalid NAT configuration: nat.rules[1].to_ports: range 2000-1000 is empty"
+    );
+    // A rule naming a port that [[ports]] does not declare.
+    let bad = NAT_CONFIG.replace(
+        "out_port = \"outside\"\nto_addresses",
+        "out_port = \"wan\"\nto_addresses",
+    );
+    let e = replay::parse_settings(&bad, std::path::Path::new("nat.toml")).expect_err("bad");
+    assert!(
+        ctoffload_agent::cli::error_chain(&e).contains("nat.rules[1].out_port"),
+        "{e:?}"
+    );
+    // Without NAT keys the settings are the conntrack ones alone.
+    let plain = replay::parse_settings("checksum = false\n", std::path::Path::new("c.toml"))
+        .expect("plain");
+    assert!(plain.nat.rules.is_empty());
+}
+
+#[test]
+fn masquerade_without_a_declared_egress_address_drops_the_new_connection() {
+    // No [[ports]]: the egress interface has no address to masquerade to.
+    let config = "[[nat.rules]]\nname = \"masq\"\nkind = \"masquerade\"\n";
+    let settings = replay::parse_settings(config, std::path::Path::new("m.toml")).expect("config");
+    let opts = ReplayOptions {
+        nat: settings.nat,
+        ..ReplayOptions::default()
+    };
+    let t0 = 1_700_000_000_000_000u64;
+    let packets = vec![(INSIDE, t0, udp(true, b"query"))];
+    let (records, out) = run(&input_pcapng(&packets), &opts);
+    assert_eq!(records[0].verdict, VerdictClass::Invalid);
+    assert_eq!(records[0].egress_port, None);
+    assert_eq!(records[0].nat, None);
+    let reason = records[0].reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("no egress address to masquerade to"),
+        "{reason}"
+    );
+    assert_eq!(out, expected_output(&packets, &[0]));
+}

@@ -491,9 +491,9 @@ fn new_nat(
     for _ in 0..repeats {
         let rule = snat(AddrRange::single_v4([203, 0, 113, 1]), Some(ports));
         let mut ct = nat_conntrack(max, Some(rule));
-        // Like Linux, a search can give up (128+64+32+16 probes from random offsets)
-        // before the range is really full: a handful of the last connections are
-        // dropped (the sender retries). They are counted, not hidden.
+        // A search gives up only when the range is full for that endpoint (or its
+        // table checks run out): dropped connections (the sender retries) are counted,
+        // not hidden. Linux's bounded search gave up on a handful here.
         let (t, w) = run_mut(&mut ct, &pf, 10 * NS);
         assert_eq!(t, w, "every tracked connection translated");
         assert!(t + t / 1000 >= pf.len(), "prefill: {t} of {}", pf.len());

@@ -442,7 +442,7 @@ struct ReplayArgs {
     /// JSON Lines records, one per input packet (`-`: standard output).
     #[arg(short, long, default_value = "-")]
     records: PathBuf,
-    /// Conntrack settings (TOML; see docs/replay.md). Defaults are Linux's.
+    /// Conntrack and NAT settings (TOML; see docs/replay.md). Defaults are Linux's.
     #[arg(short, long)]
     config: Option<PathBuf>,
     /// What to do with packets conntrack finds invalid.
@@ -454,13 +454,14 @@ struct ReplayArgs {
 }
 
 fn run_replay(args: &ReplayArgs) -> ExitCode {
-    let conntrack = match &args.config {
-        Some(path) => replay::load_config(path),
-        None => Ok(replay::default_conntrack_config()),
+    let settings = match &args.config {
+        Some(path) => replay::load_settings(path),
+        None => Ok(replay::ReplaySettings::default()),
     };
-    let result = conntrack.and_then(|conntrack| {
+    let result = settings.and_then(|settings| {
         let opts = ReplayOptions {
-            conntrack,
+            conntrack: settings.conntrack,
+            nat: settings.nat,
             invalid: args.invalid,
             dump_table: args.dump_table,
         };

@@ -5,8 +5,12 @@
 //! direction): the caller answers through an `is_taken` closure that is given the
 //! candidate reply tuple, so this module does not depend on the table.
 //!
-//! A search allocates nothing and costs at most 128 + 64 + 32 + 16 probes; a probe whose
-//! candidate [`BusyPorts`] knows to be bound is a bit test instead of a table lookup.
+//! A search allocates nothing. A source search uses [`BusyPorts`], the ports bound per
+//! endpoint: it takes the first port at or after Linux's offset that is not bound (a
+//! scan of 64-port words) and checks only that candidate in the table (more only when
+//! the table holds it for a connection that is no binding), at most
+//! [`MAX_TABLE_CHECKS`] checks. A destination search is Linux's: sequential from the
+//! offset, at most 128 + 64 + 32 + 16 probes.
 //! The engine's two maps ([`BySource`], [`BusyPorts`]) grow with the connections they
 //! describe (amortised; a busy endpoint's 8 KiB bitmap is allocated once), never per
 //! packet of an established connection.
@@ -112,7 +116,8 @@ pub enum Found {
     AddrOnly,
     /// The port search found it after this many probes.
     Searched {
-        /// Probes made.
+        /// Probes made: candidates checked in the table (a source search does not
+        /// count the ports [`BusyPorts`] records as bound).
         probes: u32,
     },
 }
@@ -154,6 +159,36 @@ enum PortBits {
 }
 
 impl PortBits {
+    /// The lowest port in `from..=to` that is not recorded, if any: at most eight steps
+    /// inline, else a scan of 64-port words (`trailing_zeros` of the inverted word).
+    fn next_free(&self, from: u16, to: u16) -> Option<u16> {
+        match self {
+            Self::Few { .. } => {
+                let mut p = from;
+                while self.test(p) {
+                    if p >= to {
+                        return None;
+                    }
+                    p += 1;
+                }
+                (p <= to).then_some(p)
+            }
+            Self::Dense { words, .. } => {
+                let (mut p, to) = (usize::from(from), usize::from(to));
+                while p <= to {
+                    // Free ports from `p` on within its word; bits above the word are 0.
+                    let free = !words[p >> 6] >> (p & 63);
+                    if free != 0 {
+                        let q = p + free.trailing_zeros() as usize;
+                        return u16::try_from(q).ok().filter(|_| q <= to);
+                    }
+                    p = (p | 63) + 1;
+                }
+                None
+            }
+        }
+    }
+
     #[inline]
     fn test(&self, port: u16) -> bool {
         match self {
@@ -205,17 +240,18 @@ impl core::hash::BuildHasher for FoldBuild {
 
 /// Source ports bound by source-NAT connections, per endpoint (the translated ORIGINAL
 /// tuple without its source port: NAT address, remote address and port, protocol,
-/// zone), so that a port search in a busy range tests a bit instead of looking each
-/// candidate up in the connection table. It only skips probes whose answer it knows
-/// ("used"): the probe order, count and limits stay Linux's, and the chosen tuple is
-/// still checked with `is_taken`.
+/// zone), so that a port search in a busy range finds a free port by scanning bitmap
+/// words instead of looking candidates up in the connection table. A recorded port is
+/// used; an unrecorded one is checked with `is_taken` before it is chosen (a connection
+/// that is no binding may hold it).
 ///
 /// [`NatEngine::decide`](super::NatEngine::decide) records every `SRC_NAT` binding and
 /// [`NatEngine::released`](super::NatEngine::released) clears it; an endpoint keeps up to
 /// seven ports inline, then a 64 Ki-bit bitmap, and is forgotten when its last binding
 /// is released. Bounded: at most [`BUSY_MAX_ENDPOINTS`] endpoints and
 /// [`BUSY_MAX_DENSE`] bitmaps; past that, bindings are simply not recorded (a search
-/// then asks the table, as without this index).
+/// then checks the unrecorded ports in the table one by one, at most
+/// [`MAX_TABLE_CHECKS`] of them).
 #[derive(Clone, Default)]
 pub struct BusyPorts {
     map: HashMap<Tuple, PortBits, FoldBuild>,
@@ -334,9 +370,7 @@ impl BusyPorts {
     /// Whether the port of candidate `t` is recorded as used.
     #[must_use]
     pub fn contains(&self, t: &Tuple) -> bool {
-        self.map
-            .get(&endpoint_of(t))
-            .is_some_and(|b| b.test(t.src_l4))
+        self.get(t).is_some_and(|b| b.test(t.src_l4))
     }
 
     fn get(&self, t: &Tuple) -> Option<&PortBits> {
@@ -363,7 +397,8 @@ struct Mapping {
     refs: u32,
 }
 
-/// The mappings of one source; almost always one.
+/// The mappings of one source; almost always one. `more` may hold one mapping in several
+/// entries (each with at least one reference).
 #[derive(Debug, Clone)]
 struct Mappings {
     first: Mapping,
@@ -432,11 +467,14 @@ impl BySource {
                     ms.first.refs += 1;
                 } else if let Some(x) = ms
                     .more
-                    .iter_mut()
-                    .find(|x| x.addr == addr && x.port == port)
+                    .last_mut()
+                    .filter(|x| x.addr == addr && x.port == port)
                 {
                     x.refs += 1;
                 } else {
+                    // Not searched for among the others: O(1) on the new-connection
+                    // path. A mapping may then be held by several entries; its
+                    // references are their sum.
                     ms.more.push(m);
                 }
             }
@@ -485,8 +523,9 @@ impl BySource {
         self.map.get(&key_of(orig)).map_or(0, |ms| {
             core::iter::once(&ms.first)
                 .chain(ms.more.iter())
-                .find(|m| m.addr == addr && m.port == port)
-                .map_or(0, |m| m.refs)
+                .filter(|m| m.addr == addr && m.port == port)
+                .map(|m| m.refs)
+                .sum()
         })
     }
 }
@@ -616,6 +655,14 @@ impl AllocCtx<'_> {
     fn used(&mut self, t: &Tuple) -> bool {
         reply_of(t).is_none_or(|r| (self.is_taken)(&r))
     }
+
+    /// [`AllocCtx::used`], answered by [`BusyPorts`] without a table lookup when it
+    /// records `t` (a recorded binding is in the table: a lookup would hit, and read
+    /// the connection's entry, a cache miss, to say so).
+    #[inline]
+    fn used_or_recorded(&mut self, t: &Tuple) -> bool {
+        self.busy.is_some_and(|b| b.contains(t)) || self.used(t)
+    }
 }
 
 /// Linux `get_unique_tuple`: the new tuple (in ORIGINAL direction) for `cur` under
@@ -635,7 +682,7 @@ pub fn get_unique_tuple(
     // 1. Source manip, not fully random: keep the tuple, or reuse the source's mapping.
     if manip == Manip::Src && !range.random_fully {
         if in_range(cur, range, manip) {
-            if !ctx.used(cur) {
+            if !ctx.used_or_recorded(cur) {
                 return Ok((*cur, Found::Kept));
             }
         } else {
@@ -650,7 +697,7 @@ pub fn get_unique_tuple(
             if let Some((a, p)) = hit {
                 cand.src = a;
                 set_key(&mut cand, Manip::Src, p);
-                if !ctx.used(&cand) {
+                if !ctx.used_or_recorded(&cand) {
                     return Ok((cand, Found::BySource));
                 }
             }
@@ -662,8 +709,8 @@ pub fn get_unique_tuple(
     // 3. Keep the port if that is free.
     if !range.random_fully {
         let keep = match (range.ports, key_of_l4(&t, manip)) {
-            (Some(r), Some(k)) => r.contains(k) && !ctx.used(&t),
-            _ => !ctx.used(&t),
+            (Some(r), Some(k)) => r.contains(k) && !ctx.used_or_recorded(&t),
+            _ => !ctx.used_or_recorded(&t),
         };
         if keep {
             return Ok((t, Found::AddrOnly));
@@ -716,13 +763,16 @@ fn search(
     } else {
         0
     };
+    if size == 0 {
+        return Err(fail(t, 0));
+    }
+    if let (Manip::Src, Some(busy)) = (manip, ctx.busy) {
+        // Every candidate of this search has the same endpoint: one map lookup.
+        let bits = busy.get(&t);
+        return search_free(cur, t, r, off % size, bits, ctx);
+    }
     let mut attempts = size.min(128);
     let mut probes = 0u32;
-    // Every candidate of this search has the same endpoint: one map lookup.
-    let busy = match (manip, ctx.busy) {
-        (Manip::Src, Some(b)) => b.get(&t),
-        _ => None,
-    };
     loop {
         for _ in 0..attempts {
             let port = u32::from(r.min) + off % size;
@@ -730,10 +780,6 @@ fn search(
             let port = u16::try_from(port).unwrap_or(r.max);
             set_key(&mut t, manip, port);
             probes += 1;
-            // Known used: the table would say so too.
-            if busy.is_some_and(|b| b.test(port)) {
-                continue;
-            }
             if !ctx.used(&t) {
                 return Ok((t, Found::Searched { probes }));
             }
@@ -744,6 +790,58 @@ fn search(
         attempts /= 2;
         off = u32::from(ctx.rng.next_u16());
     }
+}
+
+/// Table checks a source search makes at most: Linux's probe budget.
+pub const MAX_TABLE_CHECKS: u32 = 128 + 64 + 32 + 16;
+
+/// The source-manip search with [`BusyPorts`]: the first port at or after Linux's offset
+/// (`first = min + off`, wrapping) that the index does not record, checked in the table.
+/// A port the index records is used (its connection is in the table, or was removed and
+/// not yet released); a port it does not record may still be used by a connection that
+/// is no binding (a plain connection from the NAT address, a destination-NAT reply),
+/// so each candidate is checked and a used one skipped. At most [`MAX_TABLE_CHECKS`]
+/// checks; [`Found::Searched`] counts them. [`Exhausted`] means every port of the range
+/// is recorded, or the check budget ran out.
+fn search_free(
+    cur: &Tuple,
+    mut t: Tuple,
+    r: PortRange,
+    off: u32,
+    bits: Option<&PortBits>,
+    ctx: &mut AllocCtx<'_>,
+) -> Result<(Tuple, Found), Exhausted> {
+    let first = u16::try_from(u32::from(r.min) + off).unwrap_or(r.min);
+    let mut checks = 0u32;
+    // [first, max], then [min, first - 1].
+    let wrap = (first > r.min).then(|| (r.min, first - 1));
+    for (mut from, to) in core::iter::once((first, r.max)).chain(wrap) {
+        loop {
+            let next = match bits {
+                Some(b) => b.next_free(from, to),
+                None => Some(from),
+            };
+            let Some(port) = next else { break };
+            set_key(&mut t, Manip::Src, port);
+            checks += 1;
+            if !ctx.used(&t) {
+                return Ok((t, Found::Searched { probes: checks }));
+            }
+            if checks >= MAX_TABLE_CHECKS || port >= to {
+                break;
+            }
+            from = port + 1;
+        }
+        if checks >= MAX_TABLE_CHECKS {
+            break;
+        }
+    }
+    Err(Exhausted {
+        manip: Manip::Src,
+        tuple: *cur,
+        last: t,
+        probes: checks,
+    })
 }
 
 #[cfg(test)]
@@ -807,58 +905,125 @@ mod tests {
         }
     }
 
+    /// The port an indexed search must choose: the first port at or after
+    /// `min + off % size` (wrapping) that `taken` does not hold.
+    fn first_free_after(r: PortRange, off: u16, free: impl Fn(u16) -> bool) -> Option<u16> {
+        let size = r.size();
+        (0..size)
+            .map(|i| u16::try_from(u32::from(r.min) + (u32::from(off) + i) % size).expect("port"))
+            .find(|&p| free(p))
+    }
+
     #[test]
-    fn busy_ports_skip_known_used_probes_without_changing_the_choice() {
+    fn indexed_search_takes_the_first_free_port_after_the_offset_with_one_check() {
         let by = BySource::default();
         let ports = PortRange::new(20_000, 20_255);
         let range = snat([192, 0, 2, 1], [192, 0, 2, 1], Some(ports));
         let mut taken: HashSet<Tuple> = HashSet::new();
         let mut busy = BusyPorts::default();
-        let mut rng_a = NatRng::new(21);
-        let mut rng_b = NatRng::new(21);
-        for i in 0..230u32 {
+        let mut rng = NatRng::new(21);
+        for i in 0..256u32 {
             let [_, b, c, d] = i.to_be_bytes();
             let cur = udp([10, b, c, d], 40_000, [8, 8, 8, 8], 53);
-            let mut is_taken = |t: &Tuple| taken.contains(t);
-            let mut plain = AllocCtx {
-                by_source: &by,
-                rng: &mut rng_a,
-                seed: 0,
-                is_taken: &mut is_taken,
-                busy: None,
-            };
-            let a = get_unique_tuple(&cur, &range, Manip::Src, &mut plain);
+            let off = rng.clone().next_u16();
+            let expected = first_free_after(ports, off, |p| {
+                let mut t = cur;
+                t.src = Addr::v4([192, 0, 2, 1]);
+                t.src_l4 = p;
+                !taken.contains(&t.invert().expect("udp"))
+            });
             let mut lookups = 0u32;
             let mut is_taken = |t: &Tuple| {
                 lookups += 1;
                 taken.contains(t)
             };
-            let mut fast = AllocCtx {
+            let mut ctx = AllocCtx {
                 by_source: &by,
-                rng: &mut rng_b,
+                rng: &mut rng,
                 seed: 0,
                 is_taken: &mut is_taken,
                 busy: Some(&busy),
             };
-            let b = get_unique_tuple(&cur, &range, Manip::Src, &mut fast);
-            assert_eq!(a, b, "connection {i}: same choice, same probe count");
-            let (t, found) = b.expect("room left");
-            if let Found::Searched { probes } = found {
-                assert!(lookups <= probes);
-            }
+            let (t, found) = get_unique_tuple(&cur, &range, Manip::Src, &mut ctx)
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            assert_eq!(Some(t.src_l4), expected, "connection {i}");
+            // The original port is outside the range: the search's candidate is the only
+            // table check.
+            assert_eq!(found, Found::Searched { probes: 1 }, "connection {i}");
+            assert_eq!(lookups, 1, "connection {i}: one table check in the search");
             busy.add(&t);
             assert!(taken.insert(t.invert().expect("udp")));
         }
-        assert_eq!(
-            (busy.len(), busy.bitmaps()),
-            (1, 1),
-            "one busy endpoint recorded"
-        );
+        assert_eq!((busy.len(), busy.bitmaps()), (1, 1), "one busy endpoint");
+        // Full: the next search gives up without asking the table.
+        let cur = udp([10, 9, 9, 9], 40_000, [8, 8, 8, 8], 53);
+        let mut is_taken = |t: &Tuple| taken.contains(t);
+        let mut ctx = AllocCtx {
+            by_source: &by,
+            rng: &mut rng,
+            seed: 0,
+            is_taken: &mut is_taken,
+            busy: Some(&busy),
+        };
+        let e = get_unique_tuple(&cur, &range, Manip::Src, &mut ctx).expect_err("full");
+        assert_eq!(e.probes, 0);
         // Releasing every recorded binding forgets the endpoint.
         for t in taken.iter().map(|r| r.invert().expect("udp")) {
             busy.remove(&t);
         }
         assert!(busy.is_empty());
+    }
+
+    #[test]
+    fn indexed_search_skips_ports_the_table_holds_for_other_connections() {
+        // Ports 20000-20009 are held by plain connections from the NAT address itself:
+        // the index does not know them, the table check does.
+        let by = BySource::default();
+        let busy = BusyPorts::default();
+        let ports = PortRange::new(20_000, 20_009);
+        let range = snat([192, 0, 2, 1], [192, 0, 2, 1], Some(ports));
+        let mut rng = NatRng::new(4);
+        let held = |t: &Tuple| t.dst_l4 != 20_004 || t.src != Addr::v4([8, 8, 8, 8]);
+        let mut is_taken = held;
+        let mut ctx = AllocCtx {
+            by_source: &by,
+            rng: &mut rng,
+            seed: 0,
+            is_taken: &mut is_taken,
+            busy: Some(&busy),
+        };
+        let cur = udp([10, 0, 0, 1], 40_000, [8, 8, 8, 8], 53);
+        let (t, _) = get_unique_tuple(&cur, &range, Manip::Src, &mut ctx).expect("one free");
+        assert_eq!(t.src_l4, 20_004);
+        let mut all = |_: &Tuple| true;
+        ctx.is_taken = &mut all;
+        let e = get_unique_tuple(&cur, &range, Manip::Src, &mut ctx).expect_err("none free");
+        assert_eq!(e.probes, 10, "each port of the range checked once");
+    }
+
+    #[test]
+    fn dense_next_free_scans_words_within_bounds() {
+        let mut bits = PortBits::Dense {
+            words: Box::new([0; 1024]),
+            count: 0,
+        };
+        if let PortBits::Dense { words, .. } = &mut bits {
+            words[1] = u64::MAX; // ports 64-127
+            words[2] = !1u64 << 5; // 128-133 free, 134-191 used
+        }
+        assert_eq!(bits.next_free(64, 200), Some(128));
+        assert_eq!(bits.next_free(64, 127), None);
+        assert_eq!(bits.next_free(129, 191), Some(129));
+        assert_eq!(bits.next_free(134, 191), None);
+        assert_eq!(bits.next_free(134, 192), Some(192));
+        assert_eq!(bits.next_free(65_535, 65_535), Some(65_535));
+        let few = PortBits::Few {
+            ports: [5, 6, 7, 0, 0, 0, 0],
+            n: 3,
+        };
+        assert_eq!(few.next_free(5, 10), Some(8));
+        assert_eq!(few.next_free(5, 7), None);
+        assert_eq!(few.next_free(4, 7), Some(4));
     }
 
     #[test]
@@ -995,5 +1160,101 @@ mod tests {
         by.remove(&o, n, 2001);
         assert!(by.is_empty());
         by.remove(&o, n, 2001); // unknown: ignored
+    }
+
+    #[test]
+    fn by_source_counts_a_mapping_held_by_several_entries() {
+        // 2000, 2001, 2000 again: the second 2000 gets its own entry (add compares only
+        // the first and the newest); references add up and the mapping stays findable
+        // until the last one is dropped.
+        let mut by = BySource::default();
+        let o = udp([10, 0, 0, 1], 1000, [8, 8, 8, 8], 53);
+        let n = Addr::v4([192, 0, 2, 1]);
+        by.add(&o, n, 2001);
+        by.add(&o, n, 2000);
+        by.add(&o, n, 2002);
+        by.add(&o, n, 2000);
+        assert_eq!(by.refs(&o, n, 2000), 2);
+        let found = |by: &BySource, port| by.find(&o, |_, p| p == port).is_some();
+        by.remove(&o, n, 2000);
+        assert!(found(&by, 2000));
+        by.remove(&o, n, 2001);
+        by.remove(&o, n, 2000);
+        assert!(!found(&by, 2000));
+        assert!(found(&by, 2002));
+        by.remove(&o, n, 2002);
+        assert!(by.is_empty());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Random binds and releases towards three endpoints through a 16-port range,
+        /// the index maintained as the engine does: a chosen port is in range and free,
+        /// never bound twice, a search fails only when the endpoint's range is full, and
+        /// a released port is free again (when it is the only free one, it is chosen).
+        #[test]
+        fn indexed_ports_are_free_unique_and_released(
+            ops in proptest::collection::vec((0u8..3, proptest::bool::ANY, 0usize..64), 1..300),
+        ) {
+            let ports = PortRange::new(30_000, 30_015);
+            let range = snat([192, 0, 2, 1], [192, 0, 2, 1], Some(ports));
+            let by = BySource::default();
+            let mut busy = BusyPorts::default();
+            let mut rng = NatRng::new(77);
+            let mut taken: HashSet<Tuple> = HashSet::new();
+            let mut live: Vec<Tuple> = Vec::new();
+            let mut released: [Option<u16>; 3] = [None; 3];
+            let mut client = 0u32;
+            for (server, bind, pick) in ops {
+                let dst = [198, 51, 100, server];
+                if bind || live.is_empty() {
+                    client += 1;
+                    let [_, b, c, d] = client.to_be_bytes();
+                    let cur = udp([10, b, c, d], 50_000, dst, 53);
+                    let bound = live.iter().filter(|t| t.dst == Addr::v4(dst)).count();
+                    let mut is_taken = |t: &Tuple| taken.contains(t);
+                    let mut ctx = AllocCtx {
+                        by_source: &by,
+                        rng: &mut rng,
+                        seed: 0,
+                        is_taken: &mut is_taken,
+                        busy: Some(&busy),
+                    };
+                    match get_unique_tuple(&cur, &range, Manip::Src, &mut ctx) {
+                        Ok((t, _)) => {
+                            proptest::prop_assert!(bound < 16);
+                            proptest::prop_assert!(ports.contains(t.src_l4));
+                            // Released from a full range and nothing bound since: the
+                            // only free port.
+                            if let Some(p) = released[usize::from(server)].take()
+                                && bound == 15
+                            {
+                                proptest::prop_assert_eq!(t.src_l4, p, "the released port");
+                            }
+                            proptest::prop_assert!(!busy.contains(&t), "not recorded before");
+                            proptest::prop_assert!(taken.insert(t.invert().expect("udp")), "never bound twice");
+                            busy.add(&t);
+                            live.push(t);
+                        }
+                        Err(e) => {
+                            proptest::prop_assert_eq!(bound, 16, "{}", e);
+                        }
+                    }
+                } else {
+                    let t = live.swap_remove(pick % live.len());
+                    proptest::prop_assert!(busy.contains(&t));
+                    busy.remove(&t);
+                    taken.remove(&t.invert().expect("udp"));
+                    proptest::prop_assert!(!busy.contains(&t), "release frees it");
+                    let k = usize::from(t.dst.as_v4()[3]);
+                    released[k] = Some(t.src_l4);
+                }
+            }
+            for t in live.drain(..) {
+                busy.remove(&t);
+            }
+            proptest::prop_assert!(busy.is_empty());
+        }
     }
 }

@@ -91,7 +91,8 @@ pub struct NatStats {
     pub by_source_reused: u64,
     /// Bindings found by a port search.
     pub searched: u64,
-    /// Probes made by port searches.
+    /// Probes made by port searches: candidates checked in the table (a source
+    /// search skips the ports `BusyPorts` records without counting them).
     pub probes: u64,
     /// Connections dropped: no free tuple.
     pub exhausted: u64,

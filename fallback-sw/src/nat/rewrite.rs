@@ -16,7 +16,7 @@
 use core::net::Ipv4Addr;
 
 use super::alloc::Manip;
-use crate::checksum::{self, udp_finish, update16, update32};
+use crate::checksum::{self, finish, udp_finish, update16};
 use crate::table::Status;
 use crate::tuple::{Dir, Tuple, proto};
 use crate::wire::{L3, L4, ParsedPacket};
@@ -114,9 +114,26 @@ pub(crate) fn inverse_fields(other: &Tuple) -> ([u8; 4], [u8; 4], u16, u16) {
     (other.dst.as_v4(), other.src.as_v4(), sl4, dl4)
 }
 
+/// The RFC 1624 terms of a 32-bit field changing from `old` to `new`: `~m + m'` for
+/// both 16-bit halves, to add to `~HC`.
+#[inline]
+fn delta32(old: u32, new: u32) -> u64 {
+    let (o, n) = (old.to_be_bytes(), new.to_be_bytes());
+    u64::from(!u16::from_be_bytes([o[0], o[1]]))
+        + u64::from(!u16::from_be_bytes([o[2], o[3]]))
+        + u64::from(u16::from_be_bytes([n[0], n[1]]))
+        + u64::from(u16::from_be_bytes([n[2], n[3]]))
+}
+
 /// Linux `nf_nat_ipv4_manip_pkt`: sets the `manip` address to `addr` and the port (or,
 /// for an ICMP query, the id) to `l4`, fixing checksums per `mode`.
-#[inline]
+///
+/// The address's checksum terms are computed once and serve the IPv4 header checksum
+/// and the pseudo-header of the L4 checksum; the L4 checksum takes the address and the
+/// port in one RFC 1624 update (`~(~HC + ~a + a' + ~p + p')`, equal to the two updates
+/// one after the other: both fold the same nonzero sum). Inlined into [`rewrite`], whose
+/// per-packet cost it is.
+#[inline(always)]
 pub(crate) fn manip_v4(
     frame: &mut [u8],
     at: &V4At,
@@ -129,10 +146,11 @@ pub(crate) fn manip_v4(
     let a_off = at.l3 + if manip == Manip::Src { 12 } else { 16 };
     let old = be32(frame, a_off);
     let new = u32::from_be_bytes(addr);
+    let addr_terms = delta32(old, new);
     if old != new {
         frame[a_off..a_off + 4].copy_from_slice(&addr);
         let c = be16(frame, at.l3 + 10);
-        put16(frame, at.l3 + 10, update32(c, old, new));
+        put16(frame, at.l3 + 10, finish(u64::from(!c) + addr_terms));
     }
     if mode == L4Mode::None || !at.has_l4 {
         return Ok(());
@@ -160,7 +178,8 @@ pub(crate) fn manip_v4(
             need(frame, at.l4, csum_at + 2)?;
             let c_off = at.l4 + csum_at;
             let c = be16(frame, c_off);
-            let upd = |c: u16| update16(update32(c, old, new), old_p, l4);
+            let upd =
+                |c: u16| finish(u64::from(!c) + addr_terms + u64::from(!old_p) + u64::from(l4));
             let v = match at.proto {
                 // An absent UDP checksum (0) stays absent; an updated 0 is sent as 0xFFFF
                 // (`checksum::udp_adjust`, written out so that it inlines here).
