@@ -336,6 +336,8 @@ pub(super) fn set_busy_poll(fd: BorrowedFd<'_>, usecs: u32, budget: u32) -> io::
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd;
+
     use super::*;
 
     #[test]
@@ -350,6 +352,24 @@ mod tests {
         assert_eq!(std::mem::offset_of!(ProgLoadAttr, prog_name), 48);
         assert_eq!(std::mem::offset_of!(ProgLoadAttr, expected_attach_type), 68);
         assert_eq!(size_of::<LinkCreateAttr>(), 16);
+    }
+
+    #[test]
+    fn the_redirect_program_passes_the_verifier() {
+        let map = match xskmap_create(4) {
+            Ok(m) => m,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                eprintln!("skipping: creating a BPF map needs CAP_BPF: {e}");
+                return;
+            }
+            Err(e) => panic!("creating an XSKMAP: {e}"),
+        };
+        let insns = super::super::prog::redirect_program(map.as_raw_fd());
+        let prog = xdp_prog_load(&insns, "ctoff_test").expect("verifier accepts the program");
+        assert!(prog.as_raw_fd() >= 0);
+        // Inserting a descriptor that is not an AF_XDP socket is refused by the kernel.
+        let e = xskmap_insert(map.as_fd(), 0, prog.as_fd()).expect_err("not a socket");
+        assert!(e.raw_os_error().is_some(), "{e}");
     }
 
     #[test]
