@@ -8,6 +8,7 @@
 //!  sender ns ─veth─ gw ns (kernel or the forwarding loop) ─veth─ receiver ns
 //!  raw AF_PACKET sendmmsg, 60-byte frames        receiver: nftables drops at prerouting,
 //!  (+4 FCS = 64), UDP to 198.51.100.2            frames counted by its veth's rx counter
+//!  offered = the sender veth's tx counter
 //! ```
 //!
 //! CPU placement (2 cores): the sender thread on CPU 0, the forwarding loop on CPU 1;
@@ -252,13 +253,21 @@ fn nft(ns: &NetNs, script: &str) -> Result<(), String> {
     r.map(drop)
 }
 
-/// Frames the receiver's veth took in so far.
-fn received(b: &Bed) -> Result<u64, String> {
-    let out = cmd(b.receiver.ip(&["-s", "-j", "link", "show", "dev", &b.r_if]))?;
+/// A packet counter of interface `dev` in `ns` (`dir`: `rx` or `tx`).
+fn counter(ns: &NetNs, dev: &str, dir: &str) -> Result<u64, String> {
+    let out = cmd(ns.ip(&["-s", "-j", "link", "show", "dev", dev]))?;
     let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
-    v.pointer("/0/stats64/rx/packets")
+    v.pointer(&format!("/0/stats64/{dir}/packets"))
         .and_then(serde_json::Value::as_u64)
-        .ok_or_else(|| format!("no rx counter in {out}"))
+        .ok_or_else(|| format!("no {dir} counter in {out}"))
+}
+
+/// Frames the sender's veth sent and the receiver's veth took in so far.
+fn counters(b: &Bed) -> Result<(u64, u64), String> {
+    Ok((
+        counter(&b.sender, &b.s_if, "tx")?,
+        counter(&b.receiver, &b.r_if, "rx")?,
+    ))
 }
 
 fn pin_to(cpu: usize) {
@@ -281,7 +290,8 @@ struct Trial {
 }
 
 /// The sender thread: an `AF_PACKET` socket in the sender namespace, cycling over the
-/// flows' frames, batches of 32 per `sendmmsg`. Returns frames sent per trial.
+/// flows' frames, batches of 32 per `sendmmsg`. Returns frames handed to the socket per
+/// trial (what left is counted at the sender's veth).
 fn start_sender(
     b: &Bed,
     flows: usize,
@@ -308,7 +318,6 @@ fn start_sender(
             let mut next = 0usize;
             for t in rx {
                 let start = Instant::now();
-                let before = port.stats();
                 let mut sent = 0u64;
                 let mut result = Ok(());
                 while start.elapsed() < t.dur {
@@ -335,11 +344,7 @@ fn start_sender(
                     }
                     sent += SEND_BATCH as u64;
                 }
-                let after = port.stats();
-                let _ = t.reply.send(result.map(|()| {
-                    (after.tx_frames - before.tx_frames)
-                        .saturating_sub(after.tx_dropped - before.tx_dropped)
-                }));
+                let _ = t.reply.send(result.map(|()| sent));
             }
         })
         .map_err(|e| e.to_string())?;
@@ -448,30 +453,37 @@ fn trial(
     rate: Option<f64>,
     dur: Duration,
 ) -> Result<Rates, String> {
-    let before = received(b)?;
+    let (tx0, rx0) = counters(b)?;
     let (reply, answer) = mpsc::channel();
     sender
         .send(Trial { rate, dur, reply })
         .map_err(|_| "sender gone")?;
-    let sent = answer.recv().map_err(|_| "sender gone")??;
+    answer.recv().map_err(|_| "sender gone")??;
     // In-flight frames drain from the rings.
     thread::sleep(Duration::from_millis(100));
-    let got = received(b)?.saturating_sub(before);
+    let (tx1, rx1) = counters(b)?;
+    let (sent, got) = (tx1.saturating_sub(tx0), rx1.saturating_sub(rx0));
     let secs = dur.as_secs_f64();
     #[allow(clippy::cast_precision_loss)]
-    Ok(Rates {
+    let r = Rates {
         offered: sent as f64 / secs,
         delivered: got.min(sent) as f64 / secs,
-    })
+    };
+    if std::env::var_os("XDP_BENCH_VERBOSE").is_some() {
+        eprintln!("trial {rate:?}: sent {sent}, received {got}: {r:?}");
+    }
+    Ok(r)
 }
 
 /// One repeat: the rate under overload, then the best rate with at most [`MAX_LOSS`]
 /// lost, bisecting the offered rate between 0 and the sender's full speed.
-fn measure(b: &Bed, sender: &mpsc::Sender<Trial>, dur: Duration) -> Result<(f64, f64), String> {
+/// Returns (lossless, overload) delivered rates and the sender's full-speed rate.
+fn measure(b: &Bed, sender: &mpsc::Sender<Trial>, dur: Duration) -> Result<(f64, Rates), String> {
     let full = trial(b, sender, None, dur)?;
     let (mut lo, mut hi, mut best) = (0.0f64, full.offered, 0.0f64);
     if full.delivered >= full.offered * (1.0 - MAX_LOSS) {
-        return Ok((full.delivered, full.delivered));
+        // Not overloaded: the sender is the limit.
+        return Ok((full.delivered, full));
     }
     for _ in 0..BISECT_STEPS {
         let mid = f64::midpoint(lo, hi);
@@ -483,7 +495,7 @@ fn measure(b: &Bed, sender: &mpsc::Sender<Trial>, dur: Duration) -> Result<(f64,
             hi = mid;
         }
     }
-    Ok((best, full.delivered))
+    Ok((best, full))
 }
 
 #[derive(Debug)]
@@ -493,6 +505,7 @@ struct Row {
     flows: usize,
     lossless: Vec<f64>,
     overload: Vec<f64>,
+    offered: Vec<f64>,
 }
 
 fn min_median(v: &[f64]) -> (f64, f64) {
@@ -533,11 +546,13 @@ fn run_method(method: Method, cfg: &Settings, rows: &mut Vec<Row>) -> Result<(),
             flows,
             lossless: Vec::new(),
             overload: Vec::new(),
+            offered: Vec::new(),
         };
         for _ in 0..cfg.repeats {
             let (lossless, overload) = measure(&b, &sender, cfg.trial)?;
             row.lossless.push(lossless);
-            row.overload.push(overload);
+            row.overload.push(overload.delivered);
+            row.offered.push(overload.offered);
         }
         drop(sender);
         let _ = sender_thread.join();
@@ -573,33 +588,36 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "64-byte UDP through the gateway, forwarding on one core; Mpps, min / median of {} repeats ({} ms trials, lossless = at most {} % lost)",
+        "64-byte UDP through the gateway, forwarding on one core; Mpps, min / median of {} repeats ({} ms trials, lossless = at most {} % lost; offered = median sender full speed: a rate equal to it is sender-bound)",
         cfg.repeats,
         cfg.trial.as_millis(),
         MAX_LOSS * 100.0
     );
     println!(
-        "{:<10} {:>7} {:>20} {:>20}  I/O",
-        "method", "flows", "lossless min/med", "overload min/med"
+        "{:<10} {:>7} {:>20} {:>20} {:>8}  I/O",
+        "method", "flows", "lossless min/med", "overload min/med", "offered"
     );
     let mut json = Vec::new();
     for r in &rows {
         let (lmin, lmed) = min_median(&r.lossless);
         let (omin, omed) = min_median(&r.overload);
+        let (_, offered) = min_median(&r.offered);
         println!(
-            "{:<10} {:>7} {:>9.3} / {:<8.3} {:>9.3} / {:<8.3}  {}",
+            "{:<10} {:>7} {:>9.3} / {:<8.3} {:>9.3} / {:<8.3} {:>8.3}  {}",
             r.method.name(),
             r.flows,
             lmin / 1e6,
             lmed / 1e6,
             omin / 1e6,
             omed / 1e6,
+            offered / 1e6,
             r.io
         );
         json.push(serde_json::json!({
             "method": r.method.name(), "flows": r.flows, "io": r.io,
             "lossless_mpps_min": lmin / 1e6, "lossless_mpps_median": lmed / 1e6,
             "overload_mpps_min": omin / 1e6, "overload_mpps_median": omed / 1e6,
+            "offered_mpps_median": offered / 1e6,
         }));
     }
     println!("total {:.1} s", started.elapsed().as_secs_f64());
