@@ -308,7 +308,10 @@ mod tests {
     #[test]
     fn kept_sets_follow_the_backend() {
         assert_eq!(
-            mask_of(kept_capabilities(&Backend::Sim { table_size: None })),
+            mask_of(kept_capabilities(&Backend::Sim {
+                table_size: None,
+                interfaces: vec![]
+            })),
             0
         );
         assert_eq!(

@@ -12,6 +12,8 @@
 //!
 //! [`MemPort`] is an in-memory port for tests.
 
+pub mod af_xdp;
+
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd};
 
