@@ -409,8 +409,17 @@ impl Agent {
     ) -> Result<Self, AgentError> {
         let journal = usize::try_from(cfg.limits.event_journal_capacity).unwrap_or(usize::MAX);
         let control = Arc::new(SoftwareControl::new(conntrack_config(&cfg), journal));
-        let backend = SoftwareBackend::start(&cfg, interfaces, Arc::clone(&control))
-            .map_err(AgentError::Software)?;
+        let backend = if interfaces.is_empty() {
+            tracing::warn!(
+                "backend software: no interfaces configured; serving the table without \
+                 packet I/O"
+            );
+            None
+        } else {
+            let b = SoftwareBackend::start(&cfg, interfaces, Arc::clone(&control))
+                .map_err(AgentError::Software)?;
+            Some(b)
+        };
         let agent = Self::with_control(
             path,
             cfg,
@@ -421,7 +430,7 @@ impl Agent {
         *agent
             .software
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(backend);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = backend;
         Ok(agent)
     }
 
