@@ -182,12 +182,16 @@ impl Topology {
         g.ip(&["addr", "add", "10.77.0.1/24", "dev", &self.gw_in])?;
         g.ip(&["addr", "add", "192.0.2.1/24", "dev", &self.gw_out])?;
         g.sysctl(&["net.ipv4.ip_forward=1"])?;
-        let rules = format!(
-            "table ip ctbench {{ chain post {{ type nat hook postrouting priority srcnat; \
-             oifname \"{}\" masquerade; }} }}",
+        g.exec("nft", &["add table ip ctbench"])?;
+        g.exec(
+            "nft",
+            &["add chain ip ctbench post { type nat hook postrouting priority srcnat ; }"],
+        )?;
+        let rule = format!(
+            "add rule ip ctbench post oifname \"{}\" masquerade",
             self.gw_out
         );
-        g.exec("nft", &[&rules]).map(drop)
+        g.exec("nft", &[&rule]).map(drop)
     }
 
     /// Starts `program` in `ns` (`ip netns exec`), stdout and stderr to `log`.
