@@ -503,13 +503,7 @@ pub fn udp_exchange(t: &Topology, port: u16) -> Result<SocketAddr, String> {
         srv.send_to(&resp, from)?;
         Ok(from)
     });
-    let cli = t
-        .inside
-        .run_inside(|| UdpSocket::bind((ip(IN_B), 0)))
-        .map_err(io("enter inside"))?
-        .map_err(io("bind"))?;
-    cli.connect((ip(OUT_HOST), port)).map_err(io("connect"))?;
-    cli.set_read_timeout(Some(WAIT)).map_err(io("timeout"))?;
+    let cli = udp_client(t, port, WAIT)?;
     cli.send(b"ping").map_err(io("send"))?;
     let mut buf = [0u8; 64];
     let got = cli.recv(&mut buf).map_err(io("UDP response"));
@@ -525,20 +519,26 @@ pub fn udp_exchange(t: &Topology, port: u16) -> Result<SocketAddr, String> {
     }
 }
 
-/// UDP to a closed outside port: the outside host's ICMP port unreachable, translated
-/// back, must make the inside socket's receive fail with ECONNREFUSED (4 tries).
-///
-/// # Errors
-/// The socket failed, an answer came, or no port unreachable arrived.
-pub fn udp_refused(t: &Topology, port: u16) -> Result<(), String> {
+/// A UDP socket on the inside host's second address, connected to the outside host's
+/// `port`, with a receive timeout.
+fn udp_client(t: &Topology, port: u16, timeout: Duration) -> Result<UdpSocket, String> {
     let cli = t
         .inside
         .run_inside(|| UdpSocket::bind((ip(IN_B), 0)))
         .map_err(io("enter inside"))?
         .map_err(io("bind"))?;
     cli.connect((ip(OUT_HOST), port)).map_err(io("connect"))?;
-    cli.set_read_timeout(Some(Duration::from_secs(1)))
-        .map_err(io("timeout"))?;
+    cli.set_read_timeout(Some(timeout)).map_err(io("timeout"))?;
+    Ok(cli)
+}
+
+/// UDP to a closed outside port: the outside host's ICMP port unreachable, translated
+/// back, must make the inside socket's receive fail with ECONNREFUSED (4 tries).
+///
+/// # Errors
+/// The socket failed, an answer came, or no port unreachable arrived.
+pub fn udp_refused(t: &Topology, port: u16) -> Result<(), String> {
+    let cli = udp_client(t, port, Duration::from_secs(1))?;
     let mut last = None;
     for _ in 0..4 {
         let _ = cli.send(b"anyone?");

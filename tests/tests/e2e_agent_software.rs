@@ -232,28 +232,22 @@ fn agent_software_backend_forwards_real_traffic() {
     // The long-lived connection, from a port inside the NAT range (see the module
     // docs), with one request now.
     let client_port = 25_000;
+    let (long_src, long_dst) = (
+        SocketAddr::from((ip(IN_A), client_port)),
+        SocketAddr::from((ip(OUT_HOST), 5005)),
+    );
     let server = long_lived_server(&t, 5005, 2, 1000);
     let mut long = t
         .inside
-        .run_inside(move || {
-            connect_from(
-                SocketAddr::from((ip(IN_A), client_port)),
-                SocketAddr::from((ip(OUT_HOST), 5005)),
-            )
-        })
+        .run_inside(move || connect_from(long_src, long_dst))
         .expect("enter inside")
         .expect("long-lived connection");
     request(&mut long, 1000).expect("first request");
 
     // The API serves the forwarder's table: NAT tuples and counters.
     let flows = agent.flows().expect("flows");
-    let long_flow = find_flow(
-        &flows,
-        "tcp",
-        SocketAddr::from((ip(IN_A), client_port)),
-        SocketAddr::from((ip(OUT_HOST), 5005)),
-    )
-    .unwrap_or_else(|| panic!("the long-lived connection in flows: {flows:#?}"));
+    let long_flow = find_flow(&flows, "tcp", long_src, long_dst)
+        .unwrap_or_else(|| panic!("the long-lived connection in flows: {flows:#?}"));
     assert_eq!(long_flow["tcp_state"], "ESTABLISHED", "{long_flow}");
     assert_eq!(long_flow["reply"]["dst"], GW_OUT_STR, "{long_flow}");
     assert_eq!(long_flow["reply"]["dst_port"], client_port, "{long_flow}");
@@ -334,13 +328,8 @@ fn agent_software_backend_forwards_real_traffic() {
     agent.start(&t, START).expect("agent restart");
     request(&mut long, 1000).expect("request after the agent restart");
     let flows = agent.flows().expect("flows");
-    let picked = find_flow(
-        &flows,
-        "tcp",
-        SocketAddr::from((ip(IN_A), client_port)),
-        SocketAddr::from((ip(OUT_HOST), 5005)),
-    )
-    .unwrap_or_else(|| panic!("the picked-up connection in flows: {flows:#?}"));
+    let picked = find_flow(&flows, "tcp", long_src, long_dst)
+        .unwrap_or_else(|| panic!("the picked-up connection in flows: {flows:#?}"));
     assert_eq!(picked["reply"]["dst_port"], client_port, "{picked}");
     let peer = server.join().expect("long-lived server");
     assert_eq!(peer, SocketAddr::from((ip(GW_OUT), client_port)));
