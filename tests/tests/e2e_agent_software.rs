@@ -336,7 +336,11 @@ fn agent_software_backend_forwards_real_traffic() {
     drop(long);
 
     let stats = agent.cli(&["stats", "-o", "json"]).expect("stats");
-    eprintln!("agent stats after restart: {stats}");
+    let stats: Value = serde_json::from_str(&stats).expect("stats JSON");
+    assert!(
+        stats["connections"].as_u64() >= Some(1) && stats["packets"].as_u64() >= Some(3),
+        "the restarted agent's table counts what it forwarded: {stats}"
+    );
     agent.stop().expect("SIGTERM stops the agent");
     let log = agent.log_text();
     assert!(
