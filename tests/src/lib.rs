@@ -6,6 +6,8 @@
 //! - [`kernel`]: reading Linux conntrack state (`conntrack -L`) and nftables counters.
 //! - [`inject`]: sending raw frames into an interface of a namespace.
 //! - [`capture`]: receiving the raw frames that arrive on an interface of a namespace.
+//! - [`topology`]: the inside / gateway / outside namespaces of the end-to-end tests
+//!   and the comparison benchmark, with their clients and servers.
 //! - [`qemu`]: the QEMU guest test of the VFIO backend (packages, initramfs, guest,
 //!   ivshmem server, simulator behind the BAR).
 #![forbid(unsafe_code)]
@@ -17,3 +19,4 @@ pub mod inject;
 pub mod kernel;
 pub mod netns;
 pub mod qemu;
+pub mod topology;

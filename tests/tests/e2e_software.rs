@@ -16,44 +16,25 @@
 //! that under `CI` a missing program fails the test. Every wait is bounded; namespaces
 //! are deleted also when an assertion fails (their guards drop after the loop stops).
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 use ctoffload_agent::gateway::forward::{ForwarderConfig, SoftwareForwarder};
 use ctoffload_agent::gateway::{Gateway, GatewayConfig, PortConfig};
 use ctoffload_agent::port::AfPacket;
 use ctoffload_fallback_sw::conntrack::{Config, Conntrack};
 use ctoffload_fallback_sw::nat::rules::{NatAction, NatFlags, NatRule, RuleMatch};
-use ctoffload_tests::netns::{NetNs, is_root, skip_reason, unique_name};
+use ctoffload_tests::netns::{NetNs, is_root, skip_reason};
+use ctoffload_tests::topology::{
+    GW_IN, GW_IN_MAC, GW_OUT, GW_OUT_MAC, IN_A, IN_B, IN_HOST_MAC, IcmpAnswer, NO_ROUTE, OUT_HOST,
+    OUT_HOST_MAC, Topology, ip, ping, tcp_exchange, udp_exchange, udp_refused,
+};
 
-const IN_HOST_MAC: [u8; 6] = [0x02, 0, 0, 0x77, 1, 2];
-const GW_IN_MAC: [u8; 6] = [0x02, 0, 0, 0x77, 1, 1];
-const GW_OUT_MAC: [u8; 6] = [0x02, 0, 0, 0x77, 2, 1];
-const OUT_HOST_MAC: [u8; 6] = [0x02, 0, 0, 0x77, 2, 2];
-const IN_A: [u8; 4] = [10, 77, 0, 2];
-const IN_B: [u8; 4] = [10, 77, 0, 3];
-const GW_IN: [u8; 4] = [10, 77, 0, 1];
-const GW_OUT: [u8; 4] = [192, 0, 2, 1];
-const OUT_HOST: [u8; 4] = [192, 0, 2, 2];
-const NO_ROUTE: [u8; 4] = [203, 0, 113, 9];
-const WAIT: Duration = Duration::from_secs(5);
 /// Bytes each way over TCP: many full-sized segments.
 const TCP_BYTES: usize = 256 * 1024;
-
-fn mac_str(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn ip(a: [u8; 4]) -> Ipv4Addr {
-    Ipv4Addr::from(a)
-}
 
 type Fwd = SoftwareForwarder<AfPacket>;
 
@@ -132,7 +113,11 @@ fn start_gateway(gw: &NetNs, if_in: &str, if_out: &str) -> Running {
                 ..ForwarderConfig::default()
             };
             let mut fwd = SoftwareForwarder::new(cfg, ports, gateway, ct);
-            fwd.run(&stop2, 1_000_000_000).map_err(|e| e.to_string())?;
+            let start = Instant::now();
+            let clock = || {
+                u64::try_from(start.elapsed().as_nanos()).map_or(u64::MAX, |t| t + 1_000_000_000)
+            };
+            fwd.run(&stop2, &clock).map_err(|e| e.to_string())?;
             Ok(fwd)
         })
         .expect("gateway namespace");
@@ -140,274 +125,6 @@ fn start_gateway(gw: &NetNs, if_in: &str, if_out: &str) -> Running {
         stop,
         handle: Some(handle),
     }
-}
-
-/// What answered an echo request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct IcmpAnswer {
-    /// Who sent the answer.
-    from: [u8; 4],
-    /// ICMP type (0 echo reply, 3 unreachable, 11 time exceeded).
-    icmp_type: u8,
-    /// ICMP code.
-    code: u8,
-}
-
-/// Echo requests to `dst` (with IP TTL `ttl`) from the calling thread's namespace over a
-/// raw socket, until an echo reply with our identifier or an ICMP error quoting one of
-/// our requests arrives.
-fn ping(dst: [u8; 4], ident: u16, ttl: u32) -> Result<IcmpAnswer, String> {
-    use rustix::net::{
-        AddressFamily, RecvFlags, SendFlags, SocketType, ipproto, recv, sendto, sockopt,
-    };
-    let fd = rustix::net::socket(AddressFamily::INET, SocketType::RAW, Some(ipproto::ICMP))
-        .map_err(|e| format!("raw socket: {e}"))?;
-    sockopt::set_socket_timeout(
-        &fd,
-        sockopt::Timeout::Recv,
-        Some(Duration::from_millis(300)),
-    )
-    .map_err(|e| e.to_string())?;
-    sockopt::set_ip_ttl(&fd, ttl).map_err(|e| e.to_string())?;
-    for seq in 1u16..=5 {
-        let mut echo = [8u8, 0, 0, 0, 0, 0, 0, 0, b'c', b't', b'o', b'f'];
-        echo[4..6].copy_from_slice(&ident.to_be_bytes());
-        echo[6..8].copy_from_slice(&seq.to_be_bytes());
-        let mut sum: u32 = echo
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        let c = !u16::try_from(sum).unwrap_or(0);
-        echo[2..4].copy_from_slice(&c.to_be_bytes());
-        sendto(
-            &fd,
-            &echo,
-            SendFlags::empty(),
-            &SocketAddrV4::new(ip(dst), 0),
-        )
-        .map_err(|e| format!("sendto: {e}"))?;
-        let until = Instant::now() + Duration::from_secs(1);
-        while Instant::now() < until {
-            let mut buf = [0u8; 1500];
-            let Ok((n, _)) = recv(&fd, &mut buf, RecvFlags::empty()) else {
-                continue;
-            };
-            let pkt = &buf[..n];
-            let ihl = usize::from(pkt.first().copied().unwrap_or(0) & 0x0f) * 4;
-            if pkt.len() < ihl + 8 || ihl < 20 {
-                continue;
-            }
-            let from: [u8; 4] = pkt[12..16].try_into().unwrap_or_default();
-            let (icmp_type, code) = (pkt[ihl], pkt[ihl + 1]);
-            let ours = match icmp_type {
-                0 => from == dst && pkt[ihl + 4..ihl + 6] == ident.to_be_bytes(),
-                3 | 11 => {
-                    // The quoted datagram: its header, then our echo request.
-                    let q = &pkt[ihl + 8..];
-                    let qihl = usize::from(q.first().copied().unwrap_or(0) & 0x0f) * 4;
-                    q.len() >= qihl + 8
-                        && q[16..20] == dst
-                        && q[qihl] == 8
-                        && q[qihl + 4..qihl + 6] == ident.to_be_bytes()
-                }
-                _ => false,
-            };
-            if ours {
-                return Ok(IcmpAnswer {
-                    from,
-                    icmp_type,
-                    code,
-                });
-            }
-        }
-    }
-    Err(format!("no ICMP answer about {}", ip(dst)))
-}
-
-fn setup_links(inside: &NetNs, gw: &NetNs, outside: &NetNs, names: &[String; 4]) {
-    let [a, b, c, d] = names;
-    let run = |args: &[&str]| {
-        ctoffload_tests::netns::run_bounded("ip", args, ctoffload_tests::netns::COMMAND_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{e}"));
-    };
-    let (m1, m2, m3, m4) = (
-        mac_str(IN_HOST_MAC),
-        mac_str(GW_IN_MAC),
-        mac_str(GW_OUT_MAC),
-        mac_str(OUT_HOST_MAC),
-    );
-    run(&[
-        "link",
-        "add",
-        a,
-        "address",
-        &m1,
-        "netns",
-        inside.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b,
-        "address",
-        &m2,
-        "netns",
-        gw.name(),
-    ]);
-    run(&[
-        "link",
-        "add",
-        c,
-        "address",
-        &m3,
-        "netns",
-        gw.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        d,
-        "address",
-        &m4,
-        "netns",
-        outside.name(),
-    ]);
-    let ok = |r: Result<String, ctoffload_tests::netns::CommandError>| {
-        r.unwrap_or_else(|e| panic!("{e}"));
-    };
-    // The hosts' veths hand the peer whole GSO super-packets (up to 64 KiB) unless
-    // told to build one segment per packet; the gateway's ports take frames of at most
-    // 2048 bytes, like a wire with a 1500-byte MTU (no ethtool needed for this).
-    for (ns, dev) in [(inside, a), (outside, d)] {
-        ok(ns.ip(&[
-            "link",
-            "set",
-            "dev",
-            dev,
-            "gso_max_segs",
-            "1",
-            "gso_max_size",
-            "1500",
-        ]));
-    }
-    ok(inside.ip(&["addr", "add", "10.77.0.2/24", "dev", a]));
-    ok(inside.ip(&["addr", "add", "10.77.0.3/24", "dev", a]));
-    ok(inside.ip(&["link", "set", a, "up"]));
-    ok(inside.ip(&["link", "set", "lo", "up"]));
-    ok(inside.ip(&["route", "add", "default", "via", "10.77.0.1"]));
-    ok(gw.ip(&["link", "set", b, "up"]));
-    ok(gw.ip(&["link", "set", c, "up"]));
-    gw.sysctl(&["net.ipv4.ip_forward=0"])
-        .unwrap_or_else(|e| panic!("{e}"));
-    ok(outside.ip(&["addr", "add", "192.0.2.2/24", "dev", d]));
-    ok(outside.ip(&["link", "set", d, "up"]));
-    ok(outside.ip(&["link", "set", "lo", "up"]));
-}
-
-/// TCP: [`TCP_BYTES`] each way; returns the source address the outside server saw.
-fn tcp_exchange(inside: &NetNs, outside: &NetNs) -> SocketAddr {
-    let listener = outside
-        .run_inside(|| TcpListener::bind((ip(OUT_HOST), 5001)))
-        .expect("enter outside")
-        .expect("listen");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let server = thread::spawn(move || -> std::io::Result<SocketAddr> {
-        let until = Instant::now() + WAIT;
-        let (mut s, peer) = loop {
-            match listener.accept() {
-                Ok(x) => break x,
-                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < until => {
-                    thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        s.set_nonblocking(false)?;
-        s.set_read_timeout(Some(WAIT))?;
-        let mut req = vec![0u8; TCP_BYTES];
-        s.read_exact(&mut req)?;
-        let resp: Vec<u8> = req.iter().map(|b| b.wrapping_add(1)).collect();
-        s.write_all(&resp)?;
-        Ok(peer)
-    });
-    let mut client = inside
-        .run_inside(|| TcpStream::connect_timeout(&SocketAddr::from((ip(OUT_HOST), 5001)), WAIT))
-        .expect("enter inside")
-        .expect("TCP connect through the gateway");
-    client.set_read_timeout(Some(WAIT)).expect("timeout");
-    let req: Vec<u8> = (0..u32::try_from(TCP_BYTES).unwrap_or(0))
-        .map(|i| u8::try_from(i % 251).unwrap_or(0))
-        .collect();
-    client.write_all(&req).expect("send");
-    let mut resp = vec![0u8; TCP_BYTES];
-    client
-        .read_exact(&mut resp)
-        .expect("TCP response through the gateway");
-    assert!(
-        resp.iter().zip(&req).all(|(r, q)| *r == q.wrapping_add(1)),
-        "response bytes"
-    );
-    server
-        .join()
-        .expect("server thread")
-        .expect("server side of the TCP exchange")
-}
-
-/// UDP request/response from the inside's second address; returns the source the
-/// outside server saw.
-fn udp_exchange(inside: &NetNs, outside: &NetNs) -> SocketAddr {
-    let srv = outside
-        .run_inside(|| UdpSocket::bind((ip(OUT_HOST), 5002)))
-        .expect("enter outside")
-        .expect("bind");
-    srv.set_read_timeout(Some(WAIT)).expect("timeout");
-    let server = thread::spawn(move || -> std::io::Result<SocketAddr> {
-        let mut buf = [0u8; 64];
-        let (n, from) = srv.recv_from(&mut buf)?;
-        let mut resp = b"pong:".to_vec();
-        resp.extend_from_slice(&buf[..n]);
-        srv.send_to(&resp, from)?;
-        Ok(from)
-    });
-    let cli = inside
-        .run_inside(|| UdpSocket::bind((ip(IN_B), 0)))
-        .expect("enter inside")
-        .expect("bind");
-    cli.connect((ip(OUT_HOST), 5002)).expect("connect");
-    cli.set_read_timeout(Some(WAIT)).expect("timeout");
-    cli.send(b"ping").expect("send");
-    let mut buf = [0u8; 64];
-    let n = cli
-        .recv(&mut buf)
-        .expect("UDP response through the gateway");
-    assert_eq!(&buf[..n], b"pong:ping");
-    server.join().expect("server thread").expect("UDP server")
-}
-
-/// UDP to a closed outside port: the outside host's ICMP port unreachable, translated
-/// back, makes the inside socket's receive fail with ECONNREFUSED.
-fn udp_refused(inside: &NetNs) -> std::io::Error {
-    let cli = inside
-        .run_inside(|| UdpSocket::bind((ip(IN_B), 0)))
-        .expect("enter inside")
-        .expect("bind");
-    cli.connect((ip(OUT_HOST), 5003)).expect("connect");
-    cli.set_read_timeout(Some(Duration::from_secs(1)))
-        .expect("timeout");
-    let mut last = None;
-    for _ in 0..4 {
-        let _ = cli.send(b"anyone?");
-        let mut buf = [0u8; 16];
-        match cli.recv(&mut buf) {
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused => return e,
-            Err(e) => last = Some(e),
-            Ok(n) => panic!("unexpected answer from a closed port: {n} bytes"),
-        }
-    }
-    panic!("no ICMP port unreachable reached the inside socket: {last:?}");
 }
 
 #[test]
@@ -419,17 +136,9 @@ fn software_gateway_forwards_real_traffic_with_snat() {
         eprintln!("skipping e2e_software: {why}");
         return;
     }
-    let inside = NetNs::new(&unique_name("si")).expect("inside namespace");
-    let gw = NetNs::new(&unique_name("sg")).expect("gateway namespace");
-    let outside = NetNs::new(&unique_name("so")).expect("outside namespace");
-    let names = [
-        unique_name("a"),
-        unique_name("b"),
-        unique_name("c"),
-        unique_name("d"),
-    ];
-    setup_links(&inside, &gw, &outside, &names);
-    let running = start_gateway(&gw, &names[1], &names[2]);
+    let t = Topology::new("s").expect("topology");
+    let (inside, gw) = (&t.inside, &t.gw);
+    let running = start_gateway(gw, &t.gw_in, &t.gw_out);
 
     // Ping: the gateway's own inside address, then the outside host through SNAT.
     let in_ping = |dst, ident, ttl| {
@@ -472,22 +181,29 @@ fn software_gateway_forwards_real_traffic_with_snat() {
         .expect("enter inside")
         .expect("UDP to the gateway");
 
-    let tcp_peer = tcp_exchange(&inside, &outside);
+    let tcp_peer = tcp_exchange(
+        &t.outside,
+        SocketAddr::from((ip(OUT_HOST), 5001)),
+        inside,
+        SocketAddr::from((ip(IN_A), 0)),
+        SocketAddr::from((ip(OUT_HOST), 5001)),
+        TCP_BYTES,
+    )
+    .expect("TCP exchange through the gateway");
     assert_eq!(
         tcp_peer.ip(),
         ip(GW_OUT),
         "outside saw the translated TCP source"
     );
 
-    let udp_peer = udp_exchange(&inside, &outside);
+    let udp_peer = udp_exchange(&t, 5002).expect("UDP exchange through the gateway");
     assert_eq!(
         udp_peer.ip(),
         ip(GW_OUT),
         "outside saw the translated UDP source"
     );
 
-    let refused = udp_refused(&inside);
-    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused);
+    udp_refused(&t, 5003).expect("port unreachable translated back");
 
     let fwd = running.finish();
     let g = fwd.gateway();
@@ -519,7 +235,7 @@ fn software_gateway_forwards_real_traffic_with_snat() {
         "UDP to our own address counted: {s:?}"
     );
     assert!(s.forwarded >= 10, "{s:?}");
-    let ct = fwd.conntrack().stats();
+    let ct = fwd.table().stats();
     assert!(ct.created >= 4, "ping, TCP, two UDP flows tracked: {ct:?}");
     eprintln!(
         "gateway {s:?}\nforwarder {:?}\nconntrack {ct:?}",

@@ -336,6 +336,33 @@ impl SoftwareControl {
     pub fn gc(&self, budget: usize) -> Result<usize, ApiError> {
         self.with_state(|st, now| Ok(st.ct.gc(now, budget)))
     }
+
+    /// One batch of the software forwarder under one lock: `f` runs on the table and
+    /// pushes the slot of every packet it tracked to `tracked`; each of those then gets
+    /// the state-change events and offload policy of [`SoftwareControl::process`], and
+    /// what happened is journaled.
+    pub fn track_batch<T>(
+        &self,
+        tracked: &mut Vec<Slot>,
+        f: impl FnOnce(&mut Conntrack, &mut Vec<Slot>) -> T,
+    ) -> Result<T, ApiError> {
+        self.with_state(|st, now| {
+            tracked.clear();
+            let out = f(&mut st.ct, tracked);
+            st.collect();
+            tracked.dedup();
+            for &slot in tracked.iter() {
+                st.after_packet(slot, now);
+            }
+            Ok(out)
+        })
+    }
+
+    /// The clock the table runs on (the forwarder reads time from it too).
+    #[must_use]
+    pub fn clock(&self) -> Clock {
+        Arc::clone(&self.clock)
+    }
 }
 
 impl ControlPlane for SoftwareControl {

@@ -4,8 +4,9 @@
 //!
 //! `backend = "sim"` (the default) starts the built-in simulated NIC and the worker
 //! thread ([`sim`](super::sim)) and serves [`DataplaneControl`]; `backend = "software"`
-//! serves [`SoftwareControl`] (one software table, GC every second) until the
-//! AF_PACKET port backend exists; `vfio` is not wired into the runner yet.
+//! opens the configured interfaces and runs the software forwarder on its own thread
+//! ([`SoftwareBackend`]) over the [`SoftwareControl`] table the API serves (GC every
+//! second); `vfio` is not wired into the runner yet.
 
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,8 @@ use crate::api::{
 };
 use crate::config::Backend;
 use crate::config::{self, AgentConfig, ApplyReport, ConfigError, DEFAULT_CONFIG_PATH};
+use crate::gateway::backend::{BackendError, SoftwareBackend};
+use crate::gateway::forward::ForwardError;
 use crate::metrics;
 
 /// Options of `ctoffload agent`.
@@ -103,6 +106,12 @@ pub enum AgentError {
     /// The simulated dataplane could not start.
     #[error("backend sim")]
     Sim(#[source] SimError),
+    /// The software backend could not start.
+    #[error("backend software")]
+    Software(#[source] BackendError),
+    /// The software backend's forwarding thread stopped on an error.
+    #[error("backend software: forwarding stopped")]
+    Forwarding(#[source] ForwardError),
     /// The configured backend is not available in this build of the runner.
     #[error("backend {backend}: not supported by the agent runner yet")]
     Unsupported {
@@ -200,6 +209,7 @@ pub struct Agent {
     path: PathBuf,
     control: Arc<AgentControl>,
     sim: Mutex<Option<SimDataplane>>,
+    software: Mutex<Option<SoftwareBackend>>,
     config: Mutex<AgentConfig>,
     metrics: metrics::MetricsHandle,
     socket_override: Option<PathBuf>,
@@ -255,12 +265,9 @@ impl Agent {
                 let control = AgentControl::Dataplane(Arc::clone(&sim.control));
                 Ok(Self::with_control(path, cfg, control, Some(sim), m))
             }
-            Backend::Software { .. } => {
-                tracing::warn!(
-                    "backend software: serving one software conntrack table; no packet \
-                     I/O until the AF_PACKET port backend exists"
-                );
-                Ok(Self::new(path, cfg))
+            Backend::Software { interfaces } => {
+                let interfaces = interfaces.clone();
+                Self::start_software(path, cfg, &interfaces)
             }
             Backend::Vfio { .. } => Err(AgentError::Unsupported { backend: "vfio" }),
         }
@@ -282,6 +289,7 @@ impl Agent {
             path,
             control,
             sim: Mutex::new(sim),
+            software: Mutex::new(None),
             config: Mutex::new(cfg),
             metrics,
             socket_override: None,
@@ -294,6 +302,7 @@ impl Agent {
         if let Some(mut s) = sim {
             s.stop();
         }
+        self.stop_software();
     }
 
     /// Listen on `socket` instead of the configuration's `api.socket`, now and after
@@ -399,6 +408,81 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// `backend = "software"`: the table the API serves, with the forwarder over the
+    /// configured interfaces feeding it.
+    fn start_software(
+        path: PathBuf,
+        cfg: AgentConfig,
+        interfaces: &[String],
+    ) -> Result<Self, AgentError> {
+        let journal = usize::try_from(cfg.limits.event_journal_capacity).unwrap_or(usize::MAX);
+        let control = Arc::new(SoftwareControl::new(conntrack_config(&cfg), journal));
+        let backend = if interfaces.is_empty() {
+            tracing::warn!(
+                "backend software: no interfaces configured; serving the table without \
+                 packet I/O"
+            );
+            None
+        } else {
+            let b = SoftwareBackend::start(&cfg, interfaces, Arc::clone(&control))
+                .map_err(AgentError::Software)?;
+            Some(b)
+        };
+        let agent = Self::with_control(
+            path,
+            cfg,
+            AgentControl::Software(control),
+            None,
+            metrics::MetricsHandle::default(),
+        );
+        *agent
+            .software
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = backend;
+        Ok(agent)
+    }
+
+    /// Stop the software forwarder, if any; its error, if it failed.
+    fn stop_software(&self) -> Option<ForwardError> {
+        let fwd = self.software.lock().ok().and_then(|mut s| s.take());
+        fwd.and_then(|mut f| f.stop().err())
+    }
+
+    /// Whether the software forwarder has stopped on its own.
+    fn software_stopped(&self) -> bool {
+        self.software
+            .lock()
+            .ok()
+            .is_some_and(|s| s.as_ref().is_some_and(SoftwareBackend::finished))
+    }
+}
+
+/// The software backend's periodic work: table GC every second, and an end to the
+/// agent when the forwarding thread has failed.
+async fn software_housekeeping(
+    agent: Arc<Agent>,
+    control: Arc<SoftwareControl>,
+    token: CancellationToken,
+) -> Result<(), AgentError> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                if let Err(e) = control.gc(4096) {
+                    tracing::error!(error = %e, "gc failed");
+                }
+                if agent.software_stopped()
+                    && let Some(e) = agent.stop_software()
+                {
+                    return Err(AgentError::Forwarding(e));
+                }
+            }
+        }
+    }
+}
+
 fn read_tls(key: &'static str, path: &Path) -> Result<Vec<u8>, AgentError> {
     std::fs::read(path).map_err(|source| AgentError::TlsFile {
         key,
@@ -486,21 +570,11 @@ pub async fn serve(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<(),
         tasks.spawn(async move { s.serve(control, token).await.map_err(AgentError::Serve) });
     }
     if let AgentControl::Software(control) = &**agent.control() {
-        let control = Arc::clone(control);
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    () = token.cancelled() => return Ok(()),
-                    _ = tick.tick() => {
-                        if let Err(e) = control.gc(4096) {
-                            tracing::error!(error = %e, "gc failed");
-                        }
-                    }
-                }
-            }
-        });
+        tasks.spawn(software_housekeeping(
+            Arc::clone(&agent),
+            Arc::clone(control),
+            shutdown.clone(),
+        ));
     }
     crate::privileges::drop_after_setup(&cfg.backend).await;
     tracing::info!(config = %agent.path.display(), "agent ready");

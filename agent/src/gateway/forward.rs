@@ -5,7 +5,10 @@
 //! [`SoftwareForwarder::poll`] does one round over every port, [`SoftwareForwarder::run`]
 //! loops until told to stop.
 //!
-//! Per received IPv4 frame:
+//! A round receives up to `rx_batch` frames from every port without touching the
+//! connection table, then takes the table once ([`ConnTable::batch`]: for the agent,
+//! one lock of the table the API serves, see [`super::backend`]) for the whole batch:
+//! gateway timers, a bounded conntrack GC step, and per received IPv4 frame:
 //! 1. [`Gateway::ingress`]: L2 filter, ARP, header checks; for packets to be forwarded,
 //!    the route of the original destination, TTL expiry (ICMP time exceeded) and no
 //!    route (ICMP net unreachable), answered from the ingress port's address;
@@ -13,14 +16,16 @@
 //! 3. conntrack + NAT, with `PacketMeta` { ingress port, routed egress port, its
 //!    address }; invalid packets and NAT refusals are dropped and counted;
 //! 4. [`Gateway::egress`] on the translated packet: own address (echo answered, the rest
-//!    dropped and counted) or route, TTL decrement, MAC rewrite, ARP resolution;
-//! 5. one `send_batch` per port per poll.
+//!    dropped and counted) or route, TTL decrement, MAC rewrite, ARP resolution.
+//!
+//! The table is released before sending: one `send_batch` per port per round.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ctoffload_fallback_sw::conntrack::{Conntrack, NatOutcome, Verdict};
 use ctoffload_fallback_sw::nat::PacketMeta;
+use ctoffload_fallback_sw::table::Slot;
 use ctoffload_fallback_sw::tuple::Addr;
 
 use super::{Egress, Gateway, Ingress, wire};
@@ -70,55 +75,106 @@ pub struct ForwarderStats {
     pub drop_tx_full: u64,
 }
 
-/// The loop: ports, gateway, conntrack.
+/// Why the loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// A port's socket failed.
+    #[error(transparent)]
+    Port(#[from] PortError),
+    /// The connection table could not be used.
+    #[error("connection table")]
+    Table(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The loop's thread panicked.
+    #[error("the forwarding thread panicked")]
+    Panicked,
+}
+
+/// Where the loop's connections live: a [`Conntrack`] it owns, or one shared with
+/// the API ([`super::backend`]).
+pub trait ConnTable: Send {
+    /// Runs `f` on the table for one batch of packets; `f` pushes the slot of every
+    /// packet it tracked to `tracked` (cleared first).
+    ///
+    /// # Errors
+    /// The table cannot be used (a poisoned lock).
+    fn batch<T>(
+        &mut self,
+        tracked: &mut Vec<Slot>,
+        f: impl FnOnce(&mut Conntrack, &mut Vec<Slot>) -> T,
+    ) -> Result<T, ForwardError>;
+}
+
+impl ConnTable for Conntrack {
+    fn batch<T>(
+        &mut self,
+        tracked: &mut Vec<Slot>,
+        f: impl FnOnce(&mut Conntrack, &mut Vec<Slot>) -> T,
+    ) -> Result<T, ForwardError> {
+        tracked.clear();
+        Ok(f(self, tracked))
+    }
+}
+
+/// The loop: ports, gateway, connection table.
 #[derive(Debug)]
-pub struct SoftwareForwarder<P: PacketPort> {
-    cfg: ForwarderConfig,
+pub struct SoftwareForwarder<P: PacketPort, T: ConnTable = Conntrack> {
     ports: Vec<P>,
+    table: T,
+    /// One receive batch per port.
+    rx: Vec<FrameBatch>,
+    tracked: Vec<Slot>,
+    stage: Stage,
+}
+
+/// Everything a frame passes through, besides the table.
+#[derive(Debug)]
+struct Stage {
+    cfg: ForwarderConfig,
     gw: Gateway,
-    ct: Conntrack,
-    rx: FrameBatch,
     tx: Vec<FrameBatch>,
     generated: Vec<(usize, Vec<u8>)>,
     stats: ForwarderStats,
 }
 
-impl<P: PacketPort> SoftwareForwarder<P> {
+impl<P: PacketPort, T: ConnTable> SoftwareForwarder<P, T> {
     /// A loop over `ports` (index i is the gateway's port i), with NAT rules already in
-    /// `ct`.
+    /// `table`.
     #[must_use]
-    pub fn new(cfg: ForwarderConfig, ports: Vec<P>, gw: Gateway, ct: Conntrack) -> Self {
+    pub fn new(cfg: ForwarderConfig, ports: Vec<P>, gw: Gateway, table: T) -> Self {
         let cap = cfg.rx_batch.max(1);
         let tx = (0..ports.len())
             .map(|_| FrameBatch::new(cap.saturating_mul(ports.len()).saturating_add(cap)))
             .collect();
         Self {
-            cfg,
+            rx: (0..ports.len()).map(|_| FrameBatch::new(cap)).collect(),
             ports,
-            gw,
-            ct,
-            rx: FrameBatch::new(cap),
-            tx,
-            generated: Vec::new(),
-            stats: ForwarderStats::default(),
+            table,
+            tracked: Vec::with_capacity(cap),
+            stage: Stage {
+                cfg,
+                gw,
+                tx,
+                generated: Vec::new(),
+                stats: ForwarderStats::default(),
+            },
         }
     }
 
     /// The gateway (neighbours, counters).
     #[must_use]
     pub fn gateway(&self) -> &Gateway {
-        &self.gw
+        &self.stage.gw
     }
 
-    /// Conntrack (connections, NAT bindings).
+    /// The connection table.
     #[must_use]
-    pub fn conntrack(&self) -> &Conntrack {
-        &self.ct
+    pub fn table(&self) -> &T {
+        &self.table
     }
 
-    /// Conntrack, for NAT rule changes.
-    pub fn conntrack_mut(&mut self) -> &mut Conntrack {
-        &mut self.ct
+    /// The connection table, for NAT rule changes.
+    pub fn table_mut(&mut self) -> &mut T {
+        &mut self.table
     }
 
     /// The ports.
@@ -130,35 +186,44 @@ impl<P: PacketPort> SoftwareForwarder<P> {
     /// The loop's counters.
     #[must_use]
     pub fn stats(&self) -> ForwarderStats {
-        self.stats
+        self.stage.stats
     }
 
-    /// One round: timers, up to `rx_batch` frames from each port, then the TX batches.
-    /// Returns the frames received.
+    /// One round at time `now` (ns, the table's clock): up to `rx_batch` frames from
+    /// each port, then the table once for timers, GC and every frame, then the TX
+    /// batches. Returns the frames received.
     ///
     /// # Errors
-    /// A port's socket failed.
-    pub fn poll(&mut self, now: u64) -> Result<usize, PortError> {
-        self.gw.poll(now, &mut self.generated);
-        self.ct.gc(now, self.cfg.gc_budget);
+    /// A port's socket failed, or the table cannot be used.
+    pub fn poll(&mut self, now: u64) -> Result<usize, ForwardError> {
+        let cap = self.stage.cfg.rx_batch;
         let mut got = 0;
-        for in_port in 0..self.ports.len() {
-            self.rx.clear();
-            let n = self.ports[in_port].recv_batch(&mut self.rx, self.cfg.rx_batch)?;
-            got += n;
-            for i in 0..n {
-                self.frame(in_port, i, now);
+        for (port, rx) in self.ports.iter_mut().zip(&mut self.rx) {
+            rx.clear();
+            got += port.recv_batch(rx, cap)?;
+        }
+        let (stage, rx) = (&mut self.stage, &mut self.rx);
+        self.table.batch(&mut self.tracked, |ct, tracked| {
+            stage.gw.poll(now, &mut stage.generated);
+            ct.gc(now, stage.cfg.gc_budget);
+            for (in_port, batch) in rx.iter_mut().enumerate() {
+                for i in 0..batch.len() {
+                    if let Some(frame) = batch.get_mut(i) {
+                        stage.frame(ct, tracked, in_port, frame, now);
+                    }
+                }
             }
-        }
+        })?;
+        let stage = &mut self.stage;
         // Taken out and put back so its capacity is reused.
-        let mut generated = std::mem::take(&mut self.generated);
+        let mut generated = std::mem::take(&mut stage.generated);
         for (port, f) in generated.drain(..) {
-            self.queue_tx(port, &f);
+            stage.queue_tx(port, &f);
         }
-        self.generated = generated;
-        for (port, batch) in self.ports.iter_mut().zip(&mut self.tx) {
+        stage.generated = generated;
+        for (port, batch) in self.ports.iter_mut().zip(&mut stage.tx) {
             if !batch.is_empty() {
-                self.stats.tx += u64::try_from(batch.len()).unwrap_or(u64::MAX);
+                stage.stats.tx += u64::try_from(batch.len()).unwrap_or(u64::MAX);
                 let r = port.send_batch(batch);
                 batch.clear();
                 r?;
@@ -167,63 +232,15 @@ impl<P: PacketPort> SoftwareForwarder<P> {
         Ok(got)
     }
 
-    fn queue_tx(&mut self, port: usize, frame: &[u8]) {
-        let ok = self.tx.get_mut(port).is_some_and(|b| b.push(frame).is_ok());
-        if !ok {
-            self.stats.drop_tx_full += 1;
-        }
-    }
-
-    fn frame(&mut self, in_port: usize, i: usize, now: u64) {
-        self.stats.rx += 1;
-        let Some(frame) = self.rx.get_mut(i) else {
-            return;
-        };
-        let route = match self.gw.ingress(in_port, frame, now, &mut self.generated) {
-            Ingress::Consumed => return,
-            Ingress::Ipv4 { route } => route,
-        };
-        if self.cfg.fill_checksums {
-            wire::fill_l4_checksum(frame);
-        }
-        let out_port = route.map(|h| h.port);
-        let meta = PacketMeta {
-            in_port: u32::try_from(in_port).unwrap_or(u32::MAX),
-            out_port: out_port.and_then(|p| u32::try_from(p).ok()),
-            out_addr: out_port.and_then(|p| self.gw.primary_addr(p)).map(Addr::v4),
-        };
-        let v = self.ct.process_mut(frame, 0, &meta, now);
-        match v.verdict {
-            Verdict::Invalid(_) => {
-                self.stats.drop_invalid += 1;
-                return;
-            }
-            Verdict::Tracked { .. } if matches!(v.nat, NatOutcome::Drop(_)) => {
-                self.stats.drop_nat += 1;
-                return;
-            }
-            Verdict::Tracked { .. } | Verdict::Untracked(_) => {}
-        }
-        if let Egress::Send(port) = self.gw.egress(in_port, frame, now, &mut self.generated) {
-            let ok = self.tx.get_mut(port).is_some_and(|b| b.push(frame).is_ok());
-            if !ok {
-                self.stats.drop_tx_full += 1;
-            }
-        }
-    }
-
-    /// Polls until `stop` is set, with `now` from a monotonic clock started here
-    /// (ns since the loop started, plus `epoch_ns`); waits up to `idle_wait` for a
-    /// frame when a round found nothing (see [`ForwarderConfig::idle_wait`]).
+    /// Polls until `stop` is set, with `now` read from `clock` (the table's clock,
+    /// ns) every round; waits up to `idle_wait` for a frame when a round found
+    /// nothing (see [`ForwarderConfig::idle_wait`]).
     ///
     /// # Errors
-    /// A port's socket failed.
-    pub fn run(&mut self, stop: &AtomicBool, epoch_ns: u64) -> Result<(), PortError> {
-        let start = Instant::now();
+    /// A port's socket failed, or the table cannot be used.
+    pub fn run(&mut self, stop: &AtomicBool, clock: &dyn Fn() -> u64) -> Result<(), ForwardError> {
         while !stop.load(Ordering::Relaxed) {
-            let now = epoch_ns
-                .saturating_add(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
-            if self.poll(now)? == 0 {
+            if self.poll(clock())? == 0 {
                 self.wait_idle();
             }
         }
@@ -233,7 +250,7 @@ impl<P: PacketPort> SoftwareForwarder<P> {
     /// Waits for a frame on any port, at most `idle_wait`.
     fn wait_idle(&self) {
         use rustix::event::{PollFd, PollFlags, Timespec};
-        let wait = self.cfg.idle_wait;
+        let wait = self.stage.cfg.idle_wait;
         let fds: Option<Vec<PollFd<'_>>> = self
             .ports
             .iter()
@@ -252,6 +269,55 @@ impl<P: PacketPort> SoftwareForwarder<P> {
                 let _ = rustix::event::poll(&mut fds, Some(&timeout));
             }
             _ => std::thread::sleep(wait),
+        }
+    }
+}
+
+impl Stage {
+    fn queue_tx(&mut self, port: usize, frame: &[u8]) {
+        let ok = self.tx.get_mut(port).is_some_and(|b| b.push(frame).is_ok());
+        if !ok {
+            self.stats.drop_tx_full += 1;
+        }
+    }
+
+    fn frame(
+        &mut self,
+        ct: &mut Conntrack,
+        tracked: &mut Vec<Slot>,
+        in_port: usize,
+        frame: &mut [u8],
+        now: u64,
+    ) {
+        self.stats.rx += 1;
+        let route = match self.gw.ingress(in_port, frame, now, &mut self.generated) {
+            Ingress::Consumed => return,
+            Ingress::Ipv4 { route } => route,
+        };
+        if self.cfg.fill_checksums {
+            wire::fill_l4_checksum(frame);
+        }
+        let out_port = route.map(|h| h.port);
+        let meta = PacketMeta {
+            in_port: u32::try_from(in_port).unwrap_or(u32::MAX),
+            out_port: out_port.and_then(|p| u32::try_from(p).ok()),
+            out_addr: out_port.and_then(|p| self.gw.primary_addr(p)).map(Addr::v4),
+        };
+        let v = ct.process_mut(frame, 0, &meta, now);
+        match v.verdict {
+            Verdict::Invalid(_) => {
+                self.stats.drop_invalid += 1;
+                return;
+            }
+            Verdict::Tracked { .. } if matches!(v.nat, NatOutcome::Drop(_)) => {
+                self.stats.drop_nat += 1;
+                return;
+            }
+            Verdict::Tracked { slot, .. } => tracked.push(slot),
+            Verdict::Untracked(_) => {}
+        }
+        if let Egress::Send(port) = self.gw.egress(in_port, frame, now, &mut self.generated) {
+            self.queue_tx(port, frame);
         }
     }
 }
@@ -419,7 +485,7 @@ mod tests {
         assert_eq!(&f[42..48], b"answer");
         let s = fwd.stats();
         assert_eq!((s.rx, s.drop_invalid, s.drop_nat), (4, 0, 0));
-        assert_eq!(fwd.conntrack().stats().created, 1);
+        assert_eq!(fwd.table().stats().created, 1);
         assert_eq!(fwd.gateway().stats().arp_requests_sent, 2);
     }
 }

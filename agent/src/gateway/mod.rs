@@ -11,6 +11,7 @@
 //! ([`GatewayStats::ipv6_not_routed`]).
 
 pub mod arp;
+pub mod backend;
 pub mod forward;
 pub mod from_config;
 pub mod wire;

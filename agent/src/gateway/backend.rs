@@ -1,0 +1,269 @@
+//! The agent's software backend (`[backend] kind = "software"`): the configured
+//! interfaces through [`AfPacket`] ports, the [`Gateway`] built from `[[ports]]` and
+//! `[[routes]]`, and the [`SoftwareForwarder`] on a thread of its own, over the same
+//! connection table the API serves ([`SoftwareControl`]).
+//!
+//! Sharing the table: the forwarder takes the control plane's lock once per round
+//! ([`SoftwareControl::track_batch`]) for every frame received in that round (up to
+//! `rx_batch` per port), never per packet; receiving and sending happen outside the
+//! lock. The API's reads (`flows`, `stats`) wait at most one round.
+//!
+//! `backend.interfaces[i]` is the Linux interface of `ports[i]`. Only IPv4 is routed;
+//! IPv6 addresses and routes are ignored (with a warning).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use ctoffload_fallback_sw::conntrack::Conntrack;
+use ctoffload_fallback_sw::table::Slot;
+use ctoffload_fallback_sw::tuple::Family;
+
+use super::forward::{ConnTable, ForwardError, ForwarderConfig, SoftwareForwarder};
+use super::{Gateway, GatewayConfig, PortConfig, Prefix, StaticRoute};
+use crate::api::SoftwareControl;
+use crate::config::AgentConfig;
+use crate::port::{AfPacket, PortError};
+
+/// Frames taken from one port per round.
+pub const RX_BATCH: usize = 64;
+
+/// Why the software backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// `backend.interfaces` and `[[ports]]` do not pair up.
+    #[error(
+        "backend.interfaces: {interfaces} interfaces for {ports} [[ports]] (interfaces[i] carries ports[i])"
+    )]
+    PortCount {
+        /// Interfaces configured.
+        interfaces: usize,
+        /// Ports configured.
+        ports: usize,
+    },
+    /// An interface cannot be opened (missing, or no `CAP_NET_RAW`).
+    #[error("backend.interfaces[{index}]: cannot open {name:?}")]
+    Interface {
+        /// Position in `backend.interfaces`.
+        index: usize,
+        /// The interface.
+        name: String,
+        /// Why.
+        #[source]
+        source: PortError,
+    },
+    /// The ports and routes do not make a gateway.
+    #[error("routes")]
+    Routes(#[source] super::ConfigError),
+    /// The NAT rules could not be installed.
+    #[error("nat.rules[{index}] ({name})")]
+    Nat {
+        /// Position in `nat.rules`.
+        index: usize,
+        /// The rule's name.
+        name: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The forwarding thread could not be spawned.
+    #[error("forwarding thread")]
+    Thread(#[source] std::io::Error),
+}
+
+impl ConnTable for Arc<SoftwareControl> {
+    fn batch<T>(
+        &mut self,
+        tracked: &mut Vec<Slot>,
+        f: impl FnOnce(&mut Conntrack, &mut Vec<Slot>) -> T,
+    ) -> Result<T, ForwardError> {
+        self.track_batch(tracked, f)
+            .map_err(|e| ForwardError::Table(Box::new(e)))
+    }
+}
+
+/// The gateway of `cfg`: `ports[i]` on `interfaces[i]`, IPv4 addresses and routes.
+///
+/// # Errors
+/// A route whose next hop is on no port's prefix.
+pub fn gateway_config(
+    cfg: &AgentConfig,
+    interfaces: &[String],
+) -> Result<GatewayConfig, BackendError> {
+    if interfaces.len() != cfg.ports.len() {
+        return Err(BackendError::PortCount {
+            interfaces: interfaces.len(),
+            ports: cfg.ports.len(),
+        });
+    }
+    let v4 = |a: std::net::IpAddr| match a {
+        std::net::IpAddr::V4(a) => Some(a.octets()),
+        std::net::IpAddr::V6(_) => None,
+    };
+    let ports = cfg
+        .ports
+        .iter()
+        .zip(interfaces)
+        .map(|(p, ifname)| {
+            if p.addresses.iter().any(|(a, _)| a.is_ipv6()) {
+                tracing::warn!(port = %p.name, "IPv6 addresses ignored: the software backend routes IPv4 only");
+            }
+            PortConfig {
+                name: ifname.clone(),
+                mac: p.mac,
+                addrs: p
+                    .addresses
+                    .iter()
+                    .filter_map(|&(a, len)| v4(a).map(|a| (a, len)))
+                    .collect(),
+            }
+        })
+        .collect();
+    let mut routes = Vec::new();
+    for r in &cfg.routes {
+        if r.prefix.family != Family::V4 {
+            tracing::warn!(prefix = ?r.prefix, "IPv6 route ignored: the software backend routes IPv4 only");
+            continue;
+        }
+        routes.push(StaticRoute {
+            prefix: Prefix {
+                addr: r.prefix.addr.as_v4(),
+                len: r.prefix.len,
+            },
+            via: r.via.and_then(v4),
+            port: Some(r.port),
+        });
+    }
+    Ok(GatewayConfig {
+        ports,
+        routes,
+        ..GatewayConfig::default()
+    })
+}
+
+/// Whether received TCP/UDP checksums must be filled in on `ifname`: on virtual
+/// interfaces (veth, tun, bridges: no `device` link in sysfs), whose senders leave
+/// checksums to offload; also when sysfs does not say.
+fn needs_checksum_fill(ifname: &str) -> bool {
+    let dir = Path::new("/sys/class/net").join(ifname);
+    !dir.exists() || !dir.join("device").exists()
+}
+
+/// The running forwarder thread.
+#[derive(Debug)]
+pub struct SoftwareBackend {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<(), ForwardError>>>,
+}
+
+impl SoftwareBackend {
+    /// Opens `interfaces` (`ports[i]` on `interfaces[i]`), installs the configuration's
+    /// NAT rules in `control`'s table and starts the forwarding thread.
+    ///
+    /// # Errors
+    /// See [`BackendError`]; nothing is left running.
+    pub fn start(
+        cfg: &AgentConfig,
+        interfaces: &[String],
+        control: Arc<SoftwareControl>,
+    ) -> Result<Self, BackendError> {
+        let gw = Gateway::new(gateway_config(cfg, interfaces)?).map_err(BackendError::Routes)?;
+        let ports = interfaces
+            .iter()
+            .enumerate()
+            .map(|(index, name)| {
+                AfPacket::open(name).map_err(|source| BackendError::Interface {
+                    index,
+                    name: name.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut rules_added = Ok(());
+        control
+            .track_batch(&mut Vec::new(), |ct, _| {
+                for (index, r) in cfg.nat_rules.iter().enumerate() {
+                    if let Err(e) = ct.nat_mut().rules_mut().add(r.engine.clone()) {
+                        rules_added = Err(BackendError::Nat {
+                            index,
+                            name: r.name.clone(),
+                            source: Box::new(e),
+                        });
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| BackendError::Nat {
+                index: 0,
+                name: "table".into(),
+                source: Box::new(e),
+            })?;
+        rules_added?;
+        let fwd_cfg = ForwarderConfig {
+            rx_batch: RX_BATCH,
+            fill_checksums: interfaces.iter().any(|i| needs_checksum_fill(i)),
+            gc_budget: 256,
+            ..ForwarderConfig::default()
+        };
+        tracing::info!(
+            interfaces = ?interfaces,
+            fill_checksums = fwd_cfg.fill_checksums,
+            nat_rules = cfg.nat_rules.len(),
+            "backend software: forwarding over AF_PACKET"
+        );
+        let clock = control.clock();
+        let mut fwd = SoftwareForwarder::new(fwd_cfg, ports, gw, control);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("ctoffload-fwd".into())
+            .spawn(move || {
+                let r = fwd.run(&stop2, &*clock);
+                let s = fwd.stats();
+                tracing::info!(
+                    rx = s.rx,
+                    tx = s.tx,
+                    drop_invalid = s.drop_invalid,
+                    drop_nat = s.drop_nat,
+                    drop_tx_full = s.drop_tx_full,
+                    gateway = ?fwd.gateway().stats(),
+                    "forwarding thread stopped"
+                );
+                r
+            })
+            .map_err(BackendError::Thread)?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Whether the forwarding thread has ended (it ends only when stopped or on an
+    /// error).
+    #[must_use]
+    pub fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops the thread and waits for it; returns how it ended.
+    ///
+    /// # Errors
+    /// The loop failed (a port's socket, the table) or panicked.
+    pub fn stop(&mut self) -> Result<(), ForwardError> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().map(JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(ForwardError::Panicked),
+        }
+    }
+}
+
+impl Drop for SoftwareBackend {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::error!(error = %e, "forwarding thread");
+        }
+    }
+}
