@@ -47,6 +47,13 @@ pub const NO_ROUTE: [u8; 4] = [203, 0, 113, 9];
 /// How long a client or server waits for its peer.
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// A monotonic clock in nanoseconds for a forwarding loop, starting at one second
+/// (so that "never seen" timestamps of zero are in the past).
+pub fn forwarder_clock() -> impl Fn() -> u64 + Send + Sync {
+    let start = std::time::Instant::now();
+    move || u64::try_from(start.elapsed().as_nanos()).map_or(u64::MAX, |t| t + 1_000_000_000)
+}
+
 /// `aa:bb:cc:dd:ee:ff`.
 #[must_use]
 pub fn mac_str(m: [u8; 6]) -> String {

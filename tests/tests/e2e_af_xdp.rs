@@ -230,7 +230,8 @@ fn start_gateway(t: &Topology) -> (Running, IoChosen) {
                 ..ForwarderConfig::default()
             };
             let mut fwd = SoftwareForwarder::new(cfg, ports, gateway, ct);
-            fwd.run(&stop2, 1_000_000_000).map_err(|e| e.to_string())?;
+            fwd.run(&stop2, &ctoffload_tests::topology::forwarder_clock())
+                .map_err(|e| e.to_string())?;
             Ok(fwd)
         })
         .expect("gateway namespace");

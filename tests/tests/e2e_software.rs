@@ -20,7 +20,6 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use ctoffload_agent::gateway::forward::{ForwarderConfig, SoftwareForwarder};
 use ctoffload_agent::gateway::{Gateway, GatewayConfig, PortConfig};
@@ -30,7 +29,7 @@ use ctoffload_fallback_sw::nat::rules::{NatAction, NatFlags, NatRule, RuleMatch}
 use ctoffload_tests::netns::{NetNs, is_root, skip_reason};
 use ctoffload_tests::topology::{
     GW_IN, GW_IN_MAC, GW_OUT, GW_OUT_MAC, IN_A, IN_B, IN_HOST_MAC, IcmpAnswer, NO_ROUTE, OUT_HOST,
-    OUT_HOST_MAC, Topology, ip, ping, tcp_exchange, udp_exchange, udp_refused,
+    OUT_HOST_MAC, Topology, forwarder_clock, ip, ping, tcp_exchange, udp_exchange, udp_refused,
 };
 
 /// Bytes each way over TCP: many full-sized segments.
@@ -113,10 +112,7 @@ fn start_gateway(gw: &NetNs, if_in: &str, if_out: &str) -> Running {
                 ..ForwarderConfig::default()
             };
             let mut fwd = SoftwareForwarder::new(cfg, ports, gateway, ct);
-            let start = Instant::now();
-            let clock = || {
-                u64::try_from(start.elapsed().as_nanos()).map_or(u64::MAX, |t| t + 1_000_000_000)
-            };
+            let clock = forwarder_clock();
             fwd.run(&stop2, &clock).map_err(|e| e.to_string())?;
             Ok(fwd)
         })

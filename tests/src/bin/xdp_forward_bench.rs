@@ -426,7 +426,8 @@ fn start_agent(b: &Bed, request: IoRequest) -> Result<(Agent, IoChosen), String>
                 .add(masquerade)
                 .map_err(|e| e.to_string())?;
             let mut fwd = SoftwareForwarder::new(ForwarderConfig::default(), ports, gateway, ct);
-            fwd.run(&stop2, 1_000_000_000).map_err(|e| e.to_string())
+            fwd.run(&stop2, &ctoffload_tests::topology::forwarder_clock())
+                .map_err(|e| e.to_string())
         })
         .map_err(|e| e.to_string())?;
     let agent = Agent {
