@@ -314,7 +314,11 @@ fn invariant1_long_lived_hardware_flow_is_not_expired() {
         r.advance(10 * S);
         r.hw_burst(0, &frame, 1);
         last_hit = r.now();
+        // A tick starts the counter dump and the next one folds it (a tick never
+        // waits for the device): two ticks, the device's work in between.
         let now = r.now();
+        r.w.reconcile(now);
+        r.settle();
         r.w.reconcile(now);
         r.settle();
         assert_eq!(r.state(h).0, HwState::Offloaded, "still in hardware");
