@@ -492,6 +492,16 @@ impl<Io: DeviceIo> Device<Io> {
     pub fn new(mut io: Io, cfg: DeviceConfig) -> Result<Self> {
         let caps = reset_and_identify(&mut io, &cfg)?;
         let rings = alloc_rings(&mut io, &cfg, &caps)?;
+        Self::with_rings(io, cfg, caps, rings)
+    }
+
+    /// Steps 6–10 of bring-up over a device that is ready and not enabled.
+    fn with_rings(
+        io: Io,
+        cfg: DeviceConfig,
+        caps: Capabilities,
+        rings: Rings<Io::Dma>,
+    ) -> Result<Self> {
         let scratch = vec![0u8; rings.buf_size];
         let mut dev = Self {
             io,
@@ -520,6 +530,62 @@ impl<Io: DeviceIo> Device<Io> {
         };
         dev.program_and_enable()?;
         Ok(dev)
+    }
+
+    /// Attaches to a device another driver instance left running (an agent restart),
+    /// **without** resetting it: the flow table, its counters and generations survive
+    /// and the datapath keeps forwarding (device.md section 17.5). A device still
+    /// enabled (its previous driver died without detaching) is detached first; then
+    /// new rings are programmed and the device is enabled again (section 18, steps
+    /// 4–10 without the reset). Read the table back with
+    /// [`dump_table`](Self::dump_table).
+    ///
+    /// # Errors
+    /// [`DriverError::NotAttachable`] if the device is fatal, resetting, not ready or
+    /// has no `FEATURES.DETACH` (use [`Device::new`]); register and bring-up errors as
+    /// for `new`.
+    pub fn attach(mut io: Io, cfg: DeviceConfig) -> Result<Self> {
+        let status = io.read32(regs::STATUS)?;
+        let s = Status::from_bits_retain(status);
+        if s.contains(Status::FATAL) {
+            return Err(read_fatal_error(&io)?);
+        }
+        if s.contains(Status::RESETTING) || !s.contains(Status::READY) {
+            return Err(DriverError::NotAttachable {
+                why: "resetting or not ready",
+                status,
+            });
+        }
+        let caps = identify(&io)?;
+        if !caps.features.contains(Features::DETACH) {
+            return Err(DriverError::NotAttachable {
+                why: "no FEATURES.DETACH",
+                status,
+            });
+        }
+        if s.contains(Status::ENABLED) {
+            detach_rings(&io, &cfg)?;
+        }
+        let rings = alloc_rings(&mut io, &cfg, &caps)?;
+        Self::with_rings(io, cfg, caps, rings)
+    }
+
+    /// Leaves the device running without a reset (device.md section 17.5): the rings
+    /// stop (outstanding commands are failed back and never complete), the device
+    /// stops all DMA to host memory, and the flow table keeps forwarding until the
+    /// next driver [`attach`](Self::attach)es. Returns the backend.
+    ///
+    /// # Errors
+    /// The device did not report `DETACHED` in time, or has no `FEATURES.DETACH`.
+    pub fn detach(mut self) -> Result<Io> {
+        if !self.caps.features.contains(Features::DETACH) {
+            return Err(DriverError::InvalidArgument {
+                what: "device has no FEATURES.DETACH",
+            });
+        }
+        self.go_down();
+        detach_rings(&self.io, &self.cfg)?;
+        Ok(self.io)
     }
 
     /// Runs bring-up again after a fault or reset: every outstanding command is failed
@@ -1464,6 +1530,33 @@ fn reset_and_identify<Io: DeviceIo>(io: &mut Io, cfg: &DeviceConfig) -> Result<C
             status,
         });
     }
+    identify(io)
+}
+
+/// `CTRL.DETACH`, then waits for `STATUS.DETACHED` (section 17.5).
+fn detach_rings<Io: DeviceIo>(io: &Io, cfg: &DeviceConfig) -> Result<()> {
+    io.write32(regs::CTRL, Ctrl::DETACH.bits())?;
+    let mut last = 0;
+    let ok = poll_until(cfg.enable_timeout, || {
+        last = io.read32(regs::STATUS)?;
+        let s = Status::from_bits_retain(last);
+        Ok(s.contains(Status::DETACHED) || s.contains(Status::FATAL))
+    })?;
+    if Status::from_bits_retain(last).contains(Status::FATAL) {
+        return Err(read_fatal_error(io)?);
+    }
+    if !ok {
+        return Err(DriverError::DeviceTimeout {
+            what: "DETACHED",
+            timeout_ms: ms(cfg.enable_timeout),
+            status: last,
+        });
+    }
+    Ok(())
+}
+
+/// Steps 4–5 of section 18: identify the device and read its capabilities.
+fn identify<Io: DeviceIo>(io: &Io) -> Result<Capabilities> {
     // Step 4.
     let magic = io.read32(regs::MAGIC)?;
     if magic != regs::MAGIC_VALUE {

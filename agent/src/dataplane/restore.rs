@@ -246,6 +246,10 @@ impl<Io: DeviceIo> Worker<Io> {
         let Some(id) = self.ct.table().get(slot).map(|c| c.id) else {
             return false;
         };
+        // The NAT engine learns the binding as if it had decided it: a new connection
+        // never gets this port towards the same endpoint, the same source keeps its
+        // mapping, and the release at destroy gives back exactly this.
+        self.ct.nat_mut().restored(&tuples, status);
         let h = ConnHandle { slot, id };
         let mut rec = HwConn::new(slot, now);
         rec.state = HwState::Offloaded;
