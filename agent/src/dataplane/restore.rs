@@ -14,9 +14,11 @@
 //! one with `SNAT` if only one has it, else the one arriving on the lower port. Hardware
 //! counts since the original insert are folded in by the first counter pull.
 //!
-//! The driver resets the device at bring-up (`Device::new`), so this serves a worker
-//! restarted over a device that stayed up ([`Worker::into_device`]); a process restart
-//! would also need a driver attach that keeps the table.
+//! Adopted connections' NAT bindings are registered with the NAT engine again
+//! (`NatEngine::restored`). Over the same device instance this serves a worker restart
+//! ([`Worker::restart`]); across an agent process restart the new driver instance
+//! attaches without a reset (`Device::attach`, device.md section 17.5), after the old
+//! one detached (`Device::detach`) or died.
 
 use std::collections::HashMap;
 
