@@ -1116,8 +1116,6 @@ fn not_offloaded_reasons_are_visible() {
 /// released only after the rules are gone (invariant 2).
 #[test]
 fn nat_in_hardware_matches_software_and_binding_outlives_the_rules() {
-    use ctoffload_fallback_sw::nat::rules::{NatAction, NatFlags, NatRule, RuleMatch};
-    const GW: [u8; 4] = [203, 0, 113, 1];
     let mut r = rig_with(
         SimConfig::small(),
         WorkerConfig {
@@ -1125,20 +1123,7 @@ fn nat_in_hardware_matches_software_and_binding_outlives_the_rules() {
             ..WorkerConfig::default()
         },
     );
-    r.w.nat_mut()
-        .rules_mut()
-        .add(NatRule {
-            id: 1,
-            r#match: RuleMatch {
-                out_port: Some(1),
-                ..RuleMatch::default()
-            },
-            action: NatAction::Masquerade {
-                ports: None,
-                flags: NatFlags::default(),
-            },
-        })
-        .expect("rule");
+    masquerade_on_port_1(&mut r.w);
     let req = udp(CLIENT, 13_000, SERVER, 53);
     let sw_req = r.send_expect(0, &req, 1, 1).remove(0);
     assert_eq!(&sw_req[26..30], &GW, "source translated by software");

@@ -998,10 +998,20 @@ impl<Io: DeviceIo> Device<Io> {
 
     /// Submits one internal command, reaping while the ring is full.
     fn submit_internal_waiting(&mut self, d: CommandDescriptor, timeout: Duration) -> Result<u32> {
+        self.with_ring_space(timeout, |dev| dev.submit_internal(d))
+    }
+
+    /// Calls `attempt` until it finds room in the command ring (`Some`), reaping
+    /// completions meanwhile (kept for [`reap`](Self::reap)).
+    fn with_ring_space<T>(
+        &mut self,
+        timeout: Duration,
+        mut attempt: impl FnMut(&mut Self) -> Result<Option<T>>,
+    ) -> Result<T> {
         let t0 = Instant::now();
         loop {
-            if let Some(c) = self.submit_internal(d)? {
-                return Ok(c);
+            if let Some(v) = attempt(self)? {
+                return Ok(v);
             }
             let mut tmp = Vec::new();
             self.reap_ring(&mut tmp)?;
@@ -1204,19 +1214,9 @@ impl<Io: DeviceIo> Device<Io> {
         while at < end {
             let n = (end - at).min(chunk_max);
             let timeout = self.dump_timeout(n);
-            let t0 = Instant::now();
-            while !self.start_counter_dump(at, n)? {
-                let mut tmp = Vec::new();
-                self.reap_ring(&mut tmp)?;
-                self.stash.extend(tmp);
-                if t0.elapsed() >= timeout {
-                    return Err(DriverError::CommandTimeout {
-                        cookie: 0,
-                        timeout_ms: ms(timeout),
-                    });
-                }
-                std::thread::yield_now();
-            }
+            self.with_ring_space(timeout, |dev| {
+                Ok(dev.start_counter_dump(at, n)?.then_some(()))
+            })?;
             out.extend(self.wait_counter_dump()?.iter());
             at += n;
         }

@@ -367,34 +367,32 @@ impl NatEngine {
     /// and the later [`released`](Self::released) gives back what was taken. Call once
     /// per such connection, with its tuples (`[original, reply]`) and status.
     pub fn restored(&mut self, tuples: &[Tuple; 2], status: Status) {
-        if !status.contains(Status::SRC_NAT) {
-            return;
+        if let Some((new, key)) = src_binding(tuples, status) {
+            self.by_source.add(&tuples[0], new.src, key);
+            self.busy.add(&new);
         }
-        let [orig, reply] = tuples;
-        let Ok(new) = reply.invert() else {
-            return;
-        };
-        let key = alloc::key_of_l4(&new, Manip::Src).unwrap_or(new.src_l4);
-        self.by_source.add(orig, new.src, key);
-        self.busy.add(&new);
     }
 
     /// Releases what a connection held: its by-source reference. Call once when a
     /// connection created with a [`NatDecision`] is destroyed, with its tuples
     /// (`[original, reply]`) and status.
     pub fn released(&mut self, tuples: &[Tuple; 2], status: Status) {
-        if !status.contains(Status::SRC_NAT) {
-            return;
+        if let Some((new, key)) = src_binding(tuples, status) {
+            self.by_source.remove(&tuples[0], new.src, key);
+            self.busy.remove(&new);
         }
-        let [orig, reply] = tuples;
-        // The source as translated: the inverse of the reply tuple.
-        let Ok(new) = reply.invert() else {
-            return;
-        };
-        let key = alloc::key_of_l4(&new, Manip::Src).unwrap_or(new.src_l4);
-        self.by_source.remove(orig, new.src, key);
-        self.busy.remove(&new);
     }
+}
+
+/// The source binding of a `SRC_NAT` connection: the original tuple as translated
+/// (the inverse of the reply tuple) and its by-source port key.
+fn src_binding(tuples: &[Tuple; 2], status: Status) -> Option<(Tuple, u16)> {
+    if !status.contains(Status::SRC_NAT) {
+        return None;
+    }
+    let new = tuples[1].invert().ok()?;
+    let key = alloc::key_of_l4(&new, Manip::Src).unwrap_or(new.src_l4);
+    Some((new, key))
 }
 
 /// A full-NAT rule was counted at PREROUTING already.
