@@ -543,7 +543,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     );
     println!("| reconcile tick (8192 slots), agent-thread CPU, median | {tk_med:.2} ms |");
     println!(
-        "| of which the driver's COUNTER_DUMP of all {} slots alone, CPU, median | {dump_med:.1} ms |",
+        "| the driver's synchronous COUNTER_DUMP of all {} slots into a Vec, CPU, median | {dump_med:.1} ms |",
         rc.slots
     );
     println!(
