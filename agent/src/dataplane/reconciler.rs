@@ -55,12 +55,17 @@ struct Scan {
 }
 
 impl Scan {
-    /// The sequential part of the sweep: every record against the slot table's seen
-    /// array, nothing else.
+    /// The sequential part of the sweep: the record of every slot we own against the
+    /// slot table's seen array, nothing else (records of other slots are not read).
     fn run(&self, dump: &CounterDump<'_>, slots: &mut Slots, out: &mut SweepScratch) -> u64 {
-        let mut records = 0;
-        for s in dump.iter() {
-            records += 1;
+        let first = usize::try_from(dump.first()).unwrap_or(usize::MAX);
+        for i in 0..dump.len() {
+            if !slots.owned_at(first.saturating_add(i)) {
+                continue;
+            }
+            let Some(s) = dump.get(i) else {
+                continue;
+            };
             match slots.observe(&s) {
                 Observed::NotOurs => {}
                 Observed::Moved(d) => out.moved.push((s.flow_id, d)),
@@ -76,7 +81,7 @@ impl Scan {
                 }
             }
         }
-        records
+        u64::try_from(dump.len()).unwrap_or(u64::MAX)
     }
 }
 

@@ -166,6 +166,13 @@ impl Slots {
             .map_or(0, |s| s.last_hit)
     }
 
+    /// Whether slot number `i` holds one of our rules (the sweep skips the records of
+    /// the others without reading them).
+    #[must_use]
+    pub fn owned_at(&self, i: usize) -> bool {
+        self.seen.get(i).is_some_and(Seen::owned)
+    }
+
     /// Compares a counter record with the slot's baseline: the sweep's per-slot step.
     /// Reads only the seen array; writes it only when the counters moved.
     pub fn observe(&mut self, s: &CounterSample) -> Observed {
