@@ -56,7 +56,53 @@ impl Drop for SimGuard {
     }
 }
 
+/// The IOVA ranges a `SimIo` mapped, so that a test can unmap them when that driver
+/// instance goes away (what closing its VFIO container does on real hardware).
+type Mapped = Arc<std::sync::Mutex<Vec<(u64, u64)>>>;
+
+/// A driver backend on `sim`; its mappings are recorded in the returned list.
+fn sim_io(sim: &Simulator) -> (SimIo, Mapped) {
+    let iommu = sim.iommu();
+    let mapped: Mapped = Arc::default();
+    let log = Arc::clone(&mapped);
+    let io = SimIo::new(
+        sim.bar_fd(),
+        Box::new(move |iova, fd, off, len| {
+            iommu.map(iova, fd, off, len).map_err(|e| e.to_string())?;
+            log.lock().map_err(|e| e.to_string())?.push((iova, len));
+            Ok(())
+        }),
+        sim.irq_fds().expect("irqs"),
+    )
+    .expect("sim io");
+    (io, mapped)
+}
+
+fn device_config(clock: &Arc<AtomicU64>) -> DeviceConfig {
+    DeviceConfig {
+        cmd_ring_log2: 6,
+        rx_ring_log2: 6,
+        tx_ring_log2: 6,
+        cmd_timeout_ns: 100 * MS,
+        clock: Clock::manual(Arc::clone(clock)),
+        dump_chunk: 64,
+        // The model is a thread on a shared machine: allow scheduling delays.
+        ready_timeout: Duration::from_secs(2),
+        enable_timeout: Duration::from_secs(2),
+        ..DeviceConfig::default()
+    }
+}
+
 fn rig_with(sim_cfg: SimConfig, wcfg: WorkerConfig) -> Rig {
+    rig_with_spare(sim_cfg, wcfg).0
+}
+
+/// A rig, plus a second driver backend on the same simulator (for a second agent)
+/// and the simulator's IOMMU with the first backend's mappings.
+fn rig_with_spare(
+    sim_cfg: SimConfig,
+    wcfg: WorkerConfig,
+) -> (Rig, SimIo, ctoffload_nic_sim::SimIommu, Mapped) {
     let clock = Arc::new(AtomicU64::new(S));
     let mut sim = Simulator::new(sim_cfg).expect("simulator");
     let mut wire = Vec::new();
@@ -65,37 +111,20 @@ fn rig_with(sim_cfg: SimConfig, wcfg: WorkerConfig) -> Rig {
         sim.attach_port(p, Box::new(dev_end)).expect("port");
         wire.push(host_end);
     }
+    let (io, mapped) = sim_io(&sim);
+    let (spare, _) = sim_io(&sim);
     let iommu = sim.iommu();
-    let io = SimIo::new(
-        sim.bar_fd(),
-        Box::new(move |iova, fd, off, len| {
-            iommu.map(iova, fd, off, len).map_err(|e| e.to_string())
-        }),
-        sim.irq_fds().expect("irqs"),
-    )
-    .expect("sim io");
     let sim = sim.spawn(SimClock::Manual(Arc::clone(&clock)));
     let faults = sim.faults();
-    let dcfg = DeviceConfig {
-        cmd_ring_log2: 6,
-        rx_ring_log2: 6,
-        tx_ring_log2: 6,
-        cmd_timeout_ns: 100 * MS,
-        clock: Clock::manual(Arc::clone(&clock)),
-        dump_chunk: 64,
-        // The model is a thread on a shared machine: allow scheduling delays.
-        ready_timeout: Duration::from_secs(2),
-        enable_timeout: Duration::from_secs(2),
-        ..DeviceConfig::default()
-    };
-    let dev = Device::new(io, dcfg).expect("bring-up");
-    Rig {
+    let dev = Device::new(io, device_config(&clock)).expect("bring-up");
+    let rig = Rig {
         w: Worker::new(wcfg, dev),
         sim: SimGuard(Some(sim)),
         faults,
         wire,
         clock,
-    }
+    };
+    (rig, spare, iommu, mapped)
 }
 
 fn rig() -> Rig {
@@ -314,7 +343,11 @@ fn invariant1_long_lived_hardware_flow_is_not_expired() {
         r.advance(10 * S);
         r.hw_burst(0, &frame, 1);
         last_hit = r.now();
+        // A tick starts the counter dump and the next one folds it (a tick never
+        // waits for the device): two ticks, the device's work in between.
         let now = r.now();
+        r.w.reconcile(now);
+        r.settle();
         r.w.reconcile(now);
         r.settle();
         assert_eq!(r.state(h).0, HwState::Offloaded, "still in hardware");
@@ -1083,8 +1116,6 @@ fn not_offloaded_reasons_are_visible() {
 /// released only after the rules are gone (invariant 2).
 #[test]
 fn nat_in_hardware_matches_software_and_binding_outlives_the_rules() {
-    use ctoffload_fallback_sw::nat::rules::{NatAction, NatFlags, NatRule, RuleMatch};
-    const GW: [u8; 4] = [203, 0, 113, 1];
     let mut r = rig_with(
         SimConfig::small(),
         WorkerConfig {
@@ -1092,20 +1123,7 @@ fn nat_in_hardware_matches_software_and_binding_outlives_the_rules() {
             ..WorkerConfig::default()
         },
     );
-    r.w.nat_mut()
-        .rules_mut()
-        .add(NatRule {
-            id: 1,
-            r#match: RuleMatch {
-                out_port: Some(1),
-                ..RuleMatch::default()
-            },
-            action: NatAction::Masquerade {
-                ports: None,
-                flags: NatFlags::default(),
-            },
-        })
-        .expect("rule");
+    masquerade_on_port_1(&mut r.w);
     let req = udp(CLIENT, 13_000, SERVER, 53);
     let sw_req = r.send_expect(0, &req, 1, 1).remove(0);
     assert_eq!(&sw_req[26..30], &GW, "source translated by software");
@@ -1133,4 +1151,183 @@ fn nat_in_hardware_matches_software_and_binding_outlives_the_rules() {
     r.pump_until("freed", |r| r.w.hw_state(h).is_none());
     assert_eq!(r.w.conntrack().nat_connections(), 0);
     assert!(r.w.device_mut().dump_table().expect("dump").is_empty());
+}
+
+/// The gateway address of port 1 in the NAT scenarios.
+const GW: [u8; 4] = [203, 0, 113, 1];
+
+fn masquerade_on_port_1(w: &mut Worker<SimIo>) {
+    use ctoffload_fallback_sw::nat::rules::{NatAction, NatFlags, NatRule, RuleMatch};
+    w.nat_mut()
+        .rules_mut()
+        .add(NatRule {
+            id: 1,
+            r#match: RuleMatch {
+                out_port: Some(1),
+                ..RuleMatch::default()
+            },
+            action: NatAction::Masquerade {
+                ports: None,
+                flags: NatFlags::default(),
+            },
+        })
+        .expect("rule");
+}
+
+/// The source port of a frame leaving by the NAT port (IPv4, no options).
+fn src_port(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[34], frame[35]])
+}
+
+/// Agent restart with the NIC running (device.md section 17.5): agent 1 offloads a
+/// source-NATed UDP flow and TCP connection and goes away without a reset, either
+/// detaching (an upgrade) or dying with the device still enabled (a crash); agent 2
+/// attaches with a new driver instance, reads the table back and restores. The
+/// device kept its table and counters, the connections are ESTABLISHED/ASSURED with
+/// their NAT tuples, the NAT engine holds their bindings again, and a new connection
+/// does not get a restored port.
+#[test]
+fn agent_restart_attaches_without_reset_and_keeps_flows_and_nat() {
+    for crash in [false, true] {
+        restart_with_the_nic_running(crash);
+    }
+}
+
+fn restart_with_the_nic_running(crash: bool) {
+    let wcfg = WorkerConfig {
+        port_addrs: vec![None, Some(GW)],
+        ..WorkerConfig::default()
+    };
+    let (mut r, spare, iommu, mapped) = rig_with_spare(SimConfig::small(), wcfg.clone());
+    masquerade_on_port_1(&mut r.w);
+    // A UDP flow and a TCP connection, both source-NATed, both offloaded.
+    let req = udp(CLIENT, 14_000, SERVER, 53);
+    let uport = src_port(&r.send_expect(0, &req, 1, 1).remove(0));
+    r.send_expect(1, &udp(SERVER, 53, GW, uport), 0, 1);
+    let syn = tcp(CLIENT, 14_001, SERVER, 80, 100, None, "S");
+    let tport = src_port(&r.send_expect(0, &syn, 1, 1).remove(0));
+    r.send_expect(1, &tcp(SERVER, 80, GW, tport, 500, Some(101), "S"), 0, 1);
+    r.send_expect(
+        0,
+        &tcp(CLIENT, 14_001, SERVER, 80, 101, Some(501), ""),
+        1,
+        1,
+    );
+    let ut = tuple(CLIENT, 14_000, SERVER, 53, proto::UDP);
+    let tt = tuple(CLIENT, 14_001, SERVER, 80, proto::TCP);
+    let (hu, ht) = (r.handle(&ut), r.handle(&tt));
+    assert_eq!(r.state(hu), (HwState::Offloaded, None));
+    assert_eq!(r.state(ht), (HwState::Offloaded, None));
+    r.hw_burst(0, &req, 3);
+    let tuples_before = [hu, ht].map(|h| {
+        r.w.conntrack()
+            .table()
+            .get_checked(h.slot, h.id)
+            .expect("live")
+            .tuples
+    });
+    let nat = r.w.conntrack().nat();
+    let (by_source, busy) = (nat.by_source().len(), nat.busy_ports().len());
+    assert_eq!(
+        (by_source, busy),
+        (2, 2),
+        "one binding per source and endpoint"
+    );
+    let resets =
+        r.w.device_mut()
+            .read_register(regs::RESET_COUNT)
+            .expect("reg");
+
+    // Agent 1 goes away without resetting the device.
+    let Rig {
+        w,
+        sim,
+        faults,
+        mut wire,
+        clock,
+    } = r;
+    let dev = w.into_device();
+    let unmap = || {
+        for (iova, len) in mapped.lock().expect("log").drain(..) {
+            iommu.unmap(iova, len).expect("unmap");
+        }
+    };
+    let mut hw_packets = 3;
+    let dev = if crash {
+        // Dies: the device is still enabled, its rings in the dead agent's memory,
+        // which goes away with the process (its mappings with it).
+        drop(dev);
+        unmap();
+        Device::attach(spare, device_config(&clock)).expect("attach")
+    } else {
+        drop(dev.detach().expect("detach"));
+        unmap();
+        // No agent at all: the table keeps forwarding and counting.
+        wire[0].send(&req).expect("inject");
+        let t0 = Instant::now();
+        while wire[1].pending() < 1 {
+            assert!(t0.elapsed() < WAIT, "forwarding while detached");
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        wire[1].drain_vecs();
+        hw_packets += 1;
+        Device::attach(spare, device_config(&clock)).expect("attach")
+    };
+    assert_eq!(
+        dev.read_register(regs::RESET_COUNT).expect("reg"),
+        resets,
+        "attached without a reset"
+    );
+    let now = clock.load(Ordering::Acquire);
+    let mut w = Worker::new(wcfg, dev);
+    masquerade_on_port_1(&mut w);
+    let report = w.restore(now).expect("restore");
+    assert_eq!((report.entries, report.adopted, report.deleted), (4, 2, 0));
+    let mut r = Rig {
+        w,
+        sim,
+        faults,
+        wire,
+        clock,
+    };
+    r.settle();
+    let (hu, ht) = (r.handle(&ut), r.handle(&tt));
+    for (h, tuples) in [(hu, tuples_before[0]), (ht, tuples_before[1])] {
+        assert_eq!(r.state(h), (HwState::Offloaded, None));
+        let c = r.w.conntrack().table().get(h.slot).expect("restored");
+        assert_eq!(c.tuples, tuples, "same NAT tuples");
+        use ctoffload_fallback_sw::table::Status;
+        assert!(c.status.contains(Status::ASSURED | Status::SRC_NAT));
+    }
+    let c = r.w.conntrack().table().get(ht.slot).expect("tcp");
+    let L4State::Tcp(t) = c.proto else {
+        panic!("tcp")
+    };
+    assert_eq!(t.state(), TcpState::Established);
+    let nat = r.w.conntrack().nat();
+    assert_eq!(
+        (nat.by_source().len(), nat.busy_ports().len()),
+        (by_source, busy),
+        "bindings registered again"
+    );
+    // The device's counters kept running: everything since the original insert.
+    r.hw_burst(0, &req, 2);
+    hw_packets += 2;
+    let now = r.now();
+    r.w.reconcile_full_sweep(now);
+    assert_eq!(r.counters(hu)[0], (hw_packets, hw_packets * UDP_L3));
+    // New connections towards the same server never get a restored port: from the
+    // same inside host, and from another host whose own port is a restored one.
+    let fresh = src_port(
+        &r.send_expect(0, &udp(CLIENT, 14_002, SERVER, 53), 1, 1)
+            .remove(0),
+    );
+    assert!(fresh != uport && fresh != tport);
+    let other = [192, 168, 1, 11];
+    let clash = src_port(
+        &r.send_expect(0, &udp(other, uport, SERVER, 53), 1, 1)
+            .remove(0),
+    );
+    assert_ne!(clash, uport, "a restored port is held");
+    assert_eq!(r.w.stats().freed_while_in_hw, 0);
 }

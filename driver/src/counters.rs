@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 
 use ctoffload_hw_regs::limits::BYTE_COUNTER_MASK;
-use ctoffload_hw_regs::{CounterRecord, FlowCounters, FlowId};
+use ctoffload_hw_regs::{CounterRecord, FlowCounters, FlowId, Le32, Le64};
+
+use crate::mmio::DmaMemory;
 
 /// One decoded counter record of a `COUNTER_DUMP`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +29,69 @@ impl CounterSample {
             generation: rec.generation(),
             counters: rec.counters(),
         })
+    }
+}
+
+/// The records of one completed `COUNTER_DUMP`, decoded in place from the dump buffer
+/// (no copy of the chunk): record `i` describes slot `first + i` (device.md 11.3).
+///
+/// The view borrows the device, so the buffer cannot be reused by another dump while
+/// it is read.
+#[derive(Debug, Clone, Copy)]
+pub struct CounterDump<'a> {
+    mem: &'a DmaMemory,
+    first: u32,
+    count: u32,
+}
+
+impl<'a> CounterDump<'a> {
+    /// A view of `count` records at the start of `mem` for slots from `first`. The
+    /// caller checked that `mem` holds them.
+    pub(crate) fn new(mem: &'a DmaMemory, first: u32, count: u32) -> Self {
+        Self { mem, first, count }
+    }
+
+    /// The first slot.
+    pub fn first(&self) -> u32 {
+        self.first
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        usize::try_from(self.count).unwrap_or(0)
+    }
+
+    /// Whether there is no record.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Record `i` (four volatile 8-byte loads), or `None` past the end or for the
+    /// reserved flow id.
+    pub fn get(&self, i: usize) -> Option<CounterSample> {
+        if i >= self.len() {
+            return None;
+        }
+        let [w0, w1, w2, w3] = self
+            .mem
+            .read_u64s::<4>(i.checked_mul(CounterRecord::SIZE)?)
+            .ok()?
+            .map(u64::from_le);
+        let lo = |w: u64| u32::try_from(w & 0xFFFF_FFFF).unwrap_or(0);
+        let rec = CounterRecord {
+            flow_id: Le32::new(lo(w0)),
+            flags: Le32::new(lo(w0 >> 32)),
+            packets: Le32::new(lo(w1)),
+            reserved: Le32::new(lo(w1 >> 32)),
+            bytes: Le64::new(w2),
+            last_hit: Le64::new(w3),
+        };
+        CounterSample::from_record(&rec)
+    }
+
+    /// Every record, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = CounterSample> + '_ {
+        (0..self.len()).filter_map(|i| self.get(i))
     }
 }
 

@@ -30,12 +30,11 @@ use ctoffload_hw_regs::regs::{
     self, Ctrl, Features, IntCause, RegOffset, RingMaxLog2, RingRegOffsets, SpecVersion, Status,
 };
 use ctoffload_hw_regs::{
-    CommandDescriptor, Completion, CompletionStatus, CounterRecord, FlowAction, FlowCounters,
-    FlowId, FlowKey, Opcode, RxDescriptor, RxReason, RxStatus, TableDumpRecord, TxDescriptor,
-    TxError, TxStatus,
+    CommandDescriptor, Completion, CompletionStatus, FlowAction, FlowCounters, FlowId, FlowKey,
+    Opcode, RxDescriptor, RxReason, RxStatus, TableDumpRecord, TxDescriptor, TxError, TxStatus,
 };
 
-use crate::counters::CounterSample;
+use crate::counters::{CounterDump, CounterSample};
 use crate::error::{DriverError, Result};
 use crate::io::{DeviceIo, DmaRegion, MmioStats};
 use crate::rings::RingGeom;
@@ -406,6 +405,16 @@ struct Rings<D> {
     dump_records: u32,
 }
 
+/// The asynchronous `COUNTER_DUMP` in flight (at most one: it owns the dump buffer).
+#[derive(Debug, Clone, Copy)]
+struct PendingDump {
+    cookie: u32,
+    first: u32,
+    count: u32,
+    /// Its completion, once reaped.
+    done: Option<Completion>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Up,
@@ -430,6 +439,7 @@ pub struct Device<Io: DeviceIo> {
     cpl_phase: bool,
     stash: VecDeque<CommandResult>,
     internal_done: Vec<(u32, Completion)>,
+    counter_dump: Option<PendingDump>,
     // RX: next slot to check; producer index.
     rx_next: u32,
     rx_tail: u32,
@@ -466,6 +476,9 @@ fn poll_until(timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<
     }
 }
 
+/// How long a driver waiting for a dump sleeps between completion polls.
+const DUMP_POLL_INTERVAL: Duration = Duration::from_micros(20);
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -479,6 +492,16 @@ impl<Io: DeviceIo> Device<Io> {
     pub fn new(mut io: Io, cfg: DeviceConfig) -> Result<Self> {
         let caps = reset_and_identify(&mut io, &cfg)?;
         let rings = alloc_rings(&mut io, &cfg, &caps)?;
+        Self::with_rings(io, cfg, caps, rings)
+    }
+
+    /// Steps 6–10 of bring-up over a device that is ready and not enabled.
+    fn with_rings(
+        io: Io,
+        cfg: DeviceConfig,
+        caps: Capabilities,
+        rings: Rings<Io::Dma>,
+    ) -> Result<Self> {
         let scratch = vec![0u8; rings.buf_size];
         let mut dev = Self {
             io,
@@ -495,6 +518,7 @@ impl<Io: DeviceIo> Device<Io> {
             cpl_phase: true,
             stash: VecDeque::new(),
             internal_done: Vec::new(),
+            counter_dump: None,
             rx_next: 0,
             rx_tail: 0,
             rx_scratch: scratch,
@@ -506,6 +530,62 @@ impl<Io: DeviceIo> Device<Io> {
         };
         dev.program_and_enable()?;
         Ok(dev)
+    }
+
+    /// Attaches to a device another driver instance left running (an agent restart),
+    /// **without** resetting it: the flow table, its counters and generations survive
+    /// and the datapath keeps forwarding (device.md section 17.5). A device still
+    /// enabled (its previous driver died without detaching) is detached first; then
+    /// new rings are programmed and the device is enabled again (section 18, steps
+    /// 4–10 without the reset). Read the table back with
+    /// [`dump_table`](Self::dump_table).
+    ///
+    /// # Errors
+    /// [`DriverError::NotAttachable`] if the device is fatal, resetting, not ready or
+    /// has no `FEATURES.DETACH` (use [`Device::new`]); register and bring-up errors as
+    /// for `new`.
+    pub fn attach(mut io: Io, cfg: DeviceConfig) -> Result<Self> {
+        let status = io.read32(regs::STATUS)?;
+        let s = Status::from_bits_retain(status);
+        if s.contains(Status::FATAL) {
+            return Err(read_fatal_error(&io)?);
+        }
+        if s.contains(Status::RESETTING) || !s.contains(Status::READY) {
+            return Err(DriverError::NotAttachable {
+                why: "resetting or not ready",
+                status,
+            });
+        }
+        let caps = identify(&io)?;
+        if !caps.features.contains(Features::DETACH) {
+            return Err(DriverError::NotAttachable {
+                why: "no FEATURES.DETACH",
+                status,
+            });
+        }
+        if s.contains(Status::ENABLED) {
+            detach_rings(&io, &cfg)?;
+        }
+        let rings = alloc_rings(&mut io, &cfg, &caps)?;
+        Self::with_rings(io, cfg, caps, rings)
+    }
+
+    /// Leaves the device running without a reset (device.md section 17.5): the rings
+    /// stop (outstanding commands are failed back and never complete), the device
+    /// stops all DMA to host memory, and the flow table keeps forwarding until the
+    /// next driver [`attach`](Self::attach)es. Returns the backend.
+    ///
+    /// # Errors
+    /// The device did not report `DETACHED` in time, or has no `FEATURES.DETACH`.
+    pub fn detach(mut self) -> Result<Io> {
+        if !self.caps.features.contains(Features::DETACH) {
+            return Err(DriverError::InvalidArgument {
+                what: "device has no FEATURES.DETACH",
+            });
+        }
+        self.go_down();
+        detach_rings(&self.io, &self.cfg)?;
+        Ok(self.io)
     }
 
     /// Runs bring-up again after a fault or reset: every outstanding command is failed
@@ -642,6 +722,9 @@ impl<Io: DeviceIo> Device<Io> {
     /// Marks the device down and fails every outstanding command back to the caller.
     fn go_down(&mut self) {
         self.state = State::Down;
+        // Internal commands die with the rings: a dump in flight never completes.
+        self.counter_dump = None;
+        self.internal_done.clear();
         for f in self.inflight.drain(..) {
             if !f.internal {
                 self.stash
@@ -871,22 +954,64 @@ impl<Io: DeviceIo> Device<Io> {
 
     // ---- dumps -------------------------------------------------------------------
 
-    /// Runs one internal dump command and waits for it.
-    fn run_dump(
-        &mut self,
-        mk: impl Fn(ctoffload_hw_regs::Iova) -> CommandDescriptor,
-        count: u32,
-    ) -> Result<()> {
-        if self.state != State::Up {
-            return Err(DriverError::DeviceDown);
-        }
-        let buf = ctoffload_hw_regs::Iova::new(self.rings.dump.iova().raw());
+    /// The timeout of a dump of `count` records: the command timeout plus the spec's
+    /// dump allowance (section 18).
+    fn dump_timeout(&self, count: u32) -> Duration {
         let allowance = CMD_MAX_NS + DUMP_NS_PER_RECORD * u64::from(count);
-        let timeout = Duration::from_nanos(self.cfg.cmd_timeout_ns.saturating_add(allowance));
+        Duration::from_nanos(self.cfg.cmd_timeout_ns.saturating_add(allowance))
+    }
+
+    /// Reaps the ring (flow results go to the stash for [`reap`](Self::reap)) and takes
+    /// the completion of internal command `cookie` if it has come.
+    fn take_internal(&mut self, cookie: u32) -> Result<Option<Completion>> {
+        let mut tmp = Vec::new();
+        self.reap_ring(&mut tmp)?;
+        self.stash.extend(tmp);
+        Ok(self
+            .internal_done
+            .iter()
+            .position(|(c, _)| *c == cookie)
+            .map(|i| self.internal_done.swap_remove(i).1))
+    }
+
+    /// Waits for internal command `cookie`, sleeping briefly between polls: the device
+    /// is moving data by DMA meanwhile, and a spinning driver would only burn the CPU
+    /// the agent's thread reports as its own.
+    fn wait_internal(&mut self, cookie: u32, timeout: Duration) -> Result<Completion> {
         let t0 = Instant::now();
-        let cookie = loop {
-            if let Some(c) = self.submit_internal(mk(buf))? {
-                break c;
+        loop {
+            if let Some(cpl) = self.take_internal(cookie)? {
+                return Ok(cpl);
+            }
+            if self.state != State::Up {
+                return Err(DriverError::DeviceDown);
+            }
+            if t0.elapsed() >= timeout {
+                return Err(DriverError::CommandTimeout {
+                    cookie,
+                    timeout_ms: ms(timeout),
+                });
+            }
+            std::thread::sleep(DUMP_POLL_INTERVAL);
+        }
+    }
+
+    /// Submits one internal command, reaping while the ring is full.
+    fn submit_internal_waiting(&mut self, d: CommandDescriptor, timeout: Duration) -> Result<u32> {
+        self.with_ring_space(timeout, |dev| dev.submit_internal(d))
+    }
+
+    /// Calls `attempt` until it finds room in the command ring (`Some`), reaping
+    /// completions meanwhile (kept for [`reap`](Self::reap)).
+    fn with_ring_space<T>(
+        &mut self,
+        timeout: Duration,
+        mut attempt: impl FnMut(&mut Self) -> Result<Option<T>>,
+    ) -> Result<T> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(v) = attempt(self)? {
+                return Ok(v);
             }
             let mut tmp = Vec::new();
             self.reap_ring(&mut tmp)?;
@@ -898,32 +1023,36 @@ impl<Io: DeviceIo> Device<Io> {
                 });
             }
             std::thread::yield_now();
-        };
-        let t0 = Instant::now();
-        loop {
-            let mut tmp = Vec::new();
-            self.reap_ring(&mut tmp)?;
-            self.stash.extend(tmp);
-            if let Some(i) = self.internal_done.iter().position(|(c, _)| *c == cookie) {
-                let (_, cpl) = self.internal_done.swap_remove(i);
-                return match cpl.status() {
-                    Ok(CompletionStatus::Ok) => Ok(()),
-                    _ => Err(DriverError::CommandFailed {
-                        what: "dump",
-                        status: cpl.status,
-                    }),
-                };
+        }
+    }
+
+    /// Runs one synchronous dump command and waits for it. A counter dump started with
+    /// [`start_counter_dump`](Self::start_counter_dump) is waited for first and its
+    /// records are discarded (the buffer is about to be overwritten).
+    fn run_dump(
+        &mut self,
+        mk: impl Fn(ctoffload_hw_regs::Iova) -> CommandDescriptor,
+        count: u32,
+    ) -> Result<()> {
+        if self.state != State::Up {
+            return Err(DriverError::DeviceDown);
+        }
+        if let Some(p) = self.counter_dump.take() {
+            if p.done.is_none() {
+                let t = self.dump_timeout(p.count);
+                self.wait_internal(p.cookie, t)?;
             }
-            if self.state != State::Up {
-                return Err(DriverError::DeviceDown);
-            }
-            if t0.elapsed() >= timeout {
-                return Err(DriverError::CommandTimeout {
-                    cookie,
-                    timeout_ms: ms(timeout),
-                });
-            }
-            std::thread::yield_now();
+        }
+        let buf = ctoffload_hw_regs::Iova::new(self.rings.dump.iova().raw());
+        let timeout = self.dump_timeout(count);
+        let cookie = self.submit_internal_waiting(mk(buf), timeout)?;
+        let cpl = self.wait_internal(cookie, timeout)?;
+        match cpl.status() {
+            Ok(CompletionStatus::Ok) => Ok(()),
+            _ => Err(DriverError::CommandFailed {
+                what: "dump",
+                status: cpl.status,
+            }),
         }
     }
 
@@ -937,8 +1066,138 @@ impl<Io: DeviceIo> Device<Io> {
         Ok(())
     }
 
+    /// Records one `COUNTER_DUMP` can return (the dump buffer's size in 32-byte
+    /// records).
+    pub fn counter_dump_chunk(&self) -> u32 {
+        self.rings.dump_records.saturating_mul(4)
+    }
+
+    /// Whether a counter dump started with [`start_counter_dump`](Self::start_counter_dump)
+    /// has not been collected yet.
+    pub fn counter_dump_pending(&self) -> bool {
+        self.counter_dump.is_some()
+    }
+
+    /// Starts a `COUNTER_DUMP` of slots `[first, first + count)` (`count` at most
+    /// [`counter_dump_chunk`](Self::counter_dump_chunk)) and returns without waiting:
+    /// collect it with [`poll_counter_dump`](Self::poll_counter_dump). `Ok(false)`: the
+    /// command ring is full, nothing was started. One dump at a time.
+    pub fn start_counter_dump(&mut self, first: u32, count: u32) -> Result<bool> {
+        self.check_range(first, count)?;
+        if !self.caps.features.contains(Features::COUNTER_DUMP) {
+            return Err(DriverError::InvalidArgument {
+                what: "device has no COUNTER_DUMP",
+            });
+        }
+        if count > self.counter_dump_chunk() {
+            return Err(DriverError::InvalidArgument {
+                what: "counter dump larger than the dump buffer",
+            });
+        }
+        if self.counter_dump.is_some() {
+            return Err(DriverError::InvalidArgument {
+                what: "a counter dump is already in flight",
+            });
+        }
+        if self.state != State::Up {
+            return Err(DriverError::DeviceDown);
+        }
+        let id = FlowId::new(first).ok_or(DriverError::InvalidArgument { what: "flow id" })?;
+        let buf = ctoffload_hw_regs::Iova::new(self.rings.dump.iova().raw());
+        let d = CommandDescriptor::counter_dump(0, id, count, buf);
+        let Some(cookie) = self.submit_internal(d)? else {
+            return Ok(false);
+        };
+        self.counter_dump = Some(PendingDump {
+            cookie,
+            first,
+            count,
+            done: None,
+        });
+        Ok(true)
+    }
+
+    /// Reaps completions (flow results are kept for [`reap`](Self::reap)) and tells
+    /// whether the pending counter dump has completed.
+    fn counter_dump_done(&mut self) -> Result<bool> {
+        let Some(p) = self.counter_dump else {
+            return Ok(false);
+        };
+        if p.done.is_some() {
+            return Ok(true);
+        }
+        if self.state != State::Up {
+            self.counter_dump = None;
+            return Err(DriverError::DeviceDown);
+        }
+        let cpl = self.take_internal(p.cookie)?;
+        if let (Some(cpl), Some(p)) = (cpl, self.counter_dump.as_mut()) {
+            p.done = Some(cpl);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// The records of the pending counter dump once it has completed (read in place
+    /// from the dump buffer, valid until the next dump), `None` while it runs or when
+    /// none was started. Never waits.
+    pub fn poll_counter_dump(&mut self) -> Result<Option<CounterDump<'_>>> {
+        if !self.counter_dump_done()? {
+            return Ok(None);
+        }
+        self.take_counter_dump().map(Some)
+    }
+
+    /// Waits for the pending counter dump (sleeping between polls, see
+    /// `DUMP_POLL_INTERVAL`) and returns its records.
+    pub fn wait_counter_dump(&mut self) -> Result<CounterDump<'_>> {
+        let Some(p) = self.counter_dump else {
+            return Err(DriverError::InvalidArgument {
+                what: "no counter dump in flight",
+            });
+        };
+        let timeout = self.dump_timeout(p.count);
+        let t0 = Instant::now();
+        while !self.counter_dump_done()? {
+            if t0.elapsed() >= timeout {
+                return Err(DriverError::CommandTimeout {
+                    cookie: p.cookie,
+                    timeout_ms: ms(timeout),
+                });
+            }
+            std::thread::sleep(DUMP_POLL_INTERVAL);
+        }
+        self.take_counter_dump()
+    }
+
+    fn take_counter_dump(&mut self) -> Result<CounterDump<'_>> {
+        let Some(PendingDump {
+            first,
+            count,
+            done: Some(cpl),
+            ..
+        }) = self.counter_dump.take()
+        else {
+            return Err(DriverError::InvalidArgument {
+                what: "no completed counter dump",
+            });
+        };
+        match cpl.status() {
+            Ok(CompletionStatus::Ok) => {
+                Ok(CounterDump::new(self.rings.dump.memory(), first, count))
+            }
+            _ => Err(DriverError::CommandFailed {
+                what: "counter dump",
+                status: cpl.status,
+            }),
+        }
+    }
+
     /// Pulls the counters of slots `[first, first + count)` with `COUNTER_DUMP`
-    /// commands (one DMA per chunk), appending one sample per slot to `out`.
+    /// commands (one DMA per chunk), appending one sample per slot to `out`. A
+    /// synchronous convenience over [`start_counter_dump`](Self::start_counter_dump)
+    /// and [`wait_counter_dump`](Self::wait_counter_dump); a counter dump already in
+    /// flight is waited for and discarded first.
     pub fn dump_counters(
         &mut self,
         first: u32,
@@ -946,26 +1205,19 @@ impl<Io: DeviceIo> Device<Io> {
         out: &mut Vec<CounterSample>,
     ) -> Result<()> {
         self.check_range(first, count)?;
-        if !self.caps.features.contains(Features::COUNTER_DUMP) {
-            return Err(DriverError::InvalidArgument {
-                what: "device has no COUNTER_DUMP",
-            });
+        if self.counter_dump.is_some() {
+            self.wait_counter_dump()?;
         }
-        let chunk_max = self.rings.dump_records.saturating_mul(4); // 32-byte records
+        let chunk_max = self.counter_dump_chunk();
         let mut at = first;
         let end = first + count;
         while at < end {
             let n = (end - at).min(chunk_max);
-            let id = FlowId::new(at).ok_or(DriverError::InvalidArgument { what: "flow id" })?;
-            self.run_dump(|b| CommandDescriptor::counter_dump(0, id, n, b), n)?;
-            let mem = self.rings.dump.memory();
-            let mut rec = [0u8; CounterRecord::SIZE];
-            for i in 0..usize::try_from(n).unwrap_or(0) {
-                mem.read_block(i * CounterRecord::SIZE, &mut rec)?;
-                if let Some(s) = CounterSample::from_record(&CounterRecord::from_bytes(&rec)) {
-                    out.push(s);
-                }
-            }
+            let timeout = self.dump_timeout(n);
+            self.with_ring_space(timeout, |dev| {
+                Ok(dev.start_counter_dump(at, n)?.then_some(()))
+            })?;
+            out.extend(self.wait_counter_dump()?.iter());
             at += n;
         }
         Ok(())
@@ -1150,16 +1402,16 @@ impl<Io: DeviceIo> Device<Io> {
         if let Some(fd) = self.io.irq(MSIX_VECTOR_EVENT) {
             check |= fd.read()?.is_some();
         }
+        if self.state == State::Up && self.oldest_overdue() {
+            // A completion already in host memory is not a timeout: the caller may
+            // simply not have reaped for a while (e.g. a counter dump collected on the
+            // next reconcile tick). Reap, then judge the oldest command still waiting.
+            let mut tmp = Vec::new();
+            self.reap_ring(&mut tmp)?;
+            self.stash.extend(tmp);
+        }
         if let Some(f) = self.inflight.front().copied() {
-            let now = self.cfg.clock.now_ns();
-            let extra = if f.internal {
-                CMD_MAX_NS + DUMP_NS_PER_RECORD * u64::from(self.rings.dump_records) * 4
-            } else {
-                0
-            };
-            let limit = self.cfg.cmd_timeout_ns.saturating_add(extra);
-            if now.saturating_sub(f.submitted_ns) > limit && self.timeout_reported != Some(f.cookie)
-            {
+            if self.oldest_overdue() && self.timeout_reported != Some(f.cookie) {
                 self.timeout_reported = Some(f.cookie);
                 out.push(DeviceEvent::CommandTimeout { cookie: f.cookie });
                 check = true;
@@ -1173,6 +1425,19 @@ impl<Io: DeviceIo> Device<Io> {
         }
         out.append(&mut self.events);
         Ok(())
+    }
+
+    /// Whether the oldest outstanding command is past its timeout by the clock.
+    fn oldest_overdue(&self) -> bool {
+        self.inflight.front().is_some_and(|f| {
+            let extra = if f.internal {
+                CMD_MAX_NS + DUMP_NS_PER_RECORD * u64::from(self.rings.dump_records) * 4
+            } else {
+                0
+            };
+            let limit = self.cfg.cmd_timeout_ns.saturating_add(extra);
+            self.cfg.clock.now_ns().saturating_sub(f.submitted_ns) > limit
+        })
     }
 
     /// Reads `STATUS`, `RESET_COUNT` and `INT_CAUSE` and reports a fatal error or a
@@ -1265,6 +1530,33 @@ fn reset_and_identify<Io: DeviceIo>(io: &mut Io, cfg: &DeviceConfig) -> Result<C
             status,
         });
     }
+    identify(io)
+}
+
+/// `CTRL.DETACH`, then waits for `STATUS.DETACHED` (section 17.5).
+fn detach_rings<Io: DeviceIo>(io: &Io, cfg: &DeviceConfig) -> Result<()> {
+    io.write32(regs::CTRL, Ctrl::DETACH.bits())?;
+    let mut last = 0;
+    let ok = poll_until(cfg.enable_timeout, || {
+        last = io.read32(regs::STATUS)?;
+        let s = Status::from_bits_retain(last);
+        Ok(s.contains(Status::DETACHED) || s.contains(Status::FATAL))
+    })?;
+    if Status::from_bits_retain(last).contains(Status::FATAL) {
+        return Err(read_fatal_error(io)?);
+    }
+    if !ok {
+        return Err(DriverError::DeviceTimeout {
+            what: "DETACHED",
+            timeout_ms: ms(cfg.enable_timeout),
+            status: last,
+        });
+    }
+    Ok(())
+}
+
+/// Steps 4–5 of section 18: identify the device and read its capabilities.
+fn identify<Io: DeviceIo>(io: &Io) -> Result<Capabilities> {
     // Step 4.
     let magic = io.read32(regs::MAGIC)?;
     if magic != regs::MAGIC_VALUE {
@@ -1795,6 +2087,62 @@ mod tests {
         assert_eq!(t.len(), 2);
         assert!(t.iter().any(|e| e.key == test_key(2)));
         assert!(d.dump_counters(120, 9, &mut s).is_err());
+    }
+
+    #[test]
+    fn async_counter_dump_is_read_in_place_and_never_waits() {
+        let (mut d, h, _) = dev();
+        let r = d.execute(&[ins(1)], Duration::from_secs(1)).expect("ins");
+        let id = r[0].flow_id.expect("id");
+        h.set_counters(
+            id,
+            FlowCounters {
+                packets: 7,
+                bytes: 700,
+                last_hit: 3,
+            },
+        );
+        assert!(d.poll_counter_dump().expect("none started").is_none());
+        assert!(d.wait_counter_dump().is_err(), "nothing to wait for");
+        // The device holds its completions: polling returns at once, without records.
+        let cap = d.capabilities().flow_capacity;
+        let chunk = d.counter_dump_chunk();
+        let n = chunk.min(cap);
+        let first = id.get() / n * n;
+        h.hold(true);
+        assert!(d.start_counter_dump(first, n).expect("start"));
+        assert!(d.counter_dump_pending());
+        assert!(d.start_counter_dump(0, 1).is_err(), "one dump at a time");
+        assert!(d.poll_counter_dump().expect("poll").is_none());
+        assert!(d.outstanding() >= 1);
+        h.release();
+        h.hold(false);
+        let dump = d.wait_counter_dump().expect("done");
+        assert_eq!(
+            (dump.first(), dump.len()),
+            (first, usize::try_from(n).expect("n"))
+        );
+        let s = dump
+            .iter()
+            .find(|s| s.valid)
+            .expect("the installed slot is in the chunk");
+        assert_eq!(s.flow_id, id);
+        assert_eq!(
+            (s.counters.packets, s.counters.bytes, s.counters.last_hit),
+            (7, 700, 3)
+        );
+        assert_eq!(dump.iter().filter(|s| s.valid).count(), 1);
+        assert!(dump.get(dump.len()).is_none());
+        assert!(!d.counter_dump_pending());
+        // Larger than the buffer, or outside the table: refused before anything is sent.
+        assert!(d.start_counter_dump(0, chunk + 1).is_err());
+        assert!(d.start_counter_dump(cap - 8, 9).is_err());
+        // A synchronous dump while one is in flight waits for it and discards it.
+        assert!(d.start_counter_dump(0, 16).expect("start"));
+        let t = d.dump_table().expect("table");
+        assert_eq!(t.len(), 1);
+        assert!(!d.counter_dump_pending());
+        assert!(d.poll_counter_dump().expect("poll").is_none());
     }
 
     #[test]

@@ -463,6 +463,16 @@ pub enum DriverError {
         found: u32,
     },
 
+    /// [`Device::attach`](crate::Device::attach) found a device it cannot attach to
+    /// without a reset (bring it up with `Device::new` instead, which empties its table).
+    #[error("device cannot be attached without a reset: {why} (STATUS {status:#010x})")]
+    NotAttachable {
+        /// Why.
+        why: &'static str,
+        /// `STATUS` as read.
+        status: u32,
+    },
+
     /// `SPEC_VERSION` has a major version this driver does not implement.
     #[error(
         "device implements specification {major}.{minor}; this driver supports major version 1 only"

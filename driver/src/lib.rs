@@ -28,7 +28,7 @@ pub mod sim_io;
 pub mod sim_process;
 pub mod vfio;
 
-pub use counters::{CounterDelta, CounterSample, CounterTracker};
+pub use counters::{CounterDelta, CounterDump, CounterSample, CounterTracker};
 pub use device::{
     Capabilities, Clock, CommandResult, Device, DeviceConfig, DeviceEvent, FlowCommand, Outcome,
     RxMeta, Submitted, TableEntry, Token, TxCompletions, TxFrame,

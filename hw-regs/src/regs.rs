@@ -226,7 +226,7 @@ pub const MSIX_PBA: RegOffset = RegOffset(0x9000);
 /// Value of `MAGIC`: "CTO1".
 pub const MAGIC_VALUE: u32 = 0x4354_4F31;
 /// Value of `SPEC_VERSION` for this crate's specification (1.0).
-pub const SPEC_VERSION_VALUE: u32 = SpecVersion::V1_0.to_raw();
+pub const SPEC_VERSION_VALUE: u32 = SpecVersion::V1_1.to_raw();
 /// `IMPL_ID` returned by the simulator: "SIM1".
 pub const IMPL_ID_SIMULATOR: u32 = 0x5349_4D31;
 /// `STATUS` after a completed reset: [`Status::READY`].
@@ -249,8 +249,10 @@ pub struct SpecVersion {
 }
 
 impl SpecVersion {
-    /// Version 1.0, described by this crate.
+    /// Version 1.0.
     pub const V1_0: Self = Self { major: 1, minor: 0 };
+    /// Version 1.1 (detach/attach without reset), described by this crate.
+    pub const V1_1: Self = Self { major: 1, minor: 1 };
 
     /// Decodes the register value.
     #[must_use]
@@ -307,6 +309,9 @@ bitflags! {
         const ENABLE = 1 << 0;
         /// Start a soft reset. Self-clearing when the reset completes.
         const SOFT_RESET = 1 << 1;
+        /// Detach the driver without a reset (spec 1.1, `FEATURES.DETACH`): the rings
+        /// stop, the flow table keeps forwarding. Self-clearing.
+        const DETACH = 1 << 2;
     }
 }
 
@@ -322,6 +327,8 @@ bitflags! {
         const FATAL = 1 << 2;
         /// Reset in progress.
         const RESETTING = 1 << 3;
+        /// Detached (spec 1.1): no rings, the flow table forwards, punts are dropped.
+        const DETACHED = 1 << 4;
     }
 }
 
@@ -381,6 +388,9 @@ bitflags! {
         const MSIX = 1 << 7;
         /// One 802.1Q tag parsed.
         const VLAN = 1 << 8;
+        /// `CTRL.DETACH` and `STATUS.DETACHED` (spec 1.1): a driver can leave and a new
+        /// one attach without resetting the device.
+        const DETACH = 1 << 9;
     }
 }
 
@@ -726,7 +736,7 @@ mod tests {
     fn golden_values() {
         assert_eq!(MAGIC_VALUE, 0x4354_4F31);
         assert_eq!(&MAGIC_VALUE.to_be_bytes(), b"CTO1");
-        assert_eq!(SPEC_VERSION_VALUE, 0x0001_0000);
+        assert_eq!(SPEC_VERSION_VALUE, 0x0001_0001);
         assert_eq!(SpecVersion::from_raw(0x0001_0000), SpecVersion::V1_0);
         assert_eq!(
             SpecVersion::from_raw(0x0002_0003),
@@ -753,17 +763,20 @@ mod tests {
     fn golden_bits() {
         assert_eq!(Ctrl::ENABLE.bits(), 0x1);
         assert_eq!(Ctrl::SOFT_RESET.bits(), 0x2);
+        assert_eq!(Ctrl::DETACH.bits(), 0x4);
         assert_eq!(Status::READY.bits(), 0x1);
         assert_eq!(Status::ENABLED.bits(), 0x2);
         assert_eq!(Status::FATAL.bits(), 0x4);
         assert_eq!(Status::RESETTING.bits(), 0x8);
+        assert_eq!(Status::DETACHED.bits(), 0x10);
         assert_eq!(IntCause::CMD_CPL.bits(), 0x01);
         assert_eq!(IntCause::RX.bits(), 0x02);
         assert_eq!(IntCause::TX_DONE.bits(), 0x04);
         assert_eq!(IntCause::FATAL.bits(), 0x08);
         assert_eq!(IntCause::RESET_DONE.bits(), 0x10);
         assert_eq!(IntCause::all().bits(), 0x1F);
-        assert_eq!(Features::all().bits(), 0x1FF);
+        assert_eq!(Features::all().bits(), 0x3FF);
+        assert_eq!(Features::DETACH.bits(), 1 << 9);
         assert_eq!(Features::IPV4.bits(), 1 << 0);
         assert_eq!(Features::IPV6.bits(), 1 << 1);
         assert_eq!(Features::NAT.bits(), 1 << 2);

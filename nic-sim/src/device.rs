@@ -198,6 +198,8 @@ enum Mode {
     /// Out of reset, not enabled.
     Ready,
     Enabled,
+    /// `CTRL.DETACH` stopped the rings: the table forwards, nothing reaches the host.
+    Detached,
     Fatal,
     /// Reset in progress, completes at this model time.
     Resetting(u64),
@@ -518,6 +520,7 @@ impl Simulator {
         match self.mode {
             Mode::Ready => Status::READY.bits(),
             Mode::Enabled => (Status::READY | Status::ENABLED).bits(),
+            Mode::Detached => (Status::READY | Status::DETACHED).bits(),
             Mode::Fatal => (Status::READY | Status::FATAL).bits(),
             Mode::Resetting(_) => Status::RESETTING.bits(),
         }
@@ -601,7 +604,7 @@ impl Simulator {
             }
         }
         match self.mode {
-            Mode::Ready => {
+            Mode::Ready | Mode::Detached => {
                 let mask = self.rd(regs::INT_MASK);
                 self.update_mask(mask);
                 self.regs.ctrl = ctrl;
@@ -613,6 +616,10 @@ impl Simulator {
             Mode::Enabled => {
                 let mask = self.rd(regs::INT_MASK);
                 self.update_mask(mask);
+                if ctrl & Ctrl::DETACH.bits() != 0 {
+                    self.detach();
+                    return work + 1;
+                }
                 if ctrl & Ctrl::ENABLE.bits() == 0 {
                     // ENABLE is sticky: writing 0 has no effect.
                     self.wr(regs::CTRL, self.regs.ctrl);
@@ -711,6 +718,26 @@ impl Simulator {
         self.cpl_phase = true;
         self.cmd_started = None;
         self.mode = Mode::Enabled;
+    }
+
+    /// `CTRL.DETACH` while enabled (section 17.5): the rings stop and are forgotten
+    /// (commands not completed get no completion), the ring registers and doorbells
+    /// return to 0, the CPL phase to 1; the flow table, its counters and generations,
+    /// `RESET_COUNT` and `INT_MASK` are kept, and the datapath keeps forwarding hits.
+    fn detach(&mut self) {
+        self.rings = [Ring::default(); 4];
+        self.regs.ring_regs = [[0; 3]; 4];
+        self.regs.doorbells = [0; 4];
+        for ring in 0..4 {
+            self.restore_ring_regs(ring);
+            self.wr(Self::doorbell_reg(ring), 0);
+        }
+        self.cpl_phase = true;
+        self.cmd_started = None;
+        self.regs.ctrl = 0;
+        self.wr(regs::CTRL, 0);
+        self.mode = Mode::Detached;
+        self.write_ro_regs();
     }
 
     // ---- interrupts -----------------------------------------------------------------
@@ -1425,7 +1452,7 @@ impl Simulator {
             return;
         }
         self.bump(ST_WIRE_RX);
-        if self.mode != Mode::Enabled {
+        if !matches!(self.mode, Mode::Enabled | Mode::Detached) {
             self.bump(ST_DISABLED);
             self.stats.drops += 1;
             return;
@@ -1513,6 +1540,12 @@ impl Simulator {
 
     /// Writes a frame to the RX ring (section 13.3).
     fn punt(&mut self, port: u8, frame: &[u8], reason: RxReason, flow_id: u32) {
+        if self.mode == Mode::Detached {
+            // No RX ring while detached: what would go to the host is dropped.
+            self.bump(ST_DISABLED);
+            self.stats.drops += 1;
+            return;
+        }
         if self.rings[RX].dev == self.rings[RX].host {
             self.refresh_rx_doorbell();
             if self.mode != Mode::Enabled {

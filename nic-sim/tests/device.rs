@@ -14,9 +14,9 @@ use ctoffload_nic_sim::{SharedRegion, SimClock, SimConfig, Simulator};
 fn reset_values_and_capabilities() {
     let h = Host::small();
     assert_eq!(h.rd(regs::MAGIC), 0x4354_4F31);
-    assert_eq!(h.rd(regs::SPEC_VERSION), 0x0001_0000);
+    assert_eq!(h.rd(regs::SPEC_VERSION), 0x0001_0001);
     assert_eq!(h.rd(regs::IMPL_ID), 0x5349_4D31);
-    assert_eq!(h.rd(regs::FEATURES), 0x1FF);
+    assert_eq!(h.rd(regs::FEATURES), 0x3FF);
     assert_eq!(h.rd(regs::FLOW_CAPACITY), 128);
     assert_eq!(h.rd(regs::BUCKETS_LOG2), 4);
     assert_eq!(h.rd(regs::WAYS), 8);
@@ -384,4 +384,62 @@ fn background_thread_and_process_style_second_mapping() {
     }
     let sim = t.stop();
     assert_eq!(sim.stats().resets, 2);
+}
+
+/// A UDP frame matching `udp4(1, 2)` on port 0.
+fn hit_frame() -> Vec<u8> {
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+        .udp(1, 2)
+        .write(&mut v, &[0u8; 32])
+        .unwrap();
+    v
+}
+
+/// Section 17.5: `CTRL.DETACH` stops the rings and forgets them, keeps the table and
+/// its counters forwarding (punts are dropped), and a new bring-up without reset
+/// enables the device again with the table intact.
+#[test]
+fn detach_keeps_the_table_forwarding_and_reattach_finds_it() {
+    let mut h = Host::up(SimConfig::small());
+    let slot = h
+        .insert(&udp4(1, 2), &FlowAction::forward(1))
+        .flow_id()
+        .unwrap();
+    // DETACH while not enabled does nothing.
+    let mut idle = Host::small();
+    idle.wr(regs::CTRL, Ctrl::DETACH.bits());
+    idle.poll();
+    assert_eq!(idle.status(), Status::READY);
+
+    h.wr(regs::CTRL, Ctrl::DETACH.bits());
+    h.poll();
+    assert_eq!(h.status(), Status::READY | Status::DETACHED);
+    assert_eq!(h.rd(regs::CTRL), 0, "DETACH self-clears, ENABLE is cleared");
+    assert_eq!(h.rd(regs::CMD_BASE_LO), 0, "rings forgotten");
+    assert_eq!(h.rd(regs::RESET_COUNT), 0, "no reset");
+    assert_eq!(h.rd(regs::FLOW_COUNT), 1);
+    // Hits are forwarded and counted; what would be punted is dropped.
+    h.inject(0, &hit_frame());
+    h.inject(0, &[0u8; 64]);
+    h.poll();
+    assert_eq!(h.out(1).len(), 1);
+    assert_eq!(h.rd(regs::STAT_HIT), 1);
+    assert_eq!(h.rd(regs::STAT_DISABLED_DROP), 1);
+    // A new driver: rings programmed from scratch, enabled, no reset.
+    h.cmd_tail = 0;
+    h.cpl_head = 0;
+    h.cpl_phase = true;
+    h.rx_tail = 0;
+    h.rx_head = 0;
+    h.tx_tail = 0;
+    h.tx_head = 0;
+    h.bring_up();
+    assert_eq!(h.status(), Status::READY | Status::ENABLED);
+    let c = h.cmd(CommandDescriptor::flow_query(1, &udp4(1, 2)));
+    assert_eq!(c.status().unwrap(), S::Ok);
+    assert_eq!(c.flow_id(), Some(slot));
+    assert_eq!(c.counters().packets, 1, "counters kept across the detach");
+    assert!(c.phase(), "the CPL phase restarted at 1");
 }

@@ -421,7 +421,7 @@ impl<Io: DeviceIo> Worker<Io> {
             .iter()
             .filter_map(|e| match e {
                 Entry::Installed { flow_id, .. } | Entry::Deleting { flow_id, .. } => {
-                    self.slots.get(*flow_id).map(|s| s.last_hit)
+                    Some(self.slots.last_hit(*flow_id))
                 }
                 _ => None,
             })

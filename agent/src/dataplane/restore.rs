@@ -14,9 +14,11 @@
 //! one with `SNAT` if only one has it, else the one arriving on the lower port. Hardware
 //! counts since the original insert are folded in by the first counter pull.
 //!
-//! The driver resets the device at bring-up (`Device::new`), so this serves a worker
-//! restarted over a device that stayed up ([`Worker::into_device`]); a process restart
-//! would also need a driver attach that keeps the table.
+//! Adopted connections' NAT bindings are registered with the NAT engine again
+//! (`NatEngine::restored`). Over the same device instance this serves a worker restart
+//! ([`Worker::restart`]); across an agent process restart the new driver instance
+//! attaches without a reset (`Device::attach`, device.md section 17.5), after the old
+//! one detached (`Device::detach`) or died.
 
 use std::collections::HashMap;
 
@@ -246,6 +248,10 @@ impl<Io: DeviceIo> Worker<Io> {
         let Some(id) = self.ct.table().get(slot).map(|c| c.id) else {
             return false;
         };
+        // The NAT engine learns the binding as if it had decided it: a new connection
+        // never gets this port towards the same endpoint, the same source keeps its
+        // mapping, and the release at destroy gives back exactly this.
+        self.ct.nat_mut().restored(&tuples, status);
         let h = ConnHandle { slot, id };
         let mut rec = HwConn::new(slot, now);
         rec.state = HwState::Offloaded;

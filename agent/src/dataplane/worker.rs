@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use ctoffload_driver::counters::CounterSample;
 use ctoffload_driver::device::{CommandResult, Device, DeviceEvent, FlowCommand, RxMeta, TxFrame};
 use ctoffload_driver::io::DeviceIo;
 use ctoffload_fallback_sw::conntrack::{
@@ -144,7 +143,7 @@ pub struct Worker<Io: DeviceIo> {
     pub(super) tx_meta: Vec<(u8, usize, usize)>,
     pub(super) results: Vec<CommandResult>,
     pub(super) events: Vec<DeviceEvent>,
-    pub(super) samples: Vec<CounterSample>,
+    pub(super) sweep: super::reconciler::SweepScratch,
     pub(super) cmds: Vec<FlowCommand>,
     pub(super) held_scratch: Vec<ConnHandle>,
     gone_scratch: Vec<u64>,
@@ -185,7 +184,7 @@ impl<Io: DeviceIo> Worker<Io> {
             tx_meta: Vec::new(),
             results: Vec::new(),
             events: Vec::new(),
-            samples: Vec::new(),
+            sweep: super::reconciler::SweepScratch::default(),
             cmds: Vec::new(),
             held_scratch: Vec::new(),
             gone_scratch: Vec::new(),
@@ -232,9 +231,10 @@ impl<Io: DeviceIo> Worker<Io> {
         self.stats
     }
 
-    /// Commands queued or in flight.
+    /// Commands queued or in flight (the reconciler's counter dump included until the
+    /// device has completed it).
     pub fn commands_outstanding(&self) -> usize {
-        self.queue.len() + self.inflight.len()
+        self.queue.len() + self.inflight.len().max(self.dev.outstanding())
     }
 
     /// The connection owning `tuple` (either direction), if live at `now`.

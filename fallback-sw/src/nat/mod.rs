@@ -361,25 +361,84 @@ impl NatEngine {
         })
     }
 
+    /// Registers the binding of a connection re-created without a decision (an agent
+    /// restart that reads its connections back from a device table): the by-source
+    /// reference and the busy port, exactly what [`decide`](Self::decide) records for
+    /// a `SRC_NAT` connection, so that a new connection's choice sees the port as held
+    /// and the later [`released`](Self::released) gives back what was taken. Call once
+    /// per such connection, with its tuples (`[original, reply]`) and status.
+    pub fn restored(&mut self, tuples: &[Tuple; 2], status: Status) {
+        if let Some((new, key)) = src_binding(tuples, status) {
+            self.by_source.add(&tuples[0], new.src, key);
+            self.busy.add(&new);
+        }
+    }
+
     /// Releases what a connection held: its by-source reference. Call once when a
     /// connection created with a [`NatDecision`] is destroyed, with its tuples
     /// (`[original, reply]`) and status.
     pub fn released(&mut self, tuples: &[Tuple; 2], status: Status) {
-        if !status.contains(Status::SRC_NAT) {
-            return;
+        if let Some((new, key)) = src_binding(tuples, status) {
+            self.by_source.remove(&tuples[0], new.src, key);
+            self.busy.remove(&new);
         }
-        let [orig, reply] = tuples;
-        // The source as translated: the inverse of the reply tuple.
-        let Ok(new) = reply.invert() else {
-            return;
-        };
-        let key = alloc::key_of_l4(&new, Manip::Src).unwrap_or(new.src_l4);
-        self.by_source.remove(orig, new.src, key);
-        self.busy.remove(&new);
     }
+}
+
+/// The source binding of a `SRC_NAT` connection: the original tuple as translated
+/// (the inverse of the reply tuple) and its by-source port key.
+fn src_binding(tuples: &[Tuple; 2], status: Status) -> Option<(Tuple, u16)> {
+    if !status.contains(Status::SRC_NAT) {
+        return None;
+    }
+    let new = tuples[1].invert().ok()?;
+    let key = alloc::key_of_l4(&new, Manip::Src).unwrap_or(new.src_l4);
+    Some((new, key))
 }
 
 /// A full-NAT rule was counted at PREROUTING already.
 fn src_plan_counts(dst_rule: Option<RuleId>, src: Option<(usize, RuleId)>) -> bool {
     src.is_some_and(|(_, id)| dst_rule != Some(id))
+}
+
+#[cfg(test)]
+mod restored_tests {
+    use super::tests::{C, N, X, out_meta, snat_rule, t4};
+    use super::*;
+    use crate::tuple::proto;
+
+    /// A binding re-registered in a fresh engine behaves like the one `decide` made:
+    /// the same source gets the same mapping towards another endpoint, the port is
+    /// busy towards the same endpoint, and `released` gives back exactly that.
+    #[test]
+    fn restored_binding_is_held_like_a_decided_one() {
+        let rule = || snat_rule(1, None);
+        let mut before = NatEngine::new(7);
+        before.rules_mut().add(rule()).expect("rule");
+        let orig = t4(C, 5000, X, 53, proto::UDP);
+        let d = before
+            .decide(&orig, &out_meta(), &mut |_| false)
+            .expect("decision");
+        assert!(d.status.contains(Status::SRC_NAT));
+        let mapped = d.reply.dst_l4;
+
+        let mut after = NatEngine::new(8);
+        after.rules_mut().add(rule()).expect("rule");
+        after.restored(&[orig, d.reply], d.status);
+        assert_eq!(after.by_source().len(), 1);
+        assert_eq!(after.busy_ports().len(), 1);
+        // Endpoint-independent mapping: the same source elsewhere keeps its port.
+        let other = t4(C, 5000, [198, 51, 100, 8], 53, proto::UDP);
+        let d2 = after
+            .decide(&other, &out_meta(), &mut |_| false)
+            .expect("decision");
+        assert_eq!((d2.reply.dst, d2.reply.dst_l4), (Addr::v4(N), mapped));
+        after.released(&[other, d2.reply], d2.status);
+        // Not a translated connection: nothing to register.
+        after.restored(&[orig, orig.invert().expect("inv")], Status::empty());
+        assert_eq!(after.by_source().len(), 1);
+        after.released(&[orig, d.reply], d.status);
+        assert!(after.by_source().is_empty());
+        assert!(after.busy_ports().is_empty());
+    }
 }
