@@ -298,7 +298,7 @@ fn agent_with_backend_sim_serves_the_dataplane() {
     let d: serde_json::Value = serde_json::from_slice(&device.stdout).expect("json");
     assert_eq!(d["backend"], "sim");
     assert_eq!(d["health"], "ok");
-    assert_eq!(d["spec_version"], "1.0");
+    assert_eq!(d["spec_version"], "1.1");
     // The preloaded frames went through the simulated NIC into the worker.
     let start = Instant::now();
     loop {

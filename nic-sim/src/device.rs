@@ -467,13 +467,15 @@ impl Simulator {
     /// Writes every register's power-on/reset value. `keep` keeps `RESET_COUNT`.
     fn write_reset_image(&mut self, keep: bool) {
         let reset_count = if keep { self.regs.reset_count } else { 0 };
-        // Zero the register page except TIMESTAMP (never reset).
-        let ts = self
-            .bar
-            .load_u64_acquire(u64::from(regs::TIMESTAMP_LO.get()));
-        let _ = self.bar.fill(0, 0x1000, 0);
-        if let Ok(ts) = ts {
-            self.store64(regs::TIMESTAMP_LO, ts);
+        // Zero the register page around RESET_COUNT (a kept count never reads as 0 to a
+        // driver polling during the reset) and TIMESTAMP (never reset).
+        let count_at = u64::from(regs::RESET_COUNT.get());
+        let ts_at = u64::from(regs::TIMESTAMP_LO.get());
+        for (from, to) in [(0, count_at), (count_at + 4, ts_at), (ts_at + 8, 0x1000)] {
+            let _ = self.bar.fill(from, to - from, 0);
+        }
+        if !keep {
+            self.wr(regs::RESET_COUNT, 0);
         }
         self.regs = DevRegs {
             reset_count,

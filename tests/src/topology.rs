@@ -82,6 +82,10 @@ pub struct Topology {
     pub gw_in: String,
     /// The gateway's outside interface (port 1).
     pub gw_out: String,
+    /// The inside host's interface.
+    pub host_in: String,
+    /// The outside host's interface.
+    pub host_out: String,
 }
 
 impl Topology {
@@ -97,12 +101,27 @@ impl Topology {
             outside: NetNs::new(&unique_name(&format!("{tag}o")))?,
             gw_in: unique_name(&format!("{tag}b")),
             gw_out: unique_name(&format!("{tag}c")),
+            host_in: unique_name(&format!("{tag}a")),
+            host_out: unique_name(&format!("{tag}d")),
         };
-        t.links(
-            &unique_name(&format!("{tag}a")),
-            &unique_name(&format!("{tag}d")),
-        )?;
+        t.links(&t.host_in, &t.host_out)?;
         Ok(t)
+    }
+
+    /// The hosts compute their TCP/UDP checksums in full instead of leaving a partial
+    /// one to a NIC (`ethtool -K DEV tx off`), as frames on a real wire carry them: a
+    /// gateway that only adjusts checksums (a NIC flow table) needs that.
+    ///
+    /// # Errors
+    /// `ethtool` failed or is missing.
+    pub fn full_checksums(&self) -> Result<(), CommandError> {
+        for (ns, dev) in [
+            (&self.inside, &self.host_in),
+            (&self.outside, &self.host_out),
+        ] {
+            ns.exec("ethtool", &["-K", dev, "tx", "off"])?;
+        }
+        Ok(())
     }
 
     fn links(&self, host_in: &str, host_out: &str) -> Result<(), CommandError> {

@@ -51,9 +51,15 @@ fn build_agent() -> PathBuf {
     if bin.parent().is_some_and(|d| d.ends_with("release")) {
         args.push("--release");
     }
+    // Into the target directory this test runs from (a relative CARGO_TARGET_DIR
+    // would otherwise resolve against the package directory).
+    let target_dir = bin.parent().and_then(Path::parent).map(Path::to_path_buf);
+    if let Some(d) = target_dir.as_deref().and_then(Path::to_str) {
+        args.extend(["--target-dir", d]);
+    }
     // Without the variables cargo set for this test: build scripts that watch them
     // (ring's) would rebuild for each invocation.
-    let keep = ["CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_INCREMENTAL"];
+    let keep = ["CARGO_HOME", "CARGO_INCREMENTAL"];
     let cargo_vars = std::env::vars_os().filter_map(|(k, _)| {
         let name = k.to_str()?;
         let drop = (name.starts_with("CARGO_")

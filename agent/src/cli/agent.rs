@@ -418,6 +418,15 @@ impl Agent {
     ) -> Result<Self, AgentError> {
         let journal = usize::try_from(cfg.limits.event_journal_capacity).unwrap_or(usize::MAX);
         let control = Arc::new(SoftwareControl::new(conntrack_config(&cfg), journal));
+        // The configuration (NAT rules included) is applied to the table before the
+        // forwarder sees its first frame, so no connection is created untranslated.
+        let agent = Self::with_control(
+            path,
+            cfg.clone(),
+            AgentControl::Software(Arc::clone(&control)),
+            None,
+            metrics::MetricsHandle::default(),
+        );
         let backend = if interfaces.is_empty() {
             tracing::warn!(
                 "backend software: no interfaces configured; serving the table without \
@@ -425,17 +434,10 @@ impl Agent {
             );
             None
         } else {
-            let b = SoftwareBackend::start(&cfg, interfaces, Arc::clone(&control))
-                .map_err(AgentError::Software)?;
+            let b =
+                SoftwareBackend::start(&cfg, interfaces, control).map_err(AgentError::Software)?;
             Some(b)
         };
-        let agent = Self::with_control(
-            path,
-            cfg,
-            AgentControl::Software(control),
-            None,
-            metrics::MetricsHandle::default(),
-        );
         *agent
             .software
             .lock()

@@ -56,17 +56,6 @@ pub enum BackendError {
     /// The ports and routes do not make a gateway.
     #[error("routes")]
     Routes(#[source] super::ConfigError),
-    /// The NAT rules could not be installed.
-    #[error("nat.rules[{index}] ({name})")]
-    Nat {
-        /// Position in `nat.rules`.
-        index: usize,
-        /// The rule's name.
-        name: String,
-        /// Why.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
     /// The forwarding thread could not be spawned.
     #[error("forwarding thread")]
     Thread(#[source] std::io::Error),
@@ -158,8 +147,9 @@ pub struct SoftwareBackend {
 }
 
 impl SoftwareBackend {
-    /// Opens `interfaces` (`ports[i]` on `interfaces[i]`), installs the configuration's
-    /// NAT rules in `control`'s table and starts the forwarding thread.
+    /// Opens `interfaces` (`ports[i]` on `interfaces[i]`) and starts the forwarding
+    /// thread over `control`'s table. The configuration's NAT rules are installed in
+    /// that table by `config::apply` (before this is called), like every later change.
     ///
     /// # Errors
     /// See [`BackendError`]; nothing is left running.
@@ -180,26 +170,6 @@ impl SoftwareBackend {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut rules_added = Ok(());
-        control
-            .track_batch(&mut Vec::new(), |ct, _| {
-                for (index, r) in cfg.nat_rules.iter().enumerate() {
-                    if let Err(e) = ct.nat_mut().rules_mut().add(r.engine.clone()) {
-                        rules_added = Err(BackendError::Nat {
-                            index,
-                            name: r.name.clone(),
-                            source: Box::new(e),
-                        });
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| BackendError::Nat {
-                index: 0,
-                name: "table".into(),
-                source: Box::new(e),
-            })?;
-        rules_added?;
         let fwd_cfg = ForwarderConfig {
             rx_batch: RX_BATCH,
             fill_checksums: interfaces.iter().any(|i| needs_checksum_fill(i)),
