@@ -238,6 +238,42 @@ fn log_report(what: &str, r: &ApplyReport) {
     }
 }
 
+/// Starts the simulated dataplane from a thread that has first dropped every
+/// capability but what opening its ports needs (none with in-memory ports; CAP_NET_RAW
+/// and CAP_NET_ADMIN for AF_PACKET on host interfaces), so that the simulator's and the
+/// worker's threads, which it spawns, never hold more: capabilities are per thread and
+/// inherited at spawn. The main thread drops its own after setup
+/// ([`crate::privileges::drop_after_setup`]).
+fn start_sim_unprivileged(
+    cfg: &AgentConfig,
+    interfaces: &[String],
+    m: &metrics::MetricsHandle,
+) -> Result<SimDataplane, AgentError> {
+    use crate::privileges::{CAP_NET_ADMIN, CAP_NET_RAW, drop_this_thread};
+    let keep: &[u32] = if interfaces.is_empty() {
+        &[]
+    } else {
+        &[CAP_NET_RAW, CAP_NET_ADMIN]
+    };
+    std::thread::scope(|s| {
+        let spawner = std::thread::Builder::new()
+            .name("sim-start".into())
+            .spawn_scoped(s, || {
+                if let Err(e) = drop_this_thread(keep) {
+                    tracing::warn!(error = %e, "sim backend: cannot drop privileges before start");
+                }
+                super::sim::start(cfg, m.clone())
+            })
+            .map_err(|e| AgentError::Sim(SimError::Thread(e)))?;
+        let started = spawner.join().map_err(|_| {
+            AgentError::Sim(SimError::Thread(std::io::Error::other(
+                "the sim start thread panicked",
+            )))
+        })?;
+        started.map_err(AgentError::Sim)
+    })
+}
+
 impl Agent {
     /// A software control plane built from `cfg` (read from `path`), with its settings
     /// applied, whatever the backend (tests; [`Agent::start`] runs the backend).
@@ -255,9 +291,9 @@ impl Agent {
     /// worker thread; `software` the software table.
     pub fn start(path: PathBuf, cfg: AgentConfig) -> Result<Self, AgentError> {
         match &cfg.backend {
-            Backend::Sim { .. } => {
+            Backend::Sim { interfaces, .. } => {
                 let m = metrics::MetricsHandle::default();
-                let sim = super::sim::start(&cfg, m.clone()).map_err(AgentError::Sim)?;
+                let sim = start_sim_unprivileged(&cfg, interfaces, &m)?;
                 tracing::info!(
                     ports = sim.wire.len(),
                     "backend sim: simulated NIC and dataplane worker started"
