@@ -172,7 +172,22 @@ pub enum BackendSection {
         /// Host interfaces to serve.
         #[serde(default)]
         interfaces: Vec<String>,
+        /// How packets move between the interfaces and the agent.
+        #[serde(default)]
+        io: PacketIo,
     },
+}
+
+/// `backend.io` of the software backend.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PacketIo {
+    /// `AF_PACKET` sockets (batch `recvmmsg`/`sendmmsg`).
+    #[default]
+    AfPacket,
+    /// AF_XDP sockets (native XDP, else generic), falling back to `AF_PACKET` with the
+    /// reason logged when XDP cannot attach (`docs/af_xdp.md`).
+    AfXdp,
 }
 
 impl Default for BackendSection {
@@ -522,6 +537,8 @@ pub enum Backend {
     Software {
         /// Interfaces.
         interfaces: Vec<String>,
+        /// Packet I/O.
+        io: PacketIo,
     },
 }
 
@@ -849,10 +866,11 @@ impl ConfigFile {
                 }
                 Backend::Vfio { pci: pci.clone() }
             }
-            BackendSection::Software { interfaces } => {
+            BackendSection::Software { interfaces, io } => {
                 validate_interfaces(interfaces)?;
                 Backend::Software {
                     interfaces: interfaces.clone(),
+                    io: *io,
                 }
             }
         };

@@ -315,7 +315,10 @@ mod tests {
             0
         );
         assert_eq!(
-            mask_of(kept_capabilities(&Backend::Software { interfaces: vec![] })),
+            mask_of(kept_capabilities(&Backend::Software {
+                interfaces: vec![],
+                io: crate::config::PacketIo::AfPacket
+            })),
             (1 << 12) | (1 << 13)
         );
         assert_eq!(

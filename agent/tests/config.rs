@@ -95,6 +95,10 @@ fn errors_name_the_key() {
         ),
         ("[bogus]\n".to_owned(), "bogus: unknown field `bogus`, expected one of `backend`"),
         (
+            "[backend]\nkind = \"software\"\nio = \"dpdk\"\n".to_owned(),
+            "backend: unknown variant `dpdk`, expected `af_packet` or `af_xdp`",
+        ),
+        (
             "[timeouts]\nudp = \"thirty\"\n".to_owned(),
             "timeouts.udp: invalid type: string \"thirty\"",
         ),

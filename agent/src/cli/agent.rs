@@ -301,9 +301,9 @@ impl Agent {
                 let control = AgentControl::Dataplane(Arc::clone(&sim.control));
                 Ok(Self::with_control(path, cfg, control, Some(sim), m))
             }
-            Backend::Software { interfaces } => {
-                let interfaces = interfaces.clone();
-                Self::start_software(path, cfg, &interfaces)
+            Backend::Software { interfaces, io } => {
+                let (interfaces, io) = (interfaces.clone(), *io);
+                Self::start_software(path, cfg, &interfaces, io)
             }
             Backend::Vfio { .. } => Err(AgentError::Unsupported { backend: "vfio" }),
         }
@@ -451,6 +451,7 @@ impl Agent {
         path: PathBuf,
         cfg: AgentConfig,
         interfaces: &[String],
+        io: config::PacketIo,
     ) -> Result<Self, AgentError> {
         let journal = usize::try_from(cfg.limits.event_journal_capacity).unwrap_or(usize::MAX);
         let control = Arc::new(SoftwareControl::new(conntrack_config(&cfg), journal));
@@ -470,8 +471,8 @@ impl Agent {
             );
             None
         } else {
-            let b =
-                SoftwareBackend::start(&cfg, interfaces, control).map_err(AgentError::Software)?;
+            let b = SoftwareBackend::start(&cfg, interfaces, io, control)
+                .map_err(AgentError::Software)?;
             Some(b)
         };
         *agent

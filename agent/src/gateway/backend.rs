@@ -24,6 +24,8 @@ use super::forward::{ConnTable, ForwardError, ForwarderConfig, SoftwareForwarder
 use super::{Gateway, GatewayConfig, PortConfig, Prefix, StaticRoute};
 use crate::api::SoftwareControl;
 use crate::config::AgentConfig;
+use crate::config::PacketIo;
+use crate::port::af_xdp::{self, AfXdpConfig, AnyPort, IoRequest};
 use crate::port::{AfPacket, PortError};
 
 /// Frames taken from one port per round.
@@ -139,6 +141,42 @@ fn needs_checksum_fill(ifname: &str) -> bool {
     !dir.exists() || !dir.join("device").exists()
 }
 
+/// The ports over `interfaces` with the requested packet I/O. `AF_PACKET` opens each
+/// interface on its own (an error names `backend.interfaces[i]`); AF_XDP opens them
+/// together (one UMEM) after the same per-interface check, and falls back to
+/// `AF_PACKET` with the reason logged when XDP cannot attach.
+fn open_ports(interfaces: &[String], io: PacketIo) -> Result<Vec<AnyPort>, BackendError> {
+    let missing = |index: usize, name: &String, source: PortError| BackendError::Interface {
+        index,
+        name: name.clone(),
+        source,
+    };
+    match io {
+        PacketIo::AfPacket => interfaces
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                AfPacket::open(name)
+                    .map(AnyPort::AfPacket)
+                    .map_err(|e| missing(i, name, e))
+            })
+            .collect(),
+        PacketIo::AfXdp => {
+            // Each interface must exist and be usable: the same check (and error) as
+            // AF_PACKET, before the group is opened.
+            for (i, name) in interfaces.iter().enumerate() {
+                drop(AfPacket::open(name).map_err(|e| missing(i, name, e))?);
+            }
+            let names: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+            let (ports, chosen) =
+                af_xdp::open_ports(&names, IoRequest::AfXdp(AfXdpConfig::default()))
+                    .map_err(|e| missing(0, &interfaces.join(","), e))?;
+            tracing::info!(?chosen, "backend software: packet I/O");
+            Ok(ports)
+        }
+    }
+}
+
 /// The running forwarder thread.
 #[derive(Debug)]
 pub struct SoftwareBackend {
@@ -156,20 +194,11 @@ impl SoftwareBackend {
     pub fn start(
         cfg: &AgentConfig,
         interfaces: &[String],
+        io: PacketIo,
         control: Arc<SoftwareControl>,
     ) -> Result<Self, BackendError> {
         let gw = Gateway::new(gateway_config(cfg, interfaces)?).map_err(BackendError::Routes)?;
-        let ports = interfaces
-            .iter()
-            .enumerate()
-            .map(|(index, name)| {
-                AfPacket::open(name).map_err(|source| BackendError::Interface {
-                    index,
-                    name: name.clone(),
-                    source,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let ports = open_ports(interfaces, io)?;
         let fwd_cfg = ForwarderConfig {
             rx_batch: RX_BATCH,
             fill_checksums: interfaces.iter().any(|i| needs_checksum_fill(i)),
@@ -180,7 +209,8 @@ impl SoftwareBackend {
             interfaces = ?interfaces,
             fill_checksums = fwd_cfg.fill_checksums,
             nat_rules = cfg.nat_rules.len(),
-            "backend software: forwarding over AF_PACKET"
+            io = ?io,
+            "backend software: forwarding"
         );
         let clock = control.clock();
         let mut fwd = SoftwareForwarder::new(fwd_cfg, ports, gw, control);
