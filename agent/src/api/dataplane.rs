@@ -24,7 +24,6 @@ use ctoffload_driver::io::DeviceIo;
 use ctoffload_fallback_sw::conntrack::{Conntrack, Filter, L4State};
 use ctoffload_fallback_sw::nat::rules::{NatRule as EngineRule, NatRuleSet};
 use ctoffload_fallback_sw::table::{Conn, Counter, Status};
-use ctoffload_fallback_sw::tcp::TcpState;
 
 use super::control::ControlPlane;
 use super::error::ApiError;
@@ -35,6 +34,7 @@ use super::model::{
     Timeouts, TimeoutsUpdate,
 };
 use super::settings::{Engine, Settings};
+use super::software::tcp_state;
 use crate::dataplane::{self, ConnHandle, HwState, NotOffloaded, Observed, Worker};
 use crate::metrics::MetricsHandle;
 
@@ -104,13 +104,6 @@ impl<Io: DeviceIo> std::fmt::Debug for DataplaneControl<Io> {
         f.debug_struct("DataplaneControl")
             .field("facts", &self.facts)
             .finish_non_exhaustive()
-    }
-}
-
-fn tcp_state(c: &Conn<L4State>) -> Option<TcpState> {
-    match c.proto {
-        L4State::Tcp(t) => Some(t.state()),
-        L4State::Udp { .. } | L4State::Icmp | L4State::Generic => None,
     }
 }
 

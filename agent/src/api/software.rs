@@ -75,7 +75,8 @@ impl std::fmt::Debug for SoftwareControl {
     }
 }
 
-fn tcp_state(c: &Conn<L4State>) -> Option<TcpState> {
+/// The TCP state of a connection (none for other protocols); both control planes use it.
+pub(super) fn tcp_state(c: &Conn<L4State>) -> Option<TcpState> {
     match c.proto {
         L4State::Tcp(t) => Some(t.state()),
         L4State::Udp { .. } | L4State::Icmp | L4State::Generic => None,
