@@ -476,6 +476,16 @@ fn inject(r: &Rig, rng: &mut StdRng, kind: FaultKind, tick: u64, lasting: &mut L
             }
         }
     }
+    faults_applied(f);
+}
+
+/// Waits until the simulator thread took every armed fault, so what the campaign does
+/// next meets it (keeps a seed's run the same from one run to the next).
+fn faults_applied(f: &FaultHandle) {
+    assert!(
+        f.wait_applied(Duration::from_secs(10)),
+        "the simulator did not apply the armed faults"
+    );
 }
 
 fn undo_lasting(r: &Rig, tick: u64, lasting: &mut Lasting) {
@@ -488,6 +498,7 @@ fn undo_lasting(r: &Rig, tick: u64, lasting: &mut Lasting) {
         r.faults.slow_commands(0);
         lasting.slow_until = None;
     }
+    faults_applied(&r.faults);
 }
 
 // ---- the campaign -------------------------------------------------------------------------
@@ -1174,6 +1185,7 @@ fn fault_campaign_under_traffic() {
     }
     c.fig.ticks = c.tick;
     c.r.faults.clear();
+    faults_applied(&c.r.faults);
     c.settle();
     c.check_nat_unique();
     let kept = c.check_liveness();

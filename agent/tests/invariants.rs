@@ -184,6 +184,16 @@ fn tuple(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, p: u8) -> Tuple {
 }
 
 impl Rig {
+    /// Waits until the simulator thread took every fault armed so far, so the next
+    /// command meets them (a fault armed while a poll is past its fault step would
+    /// otherwise miss a command posted right after).
+    fn faults_applied(&self) {
+        assert!(
+            self.faults.wait_applied(Duration::from_secs(10)),
+            "the simulator did not apply the armed faults"
+        );
+    }
+
     fn now(&self) -> u64 {
         self.clock.load(Ordering::Acquire)
     }
@@ -400,6 +410,7 @@ fn invariant2_hardware_delete_completes_before_software_frees() {
         s.completions >= 2 && s.cmd_doorbells >= 1
     });
     r.faults.slow_commands(40 * MS);
+    r.faults_applied();
     let base = r.sim_stats();
     let now = r.now();
     assert!(r.w.delete_connection(h, now));
@@ -428,6 +439,7 @@ fn invariant2_hardware_delete_completes_before_software_frees() {
     r.clock.fetch_add(41 * MS, Ordering::AcqRel);
     r.pump_until("delete completion", |r| r.w.hw_state(h).is_none());
     r.faults.clear();
+    r.faults_applied();
     let now = r.now();
     assert!(r.w.conntrack().table().get_checked(h.slot, h.id).is_none());
     assert!(r.w.find(&t, now).is_none());
@@ -480,6 +492,7 @@ fn invariant3_counter_wrap_is_handled() {
     let pre_p = u32::MAX - 2;
     let pre_b = (1u64 << 48) - 100;
     r.faults.preload_counters(orig.get(), pre_p, pre_b);
+    r.faults_applied();
     r.w.reconcile_full_sweep(now);
     let after_preload = r.counters(h)[0];
     assert_eq!(after_preload.0, 1 + u64::from(pre_p));
@@ -616,6 +629,7 @@ fn fault_script(arm: impl FnOnce(&mut Rig), trigger_insert: bool) {
     let h = r.udp_flow(8000);
     let faults_before = r.w.stats().faults;
     arm(&mut r);
+    r.faults_applied();
     if trigger_insert {
         // A new flow's inserts run into the fault.
         r.wire[0]
@@ -644,6 +658,7 @@ fn fault_script(arm: impl FnOnce(&mut Rig), trigger_insert: bool) {
         r.w.stats().faults > faults_before
     });
     r.faults.clear();
+    r.faults_applied();
     // Back in software, state intact.
     assert_eq!(r.state(h), (HwState::None, Some(NotOffloaded::DeviceDown)));
     let conn =
@@ -708,6 +723,7 @@ fn invariant5_command_hang_watchdog() {
 fn invariant5_device_error_leaves_flow_in_software_and_retries() {
     let mut r = rig();
     r.faults.device_error_next(1);
+    r.faults_applied();
     let h = r.udp_flow(9000);
     assert_eq!(r.state(h), (HwState::None, Some(NotOffloaded::DeviceError)));
     assert!(r.w.stats().insert_error >= 1);
@@ -906,6 +922,7 @@ fn invariant2_delete_while_pending_frees_after_the_rules_are_gone() {
     let h = r.handle(&tuple(CLIENT, 11_000, SERVER, 53, proto::UDP));
     // Inserts take 40 ms of (frozen) model time each.
     r.faults.slow_commands(40 * MS);
+    r.faults_applied();
     r.wire[1]
         .send(&udp(SERVER, 53, CLIENT, 11_000))
         .expect("inject");
@@ -933,6 +950,7 @@ fn invariant2_delete_while_pending_frees_after_the_rules_are_gone() {
     }
     r.pump_until("freed", |r| r.w.hw_state(h).is_none());
     r.faults.clear();
+    r.faults_applied();
     assert!(r.w.conntrack().table().get_checked(h.slot, h.id).is_none());
     assert!(r.w.device_mut().dump_table().expect("dump").is_empty());
     assert_eq!(r.w.stats().freed_while_in_hw, 0);

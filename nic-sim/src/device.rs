@@ -846,6 +846,7 @@ impl Simulator {
             self.start_reset();
             self.stats.faults_fired += 1;
         }
+        self.faults.mark_applied(req.seq);
         1
     }
 

@@ -5,8 +5,9 @@
 //! a behaviour the specification allows (or, for [`FaultHandle::drop_completions`], the
 //! one deliberate exception documented in device.md section 19).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use ctoffload_hw_regs::{FatalCode, FatalUnit};
 
@@ -21,12 +22,18 @@ pub(crate) struct Requests {
     pub(crate) spontaneous_reset: bool,
     pub(crate) preload: Vec<(u32, u32, u64)>,
     pub(crate) slow_commands: Option<u64>,
+    /// The arming sequence number of the newest request in this batch.
+    pub(crate) seq: u64,
 }
 
 #[derive(Debug, Default)]
 struct Shared {
     pending: AtomicBool,
     requests: Mutex<Requests>,
+    /// Requests armed so far (incremented under the `requests` lock).
+    armed: AtomicU64,
+    /// The newest `armed` value whose requests the device has applied.
+    applied: AtomicU64,
 }
 
 /// Arms faults on a [`crate::Simulator`]; applied at its next poll.
@@ -43,6 +50,7 @@ impl FaultHandle {
     fn arm(&self, f: impl FnOnce(&mut Requests)) {
         let mut r = self.lock();
         f(&mut r);
+        r.seq = self.shared.armed.fetch_add(1, Ordering::AcqRel) + 1;
         drop(r);
         // Release: the poll that sees `pending` also sees the requests (it takes the
         // lock anyway; the flag only spares it the lock when nothing is armed).
@@ -62,6 +70,31 @@ impl FaultHandle {
             return None;
         }
         Some(std::mem::take(&mut *self.lock()))
+    }
+
+    /// Records that the device applied every request up to `seq` (device side).
+    pub(crate) fn mark_applied(&self, seq: u64) {
+        // Release: a test that sees `applied` also sees the device state the faults
+        // changed (the device's own state is behind its own synchronisation anyway).
+        self.shared.applied.fetch_max(seq, Ordering::Release);
+    }
+
+    /// Waits until the device has applied every fault armed before this call, or
+    /// `timeout` passes; `true` when they were applied. The device applies faults at
+    /// the start of a poll, so a command posted after this returns `true` sees them;
+    /// only meaningful while something (a [`crate::SimThread`]) polls the device.
+    pub fn wait_applied(&self, timeout: Duration) -> bool {
+        let target = self.shared.armed.load(Ordering::Acquire);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.shared.applied.load(Ordering::Acquire) >= target {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 
     /// Command timeout: the next `n` commands are consumed and take effect, but their

@@ -9,6 +9,7 @@ use ctoffload_hw_regs::{
     CommandDescriptor, CompletionStatus as S, FatalCode, FatalUnit, FlowAction,
 };
 use ctoffload_nic_sim::{SharedRegion, SimClock, SimConfig, Simulator};
+use std::time::Duration;
 
 #[test]
 fn reset_values_and_capabilities() {
@@ -257,6 +258,22 @@ fn fault_drop_completions_and_device_error() {
         S::NotFound,
         "DEVICE_ERROR had no effect"
     );
+}
+
+#[test]
+fn wait_applied_reports_when_the_device_took_the_faults() {
+    let mut h = Host::up(SimConfig::small());
+    let f = h.sim.faults();
+    assert!(f.wait_applied(Duration::ZERO), "nothing armed");
+    f.device_error_next(1);
+    assert!(
+        !f.wait_applied(Duration::from_millis(1)),
+        "no poll has run: not applied"
+    );
+    h.poll();
+    assert!(f.wait_applied(Duration::ZERO));
+    let c = h.insert(&udp4(7, 8), &FlowAction::forward(0));
+    assert_eq!(c.status().unwrap(), S::DeviceError);
 }
 
 #[test]
