@@ -39,14 +39,14 @@ use std::time::{Duration, Instant};
 use ctoffload_agent::dataplane::{
     ConnHandle, Entry, HwRule, HwState, NotOffloaded, OffloadPolicy, Worker, WorkerConfig,
 };
-use ctoffload_driver::device::{Clock, Device, DeviceConfig};
+use ctoffload_driver::device::{Clock, Device, DeviceConfig, Outcome};
 use ctoffload_driver::sim_io::SimIo;
 use ctoffload_fallback_sw::nat::rules::{
     AddrRange, NatAction, NatFlags, NatRule, PortRange, RuleMatch,
 };
 use ctoffload_fallback_sw::table::Status;
 use ctoffload_fallback_sw::tuple::{Addr, Family, Tuple, proto};
-use ctoffload_hw_regs::{FatalCode, FatalUnit, regs};
+use ctoffload_hw_regs::{CompletionStatus, FatalCode, FatalUnit, regs};
 use ctoffload_nic_sim::port::{MemPort, PortBackend};
 use ctoffload_nic_sim::{FaultHandle, SimClock, SimConfig, SimThread, Simulator};
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
@@ -1317,16 +1317,9 @@ fn the_checks_catch_broken_invariants() {
     c.check_tables();
     assert!(c.errors.is_empty(), "clean before: {:?}", c.errors);
     // (c): a stray device entry (in the room of a deleted connection: a full table
-    // would refuse it).
-    let now = c.r.now();
-    let room = c
-        .live()
-        .into_iter()
-        .filter_map(|i| c.conns[i].handle)
-        .find(|&h| matches!(c.r.w.hw_state(h), Some((HwState::Offloaded, _))))
-        .expect("an offloaded connection");
-    c.r.w.delete_connection(room, now);
-    c.settle();
+    // would refuse it). A connection waiting to retry its offload may take the room
+    // first (on a slow machine settling moves model time past its backoff): then make
+    // room again.
     let stray = ctoffload_hw_regs::FlowKey::ipv4(
         0,
         ctoffload_hw_regs::L4Proto::Udp,
@@ -1336,18 +1329,38 @@ fn the_checks_catch_broken_invariants() {
         [10, 9, 9, 8].into(),
         2,
     );
-    let res =
-        c.r.w
-            .device_mut()
-            .execute(
-                &[ctoffload_driver::device::FlowCommand::Insert {
-                    key: stray,
-                    action: ctoffload_hw_regs::FlowAction::forward(1),
-                }],
-                WAIT,
-            )
-            .expect("insert");
-    assert!(res[0].is_ok());
+    let mut inserted = None;
+    for _ in 0..8 {
+        let now = c.r.now();
+        let room = c
+            .live()
+            .into_iter()
+            .filter_map(|i| c.conns[i].handle)
+            .find(|&h| matches!(c.r.w.hw_state(h), Some((HwState::Offloaded, _))))
+            .expect("an offloaded connection");
+        c.r.w.delete_connection(room, now);
+        c.settle();
+        let res =
+            c.r.w
+                .device_mut()
+                .execute(
+                    &[ctoffload_driver::device::FlowCommand::Insert {
+                        key: stray,
+                        action: ctoffload_hw_regs::FlowAction::forward(1),
+                    }],
+                    WAIT,
+                )
+                .expect("insert");
+        inserted = Some(res[0].outcome);
+        if res[0].is_ok() {
+            break;
+        }
+    }
+    assert_eq!(
+        inserted,
+        Some(Outcome::Status(CompletionStatus::Ok)),
+        "the stray insert"
+    );
     c.check_tables();
     assert!(
         c.errors

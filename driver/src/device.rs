@@ -843,25 +843,24 @@ impl<Io: DeviceIo> Device<Io> {
                     found: cpl.cookie.get(),
                 });
             };
-            let mut f = f;
             if cpl.cookie.get() != f.cookie {
-                // A completion was lost (the device skipped it): the commands before
-                // the one completed now never will. Fail them back and resynchronise;
-                // a cookie we never issued is a protocol error.
+                // A completion was lost (the device completed a later command): the
+                // skipped commands' outcome is unknown, an insert among them may be
+                // in the table. Section 18: a command timeout, remedied by a reset;
+                // every outstanding command comes back aborted from the next reap.
+                // A cookie we never issued is a protocol error.
                 let found = cpl.cookie.get();
-                let Some(k) = self.inflight.iter().position(|x| x.cookie == found) else {
-                    let expected = f.cookie;
-                    self.inflight.push_front(f);
-                    self.go_down();
-                    return Err(DriverError::CookieMismatch { expected, found });
-                };
-                let mut lost = Vec::with_capacity(k + 1);
-                lost.push(f);
-                lost.extend(self.inflight.drain(..k));
-                for l in lost.into_iter().filter(|l| !l.internal) {
-                    out.push(CommandResult::aborted(Token(l.cookie), l.opcode));
+                let expected = f.cookie;
+                let issued = self.inflight.iter().any(|x| x.cookie == found);
+                self.inflight.push_front(f);
+                self.go_down();
+                if issued {
+                    return Err(DriverError::CompletionLost {
+                        cookie: expected,
+                        found,
+                    });
                 }
-                f = self.inflight.pop_front().unwrap_or(f);
+                return Err(DriverError::CookieMismatch { expected, found });
             }
             if f.internal {
                 self.internal_done.push((f.cookie, cpl));
@@ -1927,18 +1926,31 @@ mod tests {
     }
 
     #[test]
-    fn lost_completion_fails_that_command_and_resyncs() {
+    fn lost_completion_is_a_command_timeout() {
         let (mut d, h, _) = dev();
         h.drop_completions(1);
         let s = d.submit(&[ins(1), ins(2)]).expect("submit");
+        let (first, second) = (s.token(0).expect("t"), s.token(1).expect("t"));
         let mut out = Vec::new();
+        // The first insert took effect without a completion: its outcome is unknown,
+        // so the device is down (a reset clears what it may have installed).
+        assert!(matches!(
+            d.reap(&mut out),
+            Err(DriverError::CompletionLost { cookie, found })
+                if cookie == first.cookie() && found == second.cookie()
+        ));
+        assert!(!d.is_up());
+        assert!(matches!(d.submit(&[ins(3)]), Err(DriverError::DeviceDown)));
+        // Every command comes back exactly once, aborted.
+        out.clear();
         d.reap(&mut out).expect("reap");
         assert_eq!(out.len(), 2);
-        assert_eq!(out[0].token, s.token(0).expect("t"));
-        assert_eq!(out[0].outcome, Outcome::Aborted);
-        assert!(out[1].is_ok());
-        assert!(d.is_up());
+        assert_eq!((out[0].token, out[1].token), (first, second));
+        assert!(out.iter().all(|r| r.outcome == Outcome::Aborted));
         assert_eq!(d.outstanding(), 0);
+        d.reinit().expect("reinit");
+        let r = d.execute(&[ins(1)], Duration::from_secs(1)).expect("after");
+        assert!(r[0].is_ok(), "the table was reset: {:?}", r[0]);
     }
 
     #[test]

@@ -537,6 +537,17 @@ pub enum DriverError {
         found: u32,
     },
 
+    /// The completion of an older command never came (the device completed a later
+    /// one): its outcome is unknown, it may have taken effect. Handled as a command
+    /// timeout (device.md section 18): the device is down until `reinit` resets it.
+    #[error("the completion of command {cookie:#x} was lost (the device completed {found:#x})")]
+    CompletionLost {
+        /// The oldest outstanding command, whose completion is missing.
+        cookie: u32,
+        /// The later command the device completed.
+        found: u32,
+    },
+
     /// A request argument is invalid (e.g. a frame larger than a TX buffer).
     #[error("invalid argument: {what}")]
     InvalidArgument {
