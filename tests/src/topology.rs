@@ -418,6 +418,21 @@ fn icmp_answer(pkt: &[u8], dst: [u8; 4], ident: u16) -> Option<IcmpAnswer> {
     })
 }
 
+/// Polls `f` every 250 ms until it gives `Some`, at most `limit`.
+///
+/// # Panics
+/// Nothing came within `limit` (the message names `what`).
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
 fn io(what: &str) -> impl Fn(std::io::Error) -> String + '_ {
     move |e| format!("{what}: {e}")
 }

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use ctoffload_tests::netns::skip_reason;
 use ctoffload_tests::topology::{
     AgentProcess, GW_OUT, IN_A, IN_B, OUT_HOST, Topology, agent_binary, agent_config, connect_from,
-    ip, nic_sim_binary,
+    ip, nic_sim_binary, wait_for,
 };
 use serde_json::Value;
 
@@ -137,18 +137,6 @@ fn nat_of(c: &Value) -> (String, u64) {
         c["reply"]["dst"].as_str().unwrap_or_default().to_owned(),
         c["reply"]["dst_port"].as_u64().unwrap_or(0),
     )
-}
-
-/// Polls `f` until it gives `Some`, at most `limit`.
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(250));
-    }
 }
 
 /// The TCP client's background loop: one round trip every 50 ms until `stop`,

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use ctoffload_tests::netns::{NetNs, skip_reason};
 use ctoffload_tests::topology::{
     AgentProcess, GW_IN, GW_OUT, IN_A, OUT_HOST, Topology, agent_binary, agent_config, ip, ping,
+    wait_for,
 };
 use serde_json::Value;
 
@@ -146,18 +147,6 @@ fn ping_pong(s: &mut TcpStream) {
     let mut b = [0u8; 1];
     s.read_exact(&mut b).expect("echo");
     assert_eq!(&b, b"p");
-}
-
-/// Waits until `f` gives `Some`, at most `limit`.
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(250));
-    }
 }
 
 #[test]
