@@ -372,6 +372,37 @@ mod tests {
     }
 
     #[test]
+    fn rules_read_back_after_a_restart_teach_their_next_hops() {
+        let tuples = [
+            tuple(HOST, 40000, SERVER, 80),
+            tuple(SERVER, 80, GW_OUT, 61000),
+        ];
+        let mut before = router(true);
+        arp_from(&mut before, 1, SERVER, SERVER_MAC, GW_OUT);
+        arp_from(&mut before, 0, HOST, HOST_MAC, GW_IN);
+        let found = before.rules(&tuples, 0, 2).expect("rules");
+        // A new router (empty neighbour table) learns both next hops from the
+        // entries and builds the same rules.
+        let mut after = router(true);
+        after.learn_next_hops(&tuples, &found, 10);
+        assert_eq!(
+            after.gw.neighbours().lookup(1, SERVER, 10),
+            Some(SERVER_MAC)
+        );
+        assert_eq!(after.gw.neighbours().lookup(0, HOST, 10), Some(HOST_MAC));
+        assert_eq!(after.rules(&tuples, 0, 10), Ok(found));
+        // An entry that leaves by another port than the route, or with another source
+        // MAC than the port's, teaches nothing.
+        let mut wrong = found;
+        wrong[0].action.out_port = 0;
+        wrong[1].action.new_src_mac = GW_OUT_MAC;
+        let mut other = router(true);
+        other.learn_next_hops(&tuples, &wrong, 10);
+        assert_eq!(other.gw.neighbours().entries().count(), 0);
+        assert!(other.rules(&tuples, 0, 10).is_err());
+    }
+
+    #[test]
     fn connections_to_the_gateway_or_off_route_stay_in_software() {
         let mut r = router(true);
         arp_from(&mut r, 0, HOST, HOST_MAC, GW_IN);
