@@ -161,6 +161,10 @@ pub enum BackendSection {
         /// (`[[ports]]` entry i); empty: in-memory ports.
         #[serde(default)]
         interfaces: Vec<String>,
+        /// Control socket of a running `ctoffload-nic-sim` process to attach to,
+        /// instead of running the model on a thread of the agent (device.md 19.4).
+        #[serde(default)]
+        sim_socket: Option<PathBuf>,
     },
     /// A real device through VFIO.
     Vfio {
@@ -197,6 +201,7 @@ impl Default for BackendSection {
         Self::Sim {
             table_size: None,
             interfaces: Vec::new(),
+            sim_socket: None,
         }
     }
 }
@@ -527,6 +532,8 @@ pub enum Backend {
         table_size: Option<u32>,
         /// Host interface of each port (index = port number).
         interfaces: Vec<String>,
+        /// An external simulator process's control socket (`None`: in-process model).
+        sim_socket: Option<PathBuf>,
     },
     /// VFIO.
     Vfio {
@@ -834,7 +841,21 @@ impl ConfigFile {
             BackendSection::Sim {
                 table_size,
                 interfaces,
+                sim_socket,
             } => {
+                if sim_socket.is_some() && table_size.is_some() {
+                    return Err(ConfigError::invalid(
+                        "backend.table_size",
+                        "set by the simulator process (--buckets-log2) when \
+                         backend.sim_socket is given",
+                    ));
+                }
+                if sim_socket
+                    .as_ref()
+                    .is_some_and(|p| p.as_os_str().is_empty())
+                {
+                    return Err(ConfigError::invalid("backend.sim_socket", "empty path"));
+                }
                 if *table_size == Some(0) {
                     return Err(ConfigError::invalid(
                         "backend.table_size",
@@ -855,6 +876,7 @@ impl ConfigFile {
                 Backend::Sim {
                     table_size: *table_size,
                     interfaces: interfaces.clone(),
+                    sim_socket: sim_socket.clone(),
                 }
             }
             BackendSection::Vfio { pci } => {
@@ -1583,6 +1605,25 @@ mod tests {
         assert_eq!(c.timeouts.other.udp, 30);
         assert_eq!(c.api.socket, PathBuf::from(DEFAULT_SOCKET_PATH));
         assert!(c.metrics.is_none());
+    }
+
+    #[test]
+    fn sim_socket_names_an_external_simulator_process() {
+        let c = parse("[backend]\nkind = \"sim\"\nsim_socket = \"/run/ctoffload/nic-sim.sock\"\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.backend,
+            Backend::Sim {
+                table_size: None,
+                interfaces: Vec::new(),
+                sim_socket: Some(PathBuf::from("/run/ctoffload/nic-sim.sock")),
+            }
+        );
+        let e = parse("[backend]\nkind = \"sim\"\nsim_socket = \"/s\"\ntable_size = 4096\n")
+            .expect_err("the process sizes its table");
+        assert_eq!(e.key(), Some("backend.table_size"));
+        let e = parse("[backend]\nkind = \"sim\"\nsim_socket = \"\"\n").expect_err("empty");
+        assert_eq!(e.key(), Some("backend.sim_socket"));
     }
 
     fn snat(name: &str, addr: &str) -> String {

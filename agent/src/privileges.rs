@@ -310,7 +310,8 @@ mod tests {
         assert_eq!(
             mask_of(kept_capabilities(&Backend::Sim {
                 table_size: None,
-                interfaces: vec![]
+                interfaces: vec![],
+                sim_socket: None,
             })),
             0
         );

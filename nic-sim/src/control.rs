@@ -563,8 +563,45 @@ impl Drop for RemoveGuard {
     }
 }
 
+/// The DMA mappings one client made (`(iova, len)`), removed when it disconnects: a
+/// client's memory goes away with it, as a VFIO container's mappings do when it closes.
+#[derive(Debug, Default)]
+struct ClientMappings(Vec<(u64, u64)>);
+
+impl ClientMappings {
+    /// What `req` will change in the IOVA space: (mapped, iova, len).
+    fn change_of(req: &Request) -> Option<(bool, u64, u64)> {
+        match *req {
+            Request::DmaMap { iova, len, .. } => Some((true, iova, len)),
+            Request::DmaUnmap { iova, len } => Some((false, iova, len)),
+            _ => None,
+        }
+    }
+
+    /// Notes a mapping change that succeeded.
+    fn record(&mut self, (mapped, iova, len): (bool, u64, u64)) {
+        if mapped {
+            self.0.push((iova, len));
+        } else {
+            let end = iova.saturating_add(len);
+            self.0
+                .retain(|&(i, l)| !(i >= iova && i.saturating_add(l) <= end));
+        }
+    }
+
+    /// Removes every mapping left; the device faults on a later access to them.
+    fn release(&mut self, iommu: &SimIommu) {
+        for (iova, len) in self.0.drain(..) {
+            // Only whole mappings of this client are named, so this cannot split one;
+            // one already unmapped (by another client) is simply gone.
+            let _ = iommu.unmap(iova, len);
+        }
+    }
+}
+
 fn serve_client(shared: &Shared, conn: &OwnedFd) {
     let mut attached = false;
+    let mut mappings = ClientMappings::default();
     while !shared.stop.load(Ordering::Acquire) {
         match wait_readable(conn.as_fd(), TICK) {
             Ok(true) => {}
@@ -579,13 +616,14 @@ fn serve_client(shared: &Shared, conn: &OwnedFd) {
             // a request either way).
             break;
         }
-        let (id, reply, fds) = shared.handle(&msg);
+        let (id, reply, fds) = shared.handle(&msg, &mut mappings);
         attached |= matches!(reply, Reply::Hello { .. });
         let bytes = encode(id, &reply);
         if send_message(conn.as_fd(), &bytes, &fds).is_err() {
             break;
         }
     }
+    mappings.release(&shared.iommu);
     if attached && shared.opts.exit_with_client {
         shared.stop.store(true, Ordering::Release);
     }
@@ -628,7 +666,11 @@ struct IdOnly {
 }
 
 impl Shared {
-    fn handle<'a>(&'a self, msg: &Received) -> (u64, Reply, Vec<BorrowedFd<'a>>) {
+    fn handle<'a>(
+        &'a self,
+        msg: &Received,
+        mappings: &mut ClientMappings,
+    ) -> (u64, Reply, Vec<BorrowedFd<'a>>) {
         let id = serde_json::from_slice::<IdOnly>(&msg.bytes).map_or(0, |i| i.id);
         if msg.truncated {
             let m = format!("message longer than {MAX_MESSAGE} bytes");
@@ -650,7 +692,11 @@ impl Shared {
             );
             return (id, error(ErrorKind::BadFds, m), Vec::new());
         }
+        let change = ClientMappings::change_of(&req);
         let (reply, fds) = self.dispatch(req, &msg.fds);
+        if let (Some(c), Reply::Ok) = (change, &reply) {
+            mappings.record(c);
+        }
         (id, reply, fds)
     }
 

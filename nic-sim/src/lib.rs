@@ -10,6 +10,7 @@
 //! - [`SimIommu`]: where the driver maps DMA memory (the model's `VFIO_IOMMU_MAP_DMA`).
 //! - [`FaultHandle`]: fault injection for tests.
 //! - [`control`]: process mode, the control socket of the `ctoffload-nic-sim` binary.
+//! - [`wire_pad::RuntPadded`]: a host interface port that pads runts as a wire does.
 #![deny(missing_docs, missing_debug_implementations)]
 
 pub mod control;
@@ -24,6 +25,7 @@ pub mod port;
 pub mod rewrite;
 pub mod table;
 pub mod thread;
+pub mod wire_pad;
 
 pub use device::{BAR_SIZE, SIM_MAX_FRAME_LEN, SimConfig, SimStats, Simulator};
 pub use error::{Error, Result};

@@ -690,3 +690,93 @@ fn af_packet_port_in_process_mode() {
     }
     assert_eq!(got, Some(2));
 }
+
+#[test]
+fn a_detached_client_leaves_and_the_next_attaches_to_the_running_table() {
+    let mut sim = SimProc::start(&[]);
+    let (client, mut dev) = bring_up(&sim, false);
+    let r = dev
+        .execute(
+            &[FlowCommand::Insert {
+                key: key(5000),
+                action: FlowAction::forward(1),
+            }],
+            T,
+        )
+        .expect("insert");
+    let slot = r[0].flow_id.expect("inserted");
+    let resets = dev.read_register(regs::RESET_COUNT).expect("RESET_COUNT");
+    let frame = tcp_frame(5000, 0x10);
+    client.port_inject(0, &[&frame]).expect("inject");
+    assert_eq!(drain(&client, 1, 1).len(), 1, "forwarded while attached");
+
+    // The first client detaches and goes away with its memory.
+    drop(dev.detach().expect("detach"));
+    drop(client);
+    // Forwarding continues with nobody attached (a miss would be dropped, not punted).
+    let watcher = sim.client();
+    watcher.port_inject(0, &[&frame, &frame]).expect("inject");
+    assert_eq!(drain(&watcher, 1, 2).len(), 2, "forwarded while detached");
+    assert!(sim.alive());
+
+    // A new client maps its rings at the same IOVAs and finds the table and counters.
+    let next = sim.client();
+    let io = next.attach().expect("hello");
+    let mut dev = Device::attach(io, dev_cfg(false)).expect("attach without reset");
+    assert_eq!(
+        dev.read_register(regs::RESET_COUNT).expect("RESET_COUNT"),
+        resets,
+        "no reset"
+    );
+    let table = dev.dump_table().expect("table dump");
+    assert_eq!(table.len(), 1);
+    assert_eq!(table[0].flow_id, slot);
+    assert_eq!(table[0].key, key(5000));
+    let mut samples = Vec::new();
+    dev.dump_all_counters(&mut samples).expect("counter dump");
+    let s = samples.iter().find(|s| s.flow_id == slot).expect("sample");
+    assert_eq!(s.counters.packets, 3, "counted across the detach");
+    // The new client's rings work: commands complete, misses reach it.
+    let r = dev.execute(&[FlowCommand::Nop], T).expect("nop");
+    assert!(r[0].is_ok(), "{r:?}");
+    let miss = tcp_frame(6000, 0x10);
+    next.port_inject(0, &[&miss]).expect("inject");
+    let mut got = 0;
+    let t0 = Instant::now();
+    while got == 0 && t0.elapsed() < T {
+        dev.rx_poll(16, |_, b| got += usize::from(b == miss.as_slice()))
+            .expect("rx");
+    }
+    assert_eq!(got, 1, "a miss is punted to the new client");
+}
+
+#[test]
+fn a_client_that_dies_attached_takes_its_memory_and_the_device_faults_on_use() {
+    let sim = SimProc::start(&[]);
+    let (client, dev) = bring_up(&sim, false);
+    // Gone without detaching: its mappings are removed with its connection.
+    drop(dev);
+    drop(client);
+    let watcher = sim.client();
+    // A miss needs an RX buffer in the vanished memory: DMA fault, fatal.
+    let frame = tcp_frame(7000, 0x10);
+    let next = sim.client();
+    let io = next.attach().expect("hello");
+    let t0 = Instant::now();
+    let mut fatal = false;
+    while !fatal && t0.elapsed() < T {
+        watcher.port_inject(0, &[&frame]).expect("inject");
+        let st = io.read32(regs::STATUS).expect("STATUS");
+        fatal = regs::Status::from_bits_retain(st).contains(regs::Status::FATAL);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(fatal, "the device faults on the departed client's memory");
+    // Not attachable; a reset brings it back with an empty table.
+    let e = Device::attach(io, dev_cfg(false)).expect_err("fatal device");
+    assert!(
+        !matches!(e, DriverError::SimGone { .. }),
+        "a device error, not a lost process: {e:?}"
+    );
+    let (_c, mut dev) = bring_up(&sim, false);
+    assert!(dev.dump_table().expect("dump").is_empty());
+}

@@ -418,6 +418,21 @@ fn icmp_answer(pkt: &[u8], dst: [u8; 4], ident: u16) -> Option<IcmpAnswer> {
     })
 }
 
+/// Polls `f` every 250 ms until it gives `Some`, at most `limit`.
+///
+/// # Panics
+/// Nothing came within `limit` (the message names `what`).
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
 fn io(what: &str) -> impl Fn(std::io::Error) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
@@ -724,7 +739,21 @@ pub fn iperf3(t: &Topology, secs: u32, extra: &[&str]) -> Result<serde_json::Val
 /// # Errors
 /// The running executable's path is unknown.
 pub fn agent_binary() -> std::io::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("CTOFFLOAD_BIN") {
+    workspace_binary("ctoffload", "CTOFFLOAD_BIN")
+}
+
+/// `ctoffload-nic-sim` (the simulator in process mode), found like [`agent_binary`],
+/// or `$CTOFFLOAD_NIC_SIM_BIN`.
+///
+/// # Errors
+/// The running executable's path is unknown.
+pub fn nic_sim_binary() -> std::io::Result<PathBuf> {
+    workspace_binary("ctoffload-nic-sim", "CTOFFLOAD_NIC_SIM_BIN")
+}
+
+/// `$var`, else `name` in the running executable's `target/<profile>/`.
+fn workspace_binary(name: &str, var: &str) -> std::io::Result<PathBuf> {
+    if let Some(p) = std::env::var_os(var) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
@@ -732,7 +761,61 @@ pub fn agent_binary() -> std::io::Result<PathBuf> {
     if dir.ends_with("deps") {
         dir.pop();
     }
-    Ok(dir.join("ctoffload"))
+    Ok(dir.join(name))
+}
+
+impl Topology {
+    /// Starts `ctoffload-nic-sim` (`bin`) in the gateway namespace with its ports on
+    /// the gateway's interfaces (port 0 inside, port 1 outside), a table of 4096
+    /// entries and its control socket at `socket`, and waits (at most `limit`) until
+    /// it listens. Like a NIC it outlives the agents that attach to it.
+    ///
+    /// # Errors
+    /// It could not start, exited, or did not listen in time (its log is in the error).
+    pub fn start_nic_sim(
+        &self,
+        bin: &Path,
+        socket: &Path,
+        log: &Path,
+        limit: Duration,
+    ) -> Result<Background, String> {
+        let socket_arg = socket.display().to_string();
+        let port0 = format!("0=af-packet:{}", self.gw_in);
+        let port1 = format!("1=af-packet:{}", self.gw_out);
+        let mut sim = Self::spawn(
+            &self.gw,
+            &bin.display().to_string(),
+            &[
+                "--socket",
+                &socket_arg,
+                "--buckets-log2",
+                "9",
+                "--num-ports",
+                "2",
+                "--port",
+                &port0,
+                "--port",
+                &port1,
+            ],
+            log,
+        )
+        .map_err(io("start ctoffload-nic-sim"))?;
+        let until = Instant::now() + limit;
+        let logged = || std::fs::read_to_string(log).unwrap_or_default();
+        while !logged().contains("listening on") {
+            if let Ok(Some(st)) = sim.try_wait() {
+                return Err(format!("ctoffload-nic-sim exited ({st}):\n{}", logged()));
+            }
+            if Instant::now() >= until {
+                return Err(format!(
+                    "ctoffload-nic-sim did not listen in {limit:?}:\n{}",
+                    logged()
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(sim)
+    }
 }
 
 /// A `ctoffload agent` process in the gateway namespace and its API socket.

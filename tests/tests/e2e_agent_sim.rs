@@ -4,9 +4,13 @@
 //!
 //! ```text
 //!  inside ns                gw ns (ip_forward=0, no addresses)           outside ns
-//!  10.78.0.2/24  ─veth─ port 0 [ ctoffload agent, backend sim ] port 1 ─veth─ 192.0.2.2/24
-//!  default via 10.78.0.1     10.78.0.1/24                 192.0.2.1/24 (masquerade)
+//!  10.77.0.2/24  ─veth─ port 0 [ ctoffload agent, backend sim ] port 1 ─veth─ 192.0.2.2/24
+//!  default via 10.77.0.1     10.77.0.1/24                 192.0.2.1/24 (masquerade)
 //! ```
+//!
+//! The namespaces, links, configuration and agent process are `tests/src/topology.rs`'s
+//! ([`Topology`], [`AgentProcess`], [`agent_config`]), shared with the other end-to-end
+//! tests.
 //!
 //! Checks: ping through the gateway and TTL expiry (ICMP time exceeded from the
 //! gateway); TCP and UDP reach the outside host from the gateway's address; established
@@ -22,155 +26,61 @@
 //! the namespaces deleted also when an assertion fails.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ctoffload_tests::netns::{COMMAND_TIMEOUT, NetNs, run_bounded, skip_reason, unique_name};
+use ctoffload_tests::netns::{NetNs, skip_reason};
+use ctoffload_tests::topology::{
+    AgentProcess, GW_IN, GW_OUT, IN_A, OUT_HOST, Topology, agent_binary, agent_config, ip, ping,
+    wait_for,
+};
 use serde_json::Value;
 
-const GW_IN_MAC: &str = "02:00:00:78:01:01";
-const GW_OUT_MAC: &str = "02:00:00:78:02:01";
-const INSIDE: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 2);
-const GW_IN: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
-const GW_OUT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const INSIDE: Ipv4Addr = Ipv4Addr::new(IN_A[0], IN_A[1], IN_A[2], IN_A[3]);
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(OUT_HOST[0], OUT_HOST[1], OUT_HOST[2], OUT_HOST[3]);
 /// Generous bound for anything that crosses the gateway (the machine is shared).
 const WAIT: Duration = Duration::from_secs(20);
 /// Software timeouts of the test configuration (seconds).
 const TCP_ESTABLISHED_S: u64 = 6;
 const UDP_S: u64 = 3;
 
-/// The `ctoffload` binary: `CTOFFLOAD_BIN`, else next to the test's `deps/` directory.
-fn binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("CTOFFLOAD_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().ok()?;
-    let p = exe.parent()?.parent()?.join("ctoffload");
-    p.is_file().then_some(p)
+/// The agent's configuration: the sim backend on the gateway's interfaces, the
+/// topology's ports and NAT rules (masquerade out of port 1), short timeouts.
+fn config(t: &Topology, socket: &Path) -> String {
+    agent_config(
+        &format!(
+            "kind = \"sim\"\ntable_size = 4096\ninterfaces = [\"{}\", \"{}\"]",
+            t.gw_in, t.gw_out
+        ),
+        (20_000, 29_999),
+        &format!(
+            "[timeouts]\ntcp_established = {TCP_ESTABLISHED_S}\ntcp_fin_wait = 2\n\
+             tcp_close_wait = 2\ntcp_last_ack = 2\ntcp_time_wait = 2\ntcp_close = 2\n\
+             udp = {UDP_S}\nudp_stream = {UDP_S}"
+        ),
+        socket,
+    )
 }
 
-/// The agent process, killed and reaped on drop (before the namespaces go).
-struct Agent {
-    child: Child,
-    sock: PathBuf,
-    log: PathBuf,
-    bin: PathBuf,
+/// `ctoffload ARGS -o json` against `a`.
+fn cli(a: &AgentProcess, args: &[&str]) -> Result<Value, String> {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["-o", "json"]);
+    let out = a.cli(&all)?;
+    serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Agent {
-    fn start(bin: &Path, gw: &NetNs, dir: &Path, ifs: [&str; 2]) -> Agent {
-        let sock = dir.join("api.sock");
-        let config = dir.join("agent.toml");
-        let text = format!(
-            r#"[backend]
-kind = "sim"
-table_size = 4096
-interfaces = ["{}", "{}"]
-
-[[ports]]
-name = "inside"
-mac = "{GW_IN_MAC}"
-addresses = ["{GW_IN}/24"]
-
-[[ports]]
-name = "outside"
-mac = "{GW_OUT_MAC}"
-addresses = ["{GW_OUT}/24"]
-
-[[nat.rules]]
-name = "masq"
-kind = "masquerade"
-out_port = "outside"
-
-[timeouts]
-tcp_established = {TCP_ESTABLISHED_S}
-tcp_fin_wait = 2
-tcp_close_wait = 2
-tcp_last_ack = 2
-tcp_time_wait = 2
-tcp_close = 2
-udp = {UDP_S}
-udp_stream = {UDP_S}
-
-[api]
-socket = {:?}
-"#,
-            ifs[0],
-            ifs[1],
-            sock.display().to_string()
-        );
-        std::fs::write(&config, text).expect("write config");
-        let log = dir.join("agent.log");
-        let logf = std::fs::File::create(&log).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", gw.name()])
-            .arg(bin)
-            .arg("agent")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().expect("log"))
-            .stderr(logf)
-            .spawn()
-            .expect("start the agent");
-        let agent = Agent {
-            child,
-            sock,
-            log,
-            bin: bin.to_owned(),
-        };
-        let until = Instant::now() + WAIT;
-        while agent.cli(&["device"]).is_err() {
-            assert!(
-                Instant::now() < until,
-                "agent did not come up: {}",
-                agent.log_text()
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
-        agent
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `ctoffload ARGS -o json` against this agent.
-    fn cli(&self, args: &[&str]) -> Result<Value, String> {
-        let sock = self.sock.display().to_string();
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["-o", "json", "--socket", &sock]);
-        let bin = self.bin.display().to_string();
-        let out = run_bounded(&bin, &all, COMMAND_TIMEOUT).map_err(|e| e.to_string())?;
-        serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))
-    }
-
-    /// The connections whose original direction has `proto` and source port `sport`.
-    fn flows(&self, proto: &str, sport: u16) -> Vec<Value> {
-        let all = self
-            .cli(&["flows"])
-            .unwrap_or_else(|e| panic!("flows: {e}"));
-        all.as_array()
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|c| {
-                c["original"]["protocol_name"] == proto
-                    && c["original"]["src_port"] == u64::from(sport)
-            })
-            .collect()
-    }
+/// The connections whose original direction has `proto` and source port `sport`.
+fn flows(a: &AgentProcess, proto: &str, sport: u16) -> Vec<Value> {
+    a.flows()
+        .unwrap_or_else(|e| panic!("flows: {e}"))
+        .into_iter()
+        .filter(|c| {
+            c["original"]["protocol_name"] == proto && c["original"]["src_port"] == u64::from(sport)
+        })
+        .collect()
 }
 
 /// (software, hardware) packets of both directions of a connection.
@@ -184,123 +94,6 @@ fn packets(c: &Value) -> (u64, u64) {
         hw += h;
     }
     (sw, hw)
-}
-
-fn setup(inside: &NetNs, gw: &NetNs, outside: &NetNs, names: &[String; 4]) {
-    let [a, b, c, d] = names;
-    let ip = |args: &[&str]| {
-        run_bounded("ip", args, COMMAND_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
-    };
-    ip(&[
-        "link",
-        "add",
-        a,
-        "netns",
-        inside.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b,
-        "address",
-        GW_IN_MAC,
-        "netns",
-        gw.name(),
-    ]);
-    ip(&[
-        "link",
-        "add",
-        c,
-        "address",
-        GW_OUT_MAC,
-        "netns",
-        gw.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        d,
-        "netns",
-        outside.name(),
-    ]);
-    let ok = |r: Result<String, ctoffload_tests::netns::CommandError>| {
-        r.unwrap_or_else(|e| panic!("{e}"));
-    };
-    // One wire-sized segment per packet (the simulator takes frames up to its MTU), with
-    // its TCP/UDP checksum computed by the host, as a NIC would put it on the wire (a
-    // veth peer otherwise gets a partial checksum, which the simulated NIC's NAT only
-    // adjusts).
-    for (ns, dev, addr) in [(inside, a, "10.78.0.2/24"), (outside, d, "192.0.2.2/24")] {
-        ok(ns.exec("ethtool", &["-K", dev, "tx", "off"]));
-        ok(ns.ip(&[
-            "link",
-            "set",
-            "dev",
-            dev,
-            "gso_max_segs",
-            "1",
-            "gso_max_size",
-            "1500",
-        ]));
-        ok(ns.ip(&["addr", "add", addr, "dev", dev]));
-        ok(ns.ip(&["link", "set", dev, "up"]));
-        ok(ns.ip(&["link", "set", "lo", "up"]));
-    }
-    ok(inside.ip(&["route", "add", "default", "via", "10.78.0.1"]));
-    ok(gw.ip(&["link", "set", b, "up"]));
-    ok(gw.ip(&["link", "set", c, "up"]));
-    gw.sysctl(&["net.ipv4.ip_forward=0"])
-        .unwrap_or_else(|e| panic!("{e}"));
-}
-
-/// An echo request to `dst` with IP TTL `ttl` from the calling thread's namespace;
-/// returns (who answered, ICMP type) of the first answer about it.
-fn ping(dst: Ipv4Addr, ttl: u32) -> Result<(Ipv4Addr, u8), String> {
-    use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketType, ipproto, sockopt};
-    let fd = rustix::net::socket(AddressFamily::INET, SocketType::RAW, Some(ipproto::ICMP))
-        .map_err(|e| format!("raw socket: {e}"))?;
-    sockopt::set_socket_timeout(
-        &fd,
-        sockopt::Timeout::Recv,
-        Some(Duration::from_millis(300)),
-    )
-    .map_err(|e| e.to_string())?;
-    sockopt::set_ip_ttl(&fd, ttl).map_err(|e| e.to_string())?;
-    let ident: u16 = 0x7878;
-    let until = Instant::now() + WAIT;
-    let mut seq = 0u16;
-    while Instant::now() < until {
-        seq += 1;
-        let mut echo = [8u8, 0, 0, 0, 0x78, 0x78, 0, 0, b'c', b't', b'o', b'f'];
-        echo[6..8].copy_from_slice(&seq.to_be_bytes());
-        let sum: u32 = echo
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-            .sum();
-        let folded = (sum & 0xffff) + (sum >> 16);
-        let c = !u16::try_from((folded & 0xffff) + (folded >> 16)).unwrap_or(0);
-        echo[2..4].copy_from_slice(&c.to_be_bytes());
-        rustix::net::sendto(&fd, &echo, SendFlags::empty(), &SocketAddrV4::new(dst, 0))
-            .map_err(|e| format!("sendto: {e}"))?;
-        let mut buf = [0u8; 1500];
-        while let Ok((n, _)) = rustix::net::recv(&fd, &mut buf, RecvFlags::empty()) {
-            let p = &buf[..n];
-            let ihl = usize::from(p.first().copied().unwrap_or(0) & 0x0f) * 4;
-            if ihl < 20 || p.len() < ihl + 8 {
-                continue;
-            }
-            let from = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
-            let about_ours = match p[ihl] {
-                0 => p.get(ihl + 4..ihl + 6) == Some(&ident.to_be_bytes()[..]),
-                11 => p.get(ihl + 8 + 20 + 4..ihl + 8 + 20 + 6) == Some(&ident.to_be_bytes()[..]),
-                _ => false,
-            };
-            if about_ours {
-                return Ok((from, p[ihl]));
-            }
-        }
-    }
-    Err(format!("no ICMP answer about {dst}"))
 }
 
 /// A TCP server on the outside host: echoes what it reads in chunks, and for each byte
@@ -356,18 +149,6 @@ fn ping_pong(s: &mut TcpStream) {
     assert_eq!(&b, b"p");
 }
 
-/// Waits until `f` gives `Some`, at most `limit`.
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(250));
-    }
-}
-
 #[test]
 #[allow(clippy::too_many_lines)]
 fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
@@ -377,32 +158,49 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
         eprintln!("skipped: {why}");
         return;
     }
-    let Some(bin) = binary() else {
+    let bin = agent_binary().expect("current_exe");
+    if !bin.is_file() {
         let why = "no ctoffload binary (cargo build -p ctoffload-agent --bin ctoffload)";
         assert!(!ci, "{why}");
         eprintln!("skipped: {why}");
         return;
-    };
-    let inside = NetNs::new(&unique_name("si")).expect("inside ns");
-    let gw = NetNs::new(&unique_name("sg")).expect("gw ns");
-    let outside = NetNs::new(&unique_name("so")).expect("outside ns");
-    let names = ["ia", "gi", "go", "oa"].map(unique_name);
-    setup(&inside, &gw, &outside, &names);
+    }
+    let t = Topology::new("s").expect("topology");
+    t.full_checksums().expect("ethtool");
+    let (inside, outside) = (&t.inside, &t.outside);
     let dir = tempfile::tempdir().expect("tempdir");
-    let agent = Agent::start(&bin, &gw, dir.path(), [&names[1], &names[2]]);
+    let socket = dir.path().join("api.sock");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, config(&t, &socket)).expect("write config");
+    let mut agent = AgentProcess::new(bin, cfg, socket, dir.path().join("agent.log"));
+    agent.start(&t, WAIT).expect("agent start");
 
     // ICMP through the slow path: echo answered by the outside host, TTL 1 answered by
     // the gateway (time exceeded from its inside address).
-    let echo = inside.run_inside(|| ping(OUTSIDE, 64)).expect("enter");
-    assert_eq!(echo, Ok((OUTSIDE, 0)), "echo reply from the outside host");
-    let expired = inside.run_inside(|| ping(OUTSIDE, 1)).expect("enter");
-    assert_eq!(expired, Ok((GW_IN, 11)), "time exceeded from the gateway");
+    let answer = |dst: [u8; 4], ttl: u32| {
+        inside
+            .run_inside(move || ping(dst, 0x7878, ttl).map(|a| (a.from, a.icmp_type)))
+            .expect("enter")
+    };
+    assert_eq!(
+        answer(OUT_HOST, 64),
+        Ok((OUT_HOST, 0)),
+        "echo reply from the outside host"
+    );
+    assert_eq!(
+        answer(OUT_HOST, 1),
+        Ok((GW_IN, 11)),
+        "time exceeded from the gateway"
+    );
     // Echo to the gateway is answered; other packets for its addresses are dropped
     // and counted.
-    let own = inside.run_inside(|| ping(GW_IN, 64)).expect("enter");
-    assert_eq!(own, Ok((GW_IN, 0)), "the gateway answers echo");
-    let local = |a: &Agent| {
-        a.cli(&["stats"]).expect("stats")["drops_by_reason"]["gateway/local"]
+    assert_eq!(
+        answer(GW_IN, 64),
+        Ok((GW_IN, 0)),
+        "the gateway answers echo"
+    );
+    let local = |a: &AgentProcess| {
+        cli(a, &["stats"]).expect("stats")["drops_by_reason"]["gateway/local"]
             .as_u64()
             .expect("gateway/local counter")
     };
@@ -410,7 +208,7 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
     inside
         .run_inside(|| {
             let s = UdpSocket::bind((INSIDE, 0))?;
-            s.send_to(b"to the gateway", (GW_IN, 9))
+            s.send_to(b"to the gateway", (ip(GW_IN), 9))
         })
         .expect("enter")
         .expect("send");
@@ -419,7 +217,7 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
     });
 
     // TCP: handshake and a few round trips in software, offload, then bulk data.
-    let server = tcp_server(&outside, 5001);
+    let server = tcp_server(outside, 5001);
     let mut client = inside
         .run_inside(|| TcpStream::connect_timeout(&SocketAddr::from((OUTSIDE, 5001)), WAIT))
         .expect("enter")
@@ -429,12 +227,11 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
     ping_pong(&mut client);
     let conn = wait_for(WAIT, "the TCP connection offloaded", || {
         ping_pong(&mut client);
-        agent
-            .flows("tcp", sport)
+        flows(&agent, "tcp", sport)
             .into_iter()
             .find(|c| c["hw_offloaded"] == true)
     });
-    assert_eq!(conn["reply"]["dst"], GW_OUT.to_string(), "masqueraded");
+    assert_eq!(conn["reply"]["dst"], ip(GW_OUT).to_string(), "masqueraded");
     assert_eq!(conn["not_offloaded_reason"], "", "{conn}");
     let (sw_before, hw_before) = packets(&conn);
     client.write_all(b"B").expect("ask for bulk");
@@ -446,7 +243,7 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
     // Counters come from the device's periodic pulls: wait for them to cover the bulk.
     let min_segments = (BULK / 1500) as u64;
     let conn = wait_for(WAIT, "hardware counters covering the bulk transfer", || {
-        let c = agent.flows("tcp", sport).into_iter().next()?;
+        let c = flows(&agent, "tcp", sport).into_iter().next()?;
         (packets(&c).1 >= hw_before + min_segments).then_some(c)
     });
     let (sw_after, hw_after) = packets(&conn);
@@ -465,14 +262,18 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
         ping_pong(&mut client);
         thread::sleep(Duration::from_millis(500));
     }
-    let conn = agent.flows("tcp", sport);
+    let conn = flows(&agent, "tcp", sport);
     assert_eq!(conn.len(), 1, "lived past tcp_established");
     assert_eq!(conn[0]["hw_offloaded"], true);
     let (sw_late, _) = packets(&conn[0]);
     assert!(sw_late <= sw_after + 2, "keep-alive traffic in software");
     drop(client);
     let peer = server.join().expect("server").expect("server io");
-    assert_eq!(peer.ip(), GW_OUT, "outside host saw the gateway's address");
+    assert_eq!(
+        peer.ip(),
+        ip(GW_OUT),
+        "outside host saw the gateway's address"
+    );
 
     // UDP request/response: offloaded once replied; then idle until it ages out.
     let udp_server = outside
@@ -495,14 +296,13 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
         seen_from = Some(from);
         udp_server.send_to(b"a", from).ok()?;
         udp.recv_from(&mut b).ok()?;
-        agent
-            .flows("udp", uport)
+        flows(&agent, "udp", uport)
             .into_iter()
             .find(|c| c["hw_offloaded"] == true)
     });
     assert_eq!(
         seen_from.map(|a| a.ip()),
-        Some(GW_OUT.into()),
+        Some(ip(GW_OUT).into()),
         "UDP masqueraded"
     );
     let hw0 = packets(&offloaded).1;
@@ -526,7 +326,7 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
         udp.recv_from(&mut b).expect("answer through hardware");
     }
     wait_for(WAIT, "UDP hardware counters", || {
-        let c = agent.flows("udp", uport).into_iter().next()?;
+        let c = flows(&agent, "udp", uport).into_iter().next()?;
         (packets(&c).1 >= hw0 + 40).then_some(())
     });
     // Forwarded by the NIC with the TTL decremented, as the slow path does.
@@ -534,7 +334,7 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
     let mut buf = [0u8; 256];
     while let Ok((n, _)) = rustix::net::recv(&sniff, &mut buf, rustix::net::RecvFlags::empty()) {
         let p = &buf[..n];
-        if n >= 24 && p[12..16] == GW_OUT.octets() && p[22..24] == 5353u16.to_be_bytes() {
+        if n >= 24 && p[12..16] == GW_OUT && p[22..24] == 5353u16.to_be_bytes() {
             ttls.push(p[8]);
         }
         if ttls.len() == 20 {
@@ -550,14 +350,14 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
     wait_for(
         Duration::from_secs(UDP_S * 4 + 30),
         "the idle UDP flow gone",
-        || agent.flows("udp", uport).is_empty().then_some(()),
+        || flows(&agent, "udp", uport).is_empty().then_some(()),
     );
     wait_for(
         Duration::from_secs(TCP_ESTABLISHED_S * 4 + 30),
         "both tables empty",
         || {
-            let s = agent.cli(&["stats"]).ok()?;
-            let left = agent.cli(&["flows"]).ok()?;
+            let s = cli(&agent, &["stats"]).ok()?;
+            let left = cli(&agent, &["flows"]).ok()?;
             let live = left.as_array().map_or(0, |a| {
                 a.iter()
                     .filter(|c| c["original"]["protocol_name"] != "icmp")
@@ -566,5 +366,5 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
             (s["hw_table"]["used"] == 0 && live == 0).then_some(())
         },
     );
-    drop(agent);
+    agent.stop().expect("clean stop");
 }

@@ -96,7 +96,7 @@ pub struct DataplaneControl<Io: DeviceIo> {
     journal: Arc<EventJournal>,
     facts: DeviceFacts,
     stop: Arc<AtomicBool>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<JoinHandle<Worker<Io>>>>,
 }
 
 impl<Io: DeviceIo> std::fmt::Debug for DataplaneControl<Io> {
@@ -260,7 +260,8 @@ fn reason_name(r: ctoffload_fallback_sw::table::RemoveReason) -> &'static str {
     }
 }
 
-/// The worker thread's loop. Ends when `stop` is set or every sender is gone.
+/// The worker thread's loop. Ends when `stop` is set or every sender is gone, and
+/// gives the worker back (its device can then be detached).
 fn run<Io: DeviceIo>(
     mut core: Core<Io>,
     rx: Receiver<Job<Io>>,
@@ -268,7 +269,7 @@ fn run<Io: DeviceIo>(
     stop: Arc<AtomicBool>,
     journal: Arc<EventJournal>,
     metrics: MetricsHandle,
-) {
+) -> Worker<Io> {
     let mut next_reconcile = 0;
     let mut next_gauge = 0;
     let mut scratch = Vec::new();
@@ -286,7 +287,7 @@ fn run<Io: DeviceIo>(
                     jobs += 1;
                 }
                 Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => return,
+                Err(mpsc::TryRecvError::Disconnected) => return core.worker,
             }
         }
         if now >= next_reconcile {
@@ -311,6 +312,7 @@ fn run<Io: DeviceIo>(
             }
         }
     }
+    core.worker
 }
 
 impl<Io: DeviceIo + Send + 'static> DataplaneControl<Io> {
@@ -386,13 +388,12 @@ impl<Io: DeviceIo + Send + 'static> DataplaneControl<Io> {
         }
     }
 
-    /// Stop the worker thread and wait for it.
-    pub fn shutdown(&self) {
+    /// Stop the worker thread and wait for it; the worker, the first time (`None` if
+    /// it was already stopped or its thread panicked).
+    pub fn shutdown(&self) -> Option<Worker<Io>> {
         self.stop.store(true, Ordering::Relaxed);
         let handle = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(h) = handle {
-            let _ = h.join();
-        }
+        handle.and_then(|h| h.join().ok())
     }
 
     fn delete_where(&self, filter: Filter) -> Result<u64, ApiError> {

@@ -239,21 +239,21 @@ fn log_report(what: &str, r: &ApplyReport) {
 }
 
 /// Starts the simulated dataplane from a thread that has first dropped every
-/// capability but what opening its ports needs (none with in-memory ports; CAP_NET_RAW
-/// and CAP_NET_ADMIN for AF_PACKET on host interfaces), so that the simulator's and the
-/// worker's threads, which it spawns, never hold more: capabilities are per thread and
-/// inherited at spawn. The main thread drops its own after setup
-/// ([`crate::privileges::drop_after_setup`]).
+/// capability but what opening its ports needs (none with in-memory ports or a
+/// simulator process, which opens its own; CAP_NET_RAW and CAP_NET_ADMIN for AF_PACKET
+/// on host interfaces), so that the simulator's and the worker's threads, which it
+/// spawns, never hold more: capabilities are per thread and inherited at spawn. The
+/// main thread drops its own after setup ([`crate::privileges::drop_after_setup`]).
 fn start_sim_unprivileged(
     cfg: &AgentConfig,
-    interfaces: &[String],
+    opens_interfaces: bool,
     m: &metrics::MetricsHandle,
 ) -> Result<SimDataplane, AgentError> {
     use crate::privileges::{CAP_NET_ADMIN, CAP_NET_RAW, drop_this_thread};
-    let keep: &[u32] = if interfaces.is_empty() {
-        &[]
-    } else {
+    let keep: &[u32] = if opens_interfaces {
         &[CAP_NET_RAW, CAP_NET_ADMIN]
+    } else {
+        &[]
     };
     std::thread::scope(|s| {
         let spawner = std::thread::Builder::new()
@@ -291,9 +291,14 @@ impl Agent {
     /// worker thread; `software` the software table.
     pub fn start(path: PathBuf, cfg: AgentConfig) -> Result<Self, AgentError> {
         match &cfg.backend {
-            Backend::Sim { interfaces, .. } => {
+            Backend::Sim {
+                interfaces,
+                sim_socket,
+                ..
+            } => {
                 let m = metrics::MetricsHandle::default();
-                let sim = start_sim_unprivileged(&cfg, interfaces, &m)?;
+                let opens = sim_socket.is_none() && !interfaces.is_empty();
+                let sim = start_sim_unprivileged(&cfg, opens, &m)?;
                 tracing::info!(
                     ports = sim.wire.len(),
                     "backend sim: simulated NIC and dataplane worker started"

@@ -11,13 +11,16 @@
 //! of `[[ports]]` and `[[routes]]` (ARP, routes, TTL, ICMP errors; see
 //! `dataplane::router`).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ctoffload_driver::device::{Clock, Device, DeviceConfig};
+use ctoffload_driver::io::DeviceIo as _;
 use ctoffload_driver::sim_io::SimIo;
-use ctoffload_hw_regs::limits::MIN_WIRE_FRAME_LEN;
-use ctoffload_nic_sim::port::{AfPacketPort, FrameBatch, MemPort, PortBackend, PortStats};
+use ctoffload_driver::sim_process::SimProcess;
+use ctoffload_nic_sim::port::{AfPacketPort, MemPort};
+use ctoffload_nic_sim::wire_pad::RuntPadded;
 use ctoffload_nic_sim::{SimClock, SimConfig, SimStats, SimThread, Simulator};
 
 use crate::api::DataplaneControl;
@@ -54,9 +57,28 @@ pub enum SimError {
     /// The driver could not bring the device up.
     #[error("driver bring-up")]
     Driver(#[source] ctoffload_driver::DriverError),
+    /// The simulator process on `backend.sim_socket` could not be reached or attached.
+    #[error("backend.sim_socket: simulator process at {socket}")]
+    Process {
+        /// The control socket.
+        socket: String,
+        /// Why.
+        #[source]
+        source: ctoffload_driver::DriverError,
+    },
     /// The worker thread could not be spawned.
     #[error("worker thread")]
     Thread(#[source] std::io::Error),
+}
+
+/// Where the device model runs.
+#[derive(Debug)]
+enum Model {
+    /// On a thread of this process; stopped with the agent.
+    Thread(SimThread),
+    /// A `ctoffload-nic-sim` process that outlives the agent, like a NIC: the agent
+    /// detaches from it when it stops.
+    Process(SimProcess),
 }
 
 /// The running simulated dataplane.
@@ -65,25 +87,50 @@ pub struct SimDataplane {
     /// The control plane over the worker thread.
     pub control: Arc<DataplaneControl<SimIo>>,
     /// The far end of each simulator port (index = port number); empty when the ports
-    /// are on host interfaces.
+    /// are on host interfaces or in a simulator process.
     pub wire: Vec<MemPort>,
     /// The clock shared by the driver, the worker and the simulator.
     pub clock: Clock,
-    sim: Option<SimThread>,
+    sim: Option<Model>,
 }
 
 impl SimDataplane {
-    /// The simulator's datapath counters (hits = packets the table forwarded).
+    /// The in-process simulator's datapath counters (hits = packets the table
+    /// forwarded); `None` for a simulator process.
     #[must_use]
     pub fn sim_stats(&self) -> Option<SimStats> {
-        self.sim.as_ref().map(SimThread::stats)
+        match self.sim.as_ref()? {
+            Model::Thread(t) => Some(t.stats()),
+            Model::Process(_) => None,
+        }
     }
 
-    /// Stop the worker, then the simulator.
+    /// Stop the worker, then the simulator thread; a simulator process is left
+    /// running with its table forwarding: the device is detached (device.md 17.5) and
+    /// the connection closed, which removes the agent's DMA mappings.
     pub fn stop(&mut self) {
-        self.control.shutdown();
-        if let Some(s) = self.sim.take() {
-            drop(s.stop());
+        let worker = self.control.shutdown();
+        match self.sim.take() {
+            Some(Model::Thread(s)) => {
+                drop(worker);
+                drop(s.stop());
+            }
+            Some(Model::Process(p)) => {
+                match worker.map(|w| w.into_device().detach()) {
+                    Some(Ok(_)) => tracing::info!(
+                        socket = p.socket_path(),
+                        "device detached; the simulator process keeps forwarding its table"
+                    ),
+                    Some(Err(e)) => tracing::warn!(
+                        socket = p.socket_path(),
+                        error = %super::error_chain(&e),
+                        "cannot detach the device; the next agent resets it"
+                    ),
+                    None => tracing::warn!("the worker thread was gone; device not detached"),
+                }
+                drop(p);
+            }
+            None => drop(worker),
         }
     }
 }
@@ -91,61 +138,6 @@ impl SimDataplane {
 impl Drop for SimDataplane {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// A host interface as a simulated port, as a wire would deliver its frames: the
-/// sending host's MAC pads frames to the Ethernet minimum (60 bytes without FCS), but
-/// a packet socket hands them up unpadded (a 42-byte ARP request), and the device drops
-/// runts. Received frames are padded here; sent ones go out as they are.
-#[derive(Debug)]
-struct WirePort {
-    port: AfPacketPort,
-    scratch: FrameBatch,
-}
-
-impl WirePort {
-    fn new(port: AfPacketPort) -> Self {
-        Self {
-            port,
-            scratch: FrameBatch::new(64),
-        }
-    }
-}
-
-impl PortBackend for WirePort {
-    fn recv_batch(
-        &mut self,
-        batch: &mut FrameBatch,
-        max: usize,
-    ) -> ctoffload_nic_sim::Result<usize> {
-        self.scratch.clear();
-        let want = max.min(batch.spare()).min(self.scratch.capacity());
-        let n = self.port.recv_batch(&mut self.scratch, want)?;
-        let min = usize::try_from(MIN_WIRE_FRAME_LEN).unwrap_or(60);
-        let mut padded = [0u8; 64];
-        for f in self.scratch.iter() {
-            if f.len() < min && min <= padded.len() {
-                padded[..f.len()].copy_from_slice(f);
-                padded[f.len()..min].fill(0);
-                batch.push(&padded[..min])?;
-            } else {
-                batch.push(f)?;
-            }
-        }
-        Ok(n)
-    }
-
-    fn send(&mut self, frame: &[u8]) -> ctoffload_nic_sim::Result<()> {
-        self.port.send(frame)
-    }
-
-    fn send_batch(&mut self, batch: &FrameBatch) -> ctoffload_nic_sim::Result<()> {
-        self.port.send_batch(batch)
-    }
-
-    fn stats(&self) -> PortStats {
-        self.port.stats()
     }
 }
 
@@ -234,12 +226,13 @@ pub fn start_with(
     metrics: MetricsHandle,
     tweak: impl FnOnce(&mut WorkerConfig),
 ) -> Result<SimDataplane, SimError> {
-    let (table_size, interfaces) = match &cfg.backend {
+    let (table_size, interfaces, sim_socket) = match &cfg.backend {
         Backend::Sim {
             table_size,
             interfaces,
-        } => (*table_size, interfaces.as_slice()),
-        Backend::Vfio { .. } | Backend::Software { .. } => (None, &[][..]),
+            sim_socket,
+        } => (*table_size, interfaces.as_slice(), sim_socket.as_deref()),
+        Backend::Vfio { .. } | Backend::Software { .. } => (None, &[][..], None),
     };
     let gateway = if interfaces.is_empty() {
         None
@@ -248,7 +241,109 @@ pub fn start_with(
     };
     let mut wcfg = worker_config(cfg);
     tweak(&mut wcfg);
-    let nports = wcfg.routing.egress.len().max(interfaces.len());
+    let clock = Clock::monotonic();
+    let dcfg = DeviceConfig {
+        cmd_ring_log2: 12,
+        rx_ring_log2: 12,
+        tx_ring_log2: 12,
+        clock: clock.clone(),
+        // The simulator shares the machine with everything else.
+        cmd_timeout_ns: 1_000_000_000,
+        ready_timeout: Duration::from_secs(2),
+        enable_timeout: Duration::from_secs(2),
+        ..DeviceConfig::default()
+    };
+    let (dev, model, wire, attached) = match sim_socket {
+        None => {
+            let nports = wcfg.routing.egress.len().max(interfaces.len());
+            let (dev, sim, wire) = in_process(table_size, interfaces, nports, dcfg)?;
+            (dev, Model::Thread(sim), wire, false)
+        }
+        Some(path) => {
+            let (dev, proc, attached) = external(path, dcfg)?;
+            (dev, Model::Process(proc), Vec::new(), attached)
+        }
+    };
+    let stop_model = |m: Model| {
+        if let Model::Thread(s) = m {
+            drop(s.stop());
+        }
+    };
+    // The worker's clock and the device's TIMESTAMP (last-hit times) start at
+    // different moments when the device was running before this agent.
+    let dev_now = match dev.io().read_timestamp() {
+        Ok(t) => t,
+        Err(e) => {
+            stop_model(model);
+            return Err(SimError::Driver(e));
+        }
+    };
+    wcfg.device_time_offset_ns =
+        i64::try_from(i128::from(clock.now_ns()) - i128::from(dev_now)).unwrap_or(0);
+    // NAT rules are installed by `config::apply` through the control plane, as on
+    // SIGHUP, so that the API's rule store and the engine hold the same rules.
+    let mut worker = Worker::new(wcfg, dev);
+    if let Some(gw) = gateway {
+        // veth and other virtual interfaces leave TCP/UDP checksums to offload.
+        worker.set_gateway(gw, true);
+    }
+    if attached {
+        match worker.restore(clock.now_ns()) {
+            Ok(r) => tracing::info!(
+                entries = r.entries,
+                adopted = r.adopted,
+                deleted = r.deleted,
+                "device table read back: connections adopted"
+            ),
+            Err(e) => tracing::warn!(
+                error = %super::error_chain(&e),
+                "device table not read back; the device is recovered with an empty table"
+            ),
+        }
+    }
+    let journal = usize::try_from(cfg.limits.event_journal_capacity).unwrap_or(usize::MAX);
+    let place = match sim_socket {
+        Some(p) => format!("process at {}", p.display()),
+        None => "in-process".into(),
+    };
+    let control = DataplaneControl::start(
+        worker,
+        cfg.offload.policy,
+        clock.clone(),
+        DeviceFacts {
+            backend: "sim".into(),
+            identity: if interfaces.is_empty() {
+                format!("nic-sim CTO-1 model ({place})")
+            } else {
+                format!("nic-sim CTO-1 model ({place}) on {}", interfaces.join(", "))
+            },
+        },
+        journal,
+        metrics,
+    );
+    let control = match control {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            stop_model(model);
+            return Err(SimError::Thread(e));
+        }
+    };
+    Ok(SimDataplane {
+        control,
+        wire,
+        clock,
+        sim: Some(model),
+    })
+}
+
+/// The model on a thread of this process, its ports on `interfaces` (or in memory:
+/// the far ends are returned), and the device brought up over it (with a reset).
+fn in_process(
+    table_size: Option<u32>,
+    interfaces: &[String],
+    nports: usize,
+    dcfg: DeviceConfig,
+) -> Result<(Device<SimIo>, SimThread, Vec<MemPort>), SimError> {
     let (buckets_log2, flow_limit) = geometry(table_size);
     let sim_err = |what: String| SimError::Sim { what };
     let mut sim = Simulator::new(SimConfig {
@@ -266,8 +361,11 @@ pub fn start_with(
             interface: name.clone(),
             what: e.to_string(),
         })?;
-        sim.attach_port(u8::try_from(p).unwrap_or(0), Box::new(WirePort::new(port)))
-            .map_err(|e| sim_err(format!("port {p}: {e}")))?;
+        sim.attach_port(
+            u8::try_from(p).unwrap_or(0),
+            Box::new(RuntPadded::new(port)),
+        )
+        .map_err(|e| sim_err(format!("port {p}: {e}")))?;
     }
     if interfaces.is_empty() {
         for p in 0..nports {
@@ -288,66 +386,40 @@ pub fn start_with(
     )
     .map_err(SimError::Driver)?;
     let sim = sim.spawn(SimClock::Monotonic);
-    let clock = Clock::monotonic();
-    let dev = match Device::new(
-        io,
-        DeviceConfig {
-            cmd_ring_log2: 12,
-            rx_ring_log2: 12,
-            tx_ring_log2: 12,
-            clock: clock.clone(),
-            // The simulator shares the machine with everything else.
-            cmd_timeout_ns: 1_000_000_000,
-            ready_timeout: Duration::from_secs(2),
-            enable_timeout: Duration::from_secs(2),
-            ..DeviceConfig::default()
-        },
-    ) {
-        Ok(d) => d,
+    match Device::new(io, dcfg) {
+        Ok(d) => Ok((d, sim, wire)),
         Err(e) => {
             drop(sim.stop());
-            return Err(SimError::Driver(e));
+            Err(SimError::Driver(e))
         }
-    };
-    // NAT rules are installed by `config::apply` through the control plane, as on
-    // SIGHUP, so that the API's rule store and the engine hold the same rules.
-    let mut worker = Worker::new(wcfg, dev);
-    if let Some(gw) = gateway {
-        // veth and other virtual interfaces leave TCP/UDP checksums to offload.
-        worker.set_gateway(gw, true);
     }
-    let journal = usize::try_from(cfg.limits.event_journal_capacity).unwrap_or(usize::MAX);
-    let control = DataplaneControl::start(
-        worker,
-        cfg.offload.policy,
-        clock.clone(),
-        DeviceFacts {
-            backend: "sim".into(),
-            identity: if interfaces.is_empty() {
-                "nic-sim CTO-1 model (in-process)".into()
-            } else {
-                format!(
-                    "nic-sim CTO-1 model (in-process) on {}",
-                    interfaces.join(", ")
-                )
-            },
-        },
-        journal,
-        metrics,
-    );
-    let control = match control {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            drop(sim.stop());
-            return Err(SimError::Thread(e));
-        }
+}
+
+/// The device of the `ctoffload-nic-sim` process at `path`: attached without a reset
+/// when it can be (its table kept, `true`), else brought up with one (a fresh start,
+/// or a device left fatal by an agent that died attached).
+fn external(
+    path: &Path,
+    dcfg: DeviceConfig,
+) -> Result<(Device<SimIo>, SimProcess, bool), SimError> {
+    let err = |source| SimError::Process {
+        socket: path.display().to_string(),
+        source,
     };
-    Ok(SimDataplane {
-        control,
-        wire,
-        clock,
-        sim: Some(sim),
-    })
+    let proc = SimProcess::connect(path, Duration::from_secs(5)).map_err(err)?;
+    let io = proc.attach().map_err(err)?;
+    match Device::attach(io, dcfg.clone()) {
+        Ok(d) => return Ok((d, proc, true)),
+        Err(e) if proc.is_gone() => return Err(err(e)),
+        Err(e) => tracing::warn!(
+            socket = %path.display(),
+            error = %super::error_chain(&e),
+            "cannot attach to the running device; resetting it (its table is lost)"
+        ),
+    }
+    let io = proc.attach().map_err(err)?;
+    let dev = Device::new(io, dcfg).map_err(err)?;
+    Ok((dev, proc, false))
 }
 
 #[cfg(test)]

@@ -10,6 +10,11 @@
 //! record is `Offloaded`. Everything else (unpaired entries, entries the current
 //! configuration would not build, tuples already tracked) is deleted from the device.
 //!
+//! A routed worker (a gateway on host interfaces, [`super::router`]) starts with an
+//! empty neighbour table: each entry's next hop MAC is taken into it where the current
+//! route leads out of the entry's port (`Router::learn_next_hops`), and the pair must
+//! then equal what the router builds from routes and neighbours, as above.
+//!
 //! Which entry of a pair is the original direction is not recorded in the device: the
 //! one with `SNAT` if only one has it, else the one arriving on the lower port. Hardware
 //! counts since the original insert are folded in by the first counter pull.
@@ -31,7 +36,8 @@ use ctoffload_fallback_sw::tcp::{TcpConn, TcpFlags, TcpSegment};
 use ctoffload_fallback_sw::tuple::{Addr, Dir, Family, Tuple, proto};
 use ctoffload_hw_regs::{ActionFlags, FlowKey};
 
-use super::hw_rule::{HwRule, build_rules, key_of};
+use super::hw_rule::{HwRule, key_of};
+use super::router::rules_for;
 use super::state::{CmdKind, ConnHandle, Entry, HwConn, HwState, Tagged};
 use super::worker::Worker;
 
@@ -178,15 +184,13 @@ impl<Io: DeviceIo> Worker<Io> {
     }
 
     /// Re-creates one connection from its two entries; false if they do not match
-    /// what the current configuration builds, or the tuple is already tracked.
+    /// what the current configuration (ports, routes, NAT) builds, or the tuple is
+    /// already tracked.
     fn adopt(&mut self, o: &TableEntry, r: &TableEntry, now: u64) -> bool {
         let (Some(ot), Some(rt)) = (tuple_of(&o.key), tuple_of(&r.key)) else {
             return false;
         };
         let tuples = [ot, rt];
-        let Ok(rules) = build_rules(&tuples, o.key.port, &self.cfg.routing) else {
-            return false;
-        };
         let found = [
             HwRule {
                 key: o.key,
@@ -197,6 +201,18 @@ impl<Io: DeviceIo> Worker<Io> {
                 action: r.action,
             },
         ];
+        if let Some(router) = self.router.as_mut() {
+            router.learn_next_hops(&tuples, &found, now);
+        }
+        let Ok(rules) = rules_for(
+            self.router.as_ref(),
+            &self.cfg.routing,
+            &tuples,
+            o.key.port,
+            now,
+        ) else {
+            return false;
+        };
         if rules != found {
             return false;
         }

@@ -16,6 +16,7 @@ use ctoffload_driver::io::DeviceIo;
 use ctoffload_fallback_sw::conntrack::{NatOutcome, Verdict};
 use ctoffload_fallback_sw::nat::PacketMeta;
 use ctoffload_fallback_sw::tuple::{Addr, Dir, Family, Tuple};
+use ctoffload_hw_regs::ActionFlags;
 use ctoffload_hw_regs::regs::Features;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -80,6 +81,35 @@ impl Router {
             },
         ];
         build_rules_on(tuples, &paths, self.hw_dec_ttl)
+    }
+
+    /// Before the rules `found` of a connection read back from the device after a
+    /// restart are checked against [`Router::rules`]: each entry's next hop MAC is
+    /// taken into the (new, empty) neighbour table, as it was resolved when the rule
+    /// was built, wherever the current route towards that direction's destination
+    /// leaves by the entry's port with the port's MAC as source. Entries that no longer
+    /// agree with the routes teach nothing and then fail the comparison.
+    pub(super) fn learn_next_hops(&mut self, tuples: &[Tuple; 2], found: &[HwRule; 2], now: u64) {
+        // Original packets go towards the reply's source, replies towards the
+        // original source.
+        let towards = [&tuples[Dir::Reply.index()], &tuples[Dir::Original.index()]];
+        for (t, rule) in towards.into_iter().zip(found) {
+            if t.family != Family::V4 {
+                continue;
+            }
+            let Some(hop) = self.gw.route(t.src.as_v4()) else {
+                continue;
+            };
+            let a = &rule.action;
+            let port_mac = self.gw.ports().get(hop.port).map(|p| p.mac);
+            let rewrites = a
+                .flags()
+                .contains(ActionFlags::REWRITE_SRC_MAC | ActionFlags::REWRITE_DST_MAC);
+            if rewrites && usize::from(a.out_port) == hop.port && port_mac == Some(a.new_src_mac) {
+                self.gw
+                    .learn_neighbour(hop.port, hop.next_hop, a.new_dst_mac, now);
+            }
+        }
     }
 
     /// The egress port and L2 rewrite towards `t`'s source.
@@ -339,6 +369,37 @@ mod tests {
         arp_from(&mut plain, 0, HOST, HOST_MAC, GW_IN);
         let [fwd, _] = plain.rules(&tuples, 0, 2).expect("rules");
         assert!(!fwd.action.flags().contains(ActionFlags::DEC_TTL));
+    }
+
+    #[test]
+    fn rules_read_back_after_a_restart_teach_their_next_hops() {
+        let tuples = [
+            tuple(HOST, 40000, SERVER, 80),
+            tuple(SERVER, 80, GW_OUT, 61000),
+        ];
+        let mut before = router(true);
+        arp_from(&mut before, 1, SERVER, SERVER_MAC, GW_OUT);
+        arp_from(&mut before, 0, HOST, HOST_MAC, GW_IN);
+        let found = before.rules(&tuples, 0, 2).expect("rules");
+        // A new router (empty neighbour table) learns both next hops from the
+        // entries and builds the same rules.
+        let mut after = router(true);
+        after.learn_next_hops(&tuples, &found, 10);
+        assert_eq!(
+            after.gw.neighbours().lookup(1, SERVER, 10),
+            Some(SERVER_MAC)
+        );
+        assert_eq!(after.gw.neighbours().lookup(0, HOST, 10), Some(HOST_MAC));
+        assert_eq!(after.rules(&tuples, 0, 10), Ok(found));
+        // An entry that leaves by another port than the route, or with another source
+        // MAC than the port's, teaches nothing.
+        let mut wrong = found;
+        wrong[0].action.out_port = 0;
+        wrong[1].action.new_src_mac = GW_OUT_MAC;
+        let mut other = router(true);
+        other.learn_next_hops(&tuples, &wrong, 10);
+        assert_eq!(other.gw.neighbours().entries().count(), 0);
+        assert!(other.rules(&tuples, 0, 10).is_err());
     }
 
     #[test]

@@ -142,6 +142,7 @@ addresses = ["192.0.2.1/24"]
             Backend::Sim {
                 table_size: None,
                 interfaces: vec!["veth0".into(), "veth1".into()],
+                sim_socket: None,
             }
         );
         let e = parse(&format!(

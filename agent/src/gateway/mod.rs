@@ -272,6 +272,15 @@ impl Gateway {
         &self.arp
     }
 
+    /// Takes `ip` on `port` as resolved to `mac` (a neighbour known from elsewhere: a
+    /// hardware rule read back after a restart), creating the entry if needed.
+    pub fn learn_neighbour(&mut self, port: usize, ip: [u8; 4], mac: [u8; 6], now: u64) {
+        let waiting = self.arp.learn(port, ip, mac, true, now);
+        // Nothing was queued for it yet on a fresh table; a queue is dropped, as after
+        // a give-up (its packets' senders retransmit).
+        drop(waiting);
+    }
+
     /// The primary IPv4 address of `port` (what masquerade translates to).
     #[must_use]
     pub fn primary_addr(&self, port: usize) -> Option<[u8; 4]> {

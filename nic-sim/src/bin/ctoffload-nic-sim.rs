@@ -13,6 +13,7 @@ use std::sync::atomic::AtomicU64;
 use clap::{Parser, ValueEnum};
 use ctoffload_nic_sim::control::{Server, ServerOptions, chain};
 use ctoffload_nic_sim::port::{AfPacketPort, MemPort};
+use ctoffload_nic_sim::wire_pad::RuntPadded;
 use ctoffload_nic_sim::{SimClock, SimConfig, Simulator};
 
 /// Frames each direction of a memory port holds.
@@ -131,7 +132,8 @@ fn run(args: Args) -> Result<(), String> {
             PortKind::AfPacket(ifname) => {
                 let p = AfPacketPort::open(&ifname)
                     .map_err(|e| format!("port {}: {}", spec.port, chain(&e)))?;
-                sim.attach_port(spec.port, Box::new(p))
+                // Frames a host sent shorter than the wire minimum arrive padded.
+                sim.attach_port(spec.port, Box::new(RuntPadded::new(p)))
                     .map_err(|e| chain(&e))?;
                 *slot = None;
             }
