@@ -19,6 +19,7 @@ pub mod af_xdp;
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd};
 
+use ctoffload_nic_sim::control::chain;
 use ctoffload_nic_sim::port::{AfPacketConfig, AfPacketPort, MemPort as SimMemPort, PortBackend};
 pub use ctoffload_nic_sim::port::{AfPacketIo, FRAME_BUF_SIZE, FrameBatch, PortStats, RingConfig};
 
@@ -114,18 +115,6 @@ pub struct AfPacket {
     fallback: Option<String>,
 }
 
-/// `e` and its causes, `: `-separated.
-fn reason(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 impl AfPacket {
     /// Opens the interface `ifname` (in the calling thread's network namespace) with
     /// the default options: memory-mapped rings, falling back as the module docs say.
@@ -166,7 +155,7 @@ impl AfPacket {
                         Some(_) => AfPacketIo::Rings,
                         None => AfPacketIo::Mmsg,
                     };
-                    reasons.push(format!("{tried}: {}", reason(&e)));
+                    reasons.push(format!("{tried}: {}", chain(&e)));
                     last = Some(e);
                 }
             }

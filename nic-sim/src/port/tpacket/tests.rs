@@ -47,6 +47,17 @@ struct Fake<'a> {
     vlan: Option<(Option<u16>, u16)>,
 }
 
+impl<'a> Fake<'a> {
+    /// An untagged, whole frame.
+    fn plain(data: &'a [u8]) -> Self {
+        Self {
+            data,
+            wire_len: None,
+            vlan: None,
+        }
+    }
+}
+
 /// Writes `frames` into block `block` and hands it to user space.
 fn fill_block(map: &RingMap, block: usize, frames: &[Fake<'_>]) {
     let base = block * BLOCK;
@@ -114,11 +125,7 @@ fn rx_walk_takes_frames_in_order_restores_vlan_and_returns_blocks() {
         &map,
         0,
         &[
-            Fake {
-                data: &a,
-                wire_len: None,
-                vlan: None,
-            },
+            Fake::plain(&a),
             Fake {
                 data: &b,
                 wire_len: None,
@@ -159,24 +166,8 @@ fn rx_walk_takes_frames_in_order_restores_vlan_and_returns_blocks() {
     assert_eq!(stats.rx_bytes, 60 + 64 + 74);
 
     // Block 1, then around to block 0 again.
-    fill_block(
-        &map,
-        1,
-        &[Fake {
-            data: &a,
-            wire_len: None,
-            vlan: None,
-        }],
-    );
-    fill_block(
-        &map,
-        0,
-        &[Fake {
-            data: &c,
-            wire_len: None,
-            vlan: None,
-        }],
-    );
+    fill_block(&map, 1, &[Fake::plain(&a)]);
+    fill_block(&map, 0, &[Fake::plain(&c)]);
     batch.clear();
     assert_eq!(rx.recv(&map, &mut batch, 8, &mut stats), 2);
     assert_eq!(batch.get(0), Some(&a[..]));
@@ -195,23 +186,7 @@ fn rx_walk_survives_headers_that_point_outside_the_block() {
     fill_block(
         &map,
         0,
-        &[
-            Fake {
-                data: &a,
-                wire_len: None,
-                vlan: None,
-            },
-            Fake {
-                data: &a,
-                wire_len: None,
-                vlan: None,
-            },
-            Fake {
-                data: &a,
-                wire_len: None,
-                vlan: None,
-            },
-        ],
+        &[Fake::plain(&a), Fake::plain(&a), Fake::plain(&a)],
     );
     // The second frame's header claims data past the block's end; the first frame's
     // next_offset is fine, the third is reached through the second's.
@@ -222,15 +197,7 @@ fn rx_walk_survives_headers_that_point_outside_the_block() {
     assert_eq!(block_status(&map, 0), libc::TP_STATUS_KERNEL);
 
     // A block whose first frame lies past its end: every frame of it is lost.
-    fill_block(
-        &map,
-        1,
-        &[Fake {
-            data: &a,
-            wire_len: None,
-            vlan: None,
-        }],
-    );
+    fill_block(&map, 1, &[Fake::plain(&a)]);
     map.write_u32(BLOCK + NUM_PKTS, 5).expect("w");
     map.write_u32(BLOCK + OFFSET_TO_FIRST_PKT, 4090).expect("w");
     batch.clear();
@@ -245,15 +212,7 @@ fn rx_walk_reports_kernel_drops() {
     let mut rx = RxRing::new(0, BLOCK, 1);
     let mut stats = PortStats::default();
     let a = frame(1, 60);
-    fill_block(
-        &map,
-        0,
-        &[Fake {
-            data: &a,
-            wire_len: None,
-            vlan: None,
-        }],
-    );
+    fill_block(&map, 0, &[Fake::plain(&a)]);
     map.store_u32_release(BLOCK_STATUS, libc::TP_STATUS_USER | libc::TP_STATUS_LOSING)
         .expect("w");
     let mut batch = FrameBatch::new(4);
