@@ -122,6 +122,12 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
+    /// Packet ring settings the kernel would refuse (or that make no sense).
+    #[error("invalid packet ring settings: {reason}")]
+    BadRingConfig {
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// No network interface has this name.
     #[error("network interface {name:?} not found")]
     NoSuchInterface {

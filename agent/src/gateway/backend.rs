@@ -142,7 +142,8 @@ fn needs_checksum_fill(ifname: &str) -> bool {
 }
 
 /// The ports over `interfaces` with the requested packet I/O. `AF_PACKET` opens each
-/// interface on its own (an error names `backend.interfaces[i]`); AF_XDP opens them
+/// interface on its own (an error names `backend.interfaces[i]`), with memory-mapped
+/// rings where they can be set up (see [`AfPacket::open`]); AF_XDP opens them
 /// together (one UMEM) after the same per-interface check, and falls back to
 /// `AF_PACKET` with the reason logged when XDP cannot attach.
 fn open_ports(interfaces: &[String], io: PacketIo) -> Result<Vec<AnyPort>, BackendError> {
@@ -156,9 +157,9 @@ fn open_ports(interfaces: &[String], io: PacketIo) -> Result<Vec<AnyPort>, Backe
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                AfPacket::open(name)
-                    .map(AnyPort::AfPacket)
-                    .map_err(|e| missing(i, name, e))
+                let port = AfPacket::open(name).map_err(|e| missing(i, name, e))?;
+                tracing::info!(port = %name, io = %port.io(), "backend software: AF_PACKET packet I/O");
+                Ok(AnyPort::AfPacket(port))
             })
             .collect(),
         PacketIo::AfXdp => {

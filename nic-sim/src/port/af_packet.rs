@@ -2,40 +2,94 @@
 //!
 //! The socket is bound to one interface, non-blocking, promiscuous
 //! (`PACKET_ADD_MEMBERSHIP`/`PACKET_MR_PROMISC`), and ignores its own transmissions
-//! (`PACKET_IGNORE_OUTGOING`), so the device never receives what it sent. Frames are
-//! received with `recvmmsg` and sent with `sendmmsg`, in chunks, straight into and out
-//! of the caller's [`FrameBatch`].
+//! (`PACKET_IGNORE_OUTGOING`), so the device never receives what it sent. Packet I/O is
+//! one of ([`AfPacketIo`]):
 //!
-//! The kernel strips a VLAN tag into packet metadata before handing a frame to packet
-//! sockets; it comes back through `PACKET_AUXDATA` and is put back into the frame, so the
-//! device sees the frame as it was on the wire.
+//! - `recvmmsg`/`sendmmsg` ([`AfPacketPort::open`]): frames are received and sent in
+//!   chunks, straight into and out of the caller's [`FrameBatch`]. The kernel strips a
+//!   VLAN tag into packet metadata before handing a frame to packet sockets; it comes
+//!   back through `PACKET_AUXDATA` and is put back into the frame, so the device sees
+//!   the frame as it was on the wire.
+//! - memory-mapped rings ([`AfPacketPort::open_with`] and a [`RingConfig`]): a
+//!   `TPACKET_V3` receive ring (the VLAN tag comes from the frame header) and a
+//!   transmit ring with one `send()` per batch, or `sendmmsg` when the configuration
+//!   asks for no transmit ring (see [`super::tpacket`]).
+//!
+//! `PACKET_QDISC_BYPASS` ([`AfPacketConfig::qdisc_bypass`]) hands sent frames straight
+//! to the driver, skipping the interface's queueing discipline.
 //!
 //! The `unsafe` here is system calls only (this is the crate's I/O layer): each block
-//! passes pointers to live, correctly sized buffers for the duration of one call.
+//! passes pointers to live, correctly sized buffers for the duration of one call. The
+//! ring memory is touched only in `tpacket::map`.
 
 use std::ffi::CString;
+use std::fmt;
 use std::mem;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr;
 
+use super::tpacket::{self, RingConfig, Rings};
 use super::{FRAME_BUF_SIZE, FrameBatch, PortBackend, PortStats};
 use crate::error::{Error, Result};
 
 /// Frames per `recvmmsg`/`sendmmsg` call.
 const CHUNK: usize = 32;
 /// Length of an 802.1Q tag.
-const VLAN_TAG_LEN: usize = 4;
+pub(crate) const VLAN_TAG_LEN: usize = 4;
 /// Offset of the EtherType (or TPID) in an Ethernet frame.
-const ETHERTYPE_OFFSET: usize = 12;
+pub(crate) const ETHERTYPE_OFFSET: usize = 12;
 /// Control buffer per message, in `u64`s (aligned for `cmsghdr`); room for one
 /// `tpacket_auxdata` message.
 const CTRL_WORDS: usize = 8;
 /// The 802.1Q TPID, used when the kernel does not report one.
-const TPID_8021Q: u16 = 0x8100;
+pub(crate) const TPID_8021Q: u16 = 0x8100;
+
+/// How an [`AfPacketPort`] is opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AfPacketConfig {
+    /// Memory-mapped rings; `None`: `recvmmsg`/`sendmmsg`.
+    pub ring: Option<RingConfig>,
+    /// Set `PACKET_QDISC_BYPASS`: sent frames skip the interface's qdisc (no traffic
+    /// control, no qdisc drops or requeues; the driver's queue is the only one).
+    pub qdisc_bypass: bool,
+}
+
+impl AfPacketConfig {
+    /// Memory-mapped rings with the default [`RingConfig`] (receive and transmit).
+    pub fn rings() -> Self {
+        Self {
+            ring: Some(RingConfig::default()),
+            qdisc_bypass: false,
+        }
+    }
+}
+
+/// Which packet I/O an [`AfPacketPort`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfPacketIo {
+    /// `recvmmsg` and `sendmmsg`.
+    Mmsg,
+    /// A `TPACKET_V3` receive ring; `sendmmsg`.
+    RxRing,
+    /// A `TPACKET_V3` receive ring and a transmit ring.
+    Rings,
+}
+
+impl fmt::Display for AfPacketIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Mmsg => "recvmmsg/sendmmsg",
+            Self::RxRing => "TPACKET_V3 RX ring + sendmmsg",
+            Self::Rings => "TPACKET_V3 RX ring + TX ring",
+        })
+    }
+}
 
 /// A port on a Linux interface.
 #[derive(Debug)]
 pub struct AfPacketPort {
+    /// The rings, when the port uses them (dropped before `fd`: unmapped first).
+    rings: Option<Rings>,
     fd: OwnedFd,
     ifindex: u32,
     stats: PortStats,
@@ -45,7 +99,8 @@ fn c_u16(v: libc::c_int) -> u16 {
     u16::try_from(v).unwrap_or(0)
 }
 
-fn setsockopt<T>(
+/// `setsockopt(fd, level, name, value)`; `op` names it in the error.
+pub(crate) fn setsockopt<T>(
     fd: &OwnedFd,
     level: libc::c_int,
     name: libc::c_int,
@@ -78,8 +133,14 @@ fn would_block(e: &std::io::Error) -> bool {
 }
 
 impl AfPacketPort {
-    /// Opens a port on the interface called `ifname`.
+    /// Opens a port on the interface called `ifname`, with `recvmmsg`/`sendmmsg`.
     pub fn open(ifname: &str) -> Result<Self> {
+        Self::open_with(ifname, &AfPacketConfig::default())
+    }
+
+    /// Opens a port on the interface called `ifname`, configured by `cfg`. Fails when
+    /// the requested rings cannot be set up (the caller may fall back to less).
+    pub fn open_with(ifname: &str, cfg: &AfPacketConfig) -> Result<Self> {
         let no_such = || Error::NoSuchInterface {
             name: ifname.to_owned(),
         };
@@ -89,11 +150,16 @@ impl AfPacketPort {
         if ifindex == 0 {
             return Err(no_such());
         }
-        Self::open_ifindex(ifindex)
+        Self::open_ifindex_with(ifindex, cfg)
     }
 
-    /// Opens a port on the interface with index `ifindex`.
+    /// Opens a port on the interface with index `ifindex`, with `recvmmsg`/`sendmmsg`.
     pub fn open_ifindex(ifindex: u32) -> Result<Self> {
+        Self::open_ifindex_with(ifindex, &AfPacketConfig::default())
+    }
+
+    /// Opens a port on the interface with index `ifindex`, configured by `cfg`.
+    pub fn open_ifindex_with(ifindex: u32, cfg: &AfPacketConfig) -> Result<Self> {
         // Protocol 0: the socket receives nothing until it is bound to one interface
         // below, so no frame of another interface can slip in.
         // SAFETY: socket takes integer arguments only.
@@ -117,13 +183,30 @@ impl AfPacketPort {
             &one,
             "set PACKET_IGNORE_OUTGOING",
         )?;
-        setsockopt(
-            &fd,
-            libc::SOL_PACKET,
-            libc::PACKET_AUXDATA,
-            &one,
-            "set PACKET_AUXDATA",
-        )?;
+        if cfg.qdisc_bypass {
+            setsockopt(
+                &fd,
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                &one,
+                "set PACKET_QDISC_BYPASS",
+            )?;
+        }
+        // The rings are set up before the socket is bound: no frame reaches it before
+        // it has them.
+        let rings = match &cfg.ring {
+            Some(ring) => Some(tpacket::setup(&fd, ring)?),
+            None => {
+                setsockopt(
+                    &fd,
+                    libc::SOL_PACKET,
+                    libc::PACKET_AUXDATA,
+                    &one,
+                    "set PACKET_AUXDATA",
+                )?;
+                None
+            }
+        };
         let c_ifindex = libc::c_int::try_from(ifindex).map_err(|_| Error::NoSuchInterface {
             name: format!("#{ifindex}"),
         })?;
@@ -163,6 +246,7 @@ impl AfPacketPort {
             "enable promiscuous mode",
         )?;
         Ok(Self {
+            rings,
             fd,
             ifindex,
             stats: PortStats::default(),
@@ -172,6 +256,37 @@ impl AfPacketPort {
     /// The interface index the port is bound to.
     pub fn ifindex(&self) -> u32 {
         self.ifindex
+    }
+
+    /// The packet I/O the port uses.
+    pub fn io(&self) -> AfPacketIo {
+        match &self.rings {
+            None => AfPacketIo::Mmsg,
+            Some(Rings { tx: None, .. }) => AfPacketIo::RxRing,
+            Some(Rings { tx: Some(_), .. }) => AfPacketIo::Rings,
+        }
+    }
+
+    /// Adds the frames the kernel dropped for want of a free ring block (reported by
+    /// `PACKET_STATISTICS`, which resets as it is read) to `rx_dropped`.
+    fn collect_ring_drops(&mut self) {
+        // SAFETY: all-zero bytes are a valid `tpacket_stats_v3` (plain integers).
+        let mut st: libc::tpacket_stats_v3 = unsafe { mem::zeroed() };
+        let mut len = libc::socklen_t::try_from(mem::size_of_val(&st)).unwrap_or(0);
+        // SAFETY: `st` is a live, writable buffer of `len` bytes for the whole call; the
+        // kernel writes at most `len` bytes and stores the length it wrote in `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                ptr::from_mut(&mut st).cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            self.stats.rx_dropped += u64::from(st.tp_drops);
+        }
     }
 
     /// One `recvmmsg` of up to `want` (at most `CHUNK`) frames into `batch`'s spare
@@ -243,11 +358,8 @@ impl AfPacketPort {
             if i != taken {
                 bufs.copy_within(i..=i, taken);
             }
-            let buf = &mut bufs[taken];
             if let Some((tpid, tci)) = vlan {
-                buf.copy_within(ETHERTYPE_OFFSET..len, ETHERTYPE_OFFSET + VLAN_TAG_LEN);
-                buf[12..14].copy_from_slice(&tpid.to_be_bytes());
-                buf[14..16].copy_from_slice(&tci.to_be_bytes());
+                insert_vlan_tag(&mut bufs[taken], len, tpid, tci);
             }
             lens[taken] = full_len;
             self.stats.rx_frames += 1;
@@ -256,6 +368,17 @@ impl AfPacketPort {
         }
         batch.commit(taken);
         Ok((taken, got))
+    }
+
+    /// Sends `frames` through the transmit ring if there is one, else with `sendmmsg`.
+    fn send_any<'a>(&mut self, frames: impl Iterator<Item = &'a [u8]> + Clone) -> Result<()> {
+        if let Some(Rings {
+            map, tx: Some(tx), ..
+        }) = &mut self.rings
+        {
+            return tx.send(map, self.fd.as_fd(), frames, &mut self.stats);
+        }
+        self.send_frames(frames)
     }
 
     /// Sends `frames` with as few `sendmmsg` calls as possible.
@@ -323,6 +446,15 @@ impl AfPacketPort {
     }
 }
 
+/// Puts the 802.1Q tag `(tpid, tci)` back after the MAC addresses of the `len`-byte
+/// frame in `buf`, which must have room for `len + VLAN_TAG_LEN` bytes and
+/// `len >= ETHERTYPE_OFFSET` (the callers check both).
+pub(crate) fn insert_vlan_tag(buf: &mut [u8; FRAME_BUF_SIZE], len: usize, tpid: u16, tci: u16) {
+    buf.copy_within(ETHERTYPE_OFFSET..len, ETHERTYPE_OFFSET + VLAN_TAG_LEN);
+    buf[ETHERTYPE_OFFSET..ETHERTYPE_OFFSET + 2].copy_from_slice(&tpid.to_be_bytes());
+    buf[ETHERTYPE_OFFSET + 2..ETHERTYPE_OFFSET + VLAN_TAG_LEN].copy_from_slice(&tci.to_be_bytes());
+}
+
 /// The VLAN tag the kernel moved out of the frame, from the `PACKET_AUXDATA` control
 /// message: `(tpid, tci)`.
 fn aux_vlan(hdr: &libc::msghdr) -> Option<(u16, u16)> {
@@ -371,6 +503,18 @@ impl AsFd for AfPacketPort {
 impl PortBackend for AfPacketPort {
     fn recv_batch(&mut self, batch: &mut FrameBatch, max: usize) -> Result<usize> {
         let want = max.min(batch.spare());
+        if let Some(Rings { map, rx, tx }) = &mut self.rings {
+            if let Some(tx) = tx {
+                // Frames a refused send() left in the transmit ring go now, not with
+                // the next batch, which may be long in coming.
+                tx.flush(self.fd.as_fd())?;
+            }
+            let got = rx.recv(map, batch, want, &mut self.stats);
+            if mem::take(&mut rx.losing) {
+                self.collect_ring_drops();
+            }
+            return Ok(got);
+        }
         let mut total = 0;
         while total < want {
             let ask = (want - total).min(CHUNK);
@@ -390,11 +534,11 @@ impl PortBackend for AfPacketPort {
                 max: FRAME_BUF_SIZE,
             });
         }
-        self.send_frames(std::iter::once(frame))
+        self.send_any(std::iter::once(frame))
     }
 
     fn send_batch(&mut self, batch: &FrameBatch) -> Result<()> {
-        self.send_frames(batch.iter())
+        self.send_any(batch.iter())
     }
 
     fn stats(&self) -> PortStats {

@@ -9,9 +9,11 @@ use crate::error::{Error, Result};
 
 pub mod af_packet;
 pub mod mem_queue;
+pub mod tpacket;
 
-pub use af_packet::AfPacketPort;
+pub use af_packet::{AfPacketConfig, AfPacketIo, AfPacketPort};
 pub use mem_queue::MemPort;
+pub use tpacket::RingConfig;
 
 /// Size of one frame buffer; longer frames are dropped (and counted) on receive and
 /// refused on send.
