@@ -19,8 +19,16 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::thread;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use ctoffload_agent::gateway::forward::{ForwarderConfig, SoftwareForwarder};
+use ctoffload_agent::gateway::{Gateway, GatewayConfig, PortConfig};
+use ctoffload_agent::port::PacketPort;
+use ctoffload_fallback_sw::conntrack::{Config as ConntrackConfig, Conntrack};
+use ctoffload_fallback_sw::nat::rules::{NatAction, NatFlags, NatRule, RuleMatch};
 
 use crate::netns::{COMMAND_TIMEOUT, CommandError, NetNs, run_bounded, unique_name};
 
@@ -243,6 +251,113 @@ impl Topology {
             child: Some(child),
             what: format!("{program} in {}", ns.name()),
         })
+    }
+}
+
+/// The software gateway of this topology over `ports` (port 0 the inside veth, port 1
+/// the outside one, named `names`): the gateway's MACs and addresses, and `conntrack`
+/// with masquerade out of port 1, as the agent's software backend runs it.
+///
+/// # Errors
+/// The gateway or the NAT rule was refused (the message says why).
+pub fn masquerade_forwarder<P: PacketPort>(
+    cfg: ForwarderConfig,
+    ports: Vec<P>,
+    names: [String; 2],
+    conntrack: ConntrackConfig,
+) -> Result<SoftwareForwarder<P>, String> {
+    let [n_in, n_out] = names;
+    let gateway = Gateway::new(GatewayConfig {
+        ports: vec![
+            PortConfig {
+                name: n_in,
+                mac: GW_IN_MAC,
+                addrs: vec![(GW_IN, 24)],
+            },
+            PortConfig {
+                name: n_out,
+                mac: GW_OUT_MAC,
+                addrs: vec![(GW_OUT, 24)],
+            },
+        ],
+        ..GatewayConfig::default()
+    })
+    .map_err(|e| e.to_string())?;
+    let mut ct = Conntrack::new(conntrack);
+    ct.nat_mut()
+        .rules_mut()
+        .add(NatRule {
+            id: 1,
+            r#match: RuleMatch {
+                out_port: Some(1),
+                ..RuleMatch::default()
+            },
+            action: NatAction::Masquerade {
+                ports: None,
+                flags: NatFlags::default(),
+            },
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(SoftwareForwarder::new(cfg, ports, gateway, ct))
+}
+
+/// What a forwarding thread hands back when it ends: the forwarder, or why it failed.
+type ForwarderResult<P> = std::io::Result<Result<SoftwareForwarder<P>, String>>;
+
+/// A software forwarding loop on its own thread inside a namespace, with
+/// [`forwarder_clock`]; stopped and joined when dropped (also on a failed assertion,
+/// before the namespaces' guards drop).
+#[derive(Debug)]
+pub struct ForwarderThread<P: PacketPort + 'static> {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<ForwarderResult<P>>>,
+}
+
+impl<P: PacketPort + 'static> ForwarderThread<P> {
+    /// Runs `build` on a new thread inside `ns` (it opens the ports there, and may pin
+    /// or report on the thread), then the forwarder it returns until stopped.
+    ///
+    /// # Errors
+    /// The namespace file cannot be opened.
+    pub fn start(
+        ns: &NetNs,
+        build: impl FnOnce() -> Result<SoftwareForwarder<P>, String> + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let handle = ns.spawn_inside(move || {
+            let mut fwd = build()?;
+            fwd.run(&stop2, &forwarder_clock())
+                .map_err(|e| e.to_string())?;
+            Ok(fwd)
+        })?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops the loop and returns the forwarder (its ports, counters and tables).
+    ///
+    /// # Errors
+    /// The loop or `build` failed, or the thread could not enter the namespace.
+    pub fn finish(mut self) -> Result<SoftwareForwarder<P>, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(Ok(r))) => r.map_err(|e| format!("forwarding loop: {e}")),
+            Some(Ok(Err(e))) => Err(format!("cannot enter the gateway namespace: {e}")),
+            Some(Err(_)) => Err("forwarding loop panicked".into()),
+            None => Err("forwarding loop already finished".into()),
+        }
+    }
+}
+
+impl<P: PacketPort + 'static> Drop for ForwarderThread<P> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
 
