@@ -385,27 +385,6 @@ impl<P> ConnTable<P> {
         self.entry(slot).map(|c| (c, dir))
     }
 
-    /// Batch helper: whether a lookup of a tuple with hash `hash` would compare any
-    /// entry (some index slot of its probe run carries its hash tag). `false` means a
-    /// sure miss, read from the index only (the slots [`ConnTable::touch_index`] read).
-    #[inline]
-    #[must_use]
-    pub fn may_hold(&self, hash: u64) -> bool {
-        let tag = hash & 0xFFFF_FFFF_0000_0000;
-        let mut pos = self.pos(hash);
-        for _ in 0..=self.mask {
-            let v = self.index[pos];
-            if v == EMPTY {
-                return false;
-            }
-            if unpack(v).0 == tag {
-                return true;
-            }
-            pos = (pos + 1) & self.mask;
-        }
-        true
-    }
-
     /// Find the live connection owning `tuple`, and the direction `tuple` is. An expired
     /// connection found on the way is reaped (with its Destroy event) and not returned.
     #[inline]

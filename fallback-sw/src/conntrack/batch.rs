@@ -23,7 +23,7 @@ use super::{
     icmpv6_untracked, tuple_of,
 };
 use crate::nat::PacketMeta;
-use crate::tuple::{Addr, Dir};
+use crate::tuple::Dir;
 use crate::wire::{self, Fragment, ParsedPacket};
 
 /// Frames processed together by [`Conntrack::process_batch`]; longer inputs are cut into
@@ -110,7 +110,7 @@ impl Conntrack {
             }
         }
         if self.table.capacity() >= PREFETCH_MIN_CONNECTIONS {
-            self.prefetch(pre, &PacketMeta::default());
+            self.prefetch(pre);
         }
         // 4: finish in order.
         for ((frame, o), p) in frames.iter().zip(out.iter_mut()).zip(pre.iter()) {
@@ -180,7 +180,7 @@ impl Conntrack {
             }
         }
         if self.table.capacity() >= PREFETCH_MIN_CONNECTIONS {
-            self.prefetch(pre, meta);
+            self.prefetch(pre);
         }
         // 4: finish in order, each packet rewritten right after it is tracked (a later
         // packet may close its connection).
@@ -199,7 +199,7 @@ impl Conntrack {
     }
 
     /// Passes 2 and 3.
-    fn prefetch(&self, pre: &[Pre], meta: &PacketMeta) {
+    fn prefetch(&self, pre: &[Pre]) {
         // 2: the index slots, all loads independent of each other.
         let mut sink = 0u64;
         for p in pre {
@@ -212,28 +212,9 @@ impl Conntrack {
         // inverse, whose index hash is the same (`TupleHasher::pair_hash`), so pass 2
         // has read its slot already. The first slot of a tuple may hold the other
         // direction of the same connection (same hash): both tuples are touched.
-        // Sure misses (new connections) when NAT rules exist: a source rule's reply
-        // tuple hashes elsewhere, and the port search checks that slot, then the insert
-        // writes it; the NAT engine guesses where (pass 3b).
-        let nat = !self.nat.rules().is_empty();
-        let none = Tuple {
-            src: Addr::default(),
-            dst: Addr::default(),
-            src_l4: 0,
-            dst_l4: 0,
-            proto: 0,
-            family: Family::V4,
-            zone: 0,
-        };
-        let mut new = [none; BATCH];
-        let mut n = 0;
         for p in pre {
-            if let Pre::Fast { hash, tuple, .. } = p {
+            if let Pre::Fast { hash, .. } = p {
                 let Some((c, dir)) = self.table.prefetch(*hash) else {
-                    if nat && !self.table.may_hold(*hash) {
-                        new[n] = *tuple;
-                        n += 1;
-                    }
                     continue;
                 };
                 let d = dir.index();
@@ -251,14 +232,6 @@ impl Conntrack {
                         L4State::Tcp(ref t) => u64::from(t.state() as u8),
                         L4State::Icmp | L4State::Generic => 0,
                     };
-            }
-        }
-        // 3b: the guessed reply tuples' index slots.
-        if n > 0 {
-            let mut replies = [None; BATCH];
-            sink ^= self.nat.guess_replies(&new[..n], meta, &mut replies[..n]);
-            for r in replies[..n].iter().flatten() {
-                sink ^= self.table.touch_index(self.table.hash(r));
             }
         }
         black_box(sink);

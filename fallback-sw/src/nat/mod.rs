@@ -114,9 +114,6 @@ pub struct NatEngine {
     stats: NatStats,
 }
 
-/// Connections [`NatEngine::guess_replies`] works on at a time.
-const GUESS_BATCH: usize = 32;
-
 /// The source part of a decision.
 struct SrcPlan {
     range: NatRange,
@@ -345,51 +342,6 @@ impl NatEngine {
         })
     }
 
-    /// Guesses, to prefetch, the REPLY tuples that [`decide`](Self::decide) will most
-    /// likely choose for the new connections `origs`, decided in that order:
-    /// `out[i]` is the guess for `origs[i]`, or `None` where no source rule applies
-    /// (the reply is then the inverse of the original, or a null binding's), a
-    /// destination rule does, or the rule's range has several addresses. Nothing
-    /// changes; the decisions' memory (by-source and busy-port maps, bitmap words) is
-    /// read on the way, stage by stage over all of `origs`, so that those reads
-    /// overlap. The guess is right unless a connection that is no binding holds the
-    /// candidate or an earlier decision of the same batch takes it.
-    pub fn guess_replies(
-        &self,
-        origs: &[Tuple],
-        meta: &PacketMeta,
-        out: &mut [Option<Tuple>],
-    ) -> u64 {
-        let mut sink = 0;
-        let mut rng = self.rng.clone();
-        for (origs, out) in origs.chunks(GUESS_BATCH).zip(out.chunks_mut(GUESS_BATCH)) {
-            let mut guesses = [None; GUESS_BATCH];
-            for (g, orig) in guesses.iter_mut().zip(origs) {
-                *g = self.guess_src(orig, meta);
-            }
-            for g in guesses.iter().flatten() {
-                sink ^= g.touch();
-            }
-            for g in guesses.iter_mut().flatten() {
-                sink ^= g.draw(&mut rng);
-            }
-            for (o, g) in out.iter_mut().zip(&guesses) {
-                *o = g.as_ref().and_then(alloc::SrcGuess::reply);
-            }
-        }
-        sink
-    }
-
-    /// Stage 1 of [`guess_replies`](Self::guess_replies) for one connection.
-    fn guess_src(&self, orig: &Tuple, meta: &PacketMeta) -> Option<alloc::SrcGuess<'_>> {
-        if orig.family != Family::V4 || self.rules.lookup_index(Hook::Dst, orig, meta).is_some() {
-            return None;
-        }
-        let i = self.rules.lookup_index(Hook::Src, orig, meta)?;
-        let range = src_range(&self.rules.entry(i).rule.action, orig, meta)?;
-        alloc::SrcGuess::new(orig, &range, &self.by_source, &self.busy)
-    }
-
     /// Registers the binding of a connection re-created without a decision (an agent
     /// restart that reads its connections back from a device table): the by-source
     /// reference and the busy port, exactly what [`decide`](Self::decide) records for
@@ -453,100 +405,6 @@ fn src_binding(tuples: &[Tuple; 2], status: Status) -> Option<(Tuple, u16)> {
 /// A full-NAT rule was counted at PREROUTING already.
 fn src_plan_counts(dst_rule: Option<RuleId>, src: Option<(usize, RuleId)>) -> bool {
     src.is_some_and(|(_, id)| dst_rule != Some(id))
-}
-
-#[cfg(test)]
-mod guess_tests {
-    use super::tests::{C, N, dnat_rule, in_meta, out_meta, snat_rule, t4, with_proto};
-    use super::*;
-    use crate::tuple::proto;
-    use std::collections::HashSet;
-
-    /// Decides `orig` against a table that holds exactly `taken` (reply tuples and
-    /// their inverses), and records the new connection's tuples there.
-    fn decide_into(
-        nat: &mut NatEngine,
-        taken: &mut HashSet<Tuple>,
-        orig: &Tuple,
-        meta: &PacketMeta,
-    ) -> Result<NatDecision, NatError> {
-        let d = nat.decide(orig, meta, &mut |r| taken.contains(r))?;
-        taken.insert(*orig);
-        taken.insert(d.reply);
-        Ok(d)
-    }
-
-    /// With nothing in the table but the engine's own bindings, the guess made before a
-    /// batch is the reply each decision then chooses, in order: by-source reuse, kept
-    /// ports and searches in a busy range alike. Each batch has one connection per
-    /// endpoint and per client, so no decision of a batch changes another's candidates.
-    #[test]
-    fn guesses_are_the_decisions_of_a_batch() {
-        let ports = PortRange::new(20_000, 20_023);
-        let mut nat = NatEngine::new(11);
-        nat.rules_mut()
-            .add(with_proto(snat_rule(1, Some(ports)), proto::UDP))
-            .expect("rule");
-        let mut taken = HashSet::new();
-        // Connection k of round r: endpoint k (a new destination port every 20 rounds),
-        // client (k, r % 20), whose port is outside the range for k < 4 and inside it
-        // (kept when free) for the others. 20 of the 24 ports per endpoint get used;
-        // from round 20 on, every client has a mapping from an earlier round.
-        let conn = |r: u8, k: u8| {
-            let sp = if k < 4 { 40_000 } else { 20_000 + u16::from(k) };
-            let dp = 53 + u16::from(r / 20);
-            t4([10, 1, k, r % 20], sp, [198, 51, 100, k], dp, proto::UDP)
-        };
-        let (mut searched, mut reused, mut kept) = (0, 0, 0);
-        for r in 0..60u8 {
-            let batch: Vec<Tuple> = (0..8).map(|k| conn(r, k)).collect();
-            let mut guesses = [None; 8];
-            let _ = nat.guess_replies(&batch, &out_meta(), &mut guesses);
-            for (orig, guess) in batch.iter().zip(guesses) {
-                let before = nat.stats();
-                let d = decide_into(&mut nat, &mut taken, orig, &out_meta()).expect("free port");
-                let after = nat.stats();
-                searched += after.searched - before.searched;
-                reused += after.by_source_reused - before.by_source_reused;
-                kept += u32::from(d.reply.dst_l4 == orig.src_l4);
-                assert_eq!(guess, Some(d.reply), "{orig}");
-            }
-        }
-        assert!(
-            searched > 100 && reused > 50 && kept > 0,
-            "{searched} {reused} {kept}"
-        );
-        // Fill endpoint 0's range: then nothing is guessed, and the decision fails.
-        for j in 0..4u8 {
-            let t = t4([10, 2, 0, j], 40_000, [198, 51, 100, 0], 55, proto::UDP);
-            decide_into(&mut nat, &mut taken, &t, &out_meta()).expect("free port");
-        }
-        let full = t4(C, 40_000, [198, 51, 100, 0], 55, proto::UDP);
-        let mut guess = [Some(full)];
-        let _ = nat.guess_replies(&[full], &out_meta(), &mut guess);
-        assert_eq!(guess, [None]);
-        assert!(decide_into(&mut nat, &mut taken, &full, &out_meta()).is_err());
-    }
-
-    /// Connections without a source rule, or with a destination rule, get no guess.
-    #[test]
-    fn no_guess_without_a_source_rule_or_with_a_destination_rule() {
-        let mut nat = NatEngine::new(3);
-        let orig = t4(C, 40_000, [198, 51, 100, 1], 53, proto::UDP);
-        let mut g = [Some(orig)];
-        let _ = nat.guess_replies(&[orig], &out_meta(), &mut g);
-        assert_eq!(g, [None], "no rule");
-        nat.rules_mut().add(dnat_rule(1)).expect("rule");
-        nat.rules_mut().add(snat_rule(2, None)).expect("rule");
-        let inbound = t4([198, 51, 100, 1], 4000, N, 8080, proto::TCP);
-        let _ = nat.guess_replies(&[inbound], &in_meta(), &mut g);
-        assert_eq!(g, [None], "destination rule");
-        let _ = nat.guess_replies(&[orig], &out_meta(), &mut g);
-        let d = nat
-            .decide(&orig, &out_meta(), &mut |_| false)
-            .expect("decision");
-        assert_eq!(g, [Some(d.reply)], "source rule, default port range");
-    }
 }
 
 #[cfg(test)]

@@ -829,10 +829,6 @@ impl NatRuleSet {
             .position(|e| e.rule.matches(hook, t, meta))
     }
 
-    pub(crate) fn entry(&self, i: usize) -> &Entry {
-        &self.entries[i]
-    }
-
     pub(crate) fn entry_mut(&mut self, i: usize) -> &mut Entry {
         &mut self.entries[i]
     }
