@@ -394,13 +394,15 @@ fn create_and_answer(ct: &mut Conntrack, frames: &[&[u8]], now: u64, rng: &mut R
 }
 
 /// Established packets per second with `n` live connections through the NAT path:
-/// (no rule, SNAT on every packet), measured alternately in the same run.
+/// (no rule, SNAT on every packet), measured alternately in the same run; and the
+/// ratio SNAT / no rule of each repeat's pair by CPU time (which other processes on
+/// a shared machine do not inflate).
 fn established_nat(
     n: usize,
     repeats: usize,
     min_packets: usize,
     rng: &mut Rng,
-) -> (Summary, Summary) {
+) -> (Summary, Summary, Summary) {
     let (orig, _) = udp_trace(n, rng);
     let now = 10 * NS;
     // 64 addresses: 7 servers x 64 addresses x 64512 ports hold the 1M connections.
@@ -421,41 +423,81 @@ fn established_nat(
     let traces = [both[0].frames(), both[1].frames()];
     let passes = min_packets.div_ceil(traces[0].len()).max(1);
     let mut rates = [Vec::new(), Vec::new()];
+    let mut ratio_cpu = Vec::new();
     for r in 0..repeats {
         let now = now + u64::try_from(r + 1).unwrap() * NS;
-        for (k, ct) in cts.iter_mut().enumerate() {
+        let mut cpu_rates = [0.0; 2];
+        // Alternate which side goes first, so that neither always follows the other.
+        let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for k in order {
+            let ct = &mut cts[k];
             let frames = &traces[k];
-            let t0 = Instant::now();
+            let clocks = Clocks::start();
             let (mut tracked, mut rewritten) = (0, 0);
             for _ in 0..passes {
                 let (t, w) = run_mut(ct, frames, now);
                 tracked += t;
                 rewritten += w;
             }
-            let dt = t0.elapsed().as_secs_f64();
+            let (dt, cpu) = clocks.elapsed();
             let total = passes * frames.len();
             assert_eq!(tracked, total, "every packet tracked");
             assert_eq!(rewritten, if k == 1 { total } else { 0 }, "rewrites");
             rates[k].push(total as f64 / dt);
+            cpu_rates[k] = total as f64 / cpu;
         }
+        ratio_cpu.push(cpu_rates[1] / cpu_rates[0]);
     }
     assert_eq!(cts[1].table().len(), n, "nothing expired or evicted");
     assert_eq!(cts[1].stats().nat_rewrite_failed, 0);
     let [a, b] = rates;
-    (summary(a), summary(b))
+    (summary(a), summary(b), summary(ratio_cpu))
+}
+
+/// Wall-clock and this thread's CPU time since a start.
+struct Clocks {
+    wall: Instant,
+    cpu: f64,
+}
+
+impl Clocks {
+    fn thread_cpu() -> f64 {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+    }
+    fn start() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: Self::thread_cpu(),
+        }
+    }
+    /// (wall seconds, CPU seconds).
+    fn elapsed(&self) -> (f64, f64) {
+        (
+            self.wall.elapsed().as_secs_f64(),
+            Self::thread_cpu() - self.cpu,
+        )
+    }
+}
+
+/// What [`new_nat`] measured: rates by wall clock and by this thread's CPU time (which
+/// other processes on a shared machine do not inflate), SNAT and the no-rule baseline
+/// of the same repeat, and the ratio of the two (CPU time) per repeat.
+struct NewNat {
+    snat: Summary,
+    snat_cpu: Summary,
+    plain: Summary,
+    plain_cpu: Summary,
+    ratio_cpu: Summary,
+    probes: f64,
+    exhausted: u64,
 }
 
 /// New SNAT connections per second from a range that is 90 % in use towards each of
 /// `endpoints` remote endpoints: the range is filled by the allocator itself (not
 /// timed), then `fresh` more connections per endpoint are timed (the range ends at most
-/// 5 % fuller). Returns the rate and the mean probes per timed connection.
-fn new_nat(
-    endpoints: usize,
-    range: u16,
-    fresh: usize,
-    repeats: usize,
-    rng: &mut Rng,
-) -> (Summary, f64, u64, Summary) {
+/// 5 % fuller). Each repeat measures SNAT and then the baseline.
+fn new_nat(endpoints: usize, range: u16, fresh: usize, repeats: usize, rng: &mut Rng) -> NewNat {
     let ports = PortRange::new(20_000, 20_000 + range - 1);
     let fill = usize::from(range) * 9 / 10;
     let endpoint = |k: usize| -> ([u8; 4], u16) {
@@ -484,8 +526,8 @@ fn new_nat(
     let timed = trace(fill, fill + fresh, rng);
     let (pf, tf) = (prefill.frames(), timed.frames());
     let max = endpoints * (fill + fresh);
-    let mut rates = Vec::new();
-    let mut plain = Vec::new();
+    let (mut rates, mut rates_cpu) = (Vec::new(), Vec::new());
+    let (mut plain, mut plain_cpu, mut ratio_cpu) = (Vec::new(), Vec::new(), Vec::new());
     let mut probes = 0.0;
     let mut exhausted = 0;
     for _ in 0..repeats {
@@ -498,9 +540,9 @@ fn new_nat(
         assert_eq!(t, w, "every tracked connection translated");
         assert!(t + t / 1000 >= pf.len(), "prefill: {t} of {}", pf.len());
         let before = ct.nat().stats();
-        let t0 = Instant::now();
+        let clocks = Clocks::start();
         let (t, w) = run_mut(&mut ct, &tf, 10 * NS);
-        let dt = t0.elapsed().as_secs_f64();
+        let (dt, cpu) = clocks.elapsed();
         assert_eq!(t, w, "every tracked connection translated");
         let after = ct.nat().stats();
         let tried = after.decisions - before.decisions;
@@ -510,19 +552,30 @@ fn new_nat(
         exhausted += failed;
         probes = (after.probes - before.probes) as f64 / tried as f64;
         rates.push(t as f64 / dt);
+        rates_cpu.push(t as f64 / cpu);
         drop(ct);
         // Baseline, same repeat: the same connections without any rule (the table as
         // full, no NAT decision, no port search).
         let mut ct = nat_conntrack(max, None);
         let (t, _) = run_mut(&mut ct, &pf, 10 * NS);
         assert_eq!(t, pf.len());
-        let t0 = Instant::now();
+        let clocks = Clocks::start();
         let (t, _) = run_mut(&mut ct, &tf, 10 * NS);
-        let dt = t0.elapsed().as_secs_f64();
+        let (dt, cpu) = clocks.elapsed();
         assert_eq!(t, tf.len());
         plain.push(t as f64 / dt);
+        plain_cpu.push(t as f64 / cpu);
+        ratio_cpu.push(rates_cpu[rates_cpu.len() - 1] / plain_cpu[plain_cpu.len() - 1]);
     }
-    (summary(rates), probes, exhausted, summary(plain))
+    NewNat {
+        snat: summary(rates),
+        snat_cpu: summary(rates_cpu),
+        plain: summary(plain),
+        plain_cpu: summary(plain_cpu),
+        ratio_cpu: summary(ratio_cpu),
+        probes,
+        exhausted,
+    }
 }
 
 fn row(name: &str, unit: &str, s: Summary, ovs: &str, goal: &str) {
@@ -542,6 +595,12 @@ fn main() {
     } else {
         ([1_000, 100_000, 1_000_000], 1_000_000, 5, 4_000_000)
     };
+    // `CT_BENCH_REPEATS=n`: more (or fewer) repeats, e.g. for more same-run pairs.
+    let repeats = std::env::var("CT_BENCH_REPEATS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(repeats);
     // `CT_BENCH_ONLY=est|new|tcp` runs one part (for profiling); the others print 0.
     let only = std::env::var("CT_BENCH_ONLY").unwrap_or_default();
     let want = |part: &str| only.is_empty() || only == part;
@@ -571,13 +630,13 @@ fn main() {
     } else {
         zero
     };
-    let est_nat: Vec<(Summary, Summary)> = sizes
+    let est_nat: Vec<(Summary, Summary, Summary)> = sizes
         .iter()
         .map(|&n| {
             if want("nat") {
                 established_nat(n, repeats, min_packets, &mut rng)
             } else {
-                (zero, zero)
+                (zero, zero, zero)
             }
         })
         .collect();
@@ -587,11 +646,21 @@ fn main() {
     } else {
         (256, 1024, 50)
     };
-    let (nat_new, nat_probes, nat_exhausted, nat_new_plain) = if want("natnew") {
+    let natnew = if want("natnew") {
         new_nat(nat_endpoints, nat_range, nat_fresh, repeats, &mut rng)
     } else {
-        (zero, 0.0, 0, zero)
+        NewNat {
+            snat: zero,
+            snat_cpu: zero,
+            plain: zero,
+            plain_cpu: zero,
+            ratio_cpu: zero,
+            probes: 0.0,
+            exhausted: 0,
+        }
     };
+    let (nat_new, nat_new_plain) = (natnew.snat, natnew.plain);
+    let (nat_probes, nat_exhausted) = (natnew.probes, natnew.exhausted);
 
     let m = |s: Summary| Summary {
         min: s.min / 1e6,
@@ -641,7 +710,7 @@ fn main() {
     );
     let mut ratios = [0.0; 3];
     for i in 0..3 {
-        let (plain, nat) = est_nat[i];
+        let (plain, nat, ratio_cpu) = est_nat[i];
         row(
             &format!("est. UDP, NAT path no rule, {}", sizes[i]),
             "Mpps",
@@ -661,6 +730,13 @@ fn main() {
             &format!("x{:.3} of above", ratios[i]),
             ">=x0.9",
         );
+        row(
+            &format!("est. SNAT / no rule, CPU, {}", sizes[i]),
+            "x",
+            ratio_cpu,
+            "per repeat",
+            ">=x0.9",
+        );
     }
     row(
         "new conns, same table, no rule",
@@ -676,6 +752,27 @@ fn main() {
         &format!("{nat_probes:.1} pr, {nat_exhausted} ex"),
         "3",
     );
+    row(
+        "new conns, no rule, by CPU time",
+        "M/s",
+        m(natnew.plain_cpu),
+        "-",
+        "-",
+    );
+    row(
+        "new SNAT conns, 90%, by CPU time",
+        "M/s",
+        m(natnew.snat_cpu),
+        "-",
+        "3",
+    );
+    row(
+        "new SNAT / no rule, CPU time ratio",
+        "x",
+        natnew.ratio_cpu,
+        "per repeat",
+        "-",
+    );
     println!(
         "{{\"bench\":\"ct_established\",\"quick\":{quick},\"repeats\":{repeats},\
          \"conns_1k_mpps\":{:.3},\"conns_100k_mpps\":{:.3},\"conns_1m_mpps\":{:.3},\
@@ -687,9 +784,14 @@ fn main() {
          \"snat_1k_mpps\":{:.3},\"snat_100k_mpps\":{:.3},\"snat_1m_mpps\":{:.3},\
          \"snat_1k_mpps_min\":{:.3},\"snat_100k_mpps_min\":{:.3},\"snat_1m_mpps_min\":{:.3},\
          \"snat_ratio_1k\":{:.3},\"snat_ratio_100k\":{:.3},\"snat_ratio_1m\":{:.3},\
+         \"snat_cpu_ratio_1k\":{:.3},\"snat_cpu_ratio_100k\":{:.3},\"snat_cpu_ratio_1m\":{:.3},\
+         \"snat_cpu_ratio_1k_min\":{:.3},\"snat_cpu_ratio_100k_min\":{:.3},\"snat_cpu_ratio_1m_min\":{:.3},\
          \"new_snat_busy90_per_s\":{:.0},\"new_snat_busy90_per_s_min\":{:.0},\
          \"new_snat_busy90_probes\":{:.2},\"new_snat_busy90_exhausted\":{},\
-         \"new_plain_busy90_per_s\":{:.0},\"new_plain_busy90_per_s_min\":{:.0}}}",
+         \"new_plain_busy90_per_s\":{:.0},\"new_plain_busy90_per_s_min\":{:.0},\
+         \"new_snat_busy90_cpu_per_s\":{:.0},\"new_snat_busy90_cpu_per_s_min\":{:.0},\
+         \"new_plain_busy90_cpu_per_s\":{:.0},\"new_plain_busy90_cpu_per_s_min\":{:.0},\
+         \"new_snat_busy90_cpu_ratio\":{:.3},\"new_snat_busy90_cpu_ratio_min\":{:.3}}}",
         m(est[0]).median,
         m(est[1]).median,
         m(est[2]).median,
@@ -713,11 +815,23 @@ fn main() {
         ratios[0],
         ratios[1],
         ratios[2],
+        est_nat[0].2.median,
+        est_nat[1].2.median,
+        est_nat[2].2.median,
+        est_nat[0].2.min,
+        est_nat[1].2.min,
+        est_nat[2].2.min,
         nat_new.median,
         nat_new.min,
         nat_probes,
         nat_exhausted,
         nat_new_plain.median,
-        nat_new_plain.min
+        nat_new_plain.min,
+        natnew.snat_cpu.median,
+        natnew.snat_cpu.min,
+        natnew.plain_cpu.median,
+        natnew.plain_cpu.min,
+        natnew.ratio_cpu.median,
+        natnew.ratio_cpu.min
     );
 }

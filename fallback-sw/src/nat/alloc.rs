@@ -145,10 +145,10 @@ pub const BUSY_MAX_ENDPOINTS: usize = 1 << 18;
 
 /// A candidate ORIGINAL tuple after source manip, without its source port (or ICMP id):
 /// every candidate of one search has the same key.
-fn endpoint_of(t: &Tuple) -> Tuple {
+fn endpoint_of(t: &Tuple) -> Endpoint {
     let mut k = *t;
     k.src_l4 = 0;
-    k
+    Endpoint(k)
 }
 
 /// Source ports bound towards one endpoint: a few inline, or one bit each.
@@ -207,7 +207,20 @@ impl PortBits {
 #[derive(Clone, Copy)]
 struct FoldHasher(u64);
 
+impl FoldHasher {
+    /// Folds one word in: the xor of both halves of a 128-bit product.
+    #[inline]
+    fn fold(&mut self, w: u64) {
+        let p = (u128::from(self.0 ^ w) * 0x9E37_79B9_7F4A_7C15_u128).to_le_bytes();
+        let (mut lo, mut hi) = ([0u8; 8], [0u8; 8]);
+        lo.copy_from_slice(&p[..8]);
+        hi.copy_from_slice(&p[8..]);
+        self.0 = u64::from_le_bytes(lo) ^ u64::from_le_bytes(hi);
+    }
+}
+
 impl core::hash::Hasher for FoldHasher {
+    #[inline]
     fn finish(&self) -> u64 {
         mix64(self.0)
     }
@@ -215,8 +228,47 @@ impl core::hash::Hasher for FoldHasher {
         for c in bytes.chunks(8) {
             let mut w = [0u8; 8];
             w[..c.len()].copy_from_slice(c);
-            self.0 = (self.0 ^ u64::from_le_bytes(w)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            self.fold(u64::from_le_bytes(w));
         }
+    }
+    #[inline]
+    fn write_u64(&mut self, w: u64) {
+        self.fold(w);
+    }
+}
+
+/// The two 64-bit halves of an address (an IPv4 address: the first, the second is 0).
+#[inline]
+fn addr_words(a: &Addr) -> [u64; 2] {
+    let [w0, w1] = [0, 8].map(|i| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&a.0[i..i + 8]);
+        u64::from_le_bytes(w)
+    });
+    [w0, w1]
+}
+
+/// A map key hashed as a few whole words (derived `Hash` feeds [`FoldHasher`] one
+/// field, and one length prefix per address, at a time).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Endpoint(Tuple);
+
+impl core::hash::Hash for Endpoint {
+    #[inline]
+    fn hash<H: core::hash::Hasher>(&self, h: &mut H) {
+        let t = &self.0;
+        let [s0, s1] = addr_words(&t.src);
+        let [d0, d1] = addr_words(&t.dst);
+        h.write_u64(s0 ^ d0.rotate_left(32));
+        h.write_u64(s1);
+        h.write_u64(d1);
+        h.write_u64(
+            u64::from(t.src_l4)
+                | u64::from(t.dst_l4) << 16
+                | u64::from(t.proto) << 32
+                | u64::from(t.zone) << 40
+                | u64::from(t.family as u8) << 56,
+        );
     }
 }
 
@@ -254,7 +306,7 @@ impl core::hash::BuildHasher for FoldBuild {
 /// [`MAX_TABLE_CHECKS`] of them).
 #[derive(Clone, Default)]
 pub struct BusyPorts {
-    map: HashMap<Tuple, PortBits, FoldBuild>,
+    map: HashMap<Endpoint, PortBits, FoldBuild>,
     dense: usize,
 }
 
@@ -382,12 +434,22 @@ impl BusyPorts {
 }
 
 /// Key of the by-source index: the original source (Linux `hash_by_src`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SrcKey {
     addr: Addr,
     port: u16,
     proto: u8,
     zone: u16,
+}
+
+impl core::hash::Hash for SrcKey {
+    #[inline]
+    fn hash<H: core::hash::Hasher>(&self, h: &mut H) {
+        let [a0, a1] = addr_words(&self.addr);
+        h.write_u64(a0 ^ u64::from(self.port) << 32);
+        h.write_u64(a1);
+        h.write_u64(u64::from(self.proto) | u64::from(self.zone) << 8);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -660,8 +722,36 @@ impl AllocCtx<'_> {
     /// records `t` (a recorded binding is in the table: a lookup would hit, and read
     /// the connection's entry, a cache miss, to say so).
     #[inline]
-    fn used_or_recorded(&mut self, t: &Tuple) -> bool {
-        self.busy.is_some_and(|b| b.contains(t)) || self.used(t)
+    fn used_or_recorded(&mut self, t: &Tuple, memo: &mut BusyMemo<'_>) -> bool {
+        memo.bits(t).is_some_and(|b| b.test(t.src_l4)) || self.used(t)
+    }
+}
+
+/// The [`BusyPorts`] record of the endpoint a decision last asked about: the candidates
+/// of one source decision differ only in source address and port, so the map is
+/// looked up once per address instead of once per question.
+struct BusyMemo<'a> {
+    busy: Option<&'a BusyPorts>,
+    last: Option<(Addr, Option<&'a PortBits>)>,
+}
+
+impl<'a> BusyMemo<'a> {
+    fn new(busy: Option<&'a BusyPorts>) -> Self {
+        Self { busy, last: None }
+    }
+
+    /// The ports recorded towards `t`'s endpoint (its source port ignored).
+    #[inline]
+    fn bits(&mut self, t: &Tuple) -> Option<&'a PortBits> {
+        let busy = self.busy?;
+        match self.last {
+            Some((a, bits)) if a == t.src => bits,
+            _ => {
+                let bits = busy.get(t);
+                self.last = Some((t.src, bits));
+                bits
+            }
+        }
     }
 }
 
@@ -679,10 +769,11 @@ pub fn get_unique_tuple(
     if cur.family != Family::V4 {
         return Ok((*cur, Found::Kept));
     }
+    let mut memo = BusyMemo::new(if manip == Manip::Src { ctx.busy } else { None });
     // 1. Source manip, not fully random: keep the tuple, or reuse the source's mapping.
     if manip == Manip::Src && !range.random_fully {
         if in_range(cur, range, manip) {
-            if !ctx.used_or_recorded(cur) {
+            if !ctx.used_or_recorded(cur, &mut memo) {
                 return Ok((*cur, Found::Kept));
             }
         } else {
@@ -697,7 +788,7 @@ pub fn get_unique_tuple(
             if let Some((a, p)) = hit {
                 cand.src = a;
                 set_key(&mut cand, Manip::Src, p);
-                if !ctx.used_or_recorded(&cand) {
+                if !ctx.used_or_recorded(&cand, &mut memo) {
                     return Ok((cand, Found::BySource));
                 }
             }
@@ -709,15 +800,15 @@ pub fn get_unique_tuple(
     // 3. Keep the port if that is free.
     if !range.random_fully {
         let keep = match (range.ports, key_of_l4(&t, manip)) {
-            (Some(r), Some(k)) => r.contains(k) && !ctx.used_or_recorded(&t),
-            _ => !ctx.used_or_recorded(&t),
+            (Some(r), Some(k)) => r.contains(k) && !ctx.used_or_recorded(&t, &mut memo),
+            _ => !ctx.used_or_recorded(&t, &mut memo),
         };
         if keep {
             return Ok((t, Found::AddrOnly));
         }
     }
     // 4. Search.
-    search(cur, t, range, manip, ctx)
+    search(cur, t, range, manip, ctx, &mut memo)
 }
 
 /// Linux `nf_nat_l4proto_unique_tuple`.
@@ -727,6 +818,7 @@ fn search(
     range: &NatRange,
     manip: Manip,
     ctx: &mut AllocCtx<'_>,
+    memo: &mut BusyMemo<'_>,
 ) -> Result<(Tuple, Found), Exhausted> {
     let fail = |t: Tuple, probes| Exhausted {
         manip,
@@ -742,20 +834,13 @@ fn search(
             Err(fail(t, 1))
         };
     };
-    let r = match range.ports {
-        Some(r) => r,
-        None if t.is_icmp() => PortRange::new(0, u16::MAX),
+    let Some(r) = search_ports(&t, range, manip, orig_key) else {
         // Destination manip without ports leaves the port alone.
-        None if manip == Manip::Dst => {
-            return if range.random_fully && !ctx.used(&t) {
-                Ok((t, Found::AddrOnly))
-            } else {
-                Err(fail(t, 1))
-            };
-        }
-        None if orig_key < 512 => PortRange::new(1, 511),
-        None if orig_key < 1024 => PortRange::new(600, 1023),
-        None => PortRange::new(1024, u16::MAX),
+        return if range.random_fully && !ctx.used(&t) {
+            Ok((t, Found::AddrOnly))
+        } else {
+            Err(fail(t, 1))
+        };
     };
     let size = r.size();
     let mut off: u32 = if range.random_fully || manip == Manip::Src {
@@ -766,9 +851,10 @@ fn search(
     if size == 0 {
         return Err(fail(t, 0));
     }
-    if let (Manip::Src, Some(busy)) = (manip, ctx.busy) {
-        // Every candidate of this search has the same endpoint: one map lookup.
-        let bits = busy.get(&t);
+    if manip == Manip::Src && ctx.busy.is_some() {
+        // Every candidate of this search has the same endpoint: one map lookup (none
+        // when an earlier question of this decision asked about the same address).
+        let bits = memo.bits(&t);
         return search_free(cur, t, r, off % size, bits, ctx);
     }
     let mut attempts = size.min(128);
@@ -790,6 +876,19 @@ fn search(
         attempts /= 2;
         off = u32::from(ctx.rng.next_u16());
     }
+}
+
+/// The ports a search for `t` covers, given the original port (or id) `orig_key`;
+/// `None` when the port is not changed (destination manip without ports).
+fn search_ports(t: &Tuple, range: &NatRange, manip: Manip, orig_key: u16) -> Option<PortRange> {
+    Some(match range.ports {
+        Some(r) => r,
+        None if t.is_icmp() => PortRange::new(0, u16::MAX),
+        None if manip == Manip::Dst => return None,
+        None if orig_key < 512 => PortRange::new(1, 511),
+        None if orig_key < 1024 => PortRange::new(600, 1023),
+        None => PortRange::new(1024, u16::MAX),
+    })
 }
 
 /// Table checks a source search makes at most: Linux's probe budget.

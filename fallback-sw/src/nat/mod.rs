@@ -268,29 +268,10 @@ impl NatEngine {
                 Some(i) => {
                     let e = self.rules.entry_mut(i);
                     let id = e.rule.id;
-                    let range = match &e.rule.action {
-                        NatAction::Snat {
-                            addrs,
-                            ports,
-                            flags,
-                        } => NatRange {
-                            min_addr: addrs.min,
-                            max_addr: addrs.max,
-                            ports: *ports,
-                            random_fully: flags.random_fully,
-                            persistent: flags.persistent,
-                        },
-                        NatAction::Masquerade { ports, flags } => match meta.out_addr {
-                            Some(a) if a != Addr::default() => ports_range(a, *ports, *flags),
-                            _ => {
-                                e.stats.matched += 1;
-                                self.stats.no_masquerade_address += 1;
-                                return Err(NatError::NoMasqueradeAddress { rule: id });
-                            }
-                        },
-                        NatAction::Dnat { .. }
-                        | NatAction::FullNat { .. }
-                        | NatAction::Vip { .. } => NatRange::addr(cur.src),
+                    let Some(range) = src_range(&e.rule.action, &cur, meta) else {
+                        e.stats.matched += 1;
+                        self.stats.no_masquerade_address += 1;
+                        return Err(NatError::NoMasqueradeAddress { rule: id });
                     };
                     Some(SrcPlan {
                         range,
@@ -383,6 +364,31 @@ impl NatEngine {
             self.busy.remove(&new);
         }
     }
+}
+
+/// The source range a rule found at POSTROUTING gives `cur`; `None` for a masquerade
+/// rule when the egress port has no IPv4 address.
+fn src_range(action: &NatAction, cur: &Tuple, meta: &PacketMeta) -> Option<NatRange> {
+    Some(match action {
+        NatAction::Snat {
+            addrs,
+            ports,
+            flags,
+        } => NatRange {
+            min_addr: addrs.min,
+            max_addr: addrs.max,
+            ports: *ports,
+            random_fully: flags.random_fully,
+            persistent: flags.persistent,
+        },
+        NatAction::Masquerade { ports, flags } => match meta.out_addr {
+            Some(a) if a != Addr::default() => ports_range(a, *ports, *flags),
+            _ => return None,
+        },
+        NatAction::Dnat { .. } | NatAction::FullNat { .. } | NatAction::Vip { .. } => {
+            NatRange::addr(cur.src)
+        }
+    })
 }
 
 /// The source binding of a `SRC_NAT` connection: the original tuple as translated
