@@ -24,7 +24,8 @@ use crate::nat::rules::RuleId;
 use crate::nat::{NatEngine, NatError, PacketMeta};
 use crate::table::{ConnTable, InsertError, RemoveReason, Slot, Status};
 use crate::tcp::{
-    ConnStatus, TcpConfig, TcpConn, TcpFlags, TcpInvalid, TcpOutcome, TcpSegment, TcpTimeouts,
+    ConnStatus, TcpConfig, TcpConn, TcpFlags, TcpInvalid, TcpOutcome, TcpSegment, TcpState,
+    TcpTimeouts,
 };
 use crate::tuple::{Addr, Dir, Family, Tuple, icmpv4_is_request, icmpv6_is_request};
 use crate::wire::{self, DropReason, Fragment, L3, L4, ParseOptions, ParsedPacket, TcpInfo};
@@ -87,11 +88,29 @@ impl Default for Config {
     }
 }
 
+/// The TCP part kept in a connection's entry: its state. The window tracking
+/// ([`TcpConn`]) lives beside the table (see [`Conntrack::tcp`]), so that entries of
+/// other protocols do not carry its 60 bytes. Only this crate creates one: a TCP entry
+/// always has its window state stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSummary {
+    state: TcpState,
+}
+
+impl TcpSummary {
+    /// The state of the TCP state machine.
+    #[inline]
+    #[must_use]
+    pub fn state(&self) -> TcpState {
+        self.state
+    }
+}
+
 /// Per-protocol state kept in each connection.
 #[derive(Debug, Clone, Copy)]
 pub enum L4State {
-    /// TCP: state machine and window tracking.
-    Tcp(TcpConn),
+    /// TCP: the state machine's state (window tracking: [`Conntrack::tcp`]).
+    Tcp(TcpSummary),
     /// UDP: when a reply makes the entry a stream.
     Udp {
         /// Absolute time after which a replied entry becomes a stream (ASSURED).
@@ -317,6 +336,8 @@ impl NatVerdict {
 pub struct Conntrack {
     cfg: Config,
     table: ConnTable<L4State>,
+    /// Window tracking of the TCP entries, by slot.
+    tcp: TcpStore,
     stats: Stats,
     nat: NatEngine,
     /// Connections in the table with `SRC_NAT` or `DST_NAT`: while there are none and
@@ -407,6 +428,7 @@ impl Conntrack {
     pub fn with_nat(cfg: Config, nat: NatEngine) -> Self {
         Self {
             table: ConnTable::new(cfg.max_connections, cfg.hash_seed, cfg.event_capacity),
+            tcp: TcpStore::new(cfg.max_connections.max(1)),
             cfg,
             stats: Stats::default(),
             nat,
@@ -488,6 +510,54 @@ impl Conntrack {
     /// The connection table, mutable (for the offload policy and the API).
     pub fn table_mut(&mut self) -> &mut ConnTable<L4State> {
         &mut self.table
+    }
+
+    /// The window-tracking state of the TCP connection in `slot` (`None` when the slot
+    /// holds no TCP connection).
+    #[must_use]
+    pub fn tcp(&self, slot: Slot) -> Option<&TcpConn> {
+        match self.table.get(slot)?.proto {
+            L4State::Tcp(_) => self.tcp.get(slot),
+            L4State::Udp { .. } | L4State::Icmp | L4State::Generic => None,
+        }
+    }
+
+    /// Insert a TCP connection built outside the packet path (the agent restoring an
+    /// offloaded flow after a restart), with its window state: [`ConnTable::insert`]
+    /// for TCP, whose entries keep their window state beside the table.
+    ///
+    /// # Errors
+    /// As [`ConnTable::insert`].
+    pub fn insert_tcp(
+        &mut self,
+        orig: Tuple,
+        reply: Tuple,
+        status: Status,
+        timeout: u64,
+        tcp: TcpConn,
+        now: u64,
+    ) -> Result<Slot, InsertError> {
+        let summary = L4State::Tcp(TcpSummary { state: tcp.state() });
+        let slot = self
+            .table
+            .insert(orig, reply, status, timeout, summary, now)?;
+        self.tcp.put(slot, tcp);
+        self.release_nat();
+        Ok(slot)
+    }
+
+    /// Bytes of memory held for connections: every allocation of the table (see
+    /// [`ConnTable::heap_bytes`]) and of the TCP window store beside it.
+    #[must_use]
+    pub fn memory_bytes(&self) -> usize {
+        self.table.heap_bytes() + self.tcp.heap_bytes()
+    }
+
+    /// [`Conntrack::memory_bytes`] divided by the live connections (by 1 when empty),
+    /// rounded up.
+    #[must_use]
+    pub fn bytes_per_connection(&self) -> usize {
+        self.memory_bytes().div_ceil(self.table.len().max(1))
     }
 
     /// Reap expired connections, visiting at most `budget` timers.
@@ -607,10 +677,13 @@ impl Conntrack {
         bytes: u64,
         now: u64,
     ) -> Result<Verdict, Reopen> {
+        let mut tcp = None;
         let (state, timeout_ns) = match pkt.l4 {
             L4::Tcp(ref t) => match TcpConn::new(&segment_of(t), &self.cfg.tcp) {
                 Ok((conn, accept)) => (
-                    L4State::Tcp(conn),
+                    L4State::Tcp(TcpSummary {
+                        state: tcp.insert(conn).state(),
+                    }),
                     accept
                         .timeout_ns
                         .unwrap_or(u64::from(self.cfg.tcp.timeouts.syn_sent) * NS),
@@ -680,6 +753,9 @@ impl Conntrack {
         if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
             self.nat_live += 1;
         }
+        if let Some(tcp) = tcp {
+            self.tcp.put(slot, tcp);
+        }
         if let Some(c) = self.table.get_mut(slot) {
             c.counters[0].packets += 1;
             c.counters[0].bytes += bytes;
@@ -740,14 +816,21 @@ impl Conntrack {
         // What the protocol handler decided: a new relative timeout (None = keep),
         // whether to set ASSURED, whether to delete the entry after the packet.
         let (timeout_ns, assure, delete, count) = match (&mut conn.proto, &pkt.l4) {
-            (L4State::Tcp(tcp), L4::Tcp(info)) => {
+            (L4State::Tcp(summary), L4::Tcp(info)) => {
                 let status = ConnStatus {
                     seen_reply,
                     assured: conn.status.contains(Status::ASSURED),
                     fixed_timeout: conn.status.contains(Status::FIXED_TIMEOUT),
                     remaining_ns: remaining,
                 };
-                match tcp.packet(dir, &segment_of(info), status, &tcp_cfg) {
+                // Every TCP entry has its state stored (only this crate makes a
+                // `TcpSummary`); a missing one is refused, never guessed.
+                let Some(tcp) = self.tcp.get_mut(slot) else {
+                    return Ok(self.invalid(Invalid::InsertClash));
+                };
+                let outcome = tcp.packet(dir, &segment_of(info), status, &tcp_cfg);
+                summary.state = tcp.state();
+                match outcome {
                     TcpOutcome::Accept(a) => (a.timeout_ns, a.set_assured, a.delete_now, true),
                     TcpOutcome::Ignore(_) => {
                         self.stats.tcp_ignored += 1;
@@ -957,5 +1040,7 @@ mod nat_tests;
 
 mod offload;
 mod query;
+mod tcp_store;
 pub use offload::{NotOffloadable, Teardown};
 pub use query::{DeleteError, Filter, Prefix};
+use tcp_store::TcpStore;

@@ -335,10 +335,18 @@ impl<P> ConnTable<P> {
     }
 
     /// Bytes of memory the table holds per connection it can hold: every allocation it
-    /// makes (index, entries, timer links and wheel, free list, event queue, GC scratch,
-    /// NAT release queue), divided by the maximum number of connections, rounded up.
+    /// makes ([`ConnTable::heap_bytes`]) divided by the maximum number of connections,
+    /// rounded up.
     #[must_use]
     pub fn bytes_per_connection(&self) -> usize {
+        self.heap_bytes().div_ceil(self.max)
+    }
+
+    /// Bytes of memory the table holds: every allocation it makes (index, entries,
+    /// timer links and wheel, free list, event queue, GC scratch, NAT release queue),
+    /// by capacity.
+    #[must_use]
+    pub fn heap_bytes(&self) -> usize {
         let index = self.index.capacity() * size_of::<u64>();
         let entries = self.entries.capacity() * size_of::<Option<Conn<P>>>();
         let links = self.links.capacity() * size_of::<SlotLinks>();
@@ -347,7 +355,7 @@ impl<P> ConnTable<P> {
         let scratch = self.scratch.capacity() * size_of::<u32>();
         let wheel = self.wheel.heap_bytes();
         let released = self.nat_released.capacity() * size_of::<([Tuple; 2], Status)>();
-        (index + entries + links + free + events + scratch + wheel + released).div_ceil(self.max)
+        index + entries + links + free + events + scratch + wheel + released
     }
 
     /// The table's hash of `tuple`, for [`ConnTable::lookup_hashed`] and

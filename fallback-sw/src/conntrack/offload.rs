@@ -101,7 +101,7 @@ impl Conntrack {
         self.offload_check(slot)?;
         let conn = self.table.get_mut(slot).ok_or(NotOffloadable::Gone)?;
         conn.status.insert(Status::OFFLOAD);
-        if let L4State::Tcp(tcp) = &mut conn.proto {
+        if let (L4State::Tcp(_), Some(tcp)) = (conn.proto, self.tcp.get_mut(slot)) {
             tcp.set_be_liberal();
         }
         self.table
@@ -175,9 +175,12 @@ impl Conntrack {
         let remaining = conn.remaining(now);
         let closing = how == Teardown::Closing;
         let state_timeout_ns = match &mut conn.proto {
-            L4State::Tcp(tcp) => {
-                tcp.flowtable_teardown(closing);
-                u64::from(tcp_t.for_state(tcp.state())) * NS
+            L4State::Tcp(summary) => {
+                if let Some(tcp) = self.tcp.get_mut(slot) {
+                    tcp.flowtable_teardown(closing);
+                    summary.state = tcp.state();
+                }
+                u64::from(tcp_t.for_state(summary.state())) * NS
             }
             L4State::Udp { .. } if seen_reply => u64::from(t.udp_stream) * NS,
             L4State::Udp { .. } => u64::from(t.udp) * NS,
