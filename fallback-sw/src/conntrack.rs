@@ -22,6 +22,7 @@
 use crate::nat::rewrite::{self, RewriteError};
 use crate::nat::rules::RuleId;
 use crate::nat::{NatEngine, NatError, PacketMeta};
+use crate::table::side::SlotStore;
 use crate::table::{ConnTable, InsertError, RemoveReason, Slot, Status};
 use crate::tcp::{
     ConnStatus, TcpConfig, TcpConn, TcpFlags, TcpInvalid, TcpOutcome, TcpSegment, TcpState,
@@ -337,7 +338,7 @@ pub struct Conntrack {
     cfg: Config,
     table: ConnTable<L4State>,
     /// Window tracking of the TCP entries, by slot.
-    tcp: TcpStore,
+    tcp: SlotStore<TcpConn>,
     stats: Stats,
     nat: NatEngine,
     /// Connections in the table with `SRC_NAT` or `DST_NAT`: while there are none and
@@ -428,7 +429,7 @@ impl Conntrack {
     pub fn with_nat(cfg: Config, nat: NatEngine) -> Self {
         Self {
             table: ConnTable::new(cfg.max_connections, cfg.hash_seed, cfg.event_capacity),
-            tcp: TcpStore::new(cfg.max_connections.max(1)),
+            tcp: SlotStore::new(cfg.max_connections.max(1)),
             cfg,
             stats: Stats::default(),
             nat,
@@ -516,7 +517,7 @@ impl Conntrack {
     /// holds no TCP connection).
     #[must_use]
     pub fn tcp(&self, slot: Slot) -> Option<&TcpConn> {
-        match self.table.get(slot)?.proto {
+        match self.table.entry(slot)?.proto {
             L4State::Tcp(_) => self.tcp.get(slot),
             L4State::Udp { .. } | L4State::Icmp | L4State::Generic => None,
         }
@@ -881,7 +882,8 @@ impl Conntrack {
         let fixed = conn.status.contains(Status::FIXED_TIMEOUT);
         if delete {
             if conn.status.intersects(Status::SRC_NAT | Status::DST_NAT) {
-                self.closed = Some((conn.tuples, conn.status));
+                let status = conn.status;
+                self.closed = self.table.tuples(slot).map(|t| (t, status));
             }
             self.table.remove(slot, RemoveReason::Closed);
         } else if let (Some(ns), false) = (timeout_ns, fixed) {
@@ -928,11 +930,11 @@ impl Conntrack {
         let Some((slot, dir)) = found else {
             return self.invalid(Invalid::IcmpErrorNoMatch);
         };
-        let Some(conn) = self.table.get(slot) else {
+        let Some(tuple) = self.table.tuple(slot, dir) else {
             return self.invalid(Invalid::IcmpErrorNoMatch);
         };
         let outer_dst = Addr::from_ip(pkt.dst).0;
-        if conn.tuple(dir).dst != outer_dst {
+        if tuple.dst != outer_dst {
             return self.invalid(Invalid::IcmpErrorSpoofed);
         }
         self.stats.related += 1;
@@ -1006,10 +1008,11 @@ impl Conntrack {
             return NatOutcome::Unchanged;
         };
         let nat_bits = Status::SRC_NAT | Status::DST_NAT;
-        let result = match self.table.get(slot) {
-            Some(c) if c.status.intersects(nat_bits) => {
-                rewrite::rewrite(frame, pkt, &c.tuples, c.status, dir)
-            }
+        let result = match self.table.entry(slot).map(|e| e.status) {
+            Some(status) if status.intersects(nat_bits) => match self.table.tuples(slot) {
+                Some(tuples) => rewrite::rewrite(frame, pkt, &tuples, status, dir),
+                None => return NatOutcome::Unchanged,
+            },
             Some(_) => return NatOutcome::Unchanged,
             // The packet closed its connection (TCP RST): it still goes out translated.
             None => match self.closed.take() {
@@ -1040,7 +1043,6 @@ mod nat_tests;
 
 mod offload;
 mod query;
-mod tcp_store;
+
 pub use offload::{NotOffloadable, Teardown};
 pub use query::{DeleteError, Filter, Prefix};
-use tcp_store::TcpStore;

@@ -1,7 +1,13 @@
 //! The connection table of one worker.
 //!
 //! - Entries live in a slab allocated once at the table's capacity: no allocation on the
-//!   packet path.
+//!   packet path. An entry ([`Entry`], 88 bytes) holds what a packet of an established
+//!   connection reads: the tuples as a compact key, status, timeout, counters and the
+//!   protocol's hot state. An IPv4 connection whose reply tuple is the inverse of its
+//!   original (no NAT) keeps only the original's 15 bytes in the key; the tuples of any
+//!   other connection (NAT, IPv6) live in a side store at the entry's slot (80 bytes,
+//!   allocated by chunks of slots when first needed, see [`side`]). Reads that want the
+//!   tuples get a materialized copy of the connection, [`Conn`].
 //! - An open-addressing index (linear probing, backward-shift deletion, load at most
 //!   1/2) maps each connection's two tuples to `(slot, direction)`, so a packet of either
 //!   direction finds its connection with one hash and, usually, one probe. The index
@@ -19,7 +25,10 @@
 //! The per-protocol state `P` is opaque here: the table does not know about TCP.
 
 use crate::timer::{SlotLinks, TimerWheel};
-use crate::tuple::{Dir, Tuple, TupleHasher};
+use crate::tuple::{Addr, Dir, Family, Tuple, TupleHasher};
+
+pub mod side;
+use side::SlotStore;
 
 bitflags::bitflags! {
     /// Connection status bits, numbered like Linux `enum ip_conntrack_status`.
@@ -69,13 +78,8 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// One connection.
-///
-/// The field order is fixed (`repr(C)`) so that what every packet touches (the tuple it
-/// is compared with, status, timeout, its direction's counters) sits together at the
-/// front, and the protocol state follows; see [`ConnTable::prefetch`].
+/// One connection, as read from the table: a copy, with both tuples materialized.
 #[derive(Debug, Clone)]
-#[repr(C)]
 pub struct Conn<P> {
     /// Original and reply tuples, indexed by [`Dir::index`].
     pub tuples: [Tuple; 2],
@@ -85,10 +89,9 @@ pub struct Conn<P> {
     pub timeout: u64,
     /// Per-direction counters, indexed by [`Dir::index`].
     pub counters: [Counter; 2],
-    /// Protocol state (its first bytes, read by every packet, follow the counters).
+    /// Protocol state.
     pub proto: P,
-    /// Unique id of this connection within the table's lifetime (never reused; not
-    /// read on the packet path, hence last).
+    /// Unique id of this connection within the table's lifetime (never reused).
     pub id: u64,
 }
 
@@ -115,6 +118,154 @@ impl<P> Conn<P> {
     }
 }
 
+/// How an entry holds its two tuples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Key {
+    /// IPv4, and the reply tuple is [`Tuple::invert`] of the original: the original's
+    /// fields.
+    V4 {
+        proto: u8,
+        src_l4: u16,
+        dst_l4: u16,
+        zone: u16,
+        src: [u8; 4],
+        dst: [u8; 4],
+    },
+    /// Both tuples are in the table's side store at the entry's slot.
+    Side,
+}
+
+/// An IPv4 address of a tuple, when the rest of its 16 bytes is zero (as
+/// [`Addr::v4`] makes it).
+#[inline]
+fn plain_v4(a: &Addr) -> Option<[u8; 4]> {
+    a.0[4..].iter().all(|&b| b == 0).then(|| a.as_v4())
+}
+
+impl Key {
+    /// The compact key of `orig` when `reply` is its inverse and it is IPv4.
+    fn compact(orig: &Tuple, reply: &Tuple) -> Option<Key> {
+        if orig.family != Family::V4 || orig.invert().as_ref() != Ok(reply) {
+            return None;
+        }
+        Some(Key::V4 {
+            proto: orig.proto,
+            src_l4: orig.src_l4,
+            dst_l4: orig.dst_l4,
+            zone: orig.zone,
+            src: plain_v4(&orig.src)?,
+            dst: plain_v4(&orig.dst)?,
+        })
+    }
+
+    /// Whether `t` is the tuple of direction `dir` of a `V4` key (`None` for `Side`).
+    #[inline]
+    fn matches(&self, t: &Tuple, dir: Dir) -> Option<bool> {
+        let Key::V4 {
+            proto,
+            src_l4,
+            dst_l4,
+            zone,
+            src,
+            dst,
+        } = *self
+        else {
+            return None;
+        };
+        let common = t.family == Family::V4 && t.proto == proto && t.zone == zone;
+        Some(match dir {
+            Dir::Original => {
+                common
+                    && t.src_l4 == src_l4
+                    && t.dst_l4 == dst_l4
+                    && t.src == Addr::v4(src)
+                    && t.dst == Addr::v4(dst)
+            }
+            // The inverse (ICMP types mapped) is built only for a candidate whose
+            // addresses already match.
+            Dir::Reply => {
+                common
+                    && t.src == Addr::v4(dst)
+                    && t.dst == Addr::v4(src)
+                    && self.tuples().is_some_and(|[_, r]| r == *t)
+            }
+        })
+    }
+
+    /// Both tuples of a `V4` key (`None` for `Side`).
+    #[inline]
+    fn tuples(&self) -> Option<[Tuple; 2]> {
+        let Key::V4 {
+            proto,
+            src_l4,
+            dst_l4,
+            zone,
+            src,
+            dst,
+        } = *self
+        else {
+            return None;
+        };
+        let orig = Tuple {
+            src: Addr::v4(src),
+            dst: Addr::v4(dst),
+            src_l4,
+            dst_l4,
+            proto,
+            family: Family::V4,
+            zone,
+        };
+        // A compact key is made only from a tuple that inverts.
+        Some([orig, orig.invert().unwrap_or(orig)])
+    }
+}
+
+/// One connection as the table stores it. The tuples are not public fields: read them
+/// with [`ConnTable::tuples`], or take a [`Conn`] copy with [`ConnTable::get`].
+///
+/// The field order is fixed (`repr(C)`) so that what every packet touches (the key it
+/// is compared with, status, timeout, counters, protocol state) comes first.
+#[derive(Debug, Clone)]
+#[repr(C)]
+pub struct Entry<P> {
+    key: Key,
+    /// Status bits.
+    pub status: Status,
+    /// Absolute expiry time in nanoseconds; dead once `timeout <= now`. Change it with
+    /// [`ConnTable::set_timeout`] so the timer stays right.
+    pub timeout: u64,
+    /// Per-direction counters, indexed by [`Dir::index`].
+    pub counters: [Counter; 2],
+    /// Protocol state.
+    pub proto: P,
+    /// Unique id of this connection within the table's lifetime (never reused; not
+    /// read on the packet path, hence last).
+    pub id: u64,
+}
+
+impl<P> Entry<P> {
+    /// Whether the connection has expired at `now`.
+    #[inline]
+    #[must_use]
+    pub fn expired(&self, now: u64) -> bool {
+        self.timeout <= now
+    }
+
+    /// Nanoseconds left before expiry (0 when expired).
+    #[inline]
+    #[must_use]
+    pub fn remaining(&self, now: u64) -> u64 {
+        self.timeout.saturating_sub(now)
+    }
+
+    /// Whether the tuples are in the side store (NAT, IPv6) rather than the entry.
+    #[inline]
+    #[must_use]
+    pub fn tuples_aside(&self) -> bool {
+        self.key == Key::Side
+    }
+}
+
 /// A reference to a slot of the table. It stays valid until the connection is removed;
 /// pair it with [`Conn::id`] (see [`ConnTable::get_checked`]) when holding it across time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -122,7 +273,7 @@ pub struct Slot(pub u32);
 
 impl Slot {
     #[inline]
-    fn idx(self) -> usize {
+    pub(crate) fn idx(self) -> usize {
         // u32 always fits in usize on the 32/64-bit targets this crate supports.
         usize::try_from(self.0).unwrap_or(usize::MAX)
     }
@@ -236,7 +387,9 @@ pub struct ConnTable<P> {
     hasher: TupleHasher,
     index: Vec<u64>,
     mask: usize,
-    entries: Vec<Option<Conn<P>>>,
+    entries: Vec<Option<Entry<P>>>,
+    /// Both tuples of the entries whose key is [`Key::Side`].
+    side: SlotStore<[Tuple; 2]>,
     links: Vec<SlotLinks>,
     free: Vec<u32>,
     count: usize,
@@ -272,6 +425,7 @@ impl<P> ConnTable<P> {
             index: vec![EMPTY; index_len],
             mask: index_len - 1,
             entries,
+            side: SlotStore::new(max),
             links: vec![SlotLinks::default(); max],
             free,
             count: 0,
@@ -342,20 +496,21 @@ impl<P> ConnTable<P> {
         self.heap_bytes().div_ceil(self.max)
     }
 
-    /// Bytes of memory the table holds: every allocation it makes (index, entries,
-    /// timer links and wheel, free list, event queue, GC scratch, NAT release queue),
-    /// by capacity.
+    /// Bytes of memory the table holds: every allocation it makes (index, entries, side
+    /// store of tuples, timer links and wheel, free list, event queue, GC scratch, NAT
+    /// release queue), by capacity.
     #[must_use]
     pub fn heap_bytes(&self) -> usize {
         let index = self.index.capacity() * size_of::<u64>();
-        let entries = self.entries.capacity() * size_of::<Option<Conn<P>>>();
+        let entries = self.entries.capacity() * size_of::<Option<Entry<P>>>();
+        let side = self.side.heap_bytes();
         let links = self.links.capacity() * size_of::<SlotLinks>();
         let free = self.free.capacity() * size_of::<u32>();
         let events = self.events.capacity() * size_of::<Event>();
         let scratch = self.scratch.capacity() * size_of::<u32>();
         let wheel = self.wheel.heap_bytes();
         let released = self.nat_released.capacity() * size_of::<([Tuple; 2], Status)>();
-        index + entries + links + free + events + scratch + wheel + released
+        index + entries + side + links + free + events + scratch + wheel + released
     }
 
     /// The table's hash of `tuple`, for [`ConnTable::lookup_hashed`] and
@@ -381,7 +536,7 @@ impl<P> ConnTable<P> {
     /// is in cache when [`ConnTable::lookup_hashed`] runs.
     #[inline]
     #[must_use]
-    pub fn prefetch(&self, hash: u64) -> Option<(&Conn<P>, Dir)> {
+    pub fn prefetch(&self, hash: u64) -> Option<(&Entry<P>, Dir)> {
         let v = self.index[self.pos(hash)];
         if v == EMPTY {
             return None;
@@ -426,7 +581,7 @@ impl<P> ConnTable<P> {
                 return None;
             }
             let (vtag, slot, dir) = unpack(v);
-            if vtag == tag && self.entry(slot).is_some_and(|c| c.tuple(dir) == tuple) {
+            if vtag == tag && self.is_tuple(slot, dir, tuple) {
                 return Some((slot, dir));
             }
             pos = (pos + 1) & self.mask;
@@ -439,29 +594,77 @@ impl<P> ConnTable<P> {
         usize::try_from(hash & u64::try_from(self.mask).unwrap_or(u64::MAX)).unwrap_or(0)
     }
 
+    /// Whether `tuple` is the `dir` tuple of the connection in `slot`.
     #[inline]
-    fn entry(&self, slot: Slot) -> Option<&Conn<P>> {
+    fn is_tuple(&self, slot: Slot, dir: Dir, tuple: &Tuple) -> bool {
+        let Some(e) = self.entry(slot) else {
+            return false;
+        };
+        match e.key.matches(tuple, dir) {
+            Some(m) => m,
+            None => self
+                .side
+                .get(slot)
+                .is_some_and(|t| t[dir.index()] == *tuple),
+        }
+    }
+
+    /// The stored entry in `slot` (no tuples: see [`ConnTable::tuples`]).
+    #[inline]
+    #[must_use]
+    pub fn entry(&self, slot: Slot) -> Option<&Entry<P>> {
         self.entries.get(slot.idx()).and_then(Option::as_ref)
     }
 
-    /// The connection in `slot`.
+    /// The original and reply tuples of the connection in `slot`.
     #[inline]
     #[must_use]
-    pub fn get(&self, slot: Slot) -> Option<&Conn<P>> {
-        self.entry(slot)
+    pub fn tuples(&self, slot: Slot) -> Option<[Tuple; 2]> {
+        let e = self.entry(slot)?;
+        e.key.tuples().or_else(|| self.side.get(slot).copied())
     }
 
-    /// The connection in `slot`, mutable. Change its timeout with
-    /// [`ConnTable::set_timeout`], not by writing the field, so the timer stays right.
+    /// The tuple of direction `dir` of the connection in `slot`.
     #[inline]
-    pub fn get_mut(&mut self, slot: Slot) -> Option<&mut Conn<P>> {
+    #[must_use]
+    pub fn tuple(&self, slot: Slot, dir: Dir) -> Option<Tuple> {
+        self.tuples(slot).map(|t| t[dir.index()])
+    }
+
+    /// A copy of the connection in `slot`, tuples included.
+    #[inline]
+    #[must_use]
+    pub fn get(&self, slot: Slot) -> Option<Conn<P>>
+    where
+        P: Clone,
+    {
+        let e = self.entry(slot)?;
+        Some(Conn {
+            tuples: self.tuples(slot)?,
+            status: e.status,
+            timeout: e.timeout,
+            counters: e.counters,
+            proto: e.proto.clone(),
+            id: e.id,
+        })
+    }
+
+    /// The connection in `slot`, mutable (its tuples do not change). Change its timeout
+    /// with [`ConnTable::set_timeout`], not by writing the field, so the timer stays
+    /// right.
+    #[inline]
+    pub fn get_mut(&mut self, slot: Slot) -> Option<&mut Entry<P>> {
         self.entries.get_mut(slot.idx()).and_then(Option::as_mut)
     }
 
-    /// The connection in `slot` if it is still the one with `id`.
+    /// A copy of the connection in `slot` if it is still the one with `id`.
     #[must_use]
-    pub fn get_checked(&self, slot: Slot, id: u64) -> Option<&Conn<P>> {
-        self.entry(slot).filter(|c| c.id == id)
+    pub fn get_checked(&self, slot: Slot, id: u64) -> Option<Conn<P>>
+    where
+        P: Clone,
+    {
+        self.entry(slot).filter(|c| c.id == id)?;
+        self.get(slot)
     }
 
     /// Set the absolute timeout of a connection.
@@ -614,8 +817,12 @@ impl<P> ConnTable<P> {
         let slot = Slot(raw);
         let id = self.next_id;
         self.next_id += 1;
-        self.entries[slot.idx()] = Some(Conn {
-            tuples: [orig, reply],
+        let key = Key::compact(&orig, &reply).unwrap_or_else(|| {
+            self.side.put(slot, [orig, reply]);
+            Key::Side
+        });
+        self.entries[slot.idx()] = Some(Entry {
+            key,
             status: status | Status::CONFIRMED,
             timeout,
             id,
@@ -666,9 +873,7 @@ impl<P> ConnTable<P> {
                 break;
             }
             let (_, s, d) = unpack(v);
-            let home = self
-                .entry(s)
-                .map_or(cur, |c| self.pos(self.hash(c.tuple(d))));
+            let home = self.tuple(s, d).map_or(cur, |t| self.pos(self.hash(&t)));
             let dist_home = cur.wrapping_sub(home) & self.mask;
             let dist_hole = cur.wrapping_sub(hole) & self.mask;
             if dist_home >= dist_hole {
@@ -685,10 +890,18 @@ impl<P> ConnTable<P> {
         // Unindex while the entry is still in place: backward-shift deletion reads the
         // tuple of every cell it may move to find its home, and the connection's other
         // cell is often right behind the first (same index hash without NAT).
-        let tuples = self.entries.get(slot.idx())?.as_ref()?.tuples;
+        let tuples = self.tuples(slot)?;
         self.index_remove(&tuples[0], slot, Dir::Original);
         self.index_remove(&tuples[1], slot, Dir::Reply);
-        let conn = self.entries.get_mut(slot.idx())?.take()?;
+        let e = self.entries.get_mut(slot.idx())?.take()?;
+        let conn = Conn {
+            tuples,
+            status: e.status,
+            timeout: e.timeout,
+            counters: e.counters,
+            proto: e.proto,
+            id: e.id,
+        };
         self.wheel.unlink(&mut self.links, slot.0);
         self.free.push(slot.0);
         self.count -= 1;
@@ -812,13 +1025,17 @@ impl<P> ConnTable<P> {
     }
 
     /// Iterate over live (not expired at `now`) connections.
-    pub fn iter(&self, now: u64) -> impl Iterator<Item = (Slot, &Conn<P>)> {
+    /// Each item is a copy of the connection (see [`ConnTable::get`]).
+    pub fn iter(&self, now: u64) -> impl Iterator<Item = (Slot, Conn<P>)>
+    where
+        P: Clone,
+    {
         self.entries.iter().enumerate().filter_map(move |(i, e)| {
-            let c = e.as_ref()?;
-            if c.expired(now) {
+            if e.as_ref()?.expired(now) {
                 return None;
             }
-            Some((Slot(u32::try_from(i).ok()?), c))
+            let slot = Slot(u32::try_from(i).ok()?);
+            Some((slot, self.get(slot)?))
         })
     }
 }
@@ -862,6 +1079,88 @@ mod tests {
         let c = tab.get(slot).expect("live");
         assert!(c.status.contains(Status::CONFIRMED));
         assert_eq!(c.id, 1);
+    }
+
+    #[test]
+    fn translated_and_ipv6_tuples_live_in_the_side_store() {
+        let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
+        let empty = tab.heap_bytes();
+        let a = t(1);
+        let s = tab
+            .insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        assert!(!tab.entry(s).expect("live").tuples_aside());
+        assert_eq!(
+            tab.heap_bytes(),
+            empty,
+            "a plain IPv4 connection allocates nothing"
+        );
+        // SNAT: the reply goes to the translated address and port.
+        let b = t(2);
+        let mut r = inv(&b);
+        r.dst = Addr::v4([203, 0, 113, 1]);
+        r.dst_l4 = 40_000;
+        let sn = tab
+            .insert(b, r, Status::SRC_NAT, 30 * S, (), 0)
+            .expect("room");
+        assert!(tab.entry(sn).expect("live").tuples_aside());
+        assert!(tab.heap_bytes() > empty, "the side store took a chunk");
+        assert_eq!(tab.tuples(sn), Some([b, r]));
+        assert_eq!(tab.lookup(&b, S), Some((sn, Dir::Original)));
+        assert_eq!(tab.lookup(&r, S), Some((sn, Dir::Reply)));
+        assert_eq!(
+            tab.lookup(&inv(&b), S),
+            None,
+            "untranslated reply not tracked"
+        );
+        // IPv6.
+        let mut v6 = t(3);
+        v6.family = Family::V6;
+        v6.src = Addr::v6([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        v6.dst = Addr::v6([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        let s6 = tab
+            .insert(v6, inv(&v6), Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        assert!(tab.entry(s6).expect("live").tuples_aside());
+        assert_eq!(tab.lookup(&inv(&v6), S), Some((s6, Dir::Reply)));
+        assert_eq!(tab.get(s6).expect("live").tuples, [v6, inv(&v6)]);
+        // Removal hands back the tuples it stored aside.
+        let gone = tab.remove(sn, RemoveReason::Deleted).expect("live");
+        assert_eq!(gone.tuples, [b, r]);
+        assert_eq!(tab.lookup(&r, S), None);
+        assert_eq!(tab.lookup(&a, S), Some((s, Dir::Original)));
+    }
+
+    #[test]
+    fn compact_keys_find_icmp_replies_and_respect_zones() {
+        let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
+        let echo = Tuple {
+            src: Addr::v4([10, 0, 0, 1]),
+            dst: Addr::v4([192, 0, 2, 1]),
+            src_l4: 7,
+            dst_l4: u16::from_be_bytes([8, 0]),
+            proto: proto::ICMP,
+            family: Family::V4,
+            zone: 3,
+        };
+        let reply = inv(&echo);
+        assert_eq!(reply.icmp_type(), 0);
+        let s = tab
+            .insert(echo, reply, Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        assert!(!tab.entry(s).expect("live").tuples_aside());
+        assert_eq!(tab.lookup(&reply, S), Some((s, Dir::Reply)));
+        assert_eq!(tab.tuple(s, Dir::Reply), Some(reply));
+        let mut other_zone = reply;
+        other_zone.zone = 4;
+        assert_eq!(tab.lookup(&other_zone, S), None);
+        let mut swapped = echo;
+        swapped.dst_l4 = u16::from_be_bytes([0, 0]);
+        assert_eq!(
+            tab.lookup(&swapped, S),
+            None,
+            "a reply-type original is not it"
+        );
     }
 
     #[test]

@@ -218,12 +218,12 @@ impl Conntrack {
                     continue;
                 };
                 let d = dir.index();
-                // The compared tuple's first and last bytes (a 40-byte tuple may
-                // straddle two cache lines), then the fields the handler reads.
-                sink ^= u64::from(c.tuples[0].src.0[0])
-                    ^ u64::from(c.tuples[0].zone)
-                    ^ u64::from(c.tuples[1].src.0[0])
-                    ^ u64::from(c.tuples[1].zone)
+                // The entry's first and last fields (88 bytes may straddle two cache
+                // lines: the compact key and status, the id), then the fields the
+                // handler reads. A NAT or IPv6 entry's tuples are in the side store:
+                // not touched here.
+                sink ^= u64::from(c.status.bits())
+                    ^ c.id
                     ^ c.timeout
                     ^ c.counters[d].packets
                     ^ c.counters[Dir::Reply.index() - d].bytes

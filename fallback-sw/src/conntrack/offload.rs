@@ -69,7 +69,7 @@ impl Conntrack {
     /// Whether Linux would offload this connection now (TCP ESTABLISHED + ASSURED,
     /// any confirmed UDP entry without NAT_CLASH; nothing else).
     pub fn offload_check(&self, slot: Slot) -> Result<(), NotOffloadable> {
-        let conn = self.table.get(slot).ok_or(NotOffloadable::Gone)?;
+        let conn = self.table.entry(slot).ok_or(NotOffloadable::Gone)?;
         if conn.status.contains(Status::OFFLOAD) {
             return Err(NotOffloadable::AlreadyOffloaded);
         }
@@ -90,7 +90,7 @@ impl Conntrack {
             }
             L4State::Udp { .. } => Ok(()),
             L4State::Icmp | L4State::Generic => Err(NotOffloadable::Protocol {
-                proto: conn.tuple(Dir::Original).proto,
+                proto: self.table.tuple(slot, Dir::Original).map_or(0, |t| t.proto),
             }),
         }
     }
@@ -121,7 +121,7 @@ impl Conntrack {
     /// than 5 minutes remain, extend UDP and ESTABLISHED TCP to a day, TCP in FIN_WAIT,
     /// CLOSE_WAIT, LAST_ACK or TIME_WAIT to 5 minutes, and nothing else.
     pub fn keep_alive(&mut self, slot: Slot, now: u64) {
-        let Some(conn) = self.table.get(slot) else {
+        let Some(conn) = self.table.entry(slot) else {
             return;
         };
         if !conn.status.contains(Status::OFFLOAD) || conn.remaining(now) >= EXTEND_BELOW_NS {
