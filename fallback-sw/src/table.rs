@@ -10,9 +10,10 @@
 //!   tuples get a materialized copy of the connection, [`Conn`].
 //! - An open-addressing index (linear probing, backward-shift deletion, load at most
 //!   1/2) maps each connection's two tuples to `(slot, direction)`, so a packet of either
-//!   direction finds its connection with one hash and, usually, one probe. The index
-//!   keeps 32 bits of the hash beside each slot so that a probe rarely touches an entry
-//!   that does not match.
+//!   direction finds its connection with one hash and, usually, one probe. A cell is 32
+//!   bits: the slot, the direction and, in the bits left, a tag from the hash (11 bits
+//!   for a million connections) so that a probe rarely touches an entry that does not
+//!   match (16 bytes of index per connection).
 //! - Expiry is lazy like Linux: an entry whose timeout has passed is dead; lookups reap
 //!   it, and [`ConnTable::gc`] reaps the rest through a timer wheel whose cost per call is
 //!   bounded and proportional to the entries that expire (see [`crate::timer`]).
@@ -355,7 +356,7 @@ pub struct TableStats {
     pub events_lost: u64,
 }
 
-const EMPTY: u64 = u64::MAX;
+const EMPTY: u32 = u32::MAX;
 /// Room reserved for [`ConnTable::take_nat_released`]'s queue: more than one packet's
 /// removals (a lookup reaps one, early drop at most 8 groups of 8).
 const NAT_RELEASED_RESERVE: usize = 128;
@@ -364,28 +365,57 @@ const EARLY_DROP_GROUPS: usize = 8;
 /// ... of this many slots each (Linux: 8 hash buckets).
 const EARLY_DROP_GROUP_SLOTS: usize = 8;
 
-#[inline]
-fn pack(hash: u64, slot: Slot, dir: Dir) -> u64 {
-    (hash & 0xFFFF_FFFF_0000_0000) | (u64::from(slot.0) << 1) | u64::from(dir as u8)
+/// The layout of a 32-bit index cell: `tag | slot << 1 | dir`, where the slot takes
+/// as many bits as the table's size needs and the tag is the top bits of the hash's
+/// upper half that remain (11 bits for a million connections), so that a probe rarely
+/// reads an entry that does not match. A cell is never all ones ([`EMPTY`]): the
+/// slot's bits can hold one more value than the table has slots.
+#[derive(Debug, Clone, Copy)]
+struct Cells {
+    /// The tag's bits in place (none for a table of 2^30 slots).
+    tag_mask: u32,
 }
 
-#[inline]
-fn unpack(v: u64) -> (u64, Slot, Dir) {
-    let low = v & 0xFFFF_FFFF;
-    let dir = if low & 1 == 1 {
-        Dir::Reply
-    } else {
-        Dir::Original
-    };
-    let slot = u32::try_from(low >> 1).unwrap_or(u32::MAX);
-    (v & 0xFFFF_FFFF_0000_0000, Slot(slot), dir)
+impl Cells {
+    /// The layout for a table of `max` slots (at most 2^30).
+    fn for_slots(max: usize) -> Self {
+        let slot_bits = usize::BITS - max.leading_zeros();
+        let tag_shift = slot_bits + 1;
+        Self {
+            tag_mask: u32::MAX.checked_shl(tag_shift).unwrap_or(0),
+        }
+    }
+
+    #[inline]
+    fn tag(self, hash: u64) -> u32 {
+        // The upper half of the hash (the index position uses the lower bits).
+        let hi = u32::try_from(hash >> 32).unwrap_or(u32::MAX);
+        hi & self.tag_mask
+    }
+
+    #[inline]
+    fn pack(self, hash: u64, slot: Slot, dir: Dir) -> u32 {
+        self.tag(hash) | (slot.0 << 1) | u32::from(dir as u8)
+    }
+
+    #[inline]
+    fn unpack(self, v: u32) -> (u32, Slot, Dir) {
+        let dir = if v & 1 == 1 {
+            Dir::Reply
+        } else {
+            Dir::Original
+        };
+        let below = !self.tag_mask;
+        (v & self.tag_mask, Slot((v & below) >> 1), dir)
+    }
 }
 
 /// The connection table of one worker. See the module documentation.
 #[derive(Debug)]
 pub struct ConnTable<P> {
     hasher: TupleHasher,
-    index: Vec<u64>,
+    index: Vec<u32>,
+    cells: Cells,
     mask: usize,
     entries: Vec<Option<Entry<P>>>,
     /// Both tuples of the entries whose key is [`Key::Side`].
@@ -423,6 +453,7 @@ impl<P> ConnTable<P> {
         Self {
             hasher: TupleHasher::new(seed),
             index: vec![EMPTY; index_len],
+            cells: Cells::for_slots(max),
             mask: index_len - 1,
             entries,
             side: SlotStore::new(max),
@@ -501,7 +532,7 @@ impl<P> ConnTable<P> {
     /// release queue), by capacity.
     #[must_use]
     pub fn heap_bytes(&self) -> usize {
-        let index = self.index.capacity() * size_of::<u64>();
+        let index = self.index.capacity() * size_of::<u32>();
         let entries = self.entries.capacity() * size_of::<Option<Entry<P>>>();
         let side = self.side.heap_bytes();
         let links = self.links.capacity() * size_of::<SlotLinks>();
@@ -527,7 +558,7 @@ impl<P> ConnTable<P> {
     #[inline]
     #[must_use]
     pub fn touch_index(&self, hash: u64) -> u64 {
-        self.index[self.pos(hash)]
+        u64::from(self.index[self.pos(hash)])
     }
 
     /// Batch helper, second step: the connection that the first index slot of `hash`
@@ -541,8 +572,8 @@ impl<P> ConnTable<P> {
         if v == EMPTY {
             return None;
         }
-        let (vtag, slot, dir) = unpack(v);
-        if vtag != hash & 0xFFFF_FFFF_0000_0000 {
+        let (vtag, slot, dir) = self.cells.unpack(v);
+        if vtag != self.cells.tag(hash) {
             return None;
         }
         self.entry(slot).map(|c| (c, dir))
@@ -573,14 +604,14 @@ impl<P> ConnTable<P> {
     /// timeout.
     #[inline]
     fn find(&self, tuple: &Tuple, h: u64) -> Option<(Slot, Dir)> {
-        let tag = h & 0xFFFF_FFFF_0000_0000;
+        let tag = self.cells.tag(h);
         let mut pos = self.pos(h);
         loop {
             let v = self.index[pos];
             if v == EMPTY {
                 return None;
             }
-            let (vtag, slot, dir) = unpack(v);
+            let (vtag, slot, dir) = self.cells.unpack(v);
             if vtag == tag && self.is_tuple(slot, dir, tuple) {
                 return Some((slot, dir));
             }
@@ -846,12 +877,12 @@ impl<P> ConnTable<P> {
         while self.index[pos] != EMPTY {
             pos = (pos + 1) & self.mask;
         }
-        self.index[pos] = pack(h, slot, dir);
+        self.index[pos] = self.cells.pack(h, slot, dir);
     }
 
     fn index_remove(&mut self, tuple: &Tuple, slot: Slot, dir: Dir) {
         let h = self.hash(tuple);
-        let want = pack(h, slot, dir);
+        let want = self.cells.pack(h, slot, dir);
         let mut pos = self.pos(h);
         loop {
             let v = self.index[pos];
@@ -872,7 +903,7 @@ impl<P> ConnTable<P> {
             if v == EMPTY {
                 break;
             }
-            let (_, s, d) = unpack(v);
+            let (_, s, d) = self.cells.unpack(v);
             let home = self.tuple(s, d).map_or(cur, |t| self.pos(self.hash(&t)));
             let dist_home = cur.wrapping_sub(home) & self.mask;
             let dist_hole = cur.wrapping_sub(hole) & self.mask;
@@ -930,7 +961,7 @@ impl<P> ConnTable<P> {
                 if v == EMPTY {
                     continue;
                 }
-                let (_, slot, _) = unpack(v);
+                let (_, slot, _) = self.cells.unpack(v);
                 if victims[..n].contains(&slot) {
                     continue;
                 }
@@ -1161,6 +1192,28 @@ mod tests {
             None,
             "a reply-type original is not it"
         );
+    }
+
+    #[test]
+    fn index_cells_hold_every_slot_and_never_look_empty() {
+        for (max, tag_bits) in [
+            (1usize, 30u32),
+            (1_000_000, 11),
+            (1 << 20, 10),
+            (1 << 30, 0),
+        ] {
+            let c = Cells::for_slots(max);
+            assert_eq!(c.tag_mask.count_ones(), tag_bits, "max {max}");
+            let last = Slot(u32::try_from(max - 1).expect("fits"));
+            for dir in [Dir::Original, Dir::Reply] {
+                for hash in [0, u64::MAX, 0x1234_5678_9abc_def0] {
+                    let v = c.pack(hash, last, dir);
+                    assert_ne!(v, EMPTY, "max {max}");
+                    assert_eq!(c.unpack(v), (c.tag(hash), last, dir));
+                    assert_eq!(c.unpack(c.pack(hash, Slot(0), dir)).1, Slot(0));
+                }
+            }
+        }
     }
 
     #[test]
