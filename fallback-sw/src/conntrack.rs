@@ -757,10 +757,7 @@ impl Conntrack {
         if let Some(tcp) = tcp {
             self.tcp.put(slot, tcp);
         }
-        if let Some(c) = self.table.get_mut(slot) {
-            c.counters[0].packets += 1;
-            c.counters[0].bytes += bytes;
-        }
+        self.table.count(slot, Dir::Original, 1, bytes);
         self.stats.created += 1;
         Ok(Verdict::Tracked {
             slot,
@@ -866,11 +863,6 @@ impl Conntrack {
                 (Some(u64::from(t.generic) * NS), false, false, true)
             }
         };
-        if count {
-            let c = &mut conn.counters[dir.index()];
-            c.packets += 1;
-            c.bytes += bytes;
-        }
         if assure {
             conn.status.insert(Status::ASSURED);
         }
@@ -879,10 +871,13 @@ impl Conntrack {
         if dir == Dir::Reply {
             conn.status.insert(Status::SEEN_REPLY);
         }
-        let fixed = conn.status.contains(Status::FIXED_TIMEOUT);
+        let status = conn.status;
+        if count {
+            self.table.count(slot, dir, 1, bytes);
+        }
+        let fixed = status.contains(Status::FIXED_TIMEOUT);
         if delete {
-            if conn.status.intersects(Status::SRC_NAT | Status::DST_NAT) {
-                let status = conn.status;
+            if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
                 self.closed = self.table.tuples(slot).map(|t| (t, status));
             }
             self.table.remove(slot, RemoveReason::Closed);

@@ -1,9 +1,10 @@
 //! The connection table of one worker.
 //!
 //! - Entries live in a slab allocated once at the table's capacity: no allocation on the
-//!   packet path. An entry ([`Entry`], 88 bytes) holds what a packet of an established
-//!   connection reads: the tuples as a compact key, status, timeout, counters and the
-//!   protocol's hot state. An IPv4 connection whose reply tuple is the inverse of its
+//!   packet path. An entry ([`Entry`], 72 bytes) holds what a packet of an established
+//!   connection reads: the tuples as a compact key, status, timeout, the low 32 bits of
+//!   the counters (the rest aside once a count passes 2^32 - 1) and the protocol's hot
+//!   state. An IPv4 connection whose reply tuple is the inverse of its
 //!   original (no NAT) keeps only the original's 15 bytes in the key; the tuples of any
 //!   other connection (NAT, IPv6) live in a side store at the entry's slot (80 bytes,
 //!   allocated by chunks of slots when first needed, see [`side`]). Reads that want the
@@ -119,6 +120,20 @@ impl<P> Conn<P> {
     }
 }
 
+/// The low 32 bits of a direction's [`Counter`]; the rest is carried into the table's
+/// side store when a count passes 2^32 - 1 (counts stay exact, like Linux's u64).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct LowCounter {
+    packets: u32,
+    bytes: u32,
+}
+
+/// The low 32 bits of `v`.
+#[inline]
+fn low32(v: u64) -> u32 {
+    u32::try_from(v & 0xFFFF_FFFF).unwrap_or(0)
+}
+
 /// How an entry holds its two tuples.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Key {
@@ -232,11 +247,15 @@ pub struct Entry<P> {
     key: Key,
     /// Status bits.
     pub status: Status,
+    /// Whether the high parts of the counters are in the table's side store (a count
+    /// passed 2^32 - 1).
+    wide: bool,
     /// Absolute expiry time in nanoseconds; dead once `timeout <= now`. Change it with
     /// [`ConnTable::set_timeout`] so the timer stays right.
     pub timeout: u64,
-    /// Per-direction counters, indexed by [`Dir::index`].
-    pub counters: [Counter; 2],
+    /// Low 32 bits of the per-direction counters, indexed by [`Dir::index`]: read
+    /// them with [`ConnTable::counters`], add with [`ConnTable::count`].
+    counters: [LowCounter; 2],
     /// Protocol state.
     pub proto: P,
     /// Unique id of this connection within the table's lifetime (never reused; not
@@ -420,6 +439,8 @@ pub struct ConnTable<P> {
     entries: Vec<Option<Entry<P>>>,
     /// Both tuples of the entries whose key is [`Key::Side`].
     side: SlotStore<[Tuple; 2]>,
+    /// The high parts of the counters of the entries marked `wide`.
+    wide: SlotStore<[Counter; 2]>,
     links: Vec<SlotLinks>,
     free: Vec<u32>,
     count: usize,
@@ -457,6 +478,7 @@ impl<P> ConnTable<P> {
             mask: index_len - 1,
             entries,
             side: SlotStore::new(max),
+            wide: SlotStore::new(max),
             links: vec![SlotLinks::default(); max],
             free,
             count: 0,
@@ -528,13 +550,13 @@ impl<P> ConnTable<P> {
     }
 
     /// Bytes of memory the table holds: every allocation it makes (index, entries, side
-    /// store of tuples, timer links and wheel, free list, event queue, GC scratch, NAT
+    /// stores of tuples and counter high parts, timer links and wheel, free list, event queue, GC scratch, NAT
     /// release queue), by capacity.
     #[must_use]
     pub fn heap_bytes(&self) -> usize {
         let index = self.index.capacity() * size_of::<u32>();
         let entries = self.entries.capacity() * size_of::<Option<Entry<P>>>();
-        let side = self.side.heap_bytes();
+        let side = self.side.heap_bytes() + self.wide.heap_bytes();
         let links = self.links.capacity() * size_of::<SlotLinks>();
         let free = self.free.capacity() * size_of::<u32>();
         let events = self.events.capacity() * size_of::<Event>();
@@ -674,10 +696,60 @@ impl<P> ConnTable<P> {
             tuples: self.tuples(slot)?,
             status: e.status,
             timeout: e.timeout,
-            counters: e.counters,
+            counters: self.counters(slot)?,
             proto: e.proto.clone(),
             id: e.id,
         })
+    }
+
+    /// The per-direction packet and byte counters of the connection in `slot`.
+    #[inline]
+    #[must_use]
+    pub fn counters(&self, slot: Slot) -> Option<[Counter; 2]> {
+        let e = self.entry(slot)?;
+        let high = if e.wide {
+            self.wide.get(slot).copied().unwrap_or_default()
+        } else {
+            [Counter::default(); 2]
+        };
+        Some([0, 1].map(|d| {
+            Counter {
+                packets: high[d]
+                    .packets
+                    .saturating_add(u64::from(e.counters[d].packets)),
+                bytes: high[d].bytes.saturating_add(u64::from(e.counters[d].bytes)),
+            }
+        }))
+    }
+
+    /// Add `packets` and `bytes` to direction `dir` of the connection in `slot`
+    /// (saturating at `u64::MAX`). The first count of an entry that passes 2^32 - 1
+    /// stores its high parts aside (allocating a chunk of the side store if it is the
+    /// first such entry of the chunk's slots).
+    #[inline]
+    pub fn count(&mut self, slot: Slot, dir: Dir, packets: u64, bytes: u64) {
+        let Some(e) = self.entries.get_mut(slot.idx()).and_then(Option::as_mut) else {
+            return;
+        };
+        let lo = &mut e.counters[dir.index()];
+        let p = u64::from(lo.packets).saturating_add(packets);
+        let b = u64::from(lo.bytes).saturating_add(bytes);
+        if let (Ok(p), Ok(b)) = (u32::try_from(p), u32::try_from(b)) {
+            lo.packets = p;
+            lo.bytes = b;
+            return;
+        }
+        lo.packets = low32(p);
+        lo.bytes = low32(b);
+        if !e.wide {
+            e.wide = true;
+            self.wide.put(slot, [Counter::default(); 2]);
+        }
+        if let Some(high) = self.wide.get_mut(slot) {
+            let h = &mut high[dir.index()];
+            h.packets = h.packets.saturating_add(p & !0xFFFF_FFFF);
+            h.bytes = h.bytes.saturating_add(b & !0xFFFF_FFFF);
+        }
     }
 
     /// The connection in `slot`, mutable (its tuples do not change). Change its timeout
@@ -857,7 +929,8 @@ impl<P> ConnTable<P> {
             status: status | Status::CONFIRMED,
             timeout,
             id,
-            counters: [Counter::default(); 2],
+            wide: false,
+            counters: [LowCounter::default(); 2],
             proto,
         });
         self.count += 1;
@@ -922,6 +995,7 @@ impl<P> ConnTable<P> {
         // tuple of every cell it may move to find its home, and the connection's other
         // cell is often right behind the first (same index hash without NAT).
         let tuples = self.tuples(slot)?;
+        let counters = self.counters(slot)?;
         self.index_remove(&tuples[0], slot, Dir::Original);
         self.index_remove(&tuples[1], slot, Dir::Reply);
         let e = self.entries.get_mut(slot.idx())?.take()?;
@@ -929,7 +1003,7 @@ impl<P> ConnTable<P> {
             tuples,
             status: e.status,
             timeout: e.timeout,
-            counters: e.counters,
+            counters,
             proto: e.proto,
             id: e.id,
         };
@@ -1214,6 +1288,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn counters_stay_exact_past_32_bits() {
+        let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
+        let a = t(1);
+        let s = tab
+            .insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        let narrow = tab.heap_bytes();
+        let big = u64::from(u32::MAX);
+        tab.count(s, Dir::Original, 1, big);
+        tab.count(s, Dir::Reply, 3, 60);
+        assert_eq!(tab.heap_bytes(), narrow, "nothing carried yet");
+        tab.count(s, Dir::Original, 1, big);
+        tab.count(s, Dir::Original, big, 7);
+        assert!(tab.heap_bytes() > narrow, "high parts stored aside");
+        let want = [
+            Counter {
+                packets: big + 2,
+                bytes: 2 * big + 7,
+            },
+            Counter {
+                packets: 3,
+                bytes: 60,
+            },
+        ];
+        assert_eq!(tab.counters(s), Some(want));
+        assert_eq!(tab.get(s).expect("live").counters, want);
+        tab.count(s, Dir::Reply, u64::MAX, 0);
+        assert_eq!(
+            tab.counters(s).expect("live")[1].packets,
+            u64::MAX,
+            "saturates"
+        );
+        tab.drain_events().for_each(drop);
+        tab.remove(s, RemoveReason::Deleted);
+        let evs: Vec<_> = tab.drain_events().collect();
+        assert!(matches!(
+            evs.as_slice(),
+            [Event::Destroy { counters, .. }] if counters[0] == want[0]
+        ));
+        // The slot's next connection starts from zero.
+        let s2 = tab
+            .insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        assert_eq!(s2, s);
+        assert_eq!(tab.counters(s2), Some([Counter::default(); 2]));
+    }
+
+    #[test]
+    fn entry_layout_is_72_bytes() {
+        // Key 16, status 2, wide flag 1 (+5), timeout 8, low counters 16, a 16-byte
+        // protocol state (what `conntrack::L4State` takes), id 8.
+        assert_eq!(size_of::<Option<Entry<[u64; 2]>>>(), 72);
     }
 
     #[test]

@@ -151,11 +151,7 @@ impl Conntrack {
     /// Add packets and bytes counted outside this crate (a fast path) to one direction
     /// of a connection, so that reported totals count every packet once.
     pub fn add_external_counts(&mut self, slot: Slot, dir: Dir, delta: Counter) {
-        if let Some(conn) = self.table.get_mut(slot) {
-            let c = &mut conn.counters[dir.index()];
-            c.packets = c.packets.saturating_add(delta.packets);
-            c.bytes = c.bytes.saturating_add(delta.bytes);
-        }
+        self.table.count(slot, dir, delta.packets, delta.bytes);
     }
 
     /// The connection left the fast path (Linux `flow_offload_teardown` fix-up): clear
