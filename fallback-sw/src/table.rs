@@ -177,33 +177,13 @@ impl Key {
     /// Whether `t` is the tuple of direction `dir` of a `V4` key (`None` for `Side`).
     #[inline]
     fn matches(&self, t: &Tuple, dir: Dir) -> Option<bool> {
-        let Key::V4 {
-            proto,
-            src_l4,
-            dst_l4,
-            zone,
-            src,
-            dst,
-        } = *self
-        else {
-            return None;
-        };
-        let common = t.family == Family::V4 && t.proto == proto && t.zone == zone;
+        let orig = self.original()?;
         Some(match dir {
-            Dir::Original => {
-                common
-                    && t.src_l4 == src_l4
-                    && t.dst_l4 == dst_l4
-                    && t.src == Addr::v4(src)
-                    && t.dst == Addr::v4(dst)
-            }
+            Dir::Original => orig == *t,
             // The inverse (ICMP types mapped) is built only for a candidate whose
             // addresses already match.
             Dir::Reply => {
-                common
-                    && t.src == Addr::v4(dst)
-                    && t.dst == Addr::v4(src)
-                    && self.tuples().is_some_and(|[_, r]| r == *t)
+                t.src == orig.dst && t.dst == orig.src && orig.invert().is_ok_and(|r| r == *t)
             }
         })
     }
@@ -211,6 +191,14 @@ impl Key {
     /// Both tuples of a `V4` key (`None` for `Side`).
     #[inline]
     fn tuples(&self) -> Option<[Tuple; 2]> {
+        let orig = self.original()?;
+        // A compact key is made only from a tuple that inverts.
+        Some([orig, orig.invert().unwrap_or(orig)])
+    }
+
+    /// The original tuple of a `V4` key (`None` for `Side`).
+    #[inline]
+    fn original(&self) -> Option<Tuple> {
         let Key::V4 {
             proto,
             src_l4,
@@ -222,7 +210,7 @@ impl Key {
         else {
             return None;
         };
-        let orig = Tuple {
+        Some(Tuple {
             src: Addr::v4(src),
             dst: Addr::v4(dst),
             src_l4,
@@ -230,9 +218,7 @@ impl Key {
             proto,
             family: Family::V4,
             zone,
-        };
-        // A compact key is made only from a tuple that inverts.
-        Some([orig, orig.invert().unwrap_or(orig)])
+        })
     }
 }
 
@@ -264,18 +250,19 @@ pub struct Entry<P> {
 }
 
 impl<P> Entry<P> {
-    /// Whether the connection has expired at `now`.
-    #[inline]
-    #[must_use]
-    pub fn expired(&self, now: u64) -> bool {
-        self.timeout <= now
-    }
-
-    /// Nanoseconds left before expiry (0 when expired).
+    /// Nanoseconds left before expiry; 0 when expired (`timeout <= now`), as
+    /// [`Conn::remaining`].
     #[inline]
     #[must_use]
     pub fn remaining(&self, now: u64) -> u64 {
         self.timeout.saturating_sub(now)
+    }
+
+    /// Whether the connection has expired at `now`, as [`Conn::expired`].
+    #[inline]
+    #[must_use]
+    pub fn expired(&self, now: u64) -> bool {
+        self.remaining(now) == 0
     }
 
     /// Whether the tuples are in the side store (NAT, IPv6) rather than the entry.
