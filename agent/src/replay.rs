@@ -848,7 +848,7 @@ impl Replayer {
                 id: c.id,
                 orig: TupleRecord::of(&c.tuples[0]),
                 reply: TupleRecord::of(&c.tuples[1]),
-                state: tcp_state_name(c),
+                state: tcp_state_name(&c),
                 status: status_names(c.status),
                 timeout_remaining_s: c.remaining(now) / NS_PER_SEC,
                 counters: CountersRecord {
@@ -924,7 +924,7 @@ impl Replayer {
                 record.ctinfo = Some(ctinfo_name(info).to_owned());
                 if let Some(c) = self.ct.table().get(slot) {
                     record.conn_id = Some(c.id);
-                    record.state = tcp_state_name(c);
+                    record.state = tcp_state_name(&c);
                     record.status = status_names(c.status);
                 } else if let Some((id, status)) = closed {
                     record.conn_id = Some(id);

@@ -5,7 +5,9 @@
 //! through the whole pipeline (parse, IPv4 and UDP checksums verified, tuple built,
 //! looked up, state updated), in batches of 32 cycling through the connections. Plus
 //! new UDP connections per second, full TCP handshakes (SYN, SYN-ACK, ACK) per second,
-//! and table memory per connection.
+//! and memory per live connection (every allocation of the table and its side stores):
+//! IPv4 UDP and TCP from those runs, IPv6 UDP and SNATed IPv4 UDP from tables filled
+//! directly.
 //!
 //! NAT rows: the same established workload with SNAT applied to every packet (every
 //! frame copied into a work buffer and rewritten in place by
@@ -28,13 +30,14 @@ use std::time::Instant;
 
 use ctoffload_fallback_sw::checksum;
 use ctoffload_fallback_sw::conntrack::{
-    Config, Conntrack, NatOutcome, NatVerdict, Prefix, Untracked, Verdict,
+    Config, Conntrack, L4State, NatOutcome, NatVerdict, Prefix, Untracked, Verdict,
 };
 use ctoffload_fallback_sw::nat::PacketMeta;
 use ctoffload_fallback_sw::nat::rules::{
     AddrRange, NatAction, NatFlags, NatRule, PortRange, RuleMatch,
 };
-use ctoffload_fallback_sw::tuple::{Addr, Family};
+use ctoffload_fallback_sw::table::Status;
+use ctoffload_fallback_sw::tuple::{Addr, Family, Tuple};
 
 const NS: u64 = 1_000_000_000;
 const BATCH: usize = 32;
@@ -276,17 +279,73 @@ fn new_udp(n: usize, repeats: usize, rng: &mut Rng) -> (Summary, f64) {
         assert_eq!(tracked, n);
         assert_eq!(ct.table().len(), n);
         rates.push(n as f64 / dt);
-        bytes = ct.table().bytes_per_connection() as f64;
+        bytes = ct.bytes_per_connection() as f64;
     }
     (summary(rates), bytes)
 }
 
-/// Full TCP handshakes per second (SYN, SYN-ACK, ACK each a frame through conntrack).
-fn tcp_handshakes(n: usize, repeats: usize) -> Summary {
+/// Which connections [`memory_aside`] fills the table with.
+#[derive(Clone, Copy)]
+enum Aside {
+    /// IPv6 UDP (the endpoints of [`endpoints`] mapped into 2001:db8::/96).
+    Ipv6,
+    /// IPv4 UDP whose reply tuple SNAT rewrote (distinct translated address and port).
+    Snat,
+}
+
+/// Memory per connection of a table filled with `n` connections whose tuples live in
+/// the side store, inserted directly (not timed).
+fn memory_aside(n: usize, kind: Aside) -> f64 {
+    let mut ct = conntrack(n);
+    for i in 0..n {
+        let (c, cp, s, sp) = endpoints(i);
+        let mut orig = Tuple {
+            src: Addr::v4(c),
+            dst: Addr::v4(s),
+            src_l4: cp,
+            dst_l4: sp,
+            proto: 17,
+            family: Family::V4,
+            zone: 0,
+        };
+        let status = match kind {
+            Aside::Ipv6 => {
+                let v6 = |a: [u8; 4]| {
+                    let mut b = [0u8; 16];
+                    b[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+                    b[12..].copy_from_slice(&a);
+                    Addr::v6(b)
+                };
+                orig.family = Family::V6;
+                orig.src = v6(c);
+                orig.dst = v6(s);
+                Status::empty()
+            }
+            Aside::Snat => Status::SRC_NAT | Status::SRC_NAT_DONE,
+        };
+        let mut reply = orig.invert().unwrap();
+        if let Aside::Snat = kind {
+            let i = u32::try_from(i).unwrap();
+            reply.dst = Addr::v4([100, 64, u8::try_from(i >> 16).unwrap(), 1]);
+            reply.dst_l4 = u16::try_from(i & 0xFFFF).unwrap();
+        }
+        let state = L4State::Udp { stream_at: 0 };
+        ct.table_mut()
+            .insert(orig, reply, status, 30 * NS, state, 0)
+            .unwrap();
+    }
+    assert_eq!(ct.table().len(), n);
+    ct.bytes_per_connection() as f64
+}
+
+/// Full TCP handshakes per second (SYN, SYN-ACK, ACK each a frame through conntrack),
+/// and the memory per connection of the full table.
+fn tcp_handshakes(n: usize, repeats: usize) -> (Summary, f64) {
     let trace = tcp_trace(n);
     let frames = trace.frames();
     assert_eq!(trace.len(), 3 * n);
     let mut rates = Vec::new();
+    let mut bytes = 0.0;
     for _ in 0..repeats {
         let mut ct = conntrack(n);
         let t0 = Instant::now();
@@ -295,8 +354,9 @@ fn tcp_handshakes(n: usize, repeats: usize) -> Summary {
         assert_eq!(tracked, 3 * n, "every handshake frame tracked");
         assert_eq!(ct.table().len(), n);
         rates.push(n as f64 / dt);
+        bytes = ct.bytes_per_connection() as f64;
     }
-    summary(rates)
+    (summary(rates), bytes)
 }
 
 // ------------------------------------------------------------------------- NAT
@@ -625,10 +685,18 @@ fn main() {
     } else {
         (zero, 0.0)
     };
-    let tcp = if want("tcp") {
+    let (v6_bytes, snat_bytes) = if want("new") {
+        (
+            memory_aside(big, Aside::Ipv6),
+            memory_aside(big, Aside::Snat),
+        )
+    } else {
+        (0.0, 0.0)
+    };
+    let (tcp, tcp_bytes) = if want("tcp") {
         tcp_handshakes(big, repeats)
     } else {
-        zero
+        (zero, 0.0)
     };
     let est_nat: Vec<(Summary, Summary, Summary)> = sizes
         .iter()
@@ -704,10 +772,20 @@ fn main() {
         "-",
         "1.5",
     );
-    println!(
-        "| {:<36} | {:>8} | {:>8.1} | {:>8} | {:<6} | {:>12} | {:>8} |",
-        "table memory per connection", "", bytes, "", "bytes", "312-336", "96"
-    );
+    // Every allocation of the conntrack instance's table (index, entries, side store
+    // of tuples, timer links and wheel, free list, event and release queues) and of the
+    // TCP window store beside it, divided by the live connections of the full table.
+    for (name, b, ovs, goal) in [
+        ("mem/conn IPv4 UDP (all allocs)", bytes, "312-336", "96"),
+        ("mem/conn IPv4 TCP (all allocs)", tcp_bytes, "-", "-"),
+        ("mem/conn IPv6 UDP (all allocs)", v6_bytes, "-", "-"),
+        ("mem/conn IPv4 UDP SNAT (all allocs)", snat_bytes, "-", "-"),
+    ] {
+        println!(
+            "| {name:<36} | {:>8} | {b:>8.1} | {:>8} | {:<6} | {ovs:>12} | {goal:>8} |",
+            "", "", "bytes"
+        );
+    }
     let mut ratios = [0.0; 3];
     for i in 0..3 {
         let (plain, nat, ratio_cpu) = est_nat[i];
@@ -779,7 +857,7 @@ fn main() {
          \"conns_1k_mpps_min\":{:.3},\"conns_100k_mpps_min\":{:.3},\"conns_1m_mpps_min\":{:.3},\
          \"new_udp_per_s\":{:.0},\"new_udp_per_s_min\":{:.0},\
          \"tcp_handshakes_per_s\":{:.0},\"tcp_handshakes_per_s_min\":{:.0},\
-         \"bytes_per_conn\":{:.1},\
+         \"bytes_per_conn\":{:.1},\"bytes_per_conn_tcp\":{:.1},\"bytes_per_conn_v6\":{:.1},\"bytes_per_conn_snat\":{:.1},\
          \"nat_plain_1k_mpps\":{:.3},\"nat_plain_100k_mpps\":{:.3},\"nat_plain_1m_mpps\":{:.3},\
          \"snat_1k_mpps\":{:.3},\"snat_100k_mpps\":{:.3},\"snat_1m_mpps\":{:.3},\
          \"snat_1k_mpps_min\":{:.3},\"snat_100k_mpps_min\":{:.3},\"snat_1m_mpps_min\":{:.3},\
@@ -803,6 +881,9 @@ fn main() {
         tcp.median,
         tcp.min,
         bytes,
+        tcp_bytes,
+        v6_bytes,
+        snat_bytes,
         m(est_nat[0].0).median,
         m(est_nat[1].0).median,
         m(est_nat[2].0).median,

@@ -22,9 +22,11 @@
 use crate::nat::rewrite::{self, RewriteError};
 use crate::nat::rules::RuleId;
 use crate::nat::{NatEngine, NatError, PacketMeta};
+use crate::table::side::SlotStore;
 use crate::table::{ConnTable, InsertError, RemoveReason, Slot, Status};
 use crate::tcp::{
-    ConnStatus, TcpConfig, TcpConn, TcpFlags, TcpInvalid, TcpOutcome, TcpSegment, TcpTimeouts,
+    ConnStatus, TcpConfig, TcpConn, TcpFlags, TcpInvalid, TcpOutcome, TcpSegment, TcpState,
+    TcpTimeouts,
 };
 use crate::tuple::{Addr, Dir, Family, Tuple, icmpv4_is_request, icmpv6_is_request};
 use crate::wire::{self, DropReason, Fragment, L3, L4, ParseOptions, ParsedPacket, TcpInfo};
@@ -87,11 +89,29 @@ impl Default for Config {
     }
 }
 
+/// The TCP part kept in a connection's entry: its state. The window tracking
+/// ([`TcpConn`]) lives beside the table (see [`Conntrack::tcp`]), so that entries of
+/// other protocols do not carry its 60 bytes. Only this crate creates one: a TCP entry
+/// always has its window state stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSummary {
+    state: TcpState,
+}
+
+impl TcpSummary {
+    /// The state of the TCP state machine.
+    #[inline]
+    #[must_use]
+    pub fn state(&self) -> TcpState {
+        self.state
+    }
+}
+
 /// Per-protocol state kept in each connection.
 #[derive(Debug, Clone, Copy)]
 pub enum L4State {
-    /// TCP: state machine and window tracking.
-    Tcp(TcpConn),
+    /// TCP: the state machine's state (window tracking: [`Conntrack::tcp`]).
+    Tcp(TcpSummary),
     /// UDP: when a reply makes the entry a stream.
     Udp {
         /// Absolute time after which a replied entry becomes a stream (ASSURED).
@@ -317,6 +337,8 @@ impl NatVerdict {
 pub struct Conntrack {
     cfg: Config,
     table: ConnTable<L4State>,
+    /// Window tracking of the TCP entries, by slot.
+    tcp: SlotStore<TcpConn>,
     stats: Stats,
     nat: NatEngine,
     /// Connections in the table with `SRC_NAT` or `DST_NAT`: while there are none and
@@ -407,6 +429,7 @@ impl Conntrack {
     pub fn with_nat(cfg: Config, nat: NatEngine) -> Self {
         Self {
             table: ConnTable::new(cfg.max_connections, cfg.hash_seed, cfg.event_capacity),
+            tcp: SlotStore::new(cfg.max_connections.max(1)),
             cfg,
             stats: Stats::default(),
             nat,
@@ -488,6 +511,54 @@ impl Conntrack {
     /// The connection table, mutable (for the offload policy and the API).
     pub fn table_mut(&mut self) -> &mut ConnTable<L4State> {
         &mut self.table
+    }
+
+    /// The window-tracking state of the TCP connection in `slot` (`None` when the slot
+    /// holds no TCP connection).
+    #[must_use]
+    pub fn tcp(&self, slot: Slot) -> Option<&TcpConn> {
+        match self.table.entry(slot)?.proto {
+            L4State::Tcp(_) => self.tcp.get(slot),
+            L4State::Udp { .. } | L4State::Icmp | L4State::Generic => None,
+        }
+    }
+
+    /// Insert a TCP connection built outside the packet path (the agent restoring an
+    /// offloaded flow after a restart), with its window state: [`ConnTable::insert`]
+    /// for TCP, whose entries keep their window state beside the table.
+    ///
+    /// # Errors
+    /// As [`ConnTable::insert`].
+    pub fn insert_tcp(
+        &mut self,
+        orig: Tuple,
+        reply: Tuple,
+        status: Status,
+        timeout: u64,
+        tcp: TcpConn,
+        now: u64,
+    ) -> Result<Slot, InsertError> {
+        let summary = L4State::Tcp(TcpSummary { state: tcp.state() });
+        let slot = self
+            .table
+            .insert(orig, reply, status, timeout, summary, now)?;
+        self.tcp.put(slot, tcp);
+        self.release_nat();
+        Ok(slot)
+    }
+
+    /// Bytes of memory held for connections: every allocation of the table (see
+    /// [`ConnTable::heap_bytes`]) and of the TCP window store beside it.
+    #[must_use]
+    pub fn memory_bytes(&self) -> usize {
+        self.table.heap_bytes() + self.tcp.heap_bytes()
+    }
+
+    /// [`Conntrack::memory_bytes`] divided by the live connections (by 1 when empty),
+    /// rounded up.
+    #[must_use]
+    pub fn bytes_per_connection(&self) -> usize {
+        self.memory_bytes().div_ceil(self.table.len().max(1))
     }
 
     /// Reap expired connections, visiting at most `budget` timers.
@@ -607,10 +678,13 @@ impl Conntrack {
         bytes: u64,
         now: u64,
     ) -> Result<Verdict, Reopen> {
+        let mut tcp = None;
         let (state, timeout_ns) = match pkt.l4 {
             L4::Tcp(ref t) => match TcpConn::new(&segment_of(t), &self.cfg.tcp) {
                 Ok((conn, accept)) => (
-                    L4State::Tcp(conn),
+                    L4State::Tcp(TcpSummary {
+                        state: tcp.insert(conn).state(),
+                    }),
                     accept
                         .timeout_ns
                         .unwrap_or(u64::from(self.cfg.tcp.timeouts.syn_sent) * NS),
@@ -680,10 +754,10 @@ impl Conntrack {
         if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
             self.nat_live += 1;
         }
-        if let Some(c) = self.table.get_mut(slot) {
-            c.counters[0].packets += 1;
-            c.counters[0].bytes += bytes;
+        if let Some(tcp) = tcp {
+            self.tcp.put(slot, tcp);
         }
+        self.table.count(slot, Dir::Original, 1, bytes);
         self.stats.created += 1;
         Ok(Verdict::Tracked {
             slot,
@@ -740,14 +814,21 @@ impl Conntrack {
         // What the protocol handler decided: a new relative timeout (None = keep),
         // whether to set ASSURED, whether to delete the entry after the packet.
         let (timeout_ns, assure, delete, count) = match (&mut conn.proto, &pkt.l4) {
-            (L4State::Tcp(tcp), L4::Tcp(info)) => {
+            (L4State::Tcp(summary), L4::Tcp(info)) => {
                 let status = ConnStatus {
                     seen_reply,
                     assured: conn.status.contains(Status::ASSURED),
                     fixed_timeout: conn.status.contains(Status::FIXED_TIMEOUT),
                     remaining_ns: remaining,
                 };
-                match tcp.packet(dir, &segment_of(info), status, &tcp_cfg) {
+                // Every TCP entry has its state stored (only this crate makes a
+                // `TcpSummary`); a missing one is refused, never guessed.
+                let Some(tcp) = self.tcp.get_mut(slot) else {
+                    return Ok(self.invalid(Invalid::InsertClash));
+                };
+                let outcome = tcp.packet(dir, &segment_of(info), status, &tcp_cfg);
+                summary.state = tcp.state();
+                match outcome {
                     TcpOutcome::Accept(a) => (a.timeout_ns, a.set_assured, a.delete_now, true),
                     TcpOutcome::Ignore(_) => {
                         self.stats.tcp_ignored += 1;
@@ -782,11 +863,6 @@ impl Conntrack {
                 (Some(u64::from(t.generic) * NS), false, false, true)
             }
         };
-        if count {
-            let c = &mut conn.counters[dir.index()];
-            c.packets += 1;
-            c.bytes += bytes;
-        }
         if assure {
             conn.status.insert(Status::ASSURED);
         }
@@ -795,10 +871,14 @@ impl Conntrack {
         if dir == Dir::Reply {
             conn.status.insert(Status::SEEN_REPLY);
         }
-        let fixed = conn.status.contains(Status::FIXED_TIMEOUT);
+        let status = conn.status;
+        if count {
+            self.table.count(slot, dir, 1, bytes);
+        }
+        let fixed = status.contains(Status::FIXED_TIMEOUT);
         if delete {
-            if conn.status.intersects(Status::SRC_NAT | Status::DST_NAT) {
-                self.closed = Some((conn.tuples, conn.status));
+            if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
+                self.closed = self.table.tuples(slot).map(|t| (t, status));
             }
             self.table.remove(slot, RemoveReason::Closed);
         } else if let (Some(ns), false) = (timeout_ns, fixed) {
@@ -845,11 +925,11 @@ impl Conntrack {
         let Some((slot, dir)) = found else {
             return self.invalid(Invalid::IcmpErrorNoMatch);
         };
-        let Some(conn) = self.table.get(slot) else {
+        let Some(tuple) = self.table.tuple(slot, dir) else {
             return self.invalid(Invalid::IcmpErrorNoMatch);
         };
         let outer_dst = Addr::from_ip(pkt.dst).0;
-        if conn.tuple(dir).dst != outer_dst {
+        if tuple.dst != outer_dst {
             return self.invalid(Invalid::IcmpErrorSpoofed);
         }
         self.stats.related += 1;
@@ -923,10 +1003,11 @@ impl Conntrack {
             return NatOutcome::Unchanged;
         };
         let nat_bits = Status::SRC_NAT | Status::DST_NAT;
-        let result = match self.table.get(slot) {
-            Some(c) if c.status.intersects(nat_bits) => {
-                rewrite::rewrite(frame, pkt, &c.tuples, c.status, dir)
-            }
+        let result = match self.table.entry(slot).map(|e| e.status) {
+            Some(status) if status.intersects(nat_bits) => match self.table.tuples(slot) {
+                Some(tuples) => rewrite::rewrite(frame, pkt, &tuples, status, dir),
+                None => return NatOutcome::Unchanged,
+            },
             Some(_) => return NatOutcome::Unchanged,
             // The packet closed its connection (TCP RST): it still goes out translated.
             None => match self.closed.take() {
@@ -957,5 +1038,6 @@ mod nat_tests;
 
 mod offload;
 mod query;
+
 pub use offload::{NotOffloadable, Teardown};
 pub use query::{DeleteError, Filter, Prefix};

@@ -1,12 +1,20 @@
 //! The connection table of one worker.
 //!
 //! - Entries live in a slab allocated once at the table's capacity: no allocation on the
-//!   packet path.
+//!   packet path. An entry ([`Entry`], 72 bytes) holds what a packet of an established
+//!   connection reads: the tuples as a compact key, status, timeout, the low 32 bits of
+//!   the counters (the rest aside once a count passes 2^32 - 1) and the protocol's hot
+//!   state. An IPv4 connection whose reply tuple is the inverse of its
+//!   original (no NAT) keeps only the original's 15 bytes in the key; the tuples of any
+//!   other connection (NAT, IPv6) live in a side store at the entry's slot (80 bytes,
+//!   allocated by chunks of slots when first needed, see [`side`]). Reads that want the
+//!   tuples get a materialized copy of the connection, [`Conn`].
 //! - An open-addressing index (linear probing, backward-shift deletion, load at most
 //!   1/2) maps each connection's two tuples to `(slot, direction)`, so a packet of either
-//!   direction finds its connection with one hash and, usually, one probe. The index
-//!   keeps 32 bits of the hash beside each slot so that a probe rarely touches an entry
-//!   that does not match.
+//!   direction finds its connection with one hash and, usually, one probe. A cell is 32
+//!   bits: the slot, the direction and, in the bits left, a tag from the hash (11 bits
+//!   for a million connections) so that a probe rarely touches an entry that does not
+//!   match (16 bytes of index per connection).
 //! - Expiry is lazy like Linux: an entry whose timeout has passed is dead; lookups reap
 //!   it, and [`ConnTable::gc`] reaps the rest through a timer wheel whose cost per call is
 //!   bounded and proportional to the entries that expire (see [`crate::timer`]).
@@ -19,7 +27,10 @@
 //! The per-protocol state `P` is opaque here: the table does not know about TCP.
 
 use crate::timer::{SlotLinks, TimerWheel};
-use crate::tuple::{Dir, Tuple, TupleHasher};
+use crate::tuple::{Addr, Dir, Family, Tuple, TupleHasher};
+
+pub mod side;
+use side::SlotStore;
 
 bitflags::bitflags! {
     /// Connection status bits, numbered like Linux `enum ip_conntrack_status`.
@@ -69,13 +80,8 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// One connection.
-///
-/// The field order is fixed (`repr(C)`) so that what every packet touches (the tuple it
-/// is compared with, status, timeout, its direction's counters) sits together at the
-/// front, and the protocol state follows; see [`ConnTable::prefetch`].
+/// One connection, as read from the table: a copy, with both tuples materialized.
 #[derive(Debug, Clone)]
-#[repr(C)]
 pub struct Conn<P> {
     /// Original and reply tuples, indexed by [`Dir::index`].
     pub tuples: [Tuple; 2],
@@ -85,10 +91,9 @@ pub struct Conn<P> {
     pub timeout: u64,
     /// Per-direction counters, indexed by [`Dir::index`].
     pub counters: [Counter; 2],
-    /// Protocol state (its first bytes, read by every packet, follow the counters).
+    /// Protocol state.
     pub proto: P,
-    /// Unique id of this connection within the table's lifetime (never reused; not
-    /// read on the packet path, hence last).
+    /// Unique id of this connection within the table's lifetime (never reused).
     pub id: u64,
 }
 
@@ -115,6 +120,159 @@ impl<P> Conn<P> {
     }
 }
 
+/// The low 32 bits of a direction's [`Counter`]; the rest is carried into the table's
+/// side store when a count passes 2^32 - 1 (counts stay exact, like Linux's u64).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct LowCounter {
+    packets: u32,
+    bytes: u32,
+}
+
+/// The low 32 bits of `v`.
+#[inline]
+fn low32(v: u64) -> u32 {
+    u32::try_from(v & 0xFFFF_FFFF).unwrap_or(0)
+}
+
+/// How an entry holds its two tuples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Key {
+    /// IPv4, and the reply tuple is [`Tuple::invert`] of the original: the original's
+    /// fields.
+    V4 {
+        proto: u8,
+        src_l4: u16,
+        dst_l4: u16,
+        zone: u16,
+        src: [u8; 4],
+        dst: [u8; 4],
+    },
+    /// Both tuples are in the table's side store at the entry's slot.
+    Side,
+}
+
+/// An IPv4 address of a tuple, when the rest of its 16 bytes is zero (as
+/// [`Addr::v4`] makes it).
+#[inline]
+fn plain_v4(a: &Addr) -> Option<[u8; 4]> {
+    a.0[4..].iter().all(|&b| b == 0).then(|| a.as_v4())
+}
+
+impl Key {
+    /// The compact key of `orig` when `reply` is its inverse and it is IPv4.
+    fn compact(orig: &Tuple, reply: &Tuple) -> Option<Key> {
+        if orig.family != Family::V4 || orig.invert().as_ref() != Ok(reply) {
+            return None;
+        }
+        Some(Key::V4 {
+            proto: orig.proto,
+            src_l4: orig.src_l4,
+            dst_l4: orig.dst_l4,
+            zone: orig.zone,
+            src: plain_v4(&orig.src)?,
+            dst: plain_v4(&orig.dst)?,
+        })
+    }
+
+    /// Whether `t` is the tuple of direction `dir` of a `V4` key (`None` for `Side`).
+    #[inline]
+    fn matches(&self, t: &Tuple, dir: Dir) -> Option<bool> {
+        let orig = self.original()?;
+        Some(match dir {
+            Dir::Original => orig == *t,
+            // The inverse (ICMP types mapped) is built only for a candidate whose
+            // addresses already match.
+            Dir::Reply => {
+                t.src == orig.dst && t.dst == orig.src && orig.invert().is_ok_and(|r| r == *t)
+            }
+        })
+    }
+
+    /// Both tuples of a `V4` key (`None` for `Side`).
+    #[inline]
+    fn tuples(&self) -> Option<[Tuple; 2]> {
+        let orig = self.original()?;
+        // A compact key is made only from a tuple that inverts.
+        Some([orig, orig.invert().unwrap_or(orig)])
+    }
+
+    /// The original tuple of a `V4` key (`None` for `Side`).
+    #[inline]
+    fn original(&self) -> Option<Tuple> {
+        let Key::V4 {
+            proto,
+            src_l4,
+            dst_l4,
+            zone,
+            src,
+            dst,
+        } = *self
+        else {
+            return None;
+        };
+        Some(Tuple {
+            src: Addr::v4(src),
+            dst: Addr::v4(dst),
+            src_l4,
+            dst_l4,
+            proto,
+            family: Family::V4,
+            zone,
+        })
+    }
+}
+
+/// One connection as the table stores it. The tuples are not public fields: read them
+/// with [`ConnTable::tuples`], or take a [`Conn`] copy with [`ConnTable::get`].
+///
+/// The field order is fixed (`repr(C)`) so that what every packet touches (the key it
+/// is compared with, status, timeout, counters, protocol state) comes first.
+#[derive(Debug, Clone)]
+#[repr(C)]
+pub struct Entry<P> {
+    key: Key,
+    /// Status bits.
+    pub status: Status,
+    /// Whether the high parts of the counters are in the table's side store (a count
+    /// passed 2^32 - 1).
+    wide: bool,
+    /// Absolute expiry time in nanoseconds; dead once `timeout <= now`. Change it with
+    /// [`ConnTable::set_timeout`] so the timer stays right.
+    pub timeout: u64,
+    /// Low 32 bits of the per-direction counters, indexed by [`Dir::index`]: read
+    /// them with [`ConnTable::counters`], add with [`ConnTable::count`].
+    counters: [LowCounter; 2],
+    /// Protocol state.
+    pub proto: P,
+    /// Unique id of this connection within the table's lifetime (never reused; not
+    /// read on the packet path, hence last).
+    pub id: u64,
+}
+
+impl<P> Entry<P> {
+    /// Nanoseconds left before expiry; 0 when expired (`timeout <= now`), as
+    /// [`Conn::remaining`].
+    #[inline]
+    #[must_use]
+    pub fn remaining(&self, now: u64) -> u64 {
+        self.timeout.saturating_sub(now)
+    }
+
+    /// Whether the connection has expired at `now`, as [`Conn::expired`].
+    #[inline]
+    #[must_use]
+    pub fn expired(&self, now: u64) -> bool {
+        self.remaining(now) == 0
+    }
+
+    /// Whether the tuples are in the side store (NAT, IPv6) rather than the entry.
+    #[inline]
+    #[must_use]
+    pub fn tuples_aside(&self) -> bool {
+        self.key == Key::Side
+    }
+}
+
 /// A reference to a slot of the table. It stays valid until the connection is removed;
 /// pair it with [`Conn::id`] (see [`ConnTable::get_checked`]) when holding it across time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -122,7 +280,7 @@ pub struct Slot(pub u32);
 
 impl Slot {
     #[inline]
-    fn idx(self) -> usize {
+    pub(crate) fn idx(self) -> usize {
         // u32 always fits in usize on the 32/64-bit targets this crate supports.
         usize::try_from(self.0).unwrap_or(usize::MAX)
     }
@@ -204,7 +362,7 @@ pub struct TableStats {
     pub events_lost: u64,
 }
 
-const EMPTY: u64 = u64::MAX;
+const EMPTY: u32 = u32::MAX;
 /// Room reserved for [`ConnTable::take_nat_released`]'s queue: more than one packet's
 /// removals (a lookup reaps one, early drop at most 8 groups of 8).
 const NAT_RELEASED_RESERVE: usize = 128;
@@ -213,30 +371,63 @@ const EARLY_DROP_GROUPS: usize = 8;
 /// ... of this many slots each (Linux: 8 hash buckets).
 const EARLY_DROP_GROUP_SLOTS: usize = 8;
 
-#[inline]
-fn pack(hash: u64, slot: Slot, dir: Dir) -> u64 {
-    (hash & 0xFFFF_FFFF_0000_0000) | (u64::from(slot.0) << 1) | u64::from(dir as u8)
+/// The layout of a 32-bit index cell: `tag | slot << 1 | dir`, where the slot takes
+/// as many bits as the table's size needs and the tag is the top bits of the hash's
+/// upper half that remain (11 bits for a million connections), so that a probe rarely
+/// reads an entry that does not match. A cell is never all ones ([`EMPTY`]): the
+/// slot's bits can hold one more value than the table has slots.
+#[derive(Debug, Clone, Copy)]
+struct Cells {
+    /// The tag's bits in place (none for a table of 2^30 slots).
+    tag_mask: u32,
 }
 
-#[inline]
-fn unpack(v: u64) -> (u64, Slot, Dir) {
-    let low = v & 0xFFFF_FFFF;
-    let dir = if low & 1 == 1 {
-        Dir::Reply
-    } else {
-        Dir::Original
-    };
-    let slot = u32::try_from(low >> 1).unwrap_or(u32::MAX);
-    (v & 0xFFFF_FFFF_0000_0000, Slot(slot), dir)
+impl Cells {
+    /// The layout for a table of `max` slots (at most 2^30).
+    fn for_slots(max: usize) -> Self {
+        let slot_bits = usize::BITS - max.leading_zeros();
+        let tag_shift = slot_bits + 1;
+        Self {
+            tag_mask: u32::MAX.checked_shl(tag_shift).unwrap_or(0),
+        }
+    }
+
+    #[inline]
+    fn tag(self, hash: u64) -> u32 {
+        // The upper half of the hash (the index position uses the lower bits).
+        let hi = u32::try_from(hash >> 32).unwrap_or(u32::MAX);
+        hi & self.tag_mask
+    }
+
+    #[inline]
+    fn pack(self, hash: u64, slot: Slot, dir: Dir) -> u32 {
+        self.tag(hash) | (slot.0 << 1) | u32::from(dir as u8)
+    }
+
+    #[inline]
+    fn unpack(self, v: u32) -> (u32, Slot, Dir) {
+        let dir = if v & 1 == 1 {
+            Dir::Reply
+        } else {
+            Dir::Original
+        };
+        let below = !self.tag_mask;
+        (v & self.tag_mask, Slot((v & below) >> 1), dir)
+    }
 }
 
 /// The connection table of one worker. See the module documentation.
 #[derive(Debug)]
 pub struct ConnTable<P> {
     hasher: TupleHasher,
-    index: Vec<u64>,
+    index: Vec<u32>,
+    cells: Cells,
     mask: usize,
-    entries: Vec<Option<Conn<P>>>,
+    entries: Vec<Option<Entry<P>>>,
+    /// Both tuples of the entries whose key is [`Key::Side`].
+    side: SlotStore<[Tuple; 2]>,
+    /// The high parts of the counters of the entries marked `wide`.
+    wide: SlotStore<[Counter; 2]>,
     links: Vec<SlotLinks>,
     free: Vec<u32>,
     count: usize,
@@ -270,8 +461,11 @@ impl<P> ConnTable<P> {
         Self {
             hasher: TupleHasher::new(seed),
             index: vec![EMPTY; index_len],
+            cells: Cells::for_slots(max),
             mask: index_len - 1,
             entries,
+            side: SlotStore::new(max),
+            wide: SlotStore::new(max),
             links: vec![SlotLinks::default(); max],
             free,
             count: 0,
@@ -335,19 +529,28 @@ impl<P> ConnTable<P> {
     }
 
     /// Bytes of memory the table holds per connection it can hold: every allocation it
-    /// makes (index, entries, timer links and wheel, free list, event queue, GC scratch,
-    /// NAT release queue), divided by the maximum number of connections, rounded up.
+    /// makes ([`ConnTable::heap_bytes`]) divided by the maximum number of connections,
+    /// rounded up.
     #[must_use]
     pub fn bytes_per_connection(&self) -> usize {
-        let index = self.index.capacity() * size_of::<u64>();
-        let entries = self.entries.capacity() * size_of::<Option<Conn<P>>>();
+        self.heap_bytes().div_ceil(self.max)
+    }
+
+    /// Bytes of memory the table holds: every allocation it makes (index, entries, side
+    /// stores of tuples and counter high parts, timer links and wheel, free list, event queue, GC scratch, NAT
+    /// release queue), by capacity.
+    #[must_use]
+    pub fn heap_bytes(&self) -> usize {
+        let index = self.index.capacity() * size_of::<u32>();
+        let entries = self.entries.capacity() * size_of::<Option<Entry<P>>>();
+        let side = self.side.heap_bytes() + self.wide.heap_bytes();
         let links = self.links.capacity() * size_of::<SlotLinks>();
         let free = self.free.capacity() * size_of::<u32>();
         let events = self.events.capacity() * size_of::<Event>();
         let scratch = self.scratch.capacity() * size_of::<u32>();
         let wheel = self.wheel.heap_bytes();
         let released = self.nat_released.capacity() * size_of::<([Tuple; 2], Status)>();
-        (index + entries + links + free + events + scratch + wheel + released).div_ceil(self.max)
+        index + entries + side + links + free + events + scratch + wheel + released
     }
 
     /// The table's hash of `tuple`, for [`ConnTable::lookup_hashed`] and
@@ -364,7 +567,7 @@ impl<P> ConnTable<P> {
     #[inline]
     #[must_use]
     pub fn touch_index(&self, hash: u64) -> u64 {
-        self.index[self.pos(hash)]
+        u64::from(self.index[self.pos(hash)])
     }
 
     /// Batch helper, second step: the connection that the first index slot of `hash`
@@ -373,13 +576,13 @@ impl<P> ConnTable<P> {
     /// is in cache when [`ConnTable::lookup_hashed`] runs.
     #[inline]
     #[must_use]
-    pub fn prefetch(&self, hash: u64) -> Option<(&Conn<P>, Dir)> {
+    pub fn prefetch(&self, hash: u64) -> Option<(&Entry<P>, Dir)> {
         let v = self.index[self.pos(hash)];
         if v == EMPTY {
             return None;
         }
-        let (vtag, slot, dir) = unpack(v);
-        if vtag != hash & 0xFFFF_FFFF_0000_0000 {
+        let (vtag, slot, dir) = self.cells.unpack(v);
+        if vtag != self.cells.tag(hash) {
             return None;
         }
         self.entry(slot).map(|c| (c, dir))
@@ -410,15 +613,15 @@ impl<P> ConnTable<P> {
     /// timeout.
     #[inline]
     fn find(&self, tuple: &Tuple, h: u64) -> Option<(Slot, Dir)> {
-        let tag = h & 0xFFFF_FFFF_0000_0000;
+        let tag = self.cells.tag(h);
         let mut pos = self.pos(h);
         loop {
             let v = self.index[pos];
             if v == EMPTY {
                 return None;
             }
-            let (vtag, slot, dir) = unpack(v);
-            if vtag == tag && self.entry(slot).is_some_and(|c| c.tuple(dir) == tuple) {
+            let (vtag, slot, dir) = self.cells.unpack(v);
+            if vtag == tag && self.is_tuple(slot, dir, tuple) {
                 return Some((slot, dir));
             }
             pos = (pos + 1) & self.mask;
@@ -431,29 +634,127 @@ impl<P> ConnTable<P> {
         usize::try_from(hash & u64::try_from(self.mask).unwrap_or(u64::MAX)).unwrap_or(0)
     }
 
+    /// Whether `tuple` is the `dir` tuple of the connection in `slot`.
     #[inline]
-    fn entry(&self, slot: Slot) -> Option<&Conn<P>> {
+    fn is_tuple(&self, slot: Slot, dir: Dir, tuple: &Tuple) -> bool {
+        let Some(e) = self.entry(slot) else {
+            return false;
+        };
+        match e.key.matches(tuple, dir) {
+            Some(m) => m,
+            None => self
+                .side
+                .get(slot)
+                .is_some_and(|t| t[dir.index()] == *tuple),
+        }
+    }
+
+    /// The stored entry in `slot` (no tuples: see [`ConnTable::tuples`]).
+    #[inline]
+    #[must_use]
+    pub fn entry(&self, slot: Slot) -> Option<&Entry<P>> {
         self.entries.get(slot.idx()).and_then(Option::as_ref)
     }
 
-    /// The connection in `slot`.
+    /// The original and reply tuples of the connection in `slot`.
     #[inline]
     #[must_use]
-    pub fn get(&self, slot: Slot) -> Option<&Conn<P>> {
-        self.entry(slot)
+    pub fn tuples(&self, slot: Slot) -> Option<[Tuple; 2]> {
+        let e = self.entry(slot)?;
+        e.key.tuples().or_else(|| self.side.get(slot).copied())
     }
 
-    /// The connection in `slot`, mutable. Change its timeout with
-    /// [`ConnTable::set_timeout`], not by writing the field, so the timer stays right.
+    /// The tuple of direction `dir` of the connection in `slot`.
     #[inline]
-    pub fn get_mut(&mut self, slot: Slot) -> Option<&mut Conn<P>> {
+    #[must_use]
+    pub fn tuple(&self, slot: Slot, dir: Dir) -> Option<Tuple> {
+        self.tuples(slot).map(|t| t[dir.index()])
+    }
+
+    /// A copy of the connection in `slot`, tuples included.
+    #[inline]
+    #[must_use]
+    pub fn get(&self, slot: Slot) -> Option<Conn<P>>
+    where
+        P: Clone,
+    {
+        let e = self.entry(slot)?;
+        Some(Conn {
+            tuples: self.tuples(slot)?,
+            status: e.status,
+            timeout: e.timeout,
+            counters: self.counters(slot)?,
+            proto: e.proto.clone(),
+            id: e.id,
+        })
+    }
+
+    /// The per-direction packet and byte counters of the connection in `slot`.
+    #[inline]
+    #[must_use]
+    pub fn counters(&self, slot: Slot) -> Option<[Counter; 2]> {
+        let e = self.entry(slot)?;
+        let high = if e.wide {
+            self.wide.get(slot).copied().unwrap_or_default()
+        } else {
+            [Counter::default(); 2]
+        };
+        Some([0, 1].map(|d| {
+            Counter {
+                packets: high[d]
+                    .packets
+                    .saturating_add(u64::from(e.counters[d].packets)),
+                bytes: high[d].bytes.saturating_add(u64::from(e.counters[d].bytes)),
+            }
+        }))
+    }
+
+    /// Add `packets` and `bytes` to direction `dir` of the connection in `slot`
+    /// (saturating at `u64::MAX`). The first count of an entry that passes 2^32 - 1
+    /// stores its high parts aside (allocating a chunk of the side store if it is the
+    /// first such entry of the chunk's slots).
+    #[inline]
+    pub fn count(&mut self, slot: Slot, dir: Dir, packets: u64, bytes: u64) {
+        let Some(e) = self.entries.get_mut(slot.idx()).and_then(Option::as_mut) else {
+            return;
+        };
+        let lo = &mut e.counters[dir.index()];
+        let p = u64::from(lo.packets).saturating_add(packets);
+        let b = u64::from(lo.bytes).saturating_add(bytes);
+        if let (Ok(p), Ok(b)) = (u32::try_from(p), u32::try_from(b)) {
+            lo.packets = p;
+            lo.bytes = b;
+            return;
+        }
+        lo.packets = low32(p);
+        lo.bytes = low32(b);
+        if !e.wide {
+            e.wide = true;
+            self.wide.put(slot, [Counter::default(); 2]);
+        }
+        if let Some(high) = self.wide.get_mut(slot) {
+            let h = &mut high[dir.index()];
+            h.packets = h.packets.saturating_add(p & !0xFFFF_FFFF);
+            h.bytes = h.bytes.saturating_add(b & !0xFFFF_FFFF);
+        }
+    }
+
+    /// The connection in `slot`, mutable (its tuples do not change). Change its timeout
+    /// with [`ConnTable::set_timeout`], not by writing the field, so the timer stays
+    /// right.
+    #[inline]
+    pub fn get_mut(&mut self, slot: Slot) -> Option<&mut Entry<P>> {
         self.entries.get_mut(slot.idx()).and_then(Option::as_mut)
     }
 
-    /// The connection in `slot` if it is still the one with `id`.
+    /// A copy of the connection in `slot` if it is still the one with `id`.
     #[must_use]
-    pub fn get_checked(&self, slot: Slot, id: u64) -> Option<&Conn<P>> {
-        self.entry(slot).filter(|c| c.id == id)
+    pub fn get_checked(&self, slot: Slot, id: u64) -> Option<Conn<P>>
+    where
+        P: Clone,
+    {
+        self.entry(slot).filter(|c| c.id == id)?;
+        self.get(slot)
     }
 
     /// Set the absolute timeout of a connection.
@@ -606,12 +907,17 @@ impl<P> ConnTable<P> {
         let slot = Slot(raw);
         let id = self.next_id;
         self.next_id += 1;
-        self.entries[slot.idx()] = Some(Conn {
-            tuples: [orig, reply],
+        let key = Key::compact(&orig, &reply).unwrap_or_else(|| {
+            self.side.put(slot, [orig, reply]);
+            Key::Side
+        });
+        self.entries[slot.idx()] = Some(Entry {
+            key,
             status: status | Status::CONFIRMED,
             timeout,
             id,
-            counters: [Counter::default(); 2],
+            wide: false,
+            counters: [LowCounter::default(); 2],
             proto,
         });
         self.count += 1;
@@ -631,12 +937,12 @@ impl<P> ConnTable<P> {
         while self.index[pos] != EMPTY {
             pos = (pos + 1) & self.mask;
         }
-        self.index[pos] = pack(h, slot, dir);
+        self.index[pos] = self.cells.pack(h, slot, dir);
     }
 
     fn index_remove(&mut self, tuple: &Tuple, slot: Slot, dir: Dir) {
         let h = self.hash(tuple);
-        let want = pack(h, slot, dir);
+        let want = self.cells.pack(h, slot, dir);
         let mut pos = self.pos(h);
         loop {
             let v = self.index[pos];
@@ -657,10 +963,8 @@ impl<P> ConnTable<P> {
             if v == EMPTY {
                 break;
             }
-            let (_, s, d) = unpack(v);
-            let home = self
-                .entry(s)
-                .map_or(cur, |c| self.pos(self.hash(c.tuple(d))));
+            let (_, s, d) = self.cells.unpack(v);
+            let home = self.tuple(s, d).map_or(cur, |t| self.pos(self.hash(&t)));
             let dist_home = cur.wrapping_sub(home) & self.mask;
             let dist_hole = cur.wrapping_sub(hole) & self.mask;
             if dist_home >= dist_hole {
@@ -677,10 +981,19 @@ impl<P> ConnTable<P> {
         // Unindex while the entry is still in place: backward-shift deletion reads the
         // tuple of every cell it may move to find its home, and the connection's other
         // cell is often right behind the first (same index hash without NAT).
-        let tuples = self.entries.get(slot.idx())?.as_ref()?.tuples;
+        let tuples = self.tuples(slot)?;
+        let counters = self.counters(slot)?;
         self.index_remove(&tuples[0], slot, Dir::Original);
         self.index_remove(&tuples[1], slot, Dir::Reply);
-        let conn = self.entries.get_mut(slot.idx())?.take()?;
+        let e = self.entries.get_mut(slot.idx())?.take()?;
+        let conn = Conn {
+            tuples,
+            status: e.status,
+            timeout: e.timeout,
+            counters,
+            proto: e.proto,
+            id: e.id,
+        };
         self.wheel.unlink(&mut self.links, slot.0);
         self.free.push(slot.0);
         self.count -= 1;
@@ -709,7 +1022,7 @@ impl<P> ConnTable<P> {
                 if v == EMPTY {
                     continue;
                 }
-                let (_, slot, _) = unpack(v);
+                let (_, slot, _) = self.cells.unpack(v);
                 if victims[..n].contains(&slot) {
                     continue;
                 }
@@ -804,13 +1117,17 @@ impl<P> ConnTable<P> {
     }
 
     /// Iterate over live (not expired at `now`) connections.
-    pub fn iter(&self, now: u64) -> impl Iterator<Item = (Slot, &Conn<P>)> {
+    /// Each item is a copy of the connection (see [`ConnTable::get`]).
+    pub fn iter(&self, now: u64) -> impl Iterator<Item = (Slot, Conn<P>)>
+    where
+        P: Clone,
+    {
         self.entries.iter().enumerate().filter_map(move |(i, e)| {
-            let c = e.as_ref()?;
-            if c.expired(now) {
+            if e.as_ref()?.expired(now) {
                 return None;
             }
-            Some((Slot(u32::try_from(i).ok()?), c))
+            let slot = Slot(u32::try_from(i).ok()?);
+            Some((slot, self.get(slot)?))
         })
     }
 }
@@ -854,6 +1171,165 @@ mod tests {
         let c = tab.get(slot).expect("live");
         assert!(c.status.contains(Status::CONFIRMED));
         assert_eq!(c.id, 1);
+    }
+
+    #[test]
+    fn translated_and_ipv6_tuples_live_in_the_side_store() {
+        let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
+        let empty = tab.heap_bytes();
+        let a = t(1);
+        let s = tab
+            .insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        assert!(!tab.entry(s).expect("live").tuples_aside());
+        assert_eq!(
+            tab.heap_bytes(),
+            empty,
+            "a plain IPv4 connection allocates nothing"
+        );
+        // SNAT: the reply goes to the translated address and port.
+        let b = t(2);
+        let mut r = inv(&b);
+        r.dst = Addr::v4([203, 0, 113, 1]);
+        r.dst_l4 = 40_000;
+        let sn = tab
+            .insert(b, r, Status::SRC_NAT, 30 * S, (), 0)
+            .expect("room");
+        assert!(tab.entry(sn).expect("live").tuples_aside());
+        assert!(tab.heap_bytes() > empty, "the side store took a chunk");
+        assert_eq!(tab.tuples(sn), Some([b, r]));
+        assert_eq!(tab.lookup(&b, S), Some((sn, Dir::Original)));
+        assert_eq!(tab.lookup(&r, S), Some((sn, Dir::Reply)));
+        assert_eq!(
+            tab.lookup(&inv(&b), S),
+            None,
+            "untranslated reply not tracked"
+        );
+        // IPv6.
+        let mut v6 = t(3);
+        v6.family = Family::V6;
+        v6.src = Addr::v6([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        v6.dst = Addr::v6([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        let s6 = tab
+            .insert(v6, inv(&v6), Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        assert!(tab.entry(s6).expect("live").tuples_aside());
+        assert_eq!(tab.lookup(&inv(&v6), S), Some((s6, Dir::Reply)));
+        assert_eq!(tab.get(s6).expect("live").tuples, [v6, inv(&v6)]);
+        // Removal hands back the tuples it stored aside.
+        let gone = tab.remove(sn, RemoveReason::Deleted).expect("live");
+        assert_eq!(gone.tuples, [b, r]);
+        assert_eq!(tab.lookup(&r, S), None);
+        assert_eq!(tab.lookup(&a, S), Some((s, Dir::Original)));
+    }
+
+    #[test]
+    fn compact_keys_find_icmp_replies_and_respect_zones() {
+        let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
+        let echo = Tuple {
+            src: Addr::v4([10, 0, 0, 1]),
+            dst: Addr::v4([192, 0, 2, 1]),
+            src_l4: 7,
+            dst_l4: u16::from_be_bytes([8, 0]),
+            proto: proto::ICMP,
+            family: Family::V4,
+            zone: 3,
+        };
+        let reply = inv(&echo);
+        assert_eq!(reply.icmp_type(), 0);
+        let s = tab
+            .insert(echo, reply, Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        assert!(!tab.entry(s).expect("live").tuples_aside());
+        assert_eq!(tab.lookup(&reply, S), Some((s, Dir::Reply)));
+        assert_eq!(tab.tuple(s, Dir::Reply), Some(reply));
+        let mut other_zone = reply;
+        other_zone.zone = 4;
+        assert_eq!(tab.lookup(&other_zone, S), None);
+        let mut swapped = echo;
+        swapped.dst_l4 = u16::from_be_bytes([0, 0]);
+        assert_eq!(
+            tab.lookup(&swapped, S),
+            None,
+            "a reply-type original is not it"
+        );
+    }
+
+    #[test]
+    fn index_cells_hold_every_slot_and_never_look_empty() {
+        for (max, tag_bits) in [
+            (1usize, 30u32),
+            (1_000_000, 11),
+            (1 << 20, 10),
+            (1 << 30, 0),
+        ] {
+            let c = Cells::for_slots(max);
+            assert_eq!(c.tag_mask.count_ones(), tag_bits, "max {max}");
+            let last = Slot(u32::try_from(max - 1).expect("fits"));
+            for dir in [Dir::Original, Dir::Reply] {
+                for hash in [0, u64::MAX, 0x1234_5678_9abc_def0] {
+                    let v = c.pack(hash, last, dir);
+                    assert_ne!(v, EMPTY, "max {max}");
+                    assert_eq!(c.unpack(v), (c.tag(hash), last, dir));
+                    assert_eq!(c.unpack(c.pack(hash, Slot(0), dir)).1, Slot(0));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn counters_stay_exact_past_32_bits() {
+        let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
+        let a = t(1);
+        let s = tab
+            .insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        let narrow = tab.heap_bytes();
+        let big = u64::from(u32::MAX);
+        tab.count(s, Dir::Original, 1, big);
+        tab.count(s, Dir::Reply, 3, 60);
+        assert_eq!(tab.heap_bytes(), narrow, "nothing carried yet");
+        tab.count(s, Dir::Original, 1, big);
+        tab.count(s, Dir::Original, big, 7);
+        assert!(tab.heap_bytes() > narrow, "high parts stored aside");
+        let want = [
+            Counter {
+                packets: big + 2,
+                bytes: 2 * big + 7,
+            },
+            Counter {
+                packets: 3,
+                bytes: 60,
+            },
+        ];
+        assert_eq!(tab.counters(s), Some(want));
+        assert_eq!(tab.get(s).expect("live").counters, want);
+        tab.count(s, Dir::Reply, u64::MAX, 0);
+        assert_eq!(
+            tab.counters(s).expect("live")[1].packets,
+            u64::MAX,
+            "saturates"
+        );
+        tab.drain_events().for_each(drop);
+        tab.remove(s, RemoveReason::Deleted);
+        let evs: Vec<_> = tab.drain_events().collect();
+        assert!(matches!(
+            evs.as_slice(),
+            [Event::Destroy { counters, .. }] if counters[0] == want[0]
+        ));
+        // The slot's next connection starts from zero.
+        let s2 = tab
+            .insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        assert_eq!(s2, s);
+        assert_eq!(tab.counters(s2), Some([Counter::default(); 2]));
+    }
+
+    #[test]
+    fn entry_layout_is_72_bytes() {
+        // Key 16, status 2, wide flag 1 (+5), timeout 8, low counters 16, a 16-byte
+        // protocol state (what `conntrack::L4State` takes), id 8.
+        assert_eq!(size_of::<Option<Entry<[u64; 2]>>>(), 72);
     }
 
     #[test]

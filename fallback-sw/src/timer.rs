@@ -16,14 +16,20 @@ const SLOT_SHIFT: u32 = 30;
 const WHEEL_SLOTS: usize = 4096;
 const WHEEL_MASK: u64 = 4095;
 const NIL: u32 = u32::MAX;
+/// [`SlotLinks::sched`] of an entry in no list.
+const UNLINKED: u32 = u32::MAX;
+/// The last slot number: about 146 years of nanoseconds. Later times share it (an entry
+/// there is looked at once per lap and kept until its real timeout passes).
+const LAST_SLOT: u64 = 0xFFFF_FFFE;
 
 /// Wheel links of one table entry.
 #[derive(Debug, Clone, Copy)]
 pub struct SlotLinks {
     prev: u32,
     next: u32,
-    /// Absolute slot number the entry is scheduled in; `u64::MAX` when unlinked.
-    sched: u64,
+    /// Absolute slot number the entry is scheduled in ([`slot_of`]); `UNLINKED` when
+    /// unlinked.
+    sched: u32,
 }
 
 impl Default for SlotLinks {
@@ -31,14 +37,20 @@ impl Default for SlotLinks {
         Self {
             prev: NIL,
             next: NIL,
-            sched: u64::MAX,
+            sched: UNLINKED,
         }
     }
 }
 
 #[inline]
 fn slot_of(t: u64) -> u64 {
-    t >> SLOT_SHIFT
+    (t >> SLOT_SHIFT).min(LAST_SLOT)
+}
+
+/// A slot number as stored in the links (every slot number fits: see [`LAST_SLOT`]).
+#[inline]
+fn stored(slot: u64) -> u32 {
+    u32::try_from(slot.min(LAST_SLOT)).unwrap_or(UNLINKED - 1)
 }
 
 #[inline]
@@ -87,7 +99,7 @@ impl TimerWheel {
         links[ix(i)] = SlotLinks {
             prev: NIL,
             next: head,
-            sched: slot,
+            sched: stored(slot),
         };
         if head != NIL {
             links[ix(head)].prev = i;
@@ -98,11 +110,11 @@ impl TimerWheel {
     /// Take entry `i` off its list (no-op when it is not linked).
     pub fn unlink(&mut self, links: &mut [SlotLinks], i: u32) {
         let l = links[ix(i)];
-        if l.sched == u64::MAX {
+        if l.sched == UNLINKED {
             return;
         }
         if l.prev == NIL {
-            self.heads[pos_of(l.sched)] = l.next;
+            self.heads[pos_of(u64::from(l.sched))] = l.next;
         } else {
             links[ix(l.prev)].next = l.next;
         }
@@ -125,7 +137,7 @@ impl TimerWheel {
     pub fn reschedule_if_sooner(&mut self, links: &mut [SlotLinks], i: u32, timeout: u64) {
         let sched = links[ix(i)].sched;
         let slot = slot_of(timeout).max(self.cursor);
-        if slot < sched {
+        if stored(slot) < sched {
             self.unlink(links, i);
             self.link(links, i, slot);
         }
@@ -180,7 +192,7 @@ impl TimerWheel {
                     links[ix(head)] = SlotLinks {
                         prev: kept_tail,
                         next: NIL,
-                        sched: slot,
+                        sched: stored(slot),
                     };
                     if kept_tail == NIL {
                         kept = head;
@@ -237,6 +249,33 @@ mod tests {
             fired,
             vec![(0, 5 * S), (1, 5 * S + 1), (2, 10 * S), (3, 5000 * S)]
         );
+    }
+
+    #[test]
+    fn links_are_12_bytes_and_far_timeouts_share_the_last_slot() {
+        assert_eq!(size_of::<SlotLinks>(), 12);
+        let mut w = TimerWheel::new();
+        let mut links = vec![SlotLinks::default(); 3];
+        let timeouts = [u64::MAX, (LAST_SLOT + 5) << SLOT_SHIFT, 3 * S];
+        for (i, &t) in timeouts.iter().enumerate() {
+            w.schedule(&mut links, u32::try_from(i).expect("small"), t, 0);
+        }
+        assert_eq!(links[0].sched, links[1].sched);
+        // Unlinking one of the two far entries keeps the other's list intact.
+        w.unlink(&mut links, 0);
+        let mut fired = Vec::new();
+        w.advance(
+            &mut links,
+            5000 * S,
+            usize::MAX,
+            |i| Some(timeouts[ix(i)]),
+            |i| {
+                fired.push(i);
+            },
+        );
+        assert_eq!(fired, vec![2]);
+        w.unlink(&mut links, 1);
+        assert_eq!(links[1].sched, UNLINKED);
     }
 
     #[test]

@@ -464,7 +464,7 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
                     next = Some(ListCursor(u64::from(slot.0)));
                     break;
                 }
-                conns.push(info(w, c, slot, now));
+                conns.push(info(w, &c, slot, now));
             }
             Ok(ListPage { conns, next })
         })
@@ -478,7 +478,7 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
             w.conntrack()
                 .table()
                 .get(h.slot)
-                .map(|c| info(w, c, h.slot, now))
+                .map(|c| info(w, &c, h.slot, now))
                 .ok_or_else(|| not_found(&key))
         })
     }
@@ -492,7 +492,7 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
                 w.conntrack()
                     .table()
                     .get(h.slot)
-                    .map(|c| info(w, c, h.slot, now))
+                    .map(|c| info(w, &c, h.slot, now))
                     .ok_or_else(|| not_found(&key))?
             };
             // Hardware first, then software (invariant 2): the worker frees the
@@ -529,7 +529,7 @@ impl<Io: DeviceIo + Send + 'static> ControlPlane for DataplaneControl<Io> {
             for (_, c) in w.conntrack().table().iter(now) {
                 connections += 1;
                 *by_proto.entry(c.tuples[0].proto).or_default() += 1;
-                if let Some(s) = tcp_state(c) {
+                if let Some(s) = tcp_state(&c) {
                     *by_state.entry(s.name()).or_default() += 1;
                 }
                 offloaded += u64::from(c.status.contains(Status::OFFLOAD));

@@ -238,7 +238,7 @@ impl NatRules {
     /// Pool usage of every API rule: the connections of `conns` whose translated
     /// tuple lies in the rule's pool (translated source for SNAT, destination for
     /// DNAT), counted in one pass.
-    pub fn pools<'a, P: 'a>(&self, conns: impl Iterator<Item = &'a Conn<P>>) -> Vec<PortPool> {
+    pub fn pools<P>(&self, conns: impl Iterator<Item = Conn<P>>) -> Vec<PortPool> {
         let rules: Vec<&NatRule> = self.api_rules().collect();
         let mut used = vec![0u64; rules.len()];
         for c in conns {

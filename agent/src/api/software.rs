@@ -167,7 +167,7 @@ impl State {
         let Some(c) = self.ct.table().get(slot) else {
             return;
         };
-        let (id, original, state) = (c.id, c.tuples[0], tcp_state(c));
+        let (id, original, state) = (c.id, c.tuples[0], tcp_state(&c));
         let offloaded = c.status.contains(Status::OFFLOAD);
         let packets = c.counters[0].packets + c.counters[1].packets;
         let old = self.meta.insert(
@@ -240,7 +240,7 @@ impl State {
 
     fn delete_slot(&mut self, slot: Slot, now: u64) -> Result<Option<ConnInfo>, ApiError> {
         self.return_to_software(slot, ReturnReason::Delete, now);
-        let Some(snapshot) = self.ct.table().get(slot).map(|c| info(c, now)) else {
+        let Some(snapshot) = self.ct.table().get(slot).map(|c| info(&c, now)) else {
             return Ok(None);
         };
         match self.ct.delete(slot) {
@@ -383,7 +383,7 @@ impl ControlPlane for SoftwareControl {
                 next = Some(ListCursor(u64::from(slot.0)));
                 break;
             }
-            conns.push(info(c, now));
+            conns.push(info(&c, now));
         }
         Ok(ListPage { conns, next })
     }
@@ -392,7 +392,7 @@ impl ControlPlane for SoftwareControl {
         self.with_state(|st, now| {
             st.find(key, now)
                 .and_then(|slot| st.ct.table().get(slot))
-                .map(|c| info(c, now))
+                .map(|c| info(&c, now))
                 .ok_or_else(|| not_found(key))
         })
     }
@@ -425,7 +425,7 @@ impl ControlPlane for SoftwareControl {
         for (_, c) in st.ct.table().iter(now) {
             connections += 1;
             *by_proto.entry(c.tuples[0].proto).or_default() += 1;
-            if let Some(s) = tcp_state(c) {
+            if let Some(s) = tcp_state(&c) {
                 *by_state.entry(s.name()).or_default() += 1;
             }
             offloaded += u64::from(c.status.contains(Status::OFFLOAD));

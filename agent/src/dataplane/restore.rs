@@ -216,7 +216,7 @@ impl<Io: DeviceIo> Worker<Io> {
         if rules != found {
             return false;
         }
-        let l4 = match ot.proto {
+        let tcp = match ot.proto {
             proto::TCP => {
                 // A mid-stream pickup: ESTABLISHED, liberal windows.
                 let seg = TcpSegment {
@@ -234,9 +234,9 @@ impl<Io: DeviceIo> Worker<Io> {
                     return false;
                 };
                 tcp.set_be_liberal();
-                L4State::Tcp(tcp)
+                Some(tcp)
             }
-            _ => L4State::Udp { stream_at: now },
+            _ => None,
         };
         let mut status = Status::CONFIRMED
             | Status::SEEN_REPLY
@@ -251,14 +251,19 @@ impl<Io: DeviceIo> Worker<Io> {
         if rt.src != ot.dst || rt.src_l4 != ot.dst_l4 {
             status |= Status::DST_NAT;
         }
-        let Ok(slot) = self.ct.table_mut().insert(
-            ot,
-            rt,
-            status,
-            now.saturating_add(OFFLOADED_TIMEOUT_NS),
-            l4,
-            now,
-        ) else {
+        let timeout = now.saturating_add(OFFLOADED_TIMEOUT_NS);
+        let inserted = match tcp {
+            Some(tcp) => self.ct.insert_tcp(ot, rt, status, timeout, tcp, now),
+            None => self.ct.table_mut().insert(
+                ot,
+                rt,
+                status,
+                timeout,
+                L4State::Udp { stream_at: now },
+                now,
+            ),
+        };
+        let Ok(slot) = inserted else {
             return false;
         };
         let Some(id) = self.ct.table().get(slot).map(|c| c.id) else {

@@ -23,7 +23,6 @@ use super::{
     icmpv6_untracked, tuple_of,
 };
 use crate::nat::PacketMeta;
-use crate::tuple::Dir;
 use crate::wire::{self, Fragment, ParsedPacket};
 
 /// Frames processed together by [`Conntrack::process_batch`]; longer inputs are cut into
@@ -214,19 +213,16 @@ impl Conntrack {
         // direction of the same connection (same hash): both tuples are touched.
         for p in pre {
             if let Pre::Fast { hash, .. } = p {
-                let Some((c, dir)) = self.table.prefetch(*hash) else {
+                let Some((c, _)) = self.table.prefetch(*hash) else {
                     continue;
                 };
-                let d = dir.index();
-                // The compared tuple's first and last bytes (a 40-byte tuple may
-                // straddle two cache lines), then the fields the handler reads.
-                sink ^= u64::from(c.tuples[0].src.0[0])
-                    ^ u64::from(c.tuples[0].zone)
-                    ^ u64::from(c.tuples[1].src.0[0])
-                    ^ u64::from(c.tuples[1].zone)
+                // The entry's first and last fields (72 bytes may straddle two cache
+                // lines: the compact key and status, the id), then the fields the
+                // handler reads (the counters lie between them). A NAT or IPv6 entry's
+                // tuples are in the side store: not touched here.
+                sink ^= u64::from(c.status.bits())
+                    ^ c.id
                     ^ c.timeout
-                    ^ c.counters[d].packets
-                    ^ c.counters[Dir::Reply.index() - d].bytes
                     ^ match c.proto {
                         L4State::Udp { stream_at } => stream_at,
                         L4State::Tcp(ref t) => u64::from(t.state() as u8),

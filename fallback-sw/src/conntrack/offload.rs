@@ -69,7 +69,7 @@ impl Conntrack {
     /// Whether Linux would offload this connection now (TCP ESTABLISHED + ASSURED,
     /// any confirmed UDP entry without NAT_CLASH; nothing else).
     pub fn offload_check(&self, slot: Slot) -> Result<(), NotOffloadable> {
-        let conn = self.table.get(slot).ok_or(NotOffloadable::Gone)?;
+        let conn = self.table.entry(slot).ok_or(NotOffloadable::Gone)?;
         if conn.status.contains(Status::OFFLOAD) {
             return Err(NotOffloadable::AlreadyOffloaded);
         }
@@ -90,7 +90,7 @@ impl Conntrack {
             }
             L4State::Udp { .. } => Ok(()),
             L4State::Icmp | L4State::Generic => Err(NotOffloadable::Protocol {
-                proto: conn.tuple(Dir::Original).proto,
+                proto: self.table.tuple(slot, Dir::Original).map_or(0, |t| t.proto),
             }),
         }
     }
@@ -101,7 +101,7 @@ impl Conntrack {
         self.offload_check(slot)?;
         let conn = self.table.get_mut(slot).ok_or(NotOffloadable::Gone)?;
         conn.status.insert(Status::OFFLOAD);
-        if let L4State::Tcp(tcp) = &mut conn.proto {
+        if let (L4State::Tcp(_), Some(tcp)) = (conn.proto, self.tcp.get_mut(slot)) {
             tcp.set_be_liberal();
         }
         self.table
@@ -121,7 +121,7 @@ impl Conntrack {
     /// than 5 minutes remain, extend UDP and ESTABLISHED TCP to a day, TCP in FIN_WAIT,
     /// CLOSE_WAIT, LAST_ACK or TIME_WAIT to 5 minutes, and nothing else.
     pub fn keep_alive(&mut self, slot: Slot, now: u64) {
-        let Some(conn) = self.table.get(slot) else {
+        let Some(conn) = self.table.entry(slot) else {
             return;
         };
         if !conn.status.contains(Status::OFFLOAD) || conn.remaining(now) >= EXTEND_BELOW_NS {
@@ -151,11 +151,7 @@ impl Conntrack {
     /// Add packets and bytes counted outside this crate (a fast path) to one direction
     /// of a connection, so that reported totals count every packet once.
     pub fn add_external_counts(&mut self, slot: Slot, dir: Dir, delta: Counter) {
-        if let Some(conn) = self.table.get_mut(slot) {
-            let c = &mut conn.counters[dir.index()];
-            c.packets = c.packets.saturating_add(delta.packets);
-            c.bytes = c.bytes.saturating_add(delta.bytes);
-        }
+        self.table.count(slot, dir, delta.packets, delta.bytes);
     }
 
     /// The connection left the fast path (Linux `flow_offload_teardown` fix-up): clear
@@ -175,9 +171,12 @@ impl Conntrack {
         let remaining = conn.remaining(now);
         let closing = how == Teardown::Closing;
         let state_timeout_ns = match &mut conn.proto {
-            L4State::Tcp(tcp) => {
-                tcp.flowtable_teardown(closing);
-                u64::from(tcp_t.for_state(tcp.state())) * NS
+            L4State::Tcp(summary) => {
+                if let Some(tcp) = self.tcp.get_mut(slot) {
+                    tcp.flowtable_teardown(closing);
+                    summary.state = tcp.state();
+                }
+                u64::from(tcp_t.for_state(summary.state())) * NS
             }
             L4State::Udp { .. } if seen_reply => u64::from(t.udp_stream) * NS,
             L4State::Udp { .. } => u64::from(t.udp) * NS,

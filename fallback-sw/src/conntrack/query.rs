@@ -101,14 +101,14 @@ impl Conntrack {
         &'a self,
         filter: &'a Filter,
         now: u64,
-    ) -> impl Iterator<Item = (Slot, &'a Conn<L4State>)> + 'a {
+    ) -> impl Iterator<Item = (Slot, Conn<L4State>)> + 'a {
         self.table.iter(now).filter(move |(_, c)| filter.matches(c))
     }
 
     /// Delete one connection (`conntrack -D`). Offloaded connections are refused: the
     /// fast path must let go of them first (invariant 2); returns whether it was removed.
     pub fn delete(&mut self, slot: Slot) -> Result<bool, DeleteError> {
-        match self.table.get(slot) {
+        match self.table.entry(slot) {
             None => Ok(false),
             Some(c) if c.status.contains(Status::OFFLOAD) => Err(DeleteError::Offloaded),
             Some(_) => {
