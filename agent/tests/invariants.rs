@@ -19,6 +19,7 @@ use ctoffload_agent::dataplane::{
 use ctoffload_driver::device::{Clock, Device, DeviceConfig};
 use ctoffload_driver::sim_io::SimIo;
 use ctoffload_fallback_sw::conntrack::L4State;
+use ctoffload_fallback_sw::table::Counter;
 use ctoffload_fallback_sw::tcp::TcpState;
 use ctoffload_fallback_sw::tuple::{Addr, Family, Tuple, proto};
 use ctoffload_hw_regs::{FatalCode, FatalUnit, FlowId, regs};
@@ -28,6 +29,7 @@ use etherparse::PacketBuilder;
 
 const S: u64 = 1_000_000_000;
 const MS: u64 = 1_000_000;
+const DAY: u64 = 86_400 * S;
 /// Wall-clock bound on waiting for the simulator thread (not an assertion on speed).
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -125,6 +127,11 @@ fn rig_with_spare(
         clock,
     };
     (rig, spare, iommu, mapped)
+}
+
+/// Per direction (packets, bytes).
+fn pairs(c: [Counter; 2]) -> [(u64, u64); 2] {
+    [(c[0].packets, c[0].bytes), (c[1].packets, c[1].bytes)]
 }
 
 fn rig() -> Rig {
@@ -275,6 +282,26 @@ impl Rig {
             .expect("live")
             .counters;
         [(c[0].packets, c[0].bytes), (c[1].packets, c[1].bytes)]
+    }
+
+    /// The worker's view of a connection's counters (software plus hardware, pulled
+    /// but unfolded counts included): what the API reports.
+    fn read_counters(&self, h: ConnHandle) -> [(u64, u64); 2] {
+        pairs(self.w.counters(h).expect("live"))
+    }
+
+    /// Reconcile ticks, the device's work in between, until every slot's counters
+    /// were pulled by a dump started after the call (two table's worth of records).
+    fn reconcile_pass(&mut self) {
+        let cap = u64::from(self.w.device_mut().capabilities().flow_capacity);
+        let start = self.w.stats().counter_records;
+        let t0 = Instant::now();
+        while self.w.stats().counter_records - start < 2 * cap {
+            let now = self.now();
+            self.w.reconcile(now);
+            self.settle();
+            assert!(t0.elapsed() < WAIT, "reconcile pass did not complete");
+        }
     }
 
     fn flow_ids(&self, h: ConnHandle) -> [FlowId; 2] {
@@ -1347,5 +1374,113 @@ fn restart_with_the_nic_running(crash: bool) {
             .remove(0),
     );
     assert_ne!(clash, uport, "a restored port is held");
+    assert_eq!(r.w.stats().freed_while_in_hw, 0);
+}
+
+/// Invariant 3 with lazy folding: the reconciler's ticks keep the hardware counts in
+/// the slot table without touching the connection, yet a connection's counters read
+/// at any time (the API's view) equal what was sent; a full sweep folds them into
+/// conntrack once, and the delete's completion brings the rest.
+#[test]
+fn invariant3_counters_read_mid_flight_equal_sent() {
+    let mut r = rig();
+    let h = r.udp_flow(4200);
+    let fwd = udp(CLIENT, 4200, SERVER, 53);
+    let rev = udp(SERVER, 53, CLIENT, 4200);
+    let sent = |o: u64, p: u64| [(o, o * UDP_L3), (p, p * UDP_L3)];
+    r.hw_burst(0, &fwd, 6);
+    r.hw_burst(1, &rev, 4);
+    r.reconcile_pass();
+    assert_eq!(r.read_counters(h), sent(7, 5));
+    assert_eq!(pairs(r.w.hw_counters(h)), sent(6, 4));
+    assert_eq!(r.counters(h), sent(1, 1), "not folded by the ticks");
+    assert_eq!(r.w.stats().hw_packets, 10, "counted when pulled");
+    r.hw_burst(0, &fwd, 3);
+    r.reconcile_pass();
+    assert_eq!(r.read_counters(h), sent(10, 5));
+    // A full sweep folds into conntrack, once; the read view does not change.
+    let now = r.now();
+    r.w.reconcile_full_sweep(now);
+    assert_eq!(r.counters(h), sent(10, 5));
+    assert_eq!(r.read_counters(h), sent(10, 5));
+    r.w.reconcile_full_sweep(now);
+    r.reconcile_pass();
+    assert_eq!(r.counters(h), sent(10, 5));
+    assert_eq!(r.read_counters(h), sent(10, 5));
+    // Pulled and unfolded, then more not pulled at all: the idle removal's delete
+    // completions bring both into conntrack.
+    r.hw_burst(1, &rev, 2);
+    r.reconcile_pass();
+    r.hw_burst(1, &rev, 1);
+    assert_eq!(
+        r.read_counters(h),
+        sent(10, 7),
+        "the last packet is not pulled yet"
+    );
+    r.advance(31 * S);
+    r.reconcile_pass();
+    r.pump_until("idle removal", |r| r.state(h).0 == HwState::None);
+    assert_eq!(r.counters(h), sent(10, 8));
+    assert_eq!(r.read_counters(h), sent(10, 8));
+    assert_eq!(pairs(r.w.hw_counters(h)), sent(9, 7));
+    assert_eq!(r.w.stats().hw_packets, 16);
+}
+
+/// Invariant 3 across a device fault: counts pulled but not folded are folded into
+/// conntrack before the slot table is reset.
+#[test]
+fn invariant3_unfolded_counts_survive_a_fault() {
+    let mut r = rig();
+    let h = r.udp_flow(4300);
+    r.hw_burst(0, &udp(CLIENT, 4300, SERVER, 53), 5);
+    r.reconcile_pass();
+    assert_eq!(r.counters(h)[0], (1, UDP_L3), "not folded by the ticks");
+    let faults = r.w.stats().faults;
+    r.faults.fatal(FatalCode::Parity, FatalUnit::None);
+    r.faults_applied();
+    r.pump_until("fault detected", |r| {
+        let now = r.now();
+        r.w.reconcile(now);
+        r.w.stats().faults > faults
+    });
+    r.faults.clear();
+    r.faults_applied();
+    assert_eq!(r.state(h), (HwState::None, Some(NotOffloaded::DeviceDown)));
+    assert_eq!(r.counters(h)[0], (6, 6 * UDP_L3));
+    assert_eq!(r.read_counters(h)[0], (6, 6 * UDP_L3));
+}
+
+/// Invariant 1 past the held conntrack timeout: an offloaded connection's timeout is
+/// held a day ahead, and the reconciler's keep-alive schedule extends it while the
+/// connection stays in hardware (no idle check and no counter move does it here: the
+/// idle timeouts are longer than the test).
+#[test]
+fn invariant1_offloaded_connection_outlives_the_held_timeout() {
+    let mut r = rig_with(
+        SimConfig::small(),
+        WorkerConfig {
+            policy: OffloadPolicy {
+                tcp_idle_ns: 4 * DAY,
+                udp_idle_ns: 4 * DAY,
+                ..OffloadPolicy::default()
+            },
+            ..WorkerConfig::default()
+        },
+    );
+    let h = r.udp_flow(2100);
+    // 26 hours in 3-minute steps (under the keep-alive's lead on the timeout), one
+    // reconcile tick (keep-alive, then GC) each.
+    for _ in 0..(26 * 20) {
+        r.advance(180 * S);
+        let now = r.now();
+        r.w.reconcile(now);
+        r.settle();
+        assert_eq!(r.state(h).0, HwState::Offloaded);
+        let conn = r.w.conntrack().table().get_checked(h.slot, h.id);
+        assert!(
+            conn.is_some_and(|c| c.remaining(now) > 0),
+            "held while offloaded"
+        );
+    }
     assert_eq!(r.w.stats().freed_while_in_hw, 0);
 }

@@ -23,7 +23,7 @@ use ctoffload_driver::device::Clock;
 use ctoffload_driver::io::DeviceIo;
 use ctoffload_fallback_sw::conntrack::{Conntrack, Filter, L4State};
 use ctoffload_fallback_sw::nat::rules::{NatRule as EngineRule, NatRuleSet};
-use ctoffload_fallback_sw::table::{Conn, Counter, Status};
+use ctoffload_fallback_sw::table::{Conn, Status};
 
 use super::control::ControlPlane;
 use super::error::ApiError;
@@ -113,16 +113,17 @@ fn info<Io: DeviceIo>(
     slot: ctoffload_fallback_sw::table::Slot,
     now: u64,
 ) -> ConnInfo {
-    let hw = w
-        .hw_record(ConnHandle { slot, id: c.id })
-        .map_or([Counter::default(); 2], |r| r.hw_counters);
+    // Software plus hardware, the counts the reconciler pulled but did not fold into
+    // conntrack yet included.
+    let h = ConnHandle { slot, id: c.id };
+    let hw = w.hw_counters(h);
     ConnInfo {
         id: c.id,
         tuples: c.tuples,
         tcp_state: tcp_state(c),
         status: c.status,
         remaining_ns: c.remaining(now),
-        counters: c.counters,
+        counters: w.counters(h).unwrap_or(c.counters),
         hw_counters: hw,
         not_offloaded: not_offloaded_reason(w.hw_state(ConnHandle { slot, id: c.id })),
     }

@@ -72,6 +72,8 @@ impl<Io: DeviceIo> Worker<Io> {
         self.queue.clear();
         self.inflight.clear();
         let cap = usize::try_from(self.dev.capabilities().flow_capacity).unwrap_or(0);
+        // Invariant 3: counts pulled but not folded go to their connections first.
+        self.fold_all_slots();
         self.slots.reset(cap);
         let held: Vec<(u64, HwState)> = self
             .side

@@ -7,12 +7,13 @@ use ctoffload_driver::io::DeviceIo;
 use ctoffload_fallback_sw::conntrack::Teardown;
 use ctoffload_fallback_sw::table::Counter;
 use ctoffload_fallback_sw::tuple::Dir;
+use ctoffload_hw_regs::limits::BYTE_COUNTER_MASK;
 use ctoffload_hw_regs::{CompletionStatus, FlowId};
 
 use super::policy::{NotOffloaded, idle_timeout};
 use super::router::rules_for;
-use super::slots::Delta;
-use super::state::{AfterDelete, CmdKind, ConnHandle, Entry, HwConn, HwState, Tagged};
+use super::slots::{Counts, Delta, Finished, Owner, Taken};
+use super::state::{AfterDelete, CmdKind, ConnHandle, Entry, HwConn, HwState, Tagged, add};
 use super::worker::Worker;
 
 const DIRS: [Dir; 2] = [Dir::Original, Dir::Reply];
@@ -133,15 +134,17 @@ impl<Io: DeviceIo> Worker<Io> {
             CmdKind::Delete => self.delete_done(t, r, now),
             CmdKind::Orphan => {
                 // Only a successful delete frees the slot (NOT_FOUND: someone else's).
+                // Its counts have nobody to go to (they were counted in the
+                // statistics when pulled).
                 if let (true, Some(id)) = (r.is_ok(), r.flow_id) {
-                    self.slots.clear(id);
+                    self.slots.release(id);
                 }
             }
         }
     }
 
     fn insert_done(&mut self, t: Tagged, r: &CommandResult, now: u64) {
-        let Some(rec) = self.side.get_mut(&t.conn.id) else {
+        let Some(rec) = self.side.get(&t.conn.id) else {
             // The connection is gone: a rule installed for it must not stay.
             if r.is_ok() {
                 if let (Some(flow_id), FlowCommand::Insert { key, .. }) = (r.flow_id, t.cmd) {
@@ -154,13 +157,17 @@ impl<Io: DeviceIo> Worker<Io> {
             }
             return;
         };
-        let e = &mut rec.entries[t.dir.index()];
-        if *e != Entry::Inserting {
+        if rec.entries[t.dir.index()] != Entry::Inserting {
             return;
         }
-        *e = match (r.outcome, r.flow_id) {
+        let l2 = rec.l2_len[t.dir.index()];
+        let entry = match (r.outcome, r.flow_id) {
             (Outcome::Status(CompletionStatus::Ok), Some(flow_id)) => {
-                let l2 = rec.l2_len[t.dir.index()];
+                // A slot the device hands out again: whatever its previous owner had
+                // not folded goes to that owner first.
+                if let Some(prev) = self.slots.release(flow_id) {
+                    self.fold_taken(&prev);
+                }
                 self.slots
                     .install(flow_id, (t.conn, t.dir), r.generation, now, l2);
                 Entry::Installed {
@@ -182,11 +189,14 @@ impl<Io: DeviceIo> Worker<Io> {
                 Entry::Failed(NotOffloaded::DeviceError)
             }
         };
+        if let Some(rec) = self.side.get_mut(&t.conn.id) {
+            rec.entries[t.dir.index()] = entry;
+        }
         self.settle(t.conn, now);
     }
 
     fn delete_done(&mut self, t: Tagged, r: &CommandResult, now: u64) {
-        let Some(rec) = self.side.get_mut(&t.conn.id) else {
+        let Some(rec) = self.side.get(&t.conn.id) else {
             return;
         };
         let Entry::Deleting {
@@ -196,17 +206,45 @@ impl<Io: DeviceIo> Worker<Io> {
         else {
             return;
         };
+        let l2_len = rec.l2_len[t.dir.index()];
         match r.outcome {
             Outcome::Status(CompletionStatus::Ok) => {
-                // Invariant 3: the final counters since the last pull, exactly once.
-                let d = self.slots.finish(flow_id, generation, &r.counters);
-                rec.entries[t.dir.index()] = Entry::Absent;
-                self.fold(t.conn, t.dir, &d);
+                self.set_entry(t, Entry::Absent);
+                // Invariant 3: what the pulls left unfolded plus the final counters
+                // since the last pull, exactly once.
+                let f = self
+                    .slots
+                    .finish(flow_id, generation, &r.counters)
+                    .unwrap_or_else(|| {
+                        // Not in the slot table: the counters are all since insert.
+                        let counts = Counts {
+                            packets: u64::from(r.counters.packets),
+                            bytes: r.counters.bytes & BYTE_COUNTER_MASK,
+                        };
+                        Finished {
+                            taken: Taken {
+                                owner: Owner::new((t.conn, t.dir), 0, l2_len),
+                                unfolded: counts,
+                            },
+                            last: Delta {
+                                counts,
+                                last_hit: r.counters.last_hit,
+                            },
+                        }
+                    });
+                self.count_hw(f.last.counts);
+                self.fold_taken(&f.taken);
+                if f.last.last_hit != 0 {
+                    let hit = self.agent_time(f.last.last_hit);
+                    if let Some(rec) = self.side.get_mut(&t.conn.id) {
+                        rec.hw_last_hit = rec.hw_last_hit.max(hit);
+                    }
+                }
             }
             Outcome::Status(CompletionStatus::NotFound) => {
                 self.stats.delete_not_found += 1;
-                self.slots.clear_if(flow_id, t.conn);
-                rec.entries[t.dir.index()] = Entry::Absent;
+                self.set_entry(t, Entry::Absent);
+                self.release_slot_of(flow_id, t.conn);
             }
             Outcome::Aborted => return, // the fault handler owns it now
             _ => {
@@ -216,43 +254,63 @@ impl<Io: DeviceIo> Worker<Io> {
                 return;
             }
         }
-        self.slots.clear_if(flow_id, t.conn);
+        self.release_slot_of(flow_id, t.conn);
         self.settle(t.conn, now);
     }
 
-    /// Adds a hardware counter delta to the connection (L2 bytes turned into L3 bytes
-    /// as conntrack counts them) and moves its hardware last-hit forward.
-    pub(super) fn fold(&mut self, h: ConnHandle, dir: Dir, d: &Delta) {
-        let last_hit = (d.last_hit != 0).then(|| self.agent_time(d.last_hit));
-        let Some(rec) = self.side.get_mut(&h.id) else {
-            return;
-        };
-        if let Some(t) = last_hit {
-            rec.hw_last_hit = rec.hw_last_hit.max(t);
+    fn set_entry(&mut self, t: Tagged, e: Entry) {
+        if let Some(rec) = self.side.get_mut(&t.conn.id) {
+            rec.entries[t.dir.index()] = e;
         }
-        let l2 = rec.l2_len[dir.index()];
-        self.fold_counts(h, dir, d, l2);
     }
 
-    /// The counting half of [`fold`](Self::fold), without the side table (the
-    /// reconciler's sweep keeps last hits in the slot table).
-    pub(super) fn fold_counts(&mut self, h: ConnHandle, dir: Dir, d: &Delta, l2_len: u8) {
-        if d.packets == 0 && d.bytes == 0 {
+    /// Frees slot `id` if `owner` still owns it, folding what it had not folded.
+    fn release_slot_of(&mut self, id: FlowId, owner: ConnHandle) {
+        if let Some(t) = self.slots.release_if(id, owner) {
+            self.fold_taken(&t);
+        }
+    }
+
+    /// Hardware packets and bytes pulled from the device: the worker's statistics
+    /// count them when pulled (folded into the connections then or later).
+    pub(super) fn count_hw(&mut self, c: Counts) {
+        self.stats.hw_packets += c.packets;
+        self.stats.hw_bytes_l2 += c.bytes;
+    }
+
+    /// Folds counts taken out of a slot into its connection, once (invariant 3): L2
+    /// bytes turned into L3 bytes as conntrack counts them, into conntrack and into
+    /// the record's hardware part.
+    pub(super) fn fold_taken(&mut self, t: &Taken) {
+        if t.unfolded.is_zero() {
             return;
         }
-        let l2 = u64::from(l2_len);
-        self.stats.hw_packets += d.packets;
-        self.stats.hw_bytes_l2 += d.bytes;
-        let delta = Counter {
-            packets: d.packets,
-            bytes: d.bytes.saturating_sub(d.packets.saturating_mul(l2)),
-        };
-        self.ct.add_external_counts(h.slot, dir, delta);
-        if let Some(rec) = self.side.get_mut(&h.id) {
-            let c = &mut rec.hw_counters[dir.index()];
-            c.packets = c.packets.saturating_add(delta.packets);
-            c.bytes = c.bytes.saturating_add(delta.bytes);
+        let h = t.owner.conn;
+        let delta = l3(t.unfolded, t.owner.l2_len);
+        if self.ct.table().get_checked(h.slot, h.id).is_some() {
+            self.ct.add_external_counts(h.slot, t.owner.dir, delta);
         }
+        if let Some(rec) = self.side.get_mut(&h.id) {
+            let c = &mut rec.hw_counters[t.owner.dir.index()];
+            *c = add(*c, delta);
+        }
+    }
+
+    /// The hardware counts of a connection that its slots have not folded yet, per
+    /// direction (L3 bytes).
+    pub(super) fn unfolded_of(&self, h: ConnHandle, rec: &HwConn) -> [Counter; 2] {
+        let mut out = [Counter::default(); 2];
+        for e in rec.entries {
+            let (Entry::Installed { flow_id, .. } | Entry::Deleting { flow_id, .. }) = e else {
+                continue;
+            };
+            let Some(o) = self.slots.get(flow_id).filter(|o| o.conn == h) else {
+                continue;
+            };
+            let d = &mut out[o.dir.index()];
+            *d = add(*d, l3(self.slots.unfolded(flow_id), o.l2_len));
+        }
+        out
     }
 
     /// Moves a connection on once no command is outstanding for it.
@@ -506,5 +564,15 @@ impl<Io: DeviceIo> Worker<Io> {
             }
         }
         true
+    }
+}
+
+/// Device counts (L2 bytes) as conntrack counts them (L3 bytes).
+fn l3(c: Counts, l2_len: u8) -> Counter {
+    Counter {
+        packets: c.packets,
+        bytes: c
+            .bytes
+            .saturating_sub(c.packets.saturating_mul(u64::from(l2_len))),
     }
 }

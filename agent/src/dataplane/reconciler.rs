@@ -5,13 +5,18 @@
 //! `counter_slots_per_tick` device slots with `COUNTER_DUMP` (one DMA per chunk, no
 //! per-flow register reads) and, for every slot that holds one of our rules:
 //!
-//! - turns the raw counters into a wrap-safe delta (the slot table, [`super::slots`],
-//!   per slot and generation) and adds it to the connection's conntrack counters exactly once
-//!   (invariant 3); the final delta comes with the delete's completion;
-//! - moves the connection's hardware last-hit forward (in the slot table), and only when the flow has been idle in *both* directions for its
-//!   protocol's idle timeout starts its removal (invariant 1): delete in hardware,
-//!   wait for the completion, then return it to software with the idle time
-//!   subtracted from its conntrack timeout (invariant 2 and Linux flowtable teardown).
+//! - turns the raw counters into a wrap-safe delta and keeps it in the slot table
+//!   ([`super::slots`]) as *unfolded* counts, without touching the connection (lazy
+//!   folding). A connection's hardware counts are its folded counts plus its slots'
+//!   unfolded ones ([`Worker::counters`] adds them on read); the unfolded counts are
+//!   folded into conntrack exactly once (invariant 3): when the slot leaves (the
+//!   delete's completion brings the final counters; a fault; a lost entry), when they
+//!   would overflow, or when [`Worker::reconcile_full_sweep`] folds every slot;
+//! - moves the slot's hardware last-hit forward, and only when the flow has been idle
+//!   in *both* directions for its protocol's idle timeout starts its removal
+//!   (invariant 1): delete in hardware, wait for the completion, then return it to
+//!   software with the idle time subtracted from its conntrack timeout (invariant 2
+//!   and Linux flowtable teardown).
 //!
 //! Work per tick is bounded by the slot budget plus the GC budget, and a tick never waits
 //! for the device: it collects the chunk whose `COUNTER_DUMP` the previous tick started
@@ -19,46 +24,69 @@
 //! sweep of the table takes `capacity / counter_slots_per_tick` ticks and must stay
 //! under 25 s.
 //!
-//! Slots whose counters did not move cost one sequential read of the slot table's seen
-//! array: no hash lookup, no conntrack access, unless the slot may be idle. A slot whose
-//! counters moved costs the fold into its connection (invariant 3); the conntrack
-//! timeout of an offloaded connection is held far ahead (Linux `nf_ct_offload_timeout`:
-//! a day, extended once less than 5 minutes remain), so a counter move refreshes it at
-//! most once per [`KEEPALIVE_EVERY_NS`] per slot, well inside those 5 minutes: GC can
-//! never expire a flow that is carrying traffic in hardware (invariant 1).
+//! Per slot the sweep reads the slot table's seen array in slot order, and writes it
+//! when the counters moved: no hash lookup and no conntrack access, unless the slot
+//! may be idle. The conntrack timeout of an offloaded connection is held far ahead
+//! (Linux `nf_ct_offload_timeout`: a day, extended once less than 5 minutes remain);
+//! it is kept alive on a schedule, not by counter moves: each offloaded connection
+//! once a day, [`KEEPALIVE_LEAD_NS`] before its timeout, so GC can never expire a
+//! flow that is in hardware (invariant 1); the idle check decides when it leaves.
 
 use ctoffload_driver::CounterDump;
 use ctoffload_driver::io::DeviceIo;
 use ctoffload_hw_regs::FlowId;
 
-use super::slots::{Delta, Observed, Slots};
+use super::slots::{Counts, Observed, Slots, Taken};
 use super::worker::Worker;
 
-/// How often a counter move of one slot refreshes its connection's conntrack timeout.
-/// Conntrack extends an offloaded connection once less than 5 minutes remain; with a
-/// sweep every ≤ 25 s, a refresh every minute keeps that margin by far.
-pub const KEEPALIVE_EVERY_NS: u64 = 60_000_000_000;
+/// How long before an offloaded connection's conntrack timeout the reconciler keeps
+/// it alive: inside the 5 minutes in which conntrack extends it, and far more than a
+/// sweep (≤ 25 s) or a late tick.
+pub const KEEPALIVE_LEAD_NS: u64 = 240 * 1_000_000_000;
+/// When a keep-alive did not move the timeout past the lead (a state conntrack does
+/// not extend), the next try.
+pub const KEEPALIVE_RETRY_NS: u64 = 60 * 1_000_000_000;
 
 /// Reusable lists the sweep fills from one chunk (no allocation per tick).
 #[derive(Debug, Default)]
 pub struct SweepScratch {
-    moved: Vec<(FlowId, Delta)>,
     idle: Vec<(FlowId, u64)>,
+    fold_now: Vec<(FlowId, Counts)>,
+    taken: Vec<Taken>,
 }
 
-/// Where one chunk's records leave work: the slots whose counters moved, and the slots
-/// whose newest hit (agent time) is older than `min_idle`.
+/// Where one chunk's records leave work: the slots whose unfolded counts must be
+/// folded now, and the slots whose newest hit (agent time) is older than `min_idle`.
 struct Scan {
     now: u64,
     min_idle: u64,
     time_offset_ns: i64,
+    /// Take every visited slot's unfolded counts out to be folded (full sweep).
+    fold_all: bool,
+}
+
+/// How a chunk is collected.
+#[derive(Debug, Clone, Copy)]
+enum Pull {
+    /// If the device has written it (a tick).
+    Poll,
+    /// Waiting for it; `fold_all`: folding every visited slot (full sweep).
+    Wait { fold_all: bool },
+}
+
+/// What one chunk's records added up to.
+#[derive(Debug, Default)]
+struct ScanTotals {
+    records: u64,
+    moved: Counts,
 }
 
 impl Scan {
     /// The sequential part of the sweep: the record of every slot we own against the
     /// slot table's seen array, nothing else (records of other slots are not read).
-    fn run(&self, dump: &CounterDump<'_>, slots: &mut Slots, out: &mut SweepScratch) -> u64 {
+    fn run(&self, dump: &CounterDump<'_>, slots: &mut Slots, out: &mut SweepScratch) -> ScanTotals {
         let first = usize::try_from(dump.first()).unwrap_or(usize::MAX);
+        let mut moved = Counts::default();
         for i in 0..dump.len() {
             if !slots.owned_at(first.saturating_add(i)) {
                 continue;
@@ -66,9 +94,21 @@ impl Scan {
             let Some(s) = dump.get(i) else {
                 continue;
             };
-            match slots.observe(&s) {
+            let observed = slots.observe(&s);
+            if self.fold_all {
+                // After the observation: its move is folded too.
+                let unfolded = slots.take_unfolded(s.flow_id);
+                if !unfolded.is_zero() {
+                    out.fold_now.push((s.flow_id, unfolded));
+                }
+            }
+            match observed {
                 Observed::NotOurs => {}
-                Observed::Moved(d) => out.moved.push((s.flow_id, d)),
+                Observed::Moved(d) => moved = moved.plus(d),
+                Observed::MovedFoldNow { delta, unfolded } => {
+                    moved = moved.plus(delta);
+                    out.fold_now.push((s.flow_id, unfolded));
+                }
                 Observed::Unchanged { last_hit } => {
                     let hw = if last_hit == 0 {
                         0
@@ -81,7 +121,10 @@ impl Scan {
                 }
             }
         }
-        u64::try_from(dump.len()).unwrap_or(u64::MAX)
+        ScanTotals {
+            records: u64::try_from(dump.len()).unwrap_or(u64::MAX),
+            moved,
+        }
     }
 }
 
@@ -97,11 +140,12 @@ impl<Io: DeviceIo> Worker<Io> {
             self.try_recover(now);
         }
         if self.device_up {
-            self.collect_counters(now, false);
+            self.collect_counters(now, Pull::Poll);
         }
         if self.device_up {
             self.start_counter_pull(now);
         }
+        self.keep_offloaded_alive(now);
         self.reap(now);
         self.ct.gc(now, self.cfg.gc_budget);
         self.drain_ct_events(now);
@@ -109,20 +153,71 @@ impl<Io: DeviceIo> Worker<Io> {
     }
 
     /// Pulls the whole table's counters in one go (every chunk, from slot 0, waiting
-    /// for each dump without spinning), e.g. before reading totals, or in a benchmark.
+    /// for each dump without spinning), then folds every slot's unfolded counts into
+    /// its connection: afterwards conntrack's own counters are complete, e.g. before
+    /// reading totals from conntrack directly (tests, benchmarks, replay).
     pub fn reconcile_full_sweep(&mut self, now: u64) {
+        self.sweep_all(now, true);
+    }
+
+    /// Pulls the whole table's counters in one go, as
+    /// [`Self::reconcile_full_sweep`] does, but leaves the moves unfolded in the slot
+    /// table, as the ticks do.
+    pub fn pull_all_counters(&mut self, now: u64) {
+        self.sweep_all(now, false);
+    }
+
+    /// Every chunk from slot 0, waiting for each dump; `fold_all`: every slot's
+    /// unfolded counts are folded on the way (in the scan, no second walk).
+    fn sweep_all(&mut self, now: u64, fold_all: bool) {
         let cap = self.dev.capabilities().flow_capacity;
         if self.device_up {
-            // A chunk a tick started is folded first: its records are not lost.
-            self.collect_counters(now, true);
+            // A chunk a tick started is collected first: its records are not lost.
+            self.collect_counters(now, Pull::Wait { fold_all });
         }
         self.cursor = 0;
         while self.device_up && self.cursor < cap {
             self.start_counter_pull(now);
-            self.collect_counters(now, true);
+            self.collect_counters(now, Pull::Wait { fold_all });
         }
         self.reap(now);
         self.flush(now);
+    }
+
+    /// Folds the unfolded counts of every slot into its connection (invariant 3:
+    /// each exactly once; they leave the slot), before the slot table is reset at a
+    /// device fault. (The full sweep folds on its way instead.)
+    pub(super) fn fold_all_slots(&mut self) {
+        let mut taken = std::mem::take(&mut self.sweep.taken);
+        taken.clear();
+        self.slots.take_all_unfolded(&mut taken);
+        for t in &taken {
+            self.fold_taken(t);
+        }
+        taken.clear();
+        self.sweep.taken = taken;
+    }
+
+    /// Keeps the conntrack timeout of offloaded connections from running out: each
+    /// one whose keep-alive is due (at most the GC budget per tick) is extended by
+    /// conntrack and rescheduled [`KEEPALIVE_LEAD_NS`] before its new timeout.
+    fn keep_offloaded_alive(&mut self, now: u64) {
+        for _ in 0..self.cfg.gc_budget.max(1) {
+            let Some((id, h)) = self.slots.next_keepalive(now) else {
+                return;
+            };
+            self.ct.keep_alive(h.slot, now);
+            let Some(timeout) = self.ct.table().get_checked(h.slot, h.id).map(|c| c.timeout) else {
+                continue;
+            };
+            let due = timeout.saturating_sub(KEEPALIVE_LEAD_NS);
+            let next = if due > now {
+                due
+            } else {
+                now.saturating_add(KEEPALIVE_RETRY_NS)
+            };
+            self.slots.schedule_keepalive(id, next);
+        }
     }
 
     /// Starts the `COUNTER_DUMP` of the next chunk unless one is in flight.
@@ -148,8 +243,9 @@ impl<Io: DeviceIo> Worker<Io> {
         }
     }
 
-    /// Folds the chunk in flight once the device has written it (`wait`: wait for it).
-    fn collect_counters(&mut self, now: u64, wait: bool) {
+    /// Collects the chunk in flight once the device has written it (`Pull::Wait`: wait
+    /// for it).
+    fn collect_counters(&mut self, now: u64, pull: Pull) {
         if !self.dev.counter_dump_pending() {
             return;
         }
@@ -157,42 +253,33 @@ impl<Io: DeviceIo> Worker<Io> {
             now,
             min_idle: self.cfg.policy.tcp_idle_ns.min(self.cfg.policy.udp_idle_ns),
             time_offset_ns: self.cfg.device_time_offset_ns,
+            fold_all: matches!(pull, Pull::Wait { fold_all: true }),
         };
         let mut out = std::mem::take(&mut self.sweep);
-        out.moved.clear();
+        out.fold_now.clear();
         out.idle.clear();
-        let dump = if wait {
-            self.dev.wait_counter_dump().map(Some)
-        } else {
-            self.dev.poll_counter_dump()
+        let dump = match pull {
+            Pull::Wait { .. } => self.dev.wait_counter_dump().map(Some),
+            Pull::Poll => self.dev.poll_counter_dump(),
         };
-        let records = match dump {
+        let totals = match dump {
             Ok(Some(dump)) => scan.run(&dump, &mut self.slots, &mut out),
-            Ok(None) => 0,
+            Ok(None) => ScanTotals::default(),
             Err(_) => {
                 self.sweep = out;
                 self.device_fault(now);
                 return;
             }
         };
-        self.stats.counter_records += records;
-        self.fold_moved(&out.moved, now);
-        self.check_idle_candidates(&out.idle, scan.min_idle, now);
-        self.sweep = out;
-    }
-
-    /// Invariant 3: each moved slot's delta into its connection, once.
-    fn fold_moved(&mut self, moved: &[(FlowId, Delta)], now: u64) {
-        for &(id, d) in moved {
-            let Some(o) = self.slots.get(id) else {
-                continue;
-            };
-            let (h, dir, l2) = (o.conn, o.dir, o.l2_len);
-            self.fold_counts(h, dir, &d, l2);
-            if self.slots.keepalive_due(id, now, KEEPALIVE_EVERY_NS) {
-                self.ct.keep_alive(h.slot, now);
+        self.stats.counter_records += totals.records;
+        self.count_hw(totals.moved);
+        for &(id, unfolded) in &out.fold_now {
+            if let Some(&owner) = self.slots.get(id) {
+                self.fold_taken(&Taken { owner, unfolded });
             }
         }
+        self.check_idle_candidates(&out.idle, scan.min_idle, now);
+        self.sweep = out;
     }
 
     /// Slots whose own newest hit is old: the check runs at the later of the

@@ -1,17 +1,35 @@
-//! Per device slot: which connection direction owns it, and the counter baseline of the
-//! last pull. Two flat arrays indexed by flow id:
+//! Per device slot: which connection direction owns it, the counter baseline of the
+//! last pull, and the hardware counts not yet folded into the connection. Two flat
+//! arrays indexed by flow id:
 //!
-//! - the *seen* array (24 bytes a slot): generation, raw packets and bytes at the last
-//!   pull, and the raw hardware last-hit. The reconciler's sweep reads it in slot order
-//!   next to the counter records, so a slot whose counters did not move costs one
-//!   sequential read and no write;
+//! - the *seen* array (32 bytes a slot, two per cache line): raw packets and bytes at
+//!   the last pull, generation and flags, the raw hardware last-hit, and the *unfolded*
+//!   packets and bytes: what the pulls found since the slot's counts were last folded
+//!   into its connection. The reconciler's sweep reads and writes only this array, in
+//!   slot order next to the counter records: a slot whose counters moved costs a
+//!   sequential read and write, and no access to its connection (lazy folding);
 //! - the *owner* array: the connection direction, when its rule went in, the L2 header
-//!   length, the partner slot, the next conntrack keep-alive. Read only for slots whose
-//!   counters moved or that may be idle.
+//!   length, the partner slot, when the connection's conntrack timeout is next kept
+//!   alive. Read for slots that may be idle and when counts are folded.
+//!
+//! A slot's unfolded counts are folded into its connection exactly once: when the slot
+//! leaves (delete completion with the final counters, a device fault, a lost entry),
+//! when the unfolded count would overflow, or when every slot is folded at once
+//! ([`Slots::take_all_unfolded`]). Readers add them on read ([`Slots::unfolded`]).
 //!
 //! Deltas are wrap-safe as device.md section 11.2 requires: `(new − old) mod 2^32` for
 //! packets and `mod 2^48` for bytes while the slot keeps its generation; the first value
 //! seen for a generation is the delta since insert (counters are cleared by insert).
+//! Unfolded counts are kept in 32 (packets) and 64 bits (bytes), so they never wrap:
+//! a pull that would overflow them hands them out to be folded at once.
+//!
+//! The slot table also keeps the keep-alive schedule of offloaded connections: the
+//! conntrack timeout of an offloaded connection is held a day ahead and must be
+//! extended once less than 5 minutes remain, which a counter move no longer does.
+//! One slot per connection (the one [`Slots::pair`] names first) is scheduled; the
+//! reconciler takes due entries with [`Slots::next_keepalive`].
+
+use std::collections::BTreeSet;
 
 use ctoffload_driver::CounterSample;
 use ctoffload_fallback_sw::tuple::Dir;
@@ -22,22 +40,68 @@ use super::state::ConnHandle;
 
 /// No partner slot.
 const NONE: u32 = u32::MAX;
-/// `Seen::flags`: a rule of ours is installed in the slot.
+/// `Seen` flag: a rule of ours is installed in the slot.
 const OWNED: u8 = 1;
-/// `Seen::flags`: a baseline exists for this generation.
+/// `Seen` flag: a baseline exists for this generation.
 const PULLED: u8 = 2;
+/// `Seen::tagged_bytes`: the raw byte counter's bits; above them the generation, then
+/// the flags.
+const GENERATION_SHIFT: u32 = 48;
+const FLAGS_SHIFT: u32 = 56;
+/// Unfolded bytes are handed out for folding once they would pass this (never reached
+/// by real traffic before the packet count overflows; bounds a lying device).
+const UNFOLDED_BYTES_MAX: u64 = 1 << 62;
+/// When an offloaded connection's conntrack timeout is first kept alive, after its
+/// first rule went in: conntrack holds it a day ahead from when it was marked
+/// offloaded (just before the inserts, or at restore), so ten minutes before that,
+/// early enough for inserts that took minutes; the reconciler then reschedules from the
+/// timeout itself.
+pub const FIRST_KEEPALIVE_NS: u64 = (86_400 - 600) * 1_000_000_000;
+/// `Owner::keepalive_at`: not scheduled.
+const NOT_SCHEDULED: u64 = u64::MAX;
 
-/// The hot part of a slot: what the last pull saw.
+/// The hot part of a slot: what the last pull saw, and what is not folded yet.
 #[derive(Debug, Clone, Copy, Default)]
 struct Seen {
+    /// Raw packet counter at the last pull.
     packets: u32,
-    generation: u8,
-    flags: u8,
-    bytes: u64,
+    /// Packets pulled but not folded into the connection.
+    unfolded_packets: u32,
+    /// Raw byte counter at the last pull (low 48 bits), generation, flags.
+    tagged_bytes: u64,
+    /// Raw device last-hit at the last pull.
     last_hit: u64,
+    /// Bytes (L2) pulled but not folded into the connection.
+    unfolded_bytes: u64,
 }
 
-const _: () = assert!(size_of::<Seen>() == 24);
+const _: () = assert!(size_of::<Seen>() == 32);
+
+/// Packets and bytes (L2, as the device counts them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes, L2.
+    pub bytes: u64,
+}
+
+impl Counts {
+    /// No packet and no byte.
+    #[must_use]
+    pub fn is_zero(&self) -> bool {
+        self.packets == 0 && self.bytes == 0
+    }
+
+    /// The sum (saturating).
+    #[must_use]
+    pub fn plus(self, o: Self) -> Self {
+        Self {
+            packets: self.packets.saturating_add(o.packets),
+            bytes: self.bytes.saturating_add(o.bytes),
+        }
+    }
+}
 
 /// The cold part of a slot: who owns it.
 #[derive(Debug, Clone, Copy)]
@@ -50,13 +114,27 @@ pub struct Owner {
     pub since: u64,
     /// L2 header length of this direction (device bytes → L3 bytes).
     pub l2_len: u8,
-    /// Agent time from which a counter move refreshes the conntrack timeout again.
+    /// When the connection's conntrack timeout is next kept alive through this slot
+    /// (`NOT_SCHEDULED`: not through this slot).
     keepalive_at: u64,
     /// The slot of the connection's other direction.
     partner: u32,
 }
 
 impl Owner {
+    /// The owner of a slot installed at `since`, not paired, no keep-alive scheduled.
+    #[must_use]
+    pub fn new(owner: (ConnHandle, Dir), since: u64, l2_len: u8) -> Self {
+        Self {
+            conn: owner.0,
+            dir: owner.1,
+            since,
+            l2_len,
+            keepalive_at: NOT_SCHEDULED,
+            partner: NONE,
+        }
+    }
+
     /// The partner slot, if both directions are installed.
     #[must_use]
     pub fn partner(&self) -> Option<FlowId> {
@@ -69,10 +147,8 @@ impl Owner {
 /// A delta since the previous pull (or since insert).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delta {
-    /// Packets.
-    pub packets: u64,
-    /// Bytes (L2, as the device counts them).
-    pub bytes: u64,
+    /// Packets and bytes.
+    pub counts: Counts,
     /// Device last-hit (0 = never).
     pub last_hit: u64,
 }
@@ -87,40 +163,126 @@ pub enum Observed {
         /// Device time of the last hit (0 = never).
         last_hit: u64,
     },
-    /// Our rule; its counters moved by this much (the baseline is updated).
-    Moved(Delta),
+    /// Our rule; its counters moved by this much (the baseline is updated and the
+    /// delta is kept unfolded in the slot).
+    Moved(Counts),
+    /// Our rule; its counters moved by `delta`, and the slot's unfolded counts would
+    /// overflow: `unfolded` (everything not folded yet, `delta` included) was taken
+    /// out of the slot and must be folded now.
+    MovedFoldNow {
+        /// The move since the previous pull.
+        delta: Counts,
+        /// What must be folded into the connection.
+        unfolded: Counts,
+    },
+}
+
+/// Unfolded counts taken out of a slot, with what is needed to fold them.
+#[derive(Debug, Clone, Copy)]
+pub struct Taken {
+    /// The owner of the slot.
+    pub owner: Owner,
+    /// What was not folded yet.
+    pub unfolded: Counts,
+}
+
+/// What a slot's delete completion leaves to do.
+#[derive(Debug, Clone, Copy)]
+pub struct Finished {
+    /// The slot's unfolded counts and owner (the final delta included).
+    pub taken: Taken,
+    /// The final delta since the last pull (for the worker's statistics).
+    pub last: Delta,
 }
 
 impl Seen {
+    fn flags(&self) -> u8 {
+        u8::try_from(self.tagged_bytes >> FLAGS_SHIFT).unwrap_or(0)
+    }
+
+    fn generation(&self) -> u8 {
+        u8::try_from((self.tagged_bytes >> GENERATION_SHIFT) & 0xFF).unwrap_or(0)
+    }
+
+    fn bytes(&self) -> u64 {
+        self.tagged_bytes & BYTE_COUNTER_MASK
+    }
+
     fn owned(&self) -> bool {
-        self.flags & OWNED != 0
+        self.flags() & OWNED != 0
     }
 
     fn pulled(&self) -> bool {
-        self.flags & PULLED != 0
+        self.flags() & PULLED != 0
     }
 
-    /// The delta to `c` and the new baseline.
-    fn update(&mut self, c: &FlowCounters) -> Delta {
+    fn set(&mut self, bytes: u64, generation: u8, flags: u8) {
+        self.tagged_bytes = (bytes & BYTE_COUNTER_MASK)
+            | (u64::from(generation) << GENERATION_SHIFT)
+            | (u64::from(flags) << FLAGS_SHIFT);
+    }
+
+    fn fresh(generation: u8) -> Self {
+        let mut s = Self::default();
+        s.set(0, generation, OWNED);
+        s
+    }
+
+    fn unfolded(&self) -> Counts {
+        Counts {
+            packets: u64::from(self.unfolded_packets),
+            bytes: self.unfolded_bytes,
+        }
+    }
+
+    /// The delta to `c`; the baseline becomes `c`.
+    fn rebase(&mut self, c: &FlowCounters) -> Delta {
         let bytes = c.bytes & BYTE_COUNTER_MASK;
-        let d = if self.pulled() {
-            Delta {
+        let counts = if self.pulled() {
+            Counts {
                 packets: u64::from(c.packets.wrapping_sub(self.packets)),
-                bytes: bytes.wrapping_sub(self.bytes) & BYTE_COUNTER_MASK,
-                last_hit: c.last_hit,
+                bytes: bytes.wrapping_sub(self.bytes()) & BYTE_COUNTER_MASK,
             }
         } else {
-            Delta {
+            Counts {
                 packets: u64::from(c.packets),
                 bytes,
-                last_hit: c.last_hit,
             }
         };
-        self.flags |= PULLED;
+        let (generation, flags) = (self.generation(), self.flags() | PULLED);
+        self.set(bytes, generation, flags);
         self.packets = c.packets;
-        self.bytes = bytes;
         self.last_hit = c.last_hit;
-        d
+        Delta {
+            counts,
+            last_hit: c.last_hit,
+        }
+    }
+
+    /// Adds `d` to the unfolded counts; when they would overflow, takes them all out
+    /// (with `d`) instead.
+    fn keep_unfolded(&mut self, d: Counts) -> Option<Counts> {
+        let packets = u64::from(self.unfolded_packets).saturating_add(d.packets);
+        let bytes = self.unfolded_bytes.saturating_add(d.bytes);
+        match u32::try_from(packets) {
+            Ok(p) if bytes <= UNFOLDED_BYTES_MAX => {
+                self.unfolded_packets = p;
+                self.unfolded_bytes = bytes;
+                None
+            }
+            _ => {
+                self.unfolded_packets = 0;
+                self.unfolded_bytes = 0;
+                Some(Counts { packets, bytes })
+            }
+        }
+    }
+
+    fn take_unfolded(&mut self) -> Counts {
+        let c = self.unfolded();
+        self.unfolded_packets = 0;
+        self.unfolded_bytes = 0;
+        c
     }
 }
 
@@ -129,6 +291,8 @@ impl Seen {
 pub struct Slots {
     seen: Vec<Seen>,
     owners: Vec<Option<Owner>>,
+    /// (due, slot) of every scheduled keep-alive; mirrors `Owner::keepalive_at`.
+    keepalive: BTreeSet<(u64, u32)>,
 }
 
 fn idx(id: FlowId) -> usize {
@@ -142,6 +306,7 @@ impl Slots {
         Self {
             seen: vec![Seen::default(); n],
             owners: vec![None; n],
+            keepalive: BTreeSet::new(),
         }
     }
 
@@ -166,6 +331,16 @@ impl Slots {
             .map_or(0, |s| s.last_hit)
     }
 
+    /// The counts pulled from slot `id` that are not folded into its connection yet
+    /// (zero when not ours).
+    #[must_use]
+    pub fn unfolded(&self, id: FlowId) -> Counts {
+        self.seen
+            .get(idx(id))
+            .filter(|s| s.owned())
+            .map_or_else(Counts::default, Seen::unfolded)
+    }
+
     /// Whether slot number `i` holds one of our rules (the sweep skips the records of
     /// the others without reading them).
     #[must_use]
@@ -174,39 +349,32 @@ impl Slots {
     }
 
     /// Compares a counter record with the slot's baseline: the sweep's per-slot step.
-    /// Reads only the seen array; writes it only when the counters moved.
+    /// Reads only the seen array; writes it only when the counters moved, and then
+    /// keeps the move in the slot (no access to the connection).
     pub fn observe(&mut self, s: &CounterSample) -> Observed {
         let Some(seen) = self.seen.get_mut(idx(s.flow_id)) else {
             return Observed::NotOurs;
         };
-        if !seen.owned() || !s.valid || s.generation != seen.generation {
+        if !seen.owned() || !s.valid || s.generation != seen.generation() {
             return Observed::NotOurs;
         }
         let c = &s.counters;
-        if seen.pulled() && seen.packets == c.packets && seen.bytes == c.bytes & BYTE_COUNTER_MASK {
+        if seen.pulled() && seen.packets == c.packets && seen.bytes() == c.bytes & BYTE_COUNTER_MASK
+        {
             return Observed::Unchanged {
                 last_hit: seen.last_hit,
             };
         }
-        Observed::Moved(seen.update(c))
-    }
-
-    /// Whether a counter move of slot `id` at `now` should refresh the connection's
-    /// conntrack timeout; if so, the next refresh is due `every` ns later. At most one
-    /// random access into conntrack per slot and `every`.
-    pub fn keepalive_due(&mut self, id: FlowId, now: u64, every: u64) -> bool {
-        let Some(Some(o)) = self.owners.get_mut(idx(id)) else {
-            return false;
-        };
-        if now < o.keepalive_at {
-            return false;
+        let delta = seen.rebase(c).counts;
+        match seen.keep_unfolded(delta) {
+            None => Observed::Moved(delta),
+            Some(unfolded) => Observed::MovedFoldNow { delta, unfolded },
         }
-        o.keepalive_at = now.saturating_add(every);
-        true
     }
 
     /// A rule was installed at `since`: new owner, no baseline (the first pull is
-    /// since insert).
+    /// since insert), nothing unfolded. The caller took out what a previous owner
+    /// left ([`Slots::release`]).
     pub fn install(
         &mut self,
         id: FlowId,
@@ -215,76 +383,139 @@ impl Slots {
         since: u64,
         l2_len: u8,
     ) {
+        self.unschedule(id);
         let i = idx(id);
         if let (Some(s), Some(o)) = (self.seen.get_mut(i), self.owners.get_mut(i)) {
-            *s = Seen {
-                generation,
-                flags: OWNED,
-                ..Seen::default()
-            };
-            *o = Some(Owner {
-                conn: owner.0,
-                dir: owner.1,
-                since,
-                l2_len,
-                keepalive_at: 0,
-                partner: NONE,
-            });
+            *s = Seen::fresh(generation);
+            *o = Some(Owner::new(owner, since, l2_len));
         }
     }
 
-    /// Links the two directions' slots of one connection.
+    /// Links the two directions' slots of one connection, which is offloaded from
+    /// now on: its first keep-alive (through `a`) is due [`FIRST_KEEPALIVE_NS`] after
+    /// `a` was installed.
     pub fn pair(&mut self, a: FlowId, b: FlowId) {
+        let mut since = None;
         if let Some(Some(o)) = self.owners.get_mut(idx(a)) {
             o.partner = b.get();
+            since = Some(o.since);
         }
         if let Some(Some(o)) = self.owners.get_mut(idx(b)) {
             o.partner = a.get();
         }
-    }
-
-    /// The final delta of a deleted entry (counters from its delete completion); the
-    /// slot is freed.
-    pub fn finish(&mut self, id: FlowId, generation: u8, c: &FlowCounters) -> Delta {
-        let Some(s) = self.seen.get_mut(idx(id)) else {
-            return Delta {
-                packets: 0,
-                bytes: 0,
-                last_hit: 0,
-            };
-        };
-        if s.generation != generation {
-            s.flags &= !PULLED;
+        if let Some(at) = since {
+            self.schedule_keepalive(a, at.saturating_add(FIRST_KEEPALIVE_NS));
         }
-        let d = s.update(c);
-        self.clear(id);
-        d
     }
 
-    /// Frees a slot.
-    pub fn clear(&mut self, id: FlowId) {
+    /// Schedules the keep-alive of slot `id`'s connection at `at` (replacing any).
+    pub fn schedule_keepalive(&mut self, id: FlowId, at: u64) {
+        self.unschedule(id);
+        if let Some(Some(o)) = self.owners.get_mut(idx(id)) {
+            o.keepalive_at = at;
+            self.keepalive.insert((at, id.get()));
+        }
+    }
+
+    /// The next slot whose keep-alive is due at `now`, with its connection; it is no
+    /// longer scheduled (reschedule with [`Slots::schedule_keepalive`]).
+    pub fn next_keepalive(&mut self, now: u64) -> Option<(FlowId, ConnHandle)> {
+        loop {
+            let &(at, raw) = self.keepalive.first()?;
+            if at > now {
+                return None;
+            }
+            self.keepalive.pop_first();
+            let id = FlowId::new(raw)?;
+            if let Some(Some(o)) = self.owners.get_mut(idx(id)) {
+                if o.keepalive_at == at {
+                    o.keepalive_at = NOT_SCHEDULED;
+                    return Some((id, o.conn));
+                }
+            }
+        }
+    }
+
+    fn unschedule(&mut self, id: FlowId) {
+        if let Some(Some(o)) = self.owners.get_mut(idx(id)) {
+            if o.keepalive_at != NOT_SCHEDULED {
+                self.keepalive.remove(&(o.keepalive_at, id.get()));
+                o.keepalive_at = NOT_SCHEDULED;
+            }
+        }
+    }
+
+    /// The delete of slot `id` (installed with `generation`) completed with the final
+    /// counters `c`: everything not folded yet, the final delta included, and the
+    /// owner. The slot is freed.
+    pub fn finish(&mut self, id: FlowId, generation: u8, c: &FlowCounters) -> Option<Finished> {
+        let s = self.seen.get_mut(idx(id))?;
+        if !s.owned() {
+            return None;
+        }
+        if s.generation() != generation {
+            // Not the generation we pulled: its counters are all since insert.
+            s.set(0, generation, OWNED);
+        }
+        let last = s.rebase(c);
+        let unfolded = s.unfolded().plus(last.counts);
+        s.take_unfolded();
+        let owner = self.release(id)?.owner;
+        Some(Finished {
+            taken: Taken { owner, unfolded },
+            last,
+        })
+    }
+
+    /// Frees slot `id`, returning its owner and unfolded counts (to be folded).
+    pub fn release(&mut self, id: FlowId) -> Option<Taken> {
+        self.unschedule(id);
         let i = idx(id);
-        if let Some(s) = self.seen.get_mut(i) {
-            *s = Seen::default();
-        }
-        if let Some(o) = self.owners.get_mut(i) {
-            *o = None;
-        }
+        let unfolded = self.seen.get_mut(i).map(|s| std::mem::take(s).unfolded())?;
+        let owner = self.owners.get_mut(i)?.take()?;
+        Some(Taken { owner, unfolded })
     }
 
-    /// Frees a slot only if `owner` still owns it.
-    pub fn clear_if(&mut self, id: FlowId, owner: ConnHandle) {
+    /// Frees slot `id` only if `owner` still owns it; returns what was unfolded.
+    pub fn release_if(&mut self, id: FlowId, owner: ConnHandle) -> Option<Taken> {
         if self.get(id).is_some_and(|o| o.conn == owner) {
-            self.clear(id);
+            self.release(id)
+        } else {
+            None
         }
     }
 
-    /// Frees every slot (the device table is gone).
+    /// Takes the unfolded counts out of slot `id` (zero when not ours); the slot stays
+    /// installed. Reads only the seen array.
+    pub fn take_unfolded(&mut self, id: FlowId) -> Counts {
+        self.seen
+            .get_mut(idx(id))
+            .filter(|s| s.owned())
+            .map_or_else(Counts::default, Seen::take_unfolded)
+    }
+
+    /// Takes the unfolded counts out of every owned slot that has some (slot order),
+    /// appending them to `out`; the slots stay installed.
+    pub fn take_all_unfolded(&mut self, out: &mut Vec<Taken>) {
+        for (s, o) in self.seen.iter_mut().zip(&self.owners) {
+            if !s.owned() || (s.unfolded_packets == 0 && s.unfolded_bytes == 0) {
+                continue;
+            }
+            let unfolded = s.take_unfolded();
+            if let Some(owner) = *o {
+                out.push(Taken { owner, unfolded });
+            }
+        }
+    }
+
+    /// Frees every slot (the device table is gone). Unfolded counts are lost: take
+    /// them out first ([`Slots::take_all_unfolded`]).
     pub fn reset(&mut self, n: usize) {
         self.seen.clear();
         self.seen.resize(n, Seen::default());
         self.owners.clear();
         self.owners.resize(n, None);
+        self.keepalive.clear();
     }
 }
 
@@ -301,6 +532,10 @@ mod tests {
         }
     }
 
+    fn n(packets: u64, bytes: u64) -> Counts {
+        Counts { packets, bytes }
+    }
+
     fn sample(id: FlowId, generation: u8, counters: FlowCounters) -> CounterSample {
         CounterSample {
             flow_id: id,
@@ -310,72 +545,150 @@ mod tests {
         }
     }
 
-    fn moved(o: Observed) -> Delta {
+    fn moved(o: Observed) -> Counts {
         match o {
             Observed::Moved(d) => d,
             other => panic!("expected a move, got {other:?}"),
         }
     }
 
+    fn conn(slot: u32, id: u64) -> ConnHandle {
+        ConnHandle {
+            slot: Slot(slot),
+            id,
+        }
+    }
+
     #[test]
-    fn deltas_since_insert_then_wrap_safe() {
-        let h = ConnHandle {
-            slot: Slot(1),
-            id: 7,
-        };
+    fn deltas_since_insert_then_wrap_safe_kept_unfolded() {
+        let h = conn(1, 7);
         let id = FlowId::new(3).expect("id");
         let mut t = Slots::new(8);
         t.install(id, (h, Dir::Reply), 5, 0, 14);
         // First pull: everything since insert, even zero.
-        assert_eq!(moved(t.observe(&sample(id, 5, c(0, 0, 0)))).packets, 0);
-        assert_eq!(moved(t.observe(&sample(id, 5, c(10, 1000, 9)))).packets, 10);
+        assert_eq!(moved(t.observe(&sample(id, 5, c(0, 0, 0)))), n(0, 0));
+        assert_eq!(
+            moved(t.observe(&sample(id, 5, c(10, 1000, 9)))),
+            n(10, 1000)
+        );
         assert_eq!(
             t.observe(&sample(id, 5, c(10, 1000, 9))),
             Observed::Unchanged { last_hit: 9 }
         );
         assert_eq!(t.last_hit(id), 9);
+        assert_eq!(t.unfolded(id), n(10, 1000));
         // Another generation or an empty slot is not ours.
         assert_eq!(t.observe(&sample(id, 6, c(1, 1, 1))), Observed::NotOurs);
         let mut empty = sample(id, 5, c(1, 1, 1));
         empty.valid = false;
         assert_eq!(t.observe(&empty), Observed::NotOurs);
+        // Up to the edge of both raw counters; folding takes the unfolded counts out
+        // and keeps the baseline.
+        let d = moved(t.observe(&sample(id, 5, c(u32::MAX - 1, BYTE_COUNTER_MASK - 9, 10))));
+        assert_eq!(d, n(u64::from(u32::MAX) - 11, BYTE_COUNTER_MASK - 1009));
+        assert_eq!(
+            t.unfolded(id),
+            n(u64::from(u32::MAX) - 1, BYTE_COUNTER_MASK - 9)
+        );
+        let mut out = Vec::new();
+        t.take_all_unfolded(&mut out);
+        assert_eq!(t.unfolded(id), n(0, 0));
         // Wrap of both counters.
-        t.observe(&sample(id, 5, c(u32::MAX - 1, BYTE_COUNTER_MASK - 9, 10)));
         let d = moved(t.observe(&sample(id, 5, c(3, 20, 11))));
-        assert_eq!((d.packets, d.bytes, d.last_hit), (5, 30, 11));
-        let d = t.finish(id, 5, &c(4, 25, 12));
-        assert_eq!((d.packets, d.bytes), (1, 5));
+        assert_eq!(d, n(5, 30));
+        assert_eq!(t.last_hit(id), 11);
+        assert_eq!(t.unfolded(id), n(5, 30));
+        // The delete's final counters: everything unfolded plus the last delta.
+        let f = t.finish(id, 5, &c(4, 25, 12)).expect("ours");
+        assert_eq!(f.last.counts, n(1, 5));
+        assert_eq!(f.taken.unfolded, n(6, 35));
+        assert_eq!(f.taken.owner.conn, h);
         assert!(t.owner(id).is_none());
+        assert_eq!(t.unfolded(id), n(0, 0));
         assert_eq!(t.observe(&sample(id, 5, c(9, 9, 9))), Observed::NotOurs);
         // A finish for a generation never pulled: everything since insert.
         t.install(id, (h, Dir::Original), 6, 0, 14);
-        assert_eq!(t.finish(id, 6, &c(2, 200, 1)).packets, 2);
+        let f = t.finish(id, 6, &c(2, 200, 1)).expect("ours");
+        assert_eq!(f.taken.unfolded, n(2, 200));
+        assert!(t.finish(id, 6, &c(2, 200, 1)).is_none(), "freed");
     }
 
     #[test]
-    fn partners_keepalive_and_conditional_clear() {
-        let h = ConnHandle {
-            slot: Slot(1),
-            id: 7,
-        };
-        let other = ConnHandle {
-            slot: Slot(2),
-            id: 8,
-        };
+    fn unfolded_counts_never_overflow() {
+        let h = conn(1, 7);
+        let id = FlowId::new(2).expect("id");
+        let mut t = Slots::new(4);
+        t.install(id, (h, Dir::Original), 1, 0, 14);
+        let big = u32::MAX - 5;
+        assert_eq!(
+            moved(t.observe(&sample(id, 1, c(big, 100, 1)))).packets,
+            u64::from(big)
+        );
+        // Ten more packets wrap the raw counter and would overflow the unfolded count:
+        // everything is handed out to be folded now.
+        match t.observe(&sample(id, 1, c(4, 200, 2))) {
+            Observed::MovedFoldNow { delta, unfolded } => {
+                assert_eq!(delta, n(10, 100));
+                assert_eq!(unfolded, n(u64::from(big) + 10, 200));
+            }
+            other => panic!("expected a fold, got {other:?}"),
+        }
+        assert_eq!(t.unfolded(id), n(0, 0));
+        assert_eq!(moved(t.observe(&sample(id, 1, c(6, 300, 3)))), n(2, 100));
+        assert_eq!(t.unfolded(id), n(2, 100));
+    }
+
+    #[test]
+    fn take_all_and_release_leave_nothing_unfolded() {
+        let (a, b) = (FlowId::new(1).expect("a"), FlowId::new(6).expect("b"));
+        let other = conn(2, 8);
+        let mut t = Slots::new(8);
+        t.install(a, (conn(1, 7), Dir::Original), 1, 0, 14);
+        t.install(b, (other, Dir::Reply), 1, 0, 18);
+        t.observe(&sample(a, 1, c(3, 300, 1)));
+        t.observe(&sample(b, 1, c(0, 0, 0)));
+        let mut out = Vec::new();
+        t.take_all_unfolded(&mut out);
+        assert_eq!(out.len(), 1, "only slots with something unfolded");
+        assert_eq!(
+            (out[0].owner.conn, out[0].unfolded),
+            (conn(1, 7), n(3, 300))
+        );
+        assert_eq!(t.unfolded(a), n(0, 0));
+        // The baseline stays: the next pull counts only what is new.
+        assert_eq!(moved(t.observe(&sample(a, 1, c(4, 400, 2)))), n(1, 100));
+        assert!(t.release_if(a, other).is_none());
+        let r = t.release_if(a, conn(1, 7)).expect("owned");
+        assert_eq!(r.unfolded, n(1, 100));
+        assert!(t.owner(a).is_none());
+        assert!(t.release(a).is_none());
+    }
+
+    #[test]
+    fn keepalive_schedule_follows_owners() {
+        let h = conn(1, 7);
         let (a, b) = (FlowId::new(1).expect("a"), FlowId::new(6).expect("b"));
         let mut t = Slots::new(8);
-        t.install(a, (h, Dir::Original), 1, 0, 14);
-        t.install(b, (h, Dir::Reply), 1, 0, 14);
+        t.install(a, (h, Dir::Original), 1, 100, 14);
+        t.install(b, (h, Dir::Reply), 1, 100, 14);
+        assert!(t.next_keepalive(u64::MAX).is_none(), "not offloaded yet");
         t.pair(a, b);
         assert_eq!(t.get(a).and_then(Owner::partner), Some(b));
-        assert!(t.keepalive_due(a, 100, 50));
-        assert!(!t.keepalive_due(a, 149, 50));
-        assert!(t.keepalive_due(a, 150, 50));
-        t.clear_if(a, other);
-        assert!(t.owner(a).is_some());
-        t.clear_if(a, h);
-        assert!(t.owner(a).is_none());
-        assert!(!t.keepalive_due(a, 1000, 50));
+        assert_eq!(t.get(b).and_then(Owner::partner), Some(a));
+        let due = 100 + FIRST_KEEPALIVE_NS;
+        assert!(t.next_keepalive(due - 1).is_none());
+        assert_eq!(t.next_keepalive(due), Some((a, h)));
+        assert!(t.next_keepalive(u64::MAX).is_none(), "taken");
+        t.schedule_keepalive(a, 500);
+        t.schedule_keepalive(a, 700);
+        assert!(t.next_keepalive(600).is_none(), "rescheduled, not twice");
+        // A freed slot's schedule goes with it; a new owner starts unscheduled.
+        t.release(a);
+        assert!(t.next_keepalive(u64::MAX).is_none());
+        t.install(a, (conn(3, 9), Dir::Original), 2, 0, 14);
+        t.schedule_keepalive(a, 10);
+        t.install(a, (conn(4, 10), Dir::Original), 3, 0, 14);
+        assert!(t.next_keepalive(u64::MAX).is_none());
         assert!(t.get(FlowId::new(100).expect("id")).is_none());
     }
 }

@@ -172,6 +172,15 @@ impl HwConn {
     }
 }
 
+/// Two counters added (saturating).
+#[must_use]
+pub(super) fn add(a: Counter, b: Counter) -> Counter {
+    Counter {
+        packets: a.packets.saturating_add(b.packets),
+        bytes: a.bytes.saturating_add(b.bytes),
+    }
+}
+
 /// What a queued or in-flight command is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CmdKind {

@@ -14,7 +14,7 @@ use ctoffload_fallback_sw::conntrack::{
 };
 use ctoffload_fallback_sw::nat::NatEngine;
 use ctoffload_fallback_sw::nat::PacketMeta;
-use ctoffload_fallback_sw::table::Event;
+use ctoffload_fallback_sw::table::{Counter, Event};
 use ctoffload_fallback_sw::tcp::{TcpState, TcpTimeouts};
 use ctoffload_fallback_sw::tuple::{Addr, Dir, Tuple};
 use ctoffload_hw_regs::RxReason;
@@ -22,7 +22,7 @@ use ctoffload_hw_regs::RxReason;
 use super::hw_rule::Routing;
 use super::policy::{self, NotOffloaded, OffloadPolicy};
 use super::slots::Slots;
-use super::state::{AfterDelete, ConnHandle, HwConn, HwState, Tagged};
+use super::state::{AfterDelete, ConnHandle, HwConn, HwState, Tagged, add};
 
 /// Worker configuration.
 #[derive(Debug, Clone)]
@@ -98,9 +98,10 @@ pub struct WorkerStats {
     pub delete_retries: u64,
     /// Deletes that found no entry (lost to a reset).
     pub delete_not_found: u64,
-    /// Hardware packets folded into conntrack counters.
+    /// Hardware packets pulled from the device (each counted once; folded into the
+    /// connections' conntrack counters when pulled or later, see reconciler.rs).
     pub hw_packets: u64,
-    /// Hardware bytes folded (L2, as the device counts them).
+    /// Hardware bytes pulled (L2, as the device counts them).
     pub hw_bytes_l2: u64,
     /// Device faults seen (fatal, reset, command timeout, driver error).
     pub faults: u64,
@@ -257,9 +258,31 @@ impl<Io: DeviceIo> Worker<Io> {
             .map_or(0, |r| r.hw_last_hit.max(self.slot_last_hit(r)))
     }
 
-    /// The side-table record of a connection.
+    /// The side-table record of a connection. Its `hw_counters` are the folded part
+    /// only: [`Worker::hw_counters`] adds what the slots have not folded yet.
     pub fn hw_record(&self, h: ConnHandle) -> Option<&HwConn> {
         self.side.get(&h.id)
+    }
+
+    /// A live connection's counters per direction (L3 bytes): software plus hardware,
+    /// each packet once (invariant 3), the hardware counts the reconciler pulled but
+    /// has not folded into conntrack yet included.
+    pub fn counters(&self, h: ConnHandle) -> Option<[Counter; 2]> {
+        let c = self.ct.table().get_checked(h.slot, h.id)?.counters;
+        let hw = self
+            .side
+            .get(&h.id)
+            .map_or([Counter::default(); 2], |r| self.unfolded_of(h, r));
+        Some([add(c[0], hw[0]), add(c[1], hw[1])])
+    }
+
+    /// The hardware part of a connection's counters per direction (L3 bytes): folded
+    /// plus pulled but not folded yet.
+    pub fn hw_counters(&self, h: ConnHandle) -> [Counter; 2] {
+        self.side.get(&h.id).map_or([Counter::default(); 2], |r| {
+            let u = self.unfolded_of(h, r);
+            [add(r.hw_counters[0], u[0]), add(r.hw_counters[1], u[1])]
+        })
     }
 
     /// Connections in each hardware state: `[none, pending, offloaded, dying]`.
@@ -578,12 +601,17 @@ impl<Io: DeviceIo> Worker<Io> {
         }
         for &id in &gone {
             if let Some(rec) = self.side.remove(&id) {
-                if let Some(o) = self.observer.as_mut() {
-                    o.hw_final(id, rec.hw_counters);
+                let h = ConnHandle { slot: rec.slot, id };
+                if self.observer.is_some() {
+                    let u = self.unfolded_of(h, &rec);
+                    let hw = [add(rec.hw_counters[0], u[0]), add(rec.hw_counters[1], u[1])];
+                    if let Some(o) = self.observer.as_mut() {
+                        o.hw_final(id, hw);
+                    }
                 }
                 if !matches!(rec.state, HwState::None | HwState::Dead) {
                     self.stats.freed_while_in_hw += 1;
-                    self.orphan_entries(ConnHandle { slot: rec.slot, id }, &rec);
+                    self.orphan_entries(h, &rec);
                 }
             }
         }
