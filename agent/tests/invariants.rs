@@ -1202,20 +1202,10 @@ fn nat_in_hardware_matches_software_and_binding_outlives_the_rules() {
 const GW: [u8; 4] = [203, 0, 113, 1];
 
 fn masquerade_on_port_1(w: &mut Worker<SimIo>) {
-    use ctoffload_fallback_sw::nat::rules::{NatAction, NatFlags, NatRule, RuleMatch};
+    use ctoffload_fallback_sw::nat::rules::NatRule;
     w.nat_mut()
         .rules_mut()
-        .add(NatRule {
-            id: 1,
-            r#match: RuleMatch {
-                out_port: Some(1),
-                ..RuleMatch::default()
-            },
-            action: NatAction::Masquerade {
-                ports: None,
-                flags: NatFlags::default(),
-            },
-        })
+        .add(NatRule::masquerade_out(1, 1))
         .expect("rule");
 }
 

@@ -28,7 +28,7 @@ use ctoffload_agent::gateway::forward::{ForwarderConfig, SoftwareForwarder};
 use ctoffload_agent::gateway::{Gateway, GatewayConfig, PortConfig};
 use ctoffload_agent::port::PacketPort;
 use ctoffload_fallback_sw::conntrack::{Config as ConntrackConfig, Conntrack};
-use ctoffload_fallback_sw::nat::rules::{NatAction, NatFlags, NatRule, RuleMatch};
+use ctoffload_fallback_sw::nat::rules::NatRule;
 
 use crate::netns::{COMMAND_TIMEOUT, CommandError, NetNs, run_bounded, unique_name};
 
@@ -286,17 +286,7 @@ pub fn masquerade_forwarder<P: PacketPort>(
     let mut ct = Conntrack::new(conntrack);
     ct.nat_mut()
         .rules_mut()
-        .add(NatRule {
-            id: 1,
-            r#match: RuleMatch {
-                out_port: Some(1),
-                ..RuleMatch::default()
-            },
-            action: NatAction::Masquerade {
-                ports: None,
-                flags: NatFlags::default(),
-            },
-        })
+        .add(NatRule::masquerade_out(1, 1))
         .map_err(|e| e.to_string())?;
     Ok(SoftwareForwarder::new(cfg, ports, gateway, ct))
 }

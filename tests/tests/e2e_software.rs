@@ -25,7 +25,7 @@ use ctoffload_agent::gateway::forward::{ForwarderConfig, SoftwareForwarder};
 use ctoffload_agent::gateway::{Gateway, GatewayConfig, PortConfig};
 use ctoffload_agent::port::AfPacket;
 use ctoffload_fallback_sw::conntrack::{Config, Conntrack};
-use ctoffload_fallback_sw::nat::rules::{NatAction, NatFlags, NatRule, RuleMatch};
+use ctoffload_fallback_sw::nat::rules::NatRule;
 use ctoffload_tests::netns::{NetNs, is_root, skip_reason};
 use ctoffload_tests::topology::{
     GW_IN, GW_IN_MAC, GW_OUT, GW_OUT_MAC, IN_A, IN_B, IN_HOST_MAC, IcmpAnswer, NO_ROUTE, OUT_HOST,
@@ -94,17 +94,7 @@ fn start_gateway(gw: &NetNs, if_in: &str, if_out: &str) -> Running {
             let mut ct = Conntrack::new(Config::default());
             ct.nat_mut()
                 .rules_mut()
-                .add(NatRule {
-                    id: 1,
-                    r#match: RuleMatch {
-                        out_port: Some(1),
-                        ..RuleMatch::default()
-                    },
-                    action: NatAction::Masquerade {
-                        ports: None,
-                        flags: NatFlags::default(),
-                    },
-                })
+                .add(NatRule::masquerade_out(1, 1))
                 .map_err(|e| e.to_string())?;
             let cfg = ForwarderConfig {
                 // veth senders leave TCP/UDP checksums to offload.

@@ -325,7 +325,7 @@ impl Stage {
 #[cfg(test)]
 mod tests {
     use ctoffload_fallback_sw::conntrack::Config;
-    use ctoffload_fallback_sw::nat::rules::{NatAction, NatFlags, NatRule, RuleMatch};
+    use ctoffload_fallback_sw::nat::rules::NatRule;
 
     use super::*;
     use crate::gateway::{GatewayConfig, PortConfig};
@@ -413,17 +413,7 @@ mod tests {
         let mut ct = Conntrack::new(Config::default());
         ct.nat_mut()
             .rules_mut()
-            .add(NatRule {
-                id: 1,
-                r#match: RuleMatch {
-                    out_port: Some(1),
-                    ..RuleMatch::default()
-                },
-                action: NatAction::Masquerade {
-                    ports: None,
-                    flags: NatFlags::default(),
-                },
-            })
+            .add(NatRule::masquerade_out(1, 1))
             .expect("rule");
         let mut fwd =
             SoftwareForwarder::new(ForwarderConfig::default(), vec![gw_in, gw_out], gw, ct);

@@ -722,6 +722,23 @@ fn rendezvous(client: u64, backends: &[Backend], keys: &[u64]) -> usize {
 }
 
 impl NatRule {
+    /// Masquerade of every new connection leaving by `out_port` (nftables `oif X
+    /// masquerade`): source NAT to the port's address, ports from the default range.
+    #[must_use]
+    pub fn masquerade_out(id: RuleId, out_port: u32) -> Self {
+        Self {
+            id,
+            r#match: RuleMatch {
+                out_port: Some(out_port),
+                ..RuleMatch::default()
+            },
+            action: NatAction::Masquerade {
+                ports: None,
+                flags: NatFlags::default(),
+            },
+        }
+    }
+
     /// Whether the rule applies at `hook` to a new connection whose tuple at that hook
     /// is `t` (the original tuple for [`Hook::Dst`], the tuple after DNAT for
     /// [`Hook::Src`]).
