@@ -108,6 +108,25 @@ impl Default for DeviceConfig {
     }
 }
 
+impl DeviceConfig {
+    /// For a software model of the device sharing busy cores with the agent: rings of
+    /// 4096 and timeouts of seconds (a slow poll of the model is not a lost
+    /// completion or a dead device).
+    #[must_use]
+    pub fn for_simulator(clock: Clock) -> Self {
+        Self {
+            cmd_ring_log2: 12,
+            rx_ring_log2: 12,
+            tx_ring_log2: 12,
+            clock,
+            cmd_timeout_ns: 1_000_000_000,
+            ready_timeout: Duration::from_secs(2),
+            enable_timeout: Duration::from_secs(2),
+            ..Self::default()
+        }
+    }
+}
+
 /// The capability registers, read at bring-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {

@@ -64,21 +64,7 @@ fn rig(buckets_log2: u8, max_conns: usize) -> Result<Rig, Box<dyn Error>> {
     )?;
     let sim = sim.spawn(SimClock::Monotonic);
     let clock = Clock::monotonic();
-    let dev = Device::new(
-        io,
-        DeviceConfig {
-            cmd_ring_log2: 12,
-            rx_ring_log2: 12,
-            tx_ring_log2: 12,
-            clock: clock.clone(),
-            // The simulator shares two busy cores with the agent: a slow poll is not a
-            // lost completion.
-            cmd_timeout_ns: 1_000_000_000,
-            ready_timeout: Duration::from_secs(2),
-            enable_timeout: Duration::from_secs(2),
-            ..DeviceConfig::default()
-        },
-    )?;
+    let dev = Device::new(io, DeviceConfig::for_simulator(clock.clone()))?;
     let hour = 3_600_000_000_000;
     let cfg = WorkerConfig {
         conntrack: Config {

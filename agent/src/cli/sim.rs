@@ -242,17 +242,8 @@ pub fn start_with(
     let mut wcfg = worker_config(cfg);
     tweak(&mut wcfg);
     let clock = Clock::monotonic();
-    let dcfg = DeviceConfig {
-        cmd_ring_log2: 12,
-        rx_ring_log2: 12,
-        tx_ring_log2: 12,
-        clock: clock.clone(),
-        // The simulator shares the machine with everything else.
-        cmd_timeout_ns: 1_000_000_000,
-        ready_timeout: Duration::from_secs(2),
-        enable_timeout: Duration::from_secs(2),
-        ..DeviceConfig::default()
-    };
+    // The simulator shares the machine with everything else.
+    let dcfg = DeviceConfig::for_simulator(clock.clone());
     let (dev, model, wire, attached) = match sim_socket {
         None => {
             let nports = wcfg.routing.egress.len().max(interfaces.len());
