@@ -7,7 +7,7 @@
 //!    installed and their completions applied) and connections per second.
 //! 2. CPU time of one reconcile pass (a full counter sweep) and of one incremental tick
 //!    with `FLOWS` offloaded UDP connections (two device entries each), measured on the
-//!    agent thread from `/proc/thread-self/schedstat`; also one pass run the way the
+//!    agent thread (`CLOCK_THREAD_CPUTIME_ID`); also one pass run the way the
 //!    agent runs it, as reconcile ticks (each collects the chunk the previous one
 //!    started), the device's DMA between ticks not counted as the agent's CPU. Both
 //!    with no counter moved and with every connection's counters moved (one packet per
@@ -184,16 +184,15 @@ impl Rig {
     }
 }
 
-/// CPU time of this thread in ns (`/proc/thread-self/schedstat`, first field). The
-/// kernel updates that figure for a running thread only at a scheduler tick or switch,
-/// so a yield first brings it up to date (CFS accounts the runtime so far when a task
-/// yields); without it, intervals shorter than a tick read as 0.
+/// CPU time of this thread in ns (`CLOCK_THREAD_CPUTIME_ID`: the kernel brings the
+/// running thread's runtime up to date on each read, unlike `/proc/thread-self/schedstat`,
+/// which for a running thread moves only at a scheduler tick or switch).
 fn thread_cpu_ns() -> u64 {
-    std::thread::yield_now();
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    u64::try_from(t.tv_sec)
         .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
 }
 
 /// The `permille`-th per-mille value of `v` (sorted in place).
