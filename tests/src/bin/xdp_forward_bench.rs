@@ -422,7 +422,7 @@ fn start_sender(
                 let mut port = match open_ports(&[dev.as_str()], io) {
                     Ok((mut ports, chosen)) => match ports.pop() {
                         Some(p) => {
-                            let _ = opened_tx.send(Ok(io_name(&chosen)));
+                            let _ = opened_tx.send(Ok(io_name(&chosen, std::slice::from_ref(&p))));
                             p
                         }
                         None => return,
@@ -495,13 +495,21 @@ fn send_trials(port: &mut AnyPort, frames: &[[u8; 60]], trials: &mpsc::Receiver<
     }
 }
 
-fn io_name(chosen: &IoChosen) -> String {
+/// What I/O the ports got (an `AF_PACKET` port says whether its rings were set up).
+fn io_name(chosen: &IoChosen, ports: &[AnyPort]) -> String {
+    let af_packet = ports
+        .iter()
+        .find_map(|p| match p {
+            AnyPort::AfPacket(a) => Some(a.io().to_string()),
+            AnyPort::AfXdp(_) => None,
+        })
+        .unwrap_or_default();
     match chosen {
         IoChosen::AfXdp(mode) => format!("AF_XDP, {mode} XDP, copy mode"),
-        IoChosen::AfPacket { fallback: None } => "AF_PACKET recvmmsg/sendmmsg".into(),
+        IoChosen::AfPacket { fallback: None } => format!("AF_PACKET {af_packet}"),
         IoChosen::AfPacket {
             fallback: Some(why),
-        } => format!("AF_PACKET (AF_XDP failed: {why})"),
+        } => format!("AF_PACKET {af_packet} (AF_XDP failed: {why})"),
     }
 }
 
@@ -518,7 +526,7 @@ fn start_agent(b: &Bed, request: IoRequest) -> Result<(ForwarderThread<AnyPort>,
                 return Err(e.to_string());
             }
         };
-        let _ = tx.send(Ok(io_name(&chosen)));
+        let _ = tx.send(Ok(io_name(&chosen, &ports)));
         let ct = Config {
             max_connections: 262_144,
             ..Config::default()
