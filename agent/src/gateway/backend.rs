@@ -26,7 +26,7 @@ use crate::api::SoftwareControl;
 use crate::config::AgentConfig;
 use crate::config::PacketIo;
 use crate::port::af_xdp::{self, AfXdpConfig, AnyPort, IoRequest};
-use crate::port::{AfPacket, PortError};
+use crate::port::{AfPacket, AfPacketOptions, PortError};
 
 /// Frames taken from one port per round.
 pub const RX_BATCH: usize = 64;
@@ -164,9 +164,14 @@ fn open_ports(interfaces: &[String], io: PacketIo) -> Result<Vec<AnyPort>, Backe
             .collect(),
         PacketIo::AfXdp => {
             // Each interface must exist and be usable: the same check (and error) as
-            // AF_PACKET, before the group is opened.
+            // AF_PACKET, before the group is opened; a plain socket, no rings to map
+            // only to unmap them.
+            let check = AfPacketOptions {
+                ring: None,
+                ..AfPacketOptions::default()
+            };
             for (i, name) in interfaces.iter().enumerate() {
-                drop(AfPacket::open(name).map_err(|e| missing(i, name, e))?);
+                drop(AfPacket::open_with(name, &check).map_err(|e| missing(i, name, e))?);
             }
             let names: Vec<&str> = interfaces.iter().map(String::as_str).collect();
             let (ports, chosen) =
