@@ -476,6 +476,11 @@ impl<Io: DeviceIo> Worker<Io> {
                     }
                 }
             },
+            // Invariant 1: a packet of an offloaded connection through the slow path
+            // re-armed its conntrack timeout with its state's (seconds, with short
+            // timeouts); hold it again while the rules live (Linux refreshes offloaded
+            // entries in its flowtable GC; the reconciler's keep-alive is daily).
+            HwState::Offloaded | HwState::Pending => self.ct.keep_alive(slot, now),
             _ => {}
         }
     }
