@@ -53,6 +53,7 @@ use std::num::NonZeroU32;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
+use ctoffload_nic_sim::control::chain;
 use xdpilone::xdp::XdpDesc;
 use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, Umem, UmemConfig, User};
 
@@ -716,7 +717,7 @@ pub fn open_ports(
                         IoChosen::AfXdp(mode),
                     ));
                 }
-                Err(e) => reasons.push(error_chain(&e)),
+                Err(e) => reasons.push(chain(&e)),
             }
         }
         let reason = reasons.join("; ");
@@ -728,18 +729,6 @@ pub fn open_ports(
         .map(|n| AfPacket::open(n).map(AnyPort::AfPacket))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((ports, IoChosen::AfPacket { fallback }))
-}
-
-/// `e` and its causes, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
@@ -784,7 +773,7 @@ mod tests {
             mode: XdpMode::Native,
             source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
         };
-        let s = error_chain(&e);
+        let s = chain(&e);
         assert!(
             s.starts_with("attaching XDP in native mode to veth0: "),
             "{s}"
