@@ -490,13 +490,7 @@ fn run_replay(args: &ReplayArgs) -> ExitCode {
 /// An error and its causes on one line.
 #[must_use]
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        msg.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    msg
+    ctoffload_nic_sim::control::chain(e)
 }
 
 /// The `ctoffload` binary.
