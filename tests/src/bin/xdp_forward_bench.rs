@@ -19,7 +19,11 @@
 //! made threaded and its thread pinned to CPU 1). The sender, the forwarding loop, the
 //! NAPI thread and `ksoftirqd` of both CPUs run at nice -20 while measured (restored
 //! after), the bench in a scheduler autogroup of its own at nice -20, so that other
-//! work on a shared machine takes little from them. The receiver's
+//! work on a shared machine takes little from them. On CPU 1 the NAPI thread and
+//! `ksoftirqd/1` are `SCHED_FIFO` 50 (they run at once, as the kernel's softirq does
+//! for its own forwarding) and the forwarding loop `SCHED_FIFO` 60 (above the NAPI
+//! thread, which under overload would otherwise starve it; the loop sleeps in `poll`
+//! when its rings are empty); policies restored after. The receiver's
 //! drop runs on CPU 1 too (where the gateway transmits), for every method alike.
 //!
 //! Method `sink` measures the sender alone: the gateway's inside veth drops everything
@@ -31,7 +35,10 @@
 //! `XDP_BENCH_SENDER` (`af_xdp` or `af_packet`), `XDP_BENCH_BUSY_POLL_US` (0: the
 //! AF_XDP forwarder's busy polling, off), `XDP_BENCH_NO_THREADED_NAPI=1` (the
 //! gateway's veth NAPI stays where the kernel runs it: on the sender's CPU),
-//! `XDP_BENCH_VERBOSE=1`.
+//! `XDP_BENCH_NAPI_FIFO` (50: `SCHED_FIFO` priority of the NAPI thread and
+//! `ksoftirqd/1`, 0: nice -20 only), `XDP_BENCH_FORWARDER_FIFO` (60: the forwarding
+//! loop's, 0: nice -20 only), `XDP_BENCH_XSK_RING` (the forwarder's XSK ring entries,
+//! `AfXdpConfig`'s default), `XDP_BENCH_VERBOSE=1`.
 //! Prints a table, then one JSON line with the same figures.
 
 use std::process::ExitCode;
@@ -64,6 +71,14 @@ const GATEWAY_CPU: usize = 1;
 const SENDER_SNDBUF: usize = 64 << 20;
 /// Nice value of the threads measured (and of the kernel threads that serve them).
 const BOOST_NICE: i32 = -20;
+/// `SCHED_FIFO` priority of the gateway veth's NAPI thread (and of `ksoftirqd` on the
+/// gateway CPU): it preempts ordinary work there as soon as the veth has frames, as
+/// the kernel's softirq does for the kernel's own forwarding.
+const NAPI_FIFO_PRIORITY: u8 = 50;
+/// `SCHED_FIFO` priority of the forwarding loop: above the NAPI thread, so that under
+/// overload the NAPI thread (which would run without end) cannot starve it; the loop
+/// sleeps in `poll` whenever its receive rings are empty, and the NAPI thread runs.
+const FORWARDER_FIFO_PRIORITY: u8 = 60;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Method {
@@ -92,8 +107,14 @@ struct Settings {
     methods: Vec<Method>,
     /// The sender's I/O.
     sender: IoRequest,
-    /// The AF_XDP forwarder's settings (busy polling or not).
+    /// The AF_XDP forwarder's settings (busy polling or not, ring sizes).
     xdp: AfXdpConfig,
+    /// `SCHED_FIFO` priority of the gateway veth's NAPI thread (AF_XDP) and of
+    /// `ksoftirqd` on the gateway CPU, 0: they stay `SCHED_OTHER` at nice -20.
+    napi_fifo: u8,
+    /// `SCHED_FIFO` priority of the forwarding loop (`af_packet`, `af_xdp`), 0: stays
+    /// `SCHED_OTHER` at nice -20.
+    forwarder_fifo: u8,
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> Result<T, String> {
@@ -143,15 +164,27 @@ fn settings() -> Result<Settings, String> {
         }
     };
     let busy_usecs = env_or("XDP_BENCH_BUSY_POLL_US", 0u32)?;
+    let defaults = AfXdpConfig::default();
+    let ring_size = env_or("XDP_BENCH_XSK_RING", defaults.ring_size)?;
     let xdp = AfXdpConfig {
         busy_poll: (busy_usecs > 0).then_some(BusyPoll {
             usecs: busy_usecs,
             budget: 64,
         }),
-        ..AfXdpConfig::default()
+        ring_size,
+        // Half the frames go on the fill ring: enough to fill it.
+        frames_per_queue: defaults.frames_per_queue.max(ring_size.saturating_mul(2)),
+        ..defaults
     };
+    let napi_fifo = env_or("XDP_BENCH_NAPI_FIFO", NAPI_FIFO_PRIORITY)?;
+    let forwarder_fifo = env_or("XDP_BENCH_FORWARDER_FIFO", FORWARDER_FIFO_PRIORITY)?;
+    if napi_fifo > 99 || forwarder_fifo > 99 {
+        return Err("XDP_BENCH_*_FIFO: a SCHED_FIFO priority, 1 to 99 (0: off)".into());
+    }
     Ok(Settings {
         xdp,
+        napi_fifo,
+        forwarder_fifo,
         repeats: env_or("XDP_BENCH_REPEATS", 3usize)?.max(1),
         trial: Duration::from_millis(env_or("XDP_BENCH_TRIAL_MS", 300u64)?.max(50)),
         flows,
@@ -319,15 +352,34 @@ fn kernel_threads(matches: impl Fn(&str) -> bool) -> Vec<rustix::process::Pid> {
         .collect()
 }
 
-/// Raised priority (and, for some, a CPU) of kernel threads while measuring; the
-/// previous nice values come back when dropped.
+/// Raised priority (and, for some, a CPU or a real-time policy) of kernel threads
+/// while measuring; the previous nice values and policies come back when dropped.
 struct Boosted {
     saved: Vec<(rustix::process::Pid, i32)>,
+    saved_policy: Vec<(rustix::process::Pid, SchedPolicy)>,
 }
 
 impl Boosted {
     fn new() -> Self {
-        Self { saved: Vec::new() }
+        Self {
+            saved: Vec::new(),
+            saved_policy: Vec::new(),
+        }
+    }
+
+    /// Puts `pids` under `SCHED_FIFO` at `priority` (with `chrt`: the tests crate has
+    /// no `unsafe` for `sched_setscheduler`).
+    fn realtime(&mut self, pids: &[rustix::process::Pid], priority: u8) {
+        for &pid in pids {
+            let Some(old) = SchedPolicy::of(pid) else {
+                eprintln!("warning: cannot read the scheduling policy of thread {pid:?}");
+                continue;
+            };
+            match SchedPolicy::fifo(priority).apply(pid) {
+                Ok(()) => self.saved_policy.push((pid, old)),
+                Err(e) => eprintln!("warning: cannot make thread {pid:?} SCHED_FIFO: {e}"),
+            }
+        }
     }
 
     /// Raises `pids` to [`BOOST_NICE`], pinned to `cpu` if given.
@@ -351,8 +403,73 @@ impl Boosted {
 
 impl Drop for Boosted {
     fn drop(&mut self) {
+        for (pid, policy) in &self.saved_policy {
+            // A thread that is gone (its veth removed) has nothing to restore.
+            let _ = policy.apply(*pid);
+        }
         for &(pid, nice) in &self.saved {
             let _ = rustix::process::setpriority_process(Some(pid), nice);
+        }
+    }
+}
+
+/// A thread's scheduling policy as `chrt` sets it: its option and priority.
+#[derive(Debug, Clone, Copy)]
+struct SchedPolicy {
+    flag: &'static str,
+    priority: u32,
+}
+
+impl SchedPolicy {
+    fn fifo(priority: u8) -> Self {
+        Self {
+            flag: "-f",
+            priority: u32::from(priority),
+        }
+    }
+
+    /// The policy of `pid`, from `chrt -p` ("...policy: SCHED_OTHER", "...priority: 0").
+    fn of(pid: rustix::process::Pid) -> Option<Self> {
+        let out = std::process::Command::new("chrt")
+            .args(["-p", &pid.as_raw_pid().to_string()])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let value = |key: &str| {
+            text.lines()
+                .find(|l| l.contains(key))
+                .and_then(|l| l.rsplit(": ").next())
+                .map(str::trim)
+        };
+        // "SCHED_OTHER|SCHED_RESET_ON_FORK": the flag is not restored.
+        let name = value("scheduling policy")?.split('|').next()?;
+        let flag = match name {
+            "SCHED_OTHER" => "-o",
+            "SCHED_FIFO" => "-f",
+            "SCHED_RR" => "-r",
+            "SCHED_BATCH" => "-b",
+            "SCHED_IDLE" => "-i",
+            _ => return None,
+        };
+        let priority = value("scheduling priority")?.parse().ok()?;
+        Some(Self { flag, priority })
+    }
+
+    fn apply(self, pid: rustix::process::Pid) -> Result<(), String> {
+        let out = std::process::Command::new("chrt")
+            .args([
+                self.flag,
+                "-p",
+                &self.priority.to_string(),
+                &pid.as_raw_pid().to_string(),
+            ])
+            .output()
+            .map_err(|e| format!("chrt: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
         }
     }
 }
@@ -513,12 +630,22 @@ fn io_name(chosen: &IoChosen, ports: &[AnyPort]) -> String {
     }
 }
 
-/// The agent's forwarding loop in the gateway namespace, on CPU 1, at nice -20.
-fn start_agent(b: &Bed, request: IoRequest) -> Result<(ForwarderThread<AnyPort>, String), String> {
+/// The agent's forwarding loop in the gateway namespace, on CPU 1, at nice -20 and, with
+/// `fifo` > 0, `SCHED_FIFO` at that priority.
+fn start_agent(
+    b: &Bed,
+    request: IoRequest,
+    fifo: u8,
+) -> Result<(ForwarderThread<AnyPort>, String), String> {
     let (tx, rx) = mpsc::channel();
     let names = [b.t.gw_in.clone(), b.t.gw_out.clone()];
     let fwd = ForwarderThread::start(&b.t.gw, move || {
         pin_and_boost(GATEWAY_CPU);
+        if fifo > 0 {
+            if let Err(e) = SchedPolicy::fifo(fifo).apply(rustix::thread::gettid()) {
+                eprintln!("warning: cannot make the forwarding loop SCHED_FIFO: {e}");
+            }
+        }
         let (ports, chosen) = match open_ports(&[names[0].as_str(), names[1].as_str()], request) {
             Ok(x) => x,
             Err(e) => {
@@ -669,6 +796,12 @@ fn run_method(method: Method, cfg: &Settings, rows: &mut Vec<Row>) -> Result<(),
             &kernel_threads(|c| c == "ksoftirqd/0" || c == "ksoftirqd/1"),
             None,
         );
+        if cfg.napi_fifo > 0 {
+            // The gateway CPU's deferred softirq work (the kernel's forwarding when
+            // it runs long, the receiver's drop) gets what the NAPI thread gets.
+            let ksoftirqd = format!("ksoftirqd/{GATEWAY_CPU}");
+            boosted.realtime(&kernel_threads(|c| c == ksoftirqd), cfg.napi_fifo);
+        }
         let (agent, io) = match method {
             Method::Sink => (None, "drop at the gateway's ingress".to_owned()),
             Method::Kernel => (None, "ip_forward + nft masquerade".to_owned()),
@@ -678,11 +811,15 @@ fn run_method(method: Method, cfg: &Settings, rows: &mut Vec<Row>) -> Result<(),
                 } else {
                     IoRequest::AfPacket
                 };
-                let (a, io) = start_agent(&b, request)?;
+                let (a, io) = start_agent(&b, request, cfg.forwarder_fifo)?;
                 if method == Method::AfXdp
                     && std::env::var_os("XDP_BENCH_NO_THREADED_NAPI").is_none()
                 {
-                    boosted.add(&threaded_napi(&b.t.gw, &b.t.gw_in)?, Some(GATEWAY_CPU));
+                    let napi = threaded_napi(&b.t.gw, &b.t.gw_in)?;
+                    boosted.add(&napi, Some(GATEWAY_CPU));
+                    if cfg.napi_fifo > 0 {
+                        boosted.realtime(&napi, cfg.napi_fifo);
+                    }
                 }
                 (Some(a), io)
             }
