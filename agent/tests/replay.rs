@@ -193,6 +193,12 @@ fn run(input: &[u8], opts: &ReplayOptions) -> (Vec<Record>, Vec<u8>) {
     (records, out)
 }
 
+/// The id of a connection: its slot's generation (1 for the slot's first connection)
+/// and the slot (`ConnTable::id`).
+fn conn_id(slot: u64, generation: u64) -> u64 {
+    (generation << 32) | slot
+}
+
 /// (in_port, verdict, ctinfo, conn_id, state)
 type Expected<'a> = (
     &'a str,
@@ -214,76 +220,89 @@ fn records_and_output_are_exact() {
             "inside",
             VerdictClass::New,
             Some("NEW"),
-            Some(1),
+            Some(conn_id(0, 1)),
             Some("SYN_SENT"),
         ),
         (
             "outside",
             VerdictClass::Established,
             Some("ESTABLISHED_REPLY"),
-            Some(1),
+            Some(conn_id(0, 1)),
             Some("SYN_RECV"),
         ),
         (
             "inside",
             VerdictClass::Established,
             Some("ESTABLISHED"),
-            Some(1),
+            Some(conn_id(0, 1)),
             Some("ESTABLISHED"),
         ),
         (
             "inside",
             VerdictClass::Established,
             Some("ESTABLISHED"),
-            Some(1),
+            Some(conn_id(0, 1)),
             Some("ESTABLISHED"),
         ),
         (
             "outside",
             VerdictClass::Established,
             Some("ESTABLISHED_REPLY"),
-            Some(1),
+            Some(conn_id(0, 1)),
             Some("ESTABLISHED"),
         ),
         (
             "inside",
             VerdictClass::Established,
             Some("ESTABLISHED"),
-            Some(1),
+            Some(conn_id(0, 1)),
             Some("FIN_WAIT"),
         ),
         (
             "outside",
             VerdictClass::Established,
             Some("ESTABLISHED_REPLY"),
-            Some(1),
+            Some(conn_id(0, 1)),
             Some("CLOSE_WAIT"),
         ),
         (
             "outside",
             VerdictClass::Established,
             Some("ESTABLISHED_REPLY"),
-            Some(1),
+            Some(conn_id(0, 1)),
             Some("LAST_ACK"),
         ),
         (
             "inside",
             VerdictClass::Established,
             Some("ESTABLISHED"),
-            Some(1),
+            Some(conn_id(0, 1)),
             Some("TIME_WAIT"),
         ),
-        ("inside", VerdictClass::New, Some("NEW"), Some(2), None),
+        (
+            "inside",
+            VerdictClass::New,
+            Some("NEW"),
+            Some(conn_id(1, 1)),
+            None,
+        ),
         (
             "outside",
             VerdictClass::Established,
             Some("ESTABLISHED_REPLY"),
-            Some(2),
+            Some(conn_id(1, 1)),
             None,
         ),
         ("inside", VerdictClass::Invalid, None, None, None),
         ("inside", VerdictClass::Untracked, None, None, None),
-        ("inside", VerdictClass::New, Some("NEW"), Some(3), None),
+        // The UDP connection expired (GC): its slot 1 is used a second time.
+        (
+            "inside",
+            VerdictClass::New,
+            Some("NEW"),
+            Some(conn_id(1, 2)),
+            None,
+        ),
     ];
     for (i, (r, e)) in records.iter().zip(expect.iter()).enumerate() {
         let got = (
@@ -321,7 +340,7 @@ fn records_and_output_are_exact() {
     let first = serde_json::to_string(&records[0]).expect("json");
     assert_eq!(
         first,
-        r#"{"index":0,"ts_ns":1700000000000000000,"in_port":"inside","verdict":"new","ctinfo":"NEW","reason":null,"conn_id":1,"state":"SYN_SENT","status":["CONFIRMED"],"egress_port":"outside"}"#
+        r#"{"index":0,"ts_ns":1700000000000000000,"in_port":"inside","verdict":"new","ctinfo":"NEW","reason":null,"conn_id":4294967296,"state":"SYN_SENT","status":["CONFIRMED"],"egress_port":"outside"}"#
     );
 }
 
@@ -341,7 +360,7 @@ fn invalid_pass_and_table_dump() {
     let table = records[10].table.as_ref().expect("dump");
     assert_eq!(table.len(), 2);
     let tcp = &table[0];
-    assert_eq!(tcp.id, 1);
+    assert_eq!(tcp.id, conn_id(0, 1));
     assert_eq!(tcp.state.as_deref(), Some("TIME_WAIT"));
     assert_eq!(tcp.timeout_remaining_s, 119); // 120 s set 2 ms earlier
     assert_eq!((tcp.orig.sport, tcp.orig.dport), (Some(40000), Some(80)));
@@ -361,8 +380,9 @@ fn invalid_pass_and_table_dump() {
     // 40 s later: GC ran with the capture's clock; the UDP entry is gone, the TCP one
     // is still in TIME_WAIT (120 s).
     let last = records[13].table.as_ref().expect("dump");
+    // The third connection took the UDP connection's slot (1), its second use.
     let ids: Vec<u64> = last.iter().map(|c| c.id).collect();
-    assert_eq!(ids, [1, 3]);
+    assert_eq!(ids, [conn_id(0, 1), conn_id(1, 2)]);
 }
 
 #[test]

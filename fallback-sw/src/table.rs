@@ -1,7 +1,7 @@
 //! The connection table of one worker.
 //!
 //! - Entries live in a slab allocated once at the table's capacity: no allocation on the
-//!   packet path. An entry ([`Entry`], 72 bytes) holds what a packet of an established
+//!   packet path. An entry ([`Entry`], 64 bytes: one cache line) holds what a packet of an established
 //!   connection reads: the tuples as a compact key, status, timeout, the low 32 bits of
 //!   the counters (the rest aside once a count passes 2^32 - 1) and the protocol's hot
 //!   state. An IPv4 connection whose reply tuple is the inverse of its
@@ -29,7 +29,9 @@
 use crate::timer::{SlotLinks, TimerWheel};
 use crate::tuple::{Addr, Dir, Family, Tuple, TupleHasher};
 
+pub mod free;
 pub mod side;
+use free::FreeSlots;
 use side::SlotStore;
 
 bitflags::bitflags! {
@@ -93,7 +95,9 @@ pub struct Conn<P> {
     pub counters: [Counter; 2],
     /// Protocol state.
     pub proto: P,
-    /// Unique id of this connection within the table's lifetime (never reused).
+    /// Id of this connection: unique within the table's lifetime for practical
+    /// purposes (a slot's id comes back after 2^32 connections in that slot) and never
+    /// 0; see [`ConnTable::id`].
     pub id: u64,
 }
 
@@ -126,6 +130,12 @@ impl<P> Conn<P> {
 struct LowCounter {
     packets: u32,
     bytes: u32,
+}
+
+/// The id of the connection of generation `generation` in `slot`.
+#[inline]
+fn conn_id(slot: Slot, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | u64::from(slot.0)
 }
 
 /// The low 32 bits of `v`.
@@ -225,10 +235,11 @@ impl Key {
 /// One connection as the table stores it. The tuples are not public fields: read them
 /// with [`ConnTable::tuples`], or take a [`Conn`] copy with [`ConnTable::get`].
 ///
-/// The field order is fixed (`repr(C)`) so that what every packet touches (the key it
-/// is compared with, status, timeout, counters, protocol state) comes first.
+/// The field order is fixed (`repr(C)`) so that the small fields fill what would be
+/// padding, and the entry is aligned to a 64-byte cache line: with a 16-byte protocol
+/// state it is exactly one line.
 #[derive(Debug, Clone)]
-#[repr(C)]
+#[repr(C, align(64))]
 pub struct Entry<P> {
     key: Key,
     /// Status bits.
@@ -236,6 +247,9 @@ pub struct Entry<P> {
     /// Whether the high parts of the counters are in the table's side store (a count
     /// passed 2^32 - 1).
     wide: bool,
+    /// How many connections the slot has held, this one included (never 0): with the
+    /// slot number, the connection's id ([`ConnTable::id`]).
+    generation: u32,
     /// Absolute expiry time in nanoseconds; dead once `timeout <= now`. Change it with
     /// [`ConnTable::set_timeout`] so the timer stays right.
     pub timeout: u64,
@@ -244,9 +258,6 @@ pub struct Entry<P> {
     counters: [LowCounter; 2],
     /// Protocol state.
     pub proto: P,
-    /// Unique id of this connection within the table's lifetime (never reused; not
-    /// read on the packet path, hence last).
-    pub id: u64,
 }
 
 impl<P> Entry<P> {
@@ -429,13 +440,13 @@ pub struct ConnTable<P> {
     /// The high parts of the counters of the entries marked `wide`.
     wide: SlotStore<[Counter; 2]>,
     links: Vec<SlotLinks>,
-    free: Vec<u32>,
+    /// The slots without an entry, listed in their `links`.
+    free: FreeSlots,
     count: usize,
     max: usize,
     /// Connections admitted at most (`nf_conntrack_max`): at most `max`, the allocated
     /// size; lowered or raised at run time by [`ConnTable::set_limit`].
     limit: usize,
-    next_id: u64,
     wheel: TimerWheel,
     events: Vec<Event>,
     events_cap: usize,
@@ -457,7 +468,8 @@ impl<P> ConnTable<P> {
         let index_len = (max * 4).next_power_of_two();
         let mut entries = Vec::with_capacity(max);
         entries.resize_with(max, || None);
-        let free = (0..u32::try_from(max).unwrap_or(u32::MAX)).rev().collect();
+        let mut links = vec![SlotLinks::default(); max];
+        let free = FreeSlots::all(&mut links);
         Self {
             hasher: TupleHasher::new(seed),
             index: vec![EMPTY; index_len],
@@ -466,12 +478,11 @@ impl<P> ConnTable<P> {
             entries,
             side: SlotStore::new(max),
             wide: SlotStore::new(max),
-            links: vec![SlotLinks::default(); max],
+            links,
             free,
             count: 0,
             max,
             limit: max,
-            next_id: 1,
             wheel: TimerWheel::new(),
             events: Vec::with_capacity(events_cap),
             events_cap,
@@ -537,20 +548,19 @@ impl<P> ConnTable<P> {
     }
 
     /// Bytes of memory the table holds: every allocation it makes (index, entries, side
-    /// stores of tuples and counter high parts, timer links and wheel, free list, event queue, GC scratch, NAT
-    /// release queue), by capacity.
+    /// stores of tuples and counter high parts, timer links (which hold the free list)
+    /// and wheel, event queue, GC scratch, NAT release queue), by capacity.
     #[must_use]
     pub fn heap_bytes(&self) -> usize {
         let index = self.index.capacity() * size_of::<u32>();
         let entries = self.entries.capacity() * size_of::<Option<Entry<P>>>();
         let side = self.side.heap_bytes() + self.wide.heap_bytes();
         let links = self.links.capacity() * size_of::<SlotLinks>();
-        let free = self.free.capacity() * size_of::<u32>();
         let events = self.events.capacity() * size_of::<Event>();
         let scratch = self.scratch.capacity() * size_of::<u32>();
         let wheel = self.wheel.heap_bytes();
         let released = self.nat_released.capacity() * size_of::<([Tuple; 2], Status)>();
-        index + entries + side + links + free + events + scratch + wheel + released
+        index + entries + side + links + events + scratch + wheel + released
     }
 
     /// The table's hash of `tuple`, for [`ConnTable::lookup_hashed`] and
@@ -685,7 +695,7 @@ impl<P> ConnTable<P> {
             timeout: e.timeout,
             counters: self.counters(slot)?,
             proto: e.proto.clone(),
-            id: e.id,
+            id: conn_id(slot, e.generation),
         })
     }
 
@@ -747,14 +757,29 @@ impl<P> ConnTable<P> {
         self.entries.get_mut(slot.idx()).and_then(Option::as_mut)
     }
 
+    /// The id of the connection in `slot`: its generation in the high 32 bits, the
+    /// slot number in the low 32 ([`Conn::id`]).
+    #[inline]
+    #[must_use]
+    pub fn id(&self, slot: Slot) -> Option<u64> {
+        self.entry(slot).map(|e| conn_id(slot, e.generation))
+    }
+
+    /// The slot of the connection with `id`, if it is still in the table (a lookup, no
+    /// search).
+    #[must_use]
+    pub fn find_id(&self, id: u64) -> Option<Slot> {
+        let slot = Slot(low32(id));
+        (self.id(slot) == Some(id)).then_some(slot)
+    }
+
     /// A copy of the connection in `slot` if it is still the one with `id`.
     #[must_use]
     pub fn get_checked(&self, slot: Slot, id: u64) -> Option<Conn<P>>
     where
         P: Clone,
     {
-        self.entry(slot).filter(|c| c.id == id)?;
-        self.get(slot)
+        (self.id(slot) == Some(id)).then(|| self.get(slot))?
     }
 
     /// Set the absolute timeout of a connection.
@@ -811,7 +836,7 @@ impl<P> ConnTable<P> {
         ] {
             if let Some((slot, _)) = self.lookup_hashed(&tuple, h, now) {
                 self.stats.insert_clash += 1;
-                let id = self.entry(slot).map_or(0, |c| c.id);
+                let id = self.id(slot).unwrap_or(0);
                 return Err(InsertError::Clash { tuple, dir, id });
             }
         }
@@ -841,7 +866,7 @@ impl<P> ConnTable<P> {
         debug_assert_eq!(reply_hash, self.hash(&reply));
         if let Some((slot, _)) = self.lookup_hashed(&reply, reply_hash, now) {
             self.stats.insert_clash += 1;
-            let id = self.entry(slot).map_or(0, |c| c.id);
+            let id = self.id(slot).unwrap_or(0);
             return Err(InsertError::Clash {
                 tuple: reply,
                 dir: Dir::Reply,
@@ -900,13 +925,13 @@ impl<P> ConnTable<P> {
             self.stats.insert_full += 1;
             return Err(InsertError::TableFull { max: self.limit });
         }
-        let Some(raw) = self.free.pop() else {
+        let Some((slot, freed_generation)) = self.free.pop(&self.links) else {
             self.stats.insert_full += 1;
             return Err(InsertError::TableFull { max: self.max });
         };
-        let slot = Slot(raw);
-        let id = self.next_id;
-        self.next_id += 1;
+        // Generation 0 is never used, so no id is 0.
+        let generation = freed_generation.checked_add(1).unwrap_or(1);
+        let id = conn_id(slot, generation);
         let key = Key::compact(&orig, &reply).unwrap_or_else(|| {
             self.side.put(slot, [orig, reply]);
             Key::Side
@@ -915,7 +940,7 @@ impl<P> ConnTable<P> {
             key,
             status: status | Status::CONFIRMED,
             timeout,
-            id,
+            generation,
             wide: false,
             counters: [LowCounter::default(); 2],
             proto,
@@ -923,7 +948,7 @@ impl<P> ConnTable<P> {
         self.count += 1;
         self.index_insert(orig_hash, slot, Dir::Original);
         self.index_insert(reply_hash, slot, Dir::Reply);
-        self.wheel.schedule(&mut self.links, raw, timeout, now);
+        self.wheel.schedule(&mut self.links, slot.0, timeout, now);
         self.stats.inserted += 1;
         self.push_event(Event::New {
             id,
@@ -992,10 +1017,10 @@ impl<P> ConnTable<P> {
             timeout: e.timeout,
             counters,
             proto: e.proto,
-            id: e.id,
+            id: conn_id(slot, e.generation),
         };
         self.wheel.unlink(&mut self.links, slot.0);
-        self.free.push(slot.0);
+        self.free.push(&mut self.links, slot, e.generation);
         self.count -= 1;
         if conn.status.intersects(Status::SRC_NAT | Status::DST_NAT) {
             self.nat_released.push((conn.tuples, conn.status));
@@ -1170,7 +1195,9 @@ mod tests {
         assert_eq!(tab.lookup(&t(2), S), None);
         let c = tab.get(slot).expect("live");
         assert!(c.status.contains(Status::CONFIRMED));
-        assert_eq!(c.id, 1);
+        assert_eq!(c.id, 1 << 32, "generation 1 of slot 0");
+        assert_eq!(tab.id(slot), Some(c.id));
+        assert_eq!(tab.find_id(c.id), Some(slot));
     }
 
     #[test]
@@ -1326,10 +1353,11 @@ mod tests {
     }
 
     #[test]
-    fn entry_layout_is_72_bytes() {
-        // Key 16, status 2, wide flag 1 (+5), timeout 8, low counters 16, a 16-byte
-        // protocol state (what `conntrack::L4State` takes), id 8.
-        assert_eq!(size_of::<Option<Entry<[u64; 2]>>>(), 72);
+    fn entry_layout_is_64_bytes() {
+        // Key 16, status 2, wide flag 1 (+1), generation 4, timeout 8, low counters 16,
+        // a 16-byte protocol state (what `conntrack::L4State` takes).
+        assert_eq!(size_of::<Option<Entry<[u64; 2]>>>(), 64);
+        assert_eq!(align_of::<Option<Entry<[u64; 2]>>>(), 64);
     }
 
     #[test]
@@ -1345,7 +1373,7 @@ mod tests {
             err,
             InsertError::Clash {
                 dir: Dir::Reply,
-                id: 1,
+                id: 0x1_0000_0000,
                 ..
             }
         ));
@@ -1572,6 +1600,42 @@ mod tests {
             .expect("room");
         assert_eq!(s1, s2, "slot reused");
         assert!(tab.get_checked(s2, id1).is_none(), "stale handle detected");
+        assert_eq!(tab.find_id(id1), None);
+        let id2 = tab.id(s2).expect("live");
+        assert_ne!(id1, id2);
+        assert_eq!(tab.find_id(id2), Some(s2));
+        assert!(tab.get_checked(s2, id2).is_some());
+    }
+
+    #[test]
+    fn ids_stay_unique_across_slots_and_reuses() {
+        let mut tab: ConnTable<()> = ConnTable::new(4, 1, 1024);
+        let mut seen = std::collections::HashSet::new();
+        for round in 0..50u32 {
+            let slots: Vec<Slot> = (0..4)
+                .map(|i| {
+                    let a = t(round * 4 + i);
+                    tab.insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+                        .expect("room")
+                })
+                .collect();
+            for &s in &slots {
+                let id = tab.id(s).expect("live");
+                assert_ne!(id, 0);
+                assert!(seen.insert(id), "id {id:#x} given twice");
+                assert_eq!(tab.find_id(id), Some(s));
+            }
+            // Free them in a varying order so slots are reused in different orders.
+            for (k, &s) in slots.iter().enumerate() {
+                let s = if round % 2 == 0 { s } else { slots[3 - k] };
+                tab.remove(s, RemoveReason::Deleted).expect("live");
+            }
+        }
+        assert_eq!(seen.len(), 200);
+        // Unknown ids are not found: an empty slot, a slot past the table, id 0.
+        assert_eq!(tab.find_id(0), None);
+        assert_eq!(tab.find_id(1 << 32), None);
+        assert_eq!(tab.find_id((1 << 32) | 99), None);
     }
 
     #[test]

@@ -32,6 +32,27 @@ pub struct SlotLinks {
     sched: u32,
 }
 
+impl SlotLinks {
+    /// The links of a table slot that holds no entry. Such a slot is in no wheel list
+    /// (so [`TimerWheel::unlink`] leaves it alone), and its links keep what the table
+    /// needs of a free slot instead: the next free slot and the slot's generation.
+    #[must_use]
+    pub fn parked(next_free: u32, generation: u32) -> Self {
+        Self {
+            prev: generation,
+            next: next_free,
+            sched: UNLINKED,
+        }
+    }
+
+    /// `(next_free, generation)` of links made by [`SlotLinks::parked`]; `None` when
+    /// the slot is scheduled in the wheel.
+    #[must_use]
+    pub fn parked_parts(&self) -> Option<(u32, u32)> {
+        (self.sched == UNLINKED).then_some((self.next, self.prev))
+    }
+}
+
 impl Default for SlotLinks {
     fn default() -> Self {
         Self {

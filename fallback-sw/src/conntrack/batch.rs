@@ -216,12 +216,9 @@ impl Conntrack {
                 let Some((c, _)) = self.table.prefetch(*hash) else {
                     continue;
                 };
-                // The entry's first and last fields (72 bytes may straddle two cache
-                // lines: the compact key and status, the id), then the fields the
-                // handler reads (the counters lie between them). A NAT or IPv6 entry's
-                // tuples are in the side store: not touched here.
+                // The fields the handler reads (the entry is one cache line). A NAT or
+                // IPv6 entry's tuples are in the side store: not touched here.
                 sink ^= u64::from(c.status.bits())
-                    ^ c.id
                     ^ c.timeout
                     ^ match c.proto {
                         L4State::Udp { stream_at } => stream_at,

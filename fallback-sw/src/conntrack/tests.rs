@@ -593,11 +593,11 @@ fn lowered_max_connections_refuses_new_connections() {
 #[test]
 fn protocol_state_in_the_entry_is_16_bytes() {
     // The TCP window tracking lives beside the table; what stays in the entry is the
-    // TCP state or the UDP stream time (see `table::Entry`'s 72-byte layout).
+    // TCP state or the UDP stream time (see `table::Entry`'s 64-byte layout).
     assert_eq!(size_of::<L4State>(), 16);
     assert_eq!(
         size_of::<Option<crate::table::Entry<L4State>>>(),
-        72,
+        64,
         "entry layout"
     );
 }
