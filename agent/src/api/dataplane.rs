@@ -434,12 +434,14 @@ fn not_found(key: &ConnKey) -> ApiError {
 fn find<Io: DeviceIo>(w: &mut Worker<Io>, key: &ConnKey, now: u64) -> Option<ConnHandle> {
     match key {
         ConnKey::Tuple(t) => w.find(t, now),
-        ConnKey::Id(id) => w
-            .conntrack()
-            .table()
-            .iter(now)
-            .find(|(_, c)| c.id == *id)
-            .map(|(slot, c)| ConnHandle { slot, id: c.id }),
+        ConnKey::Id(id) => {
+            let table = w.conntrack().table();
+            let slot = table.find_id(*id)?;
+            table
+                .get(slot)
+                .filter(|c| !c.expired(now))
+                .map(|c| ConnHandle { slot, id: c.id })
+        }
     }
 }
 

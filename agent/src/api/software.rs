@@ -45,7 +45,6 @@ pub const DEFAULT_JOURNAL_CAPACITY: usize = 65_536;
 /// What the software control plane tracks per live connection.
 #[derive(Debug, Clone, Copy)]
 struct Meta {
-    slot: Slot,
     tcp_state: Option<TcpState>,
 }
 
@@ -170,13 +169,7 @@ impl State {
         let (id, original, state) = (c.id, c.tuples[0], tcp_state(&c));
         let offloaded = c.status.contains(Status::OFFLOAD);
         let packets = c.counters[0].packets + c.counters[1].packets;
-        let old = self.meta.insert(
-            id,
-            Meta {
-                slot,
-                tcp_state: state,
-            },
-        );
+        let old = self.meta.insert(id, Meta { tcp_state: state });
         if let (
             Some(Meta {
                 tcp_state: Some(old),
@@ -225,15 +218,7 @@ impl State {
     fn find(&mut self, key: &ConnKey, now: u64) -> Option<Slot> {
         match key {
             ConnKey::Tuple(t) => self.ct.lookup(t, now).map(|(slot, _)| slot),
-            ConnKey::Id(id) => match self.meta.get(id) {
-                Some(m) if self.ct.table().get_checked(m.slot, *id).is_some() => Some(m.slot),
-                _ => self
-                    .ct
-                    .table()
-                    .iter(now)
-                    .find(|(_, c)| c.id == *id)
-                    .map(|(s, _)| s),
-            },
+            ConnKey::Id(id) => self.ct.table().find_id(*id),
         }
         .filter(|slot| self.ct.table().get(*slot).is_some_and(|c| !c.expired(now)))
     }
