@@ -80,8 +80,9 @@ fn pos_of(slot: u64) -> usize {
     usize::try_from(slot & WHEEL_MASK).unwrap_or(0)
 }
 
+/// A 32-bit slot number as an index (saturating: never panics on a 16-bit target).
 #[inline]
-fn ix(i: u32) -> usize {
+pub(crate) fn ix(i: u32) -> usize {
     usize::try_from(i).unwrap_or(usize::MAX)
 }
 

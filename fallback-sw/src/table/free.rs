@@ -6,17 +6,12 @@
 //! [`super::ConnTable`]). The list costs no memory beyond its head. Slots are handed
 //! out last freed first, and in ascending order from a new table.
 
-use crate::timer::SlotLinks;
+use crate::timer::{SlotLinks, ix};
 
 use super::Slot;
 
 /// End of the list.
 const NIL: u32 = u32::MAX;
-
-#[inline]
-fn ix(i: u32) -> usize {
-    usize::try_from(i).unwrap_or(usize::MAX)
-}
 
 /// The free-slot list: its head; the links live in the table's timer links.
 #[derive(Debug)]
