@@ -359,33 +359,51 @@ impl FlowTable {
         }
     }
 
-    /// Reads the lines a command on `key` will touch (the bucket's validity byte and
-    /// generations; key and record of every occupied way, which a lookup compares and a
-    /// delete reads the counters of; key and record of the lowest free way, which an
-    /// insert writes) so that it finds them in cache. Called for a group of keys in a
-    /// row, the cache misses of the group overlap instead of being paid one after
-    /// another (the crate has no prefetch instruction: plain loads do the job; a store
-    /// to a line not in cache stalls the insert as a load would).
+    /// Reads the lines a lookup of `key` reads (the bucket's validity byte and the keys
+    /// of its occupied ways) so that the lookup finds them in cache. Called for a group
+    /// of keys in a row, the cache misses of the group overlap instead of being paid
+    /// one after another (the crate has no prefetch instruction: plain loads do the
+    /// job). The datapath warms the hit slot's record afterwards
+    /// ([`warm_slot`](Self::warm_slot)).
     #[inline]
     pub fn warm(&self, key: &HashedKey) {
+        let valid = self.valid.get(idx(key.bucket)).copied().unwrap_or(0);
+        std::hint::black_box(self.touch_ways(key.bucket, valid, false));
+    }
+
+    /// [`warm`](Self::warm) for a flow command: also the bucket's generations, the
+    /// records of its occupied ways (a delete or query reads the counters) and the key
+    /// and record of the lowest free way, which an insert writes (a store to a line not
+    /// in cache stalls the insert as a load would).
+    #[inline]
+    pub fn warm_for_command(&self, key: &HashedKey) {
         let b = idx(key.bucket);
-        let s = b.saturating_mul(idx(WAYS));
         let valid = self.valid.get(b).copied().unwrap_or(0);
         let free = !valid;
-        // Occupied ways, and the lowest free one (none if the bucket is full).
-        let mut ways = valid | (free & free.wrapping_neg());
-        let mut x = self.generations.get(s).copied().unwrap_or(0);
+        let ways = valid | (free & free.wrapping_neg());
+        let g = self.generations.get(b.saturating_mul(idx(WAYS))).copied();
+        std::hint::black_box(self.touch_ways(key.bucket, ways, true) ^ g.unwrap_or(0));
+    }
+
+    /// Loads the key (and, with `records`, the record) of every way of `bucket` set in
+    /// `ways`; returns a value made from them, for `black_box`.
+    #[inline]
+    fn touch_ways(&self, bucket: u32, mut ways: u8, records: bool) -> u8 {
+        let mut x = 0;
         while ways != 0 {
-            let way = ways.trailing_zeros();
+            let slot = bucket
+                .wrapping_mul(WAYS)
+                .wrapping_add(ways.trailing_zeros());
             ways &= ways - 1;
-            x ^= self.keys.get(s + idx(way)).map_or(0, |k| k[0] ^ k[47]);
-            let slot = key.bucket.wrapping_mul(WAYS).wrapping_add(way);
-            x ^= self
-                .meta
-                .get(slot)
-                .map_or(0, |m| m.packets.to_le_bytes()[0]);
+            x ^= self.keys.get(idx(slot)).map_or(0, |k| k[0] ^ k[47]);
+            if records {
+                x ^= self
+                    .meta
+                    .get(slot)
+                    .map_or(0, |m| m.packets.to_le_bytes()[0]);
+            }
         }
-        std::hint::black_box(x);
+        x
     }
 
     /// Reads an installed slot's record and decoded action (see [`warm`](Self::warm)),
