@@ -359,22 +359,21 @@ impl FlowTable {
         }
     }
 
-    /// Reads the lines a lookup of `key` reads (the bucket's validity byte and the keys
-    /// of its occupied ways) so that the lookup finds them in cache. Called for a group
-    /// of keys in a row, the cache misses of the group overlap instead of being paid
-    /// one after another (the crate has no prefetch instruction: plain loads do the
-    /// job). The datapath warms the hit slot's record afterwards
-    /// ([`warm_slot`](Self::warm_slot)).
+    /// Reads the first cache lines of the key's bucket (validity byte, way 0's key and
+    /// record) so that a datapath lookup and hit that follow find them in cache. Called
+    /// for a group of keys in a row, the cache misses of the group overlap instead of
+    /// being paid one after another (the crate has no prefetch instruction: plain loads
+    /// do the job).
     #[inline]
     pub fn warm(&self, key: &HashedKey) {
-        let valid = self.valid.get(idx(key.bucket)).copied().unwrap_or(0);
-        std::hint::black_box(self.touch_ways(key.bucket, valid, false));
+        let v = self.valid.get(idx(key.bucket)).copied().unwrap_or(0);
+        std::hint::black_box(v ^ self.touch_ways(key.bucket, 1, true));
     }
 
-    /// [`warm`](Self::warm) for a flow command: also the bucket's generations, the
-    /// records of its occupied ways (a delete or query reads the counters) and the key
-    /// and record of the lowest free way, which an insert writes (a store to a line not
-    /// in cache stalls the insert as a load would).
+    /// [`warm`](Self::warm) for a flow command: the bucket's validity byte and
+    /// generations, key and record of every occupied way (a lookup compares the keys, a
+    /// delete or query reads the counters) and of the lowest free way, which an insert
+    /// writes (a store to a line not in cache stalls the insert as a load would).
     #[inline]
     pub fn warm_for_command(&self, key: &HashedKey) {
         let b = idx(key.bucket);
