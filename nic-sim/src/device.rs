@@ -889,7 +889,7 @@ impl Simulator {
             }
             for f in group.iter().take(n).flatten() {
                 if let Ok((_, Some(key))) = f {
-                    self.table.warm(key);
+                    self.table.warm_for_command(key);
                 }
             }
             for f in group.iter_mut().take(n) {

@@ -19,9 +19,44 @@ use crate::rewrite::RewriteParams;
 /// Slots per bucket (always 8 in version 1.x).
 pub const WAYS: u32 = 8;
 
-/// CRC-32C (Castagnoli), slicing-by-8. Same function as `ctoffload_hw_regs::crc32c`
-/// (pinned by a test), about six times faster on a 48-byte key.
+/// CRC-32C (Castagnoli). Same function as `ctoffload_hw_regs::crc32c` (pinned by a
+/// test): the SSE4.2 `crc32` instruction where the CPU has it (six instructions for a
+/// 48-byte key), else slicing-by-8 (about six times faster than bytewise).
+#[inline]
 pub fn crc32c(data: &[u8]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("sse4.2") {
+        // SAFETY: the CPU supports SSE4.2 (checked just above), the only requirement
+        // of a `#[target_feature(enable = "sse4.2")]` function.
+        return unsafe { crc32c_sse42(data) };
+    }
+    crc32c_sliced(data)
+}
+
+/// [`crc32c`] with the SSE4.2 `crc32` instruction, 8 bytes at a time.
+///
+/// # Safety
+/// The CPU must support SSE4.2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2")]
+unsafe fn crc32c_sse42(data: &[u8]) -> u32 {
+    use std::arch::x86_64::{_mm_crc32_u8, _mm_crc32_u64};
+    let mut crc = u64::from(0xFFFF_FFFF_u32);
+    let mut chunks = data.chunks_exact(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        crc = _mm_crc32_u64(crc, u64::from_le_bytes(w));
+    }
+    let mut crc = u32::try_from(crc).unwrap_or(0);
+    for &byte in chunks.remainder() {
+        crc = _mm_crc32_u8(crc, byte);
+    }
+    !crc
+}
+
+/// [`crc32c`], slicing-by-8 (any CPU).
+fn crc32c_sliced(data: &[u8]) -> u32 {
     let mut crc = 0xFFFF_FFFF_u32;
     let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
@@ -138,7 +173,7 @@ impl HashedKey {
 /// `SlotMeta::entry` of a slot without an entry.
 const NO_ENTRY: u32 = u32::MAX;
 
-/// A slot's counters, generation and action index, as [`MetaArray`] stores them.
+/// A slot's counters and action index, as [`MetaArray`] stores them.
 #[derive(Debug, Clone, Copy)]
 struct SlotMeta {
     bytes: u64,
@@ -146,7 +181,6 @@ struct SlotMeta {
     packets: u32,
     /// Index of the decoded action in `FlowTable::pool`, or [`NO_ENTRY`].
     entry: u32,
-    generation: u8,
 }
 
 impl SlotMeta {
@@ -155,15 +189,15 @@ impl SlotMeta {
         last_hit: 0,
         packets: 0,
         entry: NO_ENTRY,
-        generation: 0,
     };
 }
 
-/// Words per slot in [`MetaArray`].
+/// Words per slot in [`MetaArray`] (three used; the fourth pads the record to 32 bytes
+/// so that none straddles a cache line).
 const META_WORDS: usize = 4;
 
 /// The per-slot records: four 64-bit words a slot (bytes, last hit, packets and action
-/// index, generation), 32-byte aligned so that a record sits in one cache line, and
+/// index, unused), 32-byte aligned so that a record sits in one cache line, and
 /// all-zero when empty. Being plain zeroed words, the array is allocated zeroed: no page
 /// is touched until a slot is used, so creating or resetting a large table is cheap
 /// (a reset must complete within the device's reset time).
@@ -199,7 +233,6 @@ impl MetaArray {
             packets: u32::try_from(w[2] & 0xFFFF_FFFF).unwrap_or(0),
             // Stored as index + 1, so that an all-zero record has no entry.
             entry: hi.checked_sub(1).unwrap_or(NO_ENTRY),
-            generation: u8::try_from(w[3] & 0xFF).unwrap_or(0),
         })
     }
 
@@ -211,7 +244,7 @@ impl MetaArray {
             w[0] = m.bytes;
             w[1] = m.last_hit;
             w[2] = u64::from(entry) << 32 | u64::from(m.packets);
-            w[3] = u64::from(m.generation);
+            w[3] = 0;
         }
     }
 
@@ -256,9 +289,15 @@ pub struct FlowTable {
     keys: Vec<[u8; 48]>,
     /// Bit `w` set: way `w` of the bucket is occupied.
     valid: Vec<u8>,
-    /// Per-slot state other than the key: one 32-byte record, so an insert, a delete
-    /// or a datapath hit touches one cache line of it (not one per field).
+    /// Per-slot counters and action index: one 32-byte record, so a delete or a
+    /// datapath hit touches one cache line of it (not one per field); an insert only
+    /// writes it.
     meta: MetaArray,
+    /// Per-slot generation, one byte a slot (kept apart from `meta`: an insert needs
+    /// the generation of the way it takes; a bucket's eight share one 8-byte word, and
+    /// the array is 1/32 of the records' size, so it mostly stays in cache and an insert
+    /// into a free way reads nothing from the large arrays).
+    generations: Vec<u8>,
     /// Decoded actions of installed entries (a slab: no allocation per insert once it
     /// has grown to the table's high-water mark).
     pool: Vec<Entry>,
@@ -277,6 +316,7 @@ impl FlowTable {
             keys: vec![[0u8; 48]; slots],
             valid: vec![0; buckets],
             meta: MetaArray::new(slots),
+            generations: vec![0; slots],
             pool: Vec::new(),
             free: Vec::new(),
             count: 0,
@@ -320,21 +360,49 @@ impl FlowTable {
     }
 
     /// Reads the first cache lines of the key's bucket (validity byte, way 0's key and
-    /// per-slot record) so that a lookup or insert that follows finds them in cache.
-    /// Called for a group of keys in a row, the cache misses of the group overlap
-    /// instead of being paid one after another (the crate has no prefetch instruction:
-    /// plain loads do the job).
+    /// record) so that a datapath lookup and hit that follow find them in cache. Called
+    /// for a group of keys in a row, the cache misses of the group overlap instead of
+    /// being paid one after another (the crate has no prefetch instruction: plain loads
+    /// do the job).
     #[inline]
     pub fn warm(&self, key: &HashedKey) {
+        let v = self.valid.get(idx(key.bucket)).copied().unwrap_or(0);
+        std::hint::black_box(v ^ self.touch_ways(key.bucket, 1, true));
+    }
+
+    /// [`warm`](Self::warm) for a flow command: the bucket's validity byte and
+    /// generations, key and record of every occupied way (a lookup compares the keys, a
+    /// delete or query reads the counters) and of the lowest free way, which an insert
+    /// writes (a store to a line not in cache stalls the insert as a load would).
+    #[inline]
+    pub fn warm_for_command(&self, key: &HashedKey) {
         let b = idx(key.bucket);
-        let s = b.saturating_mul(idx(WAYS));
-        let v = self.valid.get(b).copied().unwrap_or(0);
-        let k = self.keys.get(s).map_or(0, |k| k[0] ^ k[47]);
-        let g = u32::try_from(s)
-            .ok()
-            .and_then(|s| self.meta.get(s))
-            .map_or(0, |m| m.generation);
-        std::hint::black_box(v ^ k ^ g);
+        let valid = self.valid.get(b).copied().unwrap_or(0);
+        let free = !valid;
+        let ways = valid | (free & free.wrapping_neg());
+        let g = self.generations.get(b.saturating_mul(idx(WAYS))).copied();
+        std::hint::black_box(self.touch_ways(key.bucket, ways, true) ^ g.unwrap_or(0));
+    }
+
+    /// Loads the key (and, with `records`, the record) of every way of `bucket` set in
+    /// `ways`; returns a value made from them, for `black_box`.
+    #[inline]
+    fn touch_ways(&self, bucket: u32, mut ways: u8, records: bool) -> u8 {
+        let mut x = 0;
+        while ways != 0 {
+            let slot = bucket
+                .wrapping_mul(WAYS)
+                .wrapping_add(ways.trailing_zeros());
+            ways &= ways - 1;
+            x ^= self.keys.get(idx(slot)).map_or(0, |k| k[0] ^ k[47]);
+            if records {
+                x ^= self
+                    .meta
+                    .get(slot)
+                    .map_or(0, |m| m.packets.to_le_bytes()[0]);
+            }
+        }
+        x
     }
 
     /// Reads an installed slot's record and decoded action (see [`warm`](Self::warm)),
@@ -405,12 +473,12 @@ impl FlowTable {
         let s = idx(slot);
         self.keys[s] = *key;
         let e = self.alloc_entry(entry);
-        let generation = self.generation_of(slot).wrapping_add(1);
+        let generation = self.generations[s].wrapping_add(1);
+        self.generations[s] = generation;
         self.meta.set(
             slot,
             SlotMeta {
                 entry: e,
-                generation,
                 ..SlotMeta::EMPTY
             },
         );
@@ -436,15 +504,8 @@ impl FlowTable {
         let c = self.counters(slot);
         let s = idx(slot);
         self.valid[idx(slot / WAYS)] &= !(1 << (slot % WAYS));
-        let m = self.meta.get(slot).unwrap_or(SlotMeta::EMPTY);
-        let e = m.entry;
-        self.meta.set(
-            slot,
-            SlotMeta {
-                generation: m.generation,
-                ..SlotMeta::EMPTY
-            },
-        );
+        let e = self.meta.get(slot).map_or(NO_ENTRY, |m| m.entry);
+        self.meta.set(slot, SlotMeta::EMPTY);
         if e != NO_ENTRY {
             self.free.push(e);
         }
@@ -485,7 +546,7 @@ impl FlowTable {
 
     /// The slot's generation.
     pub fn generation_of(&self, slot: u32) -> u8 {
-        self.meta.get(slot).map_or(0, |m| m.generation)
+        self.generations.get(idx(slot)).copied().unwrap_or(0)
     }
 
     /// The slot's counters (0 for an empty slot).
@@ -567,6 +628,7 @@ mod tests {
         #[test]
         fn crc_matches_hw_regs(data in proptest::collection::vec(any::<u8>(), 0..100)) {
             prop_assert_eq!(crc32c(&data), ctoffload_hw_regs::crc32c(&data));
+            prop_assert_eq!(crc32c_sliced(&data), ctoffload_hw_regs::crc32c(&data));
         }
     }
 
@@ -635,25 +697,18 @@ mod tests {
                 assert_eq!(m.words[r.clone()].as_ptr().addr() % 32, 0);
                 let e = m.get(slot).expect("in range");
                 assert_eq!(e.entry, NO_ENTRY);
-                assert_eq!((e.bytes, e.last_hit, e.packets, e.generation), (0, 0, 0, 0));
+                assert_eq!((e.bytes, e.last_hit, e.packets), (0, 0, 0));
                 let full = SlotMeta {
                     bytes: BYTE_COUNTER_MASK,
                     last_hit: u64::MAX,
                     packets: u32::MAX,
                     entry: 0x7F_FFFE,
-                    generation: 255,
                 };
                 m.set(slot, full);
                 let back = m.get(slot).expect("in range");
                 assert_eq!(
-                    (
-                        back.bytes,
-                        back.last_hit,
-                        back.packets,
-                        back.entry,
-                        back.generation
-                    ),
-                    (BYTE_COUNTER_MASK, u64::MAX, u32::MAX, 0x7F_FFFE, 255)
+                    (back.bytes, back.last_hit, back.packets, back.entry),
+                    (BYTE_COUNTER_MASK, u64::MAX, u32::MAX, 0x7F_FFFE)
                 );
                 m.set(slot, SlotMeta::EMPTY);
                 assert!(m.words[r].iter().all(|&w| w == 0));
