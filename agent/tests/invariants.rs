@@ -550,13 +550,13 @@ fn ticks_pull_only_moved_slots_and_counters_add_up() {
     // Only the two slots of `h` moved: at most their two records per dump pass.
     let records = r.w.stats().counter_records - before;
     assert!((2..=4).contains(&records), "{records} records");
-    assert_eq!(r.counters(h), [(11, 11 * UDP_L3), (8, 8 * UDP_L3)]);
-    assert_eq!(r.counters(quiet), [(1, UDP_L3), (1, UDP_L3)]);
+    assert_eq!(r.read_counters(h), [(11, 11 * UDP_L3), (8, 8 * UDP_L3)]);
+    assert_eq!(r.read_counters(quiet), [(1, UDP_L3), (1, UDP_L3)]);
     // A quiet pass pulls nothing and adds nothing.
     let before = r.w.stats().counter_records;
     r.reconcile_pass();
     assert_eq!(r.w.stats().counter_records, before);
-    assert_eq!(r.counters(h), [(11, 11 * UDP_L3), (8, 8 * UDP_L3)]);
+    assert_eq!(r.read_counters(h), [(11, 11 * UDP_L3), (8, 8 * UDP_L3)]);
     // Hardware-only traffic every 20 s for 100 s (past the 30 s hardware idle
     // timeout): `h` stays, `quiet` leaves hardware idle.
     for _ in 0..5 {
@@ -567,14 +567,14 @@ fn ticks_pull_only_moved_slots_and_counters_add_up() {
     }
     r.pump_until("quiet flow idle", |r| r.state(quiet).0 == HwState::None);
     assert_eq!(r.state(quiet).1, Some(NotOffloaded::Idle));
-    assert_eq!(r.counters(quiet), [(1, UDP_L3), (1, UDP_L3)]);
-    assert_eq!(r.counters(h), [(16, 16 * UDP_L3), (8, 8 * UDP_L3)]);
+    assert_eq!(r.read_counters(quiet), [(1, UDP_L3), (1, UDP_L3)]);
+    assert_eq!(r.read_counters(h), [(16, 16 * UDP_L3), (8, 8 * UDP_L3)]);
     // Idle: it leaves hardware; the delete's final counters add nothing twice.
     r.hw_burst(1, &rev, 2);
     r.advance(31 * S);
     r.reconcile_pass();
     r.pump_until("idle removal", |r| r.state(h).0 == HwState::None);
-    assert_eq!(r.counters(h), [(16, 16 * UDP_L3), (10, 10 * UDP_L3)]);
+    assert_eq!(r.read_counters(h), [(16, 16 * UDP_L3), (10, 10 * UDP_L3)]);
     assert_eq!(r.w.stats().hw_packets, 15 + 9);
     assert_eq!(r.w.stats().freed_while_in_hw, 0);
 }

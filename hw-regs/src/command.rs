@@ -263,20 +263,41 @@ impl CommandDescriptor {
     /// `TABLE_DUMP` of slots `[first, first + count)` into 128-byte records at `buf`.
     #[must_use]
     pub fn table_dump(cookie: u32, first: FlowId, count: u32, buf: Iova) -> Self {
-        Self::dump(Opcode::TableDump, CommandFlags::empty(), cookie, first, count, buf)
+        Self::dump(
+            Opcode::TableDump,
+            CommandFlags::empty(),
+            cookie,
+            first,
+            count,
+            buf,
+        )
     }
 
     /// `COUNTER_DUMP` of slots `[first, first + count)` into 32-byte records at `buf`.
     #[must_use]
     pub fn counter_dump(cookie: u32, first: FlowId, count: u32, buf: Iova) -> Self {
-        Self::dump(Opcode::CounterDump, CommandFlags::empty(), cookie, first, count, buf)
+        Self::dump(
+            Opcode::CounterDump,
+            CommandFlags::empty(),
+            cookie,
+            first,
+            count,
+            buf,
+        )
     }
 
     /// `COUNTER_DUMP` with `CHANGED` of slots `[first, first + count)`: packed 32-byte
     /// records at `buf`, one per entry hit since the last `CHANGED` dump of its slot.
     #[must_use]
     pub fn counter_dump_changed(cookie: u32, first: FlowId, count: u32, buf: Iova) -> Self {
-        Self::dump(Opcode::CounterDump, CommandFlags::CHANGED, cookie, first, count, buf)
+        Self::dump(
+            Opcode::CounterDump,
+            CommandFlags::CHANGED,
+            cookie,
+            first,
+            count,
+            buf,
+        )
     }
 
     /// Decodes `opcode`.

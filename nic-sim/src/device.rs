@@ -13,9 +13,8 @@ use ctoffload_hw_regs::limits;
 use ctoffload_hw_regs::regs::{self, Ctrl, Features, IntCause, RegOffset, RingRegOffsets, Status};
 use ctoffload_hw_regs::{
     ActionFlags, CommandDescriptor, CommandFlags, Completion, CompletionFlags, CompletionStatus,
-    CounterRecord,
-    FatalCode, FatalUnit, FlowAction, FlowId, FlowKey, KeyKind, L4Proto, Opcode, RxDescriptor,
-    RxReason, RxStatus, TableDumpRecord, TxDescriptor, TxError, TxStatus,
+    CounterRecord, FatalCode, FatalUnit, FlowAction, FlowId, FlowKey, KeyKind, L4Proto, Opcode,
+    RxDescriptor, RxReason, RxStatus, TableDumpRecord, TxDescriptor, TxError, TxStatus,
 };
 
 use crate::dma::{DmaSpace, Iova};

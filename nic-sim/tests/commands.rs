@@ -571,10 +571,7 @@ fn changed_counter_dump_reports_only_hit_entries_once() {
     assert!(changed_records(&mut h, 1, 0, 128).is_empty());
     h.sim.faults().preload_counters(id2.get(), 5, 500);
     h.poll();
-    assert_eq!(
-        changed_records(&mut h, 2, 0, 128),
-        [(id2.get(), 1, 5, 500)]
-    );
+    assert_eq!(changed_records(&mut h, 2, 0, 128), [(id2.get(), 1, 5, 500)]);
     // Reported once: the mark moved with the dump.
     assert!(changed_records(&mut h, 3, 0, 128).is_empty());
     // Both hit: packed, in slot order; a dump of a range sees only its slots, and a
@@ -597,10 +594,7 @@ fn changed_counter_dump_reports_only_hit_entries_once() {
     assert_eq!(id3, id2, "lowest free way");
     h.sim.faults().preload_counters(id3.get(), 9, 900);
     h.poll();
-    assert_eq!(
-        changed_records(&mut h, 9, 0, 128),
-        [(id3.get(), 2, 9, 900)]
-    );
+    assert_eq!(changed_records(&mut h, 9, 0, 128), [(id3.get(), 2, 9, 900)]);
     // CHANGED on another opcode is a bad descriptor.
     let mut d = CommandDescriptor::table_dump(10, fid(0), 1, buf);
     d.flags = ctoffload_hw_regs::CommandFlags::CHANGED.bits();

@@ -330,7 +330,13 @@ fn changed_counter_dump_decodes_only_hit_slots() {
             ids.push((sport, id));
         } else {
             r.dev
-                .execute(&[FlowCommand::Delete { flow_id: id, key: key(sport) }], T)
+                .execute(
+                    &[FlowCommand::Delete {
+                        flow_id: id,
+                        key: key(sport),
+                    }],
+                    T,
+                )
                 .expect("del");
         }
         if ids.len() == 2 {

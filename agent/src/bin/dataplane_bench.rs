@@ -568,11 +568,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         "| reconcile pass as {} ticks, no counter moved, agent-thread CPU of the ticks, min / median | {ticks_min:.1} / {ticks_med:.1} ms |",
         rc.ticks_per_pass
     );
-    let dump_kind = if rc.changed_dumps {
-        "changed"
-    } else {
-        "full"
-    };
+    let dump_kind = if rc.changed_dumps { "changed" } else { "full" };
     println!(
         "| reconcile ticks' counter dumps | {dump_kind} ({}) |",
         if rc.changed_dumps {

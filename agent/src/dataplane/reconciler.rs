@@ -145,7 +145,13 @@ impl Scan {
             }
         }
         if packed {
-            slots.idle_candidates(range, self.now, self.min_idle, self.time_offset_ns, &mut out.idle);
+            slots.idle_candidates(
+                range,
+                self.now,
+                self.min_idle,
+                self.time_offset_ns,
+                &mut out.idle,
+            );
         }
         ScanTotals {
             records: u64::try_from(dump.len()).unwrap_or(u64::MAX),
