@@ -291,12 +291,12 @@ impl Rig {
     }
 
     /// Reconcile ticks, the device's work in between, until every slot's counters
-    /// were pulled by a dump started after the call (two table's worth of records).
+    /// were pulled by a dump started after the call (two table's worth of slots).
     fn reconcile_pass(&mut self) {
         let cap = u64::from(self.w.device_mut().capabilities().flow_capacity);
-        let start = self.w.stats().counter_records;
+        let start = self.w.stats().counter_slots;
         let t0 = Instant::now();
-        while self.w.stats().counter_records - start < 2 * cap {
+        while self.w.stats().counter_slots - start < 2 * cap {
             let now = self.now();
             self.w.reconcile(now);
             self.settle();
@@ -529,6 +529,54 @@ fn invariant3_counter_wrap_is_handled() {
     let c = r.counters(h)[0];
     assert_eq!(c.0, 1 + u64::from(pre_p) + 5);
     assert_eq!(c.1, after_preload.1 + 5 * UDP_L3);
+}
+
+/// Invariants 1 and 3 through the ticks' `CHANGED` counter dumps: a pass reports only
+/// the slots the traffic hit, counters add up exactly, a quiet pass pulls no record
+/// and still keeps a flow that hardware carries, and the idle check (which then reads
+/// the slot table, not the records) removes it once idle, with exact final counts.
+#[test]
+fn ticks_pull_only_moved_slots_and_counters_add_up() {
+    let mut r = rig();
+    assert!(r.w.device_mut().supports_changed_counter_dump());
+    let h = r.udp_flow(4200);
+    let quiet = r.udp_flow(4201);
+    let fwd = udp(CLIENT, 4200, SERVER, 53);
+    let rev = udp(SERVER, 53, CLIENT, 4200);
+    r.hw_burst(0, &fwd, 10);
+    r.hw_burst(1, &rev, 7);
+    let before = r.w.stats().counter_records;
+    r.reconcile_pass();
+    // Only the two slots of `h` moved: at most their two records per dump pass.
+    let records = r.w.stats().counter_records - before;
+    assert!((2..=4).contains(&records), "{records} records");
+    assert_eq!(r.read_counters(h), [(11, 11 * UDP_L3), (8, 8 * UDP_L3)]);
+    assert_eq!(r.read_counters(quiet), [(1, UDP_L3), (1, UDP_L3)]);
+    // A quiet pass pulls nothing and adds nothing.
+    let before = r.w.stats().counter_records;
+    r.reconcile_pass();
+    assert_eq!(r.w.stats().counter_records, before);
+    assert_eq!(r.read_counters(h), [(11, 11 * UDP_L3), (8, 8 * UDP_L3)]);
+    // Hardware-only traffic every 20 s for 100 s (past the 30 s hardware idle
+    // timeout): `h` stays, `quiet` leaves hardware idle.
+    for _ in 0..5 {
+        r.advance(20 * S);
+        r.hw_burst(0, &fwd, 1);
+        r.reconcile_pass();
+        assert_eq!(r.state(h).0, HwState::Offloaded, "carried by hardware");
+    }
+    r.pump_until("quiet flow idle", |r| r.state(quiet).0 == HwState::None);
+    assert_eq!(r.state(quiet).1, Some(NotOffloaded::Idle));
+    assert_eq!(r.read_counters(quiet), [(1, UDP_L3), (1, UDP_L3)]);
+    assert_eq!(r.read_counters(h), [(16, 16 * UDP_L3), (8, 8 * UDP_L3)]);
+    // Idle: it leaves hardware; the delete's final counters add nothing twice.
+    r.hw_burst(1, &rev, 2);
+    r.advance(31 * S);
+    r.reconcile_pass();
+    r.pump_until("idle removal", |r| r.state(h).0 == HwState::None);
+    assert_eq!(r.read_counters(h), [(16, 16 * UDP_L3), (10, 10 * UDP_L3)]);
+    assert_eq!(r.w.stats().hw_packets, 15 + 9);
+    assert_eq!(r.w.stats().freed_while_in_hw, 0);
 }
 
 /// Invariant 4: a FIN hits the hardware rule, is punted, software advances the TCP

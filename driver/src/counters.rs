@@ -33,7 +33,9 @@ impl CounterSample {
 }
 
 /// The records of one completed `COUNTER_DUMP`, decoded in place from the dump buffer
-/// (no copy of the chunk): record `i` describes slot `first + i` (device.md 11.3).
+/// (no copy of the chunk): record `i` describes slot `first + i` (device.md 11.3), or,
+/// for a `CHANGED` dump ([`Self::is_packed`]), the slot it names (the entries of the
+/// range hit since the last such dump, in slot order).
 ///
 /// The view borrows the device, so the buffer cannot be reused by another dump while
 /// it is read.
@@ -42,18 +44,52 @@ pub struct CounterDump<'a> {
     mem: &'a DmaMemory,
     first: u32,
     count: u32,
+    /// Slots the dump covers (`count` unless packed).
+    range: u32,
+    packed: bool,
 }
 
 impl<'a> CounterDump<'a> {
     /// A view of `count` records at the start of `mem` for slots from `first`. The
     /// caller checked that `mem` holds them.
     pub(crate) fn new(mem: &'a DmaMemory, first: u32, count: u32) -> Self {
-        Self { mem, first, count }
+        Self {
+            mem,
+            first,
+            count,
+            range: count,
+            packed: false,
+        }
     }
 
-    /// The first slot.
+    /// A view of the `count` packed records of a `CHANGED` dump of the `range` slots
+    /// from `first` (each record names its slot). The caller checked that `mem` holds
+    /// them.
+    pub(crate) fn packed(mem: &'a DmaMemory, first: u32, range: u32, count: u32) -> Self {
+        Self {
+            mem,
+            first,
+            count,
+            range,
+            packed: true,
+        }
+    }
+
+    /// Whether the records are packed (a `CHANGED` dump): record `i` is not slot
+    /// `first + i` but the slot its `flow_id` names.
+    pub fn is_packed(&self) -> bool {
+        self.packed
+    }
+
+    /// The first slot of the range.
     pub fn first(&self) -> u32 {
         self.first
+    }
+
+    /// Slots the dump covers, from [`Self::first`] (the number of records unless
+    /// packed).
+    pub fn range_len(&self) -> usize {
+        usize::try_from(self.range).unwrap_or(0)
     }
 
     /// Number of records.

@@ -430,6 +430,8 @@ struct PendingDump {
     cookie: u32,
     first: u32,
     count: u32,
+    /// A `CHANGED` dump: packed records of the entries hit since the last one.
+    changed: bool,
     /// Its completion, once reaped.
     done: Option<Completion>,
 }
@@ -1101,6 +1103,30 @@ impl<Io: DeviceIo> Device<Io> {
     /// collect it with [`poll_counter_dump`](Self::poll_counter_dump). `Ok(false)`: the
     /// command ring is full, nothing was started. One dump at a time.
     pub fn start_counter_dump(&mut self, first: u32, count: u32) -> Result<bool> {
+        self.start_counter_dump_as(first, count, false)
+    }
+
+    /// Whether the device reports only changed entries on request
+    /// (`FEATURES.COUNTER_DUMP_CHANGED`, see
+    /// [`start_changed_counter_dump`](Self::start_changed_counter_dump)).
+    pub fn supports_changed_counter_dump(&self) -> bool {
+        self.caps.features.contains(Features::COUNTER_DUMP_CHANGED)
+    }
+
+    /// As [`start_counter_dump`](Self::start_counter_dump), with the `CHANGED` flag:
+    /// the dump holds one packed record per entry of the range hit since the last
+    /// `CHANGED` dump of its slot (device.md 6.2), in slot order; each record names its
+    /// slot ([`CounterDump::is_packed`]).
+    pub fn start_changed_counter_dump(&mut self, first: u32, count: u32) -> Result<bool> {
+        if !self.supports_changed_counter_dump() {
+            return Err(DriverError::InvalidArgument {
+                what: "device has no COUNTER_DUMP_CHANGED",
+            });
+        }
+        self.start_counter_dump_as(first, count, true)
+    }
+
+    fn start_counter_dump_as(&mut self, first: u32, count: u32, changed: bool) -> Result<bool> {
         self.check_range(first, count)?;
         if !self.caps.features.contains(Features::COUNTER_DUMP) {
             return Err(DriverError::InvalidArgument {
@@ -1122,7 +1148,11 @@ impl<Io: DeviceIo> Device<Io> {
         }
         let id = FlowId::new(first).ok_or(DriverError::InvalidArgument { what: "flow id" })?;
         let buf = ctoffload_hw_regs::Iova::new(self.rings.dump.iova().raw());
-        let d = CommandDescriptor::counter_dump(0, id, count, buf);
+        let d = if changed {
+            CommandDescriptor::counter_dump_changed(0, id, count, buf)
+        } else {
+            CommandDescriptor::counter_dump(0, id, count, buf)
+        };
         let Some(cookie) = self.submit_internal(d)? else {
             return Ok(false);
         };
@@ -1130,6 +1160,7 @@ impl<Io: DeviceIo> Device<Io> {
             cookie,
             first,
             count,
+            changed,
             done: None,
         });
         Ok(true)
@@ -1192,6 +1223,7 @@ impl<Io: DeviceIo> Device<Io> {
         let Some(PendingDump {
             first,
             count,
+            changed,
             done: Some(cpl),
             ..
         }) = self.counter_dump.take()
@@ -1201,9 +1233,21 @@ impl<Io: DeviceIo> Device<Io> {
             });
         };
         match cpl.status() {
-            Ok(CompletionStatus::Ok) => {
+            Ok(CompletionStatus::Ok) if !changed => {
                 Ok(CounterDump::new(self.rings.dump.memory(), first, count))
             }
+            // Packed: as many records as the device says it wrote, never more than
+            // the range (a device that claims more is not believed).
+            Ok(CompletionStatus::Ok) if cpl.count.get() <= count => Ok(CounterDump::packed(
+                self.rings.dump.memory(),
+                first,
+                count,
+                cpl.count.get(),
+            )),
+            Ok(CompletionStatus::Ok) => Err(DriverError::CommandFailed {
+                what: "changed counter dump with more records than slots",
+                status: cpl.status,
+            }),
             _ => Err(DriverError::CommandFailed {
                 what: "counter dump",
                 status: cpl.status,

@@ -13,6 +13,9 @@ bitflags! {
     pub struct CommandFlags: u8 {
         /// `FLOW_DELETE`: identify the entry by key rather than `flow_id`.
         const BY_KEY = 1 << 0;
+        /// `COUNTER_DUMP` only (`FEATURES.COUNTER_DUMP_CHANGED`): report only the
+        /// entries hit since the last `CHANGED` dump of their slot, as packed records.
+        const CHANGED = 1 << 1;
     }
 }
 
@@ -242,8 +245,15 @@ impl CommandDescriptor {
             .with_flow_operand(key, &FlowAction::default())
     }
 
-    fn dump(opcode: Opcode, cookie: u32, first: FlowId, count: u32, buf: Iova) -> Self {
-        let mut d = Self::header(opcode, CommandFlags::empty(), cookie);
+    fn dump(
+        opcode: Opcode,
+        flags: CommandFlags,
+        cookie: u32,
+        first: FlowId,
+        count: u32,
+        buf: Iova,
+    ) -> Self {
+        let mut d = Self::header(opcode, flags, cookie);
         d.flow_id = Le32::new(first.get());
         d.count = Le32::new(count);
         d.operand = DumpOperand::new(buf).to_bytes();
@@ -253,13 +263,41 @@ impl CommandDescriptor {
     /// `TABLE_DUMP` of slots `[first, first + count)` into 128-byte records at `buf`.
     #[must_use]
     pub fn table_dump(cookie: u32, first: FlowId, count: u32, buf: Iova) -> Self {
-        Self::dump(Opcode::TableDump, cookie, first, count, buf)
+        Self::dump(
+            Opcode::TableDump,
+            CommandFlags::empty(),
+            cookie,
+            first,
+            count,
+            buf,
+        )
     }
 
     /// `COUNTER_DUMP` of slots `[first, first + count)` into 32-byte records at `buf`.
     #[must_use]
     pub fn counter_dump(cookie: u32, first: FlowId, count: u32, buf: Iova) -> Self {
-        Self::dump(Opcode::CounterDump, cookie, first, count, buf)
+        Self::dump(
+            Opcode::CounterDump,
+            CommandFlags::empty(),
+            cookie,
+            first,
+            count,
+            buf,
+        )
+    }
+
+    /// `COUNTER_DUMP` with `CHANGED` of slots `[first, first + count)`: packed 32-byte
+    /// records at `buf`, one per entry hit since the last `CHANGED` dump of its slot.
+    #[must_use]
+    pub fn counter_dump_changed(cookie: u32, first: FlowId, count: u32, buf: Iova) -> Self {
+        Self::dump(
+            Opcode::CounterDump,
+            CommandFlags::CHANGED,
+            cookie,
+            first,
+            count,
+            buf,
+        )
     }
 
     /// Decodes `opcode`.

@@ -391,6 +391,9 @@ bitflags! {
         /// `CTRL.DETACH` and `STATUS.DETACHED` (spec 1.1): a driver can leave and a new
         /// one attach without resetting the device.
         const DETACH = 1 << 9;
+        /// `COUNTER_DUMP` with the `CHANGED` flag (spec 1.2): only the entries hit since
+        /// the last such dump of their slot, as packed records.
+        const COUNTER_DUMP_CHANGED = 1 << 10;
     }
 }
 
@@ -775,7 +778,8 @@ mod tests {
         assert_eq!(IntCause::FATAL.bits(), 0x08);
         assert_eq!(IntCause::RESET_DONE.bits(), 0x10);
         assert_eq!(IntCause::all().bits(), 0x1F);
-        assert_eq!(Features::all().bits(), 0x3FF);
+        assert_eq!(Features::all().bits(), 0x7FF);
+        assert_eq!(Features::COUNTER_DUMP_CHANGED.bits(), 1 << 10);
         assert_eq!(Features::DETACH.bits(), 1 << 9);
         assert_eq!(Features::IPV4.bits(), 1 << 0);
         assert_eq!(Features::IPV6.bits(), 1 << 1);

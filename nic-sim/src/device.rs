@@ -12,9 +12,9 @@ use std::sync::Arc;
 use ctoffload_hw_regs::limits;
 use ctoffload_hw_regs::regs::{self, Ctrl, Features, IntCause, RegOffset, RingRegOffsets, Status};
 use ctoffload_hw_regs::{
-    ActionFlags, CommandDescriptor, Completion, CompletionFlags, CompletionStatus, CounterRecord,
-    FatalCode, FatalUnit, FlowAction, FlowId, FlowKey, KeyKind, L4Proto, Opcode, RxDescriptor,
-    RxReason, RxStatus, TableDumpRecord, TxDescriptor, TxError, TxStatus,
+    ActionFlags, CommandDescriptor, CommandFlags, Completion, CompletionFlags, CompletionStatus,
+    CounterRecord, FatalCode, FatalUnit, FlowAction, FlowId, FlowKey, KeyKind, L4Proto, Opcode,
+    RxDescriptor, RxReason, RxStatus, TableDumpRecord, TxDescriptor, TxError, TxStatus,
 };
 
 use crate::dma::{DmaSpace, Iova};
@@ -257,6 +257,9 @@ pub struct Simulator {
     rings: [Ring; 4],
     cpl_phase: bool,
     table: FlowTable,
+    /// Per slot, `generation << 32 | packets` as the last `CHANGED` counter dump of the
+    /// slot reported (or found) it; empty until the first such dump.
+    changed_marks: Vec<u64>,
     active: Active,
     /// When the command at CMD `HEAD` started (slow-command fault and watchdog).
     cmd_started: Option<u64>,
@@ -322,6 +325,7 @@ impl Simulator {
             .collect();
         let mut sim = Self {
             table: FlowTable::new(cfg.buckets_log2),
+            changed_marks: Vec::new(),
             cfg,
             bar: Arc::new(bar),
             iommu: SimIommu::new(),
@@ -783,6 +787,7 @@ impl Simulator {
 
     fn complete_reset(&mut self) {
         self.table.clear();
+        self.changed_marks.clear();
         self.regs.reset_count = self.regs.reset_count.wrapping_add(1);
         self.write_reset_image(true);
         self.stats.resets += 1;
@@ -1036,11 +1041,18 @@ impl Simulator {
         let Ok(op) = Opcode::try_from(d.opcode) else {
             return Ok(bad);
         };
-        if d.reserved0.get() != 0 || d.flags & !1 != 0 {
+        let Some(flags) = CommandFlags::from_bits(d.flags) else {
+            return Ok(bad);
+        };
+        if d.reserved0.get() != 0 {
             return Ok(bad);
         }
-        let by_key = d.flags & 1 != 0;
+        let by_key = flags.contains(CommandFlags::BY_KEY);
         if by_key && op != Opcode::FlowDelete {
+            return Ok(bad);
+        }
+        let changed = flags.contains(CommandFlags::CHANGED);
+        if changed && op != Opcode::CounterDump {
             return Ok(bad);
         }
         let cap = self.table.capacity();
@@ -1063,11 +1075,17 @@ impl Simulator {
                 {
                     return Ok(bad);
                 }
-                self.dump(space, op, first, count, Iova::new(addr.get()))?;
+                let addr = Iova::new(addr.get());
+                let written = if changed {
+                    self.dump_changed_counters(space, first, count, addr)?
+                } else {
+                    self.dump(space, op, first, count, addr)?;
+                    count
+                };
                 let id = FlowId::new(first).unwrap_or_else(unreachable_flow);
                 Ok(status(CompletionStatus::Ok)
                     .with_flow(id, 0)
-                    .with_count(count))
+                    .with_count(written))
             }
             Opcode::FlowInsert | Opcode::FlowDelete | Opcode::FlowModify | Opcode::FlowQuery => {
                 let operand = d.flow_operand();
@@ -1207,6 +1225,53 @@ impl Simulator {
             res.map_err(fail(FatalUnit::DumpBuffer, at))?;
         }
         Ok(())
+    }
+
+    /// `COUNTER_DUMP` with `CHANGED` (device.md 6.2): one packed record per valid entry
+    /// of `[first, first + count)` whose packet counter differs from what the previous
+    /// `CHANGED` dump of its slot found (0 for a generation it did not see: insert
+    /// clears the counters), in slot order. Returns the number of records written.
+    fn dump_changed_counters(
+        &mut self,
+        space: &DmaSpace,
+        first: u32,
+        count: u32,
+        addr: Iova,
+    ) -> Dma<u32> {
+        let cap = usize::try_from(self.table.capacity()).unwrap_or(0);
+        if self.changed_marks.len() != cap {
+            self.changed_marks = vec![0; cap];
+        }
+        let mut written = 0u32;
+        for slot in first..first + count {
+            if !self.table.is_valid(slot) {
+                continue;
+            }
+            let generation = self.table.generation_of(slot);
+            let counters = self.table.counters(slot);
+            let mark = (u64::from(generation) << 32) | u64::from(counters.packets);
+            let i = usize::try_from(slot).unwrap_or(usize::MAX);
+            let Some(prev) = self.changed_marks.get_mut(i) else {
+                continue;
+            };
+            let prev_packets = if *prev >> 32 == u64::from(generation) {
+                *prev & 0xFFFF_FFFF
+            } else {
+                0
+            };
+            *prev = mark;
+            if prev_packets == u64::from(counters.packets) {
+                continue;
+            }
+            let at = Iova::new(addr.raw().wrapping_add(u64::from(written) * 32));
+            let id = FlowId::new(slot).unwrap_or_else(unreachable_flow);
+            let rec = CounterRecord::new(id, true, generation, counters);
+            space
+                .write_bytes(at, &rec.to_bytes())
+                .map_err(fail(FatalUnit::DumpBuffer, at))?;
+            written += 1;
+        }
+        Ok(written)
     }
 
     fn key_valid(&self, k: &FlowKey) -> bool {

@@ -529,3 +529,74 @@ fn query_and_delete_return_counters() {
     assert_eq!((c.count.get(), c.value0.get()), (3, 300));
     assert_eq!(c.opcode, Opcode::FlowDelete.raw());
 }
+
+/// The packed records a `CHANGED` counter dump wrote: (slot, generation, packets, bytes).
+fn changed_records(h: &mut Host, cookie: u32, first: u32, count: u32) -> Vec<(u32, u8, u32, u64)> {
+    let buf = Iova::new(Host::iova(DUMP_OFF));
+    h.dma.fill(DUMP_OFF, 128 * 32, 0xAA).unwrap();
+    let c = h.cmd(CommandDescriptor::counter_dump_changed(
+        cookie,
+        fid(first),
+        count,
+        buf,
+    ));
+    assert_eq!(c.status().unwrap(), S::Ok);
+    assert_eq!(c.flow_id(), Some(fid(first)));
+    (0..u64::from(c.count.get()))
+        .map(|i| {
+            let mut b = [0u8; 32];
+            h.dma.read_bytes(DUMP_OFF + i * 32, &mut b).unwrap();
+            let r = CounterRecord::from_bytes(&b);
+            assert!(r.valid());
+            (
+                r.flow_id.get(),
+                r.generation(),
+                r.packets.get(),
+                r.bytes.get(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn changed_counter_dump_reports_only_hit_entries_once() {
+    let mut h = Host::up(SimConfig::small());
+    let a = FlowAction::forward(1);
+    let k1 = udp4(1000, 2000);
+    let k2 = udp4(1001, 2000);
+    let id1 = h.insert(&k1, &a).flow_id().unwrap();
+    let id2 = h.insert(&k2, &a).flow_id().unwrap();
+    assert!(id1 != id2);
+    // Nothing hit since insert: no record.
+    assert!(changed_records(&mut h, 1, 0, 128).is_empty());
+    h.sim.faults().preload_counters(id2.get(), 5, 500);
+    h.poll();
+    assert_eq!(changed_records(&mut h, 2, 0, 128), [(id2.get(), 1, 5, 500)]);
+    // Reported once: the mark moved with the dump.
+    assert!(changed_records(&mut h, 3, 0, 128).is_empty());
+    // Both hit: packed, in slot order; a dump of a range sees only its slots, and a
+    // full dump in between does not move the marks.
+    h.sim.faults().preload_counters(id1.get(), 1, 60);
+    h.sim.faults().preload_counters(id2.get(), 9, 900);
+    h.poll();
+    let buf = Iova::new(Host::iova(DUMP_OFF));
+    h.cmd(CommandDescriptor::counter_dump(4, fid(0), 128, buf));
+    let lo = id1.min(id2).get();
+    assert!(changed_records(&mut h, 5, lo, 1).len() == 1);
+    let rest = changed_records(&mut h, 6, 0, 128);
+    let hi = id1.max(id2).get();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].0, hi);
+    // A new entry in the slot (new generation) counts from insert.
+    h.cmd(CommandDescriptor::flow_delete(7, id2, &k2));
+    assert!(changed_records(&mut h, 8, 0, 128).is_empty(), "not valid");
+    let id3 = h.insert(&k2, &a).flow_id().unwrap();
+    assert_eq!(id3, id2, "lowest free way");
+    h.sim.faults().preload_counters(id3.get(), 9, 900);
+    h.poll();
+    assert_eq!(changed_records(&mut h, 9, 0, 128), [(id3.get(), 2, 9, 900)]);
+    // CHANGED on another opcode is a bad descriptor.
+    let mut d = CommandDescriptor::table_dump(10, fid(0), 1, buf);
+    d.flags = ctoffload_hw_regs::CommandFlags::CHANGED.bits();
+    assert_eq!(h.cmd(d).status().unwrap(), S::BadDescriptor);
+}

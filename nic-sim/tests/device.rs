@@ -17,7 +17,7 @@ fn reset_values_and_capabilities() {
     assert_eq!(h.rd(regs::MAGIC), 0x4354_4F31);
     assert_eq!(h.rd(regs::SPEC_VERSION), 0x0001_0001);
     assert_eq!(h.rd(regs::IMPL_ID), 0x5349_4D31);
-    assert_eq!(h.rd(regs::FEATURES), 0x3FF);
+    assert_eq!(h.rd(regs::FEATURES), 0x7FF);
     assert_eq!(h.rd(regs::FLOW_CAPACITY), 128);
     assert_eq!(h.rd(regs::BUCKETS_LOG2), 4);
     assert_eq!(h.rd(regs::WAYS), 8);

@@ -301,6 +301,72 @@ fn counters_with_wrap_and_table_dump() {
     drop(r.sim.stop());
 }
 
+/// One `CHANGED` counter dump of slots `[0, 128)`: the slots and packet counts of its
+/// packed records, and the range it covered.
+fn changed_dump(dev: &mut Device<SimIo>) -> (Vec<(u32, u32)>, usize) {
+    assert!(dev.start_changed_counter_dump(0, 64).expect("start"));
+    let dump = dev.wait_counter_dump().expect("done");
+    assert!(dump.is_packed());
+    let records = dump
+        .iter()
+        .map(|s| {
+            assert!(s.valid);
+            (s.flow_id.get(), s.counters.packets)
+        })
+        .collect();
+    (records, dump.range_len())
+}
+
+#[test]
+fn changed_counter_dump_decodes_only_hit_slots() {
+    let mut r = rig(SimConfig::small());
+    assert!(r.dev.supports_changed_counter_dump());
+    // Two entries in the first 64 slots (the dump chunk).
+    let mut ids = Vec::new();
+    for sport in 7..200u16 {
+        let res = r.dev.execute(&[ins(key(sport))], T).expect("ins");
+        let id = res[0].flow_id.expect("id");
+        if id.get() < 64 && ids.len() < 2 {
+            ids.push((sport, id));
+        } else {
+            r.dev
+                .execute(
+                    &[FlowCommand::Delete {
+                        flow_id: id,
+                        key: key(sport),
+                    }],
+                    T,
+                )
+                .expect("del");
+        }
+        if ids.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(ids.len(), 2, "two entries in the first chunk");
+    let (records, range) = changed_dump(&mut r.dev);
+    assert_eq!((records.len(), range), (0, 64), "nothing hit yet");
+    let (sport, id) = ids[1];
+    for _ in 0..3 {
+        r.wire[0].send(&tcp_frame(sport, 0x10)).expect("send");
+    }
+    let t0 = Instant::now();
+    let mut seen = Vec::new();
+    while seen.iter().map(|&(_, p)| p).sum::<u32>() < 3 && t0.elapsed() < T {
+        let (records, _) = changed_dump(&mut r.dev);
+        for rec in records {
+            assert_eq!(rec.0, id.get(), "only the slot that was hit");
+            seen.retain(|&(s, _)| s != rec.0);
+            seen.push(rec);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(seen, [(id.get(), 3)]);
+    let (records, _) = changed_dump(&mut r.dev);
+    assert!(records.is_empty(), "reported once");
+    drop(r.sim.stop());
+}
+
 #[test]
 fn exception_rx_and_tx() {
     let mut r = rig(SimConfig::small());

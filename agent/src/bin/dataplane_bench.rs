@@ -13,7 +13,9 @@
 //!    with no counter moved and with every connection's counters moved (one packet per
 //!    connection through the device before the pass); the full sweep also folds every
 //!    connection's hardware counts into conntrack, the ticks leave them unfolded
-//!    (lazy folding, see the agent's reconciler).
+//!    (lazy folding, see the agent's reconciler). The ticks pull `CHANGED` counter
+//!    dumps where the device has them (only the records of moved slots, device.md
+//!    6.2); the full sweep pulls every record.
 //!
 //! `cargo run --release -p ctoffload-agent --bin dataplane_bench [-- CONNS FLOWS]`
 //! (defaults 20000 and 1000000). Prints a table, then one JSON line.
@@ -358,6 +360,8 @@ struct Reconcile {
     ticks_active_pulled: (u64, u64),
     ticks_per_pass: u32,
     slots: u32,
+    /// The ticks pull changed-only (`CHANGED`) counter dumps.
+    changed_dumps: bool,
 }
 
 /// One reconcile pass as the agent runs it: ticks until every chunk of the table was
@@ -423,6 +427,7 @@ fn reconcile_phase(flows: usize) -> Result<Reconcile, Box<dyn Error>> {
     let mut tick_cpu_ms = Vec::new();
     let mut dump_cpu_ms = Vec::new();
     let slots = r.w.device_mut().capabilities().flow_capacity;
+    let changed_dumps = r.w.device_mut().supports_changed_counter_dump();
     let mut samples = Vec::with_capacity(usize::try_from(slots).unwrap_or(0));
     let per_tick = r.w.config().counter_slots_per_tick.max(1);
     // The first tick only starts a dump: one more than the chunks.
@@ -479,6 +484,7 @@ fn reconcile_phase(flows: usize) -> Result<Reconcile, Box<dyn Error>> {
         ticks_active_pulled,
         ticks_per_pass,
         slots,
+        changed_dumps,
     })
 }
 
@@ -562,13 +568,22 @@ fn main() -> Result<(), Box<dyn Error>> {
         "| reconcile pass as {} ticks, no counter moved, agent-thread CPU of the ticks, min / median | {ticks_min:.1} / {ticks_med:.1} ms |",
         rc.ticks_per_pass
     );
+    let dump_kind = if rc.changed_dumps { "changed" } else { "full" };
+    println!(
+        "| reconcile ticks' counter dumps | {dump_kind} ({}) |",
+        if rc.changed_dumps {
+            "COUNTER_DUMP with CHANGED: records of the slots hit since the last one"
+        } else {
+            "every slot's record"
+        }
+    );
     println!("| reconcile tick (8192 slots), agent-thread CPU, median | {tk_med:.2} ms |");
     println!(
         "| the driver's synchronous COUNTER_DUMP of all {} slots into a Vec, CPU, median | {dump_med:.1} ms |",
         rc.slots
     );
     println!(
-        "{{\"bench\":\"dataplane\",\"conns\":{conns},\"conns_per_s\":{cps:.0},\"single_offload_p50_us\":{s50:.1},\"single_offload_p99_us\":{s99:.1},\"offload_p50_us\":{p50:.1},\"offload_p99_us\":{p99:.1},\"reconcile_flows\":{},\"reconcile_full_cpu_ms_min\":{fc_min:.2},\"reconcile_full_cpu_ms_median\":{fc_med:.2},\"reconcile_full_wall_ms_median\":{fw_med:.2},\"reconcile_full_active_cpu_ms_median\":{act_med:.2},\"reconcile_tick_cpu_ms_median\":{tk_med:.3},\"reconcile_pass_ticks_cpu_ms_min\":{ticks_min:.2},\"reconcile_pass_ticks_cpu_ms_median\":{ticks_med:.2},\"reconcile_pass_ticks_active_cpu_ms_min\":{tact_min:.2},\"reconcile_pass_ticks_active_cpu_ms_median\":{tact_med:.2},\"reconcile_pass_ticks_active_packets\":{tact_packets},\"driver_dump_cpu_ms_median\":{dump_med:.2},\"slots\":{}}}",
+        "{{\"bench\":\"dataplane\",\"conns\":{conns},\"conns_per_s\":{cps:.0},\"single_offload_p50_us\":{s50:.1},\"single_offload_p99_us\":{s99:.1},\"offload_p50_us\":{p50:.1},\"offload_p99_us\":{p99:.1},\"reconcile_flows\":{},\"reconcile_full_cpu_ms_min\":{fc_min:.2},\"reconcile_full_cpu_ms_median\":{fc_med:.2},\"reconcile_full_wall_ms_median\":{fw_med:.2},\"reconcile_full_active_cpu_ms_median\":{act_med:.2},\"reconcile_tick_cpu_ms_median\":{tk_med:.3},\"reconcile_pass_ticks_cpu_ms_min\":{ticks_min:.2},\"reconcile_pass_ticks_cpu_ms_median\":{ticks_med:.2},\"reconcile_pass_ticks_active_cpu_ms_min\":{tact_min:.2},\"reconcile_pass_ticks_active_cpu_ms_median\":{tact_med:.2},\"reconcile_pass_ticks_active_packets\":{tact_packets},\"driver_dump_cpu_ms_median\":{dump_med:.2},\"reconcile_ticks_dump\":\"{dump_kind}\",\"slots\":{}}}",
         rc.offloaded, rc.slots
     );
     Ok(())

@@ -24,6 +24,17 @@
 //! sweep of the table takes `capacity / counter_slots_per_tick` ticks and must stay
 //! under 25 s.
 //!
+//! Where the device supports it (`FEATURES.COUNTER_DUMP_CHANGED`), the ticks ask for
+//! `CHANGED` dumps: the device writes records only for the entries hit since its
+//! previous such dump of the slot (packed, in slot order), so a tick's work follows the
+//! traffic, not the table size: the records of moved slots against the seen array,
+//! then the idle check over the chunk's 8-byte last-hits ([`Slots::idle_candidates`]).
+//! A slot the device does not report has not moved since it was last reported, and
+//! the agent's baseline for it is at least that new (an earlier full dump may have
+//! moved it further; a reported slot without a move is then simply unchanged). After a
+//! restore the next pass is a full one: adopted slots get their first baseline (their
+//! counts since the original insert) whether or not they are hit.
+//!
 //! Per slot the sweep reads the slot table's seen array in slot order, and writes it
 //! when the counters moved: no hash lookup and no conntrack access, unless the slot
 //! may be idle. The conntrack timeout of an offloaded connection is held far ahead
@@ -53,6 +64,8 @@ pub struct SweepScratch {
     idle: Vec<(FlowId, u64)>,
     fold_now: Vec<(FlowId, Counts)>,
     taken: Vec<Taken>,
+    /// The ticks pull full dumps until the cursor next wraps (after a restore).
+    full_pass: bool,
 }
 
 /// Where one chunk's records leave work: the slots whose unfolded counts must be
@@ -78,22 +91,31 @@ enum Pull {
 #[derive(Debug, Default)]
 struct ScanTotals {
     records: u64,
+    slots: u64,
     moved: Counts,
 }
 
 impl Scan {
     /// The sequential part of the sweep: the record of every slot we own against the
     /// slot table's seen array, nothing else (records of other slots are not read).
+    /// A packed (`CHANGED`) dump holds only moved slots: idleness is then read from
+    /// the slot table for the whole range instead of from the records.
     fn run(&self, dump: &CounterDump<'_>, slots: &mut Slots, out: &mut SweepScratch) -> ScanTotals {
         let first = usize::try_from(dump.first()).unwrap_or(usize::MAX);
+        let range = first..first.saturating_add(dump.range_len());
+        let packed = dump.is_packed();
         let mut moved = Counts::default();
         for i in 0..dump.len() {
-            if !slots.owned_at(first.saturating_add(i)) {
+            if !packed && !slots.owned_at(first.saturating_add(i)) {
                 continue;
             }
             let Some(s) = dump.get(i) else {
                 continue;
             };
+            if packed && !range.contains(&usize::try_from(s.flow_id.get()).unwrap_or(usize::MAX)) {
+                // A record outside the range asked for: not believed.
+                continue;
+            }
             let observed = slots.observe(&s);
             if self.fold_all {
                 // After the observation: its move is folded too.
@@ -109,6 +131,7 @@ impl Scan {
                     moved = moved.plus(delta);
                     out.fold_now.push((s.flow_id, unfolded));
                 }
+                Observed::Unchanged { .. } if packed => {}
                 Observed::Unchanged { last_hit } => {
                     let hw = if last_hit == 0 {
                         0
@@ -121,8 +144,18 @@ impl Scan {
                 }
             }
         }
+        if packed {
+            slots.idle_candidates(
+                range,
+                self.now,
+                self.min_idle,
+                self.time_offset_ns,
+                &mut out.idle,
+            );
+        }
         ScanTotals {
             records: u64::try_from(dump.len()).unwrap_or(u64::MAX),
+            slots: u64::try_from(dump.range_len()).unwrap_or(u64::MAX),
             moved,
         }
     }
@@ -143,7 +176,7 @@ impl<Io: DeviceIo> Worker<Io> {
             self.collect_counters(now, Pull::Poll);
         }
         if self.device_up {
-            self.start_counter_pull(now);
+            self.start_counter_pull(now, true);
         }
         self.keep_offloaded_alive(now);
         self.reap(now);
@@ -177,7 +210,7 @@ impl<Io: DeviceIo> Worker<Io> {
         }
         self.cursor = 0;
         while self.device_up && self.cursor < cap {
-            self.start_counter_pull(now);
+            self.start_counter_pull(now, false);
             self.collect_counters(now, Pull::Wait { fold_all });
         }
         self.reap(now);
@@ -220,14 +253,25 @@ impl<Io: DeviceIo> Worker<Io> {
         }
     }
 
-    /// Starts the `COUNTER_DUMP` of the next chunk unless one is in flight.
-    fn start_counter_pull(&mut self, now: u64) {
+    /// The ticks' next pass starts at slot 0 and pulls full dumps (every slot's
+    /// record, not only the moved ones): after a restore, so that every adopted slot
+    /// gets its baseline.
+    pub(super) fn pull_full_pass_next(&mut self) {
+        self.cursor = 0;
+        self.sweep.full_pass = true;
+    }
+
+    /// Starts the `COUNTER_DUMP` of the next chunk unless one is in flight;
+    /// `changed_ok`: a `CHANGED` dump (only the entries hit since the previous one)
+    /// where the device has it and no full pass is due.
+    fn start_counter_pull(&mut self, now: u64, changed_ok: bool) {
         let cap = self.dev.capabilities().flow_capacity;
         if cap == 0 || self.dev.counter_dump_pending() {
             return;
         }
         if self.cursor >= cap {
             self.cursor = 0;
+            self.sweep.full_pass = false;
         }
         let n = self
             .cfg
@@ -235,7 +279,14 @@ impl<Io: DeviceIo> Worker<Io> {
             .max(1)
             .min(self.dev.counter_dump_chunk())
             .min(cap - self.cursor);
-        match self.dev.start_counter_dump(self.cursor, n) {
+        let changed =
+            changed_ok && !self.sweep.full_pass && self.dev.supports_changed_counter_dump();
+        let started = if changed {
+            self.dev.start_changed_counter_dump(self.cursor, n)
+        } else {
+            self.dev.start_counter_dump(self.cursor, n)
+        };
+        match started {
             Ok(true) => self.cursor += n,
             // Ring full: the next tick tries again.
             Ok(false) => {}
@@ -272,6 +323,7 @@ impl<Io: DeviceIo> Worker<Io> {
             }
         };
         self.stats.counter_records += totals.records;
+        self.stats.counter_slots += totals.slots;
         self.count_hw(totals.moved);
         for &(id, unfolded) in &out.fold_now {
             if let Some(&owner) = self.slots.get(id) {

@@ -164,6 +164,9 @@ impl<Io: DeviceIo> Worker<Io> {
                 report.deleted += 2;
             }
         }
+        if report.adopted > 0 {
+            self.pull_full_pass_next();
+        }
         self.flush(now);
         Ok(report)
     }

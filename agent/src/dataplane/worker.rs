@@ -118,6 +118,9 @@ pub struct WorkerStats {
     pub reconcile_ticks: u64,
     /// Counter records pulled.
     pub counter_records: u64,
+    /// Slots covered by the counter dumps collected (as many as records for full
+    /// dumps; a `CHANGED` dump covers its range with records of the moved slots only).
+    pub counter_slots: u64,
 }
 
 /// One worker: a conntrack instance, the device, and the side table of hardware state.
