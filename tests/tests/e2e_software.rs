@@ -17,100 +17,38 @@
 //! are deleted also when an assertion fails (their guards drop after the loop stops).
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 
-use ctoffload_agent::gateway::forward::{ForwarderConfig, SoftwareForwarder};
-use ctoffload_agent::gateway::{Gateway, GatewayConfig, PortConfig};
+use ctoffload_agent::gateway::forward::ForwarderConfig;
 use ctoffload_agent::port::AfPacket;
-use ctoffload_fallback_sw::conntrack::{Config, Conntrack};
-use ctoffload_fallback_sw::nat::rules::NatRule;
+use ctoffload_fallback_sw::conntrack::Config;
 use ctoffload_tests::netns::{NetNs, is_root, skip_reason};
 use ctoffload_tests::topology::{
-    GW_IN, GW_IN_MAC, GW_OUT, GW_OUT_MAC, IN_A, IN_B, IN_HOST_MAC, IcmpAnswer, NO_ROUTE, OUT_HOST,
-    OUT_HOST_MAC, Topology, forwarder_clock, ip, ping, tcp_exchange, udp_exchange, udp_refused,
+    ForwarderThread, GW_IN, GW_OUT, IN_A, IN_B, IN_HOST_MAC, IcmpAnswer, NO_ROUTE, OUT_HOST,
+    OUT_HOST_MAC, Topology, ip, masquerade_forwarder, ping, tcp_exchange, udp_exchange,
+    udp_refused,
 };
 
 /// Bytes each way over TCP: many full-sized segments.
 const TCP_BYTES: usize = 256 * 1024;
 
-type Fwd = SoftwareForwarder<AfPacket>;
-
-/// Stops the forwarding loop and joins it when dropped (also on a failed assertion),
-/// before the namespaces' guards drop.
-struct Running {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<std::io::Result<Result<Fwd, String>>>>,
-}
-
-impl Running {
-    fn finish(mut self) -> Fwd {
-        self.stop.store(true, Ordering::Relaxed);
-        let h = self.handle.take().expect("running");
-        match h.join() {
-            Ok(Ok(Ok(fwd))) => fwd,
-            Ok(Ok(Err(e))) => panic!("forwarding loop failed: {e}"),
-            Ok(Err(e)) => panic!("cannot enter the gateway namespace: {e}"),
-            Err(_) => panic!("forwarding loop panicked"),
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-fn start_gateway(gw: &NetNs, if_in: &str, if_out: &str) -> Running {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (if_in, if_out, stop2) = (if_in.to_owned(), if_out.to_owned(), Arc::clone(&stop));
-    let handle = gw
-        .spawn_inside(move || -> Result<Fwd, String> {
-            let ports = vec![
-                AfPacket::open(&if_in).map_err(|e| e.to_string())?,
-                AfPacket::open(&if_out).map_err(|e| e.to_string())?,
-            ];
-            let gateway = Gateway::new(GatewayConfig {
-                ports: vec![
-                    PortConfig {
-                        name: if_in,
-                        mac: GW_IN_MAC,
-                        addrs: vec![(GW_IN, 24)],
-                    },
-                    PortConfig {
-                        name: if_out,
-                        mac: GW_OUT_MAC,
-                        addrs: vec![(GW_OUT, 24)],
-                    },
-                ],
-                ..GatewayConfig::default()
-            })
-            .map_err(|e| e.to_string())?;
-            let mut ct = Conntrack::new(Config::default());
-            ct.nat_mut()
-                .rules_mut()
-                .add(NatRule::masquerade_out(1, 1))
-                .map_err(|e| e.to_string())?;
-            let cfg = ForwarderConfig {
-                // veth senders leave TCP/UDP checksums to offload.
-                fill_checksums: true,
-                ..ForwarderConfig::default()
-            };
-            let mut fwd = SoftwareForwarder::new(cfg, ports, gateway, ct);
-            let clock = forwarder_clock();
-            fwd.run(&stop2, &clock).map_err(|e| e.to_string())?;
-            Ok(fwd)
-        })
-        .expect("gateway namespace");
-    Running {
-        stop,
-        handle: Some(handle),
-    }
+/// The masquerade gateway of the topology over AF_PACKET on `if_in`/`if_out`, on its
+/// own thread inside `gw` (stopped and joined when dropped, also on a failed assertion,
+/// before the namespaces' guards drop).
+fn start_gateway(gw: &NetNs, if_in: &str, if_out: &str) -> ForwarderThread<AfPacket> {
+    let names = [if_in.to_owned(), if_out.to_owned()];
+    ForwarderThread::start(gw, move || {
+        let ports = vec![
+            AfPacket::open(&names[0]).map_err(|e| e.to_string())?,
+            AfPacket::open(&names[1]).map_err(|e| e.to_string())?,
+        ];
+        let cfg = ForwarderConfig {
+            // veth senders leave TCP/UDP checksums to offload.
+            fill_checksums: true,
+            ..ForwarderConfig::default()
+        };
+        masquerade_forwarder(cfg, ports, names, Config::default())
+    })
+    .expect("gateway namespace")
 }
 
 #[test]
@@ -191,7 +129,7 @@ fn software_gateway_forwards_real_traffic_with_snat() {
 
     udp_refused(&t, 5003).expect("port unreachable translated back");
 
-    let fwd = running.finish();
+    let fwd = running.finish().expect("forwarding loop");
     let g = fwd.gateway();
     let neigh: Vec<_> = g.neighbours().entries().collect();
     assert!(
