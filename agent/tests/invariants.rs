@@ -421,6 +421,81 @@ fn invariant1_long_lived_hardware_flow_is_not_expired() {
     assert_eq!(r.w.stats().freed_while_in_hw, 0);
 }
 
+/// Invariant 1, the slow-path side: a packet that missed in hardware while the flow's
+/// inserts were in flight, and reaches the worker only after they completed, goes
+/// through conntrack as usual (which re-arms its timeout with the UDP timeout, seconds);
+/// the worker then holds the timeout again, so software GC cannot expire a connection
+/// that hardware carries (the reconciler's own keep-alive runs about once a day).
+#[test]
+fn invariant1_slow_path_packet_of_an_offloaded_flow_keeps_its_timeout_held() {
+    let mut r = rig();
+    // Commands take 10 ms of model time: the inserts stay in flight until the clock
+    // moves (far below the 50 ms hang watchdog).
+    r.faults.slow_commands(10 * MS);
+    r.faults_applied();
+    let request = udp(CLIENT, 2500, SERVER, 53);
+    r.wire[0].send(&request).expect("inject");
+    r.pump_until("request", |r| r.wire[1].pending() >= 1);
+    r.wire[1].drain_vecs();
+    r.wire[1]
+        .send(&udp(SERVER, 53, CLIENT, 2500))
+        .expect("inject");
+    r.pump_until("reply", |r| r.wire[0].pending() >= 1);
+    r.wire[0].drain_vecs();
+    let h = r.handle(&tuple(CLIENT, 2500, SERVER, 53, proto::UDP));
+    assert_eq!(r.state(h).0, HwState::Pending, "inserts in flight");
+    // A request misses in hardware (no rule yet) and waits in the exception ring while
+    // the worker is not polled.
+    let base = r.sim_stats();
+    r.wire[0].send(&request).expect("inject");
+    let t0 = Instant::now();
+    while r.sim_stats().punts == base.punts {
+        assert!(t0.elapsed() < WAIT, "the simulator did not punt the frame");
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    // The device completes both inserts; the next poll reaps them before it reads the
+    // exception ring, so the worker sees the packet of an offloaded connection.
+    r.faults.clear();
+    r.clock.fetch_add(20 * MS, Ordering::AcqRel);
+    let t0 = Instant::now();
+    while r.sim_stats().completions < base.completions + 2 {
+        assert!(
+            t0.elapsed() < WAIT,
+            "the simulator did not complete the inserts"
+        );
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    let rx = r.w.stats().rx;
+    r.pump_until("the punted request", |r| r.wire[1].pending() >= 1);
+    assert_eq!(r.wire[1].drain_vecs().len(), 1);
+    assert_eq!(r.w.stats().rx, rx + 1, "the slow path carried it");
+    assert_eq!(r.state(h), (HwState::Offloaded, None));
+    let now = r.now();
+    let conn =
+        r.w.conntrack()
+            .table()
+            .get_checked(h.slot, h.id)
+            .expect("live");
+    assert!(
+        conn.remaining(now) > DAY / 2,
+        "timeout held while offloaded, not re-armed with the UDP timeout: {} s left",
+        conn.remaining(now) / S
+    );
+    // Ten minutes of hardware-only traffic with GC running: still there, still offloaded.
+    let frame = udp(CLIENT, 2500, SERVER, 53);
+    for _ in 0..20 {
+        r.advance(30 * S);
+        r.hw_burst(0, &frame, 1);
+        let now = r.now();
+        r.w.reconcile(now);
+        r.settle();
+        r.w.gc(now);
+        assert_eq!(r.state(h).0, HwState::Offloaded, "still in hardware");
+        assert!(r.w.conntrack().table().get_checked(h.slot, h.id).is_some());
+    }
+    assert_eq!(r.w.stats().freed_while_in_hw, 0);
+}
+
 /// Invariant 2: the software entry (and with it the NAT binding) outlives the
 /// hardware rule: a delete that the device has not completed holds the connection,
 /// however late software time gets; the same tuple cannot start a new connection.
