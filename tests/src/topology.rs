@@ -856,6 +856,75 @@ pub fn nic_sim_binary() -> std::io::Result<PathBuf> {
     workspace_binary("ctoffload-nic-sim", "CTOFFLOAD_NIC_SIM_BIN")
 }
 
+/// [`agent_binary`], built first (`cargo build -p ctoffload-agent --bin ctoffload`
+/// into the running test's target directory and profile) unless `$CTOFFLOAD_BIN` names
+/// one: end-to-end tests run against the current source, also when run alone.
+///
+/// # Errors
+/// The running executable's path is unknown, or cargo could not be run or failed.
+pub fn built_agent_binary() -> std::io::Result<PathBuf> {
+    built_workspace_binary("ctoffload-agent", "ctoffload", "CTOFFLOAD_BIN")
+}
+
+/// [`nic_sim_binary`], built first like [`built_agent_binary`] unless
+/// `$CTOFFLOAD_NIC_SIM_BIN` names one.
+///
+/// # Errors
+/// As [`built_agent_binary`].
+pub fn built_nic_sim_binary() -> std::io::Result<PathBuf> {
+    built_workspace_binary(
+        "ctoffload-nic-sim",
+        "ctoffload-nic-sim",
+        "CTOFFLOAD_NIC_SIM_BIN",
+    )
+}
+
+/// Builds binary `name` of `package` next to the running executable (same target
+/// directory and profile) and returns its path; `$var` instead when set.
+fn built_workspace_binary(package: &str, name: &str, var: &str) -> std::io::Result<PathBuf> {
+    let bin = workspace_binary(name, var)?;
+    if std::env::var_os(var).is_some() {
+        return Ok(bin);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut args = vec!["build", "-q", "-p", package, "--bin", name];
+    if bin.parent().is_some_and(|d| d.ends_with("release")) {
+        args.push("--release");
+    }
+    // Into the target directory this test runs from (a relative CARGO_TARGET_DIR
+    // would otherwise resolve against the package directory).
+    let target_dir = bin.parent().and_then(Path::parent).map(Path::to_path_buf);
+    if let Some(d) = target_dir.as_deref().and_then(Path::to_str) {
+        args.extend(["--target-dir", d]);
+    }
+    // Without the variables cargo set for this test: build scripts that watch them
+    // (ring's) would rebuild for each invocation.
+    let keep = ["CARGO_HOME", "CARGO_INCREMENTAL"];
+    let mut cmd = Command::new(cargo);
+    for (k, _) in std::env::vars_os() {
+        let Some(key) = k.to_str() else { continue };
+        let set_by_cargo = key.starts_with("CARGO_")
+            && !keep.contains(&key)
+            && !key.starts_with("CARGO_BUILD_")
+            && !key.starts_with("CARGO_PROFILE_")
+            && !key.starts_with("CARGO_TERM_");
+        if set_by_cargo || key == "OUT_DIR" {
+            cmd.env_remove(&k);
+        }
+    }
+    let status = cmd
+        .args(&args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()?;
+    if !status.success() {
+        return Err(std::io::Error::other(format!(
+            "cargo {} failed: {status}",
+            args.join(" ")
+        )));
+    }
+    Ok(bin)
+}
+
 /// `$var`, else `name` in the running executable's `target/<profile>/`.
 fn workspace_binary(name: &str, var: &str) -> std::io::Result<PathBuf> {
     if let Some(p) = std::env::var_os(var) {

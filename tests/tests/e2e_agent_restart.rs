@@ -21,10 +21,10 @@
 //! the restored connection's NAT port as its own source port, gets another NAT port
 //! (the binding was registered again).
 //!
-//! Needs root, `ip`, `ethtool` and the `ctoffload` and `ctoffload-nic-sim` binaries in
-//! the test's target directory (`cargo build -p ctoffload-agent -p ctoffload-nic-sim`;
-//! `cargo test --workspace` builds them); skipped with a message otherwise, failed
-//! under `CI`. Every wait is bounded; processes are killed and the namespaces deleted
+//! Needs root, `ip` and `ethtool` (skipped with a message otherwise, failed under `CI`);
+//! builds the `ctoffload` and `ctoffload-nic-sim` binaries first
+//! (`topology::built_agent_binary`, `built_nic_sim_binary`; or `CTOFFLOAD_BIN`,
+//! `CTOFFLOAD_NIC_SIM_BIN`). Every wait is bounded; processes are killed and the namespaces deleted
 //! also when an assertion fails.
 
 use std::io::{ErrorKind, Read, Write};
@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 
 use ctoffload_tests::netns::skip_reason;
 use ctoffload_tests::topology::{
-    AgentProcess, GW_OUT, IN_A, IN_B, OUT_HOST, Topology, agent_binary, agent_config, connect_from,
-    ip, nic_sim_binary, wait_for,
+    AgentProcess, GW_OUT, IN_A, IN_B, OUT_HOST, Topology, agent_config, built_agent_binary,
+    built_nic_sim_binary, connect_from, ip, wait_for,
 };
 use serde_json::Value;
 
@@ -204,17 +204,8 @@ fn agent_restart_keeps_offloaded_connections_and_nat_bindings() {
         eprintln!("skipped: {why}");
         return;
     }
-    let (agent_bin, sim_bin) = (
-        agent_binary().expect("current_exe"),
-        nic_sim_binary().expect("current_exe"),
-    );
-    if !agent_bin.is_file() || !sim_bin.is_file() {
-        let why = "no ctoffload or ctoffload-nic-sim binary \
-                   (cargo build -p ctoffload-agent -p ctoffload-nic-sim)";
-        assert!(!ci, "{why}");
-        eprintln!("skipped: {why}");
-        return;
-    }
+    let agent_bin = built_agent_binary().expect("build the ctoffload binary");
+    let sim_bin = built_nic_sim_binary().expect("build the ctoffload-nic-sim binary");
     let t = Topology::new("r").expect("topology");
     t.full_checksums().expect("ethtool");
     let dir = tempfile::tempdir().expect("temp dir");

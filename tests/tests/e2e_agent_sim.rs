@@ -20,9 +20,9 @@
 //! packets for it are counted as dropped; a connection kept alive only by hardware traffic outlives its software
 //! timeout; an idle one ages out of both tables.
 //!
-//! Needs root, `ip`, `ethtool` and the `ctoffload` binary next to the test's directory
-//! (`cargo build -p ctoffload-agent --bin ctoffload`; or `CTOFFLOAD_BIN`); skipped with a
-//! message otherwise, failed under `CI`. Every wait is bounded; the agent is killed and
+//! Needs root, `ip` and `ethtool` (skipped with a message otherwise, failed under `CI`);
+//! builds the `ctoffload` binary first (`topology::built_agent_binary`; or
+//! `CTOFFLOAD_BIN`). Every wait is bounded; the agent is killed and
 //! the namespaces deleted also when an assertion fails.
 
 use std::io::{Read, Write};
@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use ctoffload_tests::netns::{NetNs, skip_reason};
 use ctoffload_tests::topology::{
-    AgentProcess, GW_IN, GW_OUT, IN_A, OUT_HOST, Topology, agent_binary, agent_config, ip, ping,
-    wait_for,
+    AgentProcess, GW_IN, GW_OUT, IN_A, OUT_HOST, Topology, agent_config, built_agent_binary, ip,
+    ping, wait_for,
 };
 use serde_json::Value;
 
@@ -158,13 +158,7 @@ fn agent_on_the_simulated_nic_routes_and_offloads_real_traffic() {
         eprintln!("skipped: {why}");
         return;
     }
-    let bin = agent_binary().expect("current_exe");
-    if !bin.is_file() {
-        let why = "no ctoffload binary (cargo build -p ctoffload-agent --bin ctoffload)";
-        assert!(!ci, "{why}");
-        eprintln!("skipped: {why}");
-        return;
-    }
+    let bin = built_agent_binary().expect("build the ctoffload binary");
     let t = Topology::new("s").expect("topology");
     t.full_checksums().expect("ethtool");
     let (inside, outside) = (&t.inside, &t.outside);

@@ -27,14 +27,14 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use ctoffload_tests::netns::{is_root, skip_reason};
 use ctoffload_tests::topology::{
-    AgentProcess, GW_OUT, IN_A, OUT_HOST, Topology, agent_binary, agent_config, connect_from, ip,
-    iperf3, ping, request, short_connections, tcp_exchange, udp_exchange, udp_refused,
+    AgentProcess, GW_OUT, IN_A, OUT_HOST, Topology, agent_config, built_agent_binary, connect_from,
+    ip, iperf3, ping, request, short_connections, tcp_exchange, udp_exchange, udp_refused,
 };
 use serde_json::Value;
 
@@ -46,46 +46,6 @@ const START: Duration = Duration::from_secs(30);
 const GW_OUT_STR: &str = "192.0.2.1";
 /// Short TCP connections.
 const SHORT_CONNS: usize = 200;
-
-/// `target/<profile>/ctoffload`, built now (this test's package does not build it).
-fn build_agent() -> PathBuf {
-    let bin = agent_binary().expect("current_exe");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut args = vec!["build", "-q", "-p", "ctoffload-agent", "--bin", "ctoffload"];
-    if bin.parent().is_some_and(|d| d.ends_with("release")) {
-        args.push("--release");
-    }
-    // Into the target directory this test runs from (a relative CARGO_TARGET_DIR
-    // would otherwise resolve against the package directory).
-    let target_dir = bin.parent().and_then(Path::parent).map(Path::to_path_buf);
-    if let Some(d) = target_dir.as_deref().and_then(Path::to_str) {
-        args.extend(["--target-dir", d]);
-    }
-    // Without the variables cargo set for this test: build scripts that watch them
-    // (ring's) would rebuild for each invocation.
-    let keep = ["CARGO_HOME", "CARGO_INCREMENTAL"];
-    let cargo_vars = std::env::vars_os().filter_map(|(k, _)| {
-        let name = k.to_str()?;
-        let drop = (name.starts_with("CARGO_")
-            && !keep.contains(&name)
-            && !name.starts_with("CARGO_BUILD_")
-            && !name.starts_with("CARGO_PROFILE_")
-            && !name.starts_with("CARGO_TERM_"))
-            || name == "OUT_DIR";
-        drop.then_some(k)
-    });
-    let mut cmd = std::process::Command::new(cargo);
-    for k in cargo_vars {
-        cmd.env_remove(k);
-    }
-    let st = cmd
-        .args(&args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("cargo build ctoffload");
-    assert!(st.success(), "cargo build of the ctoffload binary failed");
-    bin
-}
 
 /// The gateway under test: the software backend, or the simulated NIC on the same
 /// interfaces (established flows carried by its flow table).
@@ -233,7 +193,7 @@ fn scenario(kind: Kind) {
         t.full_checksums().expect("ethtool");
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let bin = build_agent();
+    let bin = built_agent_binary().expect("build the ctoffload binary");
     let socket = dir.path().join("api.sock");
 
     // A missing interface is a startup error that names the key.
