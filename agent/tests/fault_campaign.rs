@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use ctoffload_agent::cli::sim::driver_io;
 use ctoffload_agent::dataplane::{
     ConnHandle, Entry, HwRule, HwState, NotOffloaded, OffloadPolicy, Worker, WorkerConfig,
 };
@@ -118,15 +119,7 @@ fn rig() -> Rig {
         sim.attach_port(p, Box::new(dev_end)).expect("port");
         wire.push(host_end);
     }
-    let iommu = sim.iommu();
-    let io = SimIo::new(
-        sim.bar_fd(),
-        Box::new(move |iova, fd, off, len| {
-            iommu.map(iova, fd, off, len).map_err(|e| e.to_string())
-        }),
-        sim.irq_fds().expect("irqs"),
-    )
-    .expect("sim io");
+    let io = driver_io(&sim, |_, _| ()).expect("sim io");
     let sim = sim.spawn(SimClock::Manual(Arc::clone(&clock)));
     let faults = sim.faults();
     let dcfg = DeviceConfig {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use ctoffload_agent::cli::sim::driver_io;
 use ctoffload_agent::dataplane::state::Entry;
 use ctoffload_agent::dataplane::{
     ConnHandle, HwState, NotOffloaded, OffloadPolicy, Worker, WorkerConfig,
@@ -64,18 +65,11 @@ type Mapped = Arc<std::sync::Mutex<Vec<(u64, u64)>>>;
 
 /// A driver backend on `sim`; its mappings are recorded in the returned list.
 fn sim_io(sim: &Simulator) -> (SimIo, Mapped) {
-    let iommu = sim.iommu();
     let mapped: Mapped = Arc::default();
     let log = Arc::clone(&mapped);
-    let io = SimIo::new(
-        sim.bar_fd(),
-        Box::new(move |iova, fd, off, len| {
-            iommu.map(iova, fd, off, len).map_err(|e| e.to_string())?;
-            log.lock().map_err(|e| e.to_string())?.push((iova, len));
-            Ok(())
-        }),
-        sim.irq_fds().expect("irqs"),
-    )
+    let io = driver_io(sim, move |iova, len| {
+        log.lock().expect("mapping log").push((iova, len));
+    })
     .expect("sim io");
     (io, mapped)
 }

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use ctoffload_agent::cli::sim::driver_io;
 use ctoffload_driver::DriverError;
 use ctoffload_driver::counters::CounterTracker;
 use ctoffload_driver::device::{
@@ -34,15 +35,7 @@ fn rig(cfg: SimConfig) -> Rig {
         sim.attach_port(p, Box::new(dev_end)).expect("port");
         wire.push(host_end);
     }
-    let iommu = sim.iommu();
-    let io = SimIo::new(
-        sim.bar_fd(),
-        Box::new(move |iova, fd, off, len| {
-            iommu.map(iova, fd, off, len).map_err(|e| e.to_string())
-        }),
-        sim.irq_fds().expect("irqs"),
-    )
-    .expect("sim io");
+    let io = driver_io(&sim, |_, _| ()).expect("sim io");
     let sim = sim.spawn(SimClock::Monotonic);
     let dcfg = DeviceConfig {
         cmd_ring_log2: 6,
@@ -558,15 +551,7 @@ fn command_hang_becomes_fatal() {
 #[test]
 fn flr_bring_up() {
     let mut sim = Simulator::new(SimConfig::small()).expect("sim");
-    let iommu = sim.iommu();
-    let io = SimIo::new(
-        sim.bar_fd(),
-        Box::new(move |iova, fd, off, len| {
-            iommu.map(iova, fd, off, len).map_err(|e| e.to_string())
-        }),
-        sim.irq_fds().expect("irqs"),
-    )
-    .expect("io");
+    let io = driver_io(&sim, |_, _| ()).expect("io");
     sim.poll(0);
     let th = sim.spawn(SimClock::Monotonic);
     let dev = Device::new(io, DeviceConfig::default()).expect("bring-up");

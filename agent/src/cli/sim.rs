@@ -366,16 +366,7 @@ fn in_process(
             wire.push(host_end);
         }
     }
-    let iommu = sim.iommu();
-    let irqs = sim.irq_fds().map_err(|e| sim_err(e.to_string()))?;
-    let io = SimIo::new(
-        sim.bar_fd(),
-        Box::new(move |iova, fd, off, len| {
-            iommu.map(iova, fd, off, len).map_err(|e| e.to_string())
-        }),
-        irqs,
-    )
-    .map_err(SimError::Driver)?;
+    let io = driver_io(&sim, |_, _| ())?;
     let sim = sim.spawn(SimClock::Monotonic);
     match Device::new(io, dcfg) {
         Ok(d) => Ok((d, sim, wire)),
@@ -384,6 +375,34 @@ fn in_process(
             Err(SimError::Driver(e))
         }
     }
+}
+
+/// The driver's backend on the in-process simulator `sim`: its register file, its
+/// interrupt eventfds, and its IOMMU, into which every DMA mapping the driver makes
+/// goes; `on_map(iova, len)` hears of each one that succeeded (a test that plays a
+/// second driver instance unmaps them later, as closing a VFIO container does).
+///
+/// # Errors
+/// The simulator's interrupt eventfds could not be duplicated, or the driver could not
+/// map the register file.
+pub fn driver_io(
+    sim: &Simulator,
+    mut on_map: impl FnMut(u64, u64) + Send + 'static,
+) -> Result<SimIo, SimError> {
+    let iommu = sim.iommu();
+    let irqs = sim.irq_fds().map_err(|e| SimError::Sim {
+        what: e.to_string(),
+    })?;
+    SimIo::new(
+        sim.bar_fd(),
+        Box::new(move |iova, fd, off, len| {
+            iommu.map(iova, fd, off, len).map_err(|e| e.to_string())?;
+            on_map(iova, len);
+            Ok(())
+        }),
+        irqs,
+    )
+    .map_err(SimError::Driver)
 }
 
 /// The device of the `ctoffload-nic-sim` process at `path`: attached without a reset

@@ -19,8 +19,8 @@
 
 use std::time::{Duration, Instant};
 
+use ctoffload_agent::cli::sim::driver_io;
 use ctoffload_driver::device::{CommandResult, Device, DeviceConfig, FlowCommand};
-use ctoffload_driver::sim_io::SimIo;
 use ctoffload_hw_regs::{FlowAction, FlowId, FlowKey, L4Proto};
 use ctoffload_nic_sim::{SimClock, SimConfig, Simulator};
 
@@ -71,14 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         flow_limit: 1 << 18,
         ..SimConfig::default()
     })?;
-    let iommu = sim.iommu();
-    let io = SimIo::new(
-        sim.bar_fd(),
-        Box::new(move |iova, fd, off, len| {
-            iommu.map(iova, fd, off, len).map_err(|e| e.to_string())
-        }),
-        sim.irq_fds()?,
-    )?;
+    let io = driver_io(&sim, |_, _| ())?;
     let th = sim.spawn(SimClock::Monotonic);
     let mut dev = Device::new(
         io,
