@@ -327,6 +327,21 @@ impl Rig {
         h
     }
 
+    /// Request + reply of UDP flow `sp` through the slow path, without waiting for the
+    /// offload's commands (they may be held by a fault).
+    fn udp_exchange_unsettled(&mut self, sp: u16) {
+        self.wire[0]
+            .send(&udp(CLIENT, sp, SERVER, 53))
+            .expect("inject");
+        self.pump_until("request", |r| r.wire[1].pending() >= 1);
+        self.wire[1].drain_vecs();
+        self.wire[1]
+            .send(&udp(SERVER, 53, CLIENT, sp))
+            .expect("inject");
+        self.pump_until("reply", |r| r.wire[0].pending() >= 1);
+        self.wire[0].drain_vecs();
+    }
+
     /// `n` packets of a flow in one direction, all expected to be forwarded by the
     /// device (the worker sees none of them).
     fn hw_burst(&mut self, port: usize, frame: &[u8], n: usize) {
@@ -427,15 +442,8 @@ fn invariant1_slow_path_packet_of_an_offloaded_flow_keeps_its_timeout_held() {
     // moves (far below the 50 ms hang watchdog).
     r.faults.slow_commands(10 * MS);
     r.faults_applied();
+    r.udp_exchange_unsettled(2500);
     let request = udp(CLIENT, 2500, SERVER, 53);
-    r.wire[0].send(&request).expect("inject");
-    r.pump_until("request", |r| r.wire[1].pending() >= 1);
-    r.wire[1].drain_vecs();
-    r.wire[1]
-        .send(&udp(SERVER, 53, CLIENT, 2500))
-        .expect("inject");
-    r.pump_until("reply", |r| r.wire[0].pending() >= 1);
-    r.wire[0].drain_vecs();
     let h = r.handle(&tuple(CLIENT, 2500, SERVER, 53, proto::UDP));
     assert_eq!(r.state(h).0, HwState::Pending, "inserts in flight");
     // A request misses in hardware (no rule yet) and waits in the exception ring while
@@ -776,16 +784,7 @@ fn fault_script(arm: impl FnOnce(&mut Rig), trigger_insert: bool) {
     r.faults_applied();
     if trigger_insert {
         // A new flow's inserts run into the fault.
-        r.wire[0]
-            .send(&udp(CLIENT, 8001, SERVER, 53))
-            .expect("inject");
-        r.pump_until("request", |r| r.wire[1].pending() >= 1);
-        r.wire[1].drain_vecs();
-        r.wire[1]
-            .send(&udp(SERVER, 53, CLIENT, 8001))
-            .expect("inject");
-        r.pump_until("reply", |r| r.wire[0].pending() >= 1);
-        r.wire[0].drain_vecs();
+        r.udp_exchange_unsettled(8001);
         // Model time moves past the command timeout / watchdog.
         for _ in 0..3 {
             r.clock.fetch_add(60 * MS, Ordering::AcqRel);
