@@ -10,7 +10,9 @@
 //! - One socket per receive queue (`AfXdpConfig::queues`, queue 0 up; a veth has one
 //!   unless created with `numrxqueues`), bound in copy mode with need_wakeup: the
 //!   kernel is woken (fill: `poll`, TX: `sendto`) only when it asks. Optional busy
-//!   polling (`SO_PREFER_BUSY_POLL`, `SO_BUSY_POLL`, `SO_BUSY_POLL_BUDGET`).
+//!   polling (`SO_PREFER_BUSY_POLL`, `SO_BUSY_POLL`, `SO_BUSY_POLL_BUDGET`; zero-copy
+//!   sockets only since Linux 6.13) and NAPI deferral (module `napi`, file
+//!   `af_xdp_napi.rs`: `netdev` netlink, set while the port is open).
 //! - Batch RX: descriptors read from the RX ring, each frame copied into the caller's
 //!   [`FrameBatch`], its frame straight back to the fill ring. Batch TX: completions
 //!   reaped, each frame copied into a free frame, descriptors posted, the kernel kicked.
