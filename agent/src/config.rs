@@ -33,6 +33,7 @@ use crate::api::model::{
     TimeoutsUpdate,
 };
 use crate::api::nat::{NatRules, engine_addr, engine_range, to_engine};
+use crate::port::af_xdp::{AfXdpConfig, BusyPoll, NapiDeferral};
 
 /// Where the agent listens and the CLI connects unless told otherwise.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/ctoffload/api.sock";
@@ -179,7 +180,87 @@ pub enum BackendSection {
         /// How packets move between the interfaces and the agent.
         #[serde(default)]
         io: PacketIo,
+        /// AF_XDP port options (with `io = "af_xdp"`).
+        #[serde(default)]
+        af_xdp: AfXdpSection,
     },
+}
+
+/// `[backend.af_xdp]`: options of the AF_XDP ports (`docs/af_xdp.md`). Every one is
+/// off by default, which is what measured best on veth (copy mode).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AfXdpSection {
+    /// `SO_BUSY_POLL` in µs with `SO_PREFER_BUSY_POLL` (0: no busy polling). Works
+    /// with zero-copy sockets only (Linux 6.13 and later).
+    #[serde(default)]
+    pub busy_poll_us: u32,
+    /// `SO_BUSY_POLL_BUDGET`: frames per busy poll (0: 64).
+    #[serde(default)]
+    pub busy_poll_budget: u32,
+    /// The NAPIs' `defer_hard_irqs` while the ports are open (0: left alone).
+    #[serde(default)]
+    pub napi_defer_hard_irqs: u32,
+    /// The NAPIs' `gro_flush_timeout` in µs while the ports are open (0: left alone;
+    /// needs `napi_defer_hard_irqs`).
+    #[serde(default)]
+    pub gro_flush_timeout_us: u32,
+}
+
+impl AfXdpSection {
+    /// The port settings; an error names the field.
+    fn validate(&self) -> Result<AfXdpConfig> {
+        let key = |f: &str| format!("backend.af_xdp.{f}");
+        if self.busy_poll_us == 0 && self.busy_poll_budget != 0 {
+            return Err(ConfigError::invalid(
+                key("busy_poll_budget"),
+                "needs busy_poll_us (busy polling is off)",
+            ));
+        }
+        if (self.napi_defer_hard_irqs == 0) != (self.gro_flush_timeout_us == 0) {
+            // The one missing.
+            let field = if self.napi_defer_hard_irqs == 0 {
+                "napi_defer_hard_irqs"
+            } else {
+                "gro_flush_timeout_us"
+            };
+            return Err(ConfigError::invalid(
+                key(field),
+                "napi_defer_hard_irqs and gro_flush_timeout_us go together (both 0: off)",
+            ));
+        }
+        if i32::try_from(self.napi_defer_hard_irqs).is_err() {
+            return Err(ConfigError::invalid(
+                key("napi_defer_hard_irqs"),
+                "at most 2147483647",
+            ));
+        }
+        if i32::try_from(self.busy_poll_us).is_err()
+            || i32::try_from(self.busy_poll_budget).is_err()
+        {
+            return Err(ConfigError::invalid(
+                key("busy_poll_us"),
+                "busy_poll_us and busy_poll_budget: at most 2147483647",
+            ));
+        }
+        Ok(AfXdpConfig {
+            busy_poll: (self.busy_poll_us > 0).then_some(BusyPoll {
+                usecs: self.busy_poll_us,
+                budget: if self.busy_poll_budget == 0 {
+                    64
+                } else {
+                    self.busy_poll_budget
+                },
+            }),
+            napi_deferral: (self.napi_defer_hard_irqs > 0).then_some(NapiDeferral {
+                defer_hard_irqs: self.napi_defer_hard_irqs,
+                gro_flush_timeout: std::time::Duration::from_micros(u64::from(
+                    self.gro_flush_timeout_us,
+                )),
+            }),
+            ..AfXdpConfig::default()
+        })
+    }
 }
 
 /// `backend.io` of the software backend.
@@ -546,6 +627,8 @@ pub enum Backend {
         interfaces: Vec<String>,
         /// Packet I/O.
         io: PacketIo,
+        /// AF_XDP port settings (used with [`PacketIo::AfXdp`]).
+        af_xdp: AfXdpConfig,
     },
 }
 
@@ -888,11 +971,16 @@ impl ConfigFile {
                 }
                 Backend::Vfio { pci: pci.clone() }
             }
-            BackendSection::Software { interfaces, io } => {
+            BackendSection::Software {
+                interfaces,
+                io,
+                af_xdp,
+            } => {
                 validate_interfaces(interfaces)?;
                 Backend::Software {
                     interfaces: interfaces.clone(),
                     io: *io,
+                    af_xdp: af_xdp.validate()?,
                 }
             }
         };
@@ -1624,6 +1712,62 @@ mod tests {
         assert_eq!(e.key(), Some("backend.table_size"));
         let e = parse("[backend]\nkind = \"sim\"\nsim_socket = \"\"\n").expect_err("empty");
         assert_eq!(e.key(), Some("backend.sim_socket"));
+    }
+
+    #[test]
+    fn af_xdp_options_become_port_settings() {
+        let c = parse(
+            "[backend]\nkind = \"software\"\ninterfaces = [\"eth0\"]\nio = \"af_xdp\"\n\
+             [backend.af_xdp]\nbusy_poll_us = 50\nnapi_defer_hard_irqs = 10\n\
+             gro_flush_timeout_us = 200\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Backend::Software { io, af_xdp, .. } = c.backend else {
+            panic!("software backend: {:?}", c.backend);
+        };
+        assert_eq!(io, PacketIo::AfXdp);
+        assert_eq!(
+            af_xdp.busy_poll,
+            Some(BusyPoll {
+                usecs: 50,
+                budget: 64
+            })
+        );
+        assert_eq!(
+            af_xdp.napi_deferral,
+            Some(NapiDeferral {
+                defer_hard_irqs: 10,
+                gro_flush_timeout: std::time::Duration::from_micros(200),
+            })
+        );
+        // Without the table: the port's defaults (everything off).
+        let c = parse("[backend]\nkind = \"software\"\nio = \"af_xdp\"\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Backend::Software { af_xdp, .. } = c.backend else {
+            panic!("software backend");
+        };
+        assert_eq!(af_xdp, AfXdpConfig::default());
+        for (table, key) in [
+            (
+                "napi_defer_hard_irqs = 4",
+                "backend.af_xdp.gro_flush_timeout_us",
+            ),
+            (
+                "gro_flush_timeout_us = 20",
+                "backend.af_xdp.napi_defer_hard_irqs",
+            ),
+            ("busy_poll_budget = 8", "backend.af_xdp.busy_poll_budget"),
+            (
+                "napi_defer_hard_irqs = 4294967295\ngro_flush_timeout_us = 20",
+                "backend.af_xdp.napi_defer_hard_irqs",
+            ),
+        ] {
+            let e = parse(&format!(
+                "[backend]\nkind = \"software\"\n[backend.af_xdp]\n{table}\n"
+            ))
+            .expect_err(table);
+            assert_eq!(e.key(), Some(key), "{table}: {e}");
+        }
     }
 
     fn snat(name: &str, addr: &str) -> String {

@@ -318,7 +318,8 @@ mod tests {
         assert_eq!(
             mask_of(kept_capabilities(&Backend::Software {
                 interfaces: vec![],
-                io: crate::config::PacketIo::AfPacket
+                io: crate::config::PacketIo::AfPacket,
+                af_xdp: crate::port::af_xdp::AfXdpConfig::default(),
             })),
             (1 << 12) | (1 << 13)
         );

@@ -13,7 +13,7 @@
 //! and UDP through SNAT; IPv6 to the gateway's kernel still arrives (the XDP program
 //! passes what the dataplane does not own); the program is gone once the ports are
 //! dropped, and also after the process holding them is killed (the BPF link dies with
-//! its descriptor).
+//! its descriptor); the port's NAPI deferral is set while it is open and undone after.
 //!
 //! Needs root and `ip`; skipped with a message otherwise, or when XDP cannot attach
 //! here (then the ports fall back to AF_PACKET); under `CI` both are failures.
@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use ctoffload_agent::gateway::forward::{ForwarderConfig, SoftwareForwarder};
 use ctoffload_agent::port::af_xdp::{
-    AfXdp, AfXdpConfig, AnyPort, IoChosen, IoRequest, XdpMode, open_ports,
+    AfXdp, AfXdpConfig, AnyPort, IoChosen, IoRequest, NapiDeferral, XdpMode, napi_settings,
+    open_ports,
 };
 use ctoffload_fallback_sw::conntrack::Config;
 use ctoffload_tests::netns::{NetNs, is_root, skip_reason, unique_name};
@@ -302,4 +303,65 @@ fn killed_holder_leaves_no_program() {
         !xdp_attached(&ns, &dev),
         "program gone after the holder was killed"
     );
+}
+
+/// `AfXdpConfig::napi_deferral` is set on the interface's NAPI while the port is open
+/// (as the kernel reports it) and the previous settings come back when it closes.
+#[test]
+fn napi_deferral_is_set_while_open_and_restored() {
+    if let Some(why) = skip_reason(&["ip", "ethtool"]) {
+        return skip_or_fail(&why);
+    }
+    let ns = NetNs::new(&unique_name("xn")).expect("namespace");
+    let (dev, peer) = (unique_name("xn"), unique_name("xo"));
+    ns.ip(&["link", "add", &dev, "type", "veth", "peer", "name", &peer])
+        .unwrap_or_else(|e| panic!("{e}"));
+    for d in [&dev, &peer] {
+        ns.ip(&["link", "set", d, "up"])
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // With GRO on, a veth keeps its NAPI without XDP, so the restore is visible.
+    ns.exec("ethtool", &["-K", &dev, "gro", "on"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deferral = NapiDeferral {
+        defer_hard_irqs: 7,
+        gro_flush_timeout: Duration::from_micros(30),
+    };
+    let cfg = AfXdpConfig {
+        napi_deferral: Some(deferral),
+        ..AfXdpConfig::default()
+    };
+    let outcome = ns
+        .run_inside(move || {
+            let before = napi_settings(&dev).map_err(|e| e.to_string())?;
+            let port = AfXdp::open(&dev, XdpMode::Native, &cfg).map_err(|e| e.to_string())?;
+            let during = napi_settings(&dev).map_err(|e| e.to_string())?;
+            let deferred = port.deferred_napis();
+            drop(port);
+            let after = napi_settings(&dev).map_err(|e| e.to_string())?;
+            Ok::<_, String>((before, deferred, during, after))
+        })
+        .expect("enter namespace");
+    let (before, deferred, during, after) = match outcome {
+        Ok(x) => x,
+        Err(e) => return skip_or_fail(&format!("NAPI settings or AF_XDP unavailable: {e}")),
+    };
+    assert!(!before.is_empty(), "veth with GRO has a NAPI: {before:?}");
+    assert!(
+        before
+            .iter()
+            .all(|n| (n.defer_hard_irqs, n.gro_flush_timeout_ns) != (7, 30_000)),
+        "not deferred before: {before:?}"
+    );
+    let mut ids: Vec<u32> = during.iter().map(|n| n.id).collect();
+    ids.sort_unstable();
+    assert_eq!(deferred, ids, "every NAPI of the interface was deferred");
+    for n in &during {
+        assert_eq!(
+            (n.defer_hard_irqs, n.gro_flush_timeout_ns),
+            (7, 30_000),
+            "{during:?}"
+        );
+    }
+    assert_eq!(after, before, "the previous settings are back");
 }

@@ -306,7 +306,7 @@ impl Agent {
                 let control = AgentControl::Dataplane(Arc::clone(&sim.control));
                 Ok(Self::with_control(path, cfg, control, Some(sim), m))
             }
-            Backend::Software { interfaces, io } => {
+            Backend::Software { interfaces, io, .. } => {
                 let (interfaces, io) = (interfaces.clone(), *io);
                 Self::start_software(path, cfg, &interfaces, io)
             }

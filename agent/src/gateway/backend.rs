@@ -24,7 +24,7 @@ use super::forward::{ConnTable, ForwardError, ForwarderConfig, SoftwareForwarder
 use super::{Gateway, GatewayConfig, PortConfig, Prefix, StaticRoute};
 use crate::api::SoftwareControl;
 use crate::config::AgentConfig;
-use crate::config::PacketIo;
+use crate::config::{Backend, PacketIo};
 use crate::port::af_xdp::{self, AfXdpConfig, AnyPort, IoRequest};
 use crate::port::{AfPacket, AfPacketOptions, PortError};
 
@@ -146,7 +146,11 @@ fn needs_checksum_fill(ifname: &str) -> bool {
 /// rings where they can be set up (see [`AfPacket::open`]); AF_XDP opens them
 /// together (one UMEM) after the same per-interface check, and falls back to
 /// `AF_PACKET` with the reason logged when XDP cannot attach.
-fn open_ports(interfaces: &[String], io: PacketIo) -> Result<Vec<AnyPort>, BackendError> {
+fn open_ports(
+    interfaces: &[String],
+    io: PacketIo,
+    xdp: AfXdpConfig,
+) -> Result<Vec<AnyPort>, BackendError> {
     let missing = |index: usize, name: &String, source: PortError| BackendError::Interface {
         index,
         name: name.clone(),
@@ -175,7 +179,7 @@ fn open_ports(interfaces: &[String], io: PacketIo) -> Result<Vec<AnyPort>, Backe
             }
             let names: Vec<&str> = interfaces.iter().map(String::as_str).collect();
             let (ports, chosen) =
-                af_xdp::open_ports(&names, IoRequest::AfXdp(AfXdpConfig::default()))
+                af_xdp::open_ports(&names, IoRequest::AfXdp(xdp))
                     .map_err(|e| missing(0, &interfaces.join(","), e))?;
             tracing::info!(?chosen, "backend software: packet I/O");
             Ok(ports)
@@ -204,7 +208,11 @@ impl SoftwareBackend {
         control: Arc<SoftwareControl>,
     ) -> Result<Self, BackendError> {
         let gw = Gateway::new(gateway_config(cfg, interfaces)?).map_err(BackendError::Routes)?;
-        let ports = open_ports(interfaces, io)?;
+        let xdp = match &cfg.backend {
+            Backend::Software { af_xdp, .. } => *af_xdp,
+            Backend::Sim { .. } | Backend::Vfio { .. } => AfXdpConfig::default(),
+        };
+        let ports = open_ports(interfaces, io, xdp)?;
         let fwd_cfg = ForwarderConfig {
             rx_batch: RX_BATCH,
             fill_checksums: interfaces.iter().any(|i| needs_checksum_fill(i)),

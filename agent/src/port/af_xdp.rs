@@ -10,7 +10,9 @@
 //! - One socket per receive queue (`AfXdpConfig::queues`, queue 0 up; a veth has one
 //!   unless created with `numrxqueues`), bound in copy mode with need_wakeup: the
 //!   kernel is woken (fill: `poll`, TX: `sendto`) only when it asks. Optional busy
-//!   polling (`SO_PREFER_BUSY_POLL`, `SO_BUSY_POLL`, `SO_BUSY_POLL_BUDGET`).
+//!   polling (`SO_PREFER_BUSY_POLL`, `SO_BUSY_POLL`, `SO_BUSY_POLL_BUDGET`; zero-copy
+//!   sockets only since Linux 6.13) and NAPI deferral (module `napi`, file
+//!   `af_xdp_napi.rs`: `netdev` netlink, set while the port is open).
 //! - Batch RX: descriptors read from the RX ring, each frame copied into the caller's
 //!   [`FrameBatch`], its frame straight back to the fill ring. Batch TX: completions
 //!   reaped, each frame copied into a free frame, descriptors posted, the kernel kicked.
@@ -40,6 +42,9 @@
 //! `af_xdp_sys.rs`), the only module allowed `unsafe`, each block with its `SAFETY`
 //! note, as the workspace does for device DMA memory and ioctls.
 
+#[path = "af_xdp_napi.rs"]
+mod napi;
+pub use napi::NapiSettings;
 #[path = "af_xdp_prog.rs"]
 pub mod prog;
 #[path = "af_xdp_sys.rs"]
@@ -52,6 +57,7 @@ use std::io;
 use std::num::NonZeroU32;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ctoffload_nic_sim::control::chain;
 use xdpilone::xdp::XdpDesc;
@@ -96,13 +102,32 @@ impl fmt::Display for XdpMode {
     }
 }
 
-/// Busy-poll socket options (see `SO_BUSY_POLL` in socket(7)).
+/// Busy-poll socket options (see `SO_BUSY_POLL` in socket(7)): each receive then
+/// drives the queue with a non-blocking `recvfrom`. Since Linux 6.13 the kernel finds
+/// the NAPI to busy-poll only for zero-copy sockets (at bind, from the driver's queue),
+/// so on copy-mode sockets (veth) these options change nothing (docs/af_xdp.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BusyPoll {
-    /// `SO_BUSY_POLL`: microseconds to busy-poll the device queue.
+    /// `SO_BUSY_POLL` (µs; with `SO_PREFER_BUSY_POLL`).
     pub usecs: u32,
-    /// `SO_BUSY_POLL_BUDGET`: packets per busy-poll round.
+    /// `SO_BUSY_POLL_BUDGET`: frames per busy poll of the NAPI.
     pub budget: u32,
+}
+
+/// NAPI deferral of the interfaces' receive queues (per NAPI, set through netlink at
+/// open, restored at close): after a poll that found frames, the kernel does not let
+/// the device (on veth: the sender) schedule the NAPI again, but polls it from a timer
+/// after `gro_flush_timeout`, on the CPU where the last poll ran, for up to
+/// `defer_hard_irqs` empty polls. With the NAPI on the forwarding loop's CPU, its
+/// receive work (the XDP program, the copy into the UMEM) then stays there, in batches
+/// of one timer period, without a wake-up per frame burst from the sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NapiDeferral {
+    /// `defer_hard_irqs`: empty polls after which the device schedules the NAPI again
+    /// (at most `i32::MAX`: then never, the timer polls even when idle).
+    pub defer_hard_irqs: u32,
+    /// `gro_flush_timeout`: the timer's period.
+    pub gro_flush_timeout: Duration,
 }
 
 /// AF_XDP port settings.
@@ -116,6 +141,8 @@ pub struct AfXdpConfig {
     pub ring_size: u32,
     /// Busy polling, off when `None`.
     pub busy_poll: Option<BusyPoll>,
+    /// NAPI deferral, the interfaces' own settings when `None`.
+    pub napi_deferral: Option<NapiDeferral>,
 }
 
 impl Default for AfXdpConfig {
@@ -125,6 +152,7 @@ impl Default for AfXdpConfig {
             frames_per_queue: 4096,
             ring_size: 2048,
             busy_poll: None,
+            napi_deferral: None,
         }
     }
 }
@@ -288,6 +316,8 @@ pub struct AfXdp {
     busy_poll: bool,
     scratch: Box<[u8; FRAME_BUF_SIZE]>,
     stats: PortStats,
+    /// Restores the NAPI settings before the program (and, on veth, the NAPI) goes.
+    deferral: Option<napi::DeferralGuard>,
     _attachment: Attachment,
 }
 
@@ -371,6 +401,10 @@ impl AfXdp {
         let mut ports = Vec::with_capacity(names.len());
         let mut next_frame = 0u64;
         for ((name, info), attachment) in infos.into_iter().zip(attachments) {
+            // After the attach: veth has its NAPI only while XDP is attached.
+            let deferral = cfg
+                .napi_deferral
+                .and_then(|d| defer_napi(name, info.ifindex(), &d));
             let mut queues = Vec::new();
             for queue in 0..cfg.queues {
                 let first = next_frame == 0;
@@ -396,6 +430,7 @@ impl AfXdp {
                 busy_poll: cfg.busy_poll.is_some(),
                 scratch: Box::new([0; FRAME_BUF_SIZE]),
                 stats: PortStats::default(),
+                deferral,
                 _attachment: attachment,
             });
         }
@@ -408,11 +443,49 @@ impl AfXdp {
         self.mode
     }
 
+    /// The NAPI instances whose deferral this port set (their ids, ascending); empty without
+    /// [`AfXdpConfig::napi_deferral`] or when the kernel refused (logged).
+    #[must_use]
+    pub fn deferred_napis(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .deferral
+            .as_ref()
+            .map(|d| d.previous().iter().map(|n| n.id).collect())
+            .unwrap_or_default();
+        ids.sort_unstable();
+        ids
+    }
+
     fn io_err(&self, op: &'static str, source: io::Error) -> PortError {
         PortError {
             port: self.name.clone(),
             op,
             source: ctoffload_nic_sim::Error::Io { op, source },
+        }
+    }
+}
+
+/// The NAPI instances of interface `name` (in this thread's network namespace) and
+/// their deferral settings, as the kernel reports them (`netdev` netlink `napi-get`).
+///
+/// # Errors
+/// No such interface, or the kernel has no `netdev` netlink family (before 6.5).
+pub fn napi_settings(name: &str) -> Result<Vec<NapiSettings>, AfXdpError> {
+    let info = if_info(name)?;
+    napi::settings(info.ifindex()).map_err(|source| AfXdpError::Interface {
+        name: name.to_owned(),
+        source,
+    })
+}
+
+/// Sets NAPI deferral `d` on interface `ifindex`. It is a performance setting: the
+/// port works without it, so a failure is logged, not fatal.
+fn defer_napi(name: &str, ifindex: u32, d: &NapiDeferral) -> Option<napi::DeferralGuard> {
+    match napi::DeferralGuard::apply(ifindex, d.defer_hard_irqs, d.gro_flush_timeout) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            tracing::warn!(port = name, error = %e, "NAPI deferral not set (napi-set needs Linux 6.13; else /sys/class/net/DEV/napi_defer_hard_irqs and gro_flush_timeout)");
+            None
         }
     }
 }

@@ -33,9 +33,13 @@
 //! Settings (environment): `XDP_BENCH_REPEATS` (3), `XDP_BENCH_TRIAL_MS` (300),
 //! `XDP_BENCH_FLOWS` (`1,100000`), `XDP_BENCH_METHODS` (`sink,kernel,af_packet,af_xdp`),
 //! `XDP_BENCH_SENDER` (`af_xdp` or `af_packet`), `XDP_BENCH_BUSY_POLL_US` (0: the
-//! AF_XDP forwarder's busy polling, off), `XDP_BENCH_NO_THREADED_NAPI=1` (the
-//! gateway's veth NAPI stays where the kernel runs it: on the sender's CPU),
-//! `XDP_BENCH_NAPI_FIFO` (50: `SCHED_FIFO` priority of the NAPI thread and
+//! AF_XDP forwarder's busy polling, off) and `XDP_BENCH_BUSY_POLL_BUDGET` (64),
+//! `XDP_BENCH_DEFER_IRQS` and `XDP_BENCH_GRO_FLUSH_US` (the forwarder's NAPI deferral,
+//! `AfXdpConfig::napi_deferral`; 0 / 50: off), `XDP_BENCH_NAPI` (where the gateway's
+//! inside veth runs its NAPI: `thread`, the default, a kernel thread pinned to the
+//! gateway CPU; `softirq`, softirq on the gateway CPU paced by a deferral that never
+//! runs out; `sender`, where the kernel runs it, on the sender's CPU, also
+//! `XDP_BENCH_NO_THREADED_NAPI=1`), `XDP_BENCH_NAPI_FIFO` (50: `SCHED_FIFO` priority of the NAPI thread and
 //! `ksoftirqd/1`, 0: nice -20 only), `XDP_BENCH_FORWARDER_FIFO` (60: the forwarding
 //! loop's, 0: nice -20 only), `XDP_BENCH_XSK_RING` (the forwarder's XSK ring entries,
 //! `AfXdpConfig`'s default), `XDP_BENCH_VERBOSE=1`.
@@ -48,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use ctoffload_agent::gateway::forward::ForwarderConfig;
 use ctoffload_agent::port::af_xdp::{
-    AfXdpConfig, AnyPort, BusyPoll, IoChosen, IoRequest, open_ports,
+    AfXdpConfig, AnyPort, BusyPoll, IoChosen, IoRequest, NapiDeferral, open_ports,
 };
 use ctoffload_agent::port::{FrameBatch, PacketPort};
 use ctoffload_fallback_sw::conntrack::Config;
@@ -79,6 +83,9 @@ const NAPI_FIFO_PRIORITY: u8 = 50;
 /// overload the NAPI thread (which would run without end) cannot starve it; the loop
 /// sleeps in `poll` whenever its receive rings are empty, and the NAPI thread runs.
 const FORWARDER_FIFO_PRIORITY: u8 = 60;
+/// The largest `defer_hard_irqs` (`S32_MAX`): the NAPI timer never hands the NAPI back
+/// to the device.
+const NEVER_UNDEFER: u32 = 0x7fff_ffff;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Method {
@@ -115,6 +122,23 @@ struct Settings {
     /// `SCHED_FIFO` priority of the forwarding loop (`af_packet`, `af_xdp`), 0: stays
     /// `SCHED_OTHER` at nice -20.
     forwarder_fifo: u8,
+    /// Where the gateway's inside veth runs its NAPI (AF_XDP).
+    napi: NapiPlace,
+}
+
+/// Where the gateway's inside veth runs its NAPI (the XDP program and the copy into
+/// the UMEM) for the AF_XDP method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NapiPlace {
+    /// A kernel thread (`/sys/class/net/DEV/threaded`) pinned to the gateway CPU.
+    Thread,
+    /// Softirq on the gateway CPU, polled from the NAPI deferral timer: threaded (so
+    /// pinned to the gateway CPU) during the warm-up, then not, the timer re-armed on
+    /// that CPU by every poll; needs a deferral that never runs out (the sender's CPU
+    /// would schedule the NAPI again).
+    Softirq,
+    /// Where the kernel runs it: veth schedules it on the sender's CPU (two cores).
+    Sender,
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> Result<T, String> {
@@ -164,12 +188,37 @@ fn settings() -> Result<Settings, String> {
         }
     };
     let busy_usecs = env_or("XDP_BENCH_BUSY_POLL_US", 0u32)?;
+    let busy_budget = env_or("XDP_BENCH_BUSY_POLL_BUDGET", 64u32)?;
+    let napi = match std::env::var("XDP_BENCH_NAPI").as_deref() {
+        Ok("thread") => NapiPlace::Thread,
+        Ok("softirq") => NapiPlace::Softirq,
+        Ok("sender") => NapiPlace::Sender,
+        Err(_) if std::env::var_os("XDP_BENCH_NO_THREADED_NAPI").is_some() => NapiPlace::Sender,
+        Err(_) => NapiPlace::Thread,
+        Ok(other) => {
+            return Err(format!(
+                "XDP_BENCH_NAPI: thread, softirq or sender, not {other:?}"
+            ));
+        }
+    };
+    // In softirq placement the deferral must never run out (see `NapiPlace`).
+    let defer_default = if napi == NapiPlace::Softirq {
+        NEVER_UNDEFER
+    } else {
+        0
+    };
+    let defer_irqs = env_or("XDP_BENCH_DEFER_IRQS", defer_default)?;
+    let gro_flush_us = env_or("XDP_BENCH_GRO_FLUSH_US", 50u64)?;
     let defaults = AfXdpConfig::default();
     let ring_size = env_or("XDP_BENCH_XSK_RING", defaults.ring_size)?;
     let xdp = AfXdpConfig {
         busy_poll: (busy_usecs > 0).then_some(BusyPoll {
             usecs: busy_usecs,
-            budget: 64,
+            budget: busy_budget,
+        }),
+        napi_deferral: (defer_irqs > 0 && gro_flush_us > 0).then_some(NapiDeferral {
+            defer_hard_irqs: defer_irqs,
+            gro_flush_timeout: Duration::from_micros(gro_flush_us),
         }),
         ring_size,
         // Half the frames go on the fill ring: enough to fill it.
@@ -185,6 +234,7 @@ fn settings() -> Result<Settings, String> {
         xdp,
         napi_fifo,
         forwarder_fifo,
+        napi,
         repeats: env_or("XDP_BENCH_REPEATS", 3usize)?.max(1),
         trial: Duration::from_millis(env_or("XDP_BENCH_TRIAL_MS", 300u64)?.max(50)),
         flows,
@@ -621,7 +671,14 @@ fn io_name(chosen: &IoChosen, ports: &[AnyPort]) -> String {
             AnyPort::AfXdp(_) => None,
         })
         .unwrap_or_default();
+    let deferred = ports
+        .iter()
+        .filter(|p| matches!(p, AnyPort::AfXdp(x) if !x.deferred_napis().is_empty()))
+        .count();
     match chosen {
+        IoChosen::AfXdp(mode) if deferred > 0 => {
+            format!("AF_XDP, {mode} XDP, copy mode, NAPI deferred on {deferred} ports")
+        }
         IoChosen::AfXdp(mode) => format!("AF_XDP, {mode} XDP, copy mode"),
         IoChosen::AfPacket { fallback: None } => format!("AF_PACKET {af_packet}"),
         IoChosen::AfPacket {
@@ -812,9 +869,7 @@ fn run_method(method: Method, cfg: &Settings, rows: &mut Vec<Row>) -> Result<(),
                     IoRequest::AfPacket
                 };
                 let (a, io) = start_agent(&b, request, cfg.forwarder_fifo)?;
-                if method == Method::AfXdp
-                    && std::env::var_os("XDP_BENCH_NO_THREADED_NAPI").is_none()
-                {
+                if method == Method::AfXdp && cfg.napi != NapiPlace::Sender {
                     let napi = threaded_napi(&b.t.gw, &b.t.gw_in)?;
                     boosted.add(&napi, Some(GATEWAY_CPU));
                     if cfg.napi_fifo > 0 {
@@ -827,6 +882,17 @@ fn run_method(method: Method, cfg: &Settings, rows: &mut Vec<Row>) -> Result<(),
         let (sender, sender_thread, sender_io) = start_sender(&b, flows, cfg.sender)?;
         // Warm-up: ARP, and every flow's connection created before measuring.
         trial(&b, &sender, None, cfg.trial.max(Duration::from_millis(500)))?;
+        if method == Method::AfXdp && cfg.napi == NapiPlace::Softirq {
+            // The NAPI has polled on the gateway CPU (its thread is pinned there) and
+            // armed its timer there: from now on the timer polls it in softirq there.
+            cmd(b.t.gw.exec(
+                "sh",
+                &[
+                    "-c",
+                    &format!("echo 0 > /sys/class/net/{}/threaded", b.t.gw_in),
+                ],
+            ))?;
+        }
         let mut row = Row {
             method,
             io,
