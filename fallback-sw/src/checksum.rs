@@ -17,31 +17,68 @@
 
 use core::net::{Ipv4Addr, Ipv6Addr};
 
-/// Adds `data` as big-endian 16-bit words to an unfolded accumulator.
+/// Adds `data` as big-endian 16-bit words to an accumulator.
 ///
 /// An odd trailing byte is padded with a zero byte on its right, as RFC 1071 says. The
 /// result may be added to other partial sums as long as each piece started at an even
-/// offset of the checksummed data; it overflows only past 2^32 words of 32 bits (16 GiB).
+/// offset of the checksummed data. It is already folded to 16 bits (0 only for data
+/// that sums to 0), so any number of them can be added without overflow; [`fold`] and
+/// [`verifies`] give the same answer as for the unfolded sum.
 #[inline]
 #[must_use]
 pub fn sum(data: &[u8]) -> u64 {
-    // 32-bit big-endian words: the one's complement sum is the same whatever the word
-    // width, as long as the words are big-endian and folding uses end-around carry.
+    // RFC 1071 §2(B): the one's complement sum is byte-order independent, so the data
+    // is added as native little-endian 64-bit words (four 16-bit words each, no byte
+    // swap per word) with end-around carry, and the folded result is swapped once at
+    // the end. The carries of the 64-bit adds go into a second accumulator.
     let mut acc: u64 = 0;
-    let mut chunks = data.chunks_exact(4);
+    let mut carries: u64 = 0;
+    let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
-        acc += u64::from(u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        let (s, carry) = acc.overflowing_add(u64::from_le_bytes(w));
+        acc = s;
+        carries += u64::from(carry);
     }
-    let rest = chunks.remainder();
-    let mut odd = rest;
-    if let [a, b, tail @ ..] = rest {
-        acc += u64::from(u16::from_be_bytes([*a, *b]));
-        odd = tail;
+    // The tail (0-7 bytes) padded with zeros on its right, as one more word (built
+    // from fixed-size reads: a variable-length copy would call `memcpy`).
+    let (s, carry) = acc.overflowing_add(tail_word(chunks.remainder()));
+    acc = s;
+    carries += u64::from(carry);
+    // Each carry out of bit 63 is worth 2^64 = 1 (mod 2^16 - 1): add them back in.
+    let le = fold_parts(acc, carries);
+    u64::from(le.swap_bytes())
+}
+
+/// The little-endian word of `tail` (at most 7 bytes) padded with zeros on its right.
+#[inline]
+fn tail_word(tail: &[u8]) -> u64 {
+    let mut word = 0u64;
+    let mut shift = 0;
+    let mut rest = tail;
+    if let [a, b, c, d, more @ ..] = rest {
+        word = u64::from(u32::from_le_bytes([*a, *b, *c, *d]));
+        shift = 32;
+        rest = more;
     }
-    if let [a] = odd {
-        acc += u64::from(*a) << 8;
+    if let [a, b, more @ ..] = rest {
+        word |= u64::from(u16::from_le_bytes([*a, *b])) << shift;
+        shift += 16;
+        rest = more;
     }
-    acc
+    if let [a, ..] = rest {
+        word |= u64::from(*a) << shift;
+    }
+    word
+}
+
+/// Folds `acc + carries` (the carries worth 1 each, end-around) to 16 bits with
+/// end-around carry; 0 only when both are 0.
+#[inline]
+fn fold_parts(acc: u64, carries: u64) -> u16 {
+    let lo = (acc & 0xFFFF_FFFF) + (acc >> 32) + carries;
+    fold(lo)
 }
 
 /// Folds an accumulator to 16 bits with end-around carry (not complemented).
