@@ -27,27 +27,57 @@ use core::net::{Ipv4Addr, Ipv6Addr};
 #[inline]
 #[must_use]
 pub fn sum(data: &[u8]) -> u64 {
+    sum_words(data)
+}
+
+/// [`sum`] of a fixed-size array, always inlined: the loop is unrolled for the size
+/// (an IPv4 header without options on the packet path).
+#[inline(always)]
+#[must_use]
+pub fn sum_array<const N: usize>(data: &[u8; N]) -> u64 {
+    sum_words(data)
+}
+
+#[inline(always)]
+fn sum_words(data: &[u8]) -> u64 {
     // RFC 1071 §2(B): the one's complement sum is byte-order independent, so the data
     // is added as native little-endian 64-bit words (four 16-bit words each, no byte
-    // swap per word) with end-around carry, and the folded result is swapped once at
-    // the end. The carries of the 64-bit adds go into a second accumulator.
-    let mut acc: u64 = 0;
-    let mut carries: u64 = 0;
+    // swap per word) into a 128-bit accumulator (an add and an add-with-carry per
+    // word), and the folded result is swapped once at the end.
+    let mut acc: u128 = 0;
     let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
         let mut w = [0u8; 8];
         w.copy_from_slice(c);
-        let (s, carry) = acc.overflowing_add(u64::from_le_bytes(w));
-        acc = s;
-        carries += u64::from(carry);
+        acc += u128::from(u64::from_le_bytes(w));
     }
     // The tail (0-7 bytes) padded with zeros on its right, as one more word (built
     // from fixed-size reads: a variable-length copy would call `memcpy`).
-    let (s, carry) = acc.overflowing_add(tail_word(chunks.remainder()));
-    acc = s;
-    carries += u64::from(carry);
-    // Each carry out of bit 63 is worth 2^64 = 1 (mod 2^16 - 1): add them back in.
-    let le = fold_parts(acc, carries);
+    acc += u128::from(tail_word(chunks.remainder()));
+    // 2^64 = 1 (mod 2^16 - 1): the high half is added back in, end-around.
+    let [
+        l0,
+        l1,
+        l2,
+        l3,
+        l4,
+        l5,
+        l6,
+        l7,
+        h0,
+        h1,
+        h2,
+        h3,
+        h4,
+        h5,
+        h6,
+        h7,
+    ] = acc.to_le_bytes();
+    let lo = u64::from_le_bytes([l0, l1, l2, l3, l4, l5, l6, l7]);
+    let hi = u64::from_le_bytes([h0, h1, h2, h3, h4, h5, h6, h7]);
+    let (folded, carry) = lo.overflowing_add(hi);
+    // No overflow: with a carry, `folded` is at most 2^64 - 2.
+    let le = fold(folded + u64::from(carry));
     u64::from(le.swap_bytes())
 }
 
@@ -71,14 +101,6 @@ fn tail_word(tail: &[u8]) -> u64 {
         word |= u64::from(*a) << shift;
     }
     word
-}
-
-/// Folds `acc + carries` (the carries worth 1 each, end-around) to 16 bits with
-/// end-around carry; 0 only when both are 0.
-#[inline]
-fn fold_parts(acc: u64, carries: u64) -> u16 {
-    let lo = (acc & 0xFFFF_FFFF) + (acc >> 32) + carries;
-    fold(lo)
 }
 
 /// Folds an accumulator to 16 bits with end-around carry (not complemented).

@@ -350,6 +350,10 @@ const EMPTY: u32 = u32::MAX;
 /// Room reserved for [`ConnTable::take_nat_released`]'s queue: more than one packet's
 /// removals (a lookup reaps one, early drop at most 8 groups of 8).
 const NAT_RELEASED_RESERVE: usize = 128;
+/// Index cells [`ConnTable::prefetch`] looks at, at most, for the first whose tag
+/// matches (the cells of other connections that hashed nearby come first in about
+/// half of the lookups at load 1/2).
+const PREFETCH_PROBE: usize = 8;
 /// Early drop walks this many groups of index slots ...
 const EARLY_DROP_GROUPS: usize = 8;
 /// ... of this many slots each (Linux: 8 hash buckets).
@@ -553,22 +557,28 @@ impl<P> ConnTable<P> {
         u64::from(self.index[self.pos(hash)])
     }
 
-    /// Batch helper, second step: the connection that the first index slot of `hash`
-    /// points to when its hash tag matches (a hint: the tuple is not compared and the
-    /// timeout not checked). Callers read the fields they will use, so that the entry
-    /// is in cache when [`ConnTable::lookup_hashed`] runs.
+    /// Batch helper, second step: the connection that the first index cell of `hash`'s
+    /// probe run with a matching hash tag points to, looking at most
+    /// [`PREFETCH_PROBE`] cells from the start (a hint: the tuple is not compared and
+    /// the timeout not checked). Callers read the fields they will use, so that the
+    /// entry is in cache when [`ConnTable::lookup_hashed`] runs.
     #[inline]
     #[must_use]
     pub fn prefetch(&self, hash: u64) -> Option<(&Entry<P>, Dir)> {
-        let v = self.index[self.pos(hash)];
-        if v == EMPTY {
-            return None;
+        let tag = self.cells.tag(hash);
+        let mut pos = self.pos(hash);
+        for _ in 0..PREFETCH_PROBE {
+            let v = self.index[pos];
+            if v == EMPTY {
+                return None;
+            }
+            let (vtag, slot, dir) = self.cells.unpack(v);
+            if vtag == tag {
+                return self.entry(slot).map(|c| (c, dir));
+            }
+            pos = (pos + 1) & self.mask;
         }
-        let (vtag, slot, dir) = self.cells.unpack(v);
-        if vtag != self.cells.tag(hash) {
-            return None;
-        }
-        self.entry(slot).map(|c| (c, dir))
+        None
     }
 
     /// Find the live connection owning `tuple`, and the direction `tuple` is. An expired

@@ -324,7 +324,8 @@ fn parse_plain_v4(frame: &[u8], opts: ParseOptions) -> Option<Result<ParsedPacke
     let total = u16::from_be_bytes([h[L3 + 2], h[L3 + 3]]);
     let end = L3 + usize::from(total);
     let seg = frame.get(L4..end)?;
-    if opts.verify_ipv4_checksum && !checksum::verifies(checksum::sum(&h[L3..])) {
+    let ip_header: &[u8; ipv4::HEADER_LEN] = h[L3..].try_into().ok()?;
+    if opts.verify_ipv4_checksum && !checksum::verifies(checksum::sum_array(ip_header)) {
         return Some(Err(ParseError::BadChecksum { layer: Layer::Ipv4 }));
     }
     let src = Ipv4Addr::new(h[L3 + 12], h[L3 + 13], h[L3 + 14], h[L3 + 15]);
