@@ -268,23 +268,26 @@ fn established(n: usize, repeats: usize, min_packets: usize, rng: &mut Rng) -> (
     (summary(rates), summary(cpu_rates))
 }
 
-/// New UDP connections per second: `n` fresh flows into an empty table sized for them.
-fn new_udp(n: usize, repeats: usize, rng: &mut Rng) -> (Summary, f64) {
+/// New UDP connections per second, by wall clock and by this thread's CPU time: `n`
+/// fresh flows into an empty table sized for them.
+fn new_udp(n: usize, repeats: usize, rng: &mut Rng) -> (Summary, Summary, f64) {
     let (orig, _) = udp_trace(n, rng);
     let frames = orig.frames();
     let mut rates = Vec::new();
+    let mut cpu_rates = Vec::new();
     let mut bytes = 0.0;
     for _ in 0..repeats {
         let mut ct = conntrack(n);
-        let t0 = Instant::now();
+        let t0 = Clocks::start();
         let tracked = run(&mut ct, &frames, 10 * NS);
-        let dt = t0.elapsed().as_secs_f64();
+        let (dt, cpu) = t0.elapsed();
         assert_eq!(tracked, n);
         assert_eq!(ct.table().len(), n);
         rates.push(n as f64 / dt);
+        cpu_rates.push(n as f64 / cpu);
         bytes = ct.bytes_per_connection() as f64;
     }
-    (summary(rates), bytes)
+    (summary(rates), summary(cpu_rates), bytes)
 }
 
 /// Which connections [`memory_aside`] fills the table with.
@@ -343,23 +346,25 @@ fn memory_aside(n: usize, kind: Aside) -> f64 {
 
 /// Full TCP handshakes per second (SYN, SYN-ACK, ACK each a frame through conntrack),
 /// and the memory per connection of the full table.
-fn tcp_handshakes(n: usize, repeats: usize) -> (Summary, f64) {
+fn tcp_handshakes(n: usize, repeats: usize) -> (Summary, Summary, f64) {
     let trace = tcp_trace(n);
     let frames = trace.frames();
     assert_eq!(trace.len(), 3 * n);
     let mut rates = Vec::new();
+    let mut cpu_rates = Vec::new();
     let mut bytes = 0.0;
     for _ in 0..repeats {
         let mut ct = conntrack(n);
-        let t0 = Instant::now();
+        let t0 = Clocks::start();
         let tracked = run(&mut ct, &frames, 10 * NS);
-        let dt = t0.elapsed().as_secs_f64();
+        let (dt, cpu) = t0.elapsed();
         assert_eq!(tracked, 3 * n, "every handshake frame tracked");
         assert_eq!(ct.table().len(), n);
         rates.push(n as f64 / dt);
+        cpu_rates.push(n as f64 / cpu);
         bytes = ct.bytes_per_connection() as f64;
     }
-    (summary(rates), bytes)
+    (summary(rates), summary(cpu_rates), bytes)
 }
 
 // ------------------------------------------------------------------------- NAT
@@ -693,10 +698,10 @@ fn main() {
             }
         })
         .unzip();
-    let (udp_new, bytes) = if want("new") {
+    let (udp_new, udp_new_cpu, bytes) = if want("new") {
         new_udp(big, repeats, &mut rng)
     } else {
-        (zero, 0.0)
+        (zero, zero, 0.0)
     };
     let (v6_bytes, snat_bytes) = if want("new") {
         (
@@ -706,10 +711,10 @@ fn main() {
     } else {
         (0.0, 0.0)
     };
-    let (tcp, tcp_bytes) = if want("tcp") {
+    let (tcp, tcp_cpu, tcp_bytes) = if want("tcp") {
         tcp_handshakes(big, repeats)
     } else {
-        (zero, 0.0)
+        (zero, zero, 0.0)
     };
     let est_nat: Vec<(Summary, Summary, Summary)> = sizes
         .iter()
@@ -788,12 +793,20 @@ fn main() {
         "4",
     );
     row(
+        "new UDP conns, by CPU time",
+        "M/s",
+        m(udp_new_cpu),
+        "-",
+        "4",
+    );
+    row(
         &format!("TCP handshakes ({big}, 3 frames)"),
         "M/s",
         m(tcp),
         "-",
         "1.5",
     );
+    row("TCP handshakes, by CPU time", "M/s", m(tcp_cpu), "-", "1.5");
     // Every allocation of the conntrack instance's table (index, entries, side store
     // of tuples, timer links and wheel, free list, event and release queues) and of the
     // TCP window store beside it, divided by the live connections of the full table.
@@ -880,7 +893,9 @@ fn main() {
          \"conns_1k_cpu_mpps\":{:.3},\"conns_100k_cpu_mpps\":{:.3},\"conns_1m_cpu_mpps\":{:.3},\
          \"conns_1k_cpu_mpps_min\":{:.3},\"conns_100k_cpu_mpps_min\":{:.3},\"conns_1m_cpu_mpps_min\":{:.3},\
          \"new_udp_per_s\":{:.0},\"new_udp_per_s_min\":{:.0},\
+         \"new_udp_cpu_per_s\":{:.0},\"new_udp_cpu_per_s_min\":{:.0},\
          \"tcp_handshakes_per_s\":{:.0},\"tcp_handshakes_per_s_min\":{:.0},\
+         \"tcp_handshakes_cpu_per_s\":{:.0},\"tcp_handshakes_cpu_per_s_min\":{:.0},\
          \"bytes_per_conn\":{:.1},\"bytes_per_conn_tcp\":{:.1},\"bytes_per_conn_v6\":{:.1},\"bytes_per_conn_snat\":{:.1},\
          \"nat_plain_1k_mpps\":{:.3},\"nat_plain_100k_mpps\":{:.3},\"nat_plain_1m_mpps\":{:.3},\
          \"snat_1k_mpps\":{:.3},\"snat_100k_mpps\":{:.3},\"snat_1m_mpps\":{:.3},\
@@ -908,8 +923,12 @@ fn main() {
         m(est_cpu[2]).min,
         udp_new.median,
         udp_new.min,
+        udp_new_cpu.median,
+        udp_new_cpu.min,
         tcp.median,
         tcp.min,
+        tcp_cpu.median,
+        tcp_cpu.min,
         bytes,
         tcp_bytes,
         v6_bytes,
