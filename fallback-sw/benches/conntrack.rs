@@ -23,6 +23,10 @@
 //! `cargo bench -p ctoffload-fallback-sw --bench conntrack`; `CT_BENCH_QUICK=1` (or a run
 //! without `--bench`, as `cargo test --all-targets` does) runs a small, single-repeat
 //! version (a smoke test). The last line printed is a JSON object with every figure.
+//! Rates are given by wall clock and by the thread's CPU time (which other processes on
+//! a shared core do not inflate). The header line says whether the tables got
+//! transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` where THP is
+//! `madvise`): the 1M-connection figures depend on it.
 #![allow(clippy::unwrap_used)]
 
 use std::hint::black_box;
@@ -651,6 +655,18 @@ fn new_nat(endpoints: usize, range: u16, fresh: usize, repeats: usize, rng: &mut
     }
 }
 
+/// Whether the tables' big allocations get transparent huge pages: THP is `always` on
+/// this machine, or it is `madvise` and glibc's malloc asks for them
+/// (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). The figures at 1M connections depend on
+/// it (TLB misses).
+fn huge_pages() -> bool {
+    let mode =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let tunable = std::env::var("GLIBC_TUNABLES")
+        .is_ok_and(|t| t.split(':').any(|kv| kv == "glibc.malloc.hugetlb=1"));
+    mode.contains("[always]") || (mode.contains("[madvise]") && tunable)
+}
+
 fn row(name: &str, unit: &str, s: Summary, ovs: &str, goal: &str) {
     println!(
         "| {name:<36} | {:>8.2} | {:>8.2} | {:>8.2} | {unit:<6} | {ovs:>12} | {goal:>8} |",
@@ -753,10 +769,12 @@ fn main() {
         median: s.median / 1e6,
         max: s.max / 1e6,
     };
+    let thp = huge_pages();
     println!(
         "ctoffload-fallback-sw conntrack, one core, 64-byte frames, batches of {BATCH}, \
-         {repeats} repeat(s){}",
-        if quick { " (QUICK: small sizes)" } else { "" }
+         {repeats} repeat(s){}; transparent huge pages for the tables: {}",
+        if quick { " (QUICK: small sizes)" } else { "" },
+        if thp { "yes" } else { "no" }
     );
     println!(
         "| {:<36} | {:>8} | {:>8} | {:>8} | {:<6} | {:>12} | {:>8} |",
@@ -887,7 +905,7 @@ fn main() {
         "-",
     );
     println!(
-        "{{\"bench\":\"ct_established\",\"quick\":{quick},\"repeats\":{repeats},\
+        "{{\"bench\":\"ct_established\",\"quick\":{quick},\"repeats\":{repeats},\"thp\":{thp},\
          \"conns_1k_mpps\":{:.3},\"conns_100k_mpps\":{:.3},\"conns_1m_mpps\":{:.3},\
          \"conns_1k_mpps_min\":{:.3},\"conns_100k_mpps_min\":{:.3},\"conns_1m_mpps_min\":{:.3},\
          \"conns_1k_cpu_mpps\":{:.3},\"conns_100k_cpu_mpps\":{:.3},\"conns_1m_cpu_mpps\":{:.3},\
