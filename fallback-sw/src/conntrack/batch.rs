@@ -200,7 +200,7 @@ impl Conntrack {
 
     /// Passes 2 and 3.
     fn prefetch(&self, pre: &[Pre]) {
-        // 2: the index slots, all loads independent of each other.
+        // 2: the index cells, all loads independent of each other.
         let mut sink = 0u64;
         for p in pre {
             if let Pre::Fast { hash, .. } = p {
@@ -210,8 +210,9 @@ impl Conntrack {
         // 3: the entries they point to. No entry: probably a new connection, whose
         // insert also probes the index for the reply tuple; without NAT that is the
         // inverse, whose index hash is the same (`TupleHasher::pair_hash`), so pass 2
-        // has read its slot already. The first slot of a tuple may hold the other
-        // direction of the same connection (same hash): both tuples are touched.
+        // has read its cell already. Both cells of a connection without NAT start
+        // their probe at the same cell, so a packet of either direction finds the
+        // entry from it.
         for p in pre {
             if let Pre::Fast { hash, .. } = p {
                 let Some((c, _)) = self.table.prefetch(*hash) else {
