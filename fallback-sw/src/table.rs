@@ -158,7 +158,7 @@ impl Key {
     /// The compact key of `orig` when `reply` is its inverse and it is IPv4.
     fn compact(orig: &Tuple, reply: &Tuple) -> Option<Key> {
         let packed = orig.pack_v4()?;
-        (packed.invert() == reply.pack_v4()).then_some(Key(Some(packed)))
+        (Some(packed.invert()?) == reply.pack_v4()).then_some(Key(Some(packed)))
     }
 
     /// Whether the probe whose packed form is `probe` (and its inverse `probe_inv`)
@@ -1264,6 +1264,36 @@ mod tests {
             None,
             "a reply-type original is not it"
         );
+    }
+
+    #[test]
+    fn a_non_invertible_original_keeps_its_tuples_aside() {
+        let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
+        // ICMP type 3 has no reply type: whatever the reply is, it is not the inverse,
+        // not even a reply that has no packed form either (IPv6: the table takes any
+        // pair of tuples).
+        let orig = Tuple {
+            src: Addr::v4([10, 0, 0, 1]),
+            dst: Addr::v4([192, 0, 2, 1]),
+            src_l4: 7,
+            dst_l4: u16::from_be_bytes([3, 1]),
+            proto: proto::ICMP,
+            family: Family::V4,
+            zone: 0,
+        };
+        let reply = Tuple {
+            src: Addr::v6([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]),
+            dst: Addr::v6([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            family: Family::V6,
+            ..orig
+        };
+        let s = tab
+            .insert(orig, reply, Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        assert!(tab.entry(s).expect("live").tuples_aside());
+        assert_eq!(tab.lookup(&orig, S), Some((s, Dir::Original)));
+        assert_eq!(tab.lookup(&reply, S), Some((s, Dir::Reply)));
+        assert_eq!(tab.tuples(s), Some([orig, reply]));
     }
 
     #[test]
