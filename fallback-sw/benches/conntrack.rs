@@ -23,6 +23,10 @@
 //! `cargo bench -p ctoffload-fallback-sw --bench conntrack`; `CT_BENCH_QUICK=1` (or a run
 //! without `--bench`, as `cargo test --all-targets` does) runs a small, single-repeat
 //! version (a smoke test). The last line printed is a JSON object with every figure.
+//! Rates are given by wall clock and by the thread's CPU time (which other processes on
+//! a shared core do not inflate). The header line says whether the tables got
+//! transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` where THP is
+//! `madvise`): the 1M-connection figures depend on it.
 #![allow(clippy::unwrap_used)]
 
 use std::hint::black_box;
@@ -238,8 +242,9 @@ fn summary(mut v: Vec<f64>) -> Summary {
     }
 }
 
-/// Established-flow packets per second with `n` live connections.
-fn established(n: usize, repeats: usize, min_packets: usize, rng: &mut Rng) -> Summary {
+/// Established-flow packets per second with `n` live connections: by wall clock, and
+/// by this thread's CPU time (which other processes on a shared core do not inflate).
+fn established(n: usize, repeats: usize, min_packets: usize, rng: &mut Rng) -> (Summary, Summary) {
     let (orig, both) = udp_trace(n, rng);
     let mut ct = conntrack(n);
     let now = 10 * NS;
@@ -250,38 +255,43 @@ fn established(n: usize, repeats: usize, min_packets: usize, rng: &mut Rng) -> S
     let frames = both.frames();
     let passes = min_packets.div_ceil(frames.len()).max(1);
     let mut rates = Vec::new();
+    let mut cpu_rates = Vec::new();
     for r in 0..repeats {
         let now = now + u64::try_from(r + 1).unwrap() * NS;
-        let t0 = Instant::now();
+        let t0 = Clocks::start();
         let mut tracked = 0;
         for _ in 0..passes {
             tracked += run(&mut ct, &frames, now);
         }
-        let dt = t0.elapsed().as_secs_f64();
+        let (dt, cpu) = t0.elapsed();
         assert_eq!(tracked, passes * frames.len(), "every packet tracked");
         rates.push((passes * frames.len()) as f64 / dt);
+        cpu_rates.push((passes * frames.len()) as f64 / cpu);
     }
     assert_eq!(ct.table().len(), n, "nothing expired or evicted");
-    summary(rates)
+    (summary(rates), summary(cpu_rates))
 }
 
-/// New UDP connections per second: `n` fresh flows into an empty table sized for them.
-fn new_udp(n: usize, repeats: usize, rng: &mut Rng) -> (Summary, f64) {
+/// New UDP connections per second, by wall clock and by this thread's CPU time: `n`
+/// fresh flows into an empty table sized for them.
+fn new_udp(n: usize, repeats: usize, rng: &mut Rng) -> (Summary, Summary, f64) {
     let (orig, _) = udp_trace(n, rng);
     let frames = orig.frames();
     let mut rates = Vec::new();
+    let mut cpu_rates = Vec::new();
     let mut bytes = 0.0;
     for _ in 0..repeats {
         let mut ct = conntrack(n);
-        let t0 = Instant::now();
+        let t0 = Clocks::start();
         let tracked = run(&mut ct, &frames, 10 * NS);
-        let dt = t0.elapsed().as_secs_f64();
+        let (dt, cpu) = t0.elapsed();
         assert_eq!(tracked, n);
         assert_eq!(ct.table().len(), n);
         rates.push(n as f64 / dt);
+        cpu_rates.push(n as f64 / cpu);
         bytes = ct.bytes_per_connection() as f64;
     }
-    (summary(rates), bytes)
+    (summary(rates), summary(cpu_rates), bytes)
 }
 
 /// Which connections [`memory_aside`] fills the table with.
@@ -340,23 +350,25 @@ fn memory_aside(n: usize, kind: Aside) -> f64 {
 
 /// Full TCP handshakes per second (SYN, SYN-ACK, ACK each a frame through conntrack),
 /// and the memory per connection of the full table.
-fn tcp_handshakes(n: usize, repeats: usize) -> (Summary, f64) {
+fn tcp_handshakes(n: usize, repeats: usize) -> (Summary, Summary, f64) {
     let trace = tcp_trace(n);
     let frames = trace.frames();
     assert_eq!(trace.len(), 3 * n);
     let mut rates = Vec::new();
+    let mut cpu_rates = Vec::new();
     let mut bytes = 0.0;
     for _ in 0..repeats {
         let mut ct = conntrack(n);
-        let t0 = Instant::now();
+        let t0 = Clocks::start();
         let tracked = run(&mut ct, &frames, 10 * NS);
-        let dt = t0.elapsed().as_secs_f64();
+        let (dt, cpu) = t0.elapsed();
         assert_eq!(tracked, 3 * n, "every handshake frame tracked");
         assert_eq!(ct.table().len(), n);
         rates.push(n as f64 / dt);
+        cpu_rates.push(n as f64 / cpu);
         bytes = ct.bytes_per_connection() as f64;
     }
-    (summary(rates), bytes)
+    (summary(rates), summary(cpu_rates), bytes)
 }
 
 // ------------------------------------------------------------------------- NAT
@@ -522,6 +534,11 @@ struct Clocks {
 
 impl Clocks {
     fn thread_cpu() -> f64 {
+        // `CT_BENCH_WALL_ONLY=1`: no CPU clock (every CPU figure is then infinite or
+        // NaN), for running under valgrind, where rustix cannot set up its vDSO calls.
+        if std::env::var_os("CT_BENCH_WALL_ONLY").is_some() {
+            return 0.0;
+        }
         let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
         t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
     }
@@ -638,6 +655,18 @@ fn new_nat(endpoints: usize, range: u16, fresh: usize, repeats: usize, rng: &mut
     }
 }
 
+/// Whether the tables' big allocations get transparent huge pages: THP is `always` on
+/// this machine, or it is `madvise` and glibc's malloc asks for them
+/// (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). The figures at 1M connections depend on
+/// it (TLB misses).
+fn huge_pages() -> bool {
+    let mode =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let tunable = std::env::var("GLIBC_TUNABLES")
+        .is_ok_and(|t| t.split(':').any(|kv| kv == "glibc.malloc.hugetlb=1"));
+    mode.contains("[always]") || (mode.contains("[madvise]") && tunable)
+}
+
 fn row(name: &str, unit: &str, s: Summary, ovs: &str, goal: &str) {
     println!(
         "| {name:<36} | {:>8.2} | {:>8.2} | {:>8.2} | {unit:<6} | {ovs:>12} | {goal:>8} |",
@@ -670,20 +699,25 @@ fn main() {
         max: 0.0,
     };
     let mut rng = Rng(0x5eed);
-    let est: Vec<Summary> = sizes
+    // `CT_BENCH_EST_CONNS=1000,1000000`: only these established sizes (for profiling
+    // one of them); the others print 0.
+    let est_only: Option<Vec<usize>> = std::env::var("CT_BENCH_EST_CONNS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect());
+    let (est, est_cpu): (Vec<Summary>, Vec<Summary>) = sizes
         .iter()
         .map(|&n| {
-            if want("est") {
+            if want("est") && est_only.as_ref().is_none_or(|o| o.contains(&n)) {
                 established(n, repeats, min_packets, &mut rng)
             } else {
-                zero
+                (zero, zero)
             }
         })
-        .collect();
-    let (udp_new, bytes) = if want("new") {
+        .unzip();
+    let (udp_new, udp_new_cpu, bytes) = if want("new") {
         new_udp(big, repeats, &mut rng)
     } else {
-        (zero, 0.0)
+        (zero, zero, 0.0)
     };
     let (v6_bytes, snat_bytes) = if want("new") {
         (
@@ -693,10 +727,10 @@ fn main() {
     } else {
         (0.0, 0.0)
     };
-    let (tcp, tcp_bytes) = if want("tcp") {
+    let (tcp, tcp_cpu, tcp_bytes) = if want("tcp") {
         tcp_handshakes(big, repeats)
     } else {
-        (zero, 0.0)
+        (zero, zero, 0.0)
     };
     let est_nat: Vec<(Summary, Summary, Summary)> = sizes
         .iter()
@@ -735,10 +769,12 @@ fn main() {
         median: s.median / 1e6,
         max: s.max / 1e6,
     };
+    let thp = huge_pages();
     println!(
         "ctoffload-fallback-sw conntrack, one core, 64-byte frames, batches of {BATCH}, \
-         {repeats} repeat(s){}",
-        if quick { " (QUICK: small sizes)" } else { "" }
+         {repeats} repeat(s){}; transparent huge pages for the tables: {}",
+        if quick { " (QUICK: small sizes)" } else { "" },
+        if thp { "yes" } else { "no" }
     );
     println!(
         "| {:<36} | {:>8} | {:>8} | {:>8} | {:<6} | {:>12} | {:>8} |",
@@ -758,11 +794,27 @@ fn main() {
         );
         let _ = names[i];
     }
+    for i in 0..3 {
+        row(
+            &format!("est. UDP, {} conns, by CPU time", sizes[i]),
+            "Mpps",
+            m(est_cpu[i]),
+            "-",
+            goal[i],
+        );
+    }
     row(
         &format!("new UDP conns ({big} into empty)"),
         "M/s",
         m(udp_new),
         "1.58",
+        "4",
+    );
+    row(
+        "new UDP conns, by CPU time",
+        "M/s",
+        m(udp_new_cpu),
+        "-",
         "4",
     );
     row(
@@ -772,6 +824,7 @@ fn main() {
         "-",
         "1.5",
     );
+    row("TCP handshakes, by CPU time", "M/s", m(tcp_cpu), "-", "1.5");
     // Every allocation of the conntrack instance's table (index, entries, side store
     // of tuples, timer links and wheel, free list, event and release queues) and of the
     // TCP window store beside it, divided by the live connections of the full table.
@@ -852,11 +905,15 @@ fn main() {
         "-",
     );
     println!(
-        "{{\"bench\":\"ct_established\",\"quick\":{quick},\"repeats\":{repeats},\
+        "{{\"bench\":\"ct_established\",\"quick\":{quick},\"repeats\":{repeats},\"thp\":{thp},\
          \"conns_1k_mpps\":{:.3},\"conns_100k_mpps\":{:.3},\"conns_1m_mpps\":{:.3},\
          \"conns_1k_mpps_min\":{:.3},\"conns_100k_mpps_min\":{:.3},\"conns_1m_mpps_min\":{:.3},\
+         \"conns_1k_cpu_mpps\":{:.3},\"conns_100k_cpu_mpps\":{:.3},\"conns_1m_cpu_mpps\":{:.3},\
+         \"conns_1k_cpu_mpps_min\":{:.3},\"conns_100k_cpu_mpps_min\":{:.3},\"conns_1m_cpu_mpps_min\":{:.3},\
          \"new_udp_per_s\":{:.0},\"new_udp_per_s_min\":{:.0},\
+         \"new_udp_cpu_per_s\":{:.0},\"new_udp_cpu_per_s_min\":{:.0},\
          \"tcp_handshakes_per_s\":{:.0},\"tcp_handshakes_per_s_min\":{:.0},\
+         \"tcp_handshakes_cpu_per_s\":{:.0},\"tcp_handshakes_cpu_per_s_min\":{:.0},\
          \"bytes_per_conn\":{:.1},\"bytes_per_conn_tcp\":{:.1},\"bytes_per_conn_v6\":{:.1},\"bytes_per_conn_snat\":{:.1},\
          \"nat_plain_1k_mpps\":{:.3},\"nat_plain_100k_mpps\":{:.3},\"nat_plain_1m_mpps\":{:.3},\
          \"snat_1k_mpps\":{:.3},\"snat_100k_mpps\":{:.3},\"snat_1m_mpps\":{:.3},\
@@ -876,10 +933,20 @@ fn main() {
         m(est[0]).min,
         m(est[1]).min,
         m(est[2]).min,
+        m(est_cpu[0]).median,
+        m(est_cpu[1]).median,
+        m(est_cpu[2]).median,
+        m(est_cpu[0]).min,
+        m(est_cpu[1]).min,
+        m(est_cpu[2]).min,
         udp_new.median,
         udp_new.min,
+        udp_new_cpu.median,
+        udp_new_cpu.min,
         tcp.median,
         tcp.min,
+        tcp_cpu.median,
+        tcp_cpu.min,
         bytes,
         tcp_bytes,
         v6_bytes,

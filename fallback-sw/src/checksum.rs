@@ -17,31 +17,90 @@
 
 use core::net::{Ipv4Addr, Ipv6Addr};
 
-/// Adds `data` as big-endian 16-bit words to an unfolded accumulator.
+/// Adds `data` as big-endian 16-bit words to an accumulator.
 ///
 /// An odd trailing byte is padded with a zero byte on its right, as RFC 1071 says. The
 /// result may be added to other partial sums as long as each piece started at an even
-/// offset of the checksummed data; it overflows only past 2^32 words of 32 bits (16 GiB).
+/// offset of the checksummed data. It is already folded to 16 bits (0 only for data
+/// that sums to 0), so any number of them can be added without overflow; [`fold`] and
+/// [`verifies`] give the same answer as for the unfolded sum.
 #[inline]
 #[must_use]
 pub fn sum(data: &[u8]) -> u64 {
-    // 32-bit big-endian words: the one's complement sum is the same whatever the word
-    // width, as long as the words are big-endian and folding uses end-around carry.
-    let mut acc: u64 = 0;
-    let mut chunks = data.chunks_exact(4);
+    sum_words(data)
+}
+
+/// [`sum`] of a fixed-size array, always inlined: the loop is unrolled for the size
+/// (an IPv4 header without options on the packet path).
+#[inline(always)]
+#[must_use]
+pub fn sum_array<const N: usize>(data: &[u8; N]) -> u64 {
+    sum_words(data)
+}
+
+#[inline(always)]
+fn sum_words(data: &[u8]) -> u64 {
+    // RFC 1071 §2(B): the one's complement sum is byte-order independent, so the data
+    // is added as native little-endian 64-bit words (four 16-bit words each, no byte
+    // swap per word) into a 128-bit accumulator (an add and an add-with-carry per
+    // word), and the folded result is swapped once at the end.
+    let mut acc: u128 = 0;
+    let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
-        acc += u64::from(u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        acc += u128::from(u64::from_le_bytes(w));
     }
-    let rest = chunks.remainder();
-    let mut odd = rest;
-    if let [a, b, tail @ ..] = rest {
-        acc += u64::from(u16::from_be_bytes([*a, *b]));
-        odd = tail;
+    // The tail (0-7 bytes) padded with zeros on its right, as one more word (built
+    // from fixed-size reads: a variable-length copy would call `memcpy`).
+    acc += u128::from(tail_word(chunks.remainder()));
+    // 2^64 = 1 (mod 2^16 - 1): the high half is added back in, end-around.
+    let [
+        l0,
+        l1,
+        l2,
+        l3,
+        l4,
+        l5,
+        l6,
+        l7,
+        h0,
+        h1,
+        h2,
+        h3,
+        h4,
+        h5,
+        h6,
+        h7,
+    ] = acc.to_le_bytes();
+    let lo = u64::from_le_bytes([l0, l1, l2, l3, l4, l5, l6, l7]);
+    let hi = u64::from_le_bytes([h0, h1, h2, h3, h4, h5, h6, h7]);
+    let (folded, carry) = lo.overflowing_add(hi);
+    // No overflow: with a carry, `folded` is at most 2^64 - 2.
+    let le = fold(folded + u64::from(carry));
+    u64::from(le.swap_bytes())
+}
+
+/// The little-endian word of `tail` (at most 7 bytes) padded with zeros on its right.
+#[inline]
+fn tail_word(tail: &[u8]) -> u64 {
+    let mut word = 0u64;
+    let mut shift = 0;
+    let mut rest = tail;
+    if let [a, b, c, d, more @ ..] = rest {
+        word = u64::from(u32::from_le_bytes([*a, *b, *c, *d]));
+        shift = 32;
+        rest = more;
     }
-    if let [a] = odd {
-        acc += u64::from(*a) << 8;
+    if let [a, b, more @ ..] = rest {
+        word |= u64::from(u16::from_le_bytes([*a, *b])) << shift;
+        shift += 16;
+        rest = more;
     }
-    acc
+    if let [a, ..] = rest {
+        word |= u64::from(*a) << shift;
+    }
+    word
 }
 
 /// Folds an accumulator to 16 bits with end-around carry (not complemented).

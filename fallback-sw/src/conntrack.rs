@@ -669,6 +669,7 @@ impl Conntrack {
         self.invalid(Invalid::InsertClash)
     }
 
+    #[inline(never)]
     fn create(
         &mut self,
         tuple: Tuple,
@@ -799,7 +800,6 @@ impl Conntrack {
         bytes: u64,
         now: u64,
     ) -> Result<Verdict, Reopen> {
-        let tcp_cfg = self.cfg.tcp;
         let t = self.cfg.timeouts;
         let Some(conn) = self.table.get_mut(slot) else {
             return Ok(self.invalid(Invalid::InsertClash));
@@ -810,60 +810,30 @@ impl Conntrack {
             (Dir::Original, true) => CtInfo::Established,
             (Dir::Original, false) => CtInfo::New,
         };
-        let remaining = conn.remaining(now);
         // What the protocol handler decided: a new relative timeout (None = keep),
         // whether to set ASSURED, whether to delete the entry after the packet.
-        let (timeout_ns, assure, delete, count) = match (&mut conn.proto, &pkt.l4) {
-            (L4State::Tcp(summary), L4::Tcp(info)) => {
-                let status = ConnStatus {
-                    seen_reply,
-                    assured: conn.status.contains(Status::ASSURED),
-                    fixed_timeout: conn.status.contains(Status::FIXED_TIMEOUT),
-                    remaining_ns: remaining,
-                };
-                // Every TCP entry has its state stored (only this crate makes a
-                // `TcpSummary`); a missing one is refused, never guessed.
-                let Some(tcp) = self.tcp.get_mut(slot) else {
-                    return Ok(self.invalid(Invalid::InsertClash));
-                };
-                let outcome = tcp.packet(dir, &segment_of(info), status, &tcp_cfg);
-                summary.state = tcp.state();
-                match outcome {
-                    TcpOutcome::Accept(a) => (a.timeout_ns, a.set_assured, a.delete_now, true),
-                    TcpOutcome::Ignore(_) => {
-                        self.stats.tcp_ignored += 1;
-                        (None, false, false, false)
-                    }
-                    TcpOutcome::Invalid {
-                        reason,
-                        shrink_timeout_ns,
-                    } => {
-                        if let Some(ns) = shrink_timeout_ns {
-                            self.table.set_timeout(slot, now.saturating_add(ns));
-                        }
-                        return Ok(self.invalid(Invalid::Tcp(reason)));
-                    }
-                    TcpOutcome::Reopen => {
-                        // The packet is tracked again and belongs to the new entry.
-                        self.table.remove(slot, RemoveReason::Closed);
-                        return Err(Reopen);
-                    }
+        let handled = match (conn.proto, &pkt.l4) {
+            (L4State::Tcp(_), L4::Tcp(segment)) => {
+                match self.tcp_handler(slot, dir, segment, now)? {
+                    Ok(h) => h,
+                    Err(verdict) => return Ok(verdict),
                 }
             }
             (L4State::Udp { stream_at }, _) => {
-                if seen_reply && now > *stream_at {
+                if seen_reply && now > stream_at {
                     let assure = !conn.status.contains(Status::NAT_CLASH);
-                    (Some(u64::from(t.udp_stream) * NS), assure, false, true)
+                    Handled::refresh(t.udp_stream, assure)
                 } else {
-                    (Some(u64::from(t.udp) * NS), false, false, true)
+                    Handled::refresh(t.udp, false)
                 }
             }
-            (L4State::Icmp, _) => (Some(u64::from(t.icmp) * NS), false, false, true),
-            (L4State::Generic, _) | (L4State::Tcp(_), _) => {
-                (Some(u64::from(t.generic) * NS), false, false, true)
-            }
+            (L4State::Icmp, _) => Handled::refresh(t.icmp, false),
+            (L4State::Generic, _) | (L4State::Tcp(_), _) => Handled::refresh(t.generic, false),
         };
-        if assure {
+        let Some(conn) = self.table.get_mut(slot) else {
+            return Ok(self.invalid(Invalid::InsertClash));
+        };
+        if handled.assure {
             conn.status.insert(Status::ASSURED);
         }
         // SEEN_REPLY is set after the handler ran on a reply-direction packet (the
@@ -872,16 +842,18 @@ impl Conntrack {
             conn.status.insert(Status::SEEN_REPLY);
         }
         let status = conn.status;
-        if count {
+        if handled.count {
             self.table.count(slot, dir, 1, bytes);
         }
         let fixed = status.contains(Status::FIXED_TIMEOUT);
-        if delete {
+        if handled.delete {
             if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
                 self.closed = self.table.tuples(slot).map(|t| (t, status));
             }
             self.table.remove(slot, RemoveReason::Closed);
-        } else if let (Some(ns), false) = (timeout_ns, fixed) {
+        } else if let (Some(ns), false) = (handled.timeout_ns, fixed) {
+            // Like Linux, a refresh writes the new timeout only: the timer wheel is
+            // touched when the timeout moves earlier (see `ConnTable::set_timeout`).
             self.table.set_timeout(slot, now.saturating_add(ns));
         }
         Ok(Verdict::Tracked {
@@ -890,6 +862,71 @@ impl Conntrack {
             info,
             created: false,
         })
+    }
+
+    /// The TCP handler of an existing TCP connection (state machine and window
+    /// tracking): what to do with the entry, or the packet's verdict when it is
+    /// invalid, or [`Reopen`]. Out of line: the UDP path stays small.
+    #[inline(never)]
+    fn tcp_handler(
+        &mut self,
+        slot: Slot,
+        dir: Dir,
+        segment: &TcpInfo,
+        now: u64,
+    ) -> Result<Result<Handled, Verdict>, Reopen> {
+        let Self {
+            cfg, table, tcp, ..
+        } = self;
+        let Some(conn) = table.get_mut(slot) else {
+            return Ok(Err(self.invalid(Invalid::InsertClash)));
+        };
+        let status = ConnStatus {
+            seen_reply: conn.status.contains(Status::SEEN_REPLY),
+            assured: conn.status.contains(Status::ASSURED),
+            fixed_timeout: conn.status.contains(Status::FIXED_TIMEOUT),
+            remaining_ns: conn.remaining(now),
+        };
+        // Every TCP entry has its state stored (only this crate makes a
+        // `TcpSummary`); a missing one is refused, never guessed.
+        let Some(window) = tcp.get_mut(slot) else {
+            return Ok(Err(self.invalid(Invalid::InsertClash)));
+        };
+        let outcome = window.packet(dir, &segment_of(segment), status, &cfg.tcp);
+        conn.proto = L4State::Tcp(TcpSummary {
+            state: window.state(),
+        });
+        Ok(Ok(match outcome {
+            TcpOutcome::Accept(a) => Handled {
+                timeout_ns: a.timeout_ns,
+                assure: a.set_assured,
+                delete: a.delete_now,
+                count: true,
+            },
+            TcpOutcome::Ignore(_) => {
+                self.stats.tcp_ignored += 1;
+                Handled {
+                    timeout_ns: None,
+                    assure: false,
+                    delete: false,
+                    count: false,
+                }
+            }
+            TcpOutcome::Invalid {
+                reason,
+                shrink_timeout_ns,
+            } => {
+                if let Some(ns) = shrink_timeout_ns {
+                    self.table.set_timeout(slot, now.saturating_add(ns));
+                }
+                return Ok(Err(self.invalid(Invalid::Tcp(reason))));
+            }
+            TcpOutcome::Reopen => {
+                // The packet is tracked again and belongs to the new entry.
+                self.table.remove(slot, RemoveReason::Closed);
+                return Err(Reopen);
+            }
+        }))
     }
 
     /// ICMP error: find the connection of the quoted packet (§6).
@@ -948,6 +985,32 @@ impl Conntrack {
 
 /// The TCP handler asked to delete the entry and look the packet up again.
 struct Reopen;
+
+/// What a protocol handler decided for a packet of an existing connection.
+#[derive(Clone, Copy)]
+struct Handled {
+    /// The new relative timeout; `None` keeps the current one.
+    timeout_ns: Option<u64>,
+    /// Set ASSURED.
+    assure: bool,
+    /// Delete the entry after the packet.
+    delete: bool,
+    /// Count the packet in the entry's counters.
+    count: bool,
+}
+
+impl Handled {
+    /// Counted, timeout refreshed to `secs`, ASSURED set when `assure`.
+    #[inline]
+    fn refresh(secs: u32, assure: bool) -> Self {
+        Self {
+            timeout_ns: Some(u64::from(secs) * NS),
+            assure,
+            delete: false,
+            count: true,
+        }
+    }
+}
 
 impl Conntrack {
     /// [`Conntrack::process`], then NAT: when the packet's connection is translated,

@@ -27,7 +27,7 @@
 //! The per-protocol state `P` is opaque here: the table does not know about TCP.
 
 use crate::timer::{SlotLinks, TimerWheel};
-use crate::tuple::{Addr, Dir, Family, Tuple, TupleHasher};
+use crate::tuple::{Dir, PackedV4, Tuple, TupleHasher};
 
 pub mod free;
 pub mod side;
@@ -144,91 +144,64 @@ fn low32(v: u64) -> u32 {
     u32::try_from(v & 0xFFFF_FFFF).unwrap_or(0)
 }
 
-/// How an entry holds its two tuples.
+/// How an entry holds its two tuples: an IPv4 connection whose reply tuple is
+/// [`Tuple::invert`] of its original keeps the original packed in two words
+/// ([`PackedV4`]); any other keeps both tuples in the table's side store at the
+/// entry's slot ([`Key::SIDE`], two zero words, which no packed tuple is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Key {
-    /// IPv4, and the reply tuple is [`Tuple::invert`] of the original: the original's
-    /// fields.
-    V4 {
-        proto: u8,
-        src_l4: u16,
-        dst_l4: u16,
-        zone: u16,
-        src: [u8; 4],
-        dst: [u8; 4],
-    },
-    /// Both tuples are in the table's side store at the entry's slot.
-    Side,
-}
-
-/// An IPv4 address of a tuple, when the rest of its 16 bytes is zero (as
-/// [`Addr::v4`] makes it).
-#[inline]
-fn plain_v4(a: &Addr) -> Option<[u8; 4]> {
-    a.0[4..].iter().all(|&b| b == 0).then(|| a.as_v4())
-}
+struct Key(Option<PackedV4>);
 
 impl Key {
+    /// The key of an entry whose tuples are in the side store.
+    const SIDE: Key = Key(None);
+
     /// The compact key of `orig` when `reply` is its inverse and it is IPv4.
     fn compact(orig: &Tuple, reply: &Tuple) -> Option<Key> {
-        if orig.family != Family::V4 || orig.invert().as_ref() != Ok(reply) {
-            return None;
-        }
-        Some(Key::V4 {
-            proto: orig.proto,
-            src_l4: orig.src_l4,
-            dst_l4: orig.dst_l4,
-            zone: orig.zone,
-            src: plain_v4(&orig.src)?,
-            dst: plain_v4(&orig.dst)?,
-        })
+        let packed = orig.pack_v4()?;
+        (Some(packed.invert()?) == reply.pack_v4()).then_some(Key(Some(packed)))
     }
 
-    /// Whether `t` is the tuple of direction `dir` of a `V4` key (`None` for `Side`).
+    /// Whether the probe whose packed form is `probe` (and its inverse `probe_inv`)
+    /// is the tuple of direction `dir` of a compact key (`None` for [`Key::SIDE`]).
+    /// A probe that has no packed form is no compact key's tuple.
     #[inline]
-    fn matches(&self, t: &Tuple, dir: Dir) -> Option<bool> {
-        let orig = self.original()?;
+    fn matches(&self, probe: &Probe<'_>, dir: Dir) -> Option<bool> {
+        let key = self.0?;
         Some(match dir {
-            Dir::Original => orig == *t,
-            // The inverse (ICMP types mapped) is built only for a candidate whose
-            // addresses already match.
-            Dir::Reply => {
-                t.src == orig.dst && t.dst == orig.src && orig.invert().is_ok_and(|r| r == *t)
-            }
+            Dir::Original => probe.packed == Some(key),
+            // The reply is the inverse of the original: the probe's inverse is then
+            // the original (inverting is an involution on the tuples it accepts).
+            Dir::Reply => probe.inverse == Some(key),
         })
     }
 
-    /// Both tuples of a `V4` key (`None` for `Side`).
+    /// Both tuples of a compact key (`None` for [`Key::SIDE`]).
     #[inline]
     fn tuples(&self) -> Option<[Tuple; 2]> {
-        let orig = self.original()?;
+        let orig = self.0?;
         // A compact key is made only from a tuple that inverts.
-        Some([orig, orig.invert().unwrap_or(orig)])
+        let reply = orig.invert().unwrap_or(orig);
+        Some([orig.unpack(), reply.unpack()])
     }
+}
 
-    /// The original tuple of a `V4` key (`None` for `Side`).
+/// A tuple being looked up, with its packed form and the packed form of its inverse,
+/// computed once for every index cell the lookup compares.
+struct Probe<'a> {
+    tuple: &'a Tuple,
+    packed: Option<PackedV4>,
+    inverse: Option<PackedV4>,
+}
+
+impl<'a> Probe<'a> {
     #[inline]
-    fn original(&self) -> Option<Tuple> {
-        let Key::V4 {
-            proto,
-            src_l4,
-            dst_l4,
-            zone,
-            src,
-            dst,
-        } = *self
-        else {
-            return None;
-        };
-        Some(Tuple {
-            src: Addr::v4(src),
-            dst: Addr::v4(dst),
-            src_l4,
-            dst_l4,
-            proto,
-            family: Family::V4,
-            zone,
-        })
+    fn new(tuple: &'a Tuple) -> Self {
+        let packed = tuple.pack_v4();
+        Self {
+            tuple,
+            packed,
+            inverse: packed.and_then(PackedV4::invert),
+        }
     }
 }
 
@@ -280,7 +253,7 @@ impl<P> Entry<P> {
     #[inline]
     #[must_use]
     pub fn tuples_aside(&self) -> bool {
-        self.key == Key::Side
+        self.key == Key::SIDE
     }
 }
 
@@ -377,6 +350,10 @@ const EMPTY: u32 = u32::MAX;
 /// Room reserved for [`ConnTable::take_nat_released`]'s queue: more than one packet's
 /// removals (a lookup reaps one, early drop at most 8 groups of 8).
 const NAT_RELEASED_RESERVE: usize = 128;
+/// Index cells [`ConnTable::prefetch`] looks at, at most, for the first whose tag
+/// matches (the cells of other connections that hashed nearby come first in about
+/// half of the lookups at load 1/2).
+const PREFETCH_PROBE: usize = 8;
 /// Early drop walks this many groups of index slots ...
 const EARLY_DROP_GROUPS: usize = 8;
 /// ... of this many slots each (Linux: 8 hash buckets).
@@ -580,22 +557,28 @@ impl<P> ConnTable<P> {
         u64::from(self.index[self.pos(hash)])
     }
 
-    /// Batch helper, second step: the connection that the first index slot of `hash`
-    /// points to when its hash tag matches (a hint: the tuple is not compared and the
-    /// timeout not checked). Callers read the fields they will use, so that the entry
-    /// is in cache when [`ConnTable::lookup_hashed`] runs.
+    /// Batch helper, second step: the connection that the first index cell of `hash`'s
+    /// probe run with a matching hash tag points to, looking at most
+    /// [`PREFETCH_PROBE`] cells from the start (a hint: the tuple is not compared and
+    /// the timeout not checked). Callers read the fields they will use, so that the
+    /// entry is in cache when [`ConnTable::lookup_hashed`] runs.
     #[inline]
     #[must_use]
     pub fn prefetch(&self, hash: u64) -> Option<(&Entry<P>, Dir)> {
-        let v = self.index[self.pos(hash)];
-        if v == EMPTY {
-            return None;
+        let tag = self.cells.tag(hash);
+        let mut pos = self.pos(hash);
+        for _ in 0..PREFETCH_PROBE {
+            let v = self.index[pos];
+            if v == EMPTY {
+                return None;
+            }
+            let (vtag, slot, dir) = self.cells.unpack(v);
+            if vtag == tag {
+                return self.entry(slot).map(|c| (c, dir));
+            }
+            pos = (pos + 1) & self.mask;
         }
-        let (vtag, slot, dir) = self.cells.unpack(v);
-        if vtag != self.cells.tag(hash) {
-            return None;
-        }
-        self.entry(slot).map(|c| (c, dir))
+        None
     }
 
     /// Find the live connection owning `tuple`, and the direction `tuple` is. An expired
@@ -624,6 +607,7 @@ impl<P> ConnTable<P> {
     #[inline]
     fn find(&self, tuple: &Tuple, h: u64) -> Option<(Slot, Dir)> {
         let tag = self.cells.tag(h);
+        let probe = Probe::new(tuple);
         let mut pos = self.pos(h);
         loop {
             let v = self.index[pos];
@@ -631,7 +615,7 @@ impl<P> ConnTable<P> {
                 return None;
             }
             let (vtag, slot, dir) = self.cells.unpack(v);
-            if vtag == tag && self.is_tuple(slot, dir, tuple) {
+            if vtag == tag && self.is_tuple(slot, dir, &probe) {
                 return Some((slot, dir));
             }
             pos = (pos + 1) & self.mask;
@@ -644,18 +628,18 @@ impl<P> ConnTable<P> {
         usize::try_from(hash & u64::try_from(self.mask).unwrap_or(u64::MAX)).unwrap_or(0)
     }
 
-    /// Whether `tuple` is the `dir` tuple of the connection in `slot`.
+    /// Whether the probe's tuple is the `dir` tuple of the connection in `slot`.
     #[inline]
-    fn is_tuple(&self, slot: Slot, dir: Dir, tuple: &Tuple) -> bool {
+    fn is_tuple(&self, slot: Slot, dir: Dir, probe: &Probe<'_>) -> bool {
         let Some(e) = self.entry(slot) else {
             return false;
         };
-        match e.key.matches(tuple, dir) {
+        match e.key.matches(probe, dir) {
             Some(m) => m,
             None => self
                 .side
                 .get(slot)
-                .is_some_and(|t| t[dir.index()] == *tuple),
+                .is_some_and(|t| t[dir.index()] == *probe.tuple),
         }
     }
 
@@ -934,7 +918,7 @@ impl<P> ConnTable<P> {
         let id = conn_id(slot, generation);
         let key = Key::compact(&orig, &reply).unwrap_or_else(|| {
             self.side.put(slot, [orig, reply]);
-            Key::Side
+            Key::SIDE
         });
         self.entries[slot.idx()] = Some(Entry {
             key,
@@ -1280,6 +1264,36 @@ mod tests {
             None,
             "a reply-type original is not it"
         );
+    }
+
+    #[test]
+    fn a_non_invertible_original_keeps_its_tuples_aside() {
+        let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
+        // ICMP type 3 has no reply type: whatever the reply is, it is not the inverse,
+        // not even a reply that has no packed form either (IPv6: the table takes any
+        // pair of tuples).
+        let orig = Tuple {
+            src: Addr::v4([10, 0, 0, 1]),
+            dst: Addr::v4([192, 0, 2, 1]),
+            src_l4: 7,
+            dst_l4: u16::from_be_bytes([3, 1]),
+            proto: proto::ICMP,
+            family: Family::V4,
+            zone: 0,
+        };
+        let reply = Tuple {
+            src: Addr::v6([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]),
+            dst: Addr::v6([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            family: Family::V6,
+            ..orig
+        };
+        let s = tab
+            .insert(orig, reply, Status::empty(), 30 * S, (), 0)
+            .expect("room");
+        assert!(tab.entry(s).expect("live").tuples_aside());
+        assert_eq!(tab.lookup(&orig, S), Some((s, Dir::Original)));
+        assert_eq!(tab.lookup(&reply, S), Some((s, Dir::Reply)));
+        assert_eq!(tab.tuples(s), Some([orig, reply]));
     }
 
     #[test]

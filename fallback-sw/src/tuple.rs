@@ -13,6 +13,7 @@
 
 use core::fmt;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use core::num::NonZeroU64;
 
 /// IP protocol numbers the tracker knows by name.
 pub mod proto {
@@ -275,6 +276,87 @@ impl Tuple {
     }
 }
 
+/// An IPv4 tuple packed into two 64-bit words, for compact storage and for comparing
+/// tuples as two word compares. Only a tuple whose addresses are plain IPv4 (the other
+/// 12 bytes zero, as [`Addr::v4`] makes them) has one ([`Tuple::pack_v4`]). The second
+/// word always has its top byte set: it is never zero, so `Option<PackedV4>` is two
+/// words too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PackedV4 {
+    /// Source address in the low 32 bits, destination in the high, each in memory
+    /// (network) byte order.
+    addrs: u64,
+    /// `src_l4 | dst_l4 << 16 | zone << 32 | proto << 48 | 1 << 56`.
+    rest: NonZeroU64,
+}
+
+/// The marker in the top byte of [`PackedV4::rest`].
+const PACKED_MARK: u64 = 1 << 56;
+
+impl PackedV4 {
+    /// The tuple these words hold.
+    #[inline]
+    pub(crate) fn unpack(self) -> Tuple {
+        let [s0, s1, s2, s3, d0, d1, d2, d3] = self.addrs.to_le_bytes();
+        let [sp0, sp1, dp0, dp1, z0, z1, proto, _] = self.rest.get().to_le_bytes();
+        Tuple {
+            src: Addr::v4([s0, s1, s2, s3]),
+            dst: Addr::v4([d0, d1, d2, d3]),
+            src_l4: u16::from_le_bytes([sp0, sp1]),
+            dst_l4: u16::from_le_bytes([dp0, dp1]),
+            proto,
+            family: Family::V4,
+            zone: u16::from_le_bytes([z0, z1]),
+        }
+    }
+
+    /// [`Tuple::invert`] in packed form: addresses and ports swapped, or for ICMP the
+    /// id and code kept and the type mapped (`None` for a type without a reply type).
+    #[inline]
+    pub(crate) fn invert(self) -> Option<Self> {
+        let addrs = self.addrs.rotate_left(32);
+        let rest = self.rest.get();
+        let high = rest & !0xFFFF_FFFF;
+        // dst_l4 = type << 8 | code, so its little-endian bytes are [code, type].
+        let [sp0, sp1, code, ty, _, _, proto, _] = rest.to_le_bytes();
+        let low = if proto == proto::ICMP {
+            // src_l4 (the id) and the code stay; the type is mapped.
+            let inv = icmpv4_reply_type(ty)?;
+            u64::from_le_bytes([sp0, sp1, code, inv, 0, 0, 0, 0])
+        } else {
+            ((rest & 0xFFFF) << 16) | ((rest >> 16) & 0xFFFF)
+        };
+        Some(Self {
+            addrs,
+            // `high` keeps the marker byte.
+            rest: NonZeroU64::new(high | low)?,
+        })
+    }
+}
+
+impl Tuple {
+    /// This tuple packed into two words, when it is IPv4 with plain IPv4 addresses.
+    #[inline]
+    pub(crate) fn pack_v4(&self) -> Option<PackedV4> {
+        let s = u128::from_le_bytes(self.src.0);
+        let d = u128::from_le_bytes(self.dst.0);
+        // The upper 12 bytes of both addresses must be zero.
+        if self.family != Family::V4 || (s | d) >> 32 != 0 {
+            return None;
+        }
+        Some(PackedV4 {
+            addrs: u64::try_from(s | (d << 32)).ok()?,
+            rest: NonZeroU64::new(
+                u64::from(self.src_l4)
+                    | (u64::from(self.dst_l4) << 16)
+                    | (u64::from(self.zone) << 32)
+                    | (u64::from(self.proto) << 48)
+                    | PACKED_MARK,
+            )?,
+        })
+    }
+}
+
 /// A keyed hash of tuples, seeded per table so that remote peers cannot aim collisions.
 #[derive(Debug, Clone, Copy)]
 pub struct TupleHasher {
@@ -504,5 +586,48 @@ mod tests {
             t.to_string(),
             "proto=6 src=10.0.0.1 dst=192.0.2.1 sport=40000 dport=80"
         );
+    }
+
+    #[test]
+    fn only_plain_ipv4_tuples_pack() {
+        let t = v4([10, 0, 0, 1], 1, [10, 0, 0, 2], 2, proto::UDP);
+        assert!(t.pack_v4().is_some());
+        let mut v6 = t;
+        v6.family = Family::V6;
+        assert_eq!(v6.pack_v4(), None);
+        let mut wide = t;
+        wide.dst.0[15] = 1;
+        assert_eq!(wide.pack_v4(), None);
+        let mut wide = t;
+        wide.src.0[4] = 1;
+        assert_eq!(wide.pack_v4(), None);
+        assert_eq!(size_of::<Option<PackedV4>>(), 16);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn packed_v4_round_trips_and_inverts_like_the_tuple(
+            src in proptest::prelude::any::<[u8; 4]>(),
+            dst in proptest::prelude::any::<[u8; 4]>(),
+            sp in proptest::prelude::any::<u16>(),
+            ty in proptest::prelude::prop_oneof![
+                proptest::prelude::Just(8u8), proptest::prelude::Just(0u8),
+                proptest::prelude::Just(13u8), proptest::prelude::Just(3u8),
+                proptest::prelude::any::<u8>()],
+            code in proptest::prelude::any::<u8>(),
+            dp in proptest::prelude::any::<u16>(),
+            proto in proptest::prelude::prop_oneof![
+                proptest::prelude::Just(proto::ICMP), proptest::prelude::Just(proto::UDP),
+                proptest::prelude::Just(proto::TCP), proptest::prelude::any::<u8>()],
+            zone in proptest::prelude::any::<u16>(),
+        ) {
+            let dst_l4 = if proto == proto::ICMP { u16::from_be_bytes([ty, code]) } else { dp };
+            let t = Tuple { zone, ..v4(src, sp, dst, dst_l4, proto) };
+            let p = t.pack_v4().expect("plain IPv4 packs");
+            proptest::prop_assert_eq!(p.unpack(), t);
+            let inv = t.invert().ok();
+            proptest::prop_assert_eq!(p.invert(), inv.and_then(|r| r.pack_v4()));
+            proptest::prop_assert_eq!(p.invert().map(PackedV4::unpack), inv);
+        }
     }
 }

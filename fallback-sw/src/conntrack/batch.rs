@@ -6,11 +6,12 @@
 //! the same job on an out-of-order core):
 //!
 //! 1. parse every frame (checksums included), build its tuple and hash it;
-//! 2. read the first index slot of every tuple;
-//! 3. read the connection each slot points to (when its hash tag matches): the tuples,
-//!    timeout, counters and protocol state the last pass will use (a new connection's
-//!    reply tuple, without NAT, has the same index hash as its original: pass 2 read
-//!    the slot its insert will probe);
+//! 2. read the first index cell of every tuple;
+//! 3. read the connection that the first cell of its probe run with a matching hash
+//!    tag points to (one load: the entry is one cache line holding the key, timeout,
+//!    counters and protocol state the last pass will use; a new connection's reply
+//!    tuple, without NAT, has the same index hash as its original: pass 2 read the
+//!    cell its insert will probe);
 //! 4. finish each packet in order, exactly as [`Conntrack::process`] would.
 //!
 //! Passes 2 and 3 only read, so a packet may depend on an earlier one of the same batch
@@ -19,7 +20,7 @@
 use core::hint::black_box;
 
 use super::{
-    Conntrack, Family, Invalid, L4, L4State, NatOutcome, NatVerdict, Tuple, Verdict, family_of,
+    Conntrack, Family, Invalid, L4, NatOutcome, NatVerdict, Tuple, Verdict, family_of,
     icmpv6_untracked, tuple_of,
 };
 use crate::nat::PacketMeta;
@@ -199,7 +200,7 @@ impl Conntrack {
 
     /// Passes 2 and 3.
     fn prefetch(&self, pre: &[Pre]) {
-        // 2: the index slots, all loads independent of each other.
+        // 2: the index cells, all loads independent of each other.
         let mut sink = 0u64;
         for p in pre {
             if let Pre::Fast { hash, .. } = p {
@@ -209,22 +210,19 @@ impl Conntrack {
         // 3: the entries they point to. No entry: probably a new connection, whose
         // insert also probes the index for the reply tuple; without NAT that is the
         // inverse, whose index hash is the same (`TupleHasher::pair_hash`), so pass 2
-        // has read its slot already. The first slot of a tuple may hold the other
-        // direction of the same connection (same hash): both tuples are touched.
+        // has read its cell already. Both cells of a connection without NAT start
+        // their probe at the same cell, so a packet of either direction finds the
+        // entry from it.
         for p in pre {
             if let Pre::Fast { hash, .. } = p {
                 let Some((c, _)) = self.table.prefetch(*hash) else {
                     continue;
                 };
-                // The fields the handler reads (the entry is one cache line). A NAT or
-                // IPv6 entry's tuples are in the side store: not touched here.
-                sink ^= u64::from(c.status.bits())
-                    ^ c.timeout
-                    ^ match c.proto {
-                        L4State::Udp { stream_at } => stream_at,
-                        L4State::Tcp(ref t) => u64::from(t.state() as u8),
-                        L4State::Icmp | L4State::Generic => 0,
-                    };
+                // The entry is one cache line: one load brings in every field the
+                // handler reads (a NAT or IPv6 entry's tuples are in the side store:
+                // not touched here). Few instructions per load, so that many of them
+                // are in flight at once.
+                sink ^= c.timeout;
             }
         }
         black_box(sink);
