@@ -5,10 +5,14 @@
 //!   connection reads: the tuples as a compact key, status, timeout, the low 32 bits of
 //!   the counters (the rest aside once a count passes 2^32 - 1) and the protocol's hot
 //!   state. An IPv4 connection whose reply tuple is the inverse of its
-//!   original (no NAT) keeps only the original's 15 bytes in the key; the tuples of any
-//!   other connection (NAT, IPv6) live in a side store at the entry's slot (80 bytes,
-//!   allocated by chunks of slots when first needed, see [`side`]). Reads that want the
-//!   tuples get a materialized copy of the connection, [`Conn`].
+//!   original (no NAT) keeps only the original's 15 bytes in the key; one translated at
+//!   one endpoint (SNAT, masquerade, DNAT) keeps the original and the translated
+//!   endpoint's address and port (21 bytes), so that its packets, in either direction,
+//!   need nothing outside the entry; its slot's generation and wide-counter flag, which
+//!   no longer fit, are spilled to a 5-byte side store. The tuples of any other
+//!   connection (both endpoints translated, IPv6) live in a side store at the entry's
+//!   slot (80 bytes, allocated by chunks of slots when first needed, see [`side`]). Reads
+//!   that want the tuples get a materialized copy of the connection, [`Conn`].
 //! - An open-addressing index (linear probing, backward-shift deletion, load at most
 //!   1/2) maps each connection's two tuples to `(slot, direction)`, so a packet of either
 //!   direction finds its connection with one hash and, usually, one probe. A cell is 32
@@ -27,7 +31,7 @@
 //! The per-protocol state `P` is opaque here: the table does not know about TCP.
 
 use crate::timer::{SlotLinks, TimerWheel};
-use crate::tuple::{Addr, Dir, Family, Tuple, TupleHasher};
+use crate::tuple::{Addr, Dir, Family, Tuple, TupleHasher, proto};
 
 pub mod free;
 pub mod side;
@@ -144,21 +148,171 @@ fn low32(v: u64) -> u32 {
     u32::try_from(v & 0xFFFF_FFFF).unwrap_or(0)
 }
 
-/// How an entry holds its two tuples.
+/// What the table keeps of an entry besides its tuples and hot fields: the slot's
+/// generation and whether the counters' high parts are aside. An entry keeps it in its
+/// key when there is room ([`Key::V4`], [`Key::Side`]); a translated IPv4 connection's
+/// key is full, so its `Meta` is in the table's `spilled` store at the entry's slot.
+/// Bytes, not a `u32`, so that the key stays 2-byte aligned (22 bytes with its tag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Meta {
+    /// How many connections the slot has held, this one included (never 0): with the
+    /// slot number, the connection's id ([`ConnTable::id`]).
+    generation: [u8; 4],
+    /// Whether the high parts of the counters are in the table's `wide` store (a count
+    /// passed 2^32 - 1).
+    wide: bool,
+}
+
+impl Meta {
+    #[inline]
+    fn new(generation: u32) -> Self {
+        Self {
+            generation: generation.to_ne_bytes(),
+            wide: false,
+        }
+    }
+
+    #[inline]
+    fn generation(self) -> u32 {
+        u32::from_ne_bytes(self.generation)
+    }
+}
+
+/// The original tuple of an IPv4 connection, packed into 15 bytes of alignment 1:
+/// source and destination address, source and destination port (or ICMP id and
+/// type/code), zone, protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct V4Orig([u8; 15]);
+
+impl V4Orig {
+    /// `t` packed, when it is IPv4 with the rest of its addresses' 16 bytes zero (as
+    /// [`Addr::v4`] makes them).
+    #[inline]
+    fn pack(t: &Tuple) -> Option<Self> {
+        if t.family != Family::V4 {
+            return None;
+        }
+        let (s, d) = (plain_v4(&t.src)?, plain_v4(&t.dst)?);
+        let (sp, dp, z) = (
+            t.src_l4.to_ne_bytes(),
+            t.dst_l4.to_ne_bytes(),
+            t.zone.to_ne_bytes(),
+        );
+        Some(Self([
+            s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], sp[0], sp[1], dp[0], dp[1], z[0], z[1],
+            t.proto,
+        ]))
+    }
+
+    #[inline]
+    fn tuple(&self) -> Tuple {
+        let b = &self.0;
+        Tuple {
+            src: Addr::v4([b[0], b[1], b[2], b[3]]),
+            dst: Addr::v4([b[4], b[5], b[6], b[7]]),
+            src_l4: u16::from_ne_bytes([b[8], b[9]]),
+            dst_l4: u16::from_ne_bytes([b[10], b[11]]),
+            zone: u16::from_ne_bytes([b[12], b[13]]),
+            proto: b[14],
+            family: Family::V4,
+        }
+    }
+}
+
+/// The key of a translated IPv4 connection whose reply tuple is the inverse of its
+/// original except for one endpoint (SNAT or DNAT, not both): the original, and that
+/// endpoint's address and port (for ICMP the echo id, which stays in the source port
+/// field of both tuples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NatV4 {
+    orig: V4Orig,
+    addr: [u8; 4],
+    l4: [u8; 2],
+}
+
+impl NatV4 {
+    /// The reply tuple packed, for a protocol with ports (`None` for ICMP, whose
+    /// inverse maps the type: see [`NatV4::reply`]): the original's endpoints swapped,
+    /// then the destination (`dst`, SNAT) or source (DNAT) endpoint replaced.
+    #[inline]
+    fn reply_packed(&self, dst: bool) -> Option<V4Orig> {
+        let o = &self.orig.0;
+        // `Tuple::is_icmp` of an IPv4 tuple.
+        if o[14] == proto::ICMP {
+            return None;
+        }
+        let mut r = [0u8; 15];
+        r[0..4].copy_from_slice(&o[4..8]);
+        r[4..8].copy_from_slice(&o[0..4]);
+        r[8..10].copy_from_slice(&o[10..12]);
+        r[10..12].copy_from_slice(&o[8..10]);
+        r[12..15].copy_from_slice(&o[12..15]);
+        let (a, p) = if dst { (4, 10) } else { (0, 8) };
+        r[a..a + 4].copy_from_slice(&self.addr);
+        r[p..p + 2].copy_from_slice(&self.l4);
+        Some(V4Orig(r))
+    }
+
+    /// Whether `t` is the reply tuple (see [`NatV4::reply`]).
+    #[inline]
+    fn is_reply(&self, t: &Tuple, dst: bool) -> bool {
+        match self.reply_packed(dst) {
+            Some(r) => V4Orig::pack(t) == Some(r),
+            None => self.reply(&self.orig.tuple(), dst) == *t,
+        }
+    }
+
+    /// The reply tuple unpacked.
+    #[inline]
+    fn reply_tuple(&self, dst: bool) -> Tuple {
+        match self.reply_packed(dst) {
+            Some(r) => r.tuple(),
+            None => self.reply(&self.orig.tuple(), dst),
+        }
+    }
+
+    /// The reply tuple: the inverse of `orig` (this key's original, unpacked) with its
+    /// destination (`dst`, SNAT) or source (DNAT) endpoint replaced.
+    #[inline]
+    fn reply(&self, orig: &Tuple, dst: bool) -> Tuple {
+        // A NAT key is made only from a tuple that inverts.
+        let mut r = orig.invert().unwrap_or(*orig);
+        let l4 = u16::from_ne_bytes(self.l4);
+        let addr = Addr::v4(self.addr);
+        match (dst, r.is_icmp()) {
+            (true, icmp) => {
+                r.dst = addr;
+                if icmp {
+                    r.src_l4 = l4;
+                } else {
+                    r.dst_l4 = l4;
+                }
+            }
+            (false, _) => {
+                r.src = addr;
+                r.src_l4 = l4;
+            }
+        }
+        r
+    }
+}
+
+/// How an entry holds its two tuples. 22 bytes: with the 2-byte status after it, the
+/// first 24 bytes of the entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Key {
     /// IPv4, and the reply tuple is [`Tuple::invert`] of the original: the original's
     /// fields.
-    V4 {
-        proto: u8,
-        src_l4: u16,
-        dst_l4: u16,
-        zone: u16,
-        src: [u8; 4],
-        dst: [u8; 4],
-    },
-    /// Both tuples are in the table's side store at the entry's slot.
-    Side,
+    V4 { orig: V4Orig, meta: Meta },
+    /// IPv4 with the reply's destination translated (SNAT): see [`NatV4`]. The
+    /// entry's [`Meta`] is in the `spilled` store.
+    SrcNatV4(NatV4),
+    /// IPv4 with the reply's source translated (DNAT): see [`NatV4`]. The entry's
+    /// [`Meta`] is in the `spilled` store.
+    DstNatV4(NatV4),
+    /// Both tuples are in the table's side store at the entry's slot (IPv6, both
+    /// endpoints translated).
+    Side { meta: Meta },
 }
 
 /// An IPv4 address of a tuple, when the rest of its 16 bytes is zero (as
@@ -169,66 +323,107 @@ fn plain_v4(a: &Addr) -> Option<[u8; 4]> {
 }
 
 impl Key {
-    /// The compact key of `orig` when `reply` is its inverse and it is IPv4.
-    fn compact(orig: &Tuple, reply: &Tuple) -> Option<Key> {
-        if orig.family != Family::V4 || orig.invert().as_ref() != Ok(reply) {
-            return None;
+    /// The key of a new connection with these tuples, of generation `generation`; `None`
+    /// when its tuples must go to the side store (then the key is [`Key::Side`]).
+    fn compact(orig: &Tuple, reply: &Tuple, generation: u32) -> Option<Key> {
+        let packed = V4Orig::pack(orig)?;
+        let inverse = orig.invert().ok()?;
+        if inverse == *reply {
+            return Some(Key::V4 {
+                orig: packed,
+                meta: Meta::new(generation),
+            });
         }
-        Some(Key::V4 {
-            proto: orig.proto,
-            src_l4: orig.src_l4,
-            dst_l4: orig.dst_l4,
-            zone: orig.zone,
-            src: plain_v4(&orig.src)?,
-            dst: plain_v4(&orig.dst)?,
-        })
+        // One endpoint translated: the reply's destination (SNAT) or source (DNAT).
+        for dst in [true, false] {
+            let (addr, l4) = match (dst, reply.is_icmp()) {
+                (true, false) => (&reply.dst, reply.dst_l4),
+                (true, true) => (&reply.dst, reply.src_l4),
+                (false, _) => (&reply.src, reply.src_l4),
+            };
+            let nat = NatV4 {
+                orig: packed,
+                addr: plain_v4(addr)?,
+                l4: l4.to_ne_bytes(),
+            };
+            if nat.reply(orig, dst) == *reply {
+                return Some(if dst {
+                    Key::SrcNatV4(nat)
+                } else {
+                    Key::DstNatV4(nat)
+                });
+            }
+        }
+        None
     }
 
-    /// Whether `t` is the tuple of direction `dir` of a `V4` key (`None` for `Side`).
+    /// The entry's [`Meta`], when the key holds it.
+    #[inline]
+    fn meta(&self) -> Option<Meta> {
+        match *self {
+            Key::V4 { meta, .. } | Key::Side { meta } => Some(meta),
+            Key::SrcNatV4(_) | Key::DstNatV4(_) => None,
+        }
+    }
+
+    /// The entry's [`Meta`], mutable, when the key holds it.
+    #[inline]
+    fn meta_mut(&mut self) -> Option<&mut Meta> {
+        match self {
+            Key::V4 { meta, .. } | Key::Side { meta } => Some(meta),
+            Key::SrcNatV4(_) | Key::DstNatV4(_) => None,
+        }
+    }
+
+    /// Whether `t` is the tuple of direction `dir` (`None` for `Side`).
     #[inline]
     fn matches(&self, t: &Tuple, dir: Dir) -> Option<bool> {
-        let orig = self.original()?;
-        Some(match dir {
-            Dir::Original => orig == *t,
+        Some(match (self, dir) {
+            (Key::Side { .. }, _) => return None,
+            (Key::V4 { orig, .. }, Dir::Original)
+            | (Key::SrcNatV4(NatV4 { orig, .. }), Dir::Original)
+            | (Key::DstNatV4(NatV4 { orig, .. }), Dir::Original) => orig.tuple() == *t,
             // The inverse (ICMP types mapped) is built only for a candidate whose
             // addresses already match.
-            Dir::Reply => {
+            (Key::V4 { orig, .. }, Dir::Reply) => {
+                let orig = orig.tuple();
                 t.src == orig.dst && t.dst == orig.src && orig.invert().is_ok_and(|r| r == *t)
             }
+            (Key::SrcNatV4(nat), Dir::Reply) => nat.is_reply(t, true),
+            (Key::DstNatV4(nat), Dir::Reply) => nat.is_reply(t, false),
         })
     }
 
-    /// Both tuples of a `V4` key (`None` for `Side`).
+    /// The tuple of direction `dir` (`None` for `Side`).
+    #[inline]
+    fn tuple(&self, dir: Dir) -> Option<Tuple> {
+        match (self, dir) {
+            (Key::Side { .. }, _) => None,
+            (Key::V4 { orig, .. }, Dir::Original)
+            | (Key::SrcNatV4(NatV4 { orig, .. }), Dir::Original)
+            | (Key::DstNatV4(NatV4 { orig, .. }), Dir::Original) => Some(orig.tuple()),
+            (Key::V4 { orig, .. }, Dir::Reply) => {
+                let orig = orig.tuple();
+                Some(orig.invert().unwrap_or(orig))
+            }
+            (Key::SrcNatV4(nat), Dir::Reply) => Some(nat.reply_tuple(true)),
+            (Key::DstNatV4(nat), Dir::Reply) => Some(nat.reply_tuple(false)),
+        }
+    }
+
+    /// Both tuples (`None` for `Side`).
     #[inline]
     fn tuples(&self) -> Option<[Tuple; 2]> {
-        let orig = self.original()?;
-        // A compact key is made only from a tuple that inverts.
-        Some([orig, orig.invert().unwrap_or(orig)])
-    }
-
-    /// The original tuple of a `V4` key (`None` for `Side`).
-    #[inline]
-    fn original(&self) -> Option<Tuple> {
-        let Key::V4 {
-            proto,
-            src_l4,
-            dst_l4,
-            zone,
-            src,
-            dst,
-        } = *self
-        else {
-            return None;
-        };
-        Some(Tuple {
-            src: Addr::v4(src),
-            dst: Addr::v4(dst),
-            src_l4,
-            dst_l4,
-            proto,
-            family: Family::V4,
-            zone,
-        })
+        match self {
+            Key::V4 { orig, .. } => {
+                let orig = orig.tuple();
+                // A compact key is made only from a tuple that inverts.
+                Some([orig, orig.invert().unwrap_or(orig)])
+            }
+            Key::SrcNatV4(nat) => Some([nat.orig.tuple(), nat.reply_tuple(true)]),
+            Key::DstNatV4(nat) => Some([nat.orig.tuple(), nat.reply_tuple(false)]),
+            Key::Side { .. } => None,
+        }
     }
 }
 
@@ -244,12 +439,6 @@ pub struct Entry<P> {
     key: Key,
     /// Status bits.
     pub status: Status,
-    /// Whether the high parts of the counters are in the table's side store (a count
-    /// passed 2^32 - 1).
-    wide: bool,
-    /// How many connections the slot has held, this one included (never 0): with the
-    /// slot number, the connection's id ([`ConnTable::id`]).
-    generation: u32,
     /// Absolute expiry time in nanoseconds; dead once `timeout <= now`. Change it with
     /// [`ConnTable::set_timeout`] so the timer stays right.
     pub timeout: u64,
@@ -280,7 +469,7 @@ impl<P> Entry<P> {
     #[inline]
     #[must_use]
     pub fn tuples_aside(&self) -> bool {
-        self.key == Key::Side
+        matches!(self.key, Key::Side { .. })
     }
 }
 
@@ -437,6 +626,8 @@ pub struct ConnTable<P> {
     entries: Vec<Option<Entry<P>>>,
     /// Both tuples of the entries whose key is [`Key::Side`].
     side: SlotStore<[Tuple; 2]>,
+    /// The [`Meta`] of the entries whose key has no room for it (translated IPv4).
+    spilled: SlotStore<Meta>,
     /// The high parts of the counters of the entries marked `wide`.
     wide: SlotStore<[Counter; 2]>,
     links: Vec<SlotLinks>,
@@ -477,6 +668,7 @@ impl<P> ConnTable<P> {
             mask: index_len - 1,
             entries,
             side: SlotStore::new(max),
+            spilled: SlotStore::new(max),
             wide: SlotStore::new(max),
             links,
             free,
@@ -554,7 +746,7 @@ impl<P> ConnTable<P> {
     pub fn heap_bytes(&self) -> usize {
         let index = self.index.capacity() * size_of::<u32>();
         let entries = self.entries.capacity() * size_of::<Option<Entry<P>>>();
-        let side = self.side.heap_bytes() + self.wide.heap_bytes();
+        let side = self.side.heap_bytes() + self.spilled.heap_bytes() + self.wide.heap_bytes();
         let links = self.links.capacity() * size_of::<SlotLinks>();
         let events = self.events.capacity() * size_of::<Event>();
         let scratch = self.scratch.capacity() * size_of::<u32>();
@@ -659,6 +851,15 @@ impl<P> ConnTable<P> {
         }
     }
 
+    /// The [`Meta`] of the entry `e` in `slot`: in its key, or spilled.
+    #[inline]
+    fn meta(&self, slot: Slot, e: &Entry<P>) -> Meta {
+        e.key
+            .meta()
+            .or_else(|| self.spilled.get(slot).copied())
+            .unwrap_or_default()
+    }
+
     /// The stored entry in `slot` (no tuples: see [`ConnTable::tuples`]).
     #[inline]
     #[must_use]
@@ -678,7 +879,10 @@ impl<P> ConnTable<P> {
     #[inline]
     #[must_use]
     pub fn tuple(&self, slot: Slot, dir: Dir) -> Option<Tuple> {
-        self.tuples(slot).map(|t| t[dir.index()])
+        let e = self.entry(slot)?;
+        e.key
+            .tuple(dir)
+            .or_else(|| self.side.get(slot).map(|t| t[dir.index()]))
     }
 
     /// A copy of the connection in `slot`, tuples included.
@@ -695,7 +899,7 @@ impl<P> ConnTable<P> {
             timeout: e.timeout,
             counters: self.counters(slot)?,
             proto: e.proto.clone(),
-            id: conn_id(slot, e.generation),
+            id: conn_id(slot, self.meta(slot, e).generation()),
         })
     }
 
@@ -704,7 +908,7 @@ impl<P> ConnTable<P> {
     #[must_use]
     pub fn counters(&self, slot: Slot) -> Option<[Counter; 2]> {
         let e = self.entry(slot)?;
-        let high = if e.wide {
+        let high = if self.meta(slot, e).wide {
             self.wide.get(slot).copied().unwrap_or_default()
         } else {
             [Counter::default(); 2]
@@ -738,8 +942,15 @@ impl<P> ConnTable<P> {
         }
         lo.packets = low32(p);
         lo.bytes = low32(b);
-        if !e.wide {
-            e.wide = true;
+        let meta = match e.key.meta_mut() {
+            Some(m) => m,
+            None => match self.spilled.get_mut(slot) {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        if !meta.wide {
+            meta.wide = true;
             self.wide.put(slot, [Counter::default(); 2]);
         }
         if let Some(high) = self.wide.get_mut(slot) {
@@ -762,7 +973,8 @@ impl<P> ConnTable<P> {
     #[inline]
     #[must_use]
     pub fn id(&self, slot: Slot) -> Option<u64> {
-        self.entry(slot).map(|e| conn_id(slot, e.generation))
+        self.entry(slot)
+            .map(|e| conn_id(slot, self.meta(slot, e).generation()))
     }
 
     /// The slot of the connection with `id`, if it is still in the table (a lookup, no
@@ -932,16 +1144,19 @@ impl<P> ConnTable<P> {
         // Generation 0 is never used, so no id is 0.
         let generation = freed_generation.checked_add(1).unwrap_or(1);
         let id = conn_id(slot, generation);
-        let key = Key::compact(&orig, &reply).unwrap_or_else(|| {
+        let key = Key::compact(&orig, &reply, generation).unwrap_or_else(|| {
             self.side.put(slot, [orig, reply]);
-            Key::Side
+            Key::Side {
+                meta: Meta::new(generation),
+            }
         });
+        if key.meta().is_none() {
+            self.spilled.put(slot, Meta::new(generation));
+        }
         self.entries[slot.idx()] = Some(Entry {
             key,
             status: status | Status::CONFIRMED,
             timeout,
-            generation,
-            wide: false,
             counters: [LowCounter::default(); 2],
             proto,
         });
@@ -1011,16 +1226,17 @@ impl<P> ConnTable<P> {
         self.index_remove(&tuples[0], slot, Dir::Original);
         self.index_remove(&tuples[1], slot, Dir::Reply);
         let e = self.entries.get_mut(slot.idx())?.take()?;
+        let generation = self.meta(slot, &e).generation();
         let conn = Conn {
             tuples,
             status: e.status,
             timeout: e.timeout,
             counters,
             proto: e.proto,
-            id: conn_id(slot, e.generation),
+            id: conn_id(slot, generation),
         };
         self.wheel.unlink(&mut self.links, slot.0);
-        self.free.push(&mut self.links, slot, e.generation);
+        self.free.push(&mut self.links, slot, generation);
         self.count -= 1;
         if conn.status.intersects(Status::SRC_NAT | Status::DST_NAT) {
             self.nat_released.push((conn.tuples, conn.status));
@@ -1183,6 +1399,18 @@ mod tests {
         t.invert().expect("udp inverts")
     }
 
+    /// The reply of `t` SNATed to 203.0.113.1:`port`.
+    fn snat(t: &Tuple, port: u16) -> Tuple {
+        let mut r = inv(t);
+        r.dst = Addr::v4([203, 0, 113, 1]);
+        if r.is_icmp() {
+            r.src_l4 = port;
+        } else {
+            r.dst_l4 = port;
+        }
+        r
+    }
+
     #[test]
     fn both_directions_find_the_connection() {
         let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
@@ -1214,16 +1442,19 @@ mod tests {
             empty,
             "a plain IPv4 connection allocates nothing"
         );
-        // SNAT: the reply goes to the translated address and port.
+        // SNAT: the reply goes to the translated address and port. The entry holds
+        // both tuples; only its generation and wide flag are spilled (5 bytes a slot).
         let b = t(2);
-        let mut r = inv(&b);
-        r.dst = Addr::v4([203, 0, 113, 1]);
-        r.dst_l4 = 40_000;
+        let r = snat(&b, 40_000);
         let sn = tab
             .insert(b, r, Status::SRC_NAT, 30 * S, (), 0)
             .expect("room");
-        assert!(tab.entry(sn).expect("live").tuples_aside());
-        assert!(tab.heap_bytes() > empty, "the side store took a chunk");
+        assert!(!tab.entry(sn).expect("live").tuples_aside());
+        assert_eq!(
+            tab.heap_bytes(),
+            empty + side::CHUNK * size_of::<Meta>(),
+            "only the spilled store took a chunk"
+        );
         assert_eq!(tab.tuples(sn), Some([b, r]));
         assert_eq!(tab.lookup(&b, S), Some((sn, Dir::Original)));
         assert_eq!(tab.lookup(&r, S), Some((sn, Dir::Reply)));
@@ -1243,11 +1474,95 @@ mod tests {
         assert!(tab.entry(s6).expect("live").tuples_aside());
         assert_eq!(tab.lookup(&inv(&v6), S), Some((s6, Dir::Reply)));
         assert_eq!(tab.get(s6).expect("live").tuples, [v6, inv(&v6)]);
-        // Removal hands back the tuples it stored aside.
+        // Both endpoints translated (full NAT): aside.
+        let c = t(4);
+        let mut full = snat(&c, 40_001);
+        full.src = Addr::v4([10, 9, 9, 9]);
+        full.src_l4 = 8080;
+        let sf = tab
+            .insert(c, full, Status::SRC_NAT | Status::DST_NAT, 30 * S, (), 0)
+            .expect("room");
+        assert!(tab.entry(sf).expect("live").tuples_aside());
+        assert_eq!(tab.lookup(&full, S), Some((sf, Dir::Reply)));
+        // Removal hands back the tuples, from the entry or from aside.
         let gone = tab.remove(sn, RemoveReason::Deleted).expect("live");
         assert_eq!(gone.tuples, [b, r]);
         assert_eq!(tab.lookup(&r, S), None);
         assert_eq!(tab.lookup(&a, S), Some((s, Dir::Original)));
+        let gone = tab.remove(sf, RemoveReason::Deleted).expect("live");
+        assert_eq!(gone.tuples, [c, full]);
+    }
+
+    #[test]
+    fn translated_ipv4_keys_match_exactly_their_two_tuples() {
+        let mut tab: ConnTable<()> = ConnTable::new(64, 1, 256);
+        // SNAT of UDP and of an ICMP echo (the id is the translated "port"), DNAT of
+        // UDP and of an ICMP echo.
+        let udp = t(1);
+        let echo = Tuple {
+            src: Addr::v4([10, 0, 0, 7]),
+            dst: Addr::v4([192, 0, 2, 1]),
+            src_l4: 0x1234,
+            dst_l4: u16::from_be_bytes([8, 0]),
+            proto: proto::ICMP,
+            family: Family::V4,
+            zone: 3,
+        };
+        let dnat = |o: &Tuple, port: u16| {
+            let mut r = inv(o);
+            r.src = Addr::v4([10, 1, 1, 1]);
+            r.src_l4 = port;
+            r
+        };
+        let cases = [
+            (udp, snat(&udp, 20_000), Status::SRC_NAT),
+            (echo, snat(&echo, 0x4321), Status::SRC_NAT),
+            (t(2), dnat(&t(2), 8080), Status::DST_NAT),
+            (
+                Tuple { zone: 4, ..echo },
+                dnat(&Tuple { zone: 4, ..echo }, 0x9999),
+                Status::DST_NAT,
+            ),
+        ];
+        for (o, r, status) in cases {
+            let slot = tab.insert(o, r, status, 30 * S, (), 0).expect("room");
+            let e = tab.entry(slot).expect("live");
+            assert!(!e.tuples_aside(), "{o} -> {r} fits the entry");
+            assert_eq!(tab.tuples(slot), Some([o, r]));
+            assert_eq!(tab.lookup(&o, S), Some((slot, Dir::Original)));
+            assert_eq!(tab.lookup(&r, S), Some((slot, Dir::Reply)));
+            // Neither the untranslated reply nor one field off is this connection.
+            assert_eq!(tab.lookup(&inv(&o), S), None);
+            for off in [
+                Tuple {
+                    src_l4: r.src_l4 ^ 1,
+                    ..r
+                },
+                Tuple {
+                    dst_l4: r.dst_l4 ^ 1,
+                    ..r
+                },
+                Tuple {
+                    src: Addr::v4([1, 2, 3, 4]),
+                    ..r
+                },
+                Tuple {
+                    dst: Addr::v4([1, 2, 3, 4]),
+                    ..r
+                },
+                Tuple { zone: 9, ..r },
+                Tuple {
+                    proto: proto::TCP,
+                    ..r
+                },
+            ] {
+                assert_eq!(tab.lookup(&off, S), None, "{off} is not {r}");
+            }
+            let id = tab.id(slot).expect("live");
+            assert_eq!(tab.find_id(id), Some(slot));
+            assert_eq!(tab.get(slot).expect("live").id, id);
+        }
+        assert_eq!(size_of::<Key>(), 22, "key and status fill 24 bytes");
     }
 
     #[test]
@@ -1306,11 +1621,16 @@ mod tests {
 
     #[test]
     fn counters_stay_exact_past_32_bits() {
+        // A plain connection keeps its wide flag in its key, a translated one aside.
+        counters_stay_exact_past_32_bits_with(|a| (inv(a), Status::empty()));
+        counters_stay_exact_past_32_bits_with(|a| (snat(a, 30_000), Status::SRC_NAT));
+    }
+
+    fn counters_stay_exact_past_32_bits_with(reply: impl Fn(&Tuple) -> (Tuple, Status)) {
         let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
         let a = t(1);
-        let s = tab
-            .insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
-            .expect("room");
+        let (r, status) = reply(&a);
+        let s = tab.insert(a, r, status, 30 * S, (), 0).expect("room");
         let narrow = tab.heap_bytes();
         let big = u64::from(u32::MAX);
         tab.count(s, Dir::Original, 1, big);
@@ -1345,16 +1665,15 @@ mod tests {
             [Event::Destroy { counters, .. }] if counters[0] == want[0]
         ));
         // The slot's next connection starts from zero.
-        let s2 = tab
-            .insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
-            .expect("room");
+        let s2 = tab.insert(a, r, status, 30 * S, (), 0).expect("room");
         assert_eq!(s2, s);
         assert_eq!(tab.counters(s2), Some([Counter::default(); 2]));
     }
 
     #[test]
     fn entry_layout_is_64_bytes() {
-        // Key 16, status 2, wide flag 1 (+1), generation 4, timeout 8, low counters 16,
+        // Key 22 (generation and wide flag inside, or spilled), status 2, timeout 8,
+        // low counters 16,
         // a 16-byte protocol state (what `conntrack::L4State` takes).
         assert_eq!(size_of::<Option<Entry<[u64; 2]>>>(), 64);
         assert_eq!(align_of::<Option<Entry<[u64; 2]>>>(), 64);
@@ -1612,11 +1931,18 @@ mod tests {
         let mut tab: ConnTable<()> = ConnTable::new(4, 1, 1024);
         let mut seen = std::collections::HashSet::new();
         for round in 0..50u32 {
+            // Translated connections (generation spilled) and plain ones (generation in
+            // the key) take turns in the slots.
             let slots: Vec<Slot> = (0..4)
                 .map(|i| {
                     let a = t(round * 4 + i);
-                    tab.insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
-                        .expect("room")
+                    let (r, st) = if (round + i) % 3 == 0 {
+                        let port = 20_000 + u16::try_from(round * 4 + i).expect("small");
+                        (snat(&a, port), Status::SRC_NAT)
+                    } else {
+                        (inv(&a), Status::empty())
+                    };
+                    tab.insert(a, r, st, 30 * S, (), 0).expect("room")
                 })
                 .collect();
             for &s in &slots {

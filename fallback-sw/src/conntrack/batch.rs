@@ -216,8 +216,9 @@ impl Conntrack {
                 let Some((c, _)) = self.table.prefetch(*hash) else {
                     continue;
                 };
-                // The fields the handler reads (the entry is one cache line). A NAT or
-                // IPv6 entry's tuples are in the side store: not touched here.
+                // The fields the handler reads (the entry is one cache line; an IPv4
+                // entry translated at one endpoint holds the rewrite's tuple too). An
+                // IPv6 or full-NAT entry's tuples are in the side store: not touched.
                 sink ^= u64::from(c.status.bits())
                     ^ c.timeout
                     ^ match c.proto {
