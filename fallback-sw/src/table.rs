@@ -230,13 +230,12 @@ struct NatV4 {
     l4: [u8; 2],
 }
 
-impl NatV4 {
-    /// The reply tuple packed, for a protocol with ports (`None` for ICMP, whose
-    /// inverse maps the type: see [`NatV4::reply`]): the original's endpoints swapped,
-    /// then the destination (`dst`, SNAT) or source (DNAT) endpoint replaced.
+impl V4Orig {
+    /// The inverse tuple packed, for a protocol with ports (`None` for ICMP, whose
+    /// inverse maps the type): endpoints swapped.
     #[inline]
-    fn reply_packed(&self, dst: bool) -> Option<V4Orig> {
-        let o = &self.orig.0;
+    fn inverse(&self) -> Option<V4Orig> {
+        let o = &self.0;
         // `Tuple::is_icmp` of an IPv4 tuple.
         if o[14] == proto::ICMP {
             return None;
@@ -247,6 +246,17 @@ impl NatV4 {
         r[8..10].copy_from_slice(&o[10..12]);
         r[10..12].copy_from_slice(&o[8..10]);
         r[12..15].copy_from_slice(&o[12..15]);
+        Some(V4Orig(r))
+    }
+}
+
+impl NatV4 {
+    /// The reply tuple packed, for a protocol with ports (`None` for ICMP, whose
+    /// inverse maps the type: see [`NatV4::reply`]): the original's endpoints swapped,
+    /// then the destination (`dst`, SNAT) or source (DNAT) endpoint replaced.
+    #[inline]
+    fn reply_packed(&self, dst: bool) -> Option<V4Orig> {
+        let V4Orig(mut r) = self.orig.inverse()?;
         let (a, p) = if dst { (4, 10) } else { (0, 8) };
         r[a..a + 4].copy_from_slice(&self.addr);
         r[p..p + 2].copy_from_slice(&self.l4);
@@ -327,14 +337,40 @@ impl Key {
     /// when its tuples must go to the side store (then the key is [`Key::Side`]).
     fn compact(orig: &Tuple, reply: &Tuple, generation: u32) -> Option<Key> {
         let packed = V4Orig::pack(orig)?;
+        let plain = Key::V4 {
+            orig: packed,
+            meta: Meta::new(generation),
+        };
+        // A protocol with ports: compared packed (the create path of every connection).
+        if let (Some(r), Some(inverse)) = (V4Orig::pack(reply), packed.inverse()) {
+            if r == inverse {
+                return Some(plain);
+            }
+            let (rb, ib) = (&r.0, &inverse.0);
+            // Which endpoint of the reply differs: (address, port) bytes of each.
+            let src_same = rb[0..4] == ib[0..4] && rb[8..10] == ib[8..10];
+            let dst_same = rb[4..8] == ib[4..8] && rb[10..12] == ib[10..12];
+            return match (src_same, dst_same) {
+                (true, false) => Some(Key::SrcNatV4(NatV4 {
+                    orig: packed,
+                    addr: [rb[4], rb[5], rb[6], rb[7]],
+                    l4: [rb[10], rb[11]],
+                })),
+                (false, true) => Some(Key::DstNatV4(NatV4 {
+                    orig: packed,
+                    addr: [rb[0], rb[1], rb[2], rb[3]],
+                    l4: [rb[8], rb[9]],
+                })),
+                _ => None,
+            }
+            .filter(|_| rb[12..15] == ib[12..15]);
+        }
         let inverse = orig.invert().ok()?;
         if inverse == *reply {
-            return Some(Key::V4 {
-                orig: packed,
-                meta: Meta::new(generation),
-            });
+            return Some(plain);
         }
-        // One endpoint translated: the reply's destination (SNAT) or source (DNAT).
+        // ICMP: one endpoint translated, the reply's destination (SNAT) or source
+        // (DNAT), with the echo id.
         for dst in [true, false] {
             let (addr, l4) = match (dst, reply.is_icmp()) {
                 (true, false) => (&reply.dst, reply.dst_l4),
@@ -1977,6 +2013,74 @@ mod tests {
     }
 
     proptest! {
+        /// Any pair of IPv4 tuples is stored exactly (in the entry when at most one
+        /// endpoint of the reply differs from the inverse, else aside) and found by
+        /// both tuples and by nothing that differs in one byte.
+        #[test]
+        fn any_v4_pair_is_stored_exactly(
+            sa in any::<[u8; 4]>(), da in any::<[u8; 4]>(), sp in any::<u16>(),
+            dp in any::<u16>(), zone in 0u16..3, kind in 0u8..4,
+            new_src in proptest::option::of((any::<[u8; 4]>(), any::<u16>())),
+            new_dst in proptest::option::of((any::<[u8; 4]>(), any::<u16>())),
+            flip in 0usize..15,
+        ) {
+            let (proto, dp) = match kind {
+                0 => (proto::UDP, dp),
+                1 => (proto::TCP, dp),
+                2 => (proto::ICMP, u16::from_be_bytes([8, 0])),
+                _ => (proto::SCTP, dp),
+            };
+            let o = Tuple {
+                src: Addr::v4(sa), dst: Addr::v4(da), src_l4: sp, dst_l4: dp,
+                proto, family: Family::V4, zone,
+            };
+            let mut r = inv(&o);
+            if let Some((a, p)) = new_src {
+                r.src = Addr::v4(a);
+                r.src_l4 = p;
+            }
+            if let Some((a, p)) = new_dst {
+                r.dst = Addr::v4(a);
+                if r.is_icmp() { r.src_l4 = p } else { r.dst_l4 = p }
+            }
+            let mut tab: ConnTable<()> = ConnTable::new(4, 9, 8);
+            let Ok(slot) = tab.insert(o, r, Status::empty(), 30 * S, (), 0) else {
+                // Only a reply equal to the original clashes with it.
+                prop_assert_eq!(o, r);
+                return Ok(());
+            };
+            let inverse = inv(&o);
+            // For ICMP the id (source l4 field of both tuples) goes with either address.
+            let one_endpoint = if o.is_icmp() {
+                (r.src == inverse.src || r.dst == inverse.dst) && r.dst_l4 == inverse.dst_l4
+            } else {
+                (r.src == inverse.src && r.src_l4 == inverse.src_l4)
+                    || (r.dst == inverse.dst && r.dst_l4 == inverse.dst_l4)
+            };
+            prop_assert_eq!(tab.entry(slot).expect("live").tuples_aside(), !one_endpoint);
+            prop_assert_eq!(tab.tuples(slot), Some([o, r]));
+            prop_assert_eq!(tab.tuple(slot, Dir::Reply), Some(r));
+            prop_assert_eq!(tab.lookup(&o, S), Some((slot, Dir::Original)));
+            prop_assert_eq!(tab.lookup(&r, S), Some((slot, Dir::Reply)));
+            for t in [o, r] {
+                let mut off = t;
+                match flip {
+                    0..4 => off.src.0[flip] ^= 1,
+                    4..8 => off.dst.0[flip - 4] ^= 1,
+                    8 => off.src_l4 ^= 1,
+                    9 => off.dst_l4 ^= 1,
+                    10 => off.zone ^= 1,
+                    11 => off.proto ^= 1,
+                    12 => off.src.0[4] = 1,
+                    13 => off.dst.0[15] = 1,
+                    _ => off.family = Family::V6,
+                }
+                if off != o && off != r {
+                    prop_assert_eq!(tab.lookup(&off, S), None);
+                }
+            }
+        }
+
         /// The index agrees with a model map under random inserts and removals
         /// (exercises backward-shift deletion across wrapped probe runs).
         #[test]
