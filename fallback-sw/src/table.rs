@@ -31,7 +31,7 @@
 //! The per-protocol state `P` is opaque here: the table does not know about TCP.
 
 use crate::timer::{SlotLinks, TimerWheel};
-use crate::tuple::{Addr, Dir, Family, Tuple, TupleHasher, proto};
+use crate::tuple::{Addr, Dir, Family, Tuple, TupleHasher};
 
 pub mod free;
 pub mod side;
@@ -230,54 +230,38 @@ struct NatV4 {
     l4: [u8; 2],
 }
 
-impl V4Orig {
-    /// The inverse tuple packed, for a protocol with ports (`None` for ICMP, whose
-    /// inverse maps the type): endpoints swapped.
-    #[inline]
-    fn inverse(&self) -> Option<V4Orig> {
-        let o = &self.0;
-        // `Tuple::is_icmp` of an IPv4 tuple.
-        if o[14] == proto::ICMP {
-            return None;
-        }
-        let mut r = [0u8; 15];
-        r[0..4].copy_from_slice(&o[4..8]);
-        r[4..8].copy_from_slice(&o[0..4]);
-        r[8..10].copy_from_slice(&o[10..12]);
-        r[10..12].copy_from_slice(&o[8..10]);
-        r[12..15].copy_from_slice(&o[12..15]);
-        Some(V4Orig(r))
-    }
-}
-
 impl NatV4 {
-    /// The reply tuple packed, for a protocol with ports (`None` for ICMP, whose
-    /// inverse maps the type: see [`NatV4::reply`]): the original's endpoints swapped,
-    /// then the destination (`dst`, SNAT) or source (DNAT) endpoint replaced.
-    #[inline]
-    fn reply_packed(&self, dst: bool) -> Option<V4Orig> {
-        let V4Orig(mut r) = self.orig.inverse()?;
-        let (a, p) = if dst { (4, 10) } else { (0, 8) };
-        r[a..a + 4].copy_from_slice(&self.addr);
-        r[p..p + 2].copy_from_slice(&self.l4);
-        Some(V4Orig(r))
-    }
-
     /// Whether `t` is the reply tuple (see [`NatV4::reply`]).
     #[inline]
     fn is_reply(&self, t: &Tuple, dst: bool) -> bool {
-        match self.reply_packed(dst) {
-            Some(r) => V4Orig::pack(t) == Some(r),
-            None => self.reply(&self.orig.tuple(), dst) == *t,
-        }
+        self.reply_tuple(dst) == *t
     }
 
-    /// The reply tuple unpacked.
+    /// The reply tuple (see [`NatV4::reply`]), built field by field for a protocol
+    /// with ports.
     #[inline]
     fn reply_tuple(&self, dst: bool) -> Tuple {
-        match self.reply_packed(dst) {
-            Some(r) => r.tuple(),
-            None => self.reply(&self.orig.tuple(), dst),
+        let o = self.orig.tuple();
+        if o.is_icmp() {
+            return self.reply(&o, dst);
+        }
+        let (addr, l4) = (Addr::v4(self.addr), u16::from_ne_bytes(self.l4));
+        if dst {
+            Tuple {
+                src: o.dst,
+                dst: addr,
+                src_l4: o.dst_l4,
+                dst_l4: l4,
+                ..o
+            }
+        } else {
+            Tuple {
+                src: addr,
+                dst: o.src,
+                src_l4: l4,
+                dst_l4: o.src_l4,
+                ..o
+            }
         }
     }
 
@@ -341,29 +325,27 @@ impl Key {
             orig: packed,
             meta: Meta::new(generation),
         };
-        // A protocol with ports: compared packed (the create path of every connection).
-        if let (Some(r), Some(inverse)) = (V4Orig::pack(reply), packed.inverse()) {
-            if r == inverse {
-                return Some(plain);
-            }
-            let (rb, ib) = (&r.0, &inverse.0);
-            // Which endpoint of the reply differs: (address, port) bytes of each.
-            let src_same = rb[0..4] == ib[0..4] && rb[8..10] == ib[8..10];
-            let dst_same = rb[4..8] == ib[4..8] && rb[10..12] == ib[10..12];
-            return match (src_same, dst_same) {
-                (true, false) => Some(Key::SrcNatV4(NatV4 {
+        // A protocol with ports (the create path of every connection): which endpoint
+        // of the reply differs from the inverse's, compared field by field.
+        if !orig.is_icmp() {
+            let same =
+                reply.proto == orig.proto && reply.zone == orig.zone && reply.family == orig.family;
+            let src_same = reply.src == orig.dst && reply.src_l4 == orig.dst_l4;
+            let dst_same = reply.dst == orig.src && reply.dst_l4 == orig.src_l4;
+            return match (same, src_same, dst_same) {
+                (true, true, true) => Some(plain),
+                (true, true, false) => Some(Key::SrcNatV4(NatV4 {
                     orig: packed,
-                    addr: [rb[4], rb[5], rb[6], rb[7]],
-                    l4: [rb[10], rb[11]],
+                    addr: plain_v4(&reply.dst)?,
+                    l4: reply.dst_l4.to_ne_bytes(),
                 })),
-                (false, true) => Some(Key::DstNatV4(NatV4 {
+                (true, false, true) => Some(Key::DstNatV4(NatV4 {
                     orig: packed,
-                    addr: [rb[0], rb[1], rb[2], rb[3]],
-                    l4: [rb[8], rb[9]],
+                    addr: plain_v4(&reply.src)?,
+                    l4: reply.src_l4.to_ne_bytes(),
                 })),
                 _ => None,
-            }
-            .filter(|_| rb[12..15] == ib[12..15]);
+            };
         }
         let inverse = orig.invert().ok()?;
         if inverse == *reply {
