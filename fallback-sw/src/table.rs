@@ -412,8 +412,9 @@ impl Key {
         })
     }
 
-    /// The tuple of direction `dir` (`None` for `Side`).
-    #[inline]
+    /// The tuple of direction `dir` (`None` for `Side`). Inlined for the NAT rewrite
+    /// (see [`ConnTable::tuple`]).
+    #[inline(always)]
     fn tuple(&self, dir: Dir) -> Option<Tuple> {
         match (self, dir) {
             (Key::Side { .. }, _) => None,
@@ -893,8 +894,10 @@ impl<P> ConnTable<P> {
         e.key.tuples().or_else(|| self.side.get(slot).copied())
     }
 
-    /// The tuple of direction `dir` of the connection in `slot`.
-    #[inline]
+    /// The tuple of direction `dir` of the connection in `slot`. Inlined: the NAT
+    /// rewrite of every translated packet reads the other direction's tuple here, and
+    /// uses only its addresses and ports.
+    #[inline(always)]
     #[must_use]
     pub fn tuple(&self, slot: Slot, dir: Dir) -> Option<Tuple> {
         let e = self.entry(slot)?;
