@@ -354,15 +354,11 @@ impl Key {
         // ICMP: one endpoint translated, the reply's destination (SNAT) or source
         // (DNAT), with the echo id.
         for dst in [true, false] {
-            let (addr, l4) = match (dst, reply.is_icmp()) {
-                (true, false) => (&reply.dst, reply.dst_l4),
-                (true, true) => (&reply.dst, reply.src_l4),
-                (false, _) => (&reply.src, reply.src_l4),
-            };
+            let addr = if dst { &reply.dst } else { &reply.src };
             let nat = NatV4 {
                 orig: packed,
                 addr: plain_v4(addr)?,
-                l4: l4.to_ne_bytes(),
+                l4: reply.src_l4.to_ne_bytes(),
             };
             if nat.reply(orig, dst) == *reply {
                 return Some(if dst {
