@@ -303,8 +303,9 @@ enum Aside {
     Snat,
 }
 
-/// Memory per connection of a table filled with `n` connections whose tuples live in
-/// the side store, inserted directly (not timed).
+/// Memory per connection of a table filled with `n` connections that keep something
+/// in a side store (IPv6: both tuples; SNAT: the spilled generation), inserted directly
+/// (not timed).
 fn memory_aside(n: usize, kind: Aside) -> f64 {
     let mut ct = conntrack(n);
     for i in 0..n {

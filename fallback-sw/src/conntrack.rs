@@ -1067,9 +1067,17 @@ impl Conntrack {
         };
         let nat_bits = Status::SRC_NAT | Status::DST_NAT;
         let result = match self.table.entry(slot).map(|e| e.status) {
-            Some(status) if status.intersects(nat_bits) => match self.table.tuples(slot) {
-                Some(tuples) => rewrite::rewrite(frame, pkt, &tuples, status, dir),
-                None => return NatOutcome::Unchanged,
+            // An ICMP error needs both tuples; any other packet only the other
+            // direction's (which a translated IPv4 entry holds: no side store read).
+            Some(status) if status.intersects(nat_bits) => match pkt.l4 {
+                L4::IcmpError { .. } => match self.table.tuples(slot) {
+                    Some(tuples) => rewrite::rewrite(frame, pkt, &tuples, status, dir),
+                    None => return NatOutcome::Unchanged,
+                },
+                _ => match self.table.tuple(slot, dir.opposite()) {
+                    Some(other) => rewrite::rewrite_to_inverse(frame, pkt, &other, status, dir),
+                    None => return NatOutcome::Unchanged,
+                },
             },
             Some(_) => return NatOutcome::Unchanged,
             // The packet closed its connection (TCP RST): it still goes out translated.

@@ -5,10 +5,14 @@
 //!   connection reads: the tuples as a compact key, status, timeout, the low 32 bits of
 //!   the counters (the rest aside once a count passes 2^32 - 1) and the protocol's hot
 //!   state. An IPv4 connection whose reply tuple is the inverse of its
-//!   original (no NAT) keeps only the original's 15 bytes in the key; the tuples of any
-//!   other connection (NAT, IPv6) live in a side store at the entry's slot (80 bytes,
-//!   allocated by chunks of slots when first needed, see [`side`]). Reads that want the
-//!   tuples get a materialized copy of the connection, [`Conn`].
+//!   original (no NAT) keeps only the original's 15 bytes in the key; one translated at
+//!   one endpoint (SNAT, masquerade, DNAT) keeps the original and the translated
+//!   endpoint's address and port (21 bytes), so that its packets, in either direction,
+//!   need nothing outside the entry; its slot's generation and wide-counter flag, which
+//!   no longer fit, are spilled to a 5-byte side store. The tuples of any other
+//!   connection (both endpoints translated, IPv6) live in a side store at the entry's
+//!   slot (80 bytes, allocated by chunks of slots when first needed, see [`side`]). Reads
+//!   that want the tuples get a materialized copy of the connection, [`Conn`].
 //! - An open-addressing index (linear probing, backward-shift deletion, load at most
 //!   1/2) maps each connection's two tuples to `(slot, direction)`, so a packet of either
 //!   direction finds its connection with one hash and, usually, one probe. A cell is 32
@@ -27,7 +31,7 @@
 //! The per-protocol state `P` is opaque here: the table does not know about TCP.
 
 use crate::timer::{SlotLinks, TimerWheel};
-use crate::tuple::{Dir, PackedV4, Tuple, TupleHasher};
+use crate::tuple::{Addr, Dir, PackedV4, Tuple, TupleHasher};
 
 pub mod free;
 pub mod side;
@@ -144,44 +148,73 @@ fn low32(v: u64) -> u32 {
     u32::try_from(v & 0xFFFF_FFFF).unwrap_or(0)
 }
 
-/// How an entry holds its two tuples: an IPv4 connection whose reply tuple is
-/// [`Tuple::invert`] of its original keeps the original packed in two words
-/// ([`PackedV4`]); any other keeps both tuples in the table's side store at the
-/// entry's slot ([`Key::SIDE`], two zero words, which no packed tuple is).
+/// What the table keeps of an entry besides its tuples and hot fields: the slot's
+/// generation and whether the counters' high parts are aside. An entry keeps it in its
+/// key when there is room ([`Key::V4`], [`Key::Side`]); a translated IPv4 connection's
+/// key is full, so its `Meta` is in the table's `spilled` store at the entry's slot.
+/// Bytes, not a `u32`, so that the key stays 2-byte aligned (22 bytes with its tag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Meta {
+    /// How many connections the slot has held, this one included (never 0): with the
+    /// slot number, the connection's id ([`ConnTable::id`]).
+    generation: [u8; 4],
+    /// Whether the high parts of the counters are in the table's `wide` store (a count
+    /// passed 2^32 - 1).
+    wide: bool,
+}
+
+impl Meta {
+    #[inline]
+    fn new(generation: u32) -> Self {
+        Self {
+            generation: generation.to_ne_bytes(),
+            wide: false,
+        }
+    }
+
+    #[inline]
+    fn generation(self) -> u32 {
+        u32::from_ne_bytes(self.generation)
+    }
+}
+
+/// The original tuple of an IPv4 connection in 15 bytes of alignment 1: the
+/// little-endian bytes of its [`PackedV4`] words without the marker byte (source and
+/// destination address, source and destination port (or ICMP id and type/code), zone,
+/// protocol).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Key(Option<PackedV4>);
+struct V4Orig([u8; 15]);
 
-impl Key {
-    /// The key of an entry whose tuples are in the side store.
-    const SIDE: Key = Key(None);
-
-    /// The compact key of `orig` when `reply` is its inverse and it is IPv4.
-    fn compact(orig: &Tuple, reply: &Tuple) -> Option<Key> {
-        let packed = orig.pack_v4()?;
-        (Some(packed.invert()?) == reply.pack_v4()).then_some(Key(Some(packed)))
+impl V4Orig {
+    /// `t` packed, when it is IPv4 with the rest of its addresses' 16 bytes zero (as
+    /// [`Addr::v4`] makes them).
+    #[inline]
+    fn pack(t: &Tuple) -> Option<Self> {
+        t.pack_v4().map(Self::from_packed)
     }
 
-    /// Whether the probe whose packed form is `probe` (and its inverse `probe_inv`)
-    /// is the tuple of direction `dir` of a compact key (`None` for [`Key::SIDE`]).
-    /// A probe that has no packed form is no compact key's tuple.
     #[inline]
-    fn matches(&self, probe: &Probe<'_>, dir: Dir) -> Option<bool> {
-        let key = self.0?;
-        Some(match dir {
-            Dir::Original => probe.packed == Some(key),
-            // The reply is the inverse of the original: the probe's inverse is then
-            // the original (inverting is an involution on the tuples it accepts).
-            Dir::Reply => probe.inverse == Some(key),
-        })
+    fn from_packed(p: PackedV4) -> Self {
+        let (addrs, rest) = p.words();
+        let (a, r) = (addrs.to_le_bytes(), rest.to_le_bytes());
+        Self([
+            a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], r[0], r[1], r[2], r[3], r[4], r[5],
+            r[6],
+        ])
     }
 
-    /// Both tuples of a compact key (`None` for [`Key::SIDE`]).
+    /// The two words: a lookup compares them with its probe's ([`Probe`]).
     #[inline]
-    fn tuples(&self) -> Option<[Tuple; 2]> {
-        let orig = self.0?;
-        // A compact key is made only from a tuple that inverts.
-        let reply = orig.invert().unwrap_or(orig);
-        Some([orig.unpack(), reply.unpack()])
+    fn packed(&self) -> PackedV4 {
+        let b = &self.0;
+        let addrs = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        let rest = u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], 0]);
+        PackedV4::from_words(addrs, rest)
+    }
+
+    #[inline]
+    fn tuple(&self) -> Tuple {
+        self.packed().unpack()
     }
 }
 
@@ -205,6 +238,231 @@ impl<'a> Probe<'a> {
     }
 }
 
+/// The key of a translated IPv4 connection whose reply tuple is the inverse of its
+/// original except for one endpoint (SNAT or DNAT, not both): the original, and that
+/// endpoint's address and port (for ICMP the echo id, which stays in the source port
+/// field of both tuples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NatV4 {
+    orig: V4Orig,
+    addr: [u8; 4],
+    l4: [u8; 2],
+}
+
+impl NatV4 {
+    /// Whether `t` is the reply tuple (see [`NatV4::reply`]).
+    #[inline]
+    fn is_reply(&self, t: &Tuple, dst: bool) -> bool {
+        self.reply_tuple(dst) == *t
+    }
+
+    /// The reply tuple (see [`NatV4::reply`]), built field by field for a protocol
+    /// with ports.
+    #[inline]
+    fn reply_tuple(&self, dst: bool) -> Tuple {
+        let o = self.orig.tuple();
+        if o.is_icmp() {
+            return self.reply(&o, dst);
+        }
+        let (addr, l4) = (Addr::v4(self.addr), u16::from_ne_bytes(self.l4));
+        if dst {
+            Tuple {
+                src: o.dst,
+                dst: addr,
+                src_l4: o.dst_l4,
+                dst_l4: l4,
+                ..o
+            }
+        } else {
+            Tuple {
+                src: addr,
+                dst: o.src,
+                src_l4: l4,
+                dst_l4: o.src_l4,
+                ..o
+            }
+        }
+    }
+
+    /// The reply tuple: the inverse of `orig` (this key's original, unpacked) with its
+    /// destination (`dst`, SNAT) or source (DNAT) endpoint replaced.
+    #[inline]
+    fn reply(&self, orig: &Tuple, dst: bool) -> Tuple {
+        // A NAT key is made only from a tuple that inverts.
+        let mut r = orig.invert().unwrap_or(*orig);
+        let l4 = u16::from_ne_bytes(self.l4);
+        let addr = Addr::v4(self.addr);
+        match (dst, r.is_icmp()) {
+            (true, icmp) => {
+                r.dst = addr;
+                if icmp {
+                    r.src_l4 = l4;
+                } else {
+                    r.dst_l4 = l4;
+                }
+            }
+            (false, _) => {
+                r.src = addr;
+                r.src_l4 = l4;
+            }
+        }
+        r
+    }
+}
+
+/// How an entry holds its two tuples. 22 bytes: with the 2-byte status after it, the
+/// first 24 bytes of the entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Key {
+    /// IPv4, and the reply tuple is [`Tuple::invert`] of the original: the original's
+    /// fields.
+    V4 { orig: V4Orig, meta: Meta },
+    /// IPv4 with the reply's destination translated (SNAT): see [`NatV4`]. The
+    /// entry's [`Meta`] is in the `spilled` store.
+    SrcNatV4(NatV4),
+    /// IPv4 with the reply's source translated (DNAT): see [`NatV4`]. The entry's
+    /// [`Meta`] is in the `spilled` store.
+    DstNatV4(NatV4),
+    /// Both tuples are in the table's side store at the entry's slot (IPv6, both
+    /// endpoints translated).
+    Side { meta: Meta },
+}
+
+/// An IPv4 address of a tuple, when the rest of its 16 bytes is zero (as
+/// [`Addr::v4`] makes it).
+#[inline]
+fn plain_v4(a: &Addr) -> Option<[u8; 4]> {
+    a.0[4..].iter().all(|&b| b == 0).then(|| a.as_v4())
+}
+
+impl Key {
+    /// The key of a new connection with these tuples, of generation `generation`; `None`
+    /// when its tuples must go to the side store (then the key is [`Key::Side`]).
+    fn compact(orig: &Tuple, reply: &Tuple, generation: u32) -> Option<Key> {
+        let packed = V4Orig::pack(orig)?;
+        let plain = Key::V4 {
+            orig: packed,
+            meta: Meta::new(generation),
+        };
+        // A protocol with ports (the create path of every connection): which endpoint
+        // of the reply differs from the inverse's, compared field by field.
+        if !orig.is_icmp() {
+            let same =
+                reply.proto == orig.proto && reply.zone == orig.zone && reply.family == orig.family;
+            let src_same = reply.src == orig.dst && reply.src_l4 == orig.dst_l4;
+            let dst_same = reply.dst == orig.src && reply.dst_l4 == orig.src_l4;
+            return match (same, src_same, dst_same) {
+                (true, true, true) => Some(plain),
+                (true, true, false) => Some(Key::SrcNatV4(NatV4 {
+                    orig: packed,
+                    addr: plain_v4(&reply.dst)?,
+                    l4: reply.dst_l4.to_ne_bytes(),
+                })),
+                (true, false, true) => Some(Key::DstNatV4(NatV4 {
+                    orig: packed,
+                    addr: plain_v4(&reply.src)?,
+                    l4: reply.src_l4.to_ne_bytes(),
+                })),
+                _ => None,
+            };
+        }
+        let inverse = orig.invert().ok()?;
+        if inverse == *reply {
+            return Some(plain);
+        }
+        // ICMP: one endpoint translated, the reply's destination (SNAT) or source
+        // (DNAT), with the echo id.
+        for dst in [true, false] {
+            let addr = if dst { &reply.dst } else { &reply.src };
+            let nat = NatV4 {
+                orig: packed,
+                addr: plain_v4(addr)?,
+                l4: reply.src_l4.to_ne_bytes(),
+            };
+            if nat.reply(orig, dst) == *reply {
+                return Some(if dst {
+                    Key::SrcNatV4(nat)
+                } else {
+                    Key::DstNatV4(nat)
+                });
+            }
+        }
+        None
+    }
+
+    /// The entry's [`Meta`], when the key holds it.
+    #[inline]
+    fn meta(&self) -> Option<Meta> {
+        match *self {
+            Key::V4 { meta, .. } | Key::Side { meta } => Some(meta),
+            Key::SrcNatV4(_) | Key::DstNatV4(_) => None,
+        }
+    }
+
+    /// The entry's [`Meta`], mutable, when the key holds it.
+    #[inline]
+    fn meta_mut(&mut self) -> Option<&mut Meta> {
+        match self {
+            Key::V4 { meta, .. } | Key::Side { meta } => Some(meta),
+            Key::SrcNatV4(_) | Key::DstNatV4(_) => None,
+        }
+    }
+
+    /// Whether the probe's tuple is the tuple of direction `dir` (`None` for `Side`):
+    /// originals and the reply of an untranslated key as two word compares (a probe
+    /// without a packed form is no compact key's tuple), a translated reply field by
+    /// field.
+    #[inline]
+    fn matches(&self, probe: &Probe<'_>, dir: Dir) -> Option<bool> {
+        Some(match (self, dir) {
+            (Key::Side { .. }, _) => return None,
+            (Key::V4 { orig, .. }, Dir::Original)
+            | (Key::SrcNatV4(NatV4 { orig, .. }), Dir::Original)
+            | (Key::DstNatV4(NatV4 { orig, .. }), Dir::Original) => {
+                probe.packed == Some(orig.packed())
+            }
+            // The reply is the inverse of the original: the probe's inverse is then
+            // the original (inverting is an involution on the tuples it accepts).
+            (Key::V4 { orig, .. }, Dir::Reply) => probe.inverse == Some(orig.packed()),
+            (Key::SrcNatV4(nat), Dir::Reply) => nat.is_reply(probe.tuple, true),
+            (Key::DstNatV4(nat), Dir::Reply) => nat.is_reply(probe.tuple, false),
+        })
+    }
+
+    /// The tuple of direction `dir` (`None` for `Side`). Inlined for the NAT rewrite
+    /// (see [`ConnTable::tuple`]).
+    #[inline(always)]
+    fn tuple(&self, dir: Dir) -> Option<Tuple> {
+        match (self, dir) {
+            (Key::Side { .. }, _) => None,
+            (Key::V4 { orig, .. }, Dir::Original)
+            | (Key::SrcNatV4(NatV4 { orig, .. }), Dir::Original)
+            | (Key::DstNatV4(NatV4 { orig, .. }), Dir::Original) => Some(orig.tuple()),
+            (Key::V4 { orig, .. }, Dir::Reply) => {
+                let orig = orig.tuple();
+                Some(orig.invert().unwrap_or(orig))
+            }
+            (Key::SrcNatV4(nat), Dir::Reply) => Some(nat.reply_tuple(true)),
+            (Key::DstNatV4(nat), Dir::Reply) => Some(nat.reply_tuple(false)),
+        }
+    }
+
+    /// Both tuples (`None` for `Side`).
+    #[inline]
+    fn tuples(&self) -> Option<[Tuple; 2]> {
+        match self {
+            Key::V4 { orig, .. } => {
+                let orig = orig.tuple();
+                // A compact key is made only from a tuple that inverts.
+                Some([orig, orig.invert().unwrap_or(orig)])
+            }
+            Key::SrcNatV4(nat) => Some([nat.orig.tuple(), nat.reply_tuple(true)]),
+            Key::DstNatV4(nat) => Some([nat.orig.tuple(), nat.reply_tuple(false)]),
+            Key::Side { .. } => None,
+        }
+    }
+}
+
 /// One connection as the table stores it. The tuples are not public fields: read them
 /// with [`ConnTable::tuples`], or take a [`Conn`] copy with [`ConnTable::get`].
 ///
@@ -217,12 +475,6 @@ pub struct Entry<P> {
     key: Key,
     /// Status bits.
     pub status: Status,
-    /// Whether the high parts of the counters are in the table's side store (a count
-    /// passed 2^32 - 1).
-    wide: bool,
-    /// How many connections the slot has held, this one included (never 0): with the
-    /// slot number, the connection's id ([`ConnTable::id`]).
-    generation: u32,
     /// Absolute expiry time in nanoseconds; dead once `timeout <= now`. Change it with
     /// [`ConnTable::set_timeout`] so the timer stays right.
     pub timeout: u64,
@@ -253,7 +505,7 @@ impl<P> Entry<P> {
     #[inline]
     #[must_use]
     pub fn tuples_aside(&self) -> bool {
-        self.key == Key::SIDE
+        matches!(self.key, Key::Side { .. })
     }
 }
 
@@ -414,6 +666,8 @@ pub struct ConnTable<P> {
     entries: Vec<Option<Entry<P>>>,
     /// Both tuples of the entries whose key is [`Key::Side`].
     side: SlotStore<[Tuple; 2]>,
+    /// The [`Meta`] of the entries whose key has no room for it (translated IPv4).
+    spilled: SlotStore<Meta>,
     /// The high parts of the counters of the entries marked `wide`.
     wide: SlotStore<[Counter; 2]>,
     links: Vec<SlotLinks>,
@@ -454,6 +708,7 @@ impl<P> ConnTable<P> {
             mask: index_len - 1,
             entries,
             side: SlotStore::new(max),
+            spilled: SlotStore::new(max),
             wide: SlotStore::new(max),
             links,
             free,
@@ -531,7 +786,7 @@ impl<P> ConnTable<P> {
     pub fn heap_bytes(&self) -> usize {
         let index = self.index.capacity() * size_of::<u32>();
         let entries = self.entries.capacity() * size_of::<Option<Entry<P>>>();
-        let side = self.side.heap_bytes() + self.wide.heap_bytes();
+        let side = self.side.heap_bytes() + self.spilled.heap_bytes() + self.wide.heap_bytes();
         let links = self.links.capacity() * size_of::<SlotLinks>();
         let events = self.events.capacity() * size_of::<Event>();
         let scratch = self.scratch.capacity() * size_of::<u32>();
@@ -643,6 +898,15 @@ impl<P> ConnTable<P> {
         }
     }
 
+    /// The [`Meta`] of the entry `e` in `slot`: in its key, or spilled.
+    #[inline]
+    fn meta(&self, slot: Slot, e: &Entry<P>) -> Meta {
+        e.key
+            .meta()
+            .or_else(|| self.spilled.get(slot).copied())
+            .unwrap_or_default()
+    }
+
     /// The stored entry in `slot` (no tuples: see [`ConnTable::tuples`]).
     #[inline]
     #[must_use]
@@ -658,11 +922,16 @@ impl<P> ConnTable<P> {
         e.key.tuples().or_else(|| self.side.get(slot).copied())
     }
 
-    /// The tuple of direction `dir` of the connection in `slot`.
-    #[inline]
+    /// The tuple of direction `dir` of the connection in `slot`. Inlined: the NAT
+    /// rewrite of every translated packet reads the other direction's tuple here, and
+    /// uses only its addresses and ports.
+    #[inline(always)]
     #[must_use]
     pub fn tuple(&self, slot: Slot, dir: Dir) -> Option<Tuple> {
-        self.tuples(slot).map(|t| t[dir.index()])
+        let e = self.entry(slot)?;
+        e.key
+            .tuple(dir)
+            .or_else(|| self.side.get(slot).map(|t| t[dir.index()]))
     }
 
     /// A copy of the connection in `slot`, tuples included.
@@ -679,7 +948,7 @@ impl<P> ConnTable<P> {
             timeout: e.timeout,
             counters: self.counters(slot)?,
             proto: e.proto.clone(),
-            id: conn_id(slot, e.generation),
+            id: conn_id(slot, self.meta(slot, e).generation()),
         })
     }
 
@@ -688,7 +957,7 @@ impl<P> ConnTable<P> {
     #[must_use]
     pub fn counters(&self, slot: Slot) -> Option<[Counter; 2]> {
         let e = self.entry(slot)?;
-        let high = if e.wide {
+        let high = if self.meta(slot, e).wide {
             self.wide.get(slot).copied().unwrap_or_default()
         } else {
             [Counter::default(); 2]
@@ -722,8 +991,15 @@ impl<P> ConnTable<P> {
         }
         lo.packets = low32(p);
         lo.bytes = low32(b);
-        if !e.wide {
-            e.wide = true;
+        let meta = match e.key.meta_mut() {
+            Some(m) => m,
+            None => match self.spilled.get_mut(slot) {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        if !meta.wide {
+            meta.wide = true;
             self.wide.put(slot, [Counter::default(); 2]);
         }
         if let Some(high) = self.wide.get_mut(slot) {
@@ -746,7 +1022,8 @@ impl<P> ConnTable<P> {
     #[inline]
     #[must_use]
     pub fn id(&self, slot: Slot) -> Option<u64> {
-        self.entry(slot).map(|e| conn_id(slot, e.generation))
+        self.entry(slot)
+            .map(|e| conn_id(slot, self.meta(slot, e).generation()))
     }
 
     /// The slot of the connection with `id`, if it is still in the table (a lookup, no
@@ -916,16 +1193,19 @@ impl<P> ConnTable<P> {
         // Generation 0 is never used, so no id is 0.
         let generation = freed_generation.checked_add(1).unwrap_or(1);
         let id = conn_id(slot, generation);
-        let key = Key::compact(&orig, &reply).unwrap_or_else(|| {
+        let key = Key::compact(&orig, &reply, generation).unwrap_or_else(|| {
             self.side.put(slot, [orig, reply]);
-            Key::SIDE
+            Key::Side {
+                meta: Meta::new(generation),
+            }
         });
+        if key.meta().is_none() {
+            self.spilled.put(slot, Meta::new(generation));
+        }
         self.entries[slot.idx()] = Some(Entry {
             key,
             status: status | Status::CONFIRMED,
             timeout,
-            generation,
-            wide: false,
             counters: [LowCounter::default(); 2],
             proto,
         });
@@ -995,16 +1275,17 @@ impl<P> ConnTable<P> {
         self.index_remove(&tuples[0], slot, Dir::Original);
         self.index_remove(&tuples[1], slot, Dir::Reply);
         let e = self.entries.get_mut(slot.idx())?.take()?;
+        let generation = self.meta(slot, &e).generation();
         let conn = Conn {
             tuples,
             status: e.status,
             timeout: e.timeout,
             counters,
             proto: e.proto,
-            id: conn_id(slot, e.generation),
+            id: conn_id(slot, generation),
         };
         self.wheel.unlink(&mut self.links, slot.0);
-        self.free.push(&mut self.links, slot, e.generation);
+        self.free.push(&mut self.links, slot, generation);
         self.count -= 1;
         if conn.status.intersects(Status::SRC_NAT | Status::DST_NAT) {
             self.nat_released.push((conn.tuples, conn.status));
@@ -1167,6 +1448,18 @@ mod tests {
         t.invert().expect("udp inverts")
     }
 
+    /// The reply of `t` SNATed to 203.0.113.1:`port`.
+    fn snat(t: &Tuple, port: u16) -> Tuple {
+        let mut r = inv(t);
+        r.dst = Addr::v4([203, 0, 113, 1]);
+        if r.is_icmp() {
+            r.src_l4 = port;
+        } else {
+            r.dst_l4 = port;
+        }
+        r
+    }
+
     #[test]
     fn both_directions_find_the_connection() {
         let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
@@ -1198,16 +1491,19 @@ mod tests {
             empty,
             "a plain IPv4 connection allocates nothing"
         );
-        // SNAT: the reply goes to the translated address and port.
+        // SNAT: the reply goes to the translated address and port. The entry holds
+        // both tuples; only its generation and wide flag are spilled (5 bytes a slot).
         let b = t(2);
-        let mut r = inv(&b);
-        r.dst = Addr::v4([203, 0, 113, 1]);
-        r.dst_l4 = 40_000;
+        let r = snat(&b, 40_000);
         let sn = tab
             .insert(b, r, Status::SRC_NAT, 30 * S, (), 0)
             .expect("room");
-        assert!(tab.entry(sn).expect("live").tuples_aside());
-        assert!(tab.heap_bytes() > empty, "the side store took a chunk");
+        assert!(!tab.entry(sn).expect("live").tuples_aside());
+        assert_eq!(
+            tab.heap_bytes(),
+            empty + side::CHUNK * size_of::<Meta>(),
+            "only the spilled store took a chunk"
+        );
         assert_eq!(tab.tuples(sn), Some([b, r]));
         assert_eq!(tab.lookup(&b, S), Some((sn, Dir::Original)));
         assert_eq!(tab.lookup(&r, S), Some((sn, Dir::Reply)));
@@ -1227,11 +1523,95 @@ mod tests {
         assert!(tab.entry(s6).expect("live").tuples_aside());
         assert_eq!(tab.lookup(&inv(&v6), S), Some((s6, Dir::Reply)));
         assert_eq!(tab.get(s6).expect("live").tuples, [v6, inv(&v6)]);
-        // Removal hands back the tuples it stored aside.
+        // Both endpoints translated (full NAT): aside.
+        let c = t(4);
+        let mut full = snat(&c, 40_001);
+        full.src = Addr::v4([10, 9, 9, 9]);
+        full.src_l4 = 8080;
+        let sf = tab
+            .insert(c, full, Status::SRC_NAT | Status::DST_NAT, 30 * S, (), 0)
+            .expect("room");
+        assert!(tab.entry(sf).expect("live").tuples_aside());
+        assert_eq!(tab.lookup(&full, S), Some((sf, Dir::Reply)));
+        // Removal hands back the tuples, from the entry or from aside.
         let gone = tab.remove(sn, RemoveReason::Deleted).expect("live");
         assert_eq!(gone.tuples, [b, r]);
         assert_eq!(tab.lookup(&r, S), None);
         assert_eq!(tab.lookup(&a, S), Some((s, Dir::Original)));
+        let gone = tab.remove(sf, RemoveReason::Deleted).expect("live");
+        assert_eq!(gone.tuples, [c, full]);
+    }
+
+    #[test]
+    fn translated_ipv4_keys_match_exactly_their_two_tuples() {
+        let mut tab: ConnTable<()> = ConnTable::new(64, 1, 256);
+        // SNAT of UDP and of an ICMP echo (the id is the translated "port"), DNAT of
+        // UDP and of an ICMP echo.
+        let udp = t(1);
+        let echo = Tuple {
+            src: Addr::v4([10, 0, 0, 7]),
+            dst: Addr::v4([192, 0, 2, 1]),
+            src_l4: 0x1234,
+            dst_l4: u16::from_be_bytes([8, 0]),
+            proto: proto::ICMP,
+            family: Family::V4,
+            zone: 3,
+        };
+        let dnat = |o: &Tuple, port: u16| {
+            let mut r = inv(o);
+            r.src = Addr::v4([10, 1, 1, 1]);
+            r.src_l4 = port;
+            r
+        };
+        let cases = [
+            (udp, snat(&udp, 20_000), Status::SRC_NAT),
+            (echo, snat(&echo, 0x4321), Status::SRC_NAT),
+            (t(2), dnat(&t(2), 8080), Status::DST_NAT),
+            (
+                Tuple { zone: 4, ..echo },
+                dnat(&Tuple { zone: 4, ..echo }, 0x9999),
+                Status::DST_NAT,
+            ),
+        ];
+        for (o, r, status) in cases {
+            let slot = tab.insert(o, r, status, 30 * S, (), 0).expect("room");
+            let e = tab.entry(slot).expect("live");
+            assert!(!e.tuples_aside(), "{o} -> {r} fits the entry");
+            assert_eq!(tab.tuples(slot), Some([o, r]));
+            assert_eq!(tab.lookup(&o, S), Some((slot, Dir::Original)));
+            assert_eq!(tab.lookup(&r, S), Some((slot, Dir::Reply)));
+            // Neither the untranslated reply nor one field off is this connection.
+            assert_eq!(tab.lookup(&inv(&o), S), None);
+            for off in [
+                Tuple {
+                    src_l4: r.src_l4 ^ 1,
+                    ..r
+                },
+                Tuple {
+                    dst_l4: r.dst_l4 ^ 1,
+                    ..r
+                },
+                Tuple {
+                    src: Addr::v4([1, 2, 3, 4]),
+                    ..r
+                },
+                Tuple {
+                    dst: Addr::v4([1, 2, 3, 4]),
+                    ..r
+                },
+                Tuple { zone: 9, ..r },
+                Tuple {
+                    proto: proto::TCP,
+                    ..r
+                },
+            ] {
+                assert_eq!(tab.lookup(&off, S), None, "{off} is not {r}");
+            }
+            let id = tab.id(slot).expect("live");
+            assert_eq!(tab.find_id(id), Some(slot));
+            assert_eq!(tab.get(slot).expect("live").id, id);
+        }
+        assert_eq!(size_of::<Key>(), 22, "key and status fill 24 bytes");
     }
 
     #[test]
@@ -1320,11 +1700,16 @@ mod tests {
 
     #[test]
     fn counters_stay_exact_past_32_bits() {
+        // A plain connection keeps its wide flag in its key, a translated one aside.
+        counters_stay_exact_past_32_bits_with(|a| (inv(a), Status::empty()));
+        counters_stay_exact_past_32_bits_with(|a| (snat(a, 30_000), Status::SRC_NAT));
+    }
+
+    fn counters_stay_exact_past_32_bits_with(reply: impl Fn(&Tuple) -> (Tuple, Status)) {
         let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
         let a = t(1);
-        let s = tab
-            .insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
-            .expect("room");
+        let (r, status) = reply(&a);
+        let s = tab.insert(a, r, status, 30 * S, (), 0).expect("room");
         let narrow = tab.heap_bytes();
         let big = u64::from(u32::MAX);
         tab.count(s, Dir::Original, 1, big);
@@ -1359,16 +1744,15 @@ mod tests {
             [Event::Destroy { counters, .. }] if counters[0] == want[0]
         ));
         // The slot's next connection starts from zero.
-        let s2 = tab
-            .insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
-            .expect("room");
+        let s2 = tab.insert(a, r, status, 30 * S, (), 0).expect("room");
         assert_eq!(s2, s);
         assert_eq!(tab.counters(s2), Some([Counter::default(); 2]));
     }
 
     #[test]
     fn entry_layout_is_64_bytes() {
-        // Key 16, status 2, wide flag 1 (+1), generation 4, timeout 8, low counters 16,
+        // Key 22 (generation and wide flag inside, or spilled), status 2, timeout 8,
+        // low counters 16,
         // a 16-byte protocol state (what `conntrack::L4State` takes).
         assert_eq!(size_of::<Option<Entry<[u64; 2]>>>(), 64);
         assert_eq!(align_of::<Option<Entry<[u64; 2]>>>(), 64);
@@ -1626,11 +2010,18 @@ mod tests {
         let mut tab: ConnTable<()> = ConnTable::new(4, 1, 1024);
         let mut seen = std::collections::HashSet::new();
         for round in 0..50u32 {
+            // Translated connections (generation spilled) and plain ones (generation in
+            // the key) take turns in the slots.
             let slots: Vec<Slot> = (0..4)
                 .map(|i| {
                     let a = t(round * 4 + i);
-                    tab.insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
-                        .expect("room")
+                    let (r, st) = if (round + i) % 3 == 0 {
+                        let port = 20_000 + u16::try_from(round * 4 + i).expect("small");
+                        (snat(&a, port), Status::SRC_NAT)
+                    } else {
+                        (inv(&a), Status::empty())
+                    };
+                    tab.insert(a, r, st, 30 * S, (), 0).expect("room")
                 })
                 .collect();
             for &s in &slots {
@@ -1665,6 +2056,74 @@ mod tests {
     }
 
     proptest! {
+        /// Any pair of IPv4 tuples is stored exactly (in the entry when at most one
+        /// endpoint of the reply differs from the inverse, else aside) and found by
+        /// both tuples and by nothing that differs in one byte.
+        #[test]
+        fn any_v4_pair_is_stored_exactly(
+            sa in any::<[u8; 4]>(), da in any::<[u8; 4]>(), sp in any::<u16>(),
+            dp in any::<u16>(), zone in 0u16..3, kind in 0u8..4,
+            new_src in proptest::option::of((any::<[u8; 4]>(), any::<u16>())),
+            new_dst in proptest::option::of((any::<[u8; 4]>(), any::<u16>())),
+            flip in 0usize..15,
+        ) {
+            let (proto, dp) = match kind {
+                0 => (proto::UDP, dp),
+                1 => (proto::TCP, dp),
+                2 => (proto::ICMP, u16::from_be_bytes([8, 0])),
+                _ => (proto::SCTP, dp),
+            };
+            let o = Tuple {
+                src: Addr::v4(sa), dst: Addr::v4(da), src_l4: sp, dst_l4: dp,
+                proto, family: Family::V4, zone,
+            };
+            let mut r = inv(&o);
+            if let Some((a, p)) = new_src {
+                r.src = Addr::v4(a);
+                r.src_l4 = p;
+            }
+            if let Some((a, p)) = new_dst {
+                r.dst = Addr::v4(a);
+                if r.is_icmp() { r.src_l4 = p } else { r.dst_l4 = p }
+            }
+            let mut tab: ConnTable<()> = ConnTable::new(4, 9, 8);
+            let Ok(slot) = tab.insert(o, r, Status::empty(), 30 * S, (), 0) else {
+                // Only a reply equal to the original clashes with it.
+                prop_assert_eq!(o, r);
+                return Ok(());
+            };
+            let inverse = inv(&o);
+            // For ICMP the id (source l4 field of both tuples) goes with either address.
+            let one_endpoint = if o.is_icmp() {
+                (r.src == inverse.src || r.dst == inverse.dst) && r.dst_l4 == inverse.dst_l4
+            } else {
+                (r.src == inverse.src && r.src_l4 == inverse.src_l4)
+                    || (r.dst == inverse.dst && r.dst_l4 == inverse.dst_l4)
+            };
+            prop_assert_eq!(tab.entry(slot).expect("live").tuples_aside(), !one_endpoint);
+            prop_assert_eq!(tab.tuples(slot), Some([o, r]));
+            prop_assert_eq!(tab.tuple(slot, Dir::Reply), Some(r));
+            prop_assert_eq!(tab.lookup(&o, S), Some((slot, Dir::Original)));
+            prop_assert_eq!(tab.lookup(&r, S), Some((slot, Dir::Reply)));
+            for t in [o, r] {
+                let mut off = t;
+                match flip {
+                    0..4 => off.src.0[flip] ^= 1,
+                    4..8 => off.dst.0[flip - 4] ^= 1,
+                    8 => off.src_l4 ^= 1,
+                    9 => off.dst_l4 ^= 1,
+                    10 => off.zone ^= 1,
+                    11 => off.proto ^= 1,
+                    12 => off.src.0[4] = 1,
+                    13 => off.dst.0[15] = 1,
+                    _ => off.family = Family::V6,
+                }
+                if off != o && off != r {
+                    prop_assert_eq!(tab.lookup(&off, S), None);
+                }
+            }
+        }
+
         /// The index agrees with a model map under random inserts and removals
         /// (exercises backward-shift deletion across wrapped probe runs).
         #[test]

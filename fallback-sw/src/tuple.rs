@@ -292,6 +292,10 @@ pub(crate) struct PackedV4 {
 
 /// The marker in the top byte of [`PackedV4::rest`].
 const PACKED_MARK: u64 = 1 << 56;
+/// The top byte of [`PackedV4::rest`], where the marker is.
+const PACKED_MARK_BYTE: u64 = 0xFF << 56;
+/// [`PACKED_MARK`], which is not zero.
+const PACKED_MARK_NZ: NonZeroU64 = NonZeroU64::new(PACKED_MARK).expect("the marker is not zero");
 
 impl PackedV4 {
     /// The tuple these words hold.
@@ -307,6 +311,22 @@ impl PackedV4 {
             proto,
             family: Family::V4,
             zone: u16::from_le_bytes([z0, z1]),
+        }
+    }
+
+    /// The two words: addresses, then ports, zone and protocol in the low 7 bytes of
+    /// the second (its top byte is the marker, which [`PackedV4::from_words`] sets).
+    #[inline]
+    pub(crate) fn words(self) -> (u64, u64) {
+        (self.addrs, self.rest.get() & !PACKED_MARK_BYTE)
+    }
+
+    /// The inverse of [`PackedV4::words`] (the second word's top byte is ignored).
+    #[inline]
+    pub(crate) fn from_words(addrs: u64, rest: u64) -> Self {
+        Self {
+            addrs,
+            rest: PACKED_MARK_NZ | (rest & !PACKED_MARK_BYTE),
         }
     }
 

@@ -219,9 +219,10 @@ impl Conntrack {
                     continue;
                 };
                 // The entry is one cache line: one load brings in every field the
-                // handler reads (a NAT or IPv6 entry's tuples are in the side store:
-                // not touched here). Few instructions per load, so that many of them
-                // are in flight at once.
+                // handler reads (an IPv4 entry translated at one endpoint holds the
+                // rewrite's tuple too; an IPv6 or full-NAT entry's tuples are in the
+                // side store: not touched here). Few instructions per load, so that
+                // many of them are in flight at once.
                 sink ^= c.timeout;
             }
         }

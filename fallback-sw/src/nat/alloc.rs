@@ -527,16 +527,12 @@ impl BySource {
             Some(ms) => {
                 if ms.first.addr == addr && ms.first.port == port {
                     ms.first.refs += 1;
-                } else if let Some(x) = ms
-                    .more
-                    .last_mut()
-                    .filter(|x| x.addr == addr && x.port == port)
-                {
-                    x.refs += 1;
                 } else {
-                    // Not searched for among the others: O(1) on the new-connection
-                    // path. A mapping may then be held by several entries; its
-                    // references are their sum.
+                    // Not searched for among the others, not even the newest (reading
+                    // it was a cache miss on every new connection of a busy source):
+                    // O(1) on the new-connection path, and no more entries than the
+                    // source has connections. A mapping may then be held by several
+                    // entries; its references are their sum.
                     ms.more.push(m);
                 }
             }
@@ -1264,8 +1260,8 @@ mod tests {
     #[test]
     fn by_source_counts_a_mapping_held_by_several_entries() {
         // 2000, 2001, 2000 again: the second 2000 gets its own entry (add compares only
-        // the first and the newest); references add up and the mapping stays findable
-        // until the last one is dropped.
+        // with the first); references add up and the mapping stays findable until the
+        // last one is dropped.
         let mut by = BySource::default();
         let o = udp([10, 0, 0, 1], 1000, [8, 8, 8, 8], 53);
         let n = Addr::v4([192, 0, 2, 1]);

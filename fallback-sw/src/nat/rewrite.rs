@@ -262,6 +262,27 @@ pub fn rewrite(
     if let L4::IcmpError { .. } = pkt.l4 {
         return super::icmp::translate_error(frame, pkt, tuples, status, dir);
     }
+    rewrite_to_inverse(frame, pkt, &tuples[dir.opposite().index()], status, dir)
+}
+
+/// [`rewrite`] for a packet that is not an ICMP error (the packet path of an
+/// established connection), given only the tuple of the other direction, `other`: the
+/// packet is made to look like its inverse. An ICMP error is left alone (it needs both
+/// tuples: use [`rewrite`]).
+///
+/// # Errors
+/// [`RewriteError`]; the caller drops the packet.
+#[inline]
+pub fn rewrite_to_inverse(
+    frame: &mut [u8],
+    pkt: &ParsedPacket,
+    other: &Tuple,
+    status: Status,
+    dir: Dir,
+) -> Result<(), RewriteError> {
+    if let L4::IcmpError { .. } = pkt.l4 {
+        return Ok(());
+    }
     let (src_m, dst_m) = manips(status, dir);
     if !src_m && !dst_m {
         return Ok(());
@@ -271,12 +292,12 @@ pub fn rewrite(
         L3::Ipv6 => return Err(RewriteError::Ipv6Nat),
         L3::Other { .. } => return Err(RewriteError::NotIp),
     };
-    let (sa, da, sl4, dl4) = inverse_fields(&tuples[dir.opposite().index()]);
+    let (sa, da, sl4, dl4) = inverse_fields(other);
     if src_m {
         manip_v4(frame, &at, Manip::Src, sa, sl4, L4Mode::Full)?;
     }
     if dst_m {
-        let l4 = if tuples[0].is_icmp() { sl4 } else { dl4 };
+        let l4 = if other.is_icmp() { sl4 } else { dl4 };
         manip_v4(frame, &at, Manip::Dst, da, l4, L4Mode::Full)?;
     }
     Ok(())

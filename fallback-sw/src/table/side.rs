@@ -1,7 +1,8 @@
 //! Values kept beside the table for some of its entries, indexed by the entry's slot.
 //!
-//! Most entries do not need them (the window state of TCP connections, both tuples of a
-//! connection that NAT translated or that is IPv6), so they are not in every entry.
+//! Most entries do not need them (the window state of TCP connections, both tuples of an
+//! IPv6 connection or of one translated at both endpoints, the generation of a
+//! translated IPv4 connection), so they are not in every entry.
 //! A [`SlotStore`] allocates its values in chunks of `CHUNK` slots, the first time an
 //! entry of the chunk stores one (on the create path, never on a packet of an existing
 //! connection). A table that stores none allocates none; one that stores values in
@@ -14,7 +15,7 @@
 use super::Slot;
 
 /// Slots per chunk.
-const CHUNK: usize = 4096;
+pub(crate) const CHUNK: usize = 4096;
 
 /// Values by table slot. See the module documentation.
 #[derive(Debug)]
