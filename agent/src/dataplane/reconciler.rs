@@ -43,8 +43,8 @@
 //! once a day, [`KEEPALIVE_LEAD_NS`] before its timeout, so GC can never expire a
 //! flow that is in hardware (invariant 1); the idle check decides when it leaves.
 
-use ctoffload_driver::CounterDump;
 use ctoffload_driver::io::DeviceIo;
+use ctoffload_driver::{CounterDump, CounterSample};
 use ctoffload_hw_regs::FlowId;
 
 use super::slots::{Counts, Observed, Slots, Taken};
@@ -64,6 +64,8 @@ pub struct SweepScratch {
     idle: Vec<(FlowId, u64)>,
     fold_now: Vec<(FlowId, Counts)>,
     taken: Vec<Taken>,
+    /// The records of the batch being compared.
+    batch: Vec<CounterSample>,
     /// The ticks pull full dumps until the cursor next wraps (after a restore).
     full_pass: bool,
 }
@@ -95,7 +97,50 @@ struct ScanTotals {
     moved: Counts,
 }
 
+/// Records decoded and warmed together ([`Slots::warm`]).
+const WARM_BATCH: usize = 16;
+
 impl Scan {
+    /// One record against the slot table: what it moved (kept unfolded), and the
+    /// folds and idle candidates it leaves in `out`.
+    fn observe(
+        &self,
+        s: &CounterSample,
+        packed: bool,
+        slots: &mut Slots,
+        out: &mut SweepScratch,
+    ) -> Counts {
+        let observed = slots.observe(s);
+        if self.fold_all {
+            // After the observation: its move is folded too.
+            let unfolded = slots.take_unfolded(s.flow_id);
+            if !unfolded.is_zero() {
+                out.fold_now.push((s.flow_id, unfolded));
+            }
+        }
+        match observed {
+            Observed::NotOurs => Counts::default(),
+            // A packed dump's idle slots come from the slot table, not its records.
+            Observed::Unchanged { .. } if packed => Counts::default(),
+            Observed::Moved(d) => d,
+            Observed::MovedFoldNow { delta, unfolded } => {
+                out.fold_now.push((s.flow_id, unfolded));
+                delta
+            }
+            Observed::Unchanged { last_hit } => {
+                let hw = if last_hit == 0 {
+                    0
+                } else {
+                    last_hit.saturating_add_signed(self.time_offset_ns)
+                };
+                if self.now.saturating_sub(hw) > self.min_idle {
+                    out.idle.push((s.flow_id, hw));
+                }
+                Counts::default()
+            }
+        }
+    }
+
     /// The sequential part of the sweep: the record of every slot we own against the
     /// slot table's seen array, nothing else (records of other slots are not read).
     /// A packed (`CHANGED`) dump holds only moved slots: idleness is then read from
@@ -105,45 +150,35 @@ impl Scan {
         let range = first..first.saturating_add(dump.range_len());
         let packed = dump.is_packed();
         let mut moved = Counts::default();
-        for i in 0..dump.len() {
-            if !packed && !slots.owned_at(first.saturating_add(i)) {
-                continue;
-            }
-            let Some(s) = dump.get(i) else {
-                continue;
-            };
-            if packed && !range.contains(&usize::try_from(s.flow_id.get()).unwrap_or(usize::MAX)) {
-                // A record outside the range asked for: not believed.
-                continue;
-            }
-            let observed = slots.observe(&s);
-            if self.fold_all {
-                // After the observation: its move is folded too.
-                let unfolded = slots.take_unfolded(s.flow_id);
-                if !unfolded.is_zero() {
-                    out.fold_now.push((s.flow_id, unfolded));
+        let mut batch = std::mem::take(&mut out.batch);
+        let mut i = 0;
+        while i < dump.len() {
+            // A batch of records is decoded and its slots' seen records loaded before
+            // any is compared: the cache misses of the batch overlap.
+            batch.clear();
+            while i < dump.len() && batch.len() < WARM_BATCH {
+                let at = i;
+                i += 1;
+                if !packed && !slots.owned_at(first.saturating_add(at)) {
+                    continue;
                 }
+                let Some(s) = dump.get(at) else {
+                    continue;
+                };
+                if packed
+                    && !range.contains(&usize::try_from(s.flow_id.get()).unwrap_or(usize::MAX))
+                {
+                    // A record outside the range asked for: not believed.
+                    continue;
+                }
+                batch.push(s);
             }
-            match observed {
-                Observed::NotOurs => {}
-                Observed::Moved(d) => moved = moved.plus(d),
-                Observed::MovedFoldNow { delta, unfolded } => {
-                    moved = moved.plus(delta);
-                    out.fold_now.push((s.flow_id, unfolded));
-                }
-                Observed::Unchanged { .. } if packed => {}
-                Observed::Unchanged { last_hit } => {
-                    let hw = if last_hit == 0 {
-                        0
-                    } else {
-                        last_hit.saturating_add_signed(self.time_offset_ns)
-                    };
-                    if self.now.saturating_sub(hw) > self.min_idle {
-                        out.idle.push((s.flow_id, hw));
-                    }
-                }
+            slots.warm(&batch);
+            for s in &batch {
+                moved = moved.plus(self.observe(s, packed, slots, out));
             }
         }
+        out.batch = batch;
         if packed {
             slots.idle_candidates(
                 range,
