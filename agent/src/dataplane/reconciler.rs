@@ -64,8 +64,6 @@ pub struct SweepScratch {
     idle: Vec<(FlowId, u64)>,
     fold_now: Vec<(FlowId, Counts)>,
     taken: Vec<Taken>,
-    /// The records of the batch being compared.
-    batch: Vec<CounterSample>,
     /// The ticks pull full dumps until the cursor next wraps (after a restore).
     full_pass: bool,
 }
@@ -96,9 +94,6 @@ struct ScanTotals {
     slots: u64,
     moved: Counts,
 }
-
-/// Records decoded and warmed together ([`Slots::warm`]).
-const WARM_BATCH: usize = 16;
 
 impl Scan {
     /// One record against the slot table: what it moved (kept unfolded), and the
@@ -150,35 +145,19 @@ impl Scan {
         let range = first..first.saturating_add(dump.range_len());
         let packed = dump.is_packed();
         let mut moved = Counts::default();
-        let mut batch = std::mem::take(&mut out.batch);
-        let mut i = 0;
-        while i < dump.len() {
-            // A batch of records is decoded and its slots' seen records loaded before
-            // any is compared: the cache misses of the batch overlap.
-            batch.clear();
-            while i < dump.len() && batch.len() < WARM_BATCH {
-                let at = i;
-                i += 1;
-                if !packed && !slots.owned_at(first.saturating_add(at)) {
-                    continue;
-                }
-                let Some(s) = dump.get(at) else {
-                    continue;
-                };
-                if packed
-                    && !range.contains(&usize::try_from(s.flow_id.get()).unwrap_or(usize::MAX))
-                {
-                    // A record outside the range asked for: not believed.
-                    continue;
-                }
-                batch.push(s);
+        for i in 0..dump.len() {
+            if !packed && !slots.owned_at(first.saturating_add(i)) {
+                continue;
             }
-            slots.warm(&batch);
-            for s in &batch {
-                moved = moved.plus(self.observe(s, packed, slots, out));
+            let Some(s) = dump.get(i) else {
+                continue;
+            };
+            if packed && !range.contains(&usize::try_from(s.flow_id.get()).unwrap_or(usize::MAX)) {
+                // A record outside the range asked for: not believed.
+                continue;
             }
+            moved = moved.plus(self.observe(&s, packed, slots, out));
         }
-        out.batch = batch;
         if packed {
             slots.idle_candidates(
                 range,

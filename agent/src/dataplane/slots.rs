@@ -406,20 +406,6 @@ impl Slots {
         }
     }
 
-    /// Loads the seen records of `samples`' slots before any of them is used, so that
-    /// their cache misses overlap instead of following one another (the sweep's records
-    /// name scattered slots of a large array). Nothing is kept: [`Slots::observe`]
-    /// reads them again, from cache.
-    pub fn warm(&self, samples: &[CounterSample]) {
-        let mut acc = 0u64;
-        for s in samples {
-            if let Some(seen) = self.seen.get(idx(s.flow_id)) {
-                acc ^= seen.tagged_bytes;
-            }
-        }
-        std::hint::black_box(acc);
-    }
-
     /// Compares a counter record with the slot's baseline: the sweep's per-slot step.
     /// Reads only the seen array; writes it and the hits array only when the counters
     /// moved, and then keeps the move in the slot (no access to the connection; the
