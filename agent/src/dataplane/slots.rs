@@ -10,7 +10,10 @@
 //!   connection (lazy folding);
 //! - the *hits* array (8 bytes a slot): the raw hardware last-hit of each slot of ours
 //!   (`NO_HITS` for the others), written with each move; finding the slots that may be
-//!   idle reads only it ([`Slots::idle_candidates`]);
+//!   idle reads it ([`Slots::idle_candidates`]), but only in the groups of
+//!   [`IDLE_GROUP`] slots whose *idle floor* (a lower bound of their slots' last hits,
+//!   8 bytes a group) says one may be idle: a pass over a table whose flows are all
+//!   active reads the floors (8 bytes per 64 slots), not the hits;
 //! - the *owner* array: the connection direction, when its rule went in, the L2 header
 //!   length, the partner slot, when the connection's conntrack timeout is next kept
 //!   alive, and the raw byte counter at the slot's last fold. Read for slots that may
@@ -49,6 +52,8 @@ use ctoffload_hw_regs::{FlowCounters, FlowId};
 
 use super::state::ConnHandle;
 
+/// Slots per idle floor ([`Slots::idle_candidates`]).
+pub const IDLE_GROUP: usize = 64;
 /// No partner slot.
 const NONE: u32 = u32::MAX;
 /// `Slots::hits` of a slot that is not ours.
@@ -302,6 +307,12 @@ fn idle_limit(now: u64, min_idle: u64, time_offset_ns: i64) -> u64 {
     u64::try_from(limit.max(1)).unwrap_or(NO_HITS)
 }
 
+/// Agent time `t` in device time (`agent = device + offset`), within `0..NO_HITS`.
+fn device_time(t: u64, time_offset_ns: i64) -> u64 {
+    let d = i128::from(t) - i128::from(time_offset_ns);
+    u64::try_from(d.max(0)).map_or(NO_HITS - 1, |d| d.min(NO_HITS - 1))
+}
+
 /// The slot table.
 #[derive(Debug, Clone, Default)]
 pub struct Slots {
@@ -309,6 +320,11 @@ pub struct Slots {
     /// Raw device last-hit per slot of ours (`NO_HITS`: not ours).
     hits: Vec<u64>,
     owners: Vec<Option<Owner>>,
+    /// Per group of [`IDLE_GROUP`] slots, a lower bound of their *idle references*:
+    /// the raw last hit of a slot of ours, or for one never hit its install time in
+    /// device time (`NO_HITS` for the others). Lowered by installs and moves,
+    /// recomputed when the group is scanned.
+    idle_floor: Vec<u64>,
     /// (due, slot) of every scheduled keep-alive; mirrors `Owner::keepalive_at`.
     keepalive: BTreeSet<(u64, u32)>,
 }
@@ -325,6 +341,7 @@ impl Slots {
             seen: vec![Seen::default(); n],
             hits: vec![NO_HITS; n],
             owners: vec![None; n],
+            idle_floor: vec![NO_HITS; n.div_ceil(IDLE_GROUP)],
             keepalive: BTreeSet::new(),
         }
     }
@@ -371,27 +388,61 @@ impl Slots {
 
     /// The slots of ours in `range` whose last hardware hit (device time moved to
     /// agent time by `time_offset_ns`; never hit counts as 0) is more than `min_idle`
-    /// before `now`, with that time, appended to `out` in slot order. Reads only the
-    /// hits array (8 bytes a slot, sequential): the idle check of a sweep whose dump
-    /// reports only the slots that were hit.
+    /// before `now`, with that time, appended to `out` in slot order; a slot never hit
+    /// only once it was installed more than `min_idle` before `now` (before, the idle
+    /// check would keep it anyway). The idle check of a sweep whose dump reports only
+    /// the slots that were hit: reads the hits array (8 bytes a slot, sequential) only
+    /// in the groups whose idle floor is below the limit, and recomputes their floor.
     pub fn idle_candidates(
-        &self,
+        &mut self,
         range: std::ops::Range<usize>,
         now: u64,
         min_idle: u64,
         time_offset_ns: i64,
         out: &mut Vec<(FlowId, u64)>,
     ) {
-        let start = range.start;
-        let Some(hits) = self.hits.get(range) else {
+        if self.hits.get(range.clone()).is_none() {
             return;
-        };
+        }
         let limit = idle_limit(now, min_idle, time_offset_ns);
-        for (i, &raw) in hits.iter().enumerate() {
-            // One compare a slot, no branch on whether it is ours (half the slots of a
-            // table are, in no pattern a predictor could learn): `NO_HITS` is never
-            // below the limit.
-            if raw >= limit {
+        let mut group = range.start / IDLE_GROUP;
+        while group.saturating_mul(IDLE_GROUP) < range.end {
+            let Some(&floor) = self.idle_floor.get(group) else {
+                return;
+            };
+            if floor < limit {
+                self.scan_idle_group(group, &range, limit, time_offset_ns, out);
+            }
+            group += 1;
+        }
+    }
+
+    /// One group of the idle scan: its slots in `range` whose raw last hit is below
+    /// `limit` go to `out`; its floor becomes the least idle reference of its slots.
+    fn scan_idle_group(
+        &mut self,
+        group: usize,
+        range: &std::ops::Range<usize>,
+        limit: u64,
+        time_offset_ns: i64,
+        out: &mut Vec<(FlowId, u64)>,
+    ) {
+        let first = group.saturating_mul(IDLE_GROUP);
+        let last = first.saturating_add(IDLE_GROUP).min(self.hits.len());
+        let mut floor = NO_HITS;
+        for i in first..last {
+            let raw = self.hits.get(i).copied().unwrap_or(NO_HITS);
+            let reference = if raw == 0 {
+                // Never hit: idle from its install time (agent time) on.
+                self.owners
+                    .get(i)
+                    .and_then(Option::as_ref)
+                    .map_or(0, |o| device_time(o.since, time_offset_ns))
+            } else {
+                raw
+            };
+            floor = floor.min(reference);
+            if raw >= limit || !range.contains(&i) {
                 continue;
             }
             let hw = if raw == 0 {
@@ -399,10 +450,16 @@ impl Slots {
             } else {
                 raw.saturating_add_signed(time_offset_ns)
             };
-            let id = u32::try_from(start + i).ok().and_then(FlowId::new);
-            if let Some(id) = id {
+            if reference >= limit {
+                // Never hit, installed less than the idle time ago.
+                continue;
+            }
+            if let Some(id) = u32::try_from(i).ok().and_then(FlowId::new) {
                 out.push((id, hw));
             }
+        }
+        if let Some(f) = self.idle_floor.get_mut(group) {
+            *f = floor;
         }
     }
 
@@ -429,6 +486,9 @@ impl Slots {
         let delta = seen.rebase(c);
         if let Some(h) = self.hits.get_mut(i) {
             *h = c.last_hit;
+        }
+        if let Some(f) = self.idle_floor.get_mut(i / IDLE_GROUP) {
+            *f = (*f).min(c.last_hit);
         }
         let packets = u64::from(seen.unfolded_packets).saturating_add(delta.packets);
         match u32::try_from(packets) {
@@ -467,6 +527,10 @@ impl Slots {
             *s = Seen::fresh(generation);
             *o = Some(Owner::new(owner, since, l2_len));
             *h = 0;
+        }
+        if let Some(f) = self.idle_floor.get_mut(i / IDLE_GROUP) {
+            // Until the group is next scanned (which puts the install time instead).
+            *f = 0;
         }
     }
 
@@ -613,6 +677,8 @@ impl Slots {
         self.hits.resize(n, NO_HITS);
         self.owners.clear();
         self.owners.resize(n, None);
+        self.idle_floor.clear();
+        self.idle_floor.resize(n.div_ceil(IDLE_GROUP), NO_HITS);
         self.keepalive.clear();
     }
 }
@@ -779,24 +845,28 @@ mod tests {
         assert!(t.release(a).is_none());
     }
 
-    #[test]
-    fn idle_candidates_are_the_slots_idle_longer_than_min_idle() {
-        let h = conn(1, 7);
-        // Raw last hits of slots 1-8: never hit, early, around the limits, late; slot
-        // 7 not ours.
-        let hits = [0u64, 0, 1, 999, 1000, 1001, 5000, 0, u64::MAX - 1];
+    /// Slots 0-8 installed at agent time 0 (7 is not ours), hit at `hits` (0: never).
+    fn idle_table(hits: &[u64; 9]) -> Slots {
         let mut t = Slots::new(9);
         for (i, &raw) in hits.iter().enumerate() {
-            let id = FlowId::new(u32::try_from(i).expect("i")).expect("id");
             if i == 7 {
                 continue;
             }
-            t.install(id, (h, Dir::Original), 1, 0, 14);
+            let id = FlowId::new(u32::try_from(i).expect("i")).expect("id");
+            t.install(id, (conn(1, 7), Dir::Original), 1, 0, 14);
             if raw != 0 {
                 t.observe(&sample(id, 1, c(1, 64, raw)));
             }
         }
-        // The definition, slot by slot.
+        t
+    }
+
+    #[test]
+    fn idle_candidates_are_the_slots_idle_longer_than_min_idle() {
+        // Raw last hits of slots 1-8: never hit, early, around the limits, late; slot
+        // 7 not ours.
+        let hits = [0u64, 0, 1, 999, 1000, 1001, 5000, 0, u64::MAX - 1];
+        // The definition, slot by slot (installed at 0).
         let idle = |raw: u64, now: u64, min_idle: u64, offset: i64| {
             let hw = if raw == 0 {
                 0
@@ -806,9 +876,11 @@ mod tests {
             (now.saturating_sub(hw) > min_idle).then_some(hw)
         };
         let mut out = Vec::new();
-        for now in [0, 500, 1000, 2000, 6000, 20_000, u64::MAX] {
-            for min_idle in [0, 999, 1000, 1001, 4000, u64::MAX] {
-                for offset in [0, 1, -1, 1000, -1000, i64::MAX, i64::MIN] {
+        for offset in [0, 1, -1, 1000, -1000, i64::MAX, i64::MIN] {
+            // The device time offset is fixed for a table's life.
+            let mut t = idle_table(&hits);
+            for now in [0, 500, 1000, 2000, 6000, 20_000, u64::MAX] {
+                for min_idle in [0, 999, 1000, 1001, 4000, u64::MAX] {
                     out.clear();
                     t.idle_candidates(1..9, now, min_idle, offset, &mut out);
                     let want: Vec<_> = (1..9)
@@ -823,6 +895,7 @@ mod tests {
                 }
             }
         }
+        let mut t = idle_table(&hits);
         out.clear();
         t.idle_candidates(0..100, 20_000, 0, 0, &mut out);
         assert!(out.is_empty(), "a range past the table is not read");
@@ -832,6 +905,31 @@ mod tests {
             1,
             "slot 6 (5000) only: 7 is not ours, 8 is in the future"
         );
+        // A slot never hit is idle from its install time on.
+        let seven = FlowId::new(7).expect("id");
+        t.install(seven, (conn(2, 8), Dir::Reply), 1, 15_000, 14);
+        out.clear();
+        t.idle_candidates(7..8, 20_000, 6000, 0, &mut out);
+        assert!(out.is_empty(), "installed 5000 ago");
+        t.idle_candidates(7..8, 20_000, 4000, 0, &mut out);
+        assert_eq!(out, [(seven, 0)]);
+        // After a scan the group's floor is its earliest hit (100): a move to an
+        // earlier hit lowers it, so that the slot is still found.
+        let mut t = Slots::new(4);
+        let (one, two) = (FlowId::new(1).expect("id"), FlowId::new(2).expect("id"));
+        t.install(one, (conn(1, 7), Dir::Original), 1, 0, 14);
+        t.install(two, (conn(1, 7), Dir::Reply), 1, 0, 14);
+        t.observe(&sample(one, 1, c(1, 64, 100)));
+        t.observe(&sample(two, 1, c(1, 64, 200)));
+        out.clear();
+        t.idle_candidates(0..4, 150, 0, 0, &mut out);
+        assert_eq!(out, [(one, 100)]);
+        out.clear();
+        t.idle_candidates(0..4, 50, 0, 0, &mut out);
+        assert!(out.is_empty(), "nothing before 50");
+        t.observe(&sample(two, 1, c(2, 128, 10)));
+        t.idle_candidates(0..4, 50, 0, 0, &mut out);
+        assert_eq!(out, [(two, 10)], "its last hit went back to 10");
     }
 
     #[test]
