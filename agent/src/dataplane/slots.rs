@@ -467,6 +467,7 @@ impl Slots {
     /// Reads only the seen array; writes it and the hits array only when the counters
     /// moved, and then keeps the move in the slot (no access to the connection; the
     /// owner only when the move must be folded at once).
+    #[inline]
     pub fn observe(&mut self, s: &CounterSample) -> Observed {
         let i = idx(s.flow_id);
         let Some(seen) = self.seen.get_mut(i) else {
