@@ -28,7 +28,8 @@
 //! `CHANGED` dumps: the device writes records only for the entries hit since its
 //! previous such dump of the slot (packed, in slot order), so a tick's work follows the
 //! traffic, not the table size: the records of moved slots against the seen array,
-//! then the idle check over the chunk's 8-byte last-hits ([`Slots::idle_candidates`]).
+//! then the idle check over the chunk's 8-byte last-hits ([`Slots::idle_candidates`]),
+//! read only in the groups of 64 slots whose idle floor is below the idle limit.
 //! A slot the device does not report has not moved since it was last reported, and
 //! the agent's baseline for it is at least that new (an earlier full dump may have
 //! moved it further; a reported slot without a move is then simply unchanged). After a
