@@ -22,6 +22,7 @@ pub struct CounterSample {
 
 impl CounterSample {
     /// Decodes a record; `None` for the reserved flow id `0xFFFF_FFFF`.
+    #[inline]
     pub fn from_record(rec: &CounterRecord) -> Option<Self> {
         Some(Self {
             flow_id: FlowId::new(rec.flow_id.get())?,
@@ -104,6 +105,7 @@ impl<'a> CounterDump<'a> {
 
     /// Record `i` (four volatile 8-byte loads), or `None` past the end or for the
     /// reserved flow id.
+    #[inline]
     pub fn get(&self, i: usize) -> Option<CounterSample> {
         if i >= self.len() {
             return None;

@@ -19,6 +19,10 @@
 //!
 //! `cargo run --release -p ctoffload-agent --bin dataplane_bench [-- CONNS FLOWS]`
 //! (defaults 20000 and 1000000). Prints a table, then one JSON line.
+//!
+//! `DATAPLANE_BENCH_TICKS_ONLY=N`: only the reconcile passes as ticks, `N` of each
+//! (every flow moved, none moved), no TCP phase, no full sweep: for profiling the
+//! ticks (`perf record`) and for quick comparisons; the skipped rows print as 0.
 #![forbid(unsafe_code)]
 
 use std::error::Error;
@@ -387,6 +391,15 @@ fn pass_as_ticks(r: &mut Rig, ticks: u32) -> Result<f64, Box<dyn Error>> {
     Ok(cpu as f64 / 1e6)
 }
 
+/// `DATAPLANE_BENCH_TICKS_ONLY`: the number of tick passes of each kind, when only
+/// they run.
+fn ticks_only() -> Option<usize> {
+    std::env::var("DATAPLANE_BENCH_TICKS_ONLY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+}
+
 fn reconcile_phase(flows: usize) -> Result<Reconcile, Box<dyn Error>> {
     // Two entries per connection; 8-way buckets at ≤ 50 % load.
     let need = (flows * 4).max(1 << 12);
@@ -436,12 +449,19 @@ fn reconcile_phase(flows: usize) -> Result<Reconcile, Box<dyn Error>> {
     let mut active_cpu_ms = Vec::new();
     let mut ticks_active_cpu_ms = Vec::new();
     let mut ticks_active_pulled = (0, 0);
-    for _ in 0..3 {
-        forward_once(&mut r, &hits)?;
-        let now = r.now();
-        let c0 = thread_cpu_ns();
-        r.w.reconcile_full_sweep(now);
-        active_cpu_ms.push(thread_cpu_ns().saturating_sub(c0) as f64 / 1e6);
+    let only = ticks_only();
+    // A first pass so that every slot has a baseline before the measured ones.
+    if only.is_some() {
+        r.w.pull_all_counters(r.now());
+    }
+    for _ in 0..only.unwrap_or(3) {
+        if only.is_none() {
+            forward_once(&mut r, &hits)?;
+            let now = r.now();
+            let c0 = thread_cpu_ns();
+            r.w.reconcile_full_sweep(now);
+            active_cpu_ms.push(thread_cpu_ns().saturating_sub(c0) as f64 / 1e6);
+        }
         forward_once(&mut r, &hits)?;
         let before = r.w.stats();
         ticks_active_cpu_ms.push(pass_as_ticks(&mut r, ticks_per_pass)?);
@@ -452,10 +472,10 @@ fn reconcile_phase(flows: usize) -> Result<Reconcile, Box<dyn Error>> {
         );
     }
     let mut ticks_cpu_ms = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..only.unwrap_or(3) {
         ticks_cpu_ms.push(pass_as_ticks(&mut r, ticks_per_pass)?);
     }
-    for _ in 0..5 {
+    for _ in 0..if only.is_some() { 0 } else { 5 } {
         samples.clear();
         let c0 = thread_cpu_ns();
         r.w.device_mut().dump_counters(0, slots, &mut samples)?;
@@ -516,11 +536,19 @@ fn main() -> Result<(), Box<dyn Error>> {
     let conns = args.first().copied().unwrap_or(20_000);
     let flows = args.get(1).copied().unwrap_or(1_000_000);
 
-    let mut single = single_offload_latency(300)?;
+    let mut single = if ticks_only().is_some() {
+        Vec::new()
+    } else {
+        single_offload_latency(300)?
+    };
     let n_single = single.len();
     let s50 = pct(&mut single, 500);
     let s99 = pct(&mut single, 990);
-    let (cps, p50, p99, offl) = tcp_phase(conns)?;
+    let (cps, p50, p99, offl) = if ticks_only().is_some() {
+        (0.0, 0.0, 0.0, 0)
+    } else {
+        tcp_phase(conns)?
+    };
     println!("dataplane bench (worker + driver + nic-sim thread, MemPort, monotonic clock)");
     println!("| measurement | value |");
     println!("| --- | --- |");

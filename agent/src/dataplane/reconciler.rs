@@ -28,7 +28,8 @@
 //! `CHANGED` dumps: the device writes records only for the entries hit since its
 //! previous such dump of the slot (packed, in slot order), so a tick's work follows the
 //! traffic, not the table size: the records of moved slots against the seen array,
-//! then the idle check over the chunk's 8-byte last-hits ([`Slots::idle_candidates`]).
+//! then the idle check over the chunk's 8-byte last-hits ([`Slots::idle_candidates`]),
+//! read only in the groups of 64 slots whose idle floor is below the idle limit.
 //! A slot the device does not report has not moved since it was last reported, and
 //! the agent's baseline for it is at least that new (an earlier full dump may have
 //! moved it further; a reported slot without a move is then simply unchanged). After a
@@ -43,8 +44,8 @@
 //! once a day, [`KEEPALIVE_LEAD_NS`] before its timeout, so GC can never expire a
 //! flow that is in hardware (invariant 1); the idle check decides when it leaves.
 
-use ctoffload_driver::CounterDump;
 use ctoffload_driver::io::DeviceIo;
+use ctoffload_driver::{CounterDump, CounterSample};
 use ctoffload_hw_regs::FlowId;
 
 use super::slots::{Counts, Observed, Slots, Taken};
@@ -96,6 +97,46 @@ struct ScanTotals {
 }
 
 impl Scan {
+    /// One record against the slot table: what it moved (kept unfolded), and the
+    /// folds and idle candidates it leaves in `out`.
+    fn observe(
+        &self,
+        s: &CounterSample,
+        packed: bool,
+        slots: &mut Slots,
+        out: &mut SweepScratch,
+    ) -> Counts {
+        let observed = slots.observe(s);
+        if self.fold_all {
+            // After the observation: its move is folded too.
+            let unfolded = slots.take_unfolded(s.flow_id);
+            if !unfolded.is_zero() {
+                out.fold_now.push((s.flow_id, unfolded));
+            }
+        }
+        match observed {
+            Observed::NotOurs => Counts::default(),
+            // A packed dump's idle slots come from the slot table, not its records.
+            Observed::Unchanged { .. } if packed => Counts::default(),
+            Observed::Moved(d) => d,
+            Observed::MovedFoldNow { delta, unfolded } => {
+                out.fold_now.push((s.flow_id, unfolded));
+                delta
+            }
+            Observed::Unchanged { last_hit } => {
+                let hw = if last_hit == 0 {
+                    0
+                } else {
+                    last_hit.saturating_add_signed(self.time_offset_ns)
+                };
+                if self.now.saturating_sub(hw) > self.min_idle {
+                    out.idle.push((s.flow_id, hw));
+                }
+                Counts::default()
+            }
+        }
+    }
+
     /// The sequential part of the sweep: the record of every slot we own against the
     /// slot table's seen array, nothing else (records of other slots are not read).
     /// A packed (`CHANGED`) dump holds only moved slots: idleness is then read from
@@ -116,33 +157,7 @@ impl Scan {
                 // A record outside the range asked for: not believed.
                 continue;
             }
-            let observed = slots.observe(&s);
-            if self.fold_all {
-                // After the observation: its move is folded too.
-                let unfolded = slots.take_unfolded(s.flow_id);
-                if !unfolded.is_zero() {
-                    out.fold_now.push((s.flow_id, unfolded));
-                }
-            }
-            match observed {
-                Observed::NotOurs => {}
-                Observed::Moved(d) => moved = moved.plus(d),
-                Observed::MovedFoldNow { delta, unfolded } => {
-                    moved = moved.plus(delta);
-                    out.fold_now.push((s.flow_id, unfolded));
-                }
-                Observed::Unchanged { .. } if packed => {}
-                Observed::Unchanged { last_hit } => {
-                    let hw = if last_hit == 0 {
-                        0
-                    } else {
-                        last_hit.saturating_add_signed(self.time_offset_ns)
-                    };
-                    if self.now.saturating_sub(hw) > self.min_idle {
-                        out.idle.push((s.flow_id, hw));
-                    }
-                }
-            }
+            moved = moved.plus(self.observe(&s, packed, slots, out));
         }
         if packed {
             slots.idle_candidates(
