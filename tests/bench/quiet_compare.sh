@@ -7,7 +7,7 @@
 # folder for the summary (summary.json and the first runs' tables).
 set -u
 cd "$(dirname "$0")"
-FINAL=${OUT:-/tmp/final}; OUT=/tmp/out; rm -rf $OUT; mkdir -p "$OUT"
+FINAL=${OUT:-/tmp/final}; OUT=/tmp/out; rm -rf $OUT; mkdir -p "$OUT" "$FINAL"
 echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled)"; nproc; uptime
 lscpu | grep -E "^(Model name|Thread|Core|Socket)" 
 # one CPU per physical core
