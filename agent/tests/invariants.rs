@@ -20,7 +20,7 @@ use ctoffload_agent::dataplane::{
 use ctoffload_driver::device::{Clock, Device, DeviceConfig};
 use ctoffload_driver::sim_io::SimIo;
 use ctoffload_fallback_sw::conntrack::L4State;
-use ctoffload_fallback_sw::table::Counter;
+use ctoffload_fallback_sw::table::{Conn, Counter};
 use ctoffload_fallback_sw::tcp::TcpState;
 use ctoffload_fallback_sw::tuple::{Addr, Family, Tuple, proto};
 use ctoffload_hw_regs::{FatalCode, FatalUnit, FlowId, regs};
@@ -263,18 +263,17 @@ impl Rig {
         self.w.find(t, now).expect("connection exists")
     }
 
+    /// The live connection `h` (a copy), if it is still in the table.
+    fn conn(&self, h: ConnHandle) -> Option<Conn<L4State>> {
+        self.w.conntrack().table().get_checked(h.slot, h.id)
+    }
+
     fn state(&self, h: ConnHandle) -> (HwState, Option<NotOffloaded>) {
         self.w.hw_state(h).expect("side record")
     }
 
     fn counters(&self, h: ConnHandle) -> [(u64, u64); 2] {
-        let c = self
-            .w
-            .conntrack()
-            .table()
-            .get_checked(h.slot, h.id)
-            .expect("live")
-            .counters;
+        let c = self.conn(h).expect("live").counters;
         [(c[0].packets, c[0].bytes), (c[1].packets, c[1].bytes)]
     }
 
@@ -397,7 +396,7 @@ fn invariant1_long_lived_hardware_flow_is_not_expired() {
         r.w.reconcile(now);
         r.settle();
         assert_eq!(r.state(h).0, HwState::Offloaded, "still in hardware");
-        assert!(r.w.conntrack().table().get_checked(h.slot, h.id).is_some());
+        assert!(r.conn(h).is_some());
     }
     assert_eq!(
         r.w.hw_last_hit(h),
@@ -411,22 +410,18 @@ fn invariant1_long_lived_hardware_flow_is_not_expired() {
     r.w.reconcile(now);
     r.pump_until("idle removal", |r| r.state(h).0 == HwState::None);
     assert_eq!(r.state(h).1, Some(NotOffloaded::Idle));
-    let conn =
-        r.w.conntrack()
-            .table()
-            .get_checked(h.slot, h.id)
-            .expect("back in software");
+    let conn = r.conn(h).expect("back in software");
     assert_eq!(conn.timeout, last_hit + 120 * S);
     assert!(r.w.device_mut().dump_table().expect("dump").is_empty());
     // Software GC frees it then, and not before.
     r.advance(120 * S - 31 * S - 1);
     let now = r.now();
     r.w.gc(now);
-    assert!(r.w.conntrack().table().get_checked(h.slot, h.id).is_some());
+    assert!(r.conn(h).is_some());
     r.advance(1);
     let now = r.now();
     r.w.gc(now);
-    assert!(r.w.conntrack().table().get_checked(h.slot, h.id).is_none());
+    assert!(r.conn(h).is_none());
     assert_eq!(r.w.stats().freed_while_in_hw, 0);
 }
 
@@ -473,11 +468,7 @@ fn invariant1_slow_path_packet_of_an_offloaded_flow_keeps_its_timeout_held() {
     assert_eq!(r.w.stats().rx, rx + 1, "the slow path carried it");
     assert_eq!(r.state(h), (HwState::Offloaded, None));
     let now = r.now();
-    let conn =
-        r.w.conntrack()
-            .table()
-            .get_checked(h.slot, h.id)
-            .expect("live");
+    let conn = r.conn(h).expect("live");
     assert!(
         conn.remaining(now) > DAY / 2,
         "timeout held while offloaded, not re-armed with the UDP timeout: {} s left",
@@ -493,7 +484,7 @@ fn invariant1_slow_path_packet_of_an_offloaded_flow_keeps_its_timeout_held() {
         r.settle();
         r.w.gc(now);
         assert_eq!(r.state(h).0, HwState::Offloaded, "still in hardware");
-        assert!(r.w.conntrack().table().get_checked(h.slot, h.id).is_some());
+        assert!(r.conn(h).is_some());
     }
     assert_eq!(r.w.stats().freed_while_in_hw, 0);
 }
@@ -527,7 +518,7 @@ fn invariant2_hardware_delete_completes_before_software_frees() {
     let later = r.now() + 86_400 * S * 2;
     r.w.gc(later);
     r.w.poll(later);
-    assert!(r.w.conntrack().table().get_checked(h.slot, h.id).is_some());
+    assert!(r.conn(h).is_some());
     let t = tuple(CLIENT, 3000, SERVER, 53, proto::UDP);
     assert_eq!(r.w.find(&t, later), Some(h), "tuple not reusable yet");
     // The device completes the first delete (40 ms each, under the 100 ms command
@@ -538,14 +529,14 @@ fn invariant2_hardware_delete_completes_before_software_frees() {
     });
     r.w.gc(later);
     assert!(matches!(r.state(h).0, HwState::Dying(_)));
-    assert!(r.w.conntrack().table().get_checked(h.slot, h.id).is_some());
+    assert!(r.conn(h).is_some());
     // The second completes; only then is the connection freed.
     r.clock.fetch_add(41 * MS, Ordering::AcqRel);
     r.pump_until("delete completion", |r| r.w.hw_state(h).is_none());
     r.faults.clear();
     r.faults_applied();
     let now = r.now();
-    assert!(r.w.conntrack().table().get_checked(h.slot, h.id).is_none());
+    assert!(r.conn(h).is_none());
     assert!(r.w.find(&t, now).is_none());
     assert!(r.w.device_mut().dump_table().expect("dump").is_empty());
     // The tuple starts a new connection, which offloads again into the freed keys.
@@ -682,11 +673,7 @@ fn invariant4_fin_and_rst_tear_down() {
         assert_eq!(r.state(h).1, Some(NotOffloaded::Closing));
         assert!(r.w.device_mut().dump_table().expect("dump").is_empty());
         let now = r.now();
-        let conn =
-            r.w.conntrack()
-                .table()
-                .get_checked(h.slot, h.id)
-                .expect("live");
+        let conn = r.conn(h).expect("live");
         let L4State::Tcp(tcp_state) = conn.proto else {
             panic!("tcp")
         };
@@ -804,11 +791,7 @@ fn fault_script(arm: impl FnOnce(&mut Rig), trigger_insert: bool) {
     r.faults_applied();
     // Back in software, state intact.
     assert_eq!(r.state(h), (HwState::None, Some(NotOffloaded::DeviceDown)));
-    let conn =
-        r.w.conntrack()
-            .table()
-            .get_checked(h.slot, h.id)
-            .expect("kept");
+    let conn = r.conn(h).expect("kept");
     assert!(
         conn.status
             .contains(ctoffload_fallback_sw::table::Status::SEEN_REPLY)
@@ -1028,11 +1011,7 @@ fn software_and_hardware_paths_are_equivalent() {
         ] {
             let dp = if p == proto::TCP { 80 } else { 53 };
             let h = r.handle(&tuple(CLIENT, t, SERVER, dp, p));
-            let conn =
-                r.w.conntrack()
-                    .table()
-                    .get_checked(h.slot, h.id)
-                    .expect("live");
+            let conn = r.conn(h).expect("live");
             let tcp_state = match conn.proto {
                 L4State::Tcp(t) => Some(t.state()),
                 _ => None,
@@ -1086,7 +1065,7 @@ fn invariant2_delete_while_pending_frees_after_the_rules_are_gone() {
         }
         if step < 4 {
             assert!(
-                r.w.conntrack().table().get_checked(h.slot, h.id).is_some(),
+                r.conn(h).is_some(),
                 "freed before its rules were gone (step {step})"
             );
         }
@@ -1094,7 +1073,7 @@ fn invariant2_delete_while_pending_frees_after_the_rules_are_gone() {
     r.pump_until("freed", |r| r.w.hw_state(h).is_none());
     r.faults.clear();
     r.faults_applied();
-    assert!(r.w.conntrack().table().get_checked(h.slot, h.id).is_none());
+    assert!(r.conn(h).is_none());
     assert!(r.w.device_mut().dump_table().expect("dump").is_empty());
     assert_eq!(r.w.stats().freed_while_in_hw, 0);
 }
@@ -1370,13 +1349,7 @@ fn restart_with_the_nic_running(crash: bool) {
     assert_eq!(r.state(hu), (HwState::Offloaded, None));
     assert_eq!(r.state(ht), (HwState::Offloaded, None));
     r.hw_burst(0, &req, 3);
-    let tuples_before = [hu, ht].map(|h| {
-        r.w.conntrack()
-            .table()
-            .get_checked(h.slot, h.id)
-            .expect("live")
-            .tuples
-    });
+    let tuples_before = [hu, ht].map(|h| r.conn(h).expect("live").tuples);
     let nat = r.w.conntrack().nat();
     let (by_source, busy) = (nat.by_source().len(), nat.busy_ports().len());
     assert_eq!(
@@ -1582,7 +1555,7 @@ fn invariant1_offloaded_connection_outlives_the_held_timeout() {
         r.w.reconcile(now);
         r.settle();
         assert_eq!(r.state(h).0, HwState::Offloaded);
-        let conn = r.w.conntrack().table().get_checked(h.slot, h.id);
+        let conn = r.conn(h);
         assert!(
             conn.is_some_and(|c| c.remaining(now) > 0),
             "held while offloaded"
