@@ -439,6 +439,7 @@ impl Key {
             | (Key::SrcNatV4(NatV4 { orig, .. }), Dir::Original)
             | (Key::DstNatV4(NatV4 { orig, .. }), Dir::Original) => Some(orig.tuple()),
             (Key::V4 { orig, .. }, Dir::Reply) => {
+                // A compact key is made only from a tuple that inverts.
                 let orig = orig.tuple();
                 Some(orig.invert().unwrap_or(orig))
             }
@@ -450,16 +451,7 @@ impl Key {
     /// Both tuples (`None` for `Side`).
     #[inline]
     fn tuples(&self) -> Option<[Tuple; 2]> {
-        match self {
-            Key::V4 { orig, .. } => {
-                let orig = orig.tuple();
-                // A compact key is made only from a tuple that inverts.
-                Some([orig, orig.invert().unwrap_or(orig)])
-            }
-            Key::SrcNatV4(nat) => Some([nat.orig.tuple(), nat.reply_tuple(true)]),
-            Key::DstNatV4(nat) => Some([nat.orig.tuple(), nat.reply_tuple(false)]),
-            Key::Side { .. } => None,
-        }
+        Some([self.tuple(Dir::Original)?, self.tuple(Dir::Reply)?])
     }
 }
 
