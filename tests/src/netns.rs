@@ -181,6 +181,21 @@ impl NetNs {
         run_bounded("ip", &full, COMMAND_TIMEOUT)
     }
 
+    /// Load an nftables ruleset (`nft -f`, from a temporary file) inside the namespace.
+    ///
+    /// # Errors
+    /// The file cannot be written, or `nft` refused the rules.
+    pub fn nft(&self, rules: &str) -> Result<(), CommandError> {
+        let path = std::env::temp_dir().join(format!("{}.nft", unique_name(&self.name)));
+        std::fs::write(&path, rules).map_err(|e| CommandError {
+            command: format!("write {}", path.display()),
+            problem: e.to_string(),
+        })?;
+        let loaded = self.exec("nft", &["-f", &path.to_string_lossy()]);
+        let _ = std::fs::remove_file(&path);
+        loaded.map(|_| ())
+    }
+
     /// Set sysctls inside the namespace (`key=value` each, dotted keys), by writing
     /// `/proc/sys` from a thread inside it (no `sysctl` program needed).
     ///

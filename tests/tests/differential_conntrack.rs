@@ -37,13 +37,14 @@ use ctoffload_agent::replay::{ConnRecord, Record, ReplayOptions, Replayer, Verdi
 use ctoffload_tests::frames::{self, L2};
 use ctoffload_tests::inject::Injector;
 use ctoffload_tests::kernel::{self, KernelEntry};
+use ctoffload_tests::kernel_router::{
+    A_NEIGHBOUR_MAC, B_NEIGHBOUR_MAC, GA_MAC, GB_MAC, KernelRouter,
+};
 use ctoffload_tests::netns::{self, CommandError, NetNs};
 
-const GA_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
-const GB_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
 /// MACs G sends to; nobody owns them, so A and B drop forwarded frames.
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 2];
-const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 2];
+const CLIENT_MAC: [u8; 6] = A_NEIGHBOUR_MAC;
+const SERVER_MAC: [u8; 6] = B_NEIGHBOUR_MAC;
 const CLIENT: [u8; 4] = [10, 0, 1, 2];
 /// Another address on the client side (a spoofed ICMP error goes there).
 const CLIENT2: [u8; 4] = [10, 0, 1, 3];
@@ -405,91 +406,8 @@ struct Kernel {
 
 impl Kernel {
     fn setup() -> Result<Self, Box<dyn std::error::Error>> {
-        let gw = NetNs::new(&netns::unique_name("g"))?;
-        let a = NetNs::new(&netns::unique_name("a"))?;
-        let b = NetNs::new(&netns::unique_name("b"))?;
-        for ns in [&gw, &a, &b] {
-            ns.sysctl(&[
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
-            ])?;
-            ns.ip(&["link", "set", "lo", "up"])?;
-        }
-        let mac = |m: [u8; 6]| {
-            m.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":")
-        };
-        for (g, v, gmac, ns, addr, peer_ip, peer_mac) in [
-            (
-                "ga",
-                "va",
-                GA_MAC,
-                &a,
-                "10.0.1.1/24",
-                "10.0.1.2",
-                CLIENT_MAC,
-            ),
-            (
-                "gb",
-                "vb",
-                GB_MAC,
-                &b,
-                "10.0.2.1/24",
-                "10.0.2.2",
-                SERVER_MAC,
-            ),
-        ] {
-            gw.ip(&[
-                "link",
-                "add",
-                g,
-                "address",
-                &mac(gmac),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                v,
-                "netns",
-                ns.name(),
-            ])?;
-            gw.ip(&["addr", "add", addr, "dev", g])?;
-            gw.ip(&["link", "set", g, "up"])?;
-            ns.ip(&["link", "set", v, "up"])?;
-            gw.ip(&[
-                "neigh",
-                "replace",
-                peer_ip,
-                "lladdr",
-                &mac(peer_mac),
-                "dev",
-                g,
-                "nud",
-                "permanent",
-            ])?;
-        }
-        gw.ip(&[
-            "neigh",
-            "replace",
-            "10.0.1.3",
-            "lladdr",
-            &mac(CLIENT_MAC),
-            "dev",
-            "ga",
-            "nud",
-            "permanent",
-        ])?;
-        gw.sysctl(&[
-            "net.ipv4.ip_forward=1",
-            "net.ipv4.conf.all.rp_filter=0",
-            "net.ipv4.conf.default.rp_filter=0",
-            "net.ipv4.conf.ga.rp_filter=0",
-            "net.ipv4.conf.gb.rp_filter=0",
-            "net.ipv4.conf.all.send_redirects=0",
-            "net.ipv4.conf.all.accept_local=0",
-        ])?;
+        let KernelRouter { gw, a, b } =
+            KernelRouter::setup("", &["10.0.1.2", "10.0.1.3"], &["10.0.2.2"])?;
         let mut rules = String::from(
             "table inet ctdiff {\n  chain pre {\n    type filter hook prerouting priority -150; policy accept;\n",
         );
@@ -500,11 +418,7 @@ impl Kernel {
             );
         }
         rules.push_str("  }\n}\n");
-        let rules_path = std::env::temp_dir().join(format!("{}.nft", netns::unique_name("r")));
-        std::fs::write(&rules_path, rules)?;
-        let loaded = gw.exec("nft", &["-f", &rules_path.to_string_lossy()]);
-        let _ = std::fs::remove_file(&rules_path);
-        loaded?;
+        gw.nft(&rules)?;
         // The conntrack sysctls exist once a ct rule made the netns use conntrack.
         gw.sysctl(&[
             "net.netfilter.nf_conntrack_checksum=1",

@@ -46,16 +46,17 @@ use ctoffload_fallback_sw::wire::{self, ParseOptions};
 use ctoffload_tests::capture::Capture;
 use ctoffload_tests::frames::{self, L2};
 use ctoffload_tests::inject::Injector;
+use ctoffload_tests::kernel_router::{
+    A_NEIGHBOUR_MAC, B_NEIGHBOUR_MAC, GA_MAC, GB_MAC, KernelRouter,
+};
 use ctoffload_tests::netns::{self, NetNs};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
-const GA_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
-const GB_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
 /// Neighbour MACs G sends to; nobody owns them, so A's and B's stacks drop what G
 /// forwards and never answer.
-const INSIDE_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 2];
-const OUTSIDE_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 2];
+const INSIDE_MAC: [u8; 6] = A_NEIGHBOUR_MAC;
+const OUTSIDE_MAC: [u8; 6] = B_NEIGHBOUR_MAC;
 const HOST1: [u8; 4] = [10, 0, 1, 2];
 const HOST2: [u8; 4] = [10, 0, 1, 3];
 const GW_IN: [u8; 4] = [10, 0, 1, 1];
@@ -98,13 +99,6 @@ struct Kernel {
     capture: [Capture; 2],
 }
 
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 const RULES: &str = "table ip natdiff {
   chain pre {
     type nat hook prerouting priority dstnat; policy accept;
@@ -120,80 +114,9 @@ const RULES: &str = "table ip natdiff {
 
 impl Kernel {
     fn setup() -> Res<Self> {
-        let gw = NetNs::new(&netns::unique_name("ng"))?;
-        let a = NetNs::new(&netns::unique_name("na"))?;
-        let b = NetNs::new(&netns::unique_name("nb"))?;
-        for ns in [&gw, &a, &b] {
-            ns.sysctl(&[
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
-            ])?;
-            ns.ip(&["link", "set", "lo", "up"])?;
-        }
-        for (g, v, gmac, ns, addr, peer_mac, peers) in [
-            (
-                "ga",
-                "va",
-                GA_MAC,
-                &a,
-                "10.0.1.1/24",
-                INSIDE_MAC,
-                &["10.0.1.2", "10.0.1.3"][..],
-            ),
-            (
-                "gb",
-                "vb",
-                GB_MAC,
-                &b,
-                "10.0.2.1/24",
-                OUTSIDE_MAC,
-                &["10.0.2.2", "10.0.2.254"][..],
-            ),
-        ] {
-            gw.ip(&[
-                "link",
-                "add",
-                g,
-                "address",
-                &mac(gmac),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                v,
-                "netns",
-                ns.name(),
-            ])?;
-            gw.ip(&["addr", "add", addr, "dev", g])?;
-            gw.ip(&["link", "set", g, "up"])?;
-            ns.ip(&["link", "set", v, "up"])?;
-            for p in peers {
-                gw.ip(&[
-                    "neigh",
-                    "replace",
-                    p,
-                    "lladdr",
-                    &mac(peer_mac),
-                    "dev",
-                    g,
-                    "nud",
-                    "permanent",
-                ])?;
-            }
-        }
-        gw.sysctl(&[
-            "net.ipv4.ip_forward=1",
-            "net.ipv4.conf.all.rp_filter=0",
-            "net.ipv4.conf.default.rp_filter=0",
-            "net.ipv4.conf.ga.rp_filter=0",
-            "net.ipv4.conf.gb.rp_filter=0",
-            "net.ipv4.conf.all.send_redirects=0",
-        ])?;
-        let path = std::env::temp_dir().join(format!("{}.nft", netns::unique_name("nr")));
-        std::fs::write(&path, RULES)?;
-        let loaded = gw.exec("nft", &["-f", &path.to_string_lossy()]);
-        let _ = std::fs::remove_file(&path);
-        loaded?;
+        let KernelRouter { gw, a, b } =
+            KernelRouter::setup("n", &["10.0.1.2", "10.0.1.3"], &["10.0.2.2", "10.0.2.254"])?;
+        gw.nft(RULES)?;
         let inject = [Injector::open(&a, "va")?, Injector::open(&b, "vb")?];
         let capture = [Capture::open(&a, "va")?, Capture::open(&b, "vb")?];
         Ok(Self {
