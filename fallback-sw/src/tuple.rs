@@ -252,6 +252,7 @@ impl Tuple {
 
     /// The tuple of the other direction when no NAT applies: addresses swapped, ports
     /// swapped, ICMP id and code kept and the type mapped request <-> reply.
+    #[inline]
     pub fn invert(&self) -> Result<Tuple, NotInvertible> {
         let (src_l4, dst_l4) = if self.is_icmp() {
             let ty = self.icmp_type();

@@ -23,7 +23,8 @@
 //! - No eviction of TIME_WAIT/CLOSE entries holding a candidate (Linux
 //!   `nf_nat_used_tuple_harder`): that needs the table's TCP state.
 
-use std::collections::HashMap;
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 
 use super::rules::{PortRange, mix64};
 use crate::tuple::{Addr, Family, Tuple, proto};
@@ -306,7 +307,8 @@ impl core::hash::BuildHasher for FoldBuild {
 /// [`MAX_TABLE_CHECKS`] of them).
 #[derive(Clone, Default)]
 pub struct BusyPorts {
-    map: HashMap<Endpoint, PortBits, FoldBuild>,
+    map: HashTable<(Endpoint, PortBits)>,
+    build: FoldBuild,
     dense: usize,
 }
 
@@ -338,18 +340,39 @@ impl BusyPorts {
         self.dense
     }
 
+    /// The map hash of `t`'s endpoint (its source port ignored): what
+    /// [`BusyPorts::add_hashed`] takes.
+    #[inline]
+    pub(crate) fn hash(&self, t: &Tuple) -> u64 {
+        use core::hash::BuildHasher;
+        self.build.hash_one(endpoint_of(t))
+    }
+
     /// Records the binding `new` (a source-manipped ORIGINAL tuple), room permitting.
     pub fn add(&mut self, new: &Tuple) {
+        self.add_hashed(self.hash(new), new);
+    }
+
+    /// [`BusyPorts::add`] with `new`'s endpoint hash ([`BusyPorts::hash`]) known.
+    pub(crate) fn add_hashed(&mut self, hash: u64, new: &Tuple) {
+        use core::hash::BuildHasher;
         let port = new.src_l4;
         let key = endpoint_of(new);
         let room = self.map.len() < BUSY_MAX_ENDPOINTS;
-        let bits = match self.map.get_mut(&key) {
-            Some(b) => b,
-            None if room => self.map.entry(key).or_insert(PortBits::Few {
-                ports: [0; FEW],
-                n: 0,
-            }),
-            None => return,
+        let build = self.build;
+        let bits = match self
+            .map
+            .entry(hash, |(k, _)| *k == key, |(k, _)| build.hash_one(k))
+        {
+            Entry::Occupied(e) => &mut e.into_mut().1,
+            Entry::Vacant(v) if room => {
+                let few = PortBits::Few {
+                    ports: [0; FEW],
+                    n: 0,
+                };
+                &mut v.insert((key, few)).into_mut().1
+            }
+            Entry::Vacant(_) => return,
         };
         if bits.test(port) {
             return;
@@ -388,9 +411,10 @@ impl BusyPorts {
             return;
         }
         let key = endpoint_of(new);
-        let Some(bits) = self.map.get_mut(&key) else {
+        let Ok(mut e) = self.map.find_entry(self.hash(new), |(k, _)| *k == key) else {
             return;
         };
+        let bits = &mut e.get_mut().1;
         let port = new.src_l4;
         let empty = match bits {
             PortBits::Few { ports, n } => {
@@ -415,21 +439,24 @@ impl BusyPorts {
             if matches!(bits, PortBits::Dense { .. }) {
                 self.dense -= 1;
             }
-            self.map.remove(&key);
+            e.remove();
         }
     }
 
     /// Whether the port of candidate `t` is recorded as used.
     #[must_use]
     pub fn contains(&self, t: &Tuple) -> bool {
-        self.get(t).is_some_and(|b| b.test(t.src_l4))
+        !self.map.is_empty()
+            && self
+                .get_hashed(self.hash(t), t)
+                .is_some_and(|b| b.test(t.src_l4))
     }
 
-    fn get(&self, t: &Tuple) -> Option<&PortBits> {
-        if self.map.is_empty() {
-            return None;
-        }
-        self.map.get(&endpoint_of(t))
+    /// The record of `t`'s endpoint, whose hash is `hash`.
+    #[inline]
+    fn get_hashed(&self, hash: u64, t: &Tuple) -> Option<&PortBits> {
+        let key = endpoint_of(t);
+        self.map.find(hash, |(k, _)| *k == key).map(|(_, b)| b)
     }
 }
 
@@ -473,7 +500,8 @@ struct Mappings {
 /// reuses the mapping if it is in range and free.
 #[derive(Clone, Default)]
 pub struct BySource {
-    map: HashMap<SrcKey, Mappings, FoldBuild>,
+    map: HashTable<(SrcKey, Mappings)>,
+    build: FoldBuild,
 }
 
 impl core::fmt::Debug for BySource {
@@ -506,25 +534,44 @@ impl BySource {
         self.map.is_empty()
     }
 
+    /// The map hash of `t`'s source: what [`BySource::add_hashed`] takes.
+    #[inline]
+    fn hash(&self, t: &Tuple) -> u64 {
+        use core::hash::BuildHasher;
+        self.build.hash_one(key_of(t))
+    }
+
     /// Records that a connection with original source of `orig` is mapped to
     /// `(addr, port)`.
     pub fn add(&mut self, orig: &Tuple, addr: Addr, port: u16) {
+        self.add_hashed(self.hash(orig), orig, addr, port);
+    }
+
+    /// [`BySource::add`] with the hash of `orig`'s source known.
+    fn add_hashed(&mut self, hash: u64, orig: &Tuple, addr: Addr, port: u16) {
+        use core::hash::BuildHasher;
         let m = Mapping {
             addr,
             port,
             refs: 1,
         };
-        match self.map.get_mut(&key_of(orig)) {
-            None => {
-                self.map.insert(
-                    key_of(orig),
+        let k = key_of(orig);
+        let build = self.build;
+        match self
+            .map
+            .entry(hash, |(x, _)| *x == k, |(x, _)| build.hash_one(x))
+        {
+            Entry::Vacant(v) => {
+                v.insert((
+                    k,
                     Mappings {
                         first: m,
                         more: Vec::new(),
                     },
-                );
+                ));
             }
-            Some(ms) => {
+            Entry::Occupied(mut e) => {
+                let ms = &mut e.get_mut().1;
                 if ms.first.addr == addr && ms.first.port == port {
                     ms.first.refs += 1;
                 } else {
@@ -542,14 +589,15 @@ impl BySource {
     /// Drops one reference added by [`BySource::add`]; unknown mappings are ignored.
     pub fn remove(&mut self, orig: &Tuple, addr: Addr, port: u16) {
         let k = key_of(orig);
-        let Some(ms) = self.map.get_mut(&k) else {
+        let Ok(mut e) = self.map.find_entry(self.hash(orig), |(x, _)| *x == k) else {
             return;
         };
+        let ms = &mut e.get_mut().1;
         if ms.first.addr == addr && ms.first.port == port {
             ms.first.refs -= 1;
             if ms.first.refs == 0 {
                 if ms.more.is_empty() {
-                    self.map.remove(&k);
+                    e.remove();
                 } else {
                     ms.first = ms.more.swap_remove(0);
                 }
@@ -566,9 +614,21 @@ impl BySource {
         }
     }
 
-    /// The first mapping of `cur`'s source that `accept` takes.
-    fn find(&self, cur: &Tuple, mut accept: impl FnMut(Addr, u16) -> bool) -> Option<(Addr, u16)> {
-        let ms = self.map.get(&key_of(cur))?;
+    /// The first mapping of `cur`'s source that `accept` takes; `cur`'s source hash goes
+    /// to `memo` (for the decision's [`BySource::add_hashed`]).
+    fn find(
+        &self,
+        cur: &Tuple,
+        memo: &mut Memo<'_>,
+        mut accept: impl FnMut(Addr, u16) -> bool,
+    ) -> Option<(Addr, u16)> {
+        if self.map.is_empty() {
+            return None;
+        }
+        let k = key_of(cur);
+        let hash = self.hash(cur);
+        memo.source = Some((k, hash));
+        let (_, ms) = self.map.find(hash, |(x, _)| *x == k)?;
         core::iter::once(&ms.first)
             .chain(ms.more.iter())
             .map(|m| (m.addr, m.port))
@@ -578,13 +638,16 @@ impl BySource {
     /// The reference count of one mapping (tests and diagnostics).
     #[must_use]
     pub fn refs(&self, orig: &Tuple, addr: Addr, port: u16) -> u32 {
-        self.map.get(&key_of(orig)).map_or(0, |ms| {
-            core::iter::once(&ms.first)
-                .chain(ms.more.iter())
-                .filter(|m| m.addr == addr && m.port == port)
-                .map(|m| m.refs)
-                .sum()
-        })
+        let k = key_of(orig);
+        self.map
+            .find(self.hash(orig), |(x, _)| *x == k)
+            .map_or(0, |(_, ms)| {
+                core::iter::once(&ms.first)
+                    .chain(ms.more.iter())
+                    .filter(|m| m.addr == addr && m.port == port)
+                    .map(|m| m.refs)
+                    .sum()
+            })
     }
 }
 
@@ -718,22 +781,33 @@ impl AllocCtx<'_> {
     /// records `t` (a recorded binding is in the table: a lookup would hit, and read
     /// the connection's entry, a cache miss, to say so).
     #[inline]
-    fn used_or_recorded(&mut self, t: &Tuple, memo: &mut BusyMemo<'_>) -> bool {
+    fn used_or_recorded(&mut self, t: &Tuple, memo: &mut Memo<'_>) -> bool {
         memo.bits(t).is_some_and(|b| b.test(t.src_l4)) || self.used(t)
     }
 }
 
-/// The [`BusyPorts`] record of the endpoint a decision last asked about: the candidates
-/// of one source decision differ only in source address and port, so the map is
-/// looked up once per address instead of once per question.
-struct BusyMemo<'a> {
+/// What one source decision looked up in the engine's maps, kept so that no map key
+/// is hashed twice in a decision: the [`BusyPorts`] record of the endpoint it last
+/// asked about (the candidates of one source decision differ only in source address
+/// and port, so the map is probed once per address instead of once per question),
+/// and the hash of the source's by-source key. [`NatEngine::decide`] records its
+/// binding with these hashes.
+///
+/// [`NatEngine::decide`]: super::NatEngine::decide
+pub(crate) struct Memo<'a> {
     busy: Option<&'a BusyPorts>,
-    last: Option<(Addr, Option<&'a PortBits>)>,
+    last: Option<(Addr, u64, Option<&'a PortBits>)>,
+    source: Option<(SrcKey, u64)>,
 }
 
-impl<'a> BusyMemo<'a> {
-    fn new(busy: Option<&'a BusyPorts>) -> Self {
-        Self { busy, last: None }
+impl<'a> Memo<'a> {
+    /// A memo for one decision; `busy` for a source manip with [`BusyPorts`] kept.
+    pub(crate) fn new(busy: Option<&'a BusyPorts>) -> Self {
+        Self {
+            busy,
+            last: None,
+            source: None,
+        }
     }
 
     /// The ports recorded towards `t`'s endpoint (its source port ignored).
@@ -741,13 +815,39 @@ impl<'a> BusyMemo<'a> {
     fn bits(&mut self, t: &Tuple) -> Option<&'a PortBits> {
         let busy = self.busy?;
         match self.last {
-            Some((a, bits)) if a == t.src => bits,
+            Some((a, _, bits)) if a == t.src => bits,
             _ => {
-                let bits = busy.get(t);
-                self.last = Some((t.src, bits));
+                if busy.is_empty() {
+                    return None;
+                }
+                let hash = busy.hash(t);
+                let bits = busy.get_hashed(hash, t);
+                self.last = Some((t.src, hash, bits));
                 bits
             }
         }
+    }
+
+    /// The [`BusyPorts`] hash of `new`'s endpoint if this decision computed it (`new`:
+    /// a candidate of the decision the memo was made for).
+    pub(crate) fn endpoint_hash(&self, new: &Tuple) -> Option<u64> {
+        self.last
+            .and_then(|(a, hash, _)| (a == new.src).then_some(hash))
+    }
+
+    /// The [`BySource`] hash of `orig`'s source if this decision computed it.
+    fn source_hash(&self, orig: &Tuple) -> Option<u64> {
+        self.source
+            .and_then(|(k, hash)| (k == key_of(orig)).then_some(hash))
+    }
+}
+
+impl BySource {
+    /// [`BySource::add`], with the source's hash taken from `memo` when the decision
+    /// computed it.
+    pub(crate) fn add_memo(&mut self, memo: &Memo<'_>, orig: &Tuple, addr: Addr, port: u16) {
+        let hash = memo.source_hash(orig).unwrap_or_else(|| self.hash(orig));
+        self.add_hashed(hash, orig, addr, port);
     }
 }
 
@@ -762,20 +862,32 @@ pub fn get_unique_tuple(
     manip: Manip,
     ctx: &mut AllocCtx<'_>,
 ) -> Result<(Tuple, Found), Exhausted> {
+    let mut memo = Memo::new(if manip == Manip::Src { ctx.busy } else { None });
+    get_unique_tuple_memo(cur, range, manip, ctx, &mut memo)
+}
+
+/// [`get_unique_tuple`], keeping in `memo` what it looked up (`memo` made for this
+/// decision, with `ctx.busy` for a source manip).
+pub(crate) fn get_unique_tuple_memo(
+    cur: &Tuple,
+    range: &NatRange,
+    manip: Manip,
+    ctx: &mut AllocCtx<'_>,
+    memo: &mut Memo<'_>,
+) -> Result<(Tuple, Found), Exhausted> {
     if cur.family != Family::V4 {
         return Ok((*cur, Found::Kept));
     }
-    let mut memo = BusyMemo::new(if manip == Manip::Src { ctx.busy } else { None });
     // 1. Source manip, not fully random: keep the tuple, or reuse the source's mapping.
     if manip == Manip::Src && !range.random_fully {
         if in_range(cur, range, manip) {
-            if !ctx.used_or_recorded(cur, &mut memo) {
+            if !ctx.used_or_recorded(cur, memo) {
                 return Ok((*cur, Found::Kept));
             }
         } else {
             let mut cand = *cur;
             let by_source = ctx.by_source;
-            let hit = by_source.find(cur, |a, p| {
+            let hit = by_source.find(cur, memo, |a, p| {
                 let mut t = *cur;
                 t.src = a;
                 set_key(&mut t, Manip::Src, p);
@@ -784,7 +896,7 @@ pub fn get_unique_tuple(
             if let Some((a, p)) = hit {
                 cand.src = a;
                 set_key(&mut cand, Manip::Src, p);
-                if !ctx.used_or_recorded(&cand, &mut memo) {
+                if !ctx.used_or_recorded(&cand, memo) {
                     return Ok((cand, Found::BySource));
                 }
             }
@@ -796,15 +908,15 @@ pub fn get_unique_tuple(
     // 3. Keep the port if that is free.
     if !range.random_fully {
         let keep = match (range.ports, key_of_l4(&t, manip)) {
-            (Some(r), Some(k)) => r.contains(k) && !ctx.used_or_recorded(&t, &mut memo),
-            _ => !ctx.used_or_recorded(&t, &mut memo),
+            (Some(r), Some(k)) => r.contains(k) && !ctx.used_or_recorded(&t, memo),
+            _ => !ctx.used_or_recorded(&t, memo),
         };
         if keep {
             return Ok((t, Found::AddrOnly));
         }
     }
     // 4. Search.
-    search(cur, t, range, manip, ctx, &mut memo)
+    search(cur, t, range, manip, ctx, memo)
 }
 
 /// Linux `nf_nat_l4proto_unique_tuple`.
@@ -814,7 +926,7 @@ fn search(
     range: &NatRange,
     manip: Manip,
     ctx: &mut AllocCtx<'_>,
-    memo: &mut BusyMemo<'_>,
+    memo: &mut Memo<'_>,
 ) -> Result<(Tuple, Found), Exhausted> {
     let fail = |t: Tuple, probes| Exhausted {
         manip,
@@ -1270,7 +1382,10 @@ mod tests {
         by.add(&o, n, 2002);
         by.add(&o, n, 2000);
         assert_eq!(by.refs(&o, n, 2000), 2);
-        let found = |by: &BySource, port| by.find(&o, |_, p| p == port).is_some();
+        let found = |by: &BySource, port| {
+            by.find(&o, &mut Memo::new(None), |_, p| p == port)
+                .is_some()
+        };
         by.remove(&o, n, 2000);
         assert!(found(&by, 2000));
         by.remove(&o, n, 2001);

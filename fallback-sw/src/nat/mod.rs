@@ -24,7 +24,7 @@ pub mod rules;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use self::alloc::{AllocCtx, BusyPorts, BySource, Exhausted, Found, Manip, NatRange, NatRng};
+use self::alloc::{AllocCtx, BusyPorts, BySource, Exhausted, Found, Manip, Memo, NatRange, NatRng};
 use self::rules::{Hook, NatAction, NatFlags, NatRuleSet, PortRange, RuleId};
 use crate::table::Status;
 use crate::tuple::{Addr, Family, NotInvertible, Tuple};
@@ -296,7 +296,11 @@ impl NatEngine {
             is_taken,
             busy: Some(&self.busy),
         };
-        let (new, found) = match alloc::get_unique_tuple(&cur, &plan.range, Manip::Src, &mut ctx) {
+        // The maps' hashes of this decision's keys, for recording the binding below.
+        let mut memo = Memo::new(Some(&self.busy));
+        let chosen =
+            alloc::get_unique_tuple_memo(&cur, &plan.range, Manip::Src, &mut ctx, &mut memo);
+        let (new, found) = match chosen {
             Ok(x) => x,
             Err(source) => {
                 self.stats.exhausted += 1;
@@ -323,12 +327,11 @@ impl NatEngine {
             if plan.rule.is_none() {
                 self.stats.null_binding_remaps += 1;
             }
-            if let Some(k) = alloc::key_of_l4(&new, Manip::Src) {
-                self.by_source.add(orig, new.src, k);
-            } else {
-                self.by_source.add(orig, new.src, new.src_l4);
-            }
-            self.busy.add(&new);
+            let key = alloc::key_of_l4(&new, Manip::Src).unwrap_or(new.src_l4);
+            let endpoint = memo.endpoint_hash(&new);
+            self.by_source.add_memo(&memo, orig, new.src, key);
+            let endpoint = endpoint.unwrap_or_else(|| self.busy.hash(&new));
+            self.busy.add_hashed(endpoint, &new);
         }
         let reply = new.invert()?;
         if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
