@@ -28,8 +28,10 @@ use crate::tcp::{
     ConnStatus, TcpConfig, TcpConn, TcpFlags, TcpInvalid, TcpOutcome, TcpSegment, TcpState,
     TcpTimeouts,
 };
-use crate::tuple::{Addr, Dir, Family, Tuple, icmpv4_is_request, icmpv6_is_request};
-use crate::wire::{self, DropReason, Fragment, L3, L4, ParseOptions, ParsedPacket, TcpInfo};
+use crate::tuple::{Addr, Dir, Family, PackedV4, Tuple, icmpv4_is_request, icmpv6_is_request};
+use crate::wire::{
+    self, DropReason, Fragment, L3, L4, ParseOptions, ParsedPacket, PlainV4, TcpInfo,
+};
 
 const NS: u64 = 1_000_000_000;
 /// UDP: a reply seen this long after the first packet makes the entry a stream.
@@ -653,7 +655,7 @@ impl Conntrack {
         // At most two rounds: a TCP reopen deletes the old entry and starts over.
         for _ in 0..2 {
             let verdict = match self.table.lookup_hashed(tuple, hash, now) {
-                Some((slot, dir)) => self.existing(slot, dir, pkt, bytes, now),
+                Some((slot, dir)) => self.existing(slot, dir, &pkt.l4, bytes, now),
                 None => self.create(*tuple, hash, pkt, meta, bytes, now),
             };
             self.release_nat();
@@ -667,6 +669,34 @@ impl Conntrack {
         // A second reopen in a row cannot happen (the fresh entry is SYN_SENT), but
         // never loop on hostile input.
         self.invalid(Invalid::InsertClash)
+    }
+
+    /// The established path of a plain IPv4 TCP or UDP frame ([`wire::plain_v4`]):
+    /// `key` is its tuple in `zone` (hashed to `hash`), looked up as two words; a live
+    /// connection with a plain key gets the protocol handler straight away. Anything
+    /// else (a miss, an expired or translated connection, a TCP reopen) goes on to the
+    /// general path with the [`ParsedPacket`] and [`Tuple`] that [`wire::parse`] and
+    /// the tuple building would have given. The result is in every way what
+    /// [`Conntrack::track_parsed`] gives for the frame.
+    #[inline]
+    fn track_v4(&mut self, plain: &PlainV4, key: PackedV4, hash: u64, now: u64) -> Verdict {
+        if let Some((slot, dir)) = self.table.find_v4(key, hash, now) {
+            let bytes = u64::from(plain.l3_len);
+            match self.existing(slot, dir, &plain.l4, bytes, now) {
+                Ok(v) => {
+                    self.release_nat();
+                    if matches!(v, Verdict::Tracked { .. }) {
+                        self.stats.tracked += 1;
+                    }
+                    return v;
+                }
+                // The old entry is gone: the general path looks the packet up again
+                // and creates its connection, as `track_tuple`'s second round does.
+                Err(Reopen) => self.release_nat(),
+            }
+        }
+        let pkt = plain.packet();
+        self.track_tuple(&key.unpack(), hash, &pkt, &PacketMeta::default(), now)
     }
 
     #[inline(never)]
@@ -792,11 +822,13 @@ impl Conntrack {
         }
     }
 
+    /// A packet (transport layer `l4`, IP length `bytes`) of the connection in `slot`,
+    /// travelling in direction `dir`: the protocol handler, flags, counters, timeout.
     fn existing(
         &mut self,
         slot: Slot,
         dir: Dir,
-        pkt: &ParsedPacket,
+        l4: &L4,
         bytes: u64,
         now: u64,
     ) -> Result<Verdict, Reopen> {
@@ -812,7 +844,7 @@ impl Conntrack {
         };
         // What the protocol handler decided: a new relative timeout (None = keep),
         // whether to set ASSURED, whether to delete the entry after the packet.
-        let handled = match (conn.proto, &pkt.l4) {
+        let handled = match (conn.proto, l4) {
             (L4State::Tcp(_), L4::Tcp(segment)) => {
                 match self.tcp_handler(slot, dir, segment, now)? {
                     Ok(h) => h,

@@ -869,6 +869,37 @@ impl<P> ConnTable<P> {
         }
     }
 
+    /// The established path's lookup: the live connection whose key is the plain IPv4
+    /// key `key` (hashed to `hash` by [`TupleHasher::pair_hash_v4`]), compared as two
+    /// words with the key and its inverse. `None` whenever [`ConnTable::lookup_hashed`]
+    /// would not simply return the connection: no connection, an expired one (which
+    /// the lookup reaps), or a candidate whose key is not [`Key::V4`] (translated, or
+    /// tuples aside). Reads only: the caller then takes the general path, which
+    /// decides those cases.
+    #[inline]
+    pub(crate) fn find_v4(&self, key: PackedV4, hash: u64, now: u64) -> Option<(Slot, Dir)> {
+        let tag = self.cells.tag(hash);
+        let wanted = [Some(key), key.invert()];
+        let mut pos = self.pos(hash);
+        loop {
+            let v = *self.index.get(pos)?;
+            if v == EMPTY {
+                return None;
+            }
+            let (vtag, slot, dir) = self.cells.unpack(v);
+            if vtag == tag {
+                let e = self.entry(slot)?;
+                let Key::V4 { orig, .. } = &e.key else {
+                    return None;
+                };
+                if wanted[dir.index()] == Some(orig.packed()) {
+                    return (!e.expired(now)).then_some((slot, dir));
+                }
+            }
+            pos = (pos + 1) & self.mask;
+        }
+    }
+
     #[inline]
     fn pos(&self, hash: u64) -> usize {
         // Only the low bits are used, masked to the index length.
