@@ -23,7 +23,7 @@ use crate::nat::rewrite::{self, RewriteError};
 use crate::nat::rules::RuleId;
 use crate::nat::{NatEngine, NatError, PacketMeta};
 use crate::table::side::SlotStore;
-use crate::table::{ConnTable, InsertError, RemoveReason, Slot, Status};
+use crate::table::{ConnTable, FoundV4, InsertError, RemoveReason, Slot, Status};
 use crate::tcp::{
     ConnStatus, TcpConfig, TcpConn, TcpFlags, TcpInvalid, TcpOutcome, TcpSegment, TcpState,
     TcpTimeouts,
@@ -660,10 +660,7 @@ impl Conntrack {
             };
             self.release_nat();
             if let Ok(v) = verdict {
-                if matches!(v, Verdict::Tracked { .. }) {
-                    self.stats.tracked += 1;
-                }
-                return v;
+                return self.count_tracked(v);
             }
         }
         // A second reopen in a row cannot happen (the fresh entry is SYN_SENT), but
@@ -673,30 +670,40 @@ impl Conntrack {
 
     /// The established path of a plain IPv4 TCP or UDP frame ([`wire::plain_v4`]):
     /// `key` is its tuple in `zone` (hashed to `hash`), looked up as two words; a live
-    /// connection with a plain key gets the protocol handler straight away. Anything
-    /// else (a miss, an expired or translated connection, a TCP reopen) goes on to the
-    /// general path with the [`ParsedPacket`] and [`Tuple`] that [`wire::parse`] and
-    /// the tuple building would have given. The result is in every way what
-    /// [`Conntrack::track_parsed`] gives for the frame.
+    /// connection with a plain key gets the protocol handler straight away, and a key
+    /// that no connection has creates one. Anything else (an expired or translated
+    /// connection, a TCP reopen) goes on to the general path with the
+    /// [`ParsedPacket`] and [`Tuple`] that [`wire::parse`] and the tuple building
+    /// would have given. The result is in every way what [`Conntrack::track_parsed`]
+    /// gives for the frame.
     #[inline]
     fn track_v4(&mut self, plain: &PlainV4, key: PackedV4, hash: u64, now: u64) -> Verdict {
-        if let Some((slot, dir)) = self.table.find_v4(key, hash, now) {
-            let bytes = u64::from(plain.l3_len);
-            match self.existing(slot, dir, &plain.l4, bytes, now) {
-                Ok(v) => {
-                    self.release_nat();
-                    if matches!(v, Verdict::Tracked { .. }) {
-                        self.stats.tracked += 1;
-                    }
-                    return v;
-                }
-                // The old entry is gone: the general path looks the packet up again
-                // and creates its connection, as `track_tuple`'s second round does.
-                Err(Reopen) => self.release_nat(),
+        let bytes = u64::from(plain.l3_len);
+        let meta = PacketMeta::default();
+        let round = match self.table.find_v4(key, hash, now) {
+            FoundV4::Live(slot, dir) => self.existing(slot, dir, &plain.l4, bytes, now),
+            FoundV4::Absent => self.create(key.unpack(), hash, &plain.packet(), &meta, bytes, now),
+            FoundV4::Unsure => {
+                return self.track_tuple(&key.unpack(), hash, &plain.packet(), &meta, now);
             }
+        };
+        // As after each round of `track_tuple`.
+        self.release_nat();
+        match round {
+            Ok(v) => self.count_tracked(v),
+            // A reopen removed the old entry: the packet is looked up again, as in
+            // `track_tuple`'s next round.
+            Err(Reopen) => self.track_tuple(&key.unpack(), hash, &plain.packet(), &meta, now),
         }
-        let pkt = plain.packet();
-        self.track_tuple(&key.unpack(), hash, &pkt, &PacketMeta::default(), now)
+    }
+
+    /// Counts a verdict of the common path in [`Stats::tracked`].
+    #[inline]
+    fn count_tracked(&mut self, v: Verdict) -> Verdict {
+        if matches!(v, Verdict::Tracked { .. }) {
+            self.stats.tracked += 1;
+        }
+        v
     }
 
     #[inline(never)]

@@ -501,6 +501,17 @@ impl<P> Entry<P> {
     }
 }
 
+/// What [`ConnTable::find_v4`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FoundV4 {
+    /// The live connection, and the key's direction in it.
+    Live(Slot, Dir),
+    /// No connection has the key.
+    Absent,
+    /// Only [`ConnTable::lookup_hashed`] can tell.
+    Unsure,
+}
+
 /// A reference to a slot of the table. It stays valid until the connection is removed;
 /// pair it with [`Conn::id`] (see [`ConnTable::get_checked`]) when holding it across time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -869,31 +880,39 @@ impl<P> ConnTable<P> {
         }
     }
 
-    /// The established path's lookup: the live connection whose key is the plain IPv4
-    /// key `key` (hashed to `hash` by [`TupleHasher::pair_hash_v4`]), compared as two
-    /// words with the key and its inverse. `None` whenever [`ConnTable::lookup_hashed`]
-    /// would not simply return the connection: no connection, an expired one (which
-    /// the lookup reaps), or a candidate whose key is not [`Key::V4`] (translated, or
-    /// tuples aside). Reads only: the caller then takes the general path, which
-    /// decides those cases.
+    /// The established path's lookup of the plain IPv4 key `key` (hashed to `hash` by
+    /// [`TupleHasher::pair_hash_v4`]), compared as two words with the key and its
+    /// inverse. Reads only. [`FoundV4::Live`] and [`FoundV4::Absent`] are what
+    /// [`ConnTable::lookup_hashed`] of the key's tuple would return (a live
+    /// connection, or nothing with nothing reaped); [`FoundV4::Unsure`] leaves the
+    /// decision to it: an expired connection (which it reaps), or a candidate whose
+    /// key is not [`Key::V4`] (translated, or tuples aside).
     #[inline]
-    pub(crate) fn find_v4(&self, key: PackedV4, hash: u64, now: u64) -> Option<(Slot, Dir)> {
+    pub(crate) fn find_v4(&self, key: PackedV4, hash: u64, now: u64) -> FoundV4 {
         let tag = self.cells.tag(hash);
         let wanted = [Some(key), key.invert()];
         let mut pos = self.pos(hash);
         loop {
-            let v = *self.index.get(pos)?;
+            let Some(&v) = self.index.get(pos) else {
+                return FoundV4::Unsure;
+            };
             if v == EMPTY {
-                return None;
+                return FoundV4::Absent;
             }
             let (vtag, slot, dir) = self.cells.unpack(v);
             if vtag == tag {
-                let e = self.entry(slot)?;
+                let Some(e) = self.entry(slot) else {
+                    return FoundV4::Unsure;
+                };
                 let Key::V4 { orig, .. } = &e.key else {
-                    return None;
+                    return FoundV4::Unsure;
                 };
                 if wanted[dir.index()] == Some(orig.packed()) {
-                    return (!e.expired(now)).then_some((slot, dir));
+                    return if e.expired(now) {
+                        FoundV4::Unsure
+                    } else {
+                        FoundV4::Live(slot, dir)
+                    };
                 }
             }
             pos = (pos + 1) & self.mask;
