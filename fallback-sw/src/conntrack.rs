@@ -881,19 +881,26 @@ impl Conntrack {
             conn.status.insert(Status::SEEN_REPLY);
         }
         let status = conn.status;
-        if handled.count {
+        // The common case on the entry in hand: low counters that do not pass 2^32 - 1,
+        // a timeout that does not move earlier; the rest through the table.
+        let counted = !handled.count || conn.count_low(dir, 1, bytes);
+        let fixed = status.contains(Status::FIXED_TIMEOUT);
+        let timeout = match (handled.timeout_ns, fixed || handled.delete) {
+            // Like Linux, a refresh writes the new timeout only: the timer wheel is
+            // touched when the timeout moves earlier (see `ConnTable::set_timeout`).
+            (Some(ns), false) => Some(now.saturating_add(ns)).filter(|&t| !conn.extend_timeout(t)),
+            _ => None,
+        };
+        if !counted {
             self.table.count(slot, dir, 1, bytes);
         }
-        let fixed = status.contains(Status::FIXED_TIMEOUT);
         if handled.delete {
             if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
                 self.closed = self.table.tuples(slot).map(|t| (t, status));
             }
             self.table.remove(slot, RemoveReason::Closed);
-        } else if let (Some(ns), false) = (handled.timeout_ns, fixed) {
-            // Like Linux, a refresh writes the new timeout only: the timer wheel is
-            // touched when the timeout moves earlier (see `ConnTable::set_timeout`).
-            self.table.set_timeout(slot, now.saturating_add(ns));
+        } else if let Some(t) = timeout {
+            self.table.set_timeout(slot, t);
         }
         Ok(Verdict::Tracked {
             slot,
