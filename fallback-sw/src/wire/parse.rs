@@ -388,6 +388,7 @@ pub(crate) fn plain_v4(frame: &[u8], opts: ParseOptions) -> Option<Result<PlainV
     let l4 = match protocol {
         // A UDP datagram that reads cleanly (the rest is [`parse_l4`]'s to report).
         ip_proto::UDP => plain_udp(frame, end, opts.verify_l4_checksum).map(Ok),
+        ip_proto::TCP => plain_tcp(frame, end, opts.verify_l4_checksum).map(Ok),
         _ => None,
     };
     Some(
@@ -405,14 +406,69 @@ pub(crate) fn plain_v4(frame: &[u8], opts: ParseOptions) -> Option<Result<PlainV
     )
 }
 
+/// The L4 part of a TCP segment of `len` bytes (up to the end of the IP packet) whose
+/// header length has been checked: the info, the header length and the payload length.
+#[inline]
+fn tcp_l4(t: &tcp::Packet<&[u8]>, len: usize) -> (L4, usize, usize) {
+    let hl = t.header_len();
+    let o = if hl > tcp::HEADER_LEN {
+        OptionSummary::parse(t.option_bytes())
+    } else {
+        OptionSummary::default()
+    };
+    let payload_len = len - hl;
+    let info = TcpInfo {
+        src_port: t.src_port(),
+        dst_port: t.dst_port(),
+        flags: t.flags(),
+        seq: t.seq(),
+        ack: t.ack(),
+        window: t.window(),
+        header_len: t.data_offset() * 4,
+        payload_len: sat16(payload_len),
+        mss: o.mss,
+        wscale: o.wscale,
+        sack_permitted: o.sack_permitted,
+        sack_highest: o.sack_highest,
+        options_malformed: o.malformed,
+    };
+    (L4::Tcp(info), hl, payload_len)
+}
+
+/// Whether the TCP or UDP checksum of a frame that [`plain_v4`] read verifies, for the
+/// `len` bytes of L4 data it covers: the pseudo-header's addresses are summed in
+/// place, right before the L4 header in the frame (bytes 26..34), in one sum with it.
+#[inline]
+fn plain_l4_verifies(frame: &[u8], protocol: u8, len: u16) -> bool {
+    const ADDRS: usize = PlainV4::L3 + 12;
+    frame
+        .get(ADDRS..PlainV4::L4 + usize::from(len))
+        .is_some_and(|covered| {
+            let pseudo = u64::from(protocol) + u64::from(len);
+            checksum::verifies(checksum::sum(covered) + pseudo)
+        })
+}
+
+/// The TCP segment of a frame that [`plain_v4`] read (the IP packet ends at `end`),
+/// as [`parse_l4`] gives it when it is valid; `None` when it is not (truncated, bad
+/// data offset or checksum), and then [`parse_l4`] says why. Out of line: the UDP
+/// path stays small.
+#[inline(never)]
+fn plain_tcp(frame: &[u8], end: usize, verify: bool) -> Option<(L4, usize, usize)> {
+    let seg = frame.get(PlainV4::L4..end)?;
+    let t = tcp::Packet::new_checked(seg).ok()?;
+    if verify && !plain_l4_verifies(frame, ip_proto::TCP, u16::try_from(seg.len()).ok()?) {
+        return None;
+    }
+    Some(tcp_l4(&t, seg.len()))
+}
+
 /// The UDP datagram of a frame that [`plain_v4`] read (the IP packet ends at `end`),
 /// as [`parse_l4`] gives it when it is valid; `None` when it is not (truncated, bad
 /// length field or checksum), and then [`parse_l4`] says why. Cheaper than the general
-/// reader: the pseudo-header's addresses are summed in place, right before the
-/// datagram in the frame (bytes 26..34), in one sum with it.
+/// reader: see [`plain_l4_verifies`].
 #[inline]
 fn plain_udp(frame: &[u8], end: usize, verify: bool) -> Option<(L4, usize, usize)> {
-    const ADDRS: usize = PlainV4::L3 + 12;
     let seg = frame.get(PlainV4::L4..end)?;
     let h: &[u8; udp::HEADER_LEN] = seg.first_chunk()?;
     let len = u16::from_be_bytes([h[4], h[5]]);
@@ -421,12 +477,8 @@ fn plain_udp(frame: &[u8], end: usize, verify: bool) -> Option<(L4, usize, usize
         return None;
     }
     // Over IPv4 a zero checksum means none.
-    if verify && h[6..8] != [0, 0] {
-        let covered = frame.get(ADDRS..PlainV4::L4 + n)?;
-        let pseudo = u64::from(ip_proto::UDP) + u64::from(len);
-        if !checksum::verifies(checksum::sum(covered) + pseudo) {
-            return None;
-        }
+    if verify && h[6..8] != [0, 0] && !plain_l4_verifies(frame, ip_proto::UDP, len) {
+        return None;
     }
     let l4 = L4::Udp {
         src_port: u16::from_be_bytes([h[0], h[1]]),
@@ -569,29 +621,7 @@ fn parse_l4(
             {
                 return Err(ParseError::BadChecksum { layer: Layer::Tcp });
             }
-            let hl = t.header_len();
-            let o = if hl > tcp::HEADER_LEN {
-                OptionSummary::parse(t.option_bytes())
-            } else {
-                OptionSummary::default()
-            };
-            let payload_len = seg.len() - hl;
-            let info = TcpInfo {
-                src_port: t.src_port(),
-                dst_port: t.dst_port(),
-                flags: t.flags(),
-                seq: t.seq(),
-                ack: t.ack(),
-                window: t.window(),
-                header_len: t.data_offset() * 4,
-                payload_len: sat16(payload_len),
-                mss: o.mss,
-                wscale: o.wscale,
-                sack_permitted: o.sack_permitted,
-                sack_highest: o.sack_highest,
-                options_malformed: o.malformed,
-            };
-            Ok((L4::Tcp(info), hl, payload_len))
+            Ok(tcp_l4(&t, seg.len()))
         }
         ip_proto::UDP => {
             let u = udp::Packet::new_checked(seg)?;
