@@ -831,6 +831,7 @@ impl Conntrack {
 
     /// A packet (transport layer `l4`, IP length `bytes`) of the connection in `slot`,
     /// travelling in direction `dir`: the protocol handler, flags, counters, timeout.
+    #[inline(always)]
     fn existing(
         &mut self,
         slot: Slot,
