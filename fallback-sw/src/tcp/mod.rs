@@ -20,7 +20,7 @@ mod tracker;
 mod window;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use state::{FlagIndex, TcpState, Transition, transition};
 pub use timeouts::TcpTimeouts;

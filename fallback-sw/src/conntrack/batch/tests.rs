@@ -96,6 +96,32 @@ fn ct(big: bool) -> Conntrack {
     })
 }
 
+/// `frames` (frame `i` arriving at `times[i]`) through `process` one by one, and
+/// through `process_batch` in batches of `cut` (each at its first frame's time, which
+/// the callers keep the same within a batch): both instances, and both verdict lists.
+fn one_by_one_and_batched(
+    frames: &[Vec<u8>],
+    times: &[u64],
+    cut: usize,
+    big: bool,
+) -> ([Conntrack; 2], [Vec<Verdict>; 2]) {
+    let mut one = ct(big);
+    let want = frames
+        .iter()
+        .zip(times)
+        .map(|(f, &t)| one.process(f, 0, t))
+        .collect();
+    let mut many = ct(big);
+    let mut got = Vec::new();
+    let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+    for (chunk, t) in refs.chunks(cut).zip(times.chunks(cut)) {
+        let mut out = vec![Verdict::Untracked(super::super::Untracked::Fragment); chunk.len()];
+        many.process_batch(chunk, 0, t[0], &mut out);
+        got.extend(out);
+    }
+    ([one, many], [want, got])
+}
+
 proptest! {
     #[test]
     fn batch_equals_one_by_one(
@@ -114,19 +140,7 @@ proptest! {
             frames.push(frame(kind, c, u32::try_from(i).unwrap_or(0)));
             times.push(now);
         }
-        let mut one = ct(big);
-        let mut want = Vec::new();
-        for (f, &t) in frames.iter().zip(&times) {
-            want.push(one.process(f, 0, t));
-        }
-        let mut many = ct(big);
-        let mut got = Vec::new();
-        let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
-        for (chunk, t) in refs.chunks(cut).zip(times.chunks(cut)) {
-            let mut out = vec![Verdict::Untracked(super::super::Untracked::Fragment); chunk.len()];
-            many.process_batch(chunk, 0, t[0], &mut out);
-            got.extend(out);
-        }
+        let ([mut one, mut many], [want, got]) = one_by_one_and_batched(&frames, &times, cut, big);
         prop_assert_eq!(&got, &want);
         prop_assert_eq!(many.stats(), one.stats());
         prop_assert_eq!(many.table().stats(), one.table().stats());
@@ -154,22 +168,11 @@ struct Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    // Mostly the flags of a real connection's life, sometimes anything.
-    let flags = prop_oneof![
-        Just(0x02u8),
-        Just(0x12),
-        Just(0x10),
-        Just(0x18),
-        Just(0x11),
-        Just(0x04),
-        Just(0x14),
-        any::<u8>(),
-    ];
     (
         any::<bool>(),
         any::<bool>(),
         0u8..6,
-        flags,
+        crate::tcp::tests::flags_strategy(),
         any::<u8>(),
         any::<u8>(),
         0u8..40,
@@ -204,13 +207,14 @@ fn seq_no(sel: u8, c: u8, from_client: bool) -> u32 {
     }
 }
 
-/// Sets the IPv4 header checksum of an untagged frame's IP header (after damage that
-/// must not be caught by it).
+/// Sets the IPv4 header checksum of an untagged frame's IP header (its length from
+/// the IHL), after damage that must not be caught by it.
 fn fix_ipv4_checksum(f: &mut [u8]) {
+    let end = 14 + usize::from(f[14] & 0x0F) * 4;
     f[24] = 0;
     f[25] = 0;
     let mut acc = 0u32;
-    for w in f[14..34].chunks(2) {
+    for w in f[14..end].chunks(2) {
         acc += u32::from(u16::from_be_bytes([w[0], w[1]]));
     }
     while acc > 0xFFFF {
@@ -301,26 +305,11 @@ fn mixed_frame(o: Op) -> Vec<u8> {
             v.splice(34..34, [1u8, 1, 1, 1]);
             let total = u16::from_be_bytes([v[16], v[17]]) + 4;
             v[16..18].copy_from_slice(&total.to_be_bytes());
-            fix_ipv4_checksum_ihl6(&mut v);
+            fix_ipv4_checksum(&mut v);
         }
         _ => {}
     }
     v
-}
-
-/// [`fix_ipv4_checksum`] for a header with one word of options.
-fn fix_ipv4_checksum_ihl6(f: &mut [u8]) {
-    f[24] = 0;
-    f[25] = 0;
-    let mut acc = 0u32;
-    for w in f[14..38].chunks(2) {
-        acc += u32::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    while acc > 0xFFFF {
-        acc = (acc & 0xFFFF) + (acc >> 16);
-    }
-    let c = !u16::try_from(acc).unwrap_or(0);
-    f[24..26].copy_from_slice(&c.to_be_bytes());
 }
 
 /// Everything observable of an instance: counters, table counters, events, and every
@@ -361,19 +350,7 @@ proptest! {
             frames.push(mixed_frame(o));
             times.push(now);
         }
-        let mut one = ct(big);
-        let mut want = Vec::new();
-        for (f, &t) in frames.iter().zip(&times) {
-            want.push(one.process(f, 0, t));
-        }
-        let mut many = ct(big);
-        let mut got = Vec::new();
-        let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
-        for (chunk, t) in refs.chunks(cut).zip(times.chunks(cut)) {
-            let mut out = vec![Verdict::Untracked(super::super::Untracked::Fragment); chunk.len()];
-            many.process_batch(chunk, 0, t[0], &mut out);
-            got.extend(out);
-        }
+        let ([mut one, mut many], [want, got]) = one_by_one_and_batched(&frames, &times, cut, big);
         prop_assert_eq!(&got, &want);
         prop_assert_eq!(observable(&mut many, now), observable(&mut one, now));
     }
