@@ -673,7 +673,7 @@ impl Conntrack {
     /// connection with a plain key gets the protocol handler straight away, and a key
     /// that no connection has creates one. Anything else (an expired or translated
     /// connection, a TCP reopen) goes on to the general path with the
-    /// [`ParsedPacket`] and [`Tuple`] that [`wire::parse`] and the tuple building
+    /// [`ParsedPacket`] and [`Tuple`] that [`wire::parse()`] and the tuple building
     /// would have given. The result is in every way what [`Conntrack::track_parsed`]
     /// gives for the frame.
     #[inline]
