@@ -23,13 +23,15 @@ use crate::nat::rewrite::{self, RewriteError};
 use crate::nat::rules::RuleId;
 use crate::nat::{NatEngine, NatError, PacketMeta};
 use crate::table::side::SlotStore;
-use crate::table::{ConnTable, InsertError, RemoveReason, Slot, Status};
+use crate::table::{ConnTable, FoundV4, InsertError, RemoveReason, Slot, Status};
 use crate::tcp::{
     ConnStatus, TcpConfig, TcpConn, TcpFlags, TcpInvalid, TcpOutcome, TcpSegment, TcpState,
     TcpTimeouts,
 };
-use crate::tuple::{Addr, Dir, Family, Tuple, icmpv4_is_request, icmpv6_is_request};
-use crate::wire::{self, DropReason, Fragment, L3, L4, ParseOptions, ParsedPacket, TcpInfo};
+use crate::tuple::{Addr, Dir, Family, PackedV4, Tuple, icmpv4_is_request, icmpv6_is_request};
+use crate::wire::{
+    self, DropReason, Fragment, L3, L4, ParseOptions, ParsedPacket, PlainV4, TcpInfo,
+};
 
 const NS: u64 = 1_000_000_000;
 /// UDP: a reply seen this long after the first packet makes the entry a stream.
@@ -653,20 +655,55 @@ impl Conntrack {
         // At most two rounds: a TCP reopen deletes the old entry and starts over.
         for _ in 0..2 {
             let verdict = match self.table.lookup_hashed(tuple, hash, now) {
-                Some((slot, dir)) => self.existing(slot, dir, pkt, bytes, now),
+                Some((slot, dir)) => self.existing(slot, dir, &pkt.l4, bytes, now),
                 None => self.create(*tuple, hash, pkt, meta, bytes, now),
             };
             self.release_nat();
             if let Ok(v) = verdict {
-                if matches!(v, Verdict::Tracked { .. }) {
-                    self.stats.tracked += 1;
-                }
-                return v;
+                return self.count_tracked(v);
             }
         }
         // A second reopen in a row cannot happen (the fresh entry is SYN_SENT), but
         // never loop on hostile input.
         self.invalid(Invalid::InsertClash)
+    }
+
+    /// The established path of a plain IPv4 TCP or UDP frame ([`wire::plain_v4`]):
+    /// `key` is its tuple in `zone` (hashed to `hash`), looked up as two words; a live
+    /// connection with a plain key gets the protocol handler straight away, and a key
+    /// that no connection has creates one. Anything else (an expired or translated
+    /// connection, a TCP reopen) goes on to the general path with the
+    /// [`ParsedPacket`] and [`Tuple`] that [`wire::parse()`] and the tuple building
+    /// would have given. The result is in every way what [`Conntrack::track_parsed`]
+    /// gives for the frame.
+    #[inline]
+    fn track_v4(&mut self, plain: &PlainV4, key: PackedV4, hash: u64, now: u64) -> Verdict {
+        let bytes = u64::from(plain.l3_len);
+        let meta = PacketMeta::default();
+        let round = match self.table.find_v4(key, hash, now) {
+            FoundV4::Live(slot, dir) => self.existing(slot, dir, &plain.l4, bytes, now),
+            FoundV4::Absent => self.create(key.unpack(), hash, &plain.packet(), &meta, bytes, now),
+            FoundV4::Unsure => {
+                return self.track_tuple(&key.unpack(), hash, &plain.packet(), &meta, now);
+            }
+        };
+        // As after each round of `track_tuple`.
+        self.release_nat();
+        match round {
+            Ok(v) => self.count_tracked(v),
+            // A reopen removed the old entry: the packet is looked up again, as in
+            // `track_tuple`'s next round.
+            Err(Reopen) => self.track_tuple(&key.unpack(), hash, &plain.packet(), &meta, now),
+        }
+    }
+
+    /// Counts a verdict of the common path in [`Stats::tracked`].
+    #[inline]
+    fn count_tracked(&mut self, v: Verdict) -> Verdict {
+        if matches!(v, Verdict::Tracked { .. }) {
+            self.stats.tracked += 1;
+        }
+        v
     }
 
     #[inline(never)]
@@ -792,11 +829,14 @@ impl Conntrack {
         }
     }
 
+    /// A packet (transport layer `l4`, IP length `bytes`) of the connection in `slot`,
+    /// travelling in direction `dir`: the protocol handler, flags, counters, timeout.
+    #[inline(always)]
     fn existing(
         &mut self,
         slot: Slot,
         dir: Dir,
-        pkt: &ParsedPacket,
+        l4: &L4,
         bytes: u64,
         now: u64,
     ) -> Result<Verdict, Reopen> {
@@ -812,7 +852,7 @@ impl Conntrack {
         };
         // What the protocol handler decided: a new relative timeout (None = keep),
         // whether to set ASSURED, whether to delete the entry after the packet.
-        let handled = match (conn.proto, &pkt.l4) {
+        let handled = match (conn.proto, l4) {
             (L4State::Tcp(_), L4::Tcp(segment)) => {
                 match self.tcp_handler(slot, dir, segment, now)? {
                     Ok(h) => h,
@@ -842,19 +882,26 @@ impl Conntrack {
             conn.status.insert(Status::SEEN_REPLY);
         }
         let status = conn.status;
-        if handled.count {
+        // The common case on the entry in hand: low counters that do not pass 2^32 - 1,
+        // a timeout that does not move earlier; the rest through the table.
+        let counted = !handled.count || conn.count_low(dir, 1, bytes);
+        let fixed = status.contains(Status::FIXED_TIMEOUT);
+        let timeout = match (handled.timeout_ns, fixed || handled.delete) {
+            // Like Linux, a refresh writes the new timeout only: the timer wheel is
+            // touched when the timeout moves earlier (see `ConnTable::set_timeout`).
+            (Some(ns), false) => Some(now.saturating_add(ns)).filter(|&t| !conn.extend_timeout(t)),
+            _ => None,
+        };
+        if !counted {
             self.table.count(slot, dir, 1, bytes);
         }
-        let fixed = status.contains(Status::FIXED_TIMEOUT);
         if handled.delete {
             if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
                 self.closed = self.table.tuples(slot).map(|t| (t, status));
             }
             self.table.remove(slot, RemoveReason::Closed);
-        } else if let (Some(ns), false) = (handled.timeout_ns, fixed) {
-            // Like Linux, a refresh writes the new timeout only: the timer wheel is
-            // touched when the timeout moves earlier (see `ConnTable::set_timeout`).
-            self.table.set_timeout(slot, now.saturating_add(ns));
+        } else if let Some(t) = timeout {
+            self.table.set_timeout(slot, t);
         }
         Ok(Verdict::Tracked {
             slot,

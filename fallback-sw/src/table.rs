@@ -499,6 +499,45 @@ impl<P> Entry<P> {
     pub fn tuples_aside(&self) -> bool {
         matches!(self.key, Key::Side { .. })
     }
+
+    /// [`ConnTable::count`] when the low counters of `dir` stay under 2^32: adds and
+    /// returns true; otherwise changes nothing and returns false (then call
+    /// [`ConnTable::count`], which carries the high parts aside).
+    #[inline]
+    pub(crate) fn count_low(&mut self, dir: Dir, packets: u64, bytes: u64) -> bool {
+        let lo = &mut self.counters[dir.index()];
+        let p = u64::from(lo.packets).saturating_add(packets);
+        let b = u64::from(lo.bytes).saturating_add(bytes);
+        let (Ok(p), Ok(b)) = (u32::try_from(p), u32::try_from(b)) else {
+            return false;
+        };
+        lo.packets = p;
+        lo.bytes = b;
+        true
+    }
+
+    /// [`ConnTable::set_timeout`] when `timeout` is not sooner than the current one
+    /// (the timer wheel needs nothing then): writes it and returns true; otherwise
+    /// changes nothing and returns false (then call [`ConnTable::set_timeout`]).
+    #[inline]
+    pub(crate) fn extend_timeout(&mut self, timeout: u64) -> bool {
+        let later = timeout >= self.timeout;
+        if later {
+            self.timeout = timeout;
+        }
+        later
+    }
+}
+
+/// What [`ConnTable::find_v4`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FoundV4 {
+    /// The live connection, and the key's direction in it.
+    Live(Slot, Dir),
+    /// No connection has the key.
+    Absent,
+    /// Only [`ConnTable::lookup_hashed`] can tell.
+    Unsure,
 }
 
 /// A reference to a slot of the table. It stays valid until the connection is removed;
@@ -869,6 +908,51 @@ impl<P> ConnTable<P> {
         }
     }
 
+    /// The established path's lookup of the plain IPv4 key `key` (hashed to `hash` by
+    /// [`TupleHasher::pair_hash_v4`]), compared as two words with the key and its
+    /// inverse. Reads only. [`FoundV4::Live`] and [`FoundV4::Absent`] are what
+    /// [`ConnTable::lookup_hashed`] of the key's tuple would return (a live
+    /// connection, or nothing with nothing reaped); [`FoundV4::Unsure`] leaves the
+    /// decision to it: an expired connection (which it reaps), or a candidate whose
+    /// key is not [`Key::V4`] (translated, or tuples aside).
+    #[inline]
+    pub(crate) fn find_v4(&self, key: PackedV4, hash: u64, now: u64) -> FoundV4 {
+        let tag = self.cells.tag(hash);
+        let mut pos = self.pos(hash);
+        loop {
+            let Some(&v) = self.index.get(pos) else {
+                return FoundV4::Unsure;
+            };
+            if v == EMPTY {
+                return FoundV4::Absent;
+            }
+            let (vtag, slot, dir) = self.cells.unpack(v);
+            if vtag == tag {
+                let Some(e) = self.entry(slot) else {
+                    return FoundV4::Unsure;
+                };
+                let Key::V4 { orig, .. } = &e.key else {
+                    return FoundV4::Unsure;
+                };
+                // A reply cell holds the original, whose inverse the key must be
+                // (inverting is an involution on the tuples it accepts).
+                let stored = orig.packed();
+                let same = match dir {
+                    Dir::Original => stored == key,
+                    Dir::Reply => stored.invert() == Some(key),
+                };
+                if same {
+                    return if e.expired(now) {
+                        FoundV4::Unsure
+                    } else {
+                        FoundV4::Live(slot, dir)
+                    };
+                }
+            }
+            pos = (pos + 1) & self.mask;
+        }
+    }
+
     #[inline]
     fn pos(&self, hash: u64) -> usize {
         // Only the low bits are used, masked to the index length.
@@ -973,14 +1057,12 @@ impl<P> ConnTable<P> {
         let Some(e) = self.entries.get_mut(slot.idx()).and_then(Option::as_mut) else {
             return;
         };
+        if e.count_low(dir, packets, bytes) {
+            return;
+        }
         let lo = &mut e.counters[dir.index()];
         let p = u64::from(lo.packets).saturating_add(packets);
         let b = u64::from(lo.bytes).saturating_add(bytes);
-        if let (Ok(p), Ok(b)) = (u32::try_from(p), u32::try_from(b)) {
-            lo.packets = p;
-            lo.bytes = b;
-            return;
-        }
         lo.packets = low32(p);
         lo.bytes = low32(b);
         let meta = match e.key.meta_mut() {
@@ -1041,13 +1123,12 @@ impl<P> ConnTable<P> {
         let Some(conn) = self.entries.get_mut(slot.idx()).and_then(Option::as_mut) else {
             return;
         };
-        let old = conn.timeout;
-        conn.timeout = timeout;
         // The wheel only needs to know when the entry must be looked at sooner than it
         // is scheduled; a later timeout is found when its current slot fires. The entry
         // is scheduled at or before its old timeout, so a timeout that does not move
         // earlier (every packet of an established flow) touches nothing else.
-        if timeout < old {
+        if !conn.extend_timeout(timeout) {
+            conn.timeout = timeout;
             self.wheel
                 .reschedule_if_sooner(&mut self.links, slot.0, timeout);
         }

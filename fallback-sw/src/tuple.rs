@@ -315,6 +315,20 @@ impl PackedV4 {
         }
     }
 
+    /// The packed IPv4 tuple with these parts: `addrs` is the source then the
+    /// destination address, as they are in an IPv4 header (network byte order).
+    #[inline]
+    pub(crate) fn new(addrs: [u8; 8], src_l4: u16, dst_l4: u16, proto: u8, zone: u16) -> Self {
+        Self {
+            addrs: u64::from_le_bytes(addrs),
+            rest: PACKED_MARK_NZ
+                | u64::from(src_l4)
+                | (u64::from(dst_l4) << 16)
+                | (u64::from(zone) << 32)
+                | (u64::from(proto) << 48),
+        }
+    }
+
     /// The two words: addresses, then ports, zone and protocol in the low 7 bytes of
     /// the second (its top byte is the marker, which [`PackedV4::from_words`] sets).
     #[inline]
@@ -460,10 +474,38 @@ impl TupleHasher {
         } else {
             (t.src_l4, t.dst_l4)
         };
+        self.pair([s0, s1, d0, d1], sp, dp, t.proto, t.family, t.zone)
+    }
+
+    /// [`TupleHasher::pair_hash`] of [`PackedV4::unpack`] of `key`, from the packed
+    /// words (the established path hashes the tuple it read from the frame this way).
+    #[inline]
+    #[must_use]
+    pub(crate) fn pair_hash_v4(&self, key: PackedV4) -> u64 {
+        let (addrs, rest) = key.words();
+        let [s0, s1, s2, s3, d0, d1, d2, d3] = addrs.to_le_bytes();
+        // `Addr::words` of an IPv4 address: its 4 bytes then zeros, native order.
+        let s = u64::from_ne_bytes([s0, s1, s2, s3, 0, 0, 0, 0]);
+        let d = u64::from_ne_bytes([d0, d1, d2, d3, 0, 0, 0, 0]);
+        let [sp0, sp1, dp0, dp1, z0, z1, proto, _] = rest.to_le_bytes();
+        let sp = u16::from_le_bytes([sp0, sp1]);
+        let dp = if proto == proto::ICMP {
+            sp
+        } else {
+            u16::from_le_bytes([dp0, dp1])
+        };
+        let zone = u16::from_le_bytes([z0, z1]);
+        self.pair([s, 0, d, 0], sp, dp, proto, Family::V4, zone)
+    }
+
+    /// [`TupleHasher::pair_hash`] of the address words `[src0, src1, dst0, dst1]` and
+    /// the endpoints' L4 parts.
+    #[inline]
+    fn pair(&self, w: [u64; 4], sp: u16, dp: u16, proto: u8, family: Family, zone: u16) -> u64 {
+        let [s0, s1, d0, d1] = w;
         let a = mix(s0 ^ (u64::from(sp) << 32) ^ self.k0, s1 ^ self.k1);
         let b = mix(d0 ^ (u64::from(dp) << 32) ^ self.k0, d1 ^ self.k1);
-        let rest =
-            u64::from(t.proto) | (u64::from(t.family as u8) << 8) | (u64::from(t.zone) << 16);
+        let rest = u64::from(proto) | (u64::from(family as u8) << 8) | (u64::from(zone) << 16);
         mix(a.wrapping_add(b) ^ rest ^ MUL1, MUL0 ^ self.k1)
     }
 
@@ -649,6 +691,17 @@ mod tests {
             let inv = t.invert().ok();
             proptest::prop_assert_eq!(p.invert(), inv.and_then(|r| r.pack_v4()));
             proptest::prop_assert_eq!(p.invert().map(PackedV4::unpack), inv);
+            // An involution where it is defined (`ConnTable::find_v4` relies on it).
+            if let Some(r) = p.invert() {
+                proptest::prop_assert_eq!(r.invert(), Some(p));
+            }
+            // Built from the frame's bytes, it is the same key with the same index hash.
+            let mut addrs = [0u8; 8];
+            addrs[..4].copy_from_slice(&src);
+            addrs[4..].copy_from_slice(&dst);
+            proptest::prop_assert_eq!(PackedV4::new(addrs, sp, dst_l4, proto, zone), p);
+            let h = TupleHasher::new(u64::from(sp) << 17 ^ u64::from(zone));
+            proptest::prop_assert_eq!(h.pair_hash_v4(p), h.pair_hash(&t));
         }
     }
 }

@@ -24,7 +24,8 @@ use super::{
     icmpv6_untracked, tuple_of,
 };
 use crate::nat::PacketMeta;
-use crate::wire::{self, Fragment, ParsedPacket};
+use crate::tuple::PackedV4;
+use crate::wire::{self, Fragment, ParsedPacket, PlainV4, TcpInfo};
 
 /// Frames processed together by [`Conntrack::process_batch`]; longer inputs are cut into
 /// batches of this size.
@@ -47,6 +48,24 @@ enum Pre {
         tuple: Tuple,
         hash: u64,
     },
+    /// The established path ([`Conntrack::track_v4`]): a plain IPv4 TCP or UDP frame
+    /// and its packed tuple.
+    V4 {
+        plain: PlainV4,
+        key: PackedV4,
+        hash: u64,
+    },
+}
+
+impl Pre {
+    /// The index hash of a frame that has a tuple to look up.
+    #[inline]
+    fn hash(&self) -> Option<u64> {
+        match self {
+            Pre::Fast { hash, .. } | Pre::V4 { hash, .. } => Some(*hash),
+            Pre::Done | Pre::Slow(_) => None,
+        }
+    }
 }
 
 /// The tuple of a packet that takes the common path of
@@ -91,22 +110,8 @@ impl Conntrack {
         let pre = &mut pre[..frames.len()];
         // 1: parse, classify, hash.
         for ((frame, o), p) in frames.iter().zip(out.iter_mut()).zip(pre.iter_mut()) {
-            self.stats.packets += 1;
-            match wire::parse(frame, self.cfg.parse) {
-                Ok(pkt) => {
-                    *p = match common_tuple(&pkt, zone) {
-                        Some(tuple) => Pre::Fast {
-                            hash: self.table.hash(&tuple),
-                            pkt,
-                            tuple,
-                        },
-                        None => Pre::Slow(pkt),
-                    };
-                }
-                Err(e) => {
-                    self.stats.malformed[e.reason().index()] += 1;
-                    *o = self.invalid(Invalid::Malformed(e));
-                }
+            if let Some(invalid) = self.classify_frame(frame, zone, p) {
+                *o = invalid;
             }
         }
         if self.table.capacity() >= PREFETCH_MIN_CONNECTIONS {
@@ -120,8 +125,68 @@ impl Conntrack {
                 Pre::Fast { pkt, tuple, hash } => {
                     *o = self.track_tuple(tuple, *hash, pkt, &PacketMeta::default(), now);
                 }
+                Pre::V4 { plain, key, hash } => *o = self.track_v4(plain, *key, *hash, now),
             }
         }
+    }
+
+    /// Pass 1 of a frame: parsed, classified and hashed into `p` (written in place:
+    /// a [`Pre`] is large); the common frame in one step, straight to its packed
+    /// tuple. A malformed frame is counted, and its verdict returned.
+    #[inline]
+    fn classify_frame(&mut self, frame: &[u8], zone: u16, p: &mut Pre) -> Option<Verdict> {
+        self.stats.packets += 1;
+        let parsed = match wire::plain_v4(frame, self.cfg.parse) {
+            Some(Ok(plain)) => {
+                self.classify_plain(plain, zone, p);
+                return None;
+            }
+            Some(Err(e)) => Err(e),
+            None => wire::parse_walk(frame, self.cfg.parse),
+        };
+        match parsed {
+            Ok(pkt) => {
+                self.classify(pkt, zone, p);
+                None
+            }
+            Err(e) => {
+                self.stats.malformed[e.reason().index()] += 1;
+                Some(self.invalid(Invalid::Malformed(e)))
+            }
+        }
+    }
+
+    /// Pass 1 of a frame that [`wire::plain_v4`] read: TCP and UDP take the
+    /// established path with their packed tuple, the rest (ICMP, other protocols) the
+    /// general one.
+    #[inline]
+    fn classify_plain(&self, plain: PlainV4, zone: u16, p: &mut Pre) {
+        let (src_port, dst_port) = match plain.l4 {
+            L4::Udp { src_port, dst_port }
+            | L4::Tcp(TcpInfo {
+                src_port, dst_port, ..
+            }) => (src_port, dst_port),
+            _ => return self.classify(plain.packet(), zone, p),
+        };
+        let key = PackedV4::new(plain.addrs, src_port, dst_port, plain.protocol, zone);
+        *p = Pre::V4 {
+            plain,
+            key,
+            hash: self.table.hasher().pair_hash_v4(key),
+        };
+    }
+
+    /// Pass 1 of any other parsed frame.
+    #[inline]
+    fn classify(&self, pkt: ParsedPacket, zone: u16, p: &mut Pre) {
+        *p = match common_tuple(&pkt, zone) {
+            Some(tuple) => Pre::Fast {
+                hash: self.table.hash(&tuple),
+                pkt,
+                tuple,
+            },
+            None => Pre::Slow(pkt),
+        };
     }
 
     /// [`Conntrack::process_batch`] with NAT: `out[i]` receives what
@@ -158,25 +223,11 @@ impl Conntrack {
         let pre = &mut pre[..frames.len()];
         // 1: parse, classify, hash.
         for ((frame, o), p) in frames.iter().zip(out.iter_mut()).zip(pre.iter_mut()) {
-            self.stats.packets += 1;
-            match wire::parse(frame, self.cfg.parse) {
-                Ok(pkt) => {
-                    *p = match common_tuple(&pkt, zone) {
-                        Some(tuple) => Pre::Fast {
-                            hash: self.table.hash(&tuple),
-                            pkt,
-                            tuple,
-                        },
-                        None => Pre::Slow(pkt),
-                    };
-                }
-                Err(e) => {
-                    self.stats.malformed[e.reason().index()] += 1;
-                    *o = NatVerdict {
-                        verdict: self.invalid(Invalid::Malformed(e)),
-                        nat: NatOutcome::Unchanged,
-                    };
-                }
+            if let Some(verdict) = self.classify_frame(frame, zone, p) {
+                *o = NatVerdict {
+                    verdict,
+                    nat: NatOutcome::Unchanged,
+                };
             }
         }
         if self.table.capacity() >= PREFETCH_MIN_CONNECTIONS {
@@ -188,12 +239,17 @@ impl Conntrack {
             self.closed = None;
             let (verdict, pkt) = match p {
                 Pre::Done => continue,
-                Pre::Slow(pkt) => (self.track_parsed_meta(pkt, frame, zone, meta, now), pkt),
+                Pre::Slow(pkt) => (self.track_parsed_meta(pkt, frame, zone, meta, now), *pkt),
                 Pre::Fast { pkt, tuple, hash } => {
-                    (self.track_tuple(tuple, *hash, pkt, meta, now), pkt)
+                    (self.track_tuple(tuple, *hash, pkt, meta, now), *pkt)
+                }
+                // The general path (NAT decisions need `meta`; the rewrite, the packet).
+                Pre::V4 { plain, key, hash } => {
+                    let pkt = plain.packet();
+                    (self.track_tuple(&key.unpack(), *hash, &pkt, meta, now), pkt)
                 }
             };
-            let nat = self.nat_rewrite(&verdict, pkt, frame);
+            let nat = self.nat_rewrite(&verdict, &pkt, frame);
             *o = NatVerdict { verdict, nat };
         }
     }
@@ -202,10 +258,8 @@ impl Conntrack {
     fn prefetch(&self, pre: &[Pre]) {
         // 2: the index cells, all loads independent of each other.
         let mut sink = 0u64;
-        for p in pre {
-            if let Pre::Fast { hash, .. } = p {
-                sink ^= self.table.touch_index(*hash);
-            }
+        for hash in pre.iter().filter_map(Pre::hash) {
+            sink ^= self.table.touch_index(hash);
         }
         // 3: the entries they point to. No entry: probably a new connection, whose
         // insert also probes the index for the reply tuple; without NAT that is the
@@ -213,18 +267,16 @@ impl Conntrack {
         // has read its cell already. Both cells of a connection without NAT start
         // their probe at the same cell, so a packet of either direction finds the
         // entry from it.
-        for p in pre {
-            if let Pre::Fast { hash, .. } = p {
-                let Some((c, _)) = self.table.prefetch(*hash) else {
-                    continue;
-                };
-                // The entry is one cache line: one load brings in every field the
-                // handler reads (an IPv4 entry translated at one endpoint holds the
-                // rewrite's tuple too; an IPv6 or full-NAT entry's tuples are in the
-                // side store: not touched here). Few instructions per load, so that
-                // many of them are in flight at once.
-                sink ^= c.timeout;
-            }
+        for hash in pre.iter().filter_map(Pre::hash) {
+            let Some((c, _)) = self.table.prefetch(hash) else {
+                continue;
+            };
+            // The entry is one cache line: one load brings in every field the
+            // handler reads (an IPv4 entry translated at one endpoint holds the
+            // rewrite's tuple too; an IPv6 or full-NAT entry's tuples are in the
+            // side store: not touched here). Few instructions per load, so that
+            // many of them are in flight at once.
+            sink ^= c.timeout;
         }
         black_box(sink);
     }

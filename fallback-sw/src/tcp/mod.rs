@@ -20,7 +20,7 @@ mod tracker;
 mod window;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use state::{FlagIndex, TcpState, Transition, transition};
 pub use timeouts::TcpTimeouts;
@@ -134,8 +134,18 @@ pub fn flags_valid(flags: TcpFlags) -> bool {
         ACK,
         ACK | URG,
     ];
+    // The allowed combinations as a bit set: the masked flags are below 64.
+    const VALID_SET: u64 = {
+        let mut set = 0u64;
+        let mut i = 0;
+        while i < VALID.len() {
+            set |= 1 << VALID[i];
+            i += 1;
+        }
+        set
+    };
     let masked = flags.0 & !(TcpFlags::PSH.0 | TcpFlags::ECE.0 | TcpFlags::CWR.0);
-    VALID.contains(&masked)
+    (VALID_SET >> masked) & 1 == 1
 }
 
 /// What the state machine needs from one TCP segment. The parser fills it; header length

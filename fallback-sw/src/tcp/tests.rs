@@ -897,8 +897,11 @@ struct Op {
     sack_edge: Option<u32>,
 }
 
-fn op_strategy() -> impl Strategy<Value = Op> {
-    let flags = prop_oneof![
+/// TCP flags as a proptest strategy: mostly the combinations of a connection's life
+/// (SYN, SYN-ACK, ACK, PSH-ACK, FIN-ACK, RST, RST-ACK) and some odd ones, sometimes
+/// anything.
+pub(crate) fn flags_strategy() -> impl Strategy<Value = u8> {
+    prop_oneof![
         Just(0x02u8),
         Just(0x12),
         Just(0x10),
@@ -910,7 +913,11 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         Just(0x01),
         Just(0x00),
         any::<u8>(),
-    ];
+    ]
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let flags = flags_strategy();
     (
         any::<bool>(),
         flags,

@@ -301,9 +301,60 @@ fn sub(buf: &[u8], start: usize, end: usize) -> &[u8] {
 /// Any [`ParseError`] except [`ParseError::NotIcmpError`]; see [`ParseError::reason`].
 #[inline]
 pub fn parse(frame: &[u8], opts: ParseOptions) -> Result<ParsedPacket, ParseError> {
-    match parse_plain_v4(frame, opts) {
-        Some(result) => result,
+    match plain_v4(frame, opts) {
+        Some(result) => result.map(|p| p.packet()),
         None => parse_walk(frame, opts),
+    }
+}
+
+/// The common frame, read in one step by [`plain_v4`]: untagged Ethernet, a whole (not
+/// fragmented) IPv4 packet without options. What [`PlainV4::packet`] needs to give the
+/// [`ParsedPacket`] that [`parse`] returns, and what the established path reads without
+/// it: the addresses as they are in the frame, the protocol and the L4 part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PlainV4 {
+    /// Source then destination address, the frame's bytes 26..34 (network order).
+    pub(crate) addrs: [u8; 8],
+    /// IPv4 total length.
+    pub(crate) l3_len: u16,
+    /// IP protocol.
+    pub(crate) protocol: u8,
+    /// TTL.
+    pub(crate) ttl: u8,
+    /// L4 header length (0 where [`parse_l4`] reads none).
+    pub(crate) l4_header: u8,
+    /// L4 payload length.
+    pub(crate) payload_len: u16,
+    /// Transport layer, as in [`ParsedPacket::l4`].
+    pub(crate) l4: L4,
+}
+
+impl PlainV4 {
+    /// Offset of the IPv4 header.
+    const L3: usize = ethernet::HEADER_LEN;
+    /// Offset of the L4 header.
+    const L4: usize = Self::L3 + ipv4::HEADER_LEN;
+
+    /// The frame as [`parse`] returns it.
+    #[inline]
+    pub(crate) fn packet(&self) -> ParsedPacket {
+        let [s0, s1, s2, s3, d0, d1, d2, d3] = self.addrs;
+        ParsedPacket {
+            vlans: [None; ethernet::MAX_VLAN_TAGS],
+            l3: L3::Ipv4,
+            l3_offset: sat16(Self::L3),
+            l3_len: u32::from(self.l3_len),
+            l4_offset: sat16(Self::L4),
+            payload_offset: sat16(Self::L4 + usize::from(self.l4_header)),
+            payload_len: self.payload_len,
+            src: IpAddr::V4(Ipv4Addr::new(s0, s1, s2, s3)),
+            dst: IpAddr::V4(Ipv4Addr::new(d0, d1, d2, d3)),
+            protocol: self.protocol,
+            ttl: self.ttl,
+            fragment: Fragment::Whole,
+            has_ipv4_options: false,
+            l4: self.l4,
+        }
     }
 }
 
@@ -311,11 +362,12 @@ pub fn parse(frame: &[u8], opts: ParseOptions) -> Result<ParsedPacket, ParseErro
 /// packet without options, all of it in the frame. Its fixed 34 bytes are bounds-checked
 /// once and read at fixed offsets; the L4 part is [`parse_l4`] as on the general path.
 /// Any other frame, valid or not, gives `None` and takes [`parse_walk`]. For the frames
-/// it takes, the result is exactly [`parse_walk`]'s (a test compares them).
+/// it takes, [`PlainV4::packet`] of the result is exactly [`parse_walk`]'s (a test
+/// compares them).
 #[inline]
-fn parse_plain_v4(frame: &[u8], opts: ParseOptions) -> Option<Result<ParsedPacket, ParseError>> {
-    const L3: usize = ethernet::HEADER_LEN;
-    const L4: usize = L3 + ipv4::HEADER_LEN;
+pub(crate) fn plain_v4(frame: &[u8], opts: ParseOptions) -> Option<Result<PlainV4, ParseError>> {
+    const L3: usize = PlainV4::L3;
+    const L4: usize = PlainV4::L4;
     let h: &[u8; L4] = frame.get(..L4)?.try_into().ok()?;
     // IPv4 ethertype, version 4 with IHL 5, no MF flag and offset 0.
     if h[12..14] != [0x08, 0x00] || h[L3] != 0x45 || h[L3 + 6] & 0x3F != 0 || h[L3 + 7] != 0 {
@@ -328,35 +380,117 @@ fn parse_plain_v4(frame: &[u8], opts: ParseOptions) -> Option<Result<ParsedPacke
     if opts.verify_ipv4_checksum && !checksum::verifies(checksum::sum_array(ip_header)) {
         return Some(Err(ParseError::BadChecksum { layer: Layer::Ipv4 }));
     }
-    let src = Ipv4Addr::new(h[L3 + 12], h[L3 + 13], h[L3 + 14], h[L3 + 15]);
-    let dst = Ipv4Addr::new(h[L3 + 16], h[L3 + 17], h[L3 + 18], h[L3 + 19]);
+    let [s0, s1, s2, s3, d0, d1, d2, d3] = *h[L3 + 12..].first_chunk::<8>()?;
+    let src = Ipv4Addr::new(s0, s1, s2, s3);
+    let dst = Ipv4Addr::new(d0, d1, d2, d3);
     let protocol = h[L3 + 9];
     let addrs = Addrs::V4(src, dst);
+    let l4 = match protocol {
+        // A UDP datagram that reads cleanly (the rest is [`parse_l4`]'s to report).
+        ip_proto::UDP => plain_udp(frame, end, opts.verify_l4_checksum).map(Ok),
+        ip_proto::TCP => plain_tcp(frame, end, opts.verify_l4_checksum).map(Ok),
+        _ => None,
+    };
     Some(
-        parse_l4(seg, protocol, addrs, opts.verify_l4_checksum, L4).map(
-            |(l4, hdr, payload_len)| ParsedPacket {
-                vlans: [None; ethernet::MAX_VLAN_TAGS],
-                l3: L3::Ipv4,
-                l3_offset: sat16(L3),
-                l3_len: u32::from(total),
-                l4_offset: sat16(L4),
-                payload_offset: sat16(L4 + hdr),
-                payload_len: sat16(payload_len),
-                src: IpAddr::V4(src),
-                dst: IpAddr::V4(dst),
+        l4.unwrap_or_else(|| parse_l4(seg, protocol, addrs, opts.verify_l4_checksum, L4))
+            .map(|(l4, hdr, payload_len)| PlainV4 {
+                addrs: [s0, s1, s2, s3, d0, d1, d2, d3],
+                l3_len: total,
                 protocol,
                 ttl: h[L3 + 8],
-                fragment: Fragment::Whole,
-                has_ipv4_options: false,
+                // At most 60 (a TCP header) or 8.
+                l4_header: u8::try_from(hdr).unwrap_or(u8::MAX),
+                payload_len: sat16(payload_len),
                 l4,
-            },
-        ),
+            }),
     )
 }
 
-/// [`parse`] layer by layer: any frame.
+/// The L4 part of a TCP segment of `len` bytes (up to the end of the IP packet) whose
+/// header length has been checked: the info, the header length and the payload length.
 #[inline]
-fn parse_walk(frame: &[u8], opts: ParseOptions) -> Result<ParsedPacket, ParseError> {
+fn tcp_l4(t: &tcp::Packet<&[u8]>, len: usize) -> (L4, usize, usize) {
+    let hl = t.header_len();
+    let o = if hl > tcp::HEADER_LEN {
+        OptionSummary::parse(t.option_bytes())
+    } else {
+        OptionSummary::default()
+    };
+    let payload_len = len - hl;
+    let info = TcpInfo {
+        src_port: t.src_port(),
+        dst_port: t.dst_port(),
+        flags: t.flags(),
+        seq: t.seq(),
+        ack: t.ack(),
+        window: t.window(),
+        header_len: t.data_offset() * 4,
+        payload_len: sat16(payload_len),
+        mss: o.mss,
+        wscale: o.wscale,
+        sack_permitted: o.sack_permitted,
+        sack_highest: o.sack_highest,
+        options_malformed: o.malformed,
+    };
+    (L4::Tcp(info), hl, payload_len)
+}
+
+/// Whether the TCP or UDP checksum of a frame that [`plain_v4`] read verifies, for the
+/// `len` bytes of L4 data it covers: the pseudo-header's addresses are summed in
+/// place, right before the L4 header in the frame (bytes 26..34), in one sum with it.
+#[inline]
+fn plain_l4_verifies(frame: &[u8], protocol: u8, len: u16) -> bool {
+    const ADDRS: usize = PlainV4::L3 + 12;
+    frame
+        .get(ADDRS..PlainV4::L4 + usize::from(len))
+        .is_some_and(|covered| {
+            let pseudo = u64::from(protocol) + u64::from(len);
+            checksum::verifies(checksum::sum(covered) + pseudo)
+        })
+}
+
+/// The TCP segment of a frame that [`plain_v4`] read (the IP packet ends at `end`),
+/// as [`parse_l4`] gives it when it is valid; `None` when it is not (truncated, bad
+/// data offset or checksum), and then [`parse_l4`] says why. Out of line: the UDP
+/// path stays small.
+#[inline(never)]
+fn plain_tcp(frame: &[u8], end: usize, verify: bool) -> Option<(L4, usize, usize)> {
+    let seg = frame.get(PlainV4::L4..end)?;
+    let t = tcp::Packet::new_checked(seg).ok()?;
+    if verify && !plain_l4_verifies(frame, ip_proto::TCP, u16::try_from(seg.len()).ok()?) {
+        return None;
+    }
+    Some(tcp_l4(&t, seg.len()))
+}
+
+/// The UDP datagram of a frame that [`plain_v4`] read (the IP packet ends at `end`),
+/// as [`parse_l4`] gives it when it is valid; `None` when it is not (truncated, bad
+/// length field or checksum), and then [`parse_l4`] says why. Cheaper than the general
+/// reader: see [`plain_l4_verifies`].
+#[inline]
+fn plain_udp(frame: &[u8], end: usize, verify: bool) -> Option<(L4, usize, usize)> {
+    let seg = frame.get(PlainV4::L4..end)?;
+    let h: &[u8; udp::HEADER_LEN] = seg.first_chunk()?;
+    let len = u16::from_be_bytes([h[4], h[5]]);
+    let n = usize::from(len);
+    if n < udp::HEADER_LEN || n > seg.len() {
+        return None;
+    }
+    // Over IPv4 a zero checksum means none.
+    if verify && h[6..8] != [0, 0] && !plain_l4_verifies(frame, ip_proto::UDP, len) {
+        return None;
+    }
+    let l4 = L4::Udp {
+        src_port: u16::from_be_bytes([h[0], h[1]]),
+        dst_port: u16::from_be_bytes([h[2], h[3]]),
+    };
+    Some((l4, udp::HEADER_LEN, n - udp::HEADER_LEN))
+}
+
+/// [`parse`] layer by layer: any frame (the batch calls it for a frame that
+/// [`plain_v4`] did not take).
+#[inline]
+pub(crate) fn parse_walk(frame: &[u8], opts: ParseOptions) -> Result<ParsedPacket, ParseError> {
     let l2 = ethernet::walk(frame)?;
     let l3 = l2.l3_offset;
     let mut p = match l2.ethertype {
@@ -487,29 +621,7 @@ fn parse_l4(
             {
                 return Err(ParseError::BadChecksum { layer: Layer::Tcp });
             }
-            let hl = t.header_len();
-            let o = if hl > tcp::HEADER_LEN {
-                OptionSummary::parse(t.option_bytes())
-            } else {
-                OptionSummary::default()
-            };
-            let payload_len = seg.len() - hl;
-            let info = TcpInfo {
-                src_port: t.src_port(),
-                dst_port: t.dst_port(),
-                flags: t.flags(),
-                seq: t.seq(),
-                ack: t.ack(),
-                window: t.window(),
-                header_len: t.data_offset() * 4,
-                payload_len: sat16(payload_len),
-                mss: o.mss,
-                wscale: o.wscale,
-                sack_permitted: o.sack_permitted,
-                sack_highest: o.sack_highest,
-                options_malformed: o.malformed,
-            };
-            Ok((L4::Tcp(info), hl, payload_len))
+            Ok(tcp_l4(&t, seg.len()))
         }
         ip_proto::UDP => {
             let u = udp::Packet::new_checked(seg)?;

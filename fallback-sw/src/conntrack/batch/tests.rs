@@ -2,7 +2,7 @@
 
 use super::super::{Config, Conntrack, Verdict};
 use crate::table::Event;
-use etherparse::{Icmpv4Type, PacketBuilder, icmpv4::DestUnreachableHeader};
+use etherparse::{Icmpv4Type, PacketBuilder, TcpOptionElement, icmpv4::DestUnreachableHeader};
 use proptest::prelude::*;
 
 const NS: u64 = 1_000_000_000;
@@ -96,6 +96,32 @@ fn ct(big: bool) -> Conntrack {
     })
 }
 
+/// `frames` (frame `i` arriving at `times[i]`) through `process` one by one, and
+/// through `process_batch` in batches of `cut` (each at its first frame's time, which
+/// the callers keep the same within a batch): both instances, and both verdict lists.
+fn one_by_one_and_batched(
+    frames: &[Vec<u8>],
+    times: &[u64],
+    cut: usize,
+    big: bool,
+) -> ([Conntrack; 2], [Vec<Verdict>; 2]) {
+    let mut one = ct(big);
+    let want = frames
+        .iter()
+        .zip(times)
+        .map(|(f, &t)| one.process(f, 0, t))
+        .collect();
+    let mut many = ct(big);
+    let mut got = Vec::new();
+    let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+    for (chunk, t) in refs.chunks(cut).zip(times.chunks(cut)) {
+        let mut out = vec![Verdict::Untracked(super::super::Untracked::Fragment); chunk.len()];
+        many.process_batch(chunk, 0, t[0], &mut out);
+        got.extend(out);
+    }
+    ([one, many], [want, got])
+}
+
 proptest! {
     #[test]
     fn batch_equals_one_by_one(
@@ -114,24 +140,218 @@ proptest! {
             frames.push(frame(kind, c, u32::try_from(i).unwrap_or(0)));
             times.push(now);
         }
-        let mut one = ct(big);
-        let mut want = Vec::new();
-        for (f, &t) in frames.iter().zip(&times) {
-            want.push(one.process(f, 0, t));
-        }
-        let mut many = ct(big);
-        let mut got = Vec::new();
-        let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
-        for (chunk, t) in refs.chunks(cut).zip(times.chunks(cut)) {
-            let mut out = vec![Verdict::Untracked(super::super::Untracked::Fragment); chunk.len()];
-            many.process_batch(chunk, 0, t[0], &mut out);
-            got.extend(out);
-        }
+        let ([mut one, mut many], [want, got]) = one_by_one_and_batched(&frames, &times, cut, big);
         prop_assert_eq!(&got, &want);
         prop_assert_eq!(many.stats(), one.stats());
         prop_assert_eq!(many.table().stats(), one.table().stats());
         let a: Vec<Event> = one.table_mut().drain_events().collect();
         let b: Vec<Event> = many.table_mut().drain_events().collect();
         prop_assert_eq!(a, b);
+    }
+}
+
+// ------------------------------------------------- the established path of the batch
+
+/// One packet of [`mixed_frame`]: which connection, which direction, what it carries
+/// and how it is damaged.
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    tcp: bool,
+    reply: bool,
+    client: u8,
+    flags: u8,
+    seq: u8,
+    ack: u8,
+    payload: u8,
+    options: bool,
+    damage: u8,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        0u8..6,
+        crate::tcp::tests::flags_strategy(),
+        any::<u8>(),
+        any::<u8>(),
+        0u8..40,
+        any::<bool>(),
+        // 0..8: intact; the rest one kind of damage each.
+        0u8..18,
+    )
+        .prop_map(
+            |(tcp, reply, client, flags, seq, ack, payload, options, damage)| Op {
+                tcp,
+                reply,
+                client,
+                flags,
+                seq,
+                ack,
+                payload,
+                options,
+                damage,
+            },
+        )
+}
+
+/// A sequence or acknowledgement number near where client `c`'s connection is (its
+/// ISN 1000 + 100 c, the server's 5000 + 100 c) in direction `from_client`, or anywhere.
+fn seq_no(sel: u8, c: u8, from_client: bool) -> u32 {
+    let base = if from_client { 1000 } else { 5000 } + 100 * u32::from(c);
+    match sel % 8 {
+        0 => base,
+        1..=4 => base + 1 + u32::from(sel % 4) * 10,
+        5 => base.wrapping_sub(70_000),
+        _ => u32::from(sel) << 24 | 0x5a5a,
+    }
+}
+
+/// Sets the IPv4 header checksum of an untagged frame's IP header (its length from
+/// the IHL), after damage that must not be caught by it.
+fn fix_ipv4_checksum(f: &mut [u8]) {
+    let end = 14 + usize::from(f[14] & 0x0F) * 4;
+    f[24] = 0;
+    f[25] = 0;
+    let mut acc = 0u32;
+    for w in f[14..end].chunks(2) {
+        acc += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    while acc > 0xFFFF {
+        acc = (acc & 0xFFFF) + (acc >> 16);
+    }
+    let c = !u16::try_from(acc).unwrap_or(0);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+/// A TCP or UDP frame of one of a few connections, intact or damaged in one of the
+/// ways the established path must leave to the general one (or reject the same way).
+fn mixed_frame(o: Op) -> Vec<u8> {
+    let c = o.client;
+    let (src, dst, sport, dport) = if o.reply {
+        (SERVER, client(c), 80, 1000 + u16::from(c))
+    } else {
+        (client(c), SERVER, 1000 + u16::from(c), 80)
+    };
+    let payload = vec![0xA5u8; usize::from(o.payload)];
+    let b = PacketBuilder::ethernet2(CMAC, SMAC).ipv4(src, dst, 64);
+    let mut v = Vec::new();
+    if o.tcp {
+        let mut t = b.tcp(
+            sport,
+            dport,
+            seq_no(o.seq, c, !o.reply),
+            u16::from(o.ack) << 8 | 0xFF,
+        );
+        if o.flags & 0x01 != 0 {
+            t = t.fin();
+        }
+        if o.flags & 0x02 != 0 {
+            t = t.syn();
+        }
+        if o.flags & 0x04 != 0 {
+            t = t.rst();
+        }
+        if o.flags & 0x08 != 0 {
+            t = t.psh();
+        }
+        if o.flags & 0x10 != 0 {
+            t = t.ack(seq_no(o.ack, c, o.reply));
+        }
+        if o.flags & 0x20 != 0 {
+            t = t.urg(0);
+        }
+        if o.options {
+            t = t
+                .options(&[
+                    TcpOptionElement::MaximumSegmentSize(1460),
+                    TcpOptionElement::WindowScale(o.seq % 16),
+                    TcpOptionElement::SelectiveAcknowledgementPermitted,
+                    TcpOptionElement::Timestamp(7, 9),
+                ])
+                .expect("options fit");
+        }
+        t.write(&mut v, &payload).expect("tcp");
+    } else {
+        b.udp(sport, dport).write(&mut v, &payload).expect("udp");
+    }
+    let l4 = 34;
+    match o.damage {
+        8 => v[25] ^= 0x40,                              // IPv4 header checksum
+        9 => v[l4 + if o.tcp { 16 } else { 6 }] ^= 0x01, // L4 checksum
+        10 if !o.tcp => v[l4 + 6..l4 + 8].copy_from_slice(&[0, 0]), // no UDP checksum
+        10 => v.truncate(l4 + 10),                       // TCP header cut
+        11 => {
+            // An 802.1Q tag.
+            v.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
+        }
+        12 => {
+            // More fragments follow.
+            v[20] |= 0x20;
+            fix_ipv4_checksum(&mut v);
+        }
+        13 => v.truncate(40),
+        14 => {
+            // IP total length past the frame.
+            v[17] = v[17].wrapping_add(4);
+            fix_ipv4_checksum(&mut v);
+        }
+        15 => v.extend_from_slice(&[0u8; 12]), // link padding
+        16 if !o.tcp => v[l4 + 5] = v[l4 + 5].wrapping_add(3), // UDP length field
+        16 => v[l4 + 12] = 0x40 | (v[l4 + 12] & 0x0F), // TCP data offset 4
+        17 => {
+            // IP options (the checksum still right): not the one-step frame.
+            v[14] = 0x46;
+            v.splice(34..34, [1u8, 1, 1, 1]);
+            let total = u16::from_be_bytes([v[16], v[17]]) + 4;
+            v[16..18].copy_from_slice(&total.to_be_bytes());
+            fix_ipv4_checksum(&mut v);
+        }
+        _ => {}
+    }
+    v
+}
+
+/// Everything observable of an instance: counters, table counters, events, and every
+/// connection (tuples, status, timeout, counters, protocol and window state, id).
+fn observable(ct: &mut Conntrack, now: u64) -> (String, Vec<Event>) {
+    let mut s = format!("{:?}\n{:?}\n", ct.stats(), ct.table().stats());
+    let conns: Vec<_> = ct.table().iter(now).collect();
+    for (slot, conn) in conns {
+        s += &format!("{slot:?} {conn:?} {:?}\n", ct.tcp(slot));
+    }
+    let events = ct.table_mut().drain_events().collect();
+    (s, events)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// The batch's established path (plain IPv4 TCP and UDP frames, packed tuple,
+    /// two-word lookup) gives exactly what the general path of `process` gives: the
+    /// same verdicts, counters, events and connections, with TCP state and window
+    /// tracking, expiry, early drop and damaged frames in the mix.
+    #[test]
+    fn established_path_equals_general_path(
+        ops in proptest::collection::vec(op(), 1..300),
+        cut in 1usize..40,
+        steps in proptest::collection::vec(0u64..4, 1..16),
+        big in any::<bool>(),
+    ) {
+        let mut now = NS;
+        let mut frames = Vec::new();
+        let mut times = Vec::new();
+        for (i, &o) in ops.iter().enumerate() {
+            // Time advances between batches only (a batch has one `now`), sometimes
+            // past the UDP timeouts.
+            if i % cut == 0 {
+                now += steps[(i / cut) % steps.len()] * 11 * NS;
+            }
+            frames.push(mixed_frame(o));
+            times.push(now);
+        }
+        let ([mut one, mut many], [want, got]) = one_by_one_and_batched(&frames, &times, cut, big);
+        prop_assert_eq!(&got, &want);
+        prop_assert_eq!(observable(&mut many, now), observable(&mut one, now));
     }
 }
