@@ -132,6 +132,23 @@ impl Topology {
         Ok(())
     }
 
+    /// GRO on the hosts' veths (`ethtool -K DEV gro on`): a veth takes frames an XDP
+    /// program redirects into its peer (`ndo_xdp_xmit`) only while it has a NAPI, which
+    /// it has with GRO on or an XDP program attached; the gateway's XDP flow table
+    /// redirects into the gateway's ports, whose peers are these.
+    ///
+    /// # Errors
+    /// `ethtool` failed or is missing.
+    pub fn gro_on_hosts(&self) -> Result<(), CommandError> {
+        for (ns, dev) in [
+            (&self.inside, &self.host_in),
+            (&self.outside, &self.host_out),
+        ] {
+            ns.exec("ethtool", &["-K", dev, "gro", "on"])?;
+        }
+        Ok(())
+    }
+
     fn links(&self, host_in: &str, host_out: &str) -> Result<(), CommandError> {
         let veth = |a: &str, ma: [u8; 6], na: &NetNs, b: &str, mb: [u8; 6], nb: &NetNs| {
             run_bounded(

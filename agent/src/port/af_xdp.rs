@@ -329,6 +329,7 @@ impl QueueSocket {
 /// A Linux interface through AF_XDP sockets (see the module docs).
 pub struct AfXdp {
     name: String,
+    ifindex: u32,
     mode: XdpMode,
     area: Arc<sys::UmemArea>,
     queues: Vec<QueueSocket>,
@@ -461,6 +462,7 @@ impl AfXdp {
             }
             ports.push(Self {
                 name: (*name).to_owned(),
+                ifindex: info.ifindex(),
                 mode,
                 area: Arc::clone(&area),
                 queues,
@@ -480,6 +482,12 @@ impl AfXdp {
     #[must_use]
     pub fn mode(&self) -> XdpMode {
         self.mode
+    }
+
+    /// The interface's index.
+    #[must_use]
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
     }
 
     /// The XDP flow table of this port's program (shared by its group), if it has one
