@@ -345,3 +345,119 @@ fn established_flows_are_natted_in_xdp_and_the_rest_reaches_the_socket() {
     let got = receive(&mut ports[0], 1, Duration::from_secs(5));
     assert_eq!(got, sent[..1].to_vec());
 }
+
+/// The forwarding loop with the XDP flow offload: a replied UDP flow goes into the
+/// table and then carries traffic only there, for twice its conntrack timeout; GC does
+/// not expire it (invariant 1: the sync keeps it alive) and, once folded in, its
+/// counters count every packet once (invariant 3).
+#[test]
+fn a_flow_carried_by_the_xdp_table_stays_alive_and_is_counted_once() {
+    use ctoffload_agent::gateway::forward::ForwarderConfig;
+    use ctoffload_agent::gateway::xdp_offload::{XdpFlowOffload, XdpOffloadConfig};
+    use ctoffload_agent::port::af_xdp::AnyPort;
+    use ctoffload_fallback_sw::conntrack::Config;
+    use ctoffload_tests::topology::{ForwarderThread, ip, masquerade_forwarder};
+    use std::net::{SocketAddr, UdpSocket};
+
+    if let Some(why) = skip_reason(&["ip", "ethtool"]) {
+        skip_or_fail(&why);
+        return;
+    }
+    let t = Topology::new("xg").expect("topology");
+    t.full_checksums().expect("ethtool");
+    t.gro_on_hosts().expect("ethtool");
+    let names = [t.gw_in.clone(), t.gw_out.clone()];
+    let fwd = ForwarderThread::start(&t.gw, move || {
+        let cfg = AfXdpConfig {
+            flow_table_entries: 64,
+            ..AfXdpConfig::default()
+        };
+        let ports = AfXdp::open_group(
+            &[names[0].as_str(), names[1].as_str()],
+            XdpMode::Native,
+            &cfg,
+        )
+        .map_err(|e| e.to_string())?;
+        let ports: Vec<AnyPort> = ports.into_iter().map(AnyPort::AfXdp).collect();
+        let offload = XdpFlowOffload::for_ports(
+            &ports,
+            XdpOffloadConfig {
+                sync_interval_ns: 200_000_000,
+                ..XdpOffloadConfig::default()
+            },
+        )
+        .ok_or("no flow table")?;
+        let mut ct = Config::default();
+        ct.timeouts.udp = 1;
+        ct.timeouts.udp_stream = 2;
+        let fwd_cfg = ForwarderConfig {
+            fill_checksums: true,
+            ..ForwarderConfig::default()
+        };
+        Ok(masquerade_forwarder(fwd_cfg, ports, names, ct)?.with_xdp_offload(offload))
+    })
+    .expect("forwarder");
+
+    let server = t
+        .outside
+        .run_inside(|| UdpSocket::bind((ip(OUT_HOST), 7000)))
+        .expect("enter outside")
+        .expect("bind");
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let client = t
+        .inside
+        .run_inside(|| UdpSocket::bind((ip(IN_A), 0)))
+        .expect("enter inside")
+        .expect("bind");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let sport = client.local_addr().expect("addr").port();
+    let to = SocketAddr::from((ip(OUT_HOST), 7000));
+    let mut buf = [0u8; 64];
+    // The first packet creates the connection, the reply makes it offloadable (the
+    // loop may need a moment for ARP: the client resends until answered).
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut sent = 0u64;
+    let peer = loop {
+        assert!(Instant::now() < end, "no first exchange");
+        client.send_to(b"hello", to).expect("send");
+        sent += 1;
+        if let Ok((_, peer)) = server.recv_from(&mut buf) {
+            break peer;
+        }
+    };
+    server.send_to(b"reply", peer).expect("reply");
+    client.recv_from(&mut buf).expect("the reply");
+    // Then 4 s of traffic (twice udp_stream): through the XDP table.
+    let mut received = 0u64;
+    for _ in 0..40 {
+        client.send_to(b"data", to).expect("send");
+        sent += 1;
+        if server.recv_from(&mut buf).is_ok() {
+            received += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(received, 40, "every packet delivered with a valid checksum");
+
+    let mut fwd = fwd.finish().expect("forwarder");
+    let stats = fwd.xdp_offload().expect("offload").stats();
+    assert_eq!(stats.offloaded, 1, "{stats:?}");
+    assert_eq!(stats.returned_idle, 0, "{stats:?}");
+    assert!(
+        fwd.stats().rx < sent / 2,
+        "the loop saw {} frames of {sent}: the table carried the flow",
+        fwd.stats().rx
+    );
+    let orig = tuple((IN_A, sport), (OUT_HOST, 7000), proto::UDP);
+    let ct = fwd.table_mut();
+    let (slot, _) = ct
+        .lookup(&orig, 0)
+        .expect("not expired by GC although idle in software for 4 s");
+    let conn = ct.table().get(slot).expect("connection");
+    assert_eq!(conn.counters[0].packets, sent, "each packet counted once");
+    assert_eq!(conn.counters[1].packets, 1);
+}
