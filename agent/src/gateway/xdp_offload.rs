@@ -19,8 +19,8 @@
 //! - **Teardown seen** (invariant 4): the program hands TCP SYN/FIN/RST to the slow
 //!   path; a TCP connection that has left ESTABLISHED after a batch loses its entries and
 //!   is returned ([`Teardown::Returned`]: the state machine saw the packet).
-//! - **Sync** (every poll round, a bounded number of flows, each flow at most once per
-//!   [`XdpOffloadConfig::sync_interval_ns`]): the entries' packet and byte counters are
+//! - **Sync** (every poll round, a bounded number of flows; one pass over all of them
+//!   per [`XdpOffloadConfig::sync_interval_ns`]): the entries' packet and byte counters are
 //!   added to conntrack as deltas ([`Conntrack::add_external_counts`]: each packet
 //!   counted once, invariant 3); a flow whose `last_seen` moved is kept alive
 //!   ([`Conntrack::keep_alive`], invariant 1); one idle for
@@ -58,9 +58,10 @@ pub struct XdpOffloadConfig {
     /// (Linux flowtable: 30 s), or sooner: after its conntrack state's timeout (UDP
     /// stream, TCP established).
     pub idle_ns: u64,
-    /// Each flow's counters are read at most this often.
+    /// Each flow's counters are read once per this interval (one pass over every
+    /// flow, spread over the poll rounds: two `bpf(2)` reads per flow).
     pub sync_interval_ns: u64,
-    /// Flows synced per poll round at most.
+    /// Flows synced per poll round at most (bounds the pause a pass adds to a round).
     pub sync_budget: usize,
 }
 
@@ -68,8 +69,8 @@ impl Default for XdpOffloadConfig {
     fn default() -> Self {
         Self {
             idle_ns: 30_000_000_000,
-            sync_interval_ns: 1_000_000_000,
-            sync_budget: 256,
+            sync_interval_ns: 5_000_000_000,
+            sync_budget: 64,
         }
     }
 }
@@ -239,8 +240,6 @@ struct Offloaded {
     dirs: [Option<InTable>; 2],
     /// Table-clock time of the last activity seen (insert, or `last_seen` moving).
     active_at: u64,
-    /// Table-clock time of the last sync.
-    synced_at: u64,
 }
 
 /// The offload (see the module docs).
@@ -253,6 +252,8 @@ pub struct XdpFlowOffload {
     /// The slots of the current sync pass, and the next to visit.
     pass: Vec<Slot>,
     cursor: usize,
+    /// When the next pass may start.
+    next_pass_at: u64,
     stats: XdpOffloadStats,
     logged_at: Option<u64>,
     unlogged: u64,
@@ -271,6 +272,7 @@ impl XdpFlowOffload {
             flows: HashMap::new(),
             pass: Vec::new(),
             cursor: 0,
+            next_pass_at: 0,
             stats: XdpOffloadStats::default(),
             logged_at: None,
             unlogged: 0,
@@ -375,7 +377,6 @@ impl XdpFlowOffload {
                 id: conn.id,
                 dirs: [None, None],
                 active_at: now,
-                synced_at: now,
             },
         );
         if !self.insert(ct, slot, gw, now) {
@@ -466,7 +467,6 @@ impl XdpFlowOffload {
         if moved {
             o.active_at = now;
         }
-        o.synced_at = now;
         self.flows.insert(slot, o);
         moved
     }
@@ -474,14 +474,15 @@ impl XdpFlowOffload {
     /// Syncs up to the budget of flows due (see the module docs).
     pub fn sync(&mut self, ct: &mut Conntrack, now: u64) {
         if self.cursor >= self.pass.len() {
+            // A new pass over every flow, at most once per interval: the pass is
+            // O(flows), the rounds in between only visit their budget.
+            if now < self.next_pass_at {
+                return;
+            }
             self.pass.clear();
-            self.pass.extend(
-                self.flows
-                    .iter()
-                    .filter(|(_, o)| now.saturating_sub(o.synced_at) >= self.cfg.sync_interval_ns)
-                    .map(|(&s, _)| s),
-            );
+            self.pass.extend(self.flows.keys().copied());
             self.cursor = 0;
+            self.next_pass_at = now.saturating_add(self.cfg.sync_interval_ns);
         }
         let end = self
             .cursor
@@ -554,5 +555,149 @@ impl XdpFlowOffload {
             self.drop_entries(slot, &o, now);
             ct.teardown(slot, Teardown::Returned, now);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ctoffload_fallback_sw::tuple::Addr;
+
+    use super::*;
+    use crate::gateway::{GatewayConfig, PortConfig};
+    use crate::port::af_xdp::flow_prog::adjust;
+
+    const IN_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
+    const OUT_MAC: [u8; 6] = [2, 0, 0, 0, 2, 1];
+    const HOST_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
+    const SERVER_MAC: [u8; 6] = [2, 0, 0, 0, 2, 2];
+    const HOST: [u8; 4] = [10, 0, 0, 2];
+    const GW_OUT: [u8; 4] = [192, 0, 2, 1];
+    const SERVER: [u8; 4] = [192, 0, 2, 2];
+
+    fn gw() -> Gateway {
+        Gateway::new(GatewayConfig {
+            ports: vec![
+                PortConfig {
+                    name: "in".into(),
+                    mac: IN_MAC,
+                    addrs: vec![([10, 0, 0, 1], 24)],
+                },
+                PortConfig {
+                    name: "out".into(),
+                    mac: OUT_MAC,
+                    addrs: vec![(GW_OUT, 24)],
+                },
+            ],
+            ..GatewayConfig::default()
+        })
+        .expect("config")
+    }
+
+    fn t(src: ([u8; 4], u16), dst: ([u8; 4], u16), p: u8) -> Tuple {
+        Tuple {
+            src: Addr::v4(src.0),
+            dst: Addr::v4(dst.0),
+            src_l4: src.1,
+            dst_l4: dst.1,
+            proto: p,
+            family: Family::V4,
+            zone: 0,
+        }
+    }
+
+    fn masqueraded() -> [Tuple; 2] {
+        [
+            t((HOST, 1234), (SERVER, 53), proto::UDP),
+            t((SERVER, 53), (GW_OUT, 40_000), proto::UDP),
+        ]
+    }
+
+    #[test]
+    fn a_masqueraded_connection_gets_both_rewrites() {
+        let mut g = gw();
+        g.learn_neighbour(0, HOST, HOST_MAC, 0);
+        g.learn_neighbour(1, SERVER, SERVER_MAC, 0);
+        let [orig, reply] = flow_entries(&masqueraded(), &g, &[11, 12], 1);
+        let (k, e) = orig.expect("original direction");
+        assert_eq!((k.ifindex, k.src, k.dst, k.proto), (11, HOST, SERVER, 17));
+        assert_eq!(
+            (k.sport, k.dport),
+            (1234u16.to_be_bytes(), 53u16.to_be_bytes())
+        );
+        assert_eq!((e.new_src, e.new_dst), (GW_OUT, SERVER));
+        assert_eq!(
+            (e.new_sport, e.new_dport),
+            (40_000u16.to_be_bytes(), 53u16.to_be_bytes())
+        );
+        assert_eq!(
+            (e.out_ifindex, e.src_mac, e.dst_mac),
+            (12, OUT_MAC, SERVER_MAC)
+        );
+        let (k, e) = reply.expect("reply direction");
+        assert_eq!((k.ifindex, k.src, k.dst), (12, SERVER, GW_OUT));
+        assert_eq!(
+            (e.new_src, e.new_dst, e.new_dport),
+            (SERVER, HOST, 1234u16.to_be_bytes())
+        );
+        assert_eq!(
+            (e.out_ifindex, e.src_mac, e.dst_mac),
+            (11, IN_MAC, HOST_MAC)
+        );
+        // The L4 delta turns a checksum over the old pseudo-header and ports into the
+        // one over the new ones (0x1234 stands for the payload's sum).
+        let sum = |addrs: [[u8; 4]; 2], ports: [u16; 2]| {
+            let mut b = [addrs[0], addrs[1]].concat();
+            b.extend_from_slice(&ports[0].to_be_bytes());
+            b.extend_from_slice(&ports[1].to_be_bytes());
+            let s = b.chunks(2).fold(0x1234u32, |s, c| {
+                fold(s + u32::from(u16::from_ne_bytes([c[0], c[1]])))
+            });
+            !u16::try_from(fold(s)).unwrap_or(0)
+        };
+        let before = sum([SERVER, GW_OUT], [53, 40_000]);
+        let after = sum([SERVER, HOST], [53, 1234]);
+        assert_eq!(adjust(before, e.l4_delta), after);
+    }
+
+    fn fold(mut s: u32) -> u32 {
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s
+    }
+
+    #[test]
+    fn unresolved_local_and_unsupported_directions_have_no_entry() {
+        let mut g = gw();
+        g.learn_neighbour(1, SERVER, SERVER_MAC, 0);
+        let [orig, reply] = flow_entries(&masqueraded(), &g, &[11, 12], 1);
+        assert!(orig.is_ok(), "the resolved direction");
+        assert_eq!(
+            reply.map(|_| ()),
+            Err(EntryError::Unresolved {
+                port: 0,
+                next_hop: HOST
+            })
+        );
+        // To the gateway itself: not forwarded.
+        let own = [
+            t((HOST, 1234), (GW_OUT, 22), proto::TCP),
+            t((GW_OUT, 22), (HOST, 1234), proto::TCP),
+        ];
+        assert_eq!(
+            flow_entries(&own, &g, &[11, 12], 1)[0].map(|_| ()),
+            Err(EntryError::NoRoute { addr: GW_OUT })
+        );
+        let mut icmp = masqueraded();
+        icmp[0].proto = proto::ICMP;
+        icmp[1].proto = proto::ICMP;
+        assert_eq!(
+            flow_entries(&icmp, &g, &[11, 12], 1)[0].map(|_| ()),
+            Err(EntryError::Unsupported)
+        );
+        assert_eq!(
+            flow_entries(&masqueraded(), &g, &[11], 1)[0].map(|_| ()),
+            Err(EntryError::NoInterface { port: 1 })
+        );
     }
 }

@@ -69,7 +69,7 @@ use ctoffload_tests::topology::{
 /// some).
 const FLOW_TABLE_ENTRIES: u32 = 262_144;
 /// Frames per second offered while the outside host replies (`af_xdp_flow` warm-up).
-const REFLECT_RATE: f64 = 50_000.0;
+const REFLECT_RATE: f64 = 30_000.0;
 
 /// Flows per destination port (the rest of a flow's identity is its source port).
 const PORTS_PER_DST: usize = 50_000;
@@ -1002,10 +1002,10 @@ fn run_method(method: Method, cfg: &Settings, rows: &mut Vec<Row>) -> Result<(),
         if method == Method::AfXdpFlow {
             // The flows become offloadable with a reply (UDP, as for the hardware
             // policy): the outside host answers every frame for a while, paced so that
-            // its packet socket keeps up, about two frames per flow.
+            // its packet socket keeps up, about three frames per flow.
             let reflector = Reflector::start(&b)?;
             #[allow(clippy::cast_precision_loss)]
-            let secs = (2.0 * flows as f64 / REFLECT_RATE).max(1.0);
+            let secs = (3.0 * flows as f64 / REFLECT_RATE).max(1.0);
             trial(
                 &b,
                 &sender,
