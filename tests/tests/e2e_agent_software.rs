@@ -303,7 +303,15 @@ fn scenario(kind: Kind) {
         assert_eq!(long_flow["tcp_state"], "ESTABLISHED", "{long_flow}");
         assert_eq!(long_flow["reply"]["dst"], GW_OUT_STR, "{long_flow}");
         assert_eq!(long_flow["reply"]["dst_port"], client_port, "{long_flow}");
-        if total(&long_flow["original_counters"]) >= 3 && total(&long_flow["reply_counters"]) >= 2 {
+        // With the XDP flow table (when the ports are AF_XDP) the established
+        // connection goes into it, and its counters still add up (synced from the map).
+        let in_table = kind != Kind::SoftwareXdpFlow
+            || long_flow["hw_offloaded"] == true
+            || !agent.log_text().contains("AfXdp(");
+        if in_table
+            && total(&long_flow["original_counters"]) >= 3
+            && total(&long_flow["reply_counters"]) >= 2
+        {
             break flows;
         }
         assert!(Instant::now() < until, "counters: {long_flow}");
@@ -401,24 +409,6 @@ fn scenario(kind: Kind) {
         assert!(
             log.contains("forwarding thread stopped"),
             "graceful stop: {log}"
-        );
-    }
-    if kind == Kind::SoftwareXdpFlow {
-        // Flows went through the XDP table: "offloaded: N" with N > 0 in the stop line.
-        let offloaded = log
-            .split("offloaded: ")
-            .skip(1)
-            .filter_map(|s| {
-                s.split(|c: char| !c.is_ascii_digit())
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .max()
-            .unwrap_or(0);
-        assert!(
-            offloaded > 0 || std::env::var_os("CI").is_none() && !log.contains("AfXdp("),
-            "flows offloaded to the XDP flow table: {log}"
         );
     }
     if matches!(kind, Kind::SoftwareXdp | Kind::SoftwareXdpFlow) {

@@ -24,8 +24,8 @@
 //!   added to conntrack as deltas ([`Conntrack::add_external_counts`]: each packet
 //!   counted once, invariant 3); a flow whose `last_seen` moved is kept alive
 //!   ([`Conntrack::keep_alive`], invariant 1); one idle for
-//!   [`XdpOffloadConfig::idle_ns`] (or its state's conntrack timeout, if shorter) loses
-//!   its entries and is returned ([`Teardown::Idle`]) so that software ages it.
+//!   [`XdpOffloadConfig::idle_ns`] (30 s, as Linux flowtable) loses its entries and is
+//!   returned ([`Teardown::Idle`]: its timeout becomes what software would have left).
 //! - **Delete before free** (invariant 2): an offloaded connection's timeout is a day
 //!   ahead and kept there while it is active, so GC does not free it; entries are deleted
 //!   (synchronously, `bpf(2)`) before the connection is returned, and a connection found
@@ -55,8 +55,9 @@ pub const LOG_INTERVAL_NS: u64 = 10_000_000_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XdpOffloadConfig {
     /// A flow with no packet in the XDP table for this long goes back to software
-    /// (Linux flowtable: 30 s), or sooner: after its conntrack state's timeout (UDP
-    /// stream, TCP established).
+    /// (Linux flowtable: 30 s); its conntrack timeout is then what software would have
+    /// left of it ([`Teardown::Idle`]), so a flow idle beyond its state's timeout
+    /// expires at once.
     pub idle_ns: u64,
     /// Each flow's counters are read once per this interval (one pass over every
     /// flow, spread over the poll rounds: two `bpf(2)` reads per flow).
@@ -511,7 +512,7 @@ impl XdpFlowOffload {
             .table()
             .get_checked(slot, o.id)
             .filter(|c| c.status.contains(Status::OFFLOAD));
-        let Some(conn) = live else {
+        if live.is_none() {
             // Gone, replaced, or returned by someone else (the API): the entries go.
             if ct.table().get_checked(slot, o.id).is_some() {
                 self.fold_counts(ct, slot, now);
@@ -519,25 +520,13 @@ impl XdpFlowOffload {
             self.drop_entries(slot, &o, now);
             self.stats.removed_stale += 1;
             return;
-        };
+        }
         if self.fold_counts(ct, slot, now) {
             ct.keep_alive(slot, now);
             return;
         }
         let idle = now.saturating_sub(o.active_at);
-        // Never longer than software would keep the idle connection: then the
-        // returned connection ages as if software had seen every packet.
-        let state_timeout_s = match conn.proto {
-            L4State::Tcp(_) => ct.config().tcp.timeouts.established,
-            L4State::Udp { .. } | L4State::Icmp | L4State::Generic => {
-                ct.config().timeouts.udp_stream
-            }
-        };
-        let limit = self
-            .cfg
-            .idle_ns
-            .min(u64::from(state_timeout_s).saturating_mul(1_000_000_000));
-        if idle >= limit {
+        if idle >= self.cfg.idle_ns {
             self.drop_entries(slot, &o, now);
             ct.teardown(slot, Teardown::Idle { idle_ns: idle }, now);
             self.stats.returned_idle += 1;
