@@ -19,14 +19,15 @@
 
 use std::time::{Duration, Instant};
 
+use ctoffload_agent::gateway::Gateway;
 use ctoffload_agent::gateway::xdp_offload::flow_entries;
-use ctoffload_agent::gateway::{Gateway, GatewayConfig, PortConfig};
 use ctoffload_agent::port::af_xdp::{AfXdp, AfXdpConfig, XdpMode};
 use ctoffload_agent::port::{AfPacket, FrameBatch, PacketPort};
 use ctoffload_fallback_sw::tuple::{Addr, Family, Tuple, proto};
 use ctoffload_tests::netns::{is_root, skip_reason};
 use ctoffload_tests::topology::{
-    GW_IN, GW_IN_MAC, GW_OUT, GW_OUT_MAC, IN_A, IN_HOST_MAC, OUT_HOST, OUT_HOST_MAC, Topology,
+    GW_IN_MAC, GW_OUT, GW_OUT_MAC, IN_A, IN_HOST_MAC, OUT_HOST, OUT_HOST_MAC, Topology,
+    masquerade_gateway,
 };
 use etherparse::PacketBuilder;
 
@@ -50,25 +51,9 @@ fn tuple(src: ([u8; 4], u16), dst: ([u8; 4], u16), p: u8) -> Tuple {
     }
 }
 
-/// The gateway of the topology (masquerade's addresses), with both hosts' MACs known.
+/// The masquerade gateway of the topology, with both hosts' MACs known.
 fn gateway(names: [String; 2]) -> Gateway {
-    let [n_in, n_out] = names;
-    let mut gw = Gateway::new(GatewayConfig {
-        ports: vec![
-            PortConfig {
-                name: n_in,
-                mac: GW_IN_MAC,
-                addrs: vec![(GW_IN, 24)],
-            },
-            PortConfig {
-                name: n_out,
-                mac: GW_OUT_MAC,
-                addrs: vec![(GW_OUT, 24)],
-            },
-        ],
-        ..GatewayConfig::default()
-    })
-    .expect("gateway");
+    let mut gw = masquerade_gateway(names).expect("gateway");
     gw.learn_neighbour(0, IN_A, IN_HOST_MAC, 0);
     gw.learn_neighbour(1, OUT_HOST, OUT_HOST_MAC, 0);
     gw

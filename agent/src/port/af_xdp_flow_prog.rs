@@ -23,7 +23,10 @@
 //! (CHECKSUM_PARTIAL from a local stack on veth, which XDP cannot tell) leaves with a
 //! wrong one; see docs/af_xdp.md ("XDP flow table") for what the deployment must do.
 
-use super::prog::{BpfInsn, redirect_program};
+use super::prog::{
+    ADD64_K, BpfInsn, CALL, EXIT, JEQ_K, JGT_X, LD_IMM64, LDX_H, LDX_W, MOV64_K, MOV64_X,
+    PSEUDO_MAP_FD, R0, R1, R2, R3, insn, redirect_program,
+};
 
 /// Size of [`FlowKey`] in the map.
 pub const KEY_SIZE: usize = 20;
@@ -204,10 +207,6 @@ pub fn adjust(old: u16, delta: u32) -> u16 {
     !u16::try_from(s).unwrap_or(u16::MAX)
 }
 
-const R0: u8 = 0;
-const R1: u8 = 1;
-const R2: u8 = 2;
-const R3: u8 = 3;
 const R6: u8 = 6;
 const R7: u8 = 7;
 const R8: u8 = 8;
@@ -215,43 +214,23 @@ const R9: u8 = 9;
 const R10: u8 = 10;
 
 const LDX_B: u8 = 0x71;
-const LDX_H: u8 = 0x69;
-const LDX_W: u8 = 0x61;
 const STX_B: u8 = 0x73;
 const STX_H: u8 = 0x6b;
 const STX_W: u8 = 0x63;
 const STX_DW: u8 = 0x7b;
 const ATOMIC_DW: u8 = 0xdb; // BPF_STX | BPF_ATOMIC | BPF_DW, imm BPF_ADD
-const MOV64_X: u8 = 0xbf;
-const MOV64_K: u8 = 0xb7;
-const ADD64_K: u8 = 0x07;
 const ADD64_X: u8 = 0x0f;
 const AND64_K: u8 = 0x57;
 const XOR64_K: u8 = 0xa7;
 const RSH64_K: u8 = 0x77;
 const TO_BE: u8 = 0xdc; // BPF_ALU | BPF_END | BPF_TO_BE
 const JA: u8 = 0x05;
-const JEQ_K: u8 = 0x15;
 const JNE_K: u8 = 0x55;
-const JGT_X: u8 = 0x2d;
 const JLT_K: u8 = 0xa5;
 const JSET_K: u8 = 0x45;
-const LD_IMM64: u8 = 0x18;
-const CALL: u8 = 0x85;
-const EXIT: u8 = 0x95;
-const PSEUDO_MAP_FD: u8 = 1;
 const FN_MAP_LOOKUP: i32 = 1;
 const FN_KTIME_GET_NS: i32 = 5;
 const FN_REDIRECT: i32 = 23;
-
-const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> BpfInsn {
-    BpfInsn {
-        code,
-        regs: (src << 4) | (dst & 0x0f),
-        off,
-        imm,
-    }
-}
 
 /// Jump targets of the program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
