@@ -234,6 +234,9 @@ impl<P: PacketPort, T: ConnTable> SoftwareForwarder<P, T> {
         }
         let (stage, rx) = (&mut self.stage, &mut self.rx);
         self.table.batch(&mut self.tracked, |ct, tracked| {
+            if let Some(x) = stage.xdp.as_mut() {
+                x.before_batch(ct, now);
+            }
             stage.gw.poll(now, &mut stage.generated);
             ct.gc(now, stage.cfg.gc_budget);
             for (in_port, batch) in rx.iter_mut().enumerate() {

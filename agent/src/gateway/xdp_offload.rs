@@ -28,8 +28,11 @@
 //!   returned ([`Teardown::Idle`]: its timeout becomes what software would have left).
 //! - **Delete before free** (invariant 2): an offloaded connection's timeout is a day
 //!   ahead and kept there while it is active, so GC does not free it; entries are deleted
-//!   (synchronously, `bpf(2)`) before the connection is returned, and a connection found
-//!   gone or replaced at a sync loses its entries at once.
+//!   (synchronously, `bpf(2)`) before the connection is returned. A connection the API
+//!   deleted (returned, then freed, outside the loop) loses its entries at the start of
+//!   the next batch ([`XdpFlowOffload::before_batch`]), before a packet of that batch can
+//!   create a connection that reuses its NAT port; until then (at most one round) the
+//!   program may still forward the deleted connection's packets.
 //! - **Optional** (invariant 5): a full table or any `bpf(2)` error leaves the flow in
 //!   software, counted ([`XdpOffloadStats`]) and logged at most once per
 //!   [`LOG_INTERVAL_NS`].
@@ -258,6 +261,9 @@ pub struct XdpFlowOffload {
     stats: XdpOffloadStats,
     logged_at: Option<u64>,
     unlogged: u64,
+    /// Connections deleted from the table outside GC and early drop (the API), as last
+    /// seen by [`XdpFlowOffload::before_batch`].
+    deleted_seen: u64,
 }
 
 const DIRS: [Dir; 2] = [Dir::Original, Dir::Reply];
@@ -277,6 +283,7 @@ impl XdpFlowOffload {
             stats: XdpOffloadStats::default(),
             logged_at: None,
             unlogged: 0,
+            deleted_seen: 0,
         }
     }
 
@@ -328,6 +335,35 @@ impl XdpFlowOffload {
             tracing::warn!(error = %err, since_last = self.unlogged, "XDP flow offload: {what}");
             self.logged_at = Some(now);
             self.unlogged = 0;
+        }
+    }
+
+    /// Before a batch's packets: when connections were deleted since the last batch by
+    /// someone else (the API's delete or flush: inserted - expired - early-dropped -
+    /// live moved), the entries of every offloaded connection that is gone are deleted
+    /// now, before a packet of this batch can create a connection that reuses its NAT
+    /// port (invariant 2; O(offloaded flows), only after such deletes).
+    pub fn before_batch(&mut self, ct: &mut Conntrack, now: u64) {
+        let st = ct.table().stats();
+        let live = u64::try_from(ct.table().len()).unwrap_or(u64::MAX);
+        let deleted = st
+            .inserted
+            .saturating_sub(st.expired)
+            .saturating_sub(st.early_drop)
+            .saturating_sub(live);
+        if deleted == self.deleted_seen {
+            return;
+        }
+        self.deleted_seen = deleted;
+        let gone: Vec<(Slot, Offloaded)> = self
+            .flows
+            .iter()
+            .filter(|(s, o)| ct.table().get_checked(**s, o.id).is_none())
+            .map(|(&s, &o)| (s, o))
+            .collect();
+        for (slot, o) in gone {
+            self.drop_entries(slot, &o, now);
+            self.stats.removed_stale += 1;
         }
     }
 
@@ -688,5 +724,83 @@ mod tests {
             flow_entries(&masqueraded(), &g, &[11], 1)[0].map(|_| ()),
             Err(EntryError::NoInterface { port: 1 })
         );
+    }
+
+    /// An Ethernet/IPv4/UDP frame.
+    fn udp_frame(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
+        let mut f = Vec::new();
+        etherparse::PacketBuilder::ethernet2(HOST_MAC, IN_MAC)
+            .ipv4(src.0, dst.0, 64)
+            .udp(src.1, dst.1)
+            .write(&mut f, b"x")
+            .expect("frame");
+        f
+    }
+
+    /// An API delete (return, then delete) between two batches: the next batch's
+    /// `before_batch` deletes the entries before any packet is processed.
+    #[test]
+    fn entries_of_a_connection_deleted_by_the_api_go_before_the_next_batch() {
+        use ctoffload_fallback_sw::conntrack::{Config, Verdict};
+        use ctoffload_fallback_sw::nat::PacketMeta;
+        let table = match FlowTable::new(16) {
+            Ok(t) => Arc::new(t),
+            Err(e) if e.raw_os_error() == Some(1) => {
+                eprintln!("skipping: a BPF map needs CAP_BPF: {e}");
+                return;
+            }
+            Err(e) => panic!("flow table: {e}"),
+        };
+        let mut g = gw();
+        g.learn_neighbour(0, HOST, HOST_MAC, 0);
+        g.learn_neighbour(1, SERVER, SERVER_MAC, 0);
+        let mut ct = Conntrack::new(Config::default());
+        let meta = |in_port: u32, out_port: u32| PacketMeta {
+            in_port,
+            out_port: Some(out_port),
+            out_addr: None,
+        };
+        let mut slot = None;
+        for (f, m) in [
+            (udp_frame((HOST, 1234), (SERVER, 53)), meta(0, 1)),
+            (udp_frame((SERVER, 53), (HOST, 1234)), meta(1, 0)),
+        ] {
+            let mut f = f;
+            if let Verdict::Tracked { slot: s, .. } = ct.process_mut(&mut f, 0, &m, 1_000).verdict {
+                slot = Some(s);
+            }
+        }
+        let slot = slot.expect("tracked");
+        let mut x = XdpFlowOffload::new(
+            Arc::clone(&table),
+            vec![11, 12],
+            XdpOffloadConfig::default(),
+        );
+        x.before_batch(&mut ct, 2_000);
+        x.after_batch(&mut ct, &[slot], &g, 2_000);
+        assert!(x.contains(slot), "{:?}", x.stats());
+        let tuples = ct.table().tuples(slot).expect("tuples");
+        let keys: Vec<FlowKey> = flow_entries(&tuples, &g, &[11, 12], 2_000)
+            .into_iter()
+            .map(|e| e.expect("entry").0)
+            .collect();
+        for k in &keys {
+            assert!(table.read(k).expect("read").is_some(), "inserted");
+        }
+        // What the API does: return the connection, then delete it.
+        ct.teardown(slot, Teardown::Returned, 3_000);
+        assert_eq!(ct.delete(slot), Ok(true));
+        x.before_batch(&mut ct, 4_000);
+        assert!(!x.contains(slot));
+        for k in &keys {
+            assert!(
+                table.read(k).expect("read").is_none(),
+                "deleted before the batch"
+            );
+        }
+        assert_eq!(x.stats().removed_stale, 1);
+        // Nothing deleted since: the next batch does not scan.
+        x.before_batch(&mut ct, 5_000);
+        assert_eq!(x.stats().removed_stale, 1);
     }
 }
