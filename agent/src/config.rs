@@ -205,7 +205,19 @@ pub struct AfXdpSection {
     /// needs `napi_defer_hard_irqs`).
     #[serde(default)]
     pub gro_flush_timeout_us: u32,
+    /// Established TCP/UDP flows NATed and forwarded by the XDP program itself, from a
+    /// BPF flow table the forwarder fills (docs/af_xdp.md, "XDP flow table"). Off by
+    /// default: frames from local stacks on veth carry partial checksums that XDP
+    /// cannot see, so their senders must compute them in full.
+    #[serde(default)]
+    pub flow_offload: bool,
+    /// Entries of that table (0: [`DEFAULT_FLOW_TABLE_ENTRIES`]; needs `flow_offload`).
+    #[serde(default)]
+    pub flow_table_entries: u32,
 }
+
+/// `backend.af_xdp.flow_table_entries` when not given.
+pub const DEFAULT_FLOW_TABLE_ENTRIES: u32 = 131_072;
 
 impl AfXdpSection {
     /// The port settings; an error names the field.
@@ -243,7 +255,18 @@ impl AfXdpSection {
                 "busy_poll_us and busy_poll_budget: at most 2147483647",
             ));
         }
+        if !self.flow_offload && self.flow_table_entries != 0 {
+            return Err(ConfigError::invalid(
+                key("flow_table_entries"),
+                "needs flow_offload = true",
+            ));
+        }
         Ok(AfXdpConfig {
+            flow_table_entries: match (self.flow_offload, self.flow_table_entries) {
+                (false, _) => 0,
+                (true, 0) => DEFAULT_FLOW_TABLE_ENTRIES,
+                (true, n) => n,
+            },
             busy_poll: (self.busy_poll_us > 0).then_some(BusyPoll {
                 usecs: self.busy_poll_us,
                 budget: if self.busy_poll_budget == 0 {
@@ -1712,6 +1735,33 @@ mod tests {
         assert_eq!(e.key(), Some("backend.table_size"));
         let e = parse("[backend]\nkind = \"sim\"\nsim_socket = \"\"\n").expect_err("empty");
         assert_eq!(e.key(), Some("backend.sim_socket"));
+    }
+
+    #[test]
+    fn flow_offload_sizes_the_xdp_flow_table() {
+        let get = |extra: &str| {
+            parse(&format!(
+                "[backend]\nkind = \"software\"\nio = \"af_xdp\"\n[backend.af_xdp]\n{extra}"
+            ))
+            .map(|c| match c.backend {
+                Backend::Software { af_xdp, .. } => af_xdp.flow_table_entries,
+                Backend::Sim { .. } | Backend::Vfio { .. } => u32::MAX,
+            })
+        };
+        assert_eq!(get("").expect("valid"), 0);
+        assert_eq!(
+            get("flow_offload = true").expect("valid"),
+            DEFAULT_FLOW_TABLE_ENTRIES
+        );
+        assert_eq!(
+            get("flow_offload = true\nflow_table_entries = 1024").expect("valid"),
+            1024
+        );
+        let e = get("flow_table_entries = 1024").expect_err("needs flow_offload");
+        assert!(
+            e.to_string().contains("backend.af_xdp.flow_table_entries"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -132,6 +132,23 @@ impl Topology {
         Ok(())
     }
 
+    /// GRO on the hosts' veths (`ethtool -K DEV gro on`): a veth takes frames an XDP
+    /// program redirects into its peer (`ndo_xdp_xmit`) only while it has a NAPI, which
+    /// it has with GRO on or an XDP program attached; the gateway's XDP flow table
+    /// redirects into the gateway's ports, whose peers are these.
+    ///
+    /// # Errors
+    /// `ethtool` failed or is missing.
+    pub fn gro_on_hosts(&self) -> Result<(), CommandError> {
+        for (ns, dev) in [
+            (&self.inside, &self.host_in),
+            (&self.outside, &self.host_out),
+        ] {
+            ns.exec("ethtool", &["-K", dev, "gro", "on"])?;
+        }
+        Ok(())
+    }
+
     fn links(&self, host_in: &str, host_out: &str) -> Result<(), CommandError> {
         let veth = |a: &str, ma: [u8; 6], na: &NetNs, b: &str, mb: [u8; 6], nb: &NetNs| {
             run_bounded(
@@ -266,8 +283,23 @@ pub fn masquerade_forwarder<P: PacketPort>(
     names: [String; 2],
     conntrack: ConntrackConfig,
 ) -> Result<SoftwareForwarder<P>, String> {
+    let gateway = masquerade_gateway(names)?;
+    let mut ct = Conntrack::new(conntrack);
+    ct.nat_mut()
+        .rules_mut()
+        .add(NatRule::masquerade_out(1, 1))
+        .map_err(|e| e.to_string())?;
+    Ok(SoftwareForwarder::new(cfg, ports, gateway, ct))
+}
+
+/// The gateway of [`masquerade_forwarder`]: port 0 `names[0]` (10.77.0.1/24), port 1
+/// `names[1]` (192.0.2.1/24), the topology's MACs, no neighbours known yet.
+///
+/// # Errors
+/// The configuration is refused (it is not).
+pub fn masquerade_gateway(names: [String; 2]) -> Result<Gateway, String> {
     let [n_in, n_out] = names;
-    let gateway = Gateway::new(GatewayConfig {
+    Gateway::new(GatewayConfig {
         ports: vec![
             PortConfig {
                 name: n_in,
@@ -282,13 +314,7 @@ pub fn masquerade_forwarder<P: PacketPort>(
         ],
         ..GatewayConfig::default()
     })
-    .map_err(|e| e.to_string())?;
-    let mut ct = Conntrack::new(conntrack);
-    ct.nat_mut()
-        .rules_mut()
-        .add(NatRule::masquerade_out(1, 1))
-        .map_err(|e| e.to_string())?;
-    Ok(SoftwareForwarder::new(cfg, ports, gateway, ct))
+    .map_err(|e| e.to_string())
 }
 
 /// What a forwarding thread hands back when it ends: the forwarder, or why it failed.

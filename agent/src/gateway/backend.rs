@@ -21,6 +21,7 @@ use ctoffload_fallback_sw::table::Slot;
 use ctoffload_fallback_sw::tuple::Family;
 
 use super::forward::{ConnTable, ForwardError, ForwarderConfig, SoftwareForwarder};
+use super::xdp_offload::{XdpFlowOffload, XdpOffloadConfig};
 use super::{Gateway, GatewayConfig, PortConfig, Prefix, StaticRoute};
 use crate::api::SoftwareControl;
 use crate::config::AgentConfig;
@@ -226,8 +227,26 @@ impl SoftwareBackend {
             io = ?io,
             "backend software: forwarding"
         );
+        let offload = if xdp.flow_table_entries > 0 && io == PacketIo::AfXdp {
+            let o = XdpFlowOffload::for_ports(&ports, XdpOffloadConfig::default());
+            match &o {
+                Some(o) => tracing::info!(
+                    entries = o.table().capacity(),
+                    "backend software: established flows in the XDP flow table (senders on virtual interfaces must send full checksums)"
+                ),
+                None => tracing::warn!(
+                    "backend software: no XDP flow table (the ports are not AF_XDP): flow_offload off"
+                ),
+            }
+            o
+        } else {
+            None
+        };
         let clock = control.clock();
         let mut fwd = SoftwareForwarder::new(fwd_cfg, ports, gw, control);
+        if let Some(o) = offload {
+            fwd = fwd.with_xdp_offload(o);
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -242,6 +261,7 @@ impl SoftwareBackend {
                     drop_nat = s.drop_nat,
                     drop_tx_full = s.drop_tx_full,
                     gateway = ?fwd.gateway().stats(),
+                    xdp_offload = ?fwd.xdp_offload().map(XdpFlowOffload::stats),
                     "forwarding thread stopped"
                 );
                 r

@@ -28,6 +28,7 @@ use ctoffload_fallback_sw::nat::PacketMeta;
 use ctoffload_fallback_sw::table::Slot;
 use ctoffload_fallback_sw::tuple::Addr;
 
+use super::xdp_offload::XdpFlowOffload;
 use super::{Egress, Gateway, Ingress, wire};
 use crate::port::{FrameBatch, PacketPort, PortError};
 
@@ -134,6 +135,8 @@ struct Stage {
     tx: Vec<FrameBatch>,
     generated: Vec<(usize, Vec<u8>)>,
     stats: ForwarderStats,
+    /// Established flows in the AF_XDP ports' XDP flow table, if enabled.
+    xdp: Option<XdpFlowOffload>,
 }
 
 impl<P: PacketPort, T: ConnTable> SoftwareForwarder<P, T> {
@@ -156,8 +159,35 @@ impl<P: PacketPort, T: ConnTable> SoftwareForwarder<P, T> {
                 tx,
                 generated: Vec::new(),
                 stats: ForwarderStats::default(),
+                xdp: None,
             },
         }
+    }
+
+    /// The loop with established flows offloaded to its ports' XDP flow table.
+    #[must_use]
+    pub fn with_xdp_offload(mut self, offload: XdpFlowOffload) -> Self {
+        self.stage.xdp = Some(offload);
+        self
+    }
+
+    /// The XDP flow offload, if enabled.
+    #[must_use]
+    pub fn xdp_offload(&self) -> Option<&XdpFlowOffload> {
+        self.stage.xdp.as_ref()
+    }
+
+    /// Takes every flow out of the XDP flow table (back to software, counters folded
+    /// in); the loop does so itself when [`SoftwareForwarder::run`] ends.
+    ///
+    /// # Errors
+    /// The table cannot be used.
+    pub fn clear_xdp_offload(&mut self, now: u64) -> Result<(), ForwardError> {
+        let Some(x) = self.stage.xdp.as_mut() else {
+            return Ok(());
+        };
+        self.table
+            .batch(&mut self.tracked, |ct, _| x.clear(ct, now))
     }
 
     /// The gateway (neighbours, counters).
@@ -204,6 +234,9 @@ impl<P: PacketPort, T: ConnTable> SoftwareForwarder<P, T> {
         }
         let (stage, rx) = (&mut self.stage, &mut self.rx);
         self.table.batch(&mut self.tracked, |ct, tracked| {
+            if let Some(x) = stage.xdp.as_mut() {
+                x.before_batch(ct, now);
+            }
             stage.gw.poll(now, &mut stage.generated);
             ct.gc(now, stage.cfg.gc_budget);
             for (in_port, batch) in rx.iter_mut().enumerate() {
@@ -212,6 +245,10 @@ impl<P: PacketPort, T: ConnTable> SoftwareForwarder<P, T> {
                         stage.frame(ct, tracked, in_port, frame, now);
                     }
                 }
+            }
+            if let Some(x) = stage.xdp.as_mut() {
+                x.after_batch(ct, tracked, &stage.gw, now);
+                x.sync(ct, now);
             }
         })?;
         let stage = &mut self.stage;
@@ -244,7 +281,7 @@ impl<P: PacketPort, T: ConnTable> SoftwareForwarder<P, T> {
                 self.wait_idle();
             }
         }
-        Ok(())
+        self.clear_xdp_offload(clock())
     }
 
     /// Waits for a frame on any port, at most `idle_wait`.

@@ -15,6 +15,7 @@ pub mod backend;
 pub mod forward;
 pub mod from_config;
 pub mod wire;
+pub mod xdp_offload;
 
 use std::collections::VecDeque;
 

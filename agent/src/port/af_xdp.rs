@@ -45,6 +45,11 @@
 #[path = "af_xdp_napi.rs"]
 mod napi;
 pub use napi::NapiSettings;
+#[path = "af_xdp_flow_prog.rs"]
+pub mod flow_prog;
+#[path = "af_xdp_flow_table.rs"]
+mod flow_table;
+pub use flow_table::FlowTable;
 #[path = "af_xdp_prog.rs"]
 pub mod prog;
 #[path = "af_xdp_sys.rs"]
@@ -143,6 +148,9 @@ pub struct AfXdpConfig {
     pub busy_poll: Option<BusyPoll>,
     /// NAPI deferral, the interfaces' own settings when `None`.
     pub napi_deferral: Option<NapiDeferral>,
+    /// Entries of the XDP flow table ([`flow_prog`], one map for all the ports of a
+    /// group), 0: none, the plain redirect program.
+    pub flow_table_entries: u32,
 }
 
 impl Default for AfXdpConfig {
@@ -153,6 +161,7 @@ impl Default for AfXdpConfig {
             ring_size: 2048,
             busy_poll: None,
             napi_deferral: None,
+            flow_table_entries: 0,
         }
     }
 }
@@ -233,16 +242,27 @@ struct Attachment {
 }
 
 impl Attachment {
-    fn new(name: &str, ifindex: u32, queues: u32, mode: XdpMode) -> Result<Self, AfXdpError> {
+    fn new(
+        name: &str,
+        ifindex: u32,
+        queues: u32,
+        mode: XdpMode,
+        flows: Option<&FlowTable>,
+    ) -> Result<Self, AfXdpError> {
         let program = |op, source| AfXdpError::Program {
             name: name.to_owned(),
             op,
             source,
         };
         let map = sys::xskmap_create(queues).map_err(|e| program("creating the XSKMAP", e))?;
-        let insns = prog::redirect_program(std::os::fd::AsRawFd::as_raw_fd(&map));
-        let prog_fd = sys::xdp_prog_load(&insns, "ctoff_xsk_redir")
-            .map_err(|e| program("loading the program", e))?;
+        let xsks = std::os::fd::AsRawFd::as_raw_fd(&map);
+        let prog_fd = match flows {
+            None => sys::xdp_prog_load(&prog::redirect_program(xsks), "ctoff_xsk_redir"),
+            Some(f) => {
+                sys::xdp_prog_load(&flow_prog::flow_program(f.raw_fd(), xsks), "ctoff_xdp_flow")
+            }
+        }
+        .map_err(|e| program("loading the program", e))?;
         let link =
             sys::xdp_link_create(prog_fd.as_fd(), ifindex, mode.flags()).map_err(|source| {
                 AfXdpError::Attach {
@@ -309,6 +329,7 @@ impl QueueSocket {
 /// A Linux interface through AF_XDP sockets (see the module docs).
 pub struct AfXdp {
     name: String,
+    ifindex: u32,
     mode: XdpMode,
     area: Arc<sys::UmemArea>,
     queues: Vec<QueueSocket>,
@@ -318,6 +339,8 @@ pub struct AfXdp {
     stats: PortStats,
     /// Restores the NAPI settings before the program (and, on veth, the NAPI) goes.
     deferral: Option<napi::DeferralGuard>,
+    /// The flow map of the group's programs, if they have one.
+    flows: Option<Arc<FlowTable>>,
     _attachment: Attachment,
 }
 
@@ -379,9 +402,25 @@ impl AfXdp {
         for name in names {
             infos.push((name, if_info(name)?));
         }
+        let flows = match cfg.flow_table_entries {
+            0 => None,
+            n => Some(Arc::new(FlowTable::new(n).map_err(|source| {
+                AfXdpError::Program {
+                    name: names.join(","),
+                    op: "creating the flow table",
+                    source,
+                }
+            })?)),
+        };
         let mut attachments = Vec::with_capacity(names.len());
         for (name, info) in &infos {
-            attachments.push(Attachment::new(name, info.ifindex(), cfg.queues, mode)?);
+            attachments.push(Attachment::new(
+                name,
+                info.ifindex(),
+                cfg.queues,
+                mode,
+                flows.as_deref(),
+            )?);
         }
         let area = Arc::new(
             sys::UmemArea::new(bytes).map_err(|source| AfXdpError::Umem { bytes, source })?,
@@ -423,6 +462,7 @@ impl AfXdp {
             }
             ports.push(Self {
                 name: (*name).to_owned(),
+                ifindex: info.ifindex(),
                 mode,
                 area: Arc::clone(&area),
                 queues,
@@ -431,6 +471,7 @@ impl AfXdp {
                 scratch: Box::new([0; FRAME_BUF_SIZE]),
                 stats: PortStats::default(),
                 deferral,
+                flows: flows.clone(),
                 _attachment: attachment,
             });
         }
@@ -441,6 +482,19 @@ impl AfXdp {
     #[must_use]
     pub fn mode(&self) -> XdpMode {
         self.mode
+    }
+
+    /// The interface's index.
+    #[must_use]
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// The XDP flow table of this port's program (shared by its group), if it has one
+    /// ([`AfXdpConfig::flow_table_entries`]).
+    #[must_use]
+    pub fn flow_table(&self) -> Option<&Arc<FlowTable>> {
+        self.flows.as_ref()
     }
 
     /// The NAPI instances whose deferral this port set (their ids, ascending); empty without
@@ -731,6 +785,17 @@ pub enum AnyPort {
     AfXdp(AfXdp),
     /// `AF_PACKET`.
     AfPacket(AfPacket),
+}
+
+impl AnyPort {
+    /// The XDP flow table of an AF_XDP port that has one.
+    #[must_use]
+    pub fn flow_table(&self) -> Option<&Arc<FlowTable>> {
+        match self {
+            Self::AfXdp(p) => p.flow_table(),
+            Self::AfPacket(_) => None,
+        }
+    }
 }
 
 impl PacketPort for AnyPort {

@@ -42,29 +42,29 @@ pub struct BpfInsn {
     pub imm: i32,
 }
 
-const R0: u8 = 0;
-const R1: u8 = 1;
-const R2: u8 = 2;
-const R3: u8 = 3;
-const R4: u8 = 4;
+pub(super) const R0: u8 = 0;
+pub(super) const R1: u8 = 1;
+pub(super) const R2: u8 = 2;
+pub(super) const R3: u8 = 3;
+pub(super) const R4: u8 = 4;
 
-const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
-const LDX_H: u8 = 0x69; // BPF_LDX | BPF_MEM | BPF_H
-const MOV64_X: u8 = 0xbf;
-const MOV64_K: u8 = 0xb7;
-const ADD64_K: u8 = 0x07;
-const JGT_X: u8 = 0x2d;
-const JEQ_K: u8 = 0x15;
-const LD_IMM64: u8 = 0x18;
-const CALL: u8 = 0x85;
-const EXIT: u8 = 0x95;
+pub(super) const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
+pub(super) const LDX_H: u8 = 0x69; // BPF_LDX | BPF_MEM | BPF_H
+pub(super) const MOV64_X: u8 = 0xbf;
+pub(super) const MOV64_K: u8 = 0xb7;
+pub(super) const ADD64_K: u8 = 0x07;
+pub(super) const JGT_X: u8 = 0x2d;
+pub(super) const JEQ_K: u8 = 0x15;
+pub(super) const LD_IMM64: u8 = 0x18;
+pub(super) const CALL: u8 = 0x85;
+pub(super) const EXIT: u8 = 0x95;
 /// `src_reg` of `ld_imm64` saying the immediate is a map descriptor.
-const PSEUDO_MAP_FD: u8 = 1;
+pub(super) const PSEUDO_MAP_FD: u8 = 1;
 const FN_REDIRECT_MAP: i32 = 51;
 /// `XDP_PASS`.
 pub const XDP_PASS: i32 = 2;
 
-const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> BpfInsn {
+pub(super) const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> BpfInsn {
     BpfInsn {
         code,
         regs: (src << 4) | (dst & 0x0f),

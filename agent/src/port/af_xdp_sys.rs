@@ -117,7 +117,10 @@ pub(super) fn borrow_fd<T>(fd: RawFd, _owner: &T) -> BorrowedFd<'_> {
 }
 
 const BPF_MAP_CREATE: i32 = 0;
+const BPF_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_MAP_UPDATE_ELEM: i32 = 2;
+const BPF_MAP_DELETE_ELEM: i32 = 3;
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_PROG_LOAD: i32 = 5;
 const BPF_LINK_CREATE: i32 = 28;
 const BPF_MAP_TYPE_XSKMAP: u32 = 17;
@@ -256,6 +259,106 @@ pub(super) fn xskmap_insert(
     unsafe { sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
 }
 
+/// A BPF hash map whose keys and values are byte strings of fixed sizes: every call
+/// checks the caller's buffers against those sizes, the lengths the kernel copies.
+#[derive(Debug)]
+pub(super) struct HashMap {
+    fd: OwnedFd,
+    key_size: usize,
+    value_size: usize,
+}
+
+impl HashMap {
+    /// Creates a preallocated hash map of `entries` entries.
+    pub(super) fn create(
+        key_size: usize,
+        value_size: usize,
+        entries: u32,
+        name: &str,
+    ) -> io::Result<Self> {
+        let size =
+            |v: usize| u32::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG));
+        let mut attr = MapCreateAttr {
+            map_type: BPF_MAP_TYPE_HASH,
+            key_size: size(key_size)?,
+            value_size: size(value_size)?,
+            max_entries: entries,
+            map_name: name16(name),
+            ..MapCreateAttr::default()
+        };
+        // SAFETY: `MapCreateAttr` is the `BPF_MAP_CREATE` layout; it holds no pointers.
+        let fd = owned(unsafe { sys_bpf(BPF_MAP_CREATE, &mut attr) }?)?;
+        Ok(Self {
+            fd,
+            key_size,
+            value_size,
+        })
+    }
+
+    /// The map's descriptor.
+    pub(super) fn fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    fn check(&self, key: &[u8], value: Option<usize>) -> io::Result<u32> {
+        if key.len() != self.key_size || value.is_some_and(|v| v != self.value_size) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        u32::try_from(self.fd.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))
+    }
+
+    /// Inserts or replaces `key` (`BPF_ANY`); `E2BIG` when the map is full.
+    pub(super) fn update(&self, key: &[u8], value: &[u8]) -> io::Result<()> {
+        let mut attr = MapElemAttr {
+            map_fd: self.check(key, Some(value.len()))?,
+            key: key.as_ptr() as u64,
+            value: value.as_ptr() as u64,
+            flags: 0,
+            ..MapElemAttr::default()
+        };
+        // SAFETY: `MapElemAttr` is the `BPF_MAP_UPDATE_ELEM` layout; `key` and `value`
+        // are live buffers of exactly the map's key and value sizes (checked), which
+        // the kernel only reads.
+        unsafe { sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
+    }
+
+    /// Copies the value of `key` into `value`; `false` when there is none.
+    pub(super) fn lookup(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+        let mut attr = MapElemAttr {
+            map_fd: self.check(key, Some(value.len()))?,
+            key: key.as_ptr() as u64,
+            value: value.as_mut_ptr() as u64,
+            ..MapElemAttr::default()
+        };
+        // SAFETY: `MapElemAttr` is the `BPF_MAP_LOOKUP_ELEM` layout; `key` is a live
+        // buffer of the key size the kernel reads, `value` a live, exclusively
+        // borrowed buffer of the value size (both checked) that the kernel writes.
+        match unsafe { sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes `key`; `false` when it was not there. Synchronous: once it returns, no
+    /// program run that starts later finds the entry.
+    pub(super) fn delete(&self, key: &[u8]) -> io::Result<bool> {
+        let mut attr = MapElemAttr {
+            map_fd: self.check(key, None)?,
+            key: key.as_ptr() as u64,
+            ..MapElemAttr::default()
+        };
+        // SAFETY: `MapElemAttr` is the `BPF_MAP_DELETE_ELEM` layout; `key` is a live
+        // buffer of the map's key size (checked), which the kernel only reads.
+        match unsafe { sys_bpf(BPF_MAP_DELETE_ELEM, &mut attr) } {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// Loads an XDP program; on failure the verifier's log is in the error.
 pub(super) fn xdp_prog_load(insns: &[BpfInsn], name: &str) -> io::Result<OwnedFd> {
     const LICENSE: &[u8] = b"GPL\0";
@@ -370,6 +473,34 @@ mod tests {
         // Inserting a descriptor that is not an AF_XDP socket is refused by the kernel.
         let e = xskmap_insert(map.as_fd(), 0, prog.as_fd()).expect_err("not a socket");
         assert!(e.raw_os_error().is_some(), "{e}");
+    }
+
+    #[test]
+    fn the_flow_program_passes_the_verifier_and_its_map_works() {
+        use super::super::flow_prog::{ENTRY_SIZE, KEY_SIZE, flow_program};
+        let flows = match HashMap::create(KEY_SIZE, ENTRY_SIZE, 16, "ctoff_test") {
+            Ok(m) => m,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                eprintln!("skipping: creating a BPF map needs CAP_BPF: {e}");
+                return;
+            }
+            Err(e) => panic!("creating the flow map: {e}"),
+        };
+        let xsks = xskmap_create(4).expect("XSKMAP");
+        let insns = flow_program(flows.fd().as_raw_fd(), xsks.as_raw_fd());
+        let prog = xdp_prog_load(&insns, "ctoff_test").expect("verifier accepts the program");
+        assert!(prog.as_raw_fd() >= 0);
+        let key = [7u8; KEY_SIZE];
+        let mut value = [0u8; ENTRY_SIZE];
+        assert!(!flows.lookup(&key, &mut value).expect("lookup"));
+        flows.update(&key, &[3u8; ENTRY_SIZE]).expect("insert");
+        assert!(flows.lookup(&key, &mut value).expect("lookup"));
+        assert_eq!(value, [3u8; ENTRY_SIZE]);
+        assert!(flows.delete(&key).expect("delete"));
+        assert!(!flows.delete(&key).expect("delete"));
+        // Buffers of the wrong size never reach the kernel.
+        assert!(flows.update(&key[..4], &value).is_err());
+        assert!(flows.lookup(&key, &mut value[..8]).is_err());
     }
 
     #[test]

@@ -31,7 +31,10 @@
 //!
 //! Run as root: `cargo run --release -p ctoffload-tests --bin xdp_forward_bench`.
 //! Settings (environment): `XDP_BENCH_REPEATS` (3), `XDP_BENCH_TRIAL_MS` (300),
-//! `XDP_BENCH_FLOWS` (`1,100000`), `XDP_BENCH_METHODS` (`sink,kernel,af_packet,af_xdp`),
+//! `XDP_BENCH_FLOWS` (`1,100000`), `XDP_BENCH_METHODS` (`sink,kernel,af_packet,af_xdp`;
+//! also `af_xdp_flow`: AF_XDP with the XDP flow table, the flows given a reply by the
+//! outside host during the warm-up and then NATed and forwarded by the XDP program; the
+//! outside host's veth has GRO on, to take the redirected frames),
 //! `XDP_BENCH_SENDER` (`af_xdp` or `af_packet`), `XDP_BENCH_BUSY_POLL_US` (0: the
 //! AF_XDP forwarder's busy polling, off) and `XDP_BENCH_BUSY_POLL_BUDGET` (64),
 //! `XDP_BENCH_DEFER_IRQS` and `XDP_BENCH_GRO_FLUSH_US` (the forwarder's NAPI deferral,
@@ -51,15 +54,22 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use ctoffload_agent::gateway::forward::ForwarderConfig;
+use ctoffload_agent::gateway::xdp_offload::{XdpFlowOffload, XdpOffloadConfig};
 use ctoffload_agent::port::af_xdp::{
     AfXdpConfig, AnyPort, BusyPoll, IoChosen, IoRequest, NapiDeferral, open_ports,
 };
-use ctoffload_agent::port::{FrameBatch, PacketPort};
+use ctoffload_agent::port::{AfPacket, FrameBatch, PacketPort};
 use ctoffload_fallback_sw::conntrack::Config;
 use ctoffload_tests::netns::{CommandError, NetNs, is_root, unique_name};
 use ctoffload_tests::topology::{
     ForwarderThread, GW_IN_MAC, IN_A, IN_HOST_MAC, OUT_HOST, Topology, masquerade_forwarder,
 };
+
+/// Entries of the flow table of method `af_xdp_flow` (100k flows, two directions of
+/// some).
+const FLOW_TABLE_ENTRIES: u32 = 262_144;
+/// Frames per second offered while the outside host replies (`af_xdp_flow` warm-up).
+const REFLECT_RATE: f64 = 30_000.0;
 
 /// Flows per destination port (the rest of a flow's identity is its source port).
 const PORTS_PER_DST: usize = 50_000;
@@ -94,6 +104,9 @@ enum Method {
     Kernel,
     AfPacket,
     AfXdp,
+    /// AF_XDP with the XDP flow table: the established flows NATed and forwarded by
+    /// the XDP program (`[backend.af_xdp] flow_offload`).
+    AfXdpFlow,
 }
 
 impl Method {
@@ -103,6 +116,7 @@ impl Method {
             Self::Kernel => "kernel",
             Self::AfPacket => "af_packet",
             Self::AfXdp => "af_xdp",
+            Self::AfXdpFlow => "af_xdp_flow",
         }
     }
 }
@@ -168,6 +182,7 @@ fn settings() -> Result<Settings, String> {
             "kernel" => Ok(Method::Kernel),
             "af_packet" => Ok(Method::AfPacket),
             "af_xdp" => Ok(Method::AfXdp),
+            "af_xdp_flow" => Ok(Method::AfXdpFlow),
             other => Err(format!("XDP_BENCH_METHODS: unknown method {other:?}")),
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -317,6 +332,11 @@ fn bed(method: Method) -> Result<Bed, String> {
     let t = &b.t;
     if method == Method::Kernel {
         cmd(t.kernel_gateway())?;
+    }
+    if method == Method::AfXdpFlow {
+        // The flow table redirects into the gateway's outside veth: its peer needs a
+        // NAPI to take XDP frames (GRO on; an XDP program would do too).
+        cmd(t.outside.exec("ethtool", &["-K", &t.host_out, "gro", "on"]))?;
     }
     if matches!(method, Method::Sink | Method::Kernel | Method::AfPacket) {
         // The gateway's receive processing (forwarding and NAT, or the packet
@@ -687,12 +707,88 @@ fn io_name(chosen: &IoChosen, ports: &[AnyPort]) -> String {
     }
 }
 
+/// The outside host answering every UDP frame it receives (its veth's packet tap sees
+/// them before the ingress hook drops them): addresses, ports and MACs swapped, the
+/// IPv4 checksum unchanged by the swap, UDP checksum 0. The `af_xdp_flow` warm-up uses
+/// it to give each flow the reply that makes it offloadable.
+struct Reflector {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: JoinHandle<std::io::Result<Result<u64, String>>>,
+}
+
+impl Reflector {
+    fn start(b: &Bed) -> Result<Self, String> {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = std::sync::Arc::clone(&stop);
+        let dev = b.t.host_out.clone();
+        let handle =
+            b.t.outside
+                .spawn_inside(move || -> Result<u64, String> {
+                    let mut port = AfPacket::open(&dev).map_err(|e| e.to_string())?;
+                    let (mut rx, mut tx) = (FrameBatch::new(64), FrameBatch::new(64));
+                    let mut replies = 0u64;
+                    while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                        rx.clear();
+                        if port.recv_batch(&mut rx, 64).map_err(|e| e.to_string())? == 0 {
+                            thread::sleep(Duration::from_micros(200));
+                            continue;
+                        }
+                        tx.clear();
+                        for f in rx.iter() {
+                            if let Some(r) = reflection(f) {
+                                let _ = tx.push(&r);
+                            }
+                        }
+                        if !tx.is_empty() {
+                            replies += u64::try_from(tx.len()).unwrap_or(0);
+                            port.send_batch(&tx).map_err(|e| e.to_string())?;
+                        }
+                    }
+                    Ok(replies)
+                })
+                .map_err(|e| e.to_string())?;
+        Ok(Self { stop, handle })
+    }
+
+    /// Stops it; the replies it sent.
+    fn stop(self) -> Result<u64, String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.handle.join() {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(format!("reflector: {e}")),
+            Err(_) => Err("reflector panicked".into()),
+        }
+    }
+}
+
+/// The reply to a UDP frame for the outside host, if `f` is one.
+fn reflection(f: &[u8]) -> Option<Vec<u8>> {
+    let is_udp_to_us = f.len() >= 42
+        && f[12..14] == [0x08, 0x00]
+        && f[14] == 0x45
+        && f[23] == 17
+        && f[30..34] == OUT_HOST;
+    if !is_udp_to_us {
+        return None;
+    }
+    let mut r = f.to_vec();
+    r[0..6].copy_from_slice(&f[6..12]);
+    r[6..12].copy_from_slice(&f[0..6]);
+    r[26..30].copy_from_slice(&f[30..34]);
+    r[30..34].copy_from_slice(&f[26..30]);
+    r[34..36].copy_from_slice(&f[36..38]);
+    r[36..38].copy_from_slice(&f[34..36]);
+    r[40..42].fill(0);
+    Some(r)
+}
+
 /// The agent's forwarding loop in the gateway namespace, on CPU 1, at nice -20 and, with
 /// `fifo` > 0, `SCHED_FIFO` at that priority.
 fn start_agent(
     b: &Bed,
     request: IoRequest,
     fifo: u8,
+    flow_offload: bool,
 ) -> Result<(ForwarderThread<AnyPort>, String), String> {
     let (tx, rx) = mpsc::channel();
     let names = [b.t.gw_in.clone(), b.t.gw_out.clone()];
@@ -715,7 +811,19 @@ fn start_agent(
             max_connections: 262_144,
             ..Config::default()
         };
-        masquerade_forwarder(ForwarderConfig::default(), ports, names, ct)
+        let offload = if flow_offload {
+            Some(
+                XdpFlowOffload::for_ports(&ports, XdpOffloadConfig::default())
+                    .ok_or("af_xdp_flow: the ports have no XDP flow table")?,
+            )
+        } else {
+            None
+        };
+        let fwd = masquerade_forwarder(ForwarderConfig::default(), ports, names, ct)?;
+        Ok(match offload {
+            Some(o) => fwd.with_xdp_offload(o),
+            None => fwd,
+        })
     })
     .map_err(|e| e.to_string())?;
     match rx.recv_timeout(Duration::from_secs(30)) {
@@ -862,14 +970,23 @@ fn run_method(method: Method, cfg: &Settings, rows: &mut Vec<Row>) -> Result<(),
         let (agent, io) = match method {
             Method::Sink => (None, "drop at the gateway's ingress".to_owned()),
             Method::Kernel => (None, "ip_forward + nft masquerade".to_owned()),
-            Method::AfPacket | Method::AfXdp => {
-                let request = if method == Method::AfXdp {
-                    IoRequest::AfXdp(cfg.xdp)
-                } else {
-                    IoRequest::AfPacket
+            Method::AfPacket | Method::AfXdp | Method::AfXdpFlow => {
+                let request = match method {
+                    Method::AfXdp => IoRequest::AfXdp(cfg.xdp),
+                    Method::AfXdpFlow => IoRequest::AfXdp(AfXdpConfig {
+                        flow_table_entries: FLOW_TABLE_ENTRIES,
+                        ..cfg.xdp
+                    }),
+                    Method::Sink | Method::Kernel | Method::AfPacket => IoRequest::AfPacket,
                 };
-                let (a, io) = start_agent(&b, request, cfg.forwarder_fifo)?;
-                if method == Method::AfXdp && cfg.napi != NapiPlace::Sender {
+                let flow_offload = method == Method::AfXdpFlow;
+                let (a, mut io) = start_agent(&b, request, cfg.forwarder_fifo, flow_offload)?;
+                if flow_offload {
+                    io.push_str(", XDP flow table");
+                }
+                if matches!(method, Method::AfXdp | Method::AfXdpFlow)
+                    && cfg.napi != NapiPlace::Sender
+                {
                     let napi = threaded_napi(&b.t.gw, &b.t.gw_in)?;
                     boosted.add(&napi, Some(GATEWAY_CPU));
                     if cfg.napi_fifo > 0 {
@@ -882,6 +999,24 @@ fn run_method(method: Method, cfg: &Settings, rows: &mut Vec<Row>) -> Result<(),
         let (sender, sender_thread, sender_io) = start_sender(&b, flows, cfg.sender)?;
         // Warm-up: ARP, and every flow's connection created before measuring.
         trial(&b, &sender, None, cfg.trial.max(Duration::from_millis(500)))?;
+        if method == Method::AfXdpFlow {
+            // The flows become offloadable with a reply (UDP, as for the hardware
+            // policy): the outside host answers every frame for a while, paced so that
+            // its packet socket keeps up, about three frames per flow.
+            let reflector = Reflector::start(&b)?;
+            #[allow(clippy::cast_precision_loss)]
+            let secs = (3.0 * flows as f64 / REFLECT_RATE).max(1.0);
+            trial(
+                &b,
+                &sender,
+                Some(REFLECT_RATE),
+                Duration::from_secs_f64(secs),
+            )?;
+            let reflected = reflector.stop()?;
+            eprintln!("af_xdp_flow {flows} flows: {reflected} replies in the warm-up");
+            // The last replies' batches, and the offload after them.
+            thread::sleep(Duration::from_millis(300));
+        }
         if method == Method::AfXdp && cfg.napi == NapiPlace::Softirq {
             // The NAPI has polled on the gateway CPU (its thread is pinned there) and
             // armed its timer there: from now on the timer polls it in softirq there.
@@ -912,6 +1047,9 @@ fn run_method(method: Method, cfg: &Settings, rows: &mut Vec<Row>) -> Result<(),
         let _ = sender_thread.join();
         if let Some(a) = agent {
             let fwd = a.finish()?;
+            if let Some(x) = fwd.xdp_offload() {
+                eprintln!("XDP flow offload: {:?}", x.stats());
+            }
             if std::env::var_os("XDP_BENCH_VERBOSE").is_some() {
                 let ports: Vec<_> = fwd.ports().iter().map(PacketPort::stats).collect();
                 eprintln!("forwarder {:?}\nports {ports:?}", fwd.stats());

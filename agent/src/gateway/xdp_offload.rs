@@ -1,0 +1,806 @@
+//! The software forwarder's XDP flow offload (`[backend.af_xdp] flow_offload = true`):
+//! established connections go into the AF_XDP ports' flow table
+//! ([`crate::port::af_xdp::FlowTable`]), where the XDP program NATs and forwards their
+//! packets without the forwarding loop; the connection stays in conntrack, which this
+//! module keeps in step with the table. It is the software backend's "hardware", and
+//! keeps the design's invariants the way the device offload does:
+//!
+//! - **Eligibility** (after each batch, for the connections its packets touched): the
+//!   hardware policy's rules ([`crate::dataplane::policy::decide`]): TCP ESTABLISHED and
+//!   ASSURED, UDP with a reply, no NAT clash ([`Conntrack::offload_check`]); IPv4, zone
+//!   0; both directions routed through the gateway (not to its own addresses). A
+//!   direction whose next hop's MAC is not resolved yet stays in software until a later
+//!   packet of it finds it resolved. The connection is marked with
+//!   [`Conntrack::mark_offloaded`] and `HW_OFFLOAD`.
+//! - **Entries** ([`flow_entries`], pure): per direction, the key the packet carries on
+//!   the wire (arriving on the port that routes to its source: symmetric routing, as the
+//!   device rule assumes) and the rewrite that makes it leave as the inverse of the other
+//!   direction's tuple, with the RFC 1624 deltas of that rewrite and the TTL decrement.
+//! - **Teardown seen** (invariant 4): the program hands TCP SYN/FIN/RST to the slow
+//!   path; a TCP connection that has left ESTABLISHED after a batch loses its entries and
+//!   is returned ([`Teardown::Returned`]: the state machine saw the packet).
+//! - **Sync** (every poll round, a bounded number of flows; one pass over all of them
+//!   per [`XdpOffloadConfig::sync_interval_ns`]): the entries' packet and byte counters are
+//!   added to conntrack as deltas ([`Conntrack::add_external_counts`]: each packet
+//!   counted once, invariant 3); a flow whose `last_seen` moved is kept alive
+//!   ([`Conntrack::keep_alive`], invariant 1); one idle for
+//!   [`XdpOffloadConfig::idle_ns`] (30 s, as Linux flowtable) loses its entries and is
+//!   returned ([`Teardown::Idle`]: its timeout becomes what software would have left).
+//! - **Delete before free** (invariant 2): an offloaded connection's timeout is a day
+//!   ahead and kept there while it is active, so GC does not free it; entries are deleted
+//!   (synchronously, `bpf(2)`) before the connection is returned. A connection the API
+//!   deleted (returned, then freed, outside the loop) loses its entries at the start of
+//!   the next batch ([`XdpFlowOffload::before_batch`]), before a packet of that batch can
+//!   create a connection that reuses its NAT port; until then (at most one round) the
+//!   program may still forward the deleted connection's packets.
+//! - **Optional** (invariant 5): a full table or any `bpf(2)` error leaves the flow in
+//!   software, counted ([`XdpOffloadStats`]) and logged at most once per
+//!   [`LOG_INTERVAL_NS`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ctoffload_fallback_sw::conntrack::{Conntrack, L4State, NotOffloadable, Teardown};
+use ctoffload_fallback_sw::table::{Counter, Slot, Status};
+use ctoffload_fallback_sw::tcp::TcpState;
+use ctoffload_fallback_sw::tuple::{Dir, Family, Tuple, proto};
+
+use super::Gateway;
+use crate::port::af_xdp::flow_prog::{
+    FlowEntry, FlowKey, csum_add, csum_delta, ttl_decrement_delta,
+};
+use crate::port::af_xdp::{AnyPort, FlowTable};
+
+/// Errors are logged at most once per this many ns (the table's clock).
+pub const LOG_INTERVAL_NS: u64 = 10_000_000_000;
+
+/// Timing of the offload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XdpOffloadConfig {
+    /// A flow with no packet in the XDP table for this long goes back to software
+    /// (Linux flowtable: 30 s); its conntrack timeout is then what software would have
+    /// left of it ([`Teardown::Idle`]), so a flow idle beyond its state's timeout
+    /// expires at once.
+    pub idle_ns: u64,
+    /// Each flow's counters are read once per this interval (one pass over every
+    /// flow, spread over the poll rounds: two `bpf(2)` reads per flow).
+    pub sync_interval_ns: u64,
+    /// Flows synced per poll round at most (bounds the pause a pass adds to a round).
+    pub sync_budget: usize,
+}
+
+impl Default for XdpOffloadConfig {
+    fn default() -> Self {
+        Self {
+            idle_ns: 30_000_000_000,
+            sync_interval_ns: 5_000_000_000,
+            sync_budget: 64,
+        }
+    }
+}
+
+/// What the offload did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XdpOffloadStats {
+    /// Connections put into the table.
+    pub offloaded: u64,
+    /// Directions inserted (a connection has one or two).
+    pub entries_inserted: u64,
+    /// Inserts refused (table full or another `bpf(2)` error): flow left in software.
+    pub insert_failed: u64,
+    /// Connections returned because TCP left ESTABLISHED (FIN/RST seen).
+    pub returned_closing: u64,
+    /// Connections returned after being idle in the table.
+    pub returned_idle: u64,
+    /// Connections whose entries were removed because conntrack had dropped or
+    /// replaced them (or returned them itself).
+    pub removed_stale: u64,
+    /// Failed reads or deletes.
+    pub bpf_errors: u64,
+    /// Connections in the table now.
+    pub active: u64,
+}
+
+/// Why a direction has no entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    /// Not IPv4 TCP/UDP in zone 0.
+    #[error("not an IPv4 TCP/UDP connection of zone 0")]
+    Unsupported,
+    /// The destination (or the source) is not routed, or is the gateway itself.
+    #[error("no route through the gateway for {addr:?}")]
+    NoRoute {
+        /// The address.
+        addr: [u8; 4],
+    },
+    /// The next hop's MAC is not known (yet).
+    #[error("next hop {next_hop:?} on port {port} not resolved")]
+    Unresolved {
+        /// Egress port.
+        port: usize,
+        /// The neighbour.
+        next_hop: [u8; 4],
+    },
+    /// A port without an interface index.
+    #[error("port {port} has no interface")]
+    NoInterface {
+        /// The port.
+        port: usize,
+    },
+}
+
+/// Where a packet carrying `t` on the wire arrives: the port routing to its source.
+fn ingress_of(gw: &Gateway, t: &Tuple) -> Result<usize, EntryError> {
+    let src = t.src.as_v4();
+    match gw.route(src) {
+        Some(h) if !gw.is_own(src) => Ok(h.port),
+        _ => Err(EntryError::NoRoute { addr: src }),
+    }
+}
+
+/// The entry of the direction whose packets carry `this` on the wire and must leave as
+/// the inverse of `other`, with the gateway's routes and neighbours at `now`;
+/// `ifindex[p]` is port p's interface.
+///
+/// # Errors
+/// [`EntryError`] when the direction cannot be fast-pathed now.
+pub fn flow_entry(
+    this: &Tuple,
+    other: &Tuple,
+    gw: &Gateway,
+    ifindex: &[u32],
+    now: u64,
+) -> Result<(FlowKey, FlowEntry), EntryError> {
+    if this.family != Family::V4
+        || !matches!(this.proto, proto::TCP | proto::UDP)
+        || this.zone != 0
+        || other.proto != this.proto
+    {
+        return Err(EntryError::Unsupported);
+    }
+    let in_port = ingress_of(gw, this)?;
+    let (new_src, new_dst) = (other.dst.as_v4(), other.src.as_v4());
+    let hop = match gw.route(new_dst) {
+        Some(h) if !gw.is_own(new_dst) => h,
+        _ => return Err(EntryError::NoRoute { addr: new_dst }),
+    };
+    let dst_mac =
+        gw.neighbours()
+            .lookup(hop.port, hop.next_hop, now)
+            .ok_or(EntryError::Unresolved {
+                port: hop.port,
+                next_hop: hop.next_hop,
+            })?;
+    let src_mac = gw
+        .ports()
+        .get(hop.port)
+        .map(|p| p.mac)
+        .ok_or(EntryError::NoInterface { port: hop.port })?;
+    let index = |port: usize| {
+        ifindex
+            .get(port)
+            .copied()
+            .ok_or(EntryError::NoInterface { port })
+    };
+    let key = FlowKey {
+        ifindex: index(in_port)?,
+        src: this.src.as_v4(),
+        dst: this.dst.as_v4(),
+        sport: this.src_l4.to_be_bytes(),
+        dport: this.dst_l4.to_be_bytes(),
+        proto: this.proto,
+        pad: [0; 3],
+    };
+    let (new_sport, new_dport) = (other.dst_l4.to_be_bytes(), other.src_l4.to_be_bytes());
+    let old_addrs = [key.src, key.dst].concat();
+    let new_addrs = [new_src, new_dst].concat();
+    let addr_delta = csum_delta(&old_addrs, &new_addrs);
+    let port_delta = csum_delta(
+        &[key.sport, key.dport].concat(),
+        &[new_sport, new_dport].concat(),
+    );
+    let entry = FlowEntry {
+        new_src,
+        new_dst,
+        new_sport,
+        new_dport,
+        ip_delta: csum_add(addr_delta, ttl_decrement_delta()),
+        l4_delta: csum_add(addr_delta, port_delta),
+        out_ifindex: index(hop.port)?,
+        dst_mac,
+        src_mac,
+        ..FlowEntry::default()
+    };
+    Ok((key, entry))
+}
+
+/// The entries of both directions of a connection with `tuples` (indexed by
+/// [`Dir::index`]).
+pub fn flow_entries(
+    tuples: &[Tuple; 2],
+    gw: &Gateway,
+    ifindex: &[u32],
+    now: u64,
+) -> [Result<(FlowKey, FlowEntry), EntryError>; 2] {
+    [
+        flow_entry(&tuples[0], &tuples[1], gw, ifindex, now),
+        flow_entry(&tuples[1], &tuples[0], gw, ifindex, now),
+    ]
+}
+
+/// One direction in the table, with the counters already added to conntrack.
+#[derive(Debug, Clone, Copy)]
+struct InTable {
+    key: FlowKey,
+    packets: u64,
+    bytes: u64,
+    last_seen_ns: u64,
+}
+
+/// A connection in the table.
+#[derive(Debug, Clone, Copy)]
+struct Offloaded {
+    id: u64,
+    dirs: [Option<InTable>; 2],
+    /// Table-clock time of the last activity seen (insert, or `last_seen` moving).
+    active_at: u64,
+}
+
+/// The offload (see the module docs).
+#[derive(Debug)]
+pub struct XdpFlowOffload {
+    table: Arc<FlowTable>,
+    ifindex: Vec<u32>,
+    cfg: XdpOffloadConfig,
+    flows: HashMap<Slot, Offloaded>,
+    /// The slots of the current sync pass, and the next to visit.
+    pass: Vec<Slot>,
+    cursor: usize,
+    /// When the next pass may start.
+    next_pass_at: u64,
+    stats: XdpOffloadStats,
+    logged_at: Option<u64>,
+    unlogged: u64,
+    /// Connections deleted from the table outside GC and early drop (the API), as last
+    /// seen by [`XdpFlowOffload::before_batch`].
+    deleted_seen: u64,
+}
+
+const DIRS: [Dir; 2] = [Dir::Original, Dir::Reply];
+
+impl XdpFlowOffload {
+    /// An offload into `table`, `ifindex[p]` the interface of gateway port p.
+    #[must_use]
+    pub fn new(table: Arc<FlowTable>, ifindex: Vec<u32>, cfg: XdpOffloadConfig) -> Self {
+        Self {
+            table,
+            ifindex,
+            cfg,
+            flows: HashMap::new(),
+            pass: Vec::new(),
+            cursor: 0,
+            next_pass_at: 0,
+            stats: XdpOffloadStats::default(),
+            logged_at: None,
+            unlogged: 0,
+            deleted_seen: 0,
+        }
+    }
+
+    /// The offload over `ports` (gateway port i is `ports[i]`): `None` unless every
+    /// port is AF_XDP with the same flow table ([`crate::port::af_xdp::AfXdpConfig`]'s
+    /// `flow_table_entries`).
+    #[must_use]
+    pub fn for_ports(ports: &[AnyPort], cfg: XdpOffloadConfig) -> Option<Self> {
+        let table = Arc::clone(ports.first()?.flow_table()?);
+        let mut ifindex = Vec::with_capacity(ports.len());
+        for p in ports {
+            match p {
+                AnyPort::AfXdp(x) if x.flow_table().is_some_and(|t| Arc::ptr_eq(t, &table)) => {
+                    ifindex.push(x.ifindex());
+                }
+                _ => return None,
+            }
+        }
+        Some(Self::new(table, ifindex, cfg))
+    }
+
+    /// The flow table.
+    #[must_use]
+    pub fn table(&self) -> &Arc<FlowTable> {
+        &self.table
+    }
+
+    /// The counters.
+    #[must_use]
+    pub fn stats(&self) -> XdpOffloadStats {
+        XdpOffloadStats {
+            active: u64::try_from(self.flows.len()).unwrap_or(u64::MAX),
+            ..self.stats
+        }
+    }
+
+    /// Whether the connection in `slot` has entries in the table.
+    #[must_use]
+    pub fn contains(&self, slot: Slot) -> bool {
+        self.flows.contains_key(&slot)
+    }
+
+    fn log(&mut self, what: &str, err: &dyn std::fmt::Display, now: u64) {
+        self.unlogged += 1;
+        if self
+            .logged_at
+            .is_none_or(|t| now.saturating_sub(t) >= LOG_INTERVAL_NS)
+        {
+            tracing::warn!(error = %err, since_last = self.unlogged, "XDP flow offload: {what}");
+            self.logged_at = Some(now);
+            self.unlogged = 0;
+        }
+    }
+
+    /// Before a batch's packets: when connections were deleted since the last batch by
+    /// someone else (the API's delete or flush: inserted - expired - early-dropped -
+    /// live moved), the entries of every offloaded connection that is gone are deleted
+    /// now, before a packet of this batch can create a connection that reuses its NAT
+    /// port (invariant 2; O(offloaded flows), only after such deletes).
+    pub fn before_batch(&mut self, ct: &mut Conntrack, now: u64) {
+        let st = ct.table().stats();
+        let live = u64::try_from(ct.table().len()).unwrap_or(u64::MAX);
+        let deleted = st
+            .inserted
+            .saturating_sub(st.expired)
+            .saturating_sub(st.early_drop)
+            .saturating_sub(live);
+        if deleted == self.deleted_seen {
+            return;
+        }
+        self.deleted_seen = deleted;
+        let gone: Vec<(Slot, Offloaded)> = self
+            .flows
+            .iter()
+            .filter(|(s, o)| ct.table().get_checked(**s, o.id).is_none())
+            .map(|(&s, &o)| (s, o))
+            .collect();
+        for (slot, o) in gone {
+            self.drop_entries(slot, &o, now);
+            self.stats.removed_stale += 1;
+        }
+    }
+
+    /// After a batch: offloads the eligible connections among `tracked`, adds missing
+    /// directions, and returns the TCP ones that left ESTABLISHED.
+    pub fn after_batch(&mut self, ct: &mut Conntrack, tracked: &[Slot], gw: &Gateway, now: u64) {
+        for &slot in tracked {
+            if let Some(o) = self.flows.get(&slot).copied() {
+                let Some(conn) = ct.table().get_checked(slot, o.id) else {
+                    self.drop_entries(slot, &o, now);
+                    self.stats.removed_stale += 1;
+                    continue;
+                };
+                let established = match conn.proto {
+                    L4State::Tcp(t) => t.state() == TcpState::Established,
+                    _ => true,
+                };
+                if !established {
+                    self.fold_counts(ct, slot, now);
+                    if let Some(o) = self.flows.get(&slot).copied() {
+                        self.drop_entries(slot, &o, now);
+                    }
+                    ct.teardown(slot, Teardown::Returned, now);
+                    self.stats.returned_closing += 1;
+                } else if o.dirs.iter().any(Option::is_none) {
+                    self.insert(ct, slot, gw, now);
+                }
+                continue;
+            }
+            self.offload(ct, slot, gw, now);
+        }
+    }
+
+    fn offload(&mut self, ct: &mut Conntrack, slot: Slot, gw: &Gateway, now: u64) {
+        let Some(conn) = ct.table().get(slot) else {
+            return;
+        };
+        match ct.offload_check(slot) {
+            Ok(()) | Err(NotOffloadable::AlreadyOffloaded) => {}
+            Err(_) => return,
+        }
+        if conn.tuples[0].proto == proto::UDP && !conn.status.contains(Status::SEEN_REPLY) {
+            return;
+        }
+        self.flows.insert(
+            slot,
+            Offloaded {
+                id: conn.id,
+                dirs: [None, None],
+                active_at: now,
+            },
+        );
+        if !self.insert(ct, slot, gw, now) {
+            self.flows.remove(&slot);
+            return;
+        }
+        if !conn.status.contains(Status::OFFLOAD) && ct.mark_offloaded(slot, now).is_err() {
+            if let Some(o) = self.flows.remove(&slot) {
+                self.drop_entries(slot, &o, now);
+            }
+            return;
+        }
+        ct.set_hw_offloaded(slot, true);
+        self.stats.offloaded += 1;
+    }
+
+    /// Inserts the directions of `slot` not in the table yet; whether it has any now.
+    fn insert(&mut self, ct: &Conntrack, slot: Slot, gw: &Gateway, now: u64) -> bool {
+        let (Some(tuples), Some(mut o)) = (ct.table().tuples(slot), self.flows.get(&slot).copied())
+        else {
+            return false;
+        };
+        let entries = flow_entries(&tuples, gw, &self.ifindex, now);
+        for (d, e) in entries.into_iter().enumerate() {
+            if o.dirs[d].is_some() {
+                continue;
+            }
+            let Ok((key, entry)) = e else { continue };
+            match self.table.insert(&key, &entry) {
+                Ok(()) => {
+                    o.dirs[d] = Some(InTable {
+                        key,
+                        packets: 0,
+                        bytes: 0,
+                        last_seen_ns: 0,
+                    });
+                    self.stats.entries_inserted += 1;
+                }
+                Err(e) => {
+                    self.stats.insert_failed += 1;
+                    self.log("insert failed, the flow stays in software", &e, now);
+                }
+            }
+        }
+        self.flows.insert(slot, o);
+        o.dirs.iter().any(Option::is_some)
+    }
+
+    /// Deletes the entries of `o` from the table and forgets it.
+    fn drop_entries(&mut self, slot: Slot, o: &Offloaded, now: u64) {
+        for d in o.dirs.iter().flatten() {
+            if let Err(e) = self.table.remove(&d.key) {
+                self.stats.bpf_errors += 1;
+                self.log("delete failed", &e, now);
+            }
+        }
+        self.flows.remove(&slot);
+    }
+
+    /// Adds what the program counted since the last read to conntrack; whether the
+    /// flow's `last_seen` moved.
+    fn fold_counts(&mut self, ct: &mut Conntrack, slot: Slot, now: u64) -> bool {
+        let Some(mut o) = self.flows.get(&slot).copied() else {
+            return false;
+        };
+        let mut moved = false;
+        for (d, dir) in o.dirs.iter_mut().zip(DIRS) {
+            let Some(d) = d else { continue };
+            match self.table.read(&d.key) {
+                Ok(Some(e)) => {
+                    let delta = Counter {
+                        packets: e.packets.saturating_sub(d.packets),
+                        bytes: e.bytes.saturating_sub(d.bytes),
+                    };
+                    if delta.packets > 0 || delta.bytes > 0 {
+                        ct.add_external_counts(slot, dir, delta);
+                    }
+                    moved |= e.last_seen_ns != d.last_seen_ns;
+                    (d.packets, d.bytes, d.last_seen_ns) = (e.packets, e.bytes, e.last_seen_ns);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.stats.bpf_errors += 1;
+                    self.log("reading counters failed", &e, now);
+                }
+            }
+        }
+        if moved {
+            o.active_at = now;
+        }
+        self.flows.insert(slot, o);
+        moved
+    }
+
+    /// Syncs up to the budget of flows due (see the module docs).
+    pub fn sync(&mut self, ct: &mut Conntrack, now: u64) {
+        if self.cursor >= self.pass.len() {
+            // A new pass over every flow, at most once per interval: the pass is
+            // O(flows), the rounds in between only visit their budget.
+            if now < self.next_pass_at {
+                return;
+            }
+            self.pass.clear();
+            self.pass.extend(self.flows.keys().copied());
+            self.cursor = 0;
+            self.next_pass_at = now.saturating_add(self.cfg.sync_interval_ns);
+        }
+        let end = self
+            .cursor
+            .saturating_add(self.cfg.sync_budget)
+            .min(self.pass.len());
+        for i in self.cursor..end {
+            let slot = self.pass[i];
+            self.sync_one(ct, slot, now);
+        }
+        self.cursor = end;
+    }
+
+    /// Syncs every flow now (tests, shutdown).
+    pub fn sync_all(&mut self, ct: &mut Conntrack, now: u64) {
+        let slots: Vec<Slot> = self.flows.keys().copied().collect();
+        for slot in slots {
+            self.sync_one(ct, slot, now);
+        }
+    }
+
+    fn sync_one(&mut self, ct: &mut Conntrack, slot: Slot, now: u64) {
+        let Some(o) = self.flows.get(&slot).copied() else {
+            return;
+        };
+        let live = ct
+            .table()
+            .get_checked(slot, o.id)
+            .filter(|c| c.status.contains(Status::OFFLOAD));
+        if live.is_none() {
+            // Gone, replaced, or returned by someone else (the API): the entries go.
+            if ct.table().get_checked(slot, o.id).is_some() {
+                self.fold_counts(ct, slot, now);
+            }
+            self.drop_entries(slot, &o, now);
+            self.stats.removed_stale += 1;
+            return;
+        }
+        if self.fold_counts(ct, slot, now) {
+            ct.keep_alive(slot, now);
+            return;
+        }
+        let idle = now.saturating_sub(o.active_at);
+        if idle >= self.cfg.idle_ns {
+            self.drop_entries(slot, &o, now);
+            ct.teardown(slot, Teardown::Idle { idle_ns: idle }, now);
+            self.stats.returned_idle += 1;
+        } else {
+            ct.keep_alive(slot, now);
+        }
+    }
+
+    /// Removes every entry (the forwarder stops): the flows stay in conntrack,
+    /// returned to software.
+    pub fn clear(&mut self, ct: &mut Conntrack, now: u64) {
+        self.sync_all(ct, now);
+        let all: Vec<(Slot, Offloaded)> = self.flows.iter().map(|(&s, &o)| (s, o)).collect();
+        for (slot, o) in all {
+            self.drop_entries(slot, &o, now);
+            ct.teardown(slot, Teardown::Returned, now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ctoffload_fallback_sw::tuple::Addr;
+
+    use super::*;
+    use crate::gateway::{GatewayConfig, PortConfig};
+    use crate::port::af_xdp::flow_prog::adjust;
+
+    const IN_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
+    const OUT_MAC: [u8; 6] = [2, 0, 0, 0, 2, 1];
+    const HOST_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
+    const SERVER_MAC: [u8; 6] = [2, 0, 0, 0, 2, 2];
+    const HOST: [u8; 4] = [10, 0, 0, 2];
+    const GW_OUT: [u8; 4] = [192, 0, 2, 1];
+    const SERVER: [u8; 4] = [192, 0, 2, 2];
+
+    fn gw() -> Gateway {
+        Gateway::new(GatewayConfig {
+            ports: vec![
+                PortConfig {
+                    name: "in".into(),
+                    mac: IN_MAC,
+                    addrs: vec![([10, 0, 0, 1], 24)],
+                },
+                PortConfig {
+                    name: "out".into(),
+                    mac: OUT_MAC,
+                    addrs: vec![(GW_OUT, 24)],
+                },
+            ],
+            ..GatewayConfig::default()
+        })
+        .expect("config")
+    }
+
+    fn t(src: ([u8; 4], u16), dst: ([u8; 4], u16), p: u8) -> Tuple {
+        Tuple {
+            src: Addr::v4(src.0),
+            dst: Addr::v4(dst.0),
+            src_l4: src.1,
+            dst_l4: dst.1,
+            proto: p,
+            family: Family::V4,
+            zone: 0,
+        }
+    }
+
+    fn masqueraded() -> [Tuple; 2] {
+        [
+            t((HOST, 1234), (SERVER, 53), proto::UDP),
+            t((SERVER, 53), (GW_OUT, 40_000), proto::UDP),
+        ]
+    }
+
+    #[test]
+    fn a_masqueraded_connection_gets_both_rewrites() {
+        let mut g = gw();
+        g.learn_neighbour(0, HOST, HOST_MAC, 0);
+        g.learn_neighbour(1, SERVER, SERVER_MAC, 0);
+        let [orig, reply] = flow_entries(&masqueraded(), &g, &[11, 12], 1);
+        let (k, e) = orig.expect("original direction");
+        assert_eq!((k.ifindex, k.src, k.dst, k.proto), (11, HOST, SERVER, 17));
+        assert_eq!(
+            (k.sport, k.dport),
+            (1234u16.to_be_bytes(), 53u16.to_be_bytes())
+        );
+        assert_eq!((e.new_src, e.new_dst), (GW_OUT, SERVER));
+        assert_eq!(
+            (e.new_sport, e.new_dport),
+            (40_000u16.to_be_bytes(), 53u16.to_be_bytes())
+        );
+        assert_eq!(
+            (e.out_ifindex, e.src_mac, e.dst_mac),
+            (12, OUT_MAC, SERVER_MAC)
+        );
+        let (k, e) = reply.expect("reply direction");
+        assert_eq!((k.ifindex, k.src, k.dst), (12, SERVER, GW_OUT));
+        assert_eq!(
+            (e.new_src, e.new_dst, e.new_dport),
+            (SERVER, HOST, 1234u16.to_be_bytes())
+        );
+        assert_eq!(
+            (e.out_ifindex, e.src_mac, e.dst_mac),
+            (11, IN_MAC, HOST_MAC)
+        );
+        // The L4 delta turns a checksum over the old pseudo-header and ports into the
+        // one over the new ones (0x1234 stands for the payload's sum).
+        let sum = |addrs: [[u8; 4]; 2], ports: [u16; 2]| {
+            let mut b = [addrs[0], addrs[1]].concat();
+            b.extend_from_slice(&ports[0].to_be_bytes());
+            b.extend_from_slice(&ports[1].to_be_bytes());
+            let s = b.chunks(2).fold(0x1234u32, |s, c| {
+                fold(s + u32::from(u16::from_ne_bytes([c[0], c[1]])))
+            });
+            !u16::try_from(fold(s)).unwrap_or(0)
+        };
+        let before = sum([SERVER, GW_OUT], [53, 40_000]);
+        let after = sum([SERVER, HOST], [53, 1234]);
+        assert_eq!(adjust(before, e.l4_delta), after);
+    }
+
+    fn fold(mut s: u32) -> u32 {
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s
+    }
+
+    #[test]
+    fn unresolved_local_and_unsupported_directions_have_no_entry() {
+        let mut g = gw();
+        g.learn_neighbour(1, SERVER, SERVER_MAC, 0);
+        let [orig, reply] = flow_entries(&masqueraded(), &g, &[11, 12], 1);
+        assert!(orig.is_ok(), "the resolved direction");
+        assert_eq!(
+            reply.map(|_| ()),
+            Err(EntryError::Unresolved {
+                port: 0,
+                next_hop: HOST
+            })
+        );
+        // To the gateway itself: not forwarded.
+        let own = [
+            t((HOST, 1234), (GW_OUT, 22), proto::TCP),
+            t((GW_OUT, 22), (HOST, 1234), proto::TCP),
+        ];
+        assert_eq!(
+            flow_entries(&own, &g, &[11, 12], 1)[0].map(|_| ()),
+            Err(EntryError::NoRoute { addr: GW_OUT })
+        );
+        let mut icmp = masqueraded();
+        icmp[0].proto = proto::ICMP;
+        icmp[1].proto = proto::ICMP;
+        assert_eq!(
+            flow_entries(&icmp, &g, &[11, 12], 1)[0].map(|_| ()),
+            Err(EntryError::Unsupported)
+        );
+        assert_eq!(
+            flow_entries(&masqueraded(), &g, &[11], 1)[0].map(|_| ()),
+            Err(EntryError::NoInterface { port: 1 })
+        );
+    }
+
+    /// An Ethernet/IPv4/UDP frame.
+    fn udp_frame(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
+        let mut f = Vec::new();
+        etherparse::PacketBuilder::ethernet2(HOST_MAC, IN_MAC)
+            .ipv4(src.0, dst.0, 64)
+            .udp(src.1, dst.1)
+            .write(&mut f, b"x")
+            .expect("frame");
+        f
+    }
+
+    /// An API delete (return, then delete) between two batches: the next batch's
+    /// `before_batch` deletes the entries before any packet is processed.
+    #[test]
+    fn entries_of_a_connection_deleted_by_the_api_go_before_the_next_batch() {
+        use ctoffload_fallback_sw::conntrack::{Config, Verdict};
+        use ctoffload_fallback_sw::nat::PacketMeta;
+        let table = match FlowTable::new(16) {
+            Ok(t) => Arc::new(t),
+            Err(e) if e.raw_os_error() == Some(1) => {
+                eprintln!("skipping: a BPF map needs CAP_BPF: {e}");
+                return;
+            }
+            Err(e) => panic!("flow table: {e}"),
+        };
+        let mut g = gw();
+        g.learn_neighbour(0, HOST, HOST_MAC, 0);
+        g.learn_neighbour(1, SERVER, SERVER_MAC, 0);
+        let mut ct = Conntrack::new(Config::default());
+        let meta = |in_port: u32, out_port: u32| PacketMeta {
+            in_port,
+            out_port: Some(out_port),
+            out_addr: None,
+        };
+        let mut slot = None;
+        for (f, m) in [
+            (udp_frame((HOST, 1234), (SERVER, 53)), meta(0, 1)),
+            (udp_frame((SERVER, 53), (HOST, 1234)), meta(1, 0)),
+        ] {
+            let mut f = f;
+            if let Verdict::Tracked { slot: s, .. } = ct.process_mut(&mut f, 0, &m, 1_000).verdict {
+                slot = Some(s);
+            }
+        }
+        let slot = slot.expect("tracked");
+        let mut x = XdpFlowOffload::new(
+            Arc::clone(&table),
+            vec![11, 12],
+            XdpOffloadConfig::default(),
+        );
+        x.before_batch(&mut ct, 2_000);
+        x.after_batch(&mut ct, &[slot], &g, 2_000);
+        assert!(x.contains(slot), "{:?}", x.stats());
+        let tuples = ct.table().tuples(slot).expect("tuples");
+        let keys: Vec<FlowKey> = flow_entries(&tuples, &g, &[11, 12], 2_000)
+            .into_iter()
+            .map(|e| e.expect("entry").0)
+            .collect();
+        for k in &keys {
+            assert!(table.read(k).expect("read").is_some(), "inserted");
+        }
+        // What the API does: return the connection, then delete it.
+        ct.teardown(slot, Teardown::Returned, 3_000);
+        assert_eq!(ct.delete(slot), Ok(true));
+        x.before_batch(&mut ct, 4_000);
+        assert!(!x.contains(slot));
+        for k in &keys {
+            assert!(
+                table.read(k).expect("read").is_none(),
+                "deleted before the batch"
+            );
+        }
+        assert_eq!(x.stats().removed_stale, 1);
+        // Nothing deleted since: the next batch does not scan.
+        x.before_batch(&mut ct, 5_000);
+        assert_eq!(x.stats().removed_stale, 1);
+    }
+}

@@ -1,0 +1,72 @@
+//! [`FlowTable`]: the BPF hash map the XDP flow program ([`super::flow_prog`]) looks
+//! established flows up in, shared by every port of one forwarder. Inserts, deletes and
+//! reads are `bpf(2)` calls: synchronous, so a deleted entry is never used by a program
+//! run that starts after [`FlowTable::remove`] returns.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use super::flow_prog::{ENTRY_SIZE, FlowEntry, FlowKey, KEY_SIZE};
+use super::sys;
+
+/// The flow map (see the module docs).
+#[derive(Debug)]
+pub struct FlowTable {
+    map: sys::HashMap,
+    capacity: u32,
+}
+
+impl FlowTable {
+    /// A new, empty table of `capacity` entries (preallocated by the kernel).
+    ///
+    /// # Errors
+    /// The kernel refused the map (no `CAP_BPF`, no memory, `capacity` 0).
+    pub fn new(capacity: u32) -> io::Result<Self> {
+        Ok(Self {
+            map: sys::HashMap::create(KEY_SIZE, ENTRY_SIZE, capacity, "ctoff_flows")?,
+            capacity,
+        })
+    }
+
+    /// Entries the table holds at most.
+    #[must_use]
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Inserts or replaces the entry of `key`.
+    ///
+    /// # Errors
+    /// `E2BIG` when the table is full, or another `bpf(2)` error.
+    pub fn insert(&self, key: &FlowKey, entry: &FlowEntry) -> io::Result<()> {
+        self.map.update(&key.to_bytes(), &entry.to_bytes())
+    }
+
+    /// Removes the entry of `key`; `false` when there was none.
+    ///
+    /// # Errors
+    /// A `bpf(2)` error.
+    pub fn remove(&self, key: &FlowKey) -> io::Result<bool> {
+        self.map.delete(&key.to_bytes())
+    }
+
+    /// The entry of `key` with its counters as the program left them.
+    ///
+    /// # Errors
+    /// A `bpf(2)` error.
+    pub fn read(&self, key: &FlowKey) -> io::Result<Option<FlowEntry>> {
+        let mut b = [0u8; ENTRY_SIZE];
+        Ok(self
+            .map
+            .lookup(&key.to_bytes(), &mut b)?
+            .then(|| FlowEntry::from_bytes(&b)))
+    }
+
+    pub(super) fn raw_fd(&self) -> i32 {
+        self.fd().as_raw_fd()
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.map.fd()
+    }
+}
