@@ -31,10 +31,11 @@
 //!
 //! Run as root: `cargo run --release -p ctoffload-tests --bin xdp_forward_bench`.
 //! Settings (environment): `XDP_BENCH_REPEATS` (3), `XDP_BENCH_TRIAL_MS` (300),
-//! `XDP_BENCH_FLOWS` (`1,100000`), `XDP_BENCH_METHODS` (`sink,kernel,af_packet,af_xdp`;
-//! also `af_xdp_flow`: AF_XDP with the XDP flow table, the flows given a reply by the
+//! `XDP_BENCH_FLOWS` (`1,100000`), `XDP_BENCH_METHODS` (`sink,kernel,af_packet,af_xdp,af_xdp_flow`;
+//! `af_xdp_flow` is AF_XDP with the XDP flow table, the flows given a reply by the
 //! outside host during the warm-up and then NATed and forwarded by the XDP program; the
-//! outside host's veth has GRO on, to take the redirected frames),
+//! outside host's veth has GRO on, to take the redirected frames; for every method, so
+//! that all gateways send to the same receiver),
 //! `XDP_BENCH_SENDER` (`af_xdp` or `af_packet`), `XDP_BENCH_BUSY_POLL_US` (0: the
 //! AF_XDP forwarder's busy polling, off) and `XDP_BENCH_BUSY_POLL_BUDGET` (64),
 //! `XDP_BENCH_DEFER_IRQS` and `XDP_BENCH_GRO_FLUSH_US` (the forwarder's NAPI deferral,
@@ -174,7 +175,7 @@ fn settings() -> Result<Settings, String> {
         .collect::<Option<Vec<_>>>()
         .ok_or("XDP_BENCH_FLOWS: comma-separated counts, 1 to 500000")?;
     let methods = std::env::var("XDP_BENCH_METHODS")
-        .unwrap_or_else(|_| "sink,kernel,af_packet,af_xdp".into());
+        .unwrap_or_else(|_| "sink,kernel,af_packet,af_xdp,af_xdp_flow".into());
     let methods = methods
         .split(',')
         .map(|m| match m.trim() {
@@ -333,11 +334,10 @@ fn bed(method: Method) -> Result<Bed, String> {
     if method == Method::Kernel {
         cmd(t.kernel_gateway())?;
     }
-    if method == Method::AfXdpFlow {
-        // The flow table redirects into the gateway's outside veth: its peer needs a
-        // NAPI to take XDP frames (GRO on; an XDP program would do too).
-        cmd(t.outside.exec("ethtool", &["-K", &t.host_out, "gro", "on"]))?;
-    }
+    // The flow table redirects into the gateway's outside veth: its peer needs a NAPI
+    // to take XDP frames (GRO on; an XDP program would do too). Every method gets the
+    // same receiver, so that the comparison is of the gateways alone.
+    cmd(t.outside.exec("ethtool", &["-K", &t.host_out, "gro", "on"]))?;
     if matches!(method, Method::Sink | Method::Kernel | Method::AfPacket) {
         // The gateway's receive processing (forwarding and NAT, or the packet
         // socket's copy) on CPU 1.
