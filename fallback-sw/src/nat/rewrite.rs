@@ -331,16 +331,26 @@ pub(crate) fn rewrite_one_endpoint_v4(
     dir: Dir,
 ) -> bool {
     let (src_m, dst_m) = manips(status, dir);
-    // UDP: checksum at 6; TCP at 16.
-    let udp = match (pkt.l3, pkt.l4) {
-        (L3::Ipv4, L4::Udp { .. }) => true,
-        (L3::Ipv4, L4::Tcp(_)) => false,
-        _ => return false,
-    };
-    if src_m == dst_m {
+    if src_m == dst_m || pkt.l3 != L3::Ipv4 {
         return false;
     }
-    let csum_at = if udp { 6 } else { 16 };
+    match pkt.l4 {
+        L4::Udp { .. } => rewrite_one_endpoint::<true>(frame, pkt, other, src_m),
+        L4::Tcp(_) => rewrite_one_endpoint::<false>(frame, pkt, other, src_m),
+        _ => false,
+    }
+}
+
+/// [`rewrite_one_endpoint_v4`] for UDP (`UDP`) or TCP, the source (`src_m`) or the
+/// destination translated.
+#[inline(always)]
+fn rewrite_one_endpoint<const UDP: bool>(
+    frame: &mut [u8],
+    pkt: &ParsedPacket,
+    other: PackedV4,
+    src_m: bool,
+) -> bool {
+    let csum_at = if UDP { 6 } else { 16 };
     let (l3, l4, end) = (
         usize::from(pkt.l3_offset),
         usize::from(pkt.l4_offset),
@@ -384,12 +394,12 @@ pub(crate) fn rewrite_one_endpoint_v4(
     let old_p = le16(seg, p_at);
     seg[p_at..p_at + 2].copy_from_slice(&new_p);
     let c = le16(seg, csum_at);
-    if udp && c == 0 {
+    if UDP && c == 0 {
         return true;
     }
     let port_terms = ones_add(!old_p, u16::from_le_bytes(new_p));
     let v = !ones_add(ones_add(!c, addr_terms), port_terms);
-    let v = if udp { udp_finish(v) } else { v };
+    let v = if UDP { udp_finish(v) } else { v };
     seg[csum_at..csum_at + 2].copy_from_slice(&v.to_le_bytes());
     true
 }
