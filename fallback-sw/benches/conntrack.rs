@@ -497,12 +497,20 @@ fn established_nat(
     let passes = min_packets.div_ceil(traces[0].len()).max(1);
     let mut rates = [Vec::new(), Vec::new()];
     let mut ratio_cpu = Vec::new();
+    // `CT_BENCH_NAT_SIDE=plain` or `snat`: time only that side (for counting one
+    // side's instructions under callgrind); the other prints 0.
+    let side = std::env::var("CT_BENCH_NAT_SIDE").unwrap_or_default();
+    let skipped = |k: usize| matches!((side.as_str(), k), ("plain", 1) | ("snat", 0));
     for r in 0..repeats {
         let now = now + u64::try_from(r + 1).unwrap() * NS;
         let mut cpu_rates = [0.0; 2];
         // Alternate which side goes first, so that neither always follows the other.
         let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
         for k in order {
+            if skipped(k) {
+                rates[k].push(0.0);
+                continue;
+            }
             let ct = &mut cts[k];
             let frames = &traces[k];
             let clocks = Clocks::start();
@@ -700,8 +708,8 @@ fn main() {
         max: 0.0,
     };
     let mut rng = Rng(0x5eed);
-    // `CT_BENCH_EST_CONNS=1000,1000000`: only these established sizes (for profiling
-    // one of them); the others print 0.
+    // `CT_BENCH_EST_CONNS=1000,1000000`: only these established sizes, with and
+    // without NAT (for profiling one of them); the others print 0.
     let est_only: Option<Vec<usize>> = std::env::var("CT_BENCH_EST_CONNS")
         .ok()
         .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect());
@@ -736,7 +744,7 @@ fn main() {
     let est_nat: Vec<(Summary, Summary, Summary)> = sizes
         .iter()
         .map(|&n| {
-            if want("nat") {
+            if want("nat") && est_only.as_ref().is_none_or(|o| o.contains(&n)) {
                 established_nat(n, repeats, min_packets, &mut rng)
             } else {
                 (zero, zero, zero)

@@ -1113,7 +1113,19 @@ impl Conntrack {
             return NatOutcome::Unchanged;
         };
         let nat_bits = Status::SRC_NAT | Status::DST_NAT;
-        let result = match self.table.entry(slot).map(|e| e.status) {
+        let entry = self.table.entry(slot);
+        // The common packet (IPv4 TCP/UDP of a connection translated at one endpoint):
+        // rewritten from the entry's packed tuple, no tuple built.
+        if let Some(e) = entry
+            && e.status.intersects(nat_bits)
+            && e.packed_tuple(dir.opposite()).is_some_and(|other| {
+                rewrite::rewrite_one_endpoint_v4(frame, pkt, other, e.status, dir)
+            })
+        {
+            self.stats.nat_rewritten += 1;
+            return NatOutcome::Rewritten;
+        }
+        let result = match entry.map(|e| e.status) {
             // An ICMP error needs both tuples; any other packet only the other
             // direction's (which a translated IPv4 entry holds: no side store read).
             Some(status) if status.intersects(nat_bits) => match pkt.l4 {

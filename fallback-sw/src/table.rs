@@ -250,10 +250,35 @@ struct NatV4 {
 }
 
 impl NatV4 {
-    /// Whether `t` is the reply tuple (see [`NatV4::reply`]).
+    /// The reply tuple (see [`NatV4::reply`]) packed: the inverse of the original with
+    /// the destination (`dst`, SNAT) or source (DNAT) address and port (for ICMP the
+    /// id, in the source slot) replaced, as words. `None` only for an original that
+    /// does not invert (never stored).
     #[inline]
-    fn is_reply(&self, t: &Tuple, dst: bool) -> bool {
-        self.reply_tuple(dst) == *t
+    fn reply_packed(&self, dst: bool) -> Option<PackedV4> {
+        let orig = self.orig.packed();
+        let (o_addrs, o_rest) = orig.words();
+        let addr = u64::from(u32::from_le_bytes(self.addr));
+        let l4 = u64::from(u16::from_ne_bytes(self.l4));
+        let (addrs, rest) = if o_rest >> 48 & 0xFF == u64::from(crate::tuple::proto::ICMP) {
+            // The id stays in the source slot and the type is mapped: invert, then
+            // replace the translated address and the id.
+            let (addrs, rest) = orig.invert()?.words();
+            if dst {
+                (addrs & 0xFFFF_FFFF | addr << 32, rest & !0xFFFF | l4)
+            } else {
+                (addrs & !0xFFFF_FFFF | addr, rest & !0xFFFF | l4)
+            }
+        } else if dst {
+            // Source: the original's destination; destination: the translated one.
+            let rest = o_rest & !0xFFFF_FFFF | o_rest >> 16 & 0xFFFF | l4 << 16;
+            (o_addrs >> 32 | addr << 32, rest)
+        } else {
+            // Source: the translated one; destination: the original's source.
+            let rest = o_rest & !0xFFFF_FFFF | (o_rest & 0xFFFF) << 16 | l4;
+            (addr | o_addrs << 32, rest)
+        };
+        Some(PackedV4::from_words(addrs, rest))
     }
 
     /// The reply tuple (see [`NatV4::reply`]), built field by field for a protocol
@@ -424,9 +449,28 @@ impl Key {
             // The reply is the inverse of the original: the probe's inverse is then
             // the original (inverting is an involution on the tuples it accepts).
             (Key::V4 { orig, .. }, Dir::Reply) => probe.inverse == Some(orig.packed()),
-            (Key::SrcNatV4(nat), Dir::Reply) => nat.is_reply(probe.tuple, true),
-            (Key::DstNatV4(nat), Dir::Reply) => nat.is_reply(probe.tuple, false),
+            (Key::SrcNatV4(nat), Dir::Reply) => {
+                probe.packed.is_some() && probe.packed == nat.reply_packed(true)
+            }
+            (Key::DstNatV4(nat), Dir::Reply) => {
+                probe.packed.is_some() && probe.packed == nat.reply_packed(false)
+            }
         })
+    }
+
+    /// The tuple of direction `dir` packed (`None` for `Side`): what the NAT rewrite of
+    /// a translated packet reads (see [`Entry::packed_tuple`]).
+    #[inline(always)]
+    fn packed(&self, dir: Dir) -> Option<PackedV4> {
+        match (self, dir) {
+            (Key::Side { .. }, _) => None,
+            (Key::V4 { orig, .. }, Dir::Original)
+            | (Key::SrcNatV4(NatV4 { orig, .. }), Dir::Original)
+            | (Key::DstNatV4(NatV4 { orig, .. }), Dir::Original) => Some(orig.packed()),
+            (Key::V4 { orig, .. }, Dir::Reply) => orig.packed().invert(),
+            (Key::SrcNatV4(nat), Dir::Reply) => nat.reply_packed(true),
+            (Key::DstNatV4(nat), Dir::Reply) => nat.reply_packed(false),
+        }
     }
 
     /// The tuple of direction `dir` (`None` for `Side`). Inlined for the NAT rewrite
@@ -526,6 +570,15 @@ impl<P> Entry<P> {
             self.timeout = timeout;
         }
         later
+    }
+
+    /// The tuple of direction `dir` packed into two words, when the entry holds it (an
+    /// IPv4 connection untranslated or translated at one endpoint; `None` when the
+    /// tuples are aside). The NAT rewrite of an established packet reads the other
+    /// direction's tuple here: no [`Tuple`] is built.
+    #[inline(always)]
+    pub(crate) fn packed_tuple(&self, dir: Dir) -> Option<PackedV4> {
+        self.key.packed(dir)
     }
 }
 
@@ -1651,6 +1704,8 @@ mod tests {
             let e = tab.entry(slot).expect("live");
             assert!(!e.tuples_aside(), "{o} -> {r} fits the entry");
             assert_eq!(tab.tuples(slot), Some([o, r]));
+            assert_eq!(e.packed_tuple(Dir::Original), o.pack_v4());
+            assert_eq!(e.packed_tuple(Dir::Reply), r.pack_v4(), "{r} packed");
             assert_eq!(tab.lookup(&o, S), Some((slot, Dir::Original)));
             assert_eq!(tab.lookup(&r, S), Some((slot, Dir::Reply)));
             // Neither the untranslated reply nor one field off is this connection.
