@@ -675,16 +675,24 @@ impl Conntrack {
     /// connection, a TCP reopen) goes on to the general path with the
     /// [`ParsedPacket`] and [`Tuple`] that [`wire::parse()`] and the tuple building
     /// would have given. The result is in every way what [`Conntrack::track_parsed`]
-    /// gives for the frame.
+    /// gives for the frame (with NAT, `meta` for a connection it creates: what
+    /// [`Conntrack::track_tuple`] gives; a translated IPv4 connection is found as
+    /// words too).
     #[inline]
-    fn track_v4(&mut self, plain: &PlainV4, key: PackedV4, hash: u64, now: u64) -> Verdict {
+    fn track_v4(
+        &mut self,
+        plain: &PlainV4,
+        key: PackedV4,
+        hash: u64,
+        meta: &PacketMeta,
+        now: u64,
+    ) -> Verdict {
         let bytes = u64::from(plain.l3_len);
-        let meta = PacketMeta::default();
         let round = match self.table.find_v4(key, hash, now) {
             FoundV4::Live(slot, dir) => self.existing(slot, dir, &plain.l4, bytes, now),
-            FoundV4::Absent => self.create(key.unpack(), hash, &plain.packet(), &meta, bytes, now),
+            FoundV4::Absent => self.create(key.unpack(), hash, &plain.packet(), meta, bytes, now),
             FoundV4::Unsure => {
-                return self.track_tuple(&key.unpack(), hash, &plain.packet(), &meta, now);
+                return self.track_tuple(&key.unpack(), hash, &plain.packet(), meta, now);
             }
         };
         // As after each round of `track_tuple`.
@@ -693,7 +701,7 @@ impl Conntrack {
             Ok(v) => self.count_tracked(v),
             // A reopen removed the old entry: the packet is looked up again, as in
             // `track_tuple`'s next round.
-            Err(Reopen) => self.track_tuple(&key.unpack(), hash, &plain.packet(), &meta, now),
+            Err(Reopen) => self.track_tuple(&key.unpack(), hash, &plain.packet(), meta, now),
         }
     }
 

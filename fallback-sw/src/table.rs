@@ -961,13 +961,14 @@ impl<P> ConnTable<P> {
         }
     }
 
-    /// The established path's lookup of the plain IPv4 key `key` (hashed to `hash` by
-    /// [`TupleHasher::pair_hash_v4`]), compared as two words with the key and its
-    /// inverse. Reads only. [`FoundV4::Live`] and [`FoundV4::Absent`] are what
+    /// The established path's lookup of the IPv4 key `key` (hashed to `hash` by
+    /// [`TupleHasher::pair_hash_v4`]), compared as two words with each candidate's
+    /// tuple of the cell's direction ([`Key::packed`]: untranslated, or translated at
+    /// one endpoint). Reads only. [`FoundV4::Live`] and [`FoundV4::Absent`] are what
     /// [`ConnTable::lookup_hashed`] of the key's tuple would return (a live
     /// connection, or nothing with nothing reaped); [`FoundV4::Unsure`] leaves the
     /// decision to it: an expired connection (which it reaps), or a candidate whose
-    /// key is not [`Key::V4`] (translated, or tuples aside).
+    /// tuples are aside ([`Key::Side`]: IPv6, both endpoints translated).
     #[inline]
     pub(crate) fn find_v4(&self, key: PackedV4, hash: u64, now: u64) -> FoundV4 {
         let tag = self.cells.tag(hash);
@@ -984,17 +985,14 @@ impl<P> ConnTable<P> {
                 let Some(e) = self.entry(slot) else {
                     return FoundV4::Unsure;
                 };
-                let Key::V4 { orig, .. } = &e.key else {
+                // The cell's direction of the connection, as words: an untranslated
+                // reply is the inverse of the original, a translated one the original
+                // with one endpoint replaced. Tuples kept aside (IPv6, both endpoints
+                // translated): only the general lookup can tell.
+                let Some(stored) = e.key.packed(dir) else {
                     return FoundV4::Unsure;
                 };
-                // A reply cell holds the original, whose inverse the key must be
-                // (inverting is an involution on the tuples it accepts).
-                let stored = orig.packed();
-                let same = match dir {
-                    Dir::Original => stored == key,
-                    Dir::Reply => stored.invert() == Some(key),
-                };
-                if same {
+                if stored == key {
                     return if e.expired(now) {
                         FoundV4::Unsure
                     } else {
@@ -1699,6 +1697,8 @@ mod tests {
                 Status::DST_NAT,
             ),
         ];
+        let h =
+            |tab: &ConnTable<()>, t: &Tuple| tab.hasher().pair_hash_v4(t.pack_v4().expect("v4"));
         for (o, r, status) in cases {
             let slot = tab.insert(o, r, status, 30 * S, (), 0).expect("room");
             let e = tab.entry(slot).expect("live");
@@ -1734,7 +1734,20 @@ mod tests {
                 },
             ] {
                 assert_eq!(tab.lookup(&off, S), None, "{off} is not {r}");
+                // The established path's two-word compare, probed from the reply's own
+                // cell (same hash, same tag): the candidate must be rejected.
+                if let Some(k) = off.pack_v4() {
+                    assert_eq!(tab.find_v4(k, h(&tab, &r), S), FoundV4::Absent, "{off}");
+                }
             }
+            assert_eq!(
+                tab.find_v4(o.pack_v4().expect("v4"), h(&tab, &o), S),
+                FoundV4::Live(slot, Dir::Original)
+            );
+            assert_eq!(
+                tab.find_v4(r.pack_v4().expect("v4"), h(&tab, &r), S),
+                FoundV4::Live(slot, Dir::Reply)
+            );
             let id = tab.id(slot).expect("live");
             assert_eq!(tab.find_id(id), Some(slot));
             assert_eq!(tab.get(slot).expect("live").id, id);

@@ -125,7 +125,9 @@ impl Conntrack {
                 Pre::Fast { pkt, tuple, hash } => {
                     *o = self.track_tuple(tuple, *hash, pkt, &PacketMeta::default(), now);
                 }
-                Pre::V4 { plain, key, hash } => *o = self.track_v4(plain, *key, *hash, now),
+                Pre::V4 { plain, key, hash } => {
+                    *o = self.track_v4(plain, *key, *hash, &PacketMeta::default(), now);
+                }
             }
         }
     }
@@ -243,10 +245,10 @@ impl Conntrack {
                 Pre::Fast { pkt, tuple, hash } => {
                     (self.track_tuple(tuple, *hash, pkt, meta, now), *pkt)
                 }
-                // The general path (NAT decisions need `meta`; the rewrite, the packet).
+                // The established path as without NAT (a connection it creates gets its
+                // NAT decision from `meta`); the rewrite reads the packet's layout.
                 Pre::V4 { plain, key, hash } => {
-                    let pkt = plain.packet();
-                    (self.track_tuple(&key.unpack(), *hash, &pkt, meta, now), pkt)
+                    (self.track_v4(plain, *key, *hash, meta, now), plain.packet())
                 }
             };
             let nat = self.nat_rewrite(&verdict, &pkt, frame);

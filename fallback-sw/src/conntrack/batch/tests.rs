@@ -1,6 +1,7 @@
 //! `process_batch` gives exactly what `process` gives, frame by frame.
 
-use super::super::{Config, Conntrack, Verdict};
+use super::super::{Config, Conntrack, NatOutcome, NatVerdict, Verdict};
+use crate::nat::rules::{AddrRange, NatAction, NatFlags, NatRule, RuleMatch};
 use crate::table::Event;
 use etherparse::{Icmpv4Type, PacketBuilder, TcpOptionElement, icmpv4::DestUnreachableHeader};
 use proptest::prelude::*;
@@ -226,10 +227,12 @@ fn fix_ipv4_checksum(f: &mut [u8]) {
 
 /// A TCP or UDP frame of one of a few connections, intact or damaged in one of the
 /// ways the established path must leave to the general one (or reject the same way).
-fn mixed_frame(o: Op) -> Vec<u8> {
+/// Replies go to the client, or to `public` (the address its connections are
+/// translated to).
+fn mixed_frame(o: Op, public: Option<[u8; 4]>) -> Vec<u8> {
     let c = o.client;
     let (src, dst, sport, dport) = if o.reply {
-        (SERVER, client(c), 80, 1000 + u16::from(c))
+        (SERVER, public.unwrap_or(client(c)), 80, 1000 + u16::from(c))
     } else {
         (client(c), SERVER, 1000 + u16::from(c), 80)
     };
@@ -347,11 +350,106 @@ proptest! {
             if i % cut == 0 {
                 now += steps[(i / cut) % steps.len()] * 11 * NS;
             }
-            frames.push(mixed_frame(o));
+            frames.push(mixed_frame(o, None));
             times.push(now);
         }
         let ([mut one, mut many], [want, got]) = one_by_one_and_batched(&frames, &times, cut, big);
         prop_assert_eq!(&got, &want);
+        prop_assert_eq!(observable(&mut many, now), observable(&mut one, now));
+    }
+}
+
+// ------------------------------------------------ the established path with NAT
+
+/// The address the clients' connections are translated to.
+const PUBLIC: [u8; 4] = [198, 51, 100, 7];
+
+/// [`ct`] with one rule: connections from 10.0.0.0/8 leave from [`PUBLIC`] (the
+/// client's port kept while free, as Linux does).
+fn snat_ct(big: bool) -> Conntrack {
+    let mut c = ct(big);
+    let rule = NatRule {
+        id: 1,
+        r#match: RuleMatch {
+            src: Some(crate::nat::tests::prefix([10, 0, 0, 0], 8)),
+            ..RuleMatch::default()
+        },
+        action: NatAction::Snat {
+            addrs: AddrRange::single_v4(PUBLIC),
+            ports: None,
+            flags: NatFlags::default(),
+        },
+    };
+    c.nat_mut().rules_mut().add(rule).expect("valid rule");
+    c
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// With a SNAT rule, `process_batch_mut` (the established path, translated
+    /// connections found and rewritten from their packed tuples) gives exactly what
+    /// `process_mut` gives frame by frame: verdicts, NAT outcomes, the rewritten
+    /// bytes, counters, events and connections.
+    #[test]
+    fn established_path_with_nat_equals_general_path(
+        ops in proptest::collection::vec(op(), 1..300),
+        cut in 1usize..40,
+        steps in proptest::collection::vec(0u64..4, 1..16),
+        big in any::<bool>(),
+    ) {
+        // Routed out of port 2: SNAT is decided on the way out (postrouting).
+        let meta = crate::nat::tests::out_meta();
+        let mut now = NS;
+        let mut frames = Vec::new();
+        let mut times = Vec::new();
+        // A UDP exchange first, so that every case translates both directions.
+        let intact = Op {
+            tcp: false,
+            reply: false,
+            client: 0,
+            flags: 0,
+            seq: 0,
+            ack: 0,
+            payload: 4,
+            options: false,
+            damage: 0,
+        };
+        let first = [intact, Op { reply: true, ..intact }];
+        let ops: Vec<Op> = first.into_iter().chain(ops).collect();
+        for (i, &o) in ops.iter().enumerate() {
+            // (Not between the first exchange's two packets: its reply must find it.)
+            if i % cut == 0 && i != 1 {
+                now += steps[(i / cut) % steps.len()] * 11 * NS;
+            }
+            frames.push(mixed_frame(o, Some(PUBLIC)));
+            times.push(now);
+        }
+        let mut one = snat_ct(big);
+        let mut want_frames = frames.clone();
+        let want: Vec<NatVerdict> = want_frames
+            .iter_mut()
+            .zip(&times)
+            .map(|(f, &t)| one.process_mut(f, 0, &meta, t))
+            .collect();
+        let mut many = snat_ct(big);
+        let mut got_frames = frames;
+        let mut got = Vec::new();
+        for (chunk, t) in got_frames.chunks_mut(cut).zip(times.chunks(cut)) {
+            let mut refs: Vec<&mut [u8]> = chunk.iter_mut().map(Vec::as_mut_slice).collect();
+            let mut out = vec![
+                NatVerdict {
+                    verdict: Verdict::Untracked(super::super::Untracked::Fragment),
+                    nat: NatOutcome::Unchanged,
+                };
+                refs.len()
+            ];
+            many.process_batch_mut(&mut refs, 0, &meta, t[0], &mut out);
+            got.extend(out);
+        }
+        prop_assert_eq!(&got, &want);
+        prop_assert_eq!(&got_frames, &want_frames);
+        prop_assert_eq!(want[1].nat, NatOutcome::Rewritten, "the reply is translated");
         prop_assert_eq!(observable(&mut many, now), observable(&mut one, now));
     }
 }
