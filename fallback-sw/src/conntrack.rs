@@ -30,7 +30,7 @@ use crate::tcp::{
 };
 use crate::tuple::{Addr, Dir, Family, PackedV4, Tuple, icmpv4_is_request, icmpv6_is_request};
 use crate::wire::{
-    self, DropReason, Fragment, L3, L4, ParseOptions, ParsedPacket, PlainV4, TcpInfo,
+    self, DropReason, Fragment, L3, L4, ParseOptions, ParsedPacket, PlainV4, TcpInfo, V4Layout,
 };
 
 const NS: u64 = 1_000_000_000;
@@ -1109,6 +1109,36 @@ impl Conntrack {
         NatVerdict { verdict, nat }
     }
 
+    /// The NAT step of an IPv4 packet at `at` in `frame` (transport layer `l4`) when
+    /// it needs no [`ParsedPacket`]: `Unchanged` for an untracked or invalid packet and
+    /// for a live connection without NAT; `Rewritten` for the common translated packet
+    /// (TCP/UDP of a connection translated at one endpoint, rewritten from the entry's
+    /// packed tuple, [`rewrite::rewrite_one_endpoint_at`]). `None`, nothing written,
+    /// for the rest (a connection the packet closed, tuples aside, an odd header):
+    /// then [`Conntrack::nat_rewrite`] decides.
+    #[inline(always)]
+    pub(crate) fn nat_rewrite_plain(
+        &mut self,
+        verdict: &Verdict,
+        l4: &L4,
+        at: V4Layout,
+        frame: &mut [u8],
+    ) -> Option<NatOutcome> {
+        let Verdict::Tracked { slot, dir, .. } = *verdict else {
+            return Some(NatOutcome::Unchanged);
+        };
+        let e = self.table.entry(slot)?;
+        if !e.status.intersects(Status::SRC_NAT | Status::DST_NAT) {
+            return Some(NatOutcome::Unchanged);
+        }
+        let other = e.packed_tuple(dir.opposite())?;
+        if !rewrite::rewrite_one_endpoint_at(frame, l4, at, other, e.status, dir) {
+            return None;
+        }
+        self.stats.nat_rewritten += 1;
+        Some(NatOutcome::Rewritten)
+    }
+
     /// The NAT step after tracking: rewrite `frame` if its connection is translated.
     #[inline]
     pub(crate) fn nat_rewrite(
@@ -1121,19 +1151,12 @@ impl Conntrack {
             return NatOutcome::Unchanged;
         };
         let nat_bits = Status::SRC_NAT | Status::DST_NAT;
-        let entry = self.table.entry(slot);
-        // The common packet (IPv4 TCP/UDP of a connection translated at one endpoint):
-        // rewritten from the entry's packed tuple, no tuple built.
-        if let Some(e) = entry
-            && e.status.intersects(nat_bits)
-            && e.packed_tuple(dir.opposite()).is_some_and(|other| {
-                rewrite::rewrite_one_endpoint_v4(frame, pkt, other, e.status, dir)
-            })
+        if pkt.l3 == L3::Ipv4
+            && let Some(nat) = self.nat_rewrite_plain(verdict, &pkt.l4, V4Layout::of(pkt), frame)
         {
-            self.stats.nat_rewritten += 1;
-            return NatOutcome::Rewritten;
+            return nat;
         }
-        let result = match entry.map(|e| e.status) {
+        let result = match self.table.entry(slot).map(|e| e.status) {
             // An ICMP error needs both tuples; any other packet only the other
             // direction's (which a translated IPv4 entry holds: no side store read).
             Some(status) if status.intersects(nat_bits) => match pkt.l4 {

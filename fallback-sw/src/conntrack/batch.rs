@@ -248,7 +248,16 @@ impl Conntrack {
                 // The established path as without NAT (a connection it creates gets its
                 // NAT decision from `meta`); the rewrite reads the packet's layout.
                 Pre::V4 { plain, key, hash } => {
-                    (self.track_v4(plain, *key, *hash, meta, now), plain.packet())
+                    let verdict = self.track_v4(plain, *key, *hash, meta, now);
+                    // Without building the packet: nothing to rewrite (an untranslated
+                    // connection), or the common rewrite at the plain frame's offsets.
+                    if let Some(nat) =
+                        self.nat_rewrite_plain(&verdict, &plain.l4, plain.layout(), frame)
+                    {
+                        *o = NatVerdict { verdict, nat };
+                        continue;
+                    }
+                    (verdict, plain.packet())
                 }
             };
             let nat = self.nat_rewrite(&verdict, &pkt, frame);

@@ -12,7 +12,7 @@
 //!
 //! ICMP errors go to [`super::icmp::translate_error`], which translates the quoted
 //! packet as well. The established packet path first tries
-//! `rewrite_one_endpoint_v4` (IPv4 UDP/TCP translated at one endpoint, from the
+//! `rewrite_one_endpoint_at` (IPv4 UDP/TCP translated at one endpoint, from the
 //! entry's packed tuple: the same bytes in fewer instructions).
 
 use core::net::Ipv4Addr;
@@ -21,7 +21,7 @@ use super::alloc::Manip;
 use crate::checksum::{self, finish, udp_finish, update16};
 use crate::table::Status;
 use crate::tuple::{Dir, PackedV4, Tuple, proto};
-use crate::wire::{L3, L4, ParsedPacket};
+use crate::wire::{L3, L4, ParsedPacket, V4Layout};
 
 /// Why a packet could not be rewritten (the caller drops it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -305,6 +305,19 @@ pub fn rewrite_to_inverse(
     Ok(())
 }
 
+/// [`rewrite_one_endpoint_at`] of a parsed packet (how the tests call it).
+#[cfg(test)]
+pub(crate) fn rewrite_one_endpoint_v4(
+    frame: &mut [u8],
+    pkt: &ParsedPacket,
+    other: PackedV4,
+    status: Status,
+    dir: Dir,
+) -> bool {
+    pkt.l3 == L3::Ipv4
+        && rewrite_one_endpoint_at(frame, &pkt.l4, V4Layout::of(pkt), other, status, dir)
+}
+
 /// The common case of [`rewrite_to_inverse`], without building a [`Tuple`]: an IPv4
 /// TCP or UDP packet whose L4 header up to its checksum lies inside the IP packet, of
 /// a connection translated at one endpoint (SNAT, masquerade, DNAT, a VIP backend:
@@ -324,40 +337,40 @@ pub fn rewrite_to_inverse(
 /// its two halves; and each end-around-carry addition keeps the residue, and gives 0
 /// only from two zeros. (The property test `fast_rewrite_is_the_generic_one` checks it
 /// against [`rewrite_to_inverse`].)
+///
+/// The packet is IPv4, at `at` in `frame`, with transport layer `l4` (the established
+/// path has these without a [`ParsedPacket`]).
 #[inline(always)]
-pub(crate) fn rewrite_one_endpoint_v4(
+pub(crate) fn rewrite_one_endpoint_at(
     frame: &mut [u8],
-    pkt: &ParsedPacket,
+    l4: &L4,
+    at: V4Layout,
     other: PackedV4,
     status: Status,
     dir: Dir,
 ) -> bool {
     let (src_m, dst_m) = manips(status, dir);
-    if src_m == dst_m || pkt.l3 != L3::Ipv4 {
+    if src_m == dst_m {
         return false;
     }
-    match pkt.l4 {
-        L4::Udp { .. } => rewrite_one_endpoint::<true>(frame, pkt, other, src_m),
-        L4::Tcp(_) => rewrite_one_endpoint::<false>(frame, pkt, other, src_m),
+    match l4 {
+        L4::Udp { .. } => rewrite_one_endpoint::<true>(frame, at, other, src_m),
+        L4::Tcp(_) => rewrite_one_endpoint::<false>(frame, at, other, src_m),
         _ => false,
     }
 }
 
-/// [`rewrite_one_endpoint_v4`] for UDP (`UDP`) or TCP, the source (`src_m`) or the
+/// [`rewrite_one_endpoint_at`] for UDP (`UDP`) or TCP, the source (`src_m`) or the
 /// destination translated.
 #[inline(always)]
 fn rewrite_one_endpoint<const UDP: bool>(
     frame: &mut [u8],
-    pkt: &ParsedPacket,
+    at: V4Layout,
     other: PackedV4,
     src_m: bool,
 ) -> bool {
     let csum_at = if UDP { 6 } else { 16 };
-    let (l3, l4, end) = (
-        usize::from(pkt.l3_offset),
-        usize::from(pkt.l4_offset),
-        pkt.l3_end(),
-    );
+    let V4Layout { l3, l4, end } = at;
     if l3 + 20 > l4 || l4 + csum_at + 2 > end || end > frame.len() {
         return false;
     }

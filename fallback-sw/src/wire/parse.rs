@@ -307,6 +307,30 @@ pub fn parse(frame: &[u8], opts: ParseOptions) -> Result<ParsedPacket, ParseErro
     }
 }
 
+/// Where an IPv4 packet lies in its frame: the offsets of the IP header, of the L4
+/// header, and of the IP packet's end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct V4Layout {
+    /// Offset of the IPv4 header.
+    pub(crate) l3: usize,
+    /// Offset of the TCP/UDP header.
+    pub(crate) l4: usize,
+    /// End of the IP packet (its header offset plus total length).
+    pub(crate) end: usize,
+}
+
+impl V4Layout {
+    /// The layout of a parsed packet (its IP header's; meaningful for IPv4).
+    #[inline(always)]
+    pub(crate) fn of(pkt: &ParsedPacket) -> Self {
+        Self {
+            l3: usize::from(pkt.l3_offset),
+            l4: usize::from(pkt.l4_offset),
+            end: pkt.l3_end(),
+        }
+    }
+}
+
 /// The common frame, read in one step by [`plain_v4`]: untagged Ethernet, a whole (not
 /// fragmented) IPv4 packet without options. What [`PlainV4::packet`] needs to give the
 /// [`ParsedPacket`] that [`parse`] returns, and what the established path reads without
@@ -334,6 +358,16 @@ impl PlainV4 {
     const L3: usize = ethernet::HEADER_LEN;
     /// Offset of the L4 header.
     const L4: usize = Self::L3 + ipv4::HEADER_LEN;
+
+    /// Where the packet lies in the frame.
+    #[inline(always)]
+    pub(crate) fn layout(&self) -> V4Layout {
+        V4Layout {
+            l3: Self::L3,
+            l4: Self::L4,
+            end: Self::L3 + usize::from(self.l3_len),
+        }
+    }
 
     /// The frame as [`parse`] returns it.
     #[inline]
