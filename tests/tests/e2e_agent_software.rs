@@ -164,8 +164,6 @@ fn agent_software_backend_over_af_xdp_forwards_real_traffic() {
     scenario(Kind::SoftwareXdp);
 }
 
-/// The same scenario with the simulated NIC on the gateway's interfaces: the hosts send
-/// full checksums (the NIC's NAT adjusts them, as a NIC does).
 /// The same scenario with the XDP flow table: established TCP and replied UDP flows
 /// are NATed and forwarded by the XDP program; the counters the API reports add the
 /// program's, the idle UDP flow still ages, and teardown still reaches conntrack.
@@ -174,6 +172,8 @@ fn agent_software_backend_with_xdp_flow_table_forwards_real_traffic() {
     scenario(Kind::SoftwareXdpFlow);
 }
 
+/// The same scenario with the simulated NIC on the gateway's interfaces: the hosts send
+/// full checksums (the NIC's NAT adjusts them, as a NIC does).
 #[test]
 fn agent_sim_backend_on_interfaces_forwards_real_traffic() {
     scenario(Kind::Sim);

@@ -2,7 +2,9 @@
 //! and the reference the dataplane's implementation is tested against.
 //!
 //! The "fast path" here is software (Linux flowtable without hardware offload): an
-//! offloaded connection has OFFLOAD set and never HW_OFFLOAD. The policy offloads
+//! offloaded connection has OFFLOAD set, and HW_OFFLOAD only when the AF_XDP
+//! forwarder's XDP flow table carries it (`gateway::xdp_offload`, which marks its
+//! flows itself and returns them when they close or idle). The policy offloads
 //! eligible flows as their packets pass [`SoftwareControl::process`]; a TCP flow
 //! that leaves ESTABLISHED is returned to the slow path.
 //!

@@ -276,12 +276,21 @@ impl<P: PacketPort, T: ConnTable> SoftwareForwarder<P, T> {
     /// # Errors
     /// A port's socket failed, or the table cannot be used.
     pub fn run(&mut self, stop: &AtomicBool, clock: &dyn Fn() -> u64) -> Result<(), ForwardError> {
+        let mut result = Ok(());
         while !stop.load(Ordering::Relaxed) {
-            if self.poll(clock())? == 0 {
-                self.wait_idle();
+            match self.poll(clock()) {
+                Ok(0) => self.wait_idle(),
+                Ok(_) => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
         }
-        self.clear_xdp_offload(clock())
+        // Also after a failed round: the XDP table's flows go back to software (their
+        // entries deleted, their day-long timeouts undone) whatever ended the loop.
+        let cleared = self.clear_xdp_offload(clock());
+        result.and(cleared)
     }
 
     /// Waits for a frame on any port, at most `idle_wait`.
