@@ -678,6 +678,8 @@ pub struct TableStats {
     pub early_drop: u64,
     /// Entries expired (by GC or lazily on lookup).
     pub expired: u64,
+    /// Entries deleted by the operator or the agent ([`RemoveReason::Deleted`]).
+    pub deleted: u64,
     /// Events lost because the event queue was full.
     pub events_lost: u64,
 }
@@ -1411,6 +1413,9 @@ impl<P> ConnTable<P> {
         self.wheel.unlink(&mut self.links, slot.0);
         self.free.push(&mut self.links, slot, generation);
         self.count -= 1;
+        if reason == RemoveReason::Deleted {
+            self.stats.deleted += 1;
+        }
         if conn.status.intersects(Status::SRC_NAT | Status::DST_NAT) {
             self.nat_released.push((conn.tuples, conn.status));
         }
@@ -1664,6 +1669,10 @@ mod tests {
         assert_eq!(tab.lookup(&a, S), Some((s, Dir::Original)));
         let gone = tab.remove(sf, RemoveReason::Deleted).expect("live");
         assert_eq!(gone.tuples, [c, full]);
+        // Deletes are counted apart from protocol closes (the XDP offload watches them).
+        assert_eq!(tab.stats().deleted, 2);
+        tab.remove(s, RemoveReason::Closed).expect("live");
+        assert_eq!(tab.stats().deleted, 2);
     }
 
     #[test]

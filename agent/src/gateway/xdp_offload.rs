@@ -339,18 +339,13 @@ impl XdpFlowOffload {
     }
 
     /// Before a batch's packets: when connections were deleted since the last batch by
-    /// someone else (the API's delete or flush: inserted - expired - early-dropped -
-    /// live moved), the entries of every offloaded connection that is gone are deleted
-    /// now, before a packet of this batch can create a connection that reuses its NAT
-    /// port (invariant 2; O(offloaded flows), only after such deletes).
+    /// someone else (the API's delete or flush: the table's `deleted` count moved; a
+    /// protocol close does not count), the entries of every offloaded connection that
+    /// is gone are deleted now, before a packet of this batch can create a connection
+    /// that reuses its NAT port (invariant 2; O(offloaded flows), only after such
+    /// deletes).
     pub fn before_batch(&mut self, ct: &mut Conntrack, now: u64) {
-        let st = ct.table().stats();
-        let live = u64::try_from(ct.table().len()).unwrap_or(u64::MAX);
-        let deleted = st
-            .inserted
-            .saturating_sub(st.expired)
-            .saturating_sub(st.early_drop)
-            .saturating_sub(live);
+        let deleted = ct.table().stats().deleted;
         if deleted == self.deleted_seen {
             return;
         }
