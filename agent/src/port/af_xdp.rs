@@ -52,6 +52,22 @@ mod flow_table;
 pub use flow_table::FlowTable;
 #[path = "af_xdp_prog.rs"]
 pub mod prog;
+/// For tests that need BPF maps: whether creating one failed for want of privilege
+/// (`EPERM`, as when run without root), in which case the test skips, saying so. Under
+/// CI (root) a refusal fails the test instead, so that a skip cannot hide it.
+#[cfg(test)]
+pub(crate) fn bpf_refused_outside_ci(e: &io::Error) -> bool {
+    if e.raw_os_error() != Some(libc::EPERM) {
+        return false;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "BPF map refused under CI: {e}"
+    );
+    eprintln!("skipping: a BPF map needs CAP_BPF: {e}");
+    true
+}
+
 #[path = "af_xdp_sys.rs"]
 #[allow(unsafe_code)]
 mod sys;

@@ -461,15 +461,7 @@ mod tests {
     fn the_redirect_program_passes_the_verifier() {
         let map = match xskmap_create(4) {
             Ok(m) => m,
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                eprintln!("skipping: creating a BPF map needs CAP_BPF: {e}");
-                // CI runs as root: there, a skip would hide the test.
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "BPF map refused under CI: {e}"
-                );
-                return;
-            }
+            Err(e) if super::super::bpf_refused_outside_ci(&e) => return,
             Err(e) => panic!("creating an XSKMAP: {e}"),
         };
         let insns = super::super::prog::redirect_program(map.as_raw_fd());
@@ -485,15 +477,7 @@ mod tests {
         use super::super::flow_prog::{ENTRY_SIZE, KEY_SIZE, flow_program};
         let flows = match HashMap::create(KEY_SIZE, ENTRY_SIZE, 16, "ctoff_test") {
             Ok(m) => m,
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                eprintln!("skipping: creating a BPF map needs CAP_BPF: {e}");
-                // CI runs as root: there, a skip would hide the test.
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "BPF map refused under CI: {e}"
-                );
-                return;
-            }
+            Err(e) if super::super::bpf_refused_outside_ci(&e) => return,
             Err(e) => panic!("creating the flow map: {e}"),
         };
         let xsks = xskmap_create(4).expect("XSKMAP");
