@@ -900,7 +900,7 @@ impl<P> ConnTable<P> {
 
     /// Batch helper, second step: the connection that the first index cell of `hash`'s
     /// probe run with a matching hash tag points to, looking at most
-    /// [`PREFETCH_PROBE`] cells from the start (a hint: the tuple is not compared and
+    /// `PREFETCH_PROBE` cells from the start (a hint: the tuple is not compared and
     /// the timeout not checked). Callers read the fields they will use, so that the
     /// entry is in cache when [`ConnTable::lookup_hashed`] runs.
     #[inline]

@@ -96,7 +96,7 @@ impl Conntrack {
     /// Track a batch of frames that arrived in `zone` at `now`: `out[i]` receives the
     /// verdict of `frames[i]`, for the first `min(frames.len(), out.len())` frames. The
     /// results, counters and events are those of [`Conntrack::process`] called on each
-    /// frame in order; only faster, because the memory accesses of up to [`BATCH`]
+    /// frame in order; only faster, because the memory accesses of up to `BATCH` (32)
     /// packets overlap.
     pub fn process_batch(&mut self, frames: &[&[u8]], zone: u16, now: u64, out: &mut [Verdict]) {
         let n = frames.len().min(out.len());
