@@ -133,11 +133,17 @@ fn l4_ok(buf: &[u8], ip: &V4At) -> Option<(bool, bool)> {
     }
     let ok = match ip.proto {
         1 => fold(sum(l4, 0)) == 0,
-        6 | 17 => {
-            if ip.proto == 17 && l4[6] == 0 && l4[7] == 0 {
+        6 => fold(sum(l4, pseudo_v4(buf, ip, l4.len()))) == 0,
+        17 => {
+            if l4[6] == 0 && l4[7] == 0 {
                 return Some((true, true));
             }
-            fold(sum(l4, pseudo_v4(buf, ip, l4.len()))) == 0
+            // The checksum covers the datagram's own length (RFC 768), not bytes the IP
+            // packet carries after it: Linux trims to it before checking. A length
+            // outside 8..=payload is not a datagram (the parser rejects it).
+            let ulen = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
+            let datagram = l4.get(..ulen).filter(|_| ulen >= 8)?;
+            fold(sum(datagram, pseudo_v4(buf, ip, ulen))) == 0
         }
         _ => return None,
     };
@@ -196,7 +202,14 @@ fn fix_l4(buf: &mut [u8], ip: &V4At) {
         return;
     }
     put16(buf, start + at, 0);
-    let l4 = buf.get(start..ip.end).unwrap_or_default();
+    let mut l4 = buf.get(start..ip.end).unwrap_or_default();
+    if ip.proto == 17 {
+        // Over the datagram's own length when it is one (see `l4_ok`).
+        let ulen = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
+        if ulen >= 8 && ulen <= l4.len() {
+            l4 = &l4[..ulen];
+        }
+    }
     let c = match ip.proto {
         1 => fold(sum(l4, 0)),
         6 | 17 => {
