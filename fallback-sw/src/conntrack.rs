@@ -1147,15 +1147,27 @@ impl Conntrack {
         pkt: &ParsedPacket,
         frame: &mut [u8],
     ) -> NatOutcome {
-        let Verdict::Tracked { slot, dir, .. } = *verdict else {
-            return NatOutcome::Unchanged;
-        };
-        let nat_bits = Status::SRC_NAT | Status::DST_NAT;
         if pkt.l3 == L3::Ipv4
             && let Some(nat) = self.nat_rewrite_plain(verdict, &pkt.l4, V4Layout::of(pkt), frame)
         {
             return nat;
         }
+        self.nat_rewrite_general(verdict, pkt, frame)
+    }
+
+    /// [`Conntrack::nat_rewrite`] past [`Conntrack::nat_rewrite_plain`] (which gave
+    /// `None`, or does not apply): ICMP errors, IPv6, tuples aside, a connection the
+    /// packet closed.
+    pub(crate) fn nat_rewrite_general(
+        &mut self,
+        verdict: &Verdict,
+        pkt: &ParsedPacket,
+        frame: &mut [u8],
+    ) -> NatOutcome {
+        let Verdict::Tracked { slot, dir, .. } = *verdict else {
+            return NatOutcome::Unchanged;
+        };
+        let nat_bits = Status::SRC_NAT | Status::DST_NAT;
         let result = match self.table.entry(slot).map(|e| e.status) {
             // An ICMP error needs both tuples; any other packet only the other
             // direction's (which a translated IPv4 entry holds: no side store read).

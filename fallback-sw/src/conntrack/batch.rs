@@ -251,13 +251,15 @@ impl Conntrack {
                     let verdict = self.track_v4(plain, *key, *hash, meta, now);
                     // Without building the packet: nothing to rewrite (an untranslated
                     // connection), or the common rewrite at the plain frame's offsets.
-                    if let Some(nat) =
-                        self.nat_rewrite_plain(&verdict, &plain.l4, plain.layout(), frame)
-                    {
-                        *o = NatVerdict { verdict, nat };
-                        continue;
-                    }
-                    (verdict, plain.packet())
+                    // The rest (a connection the packet closed, tuples aside) with the
+                    // packet, without trying the plain rewrite a second time.
+                    let nat =
+                        match self.nat_rewrite_plain(&verdict, &plain.l4, plain.layout(), frame) {
+                            Some(nat) => nat,
+                            None => self.nat_rewrite_general(&verdict, &plain.packet(), frame),
+                        };
+                    *o = NatVerdict { verdict, nat };
+                    continue;
                 }
             };
             let nat = self.nat_rewrite(&verdict, &pkt, frame);
