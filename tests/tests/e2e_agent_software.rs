@@ -26,7 +26,7 @@
 //! assertion fails.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -150,6 +150,72 @@ fn long_lived_server(
         }
         peer
     })
+}
+
+/// With the XDP flow table: a UDP flow that the table carries is deleted through the
+/// CLI right after a burst the program forwarded (well within the 5 s sync interval);
+/// the deleted connection's reported counters count every packet (the API releases it
+/// from the table with its last counts first).
+fn xdp_flow_deleted_with_its_counts(t: &Topology, agent: &AgentProcess) {
+    let bind = |ns: &ctoffload_tests::netns::NetNs, addr: SocketAddr| {
+        let s = ns
+            .run_inside(move || UdpSocket::bind(addr))
+            .expect("enter namespace")
+            .expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        s
+    };
+    let dst = SocketAddr::from((ip(OUT_HOST), 5010));
+    let server = bind(&t.outside, dst);
+    let client = bind(&t.inside, SocketAddr::from((ip(IN_A), 0)));
+    let src = client.local_addr().expect("address");
+    let mut buf = [0u8; 64];
+    let mut sent = 0u64;
+    // Until the flow is in the table: each round one packet each way (the loop
+    // offloads a connection after a batch that touched it, once it has a reply).
+    let until = Instant::now() + Duration::from_secs(15);
+    let id = loop {
+        assert!(
+            Instant::now() < until,
+            "the UDP flow never went into the XDP table"
+        );
+        client.send_to(b"ping", dst).expect("send");
+        sent += 1;
+        if let Ok((_, peer)) = server.recv_from(&mut buf) {
+            server.send_to(b"pong", peer).expect("answer");
+            let _ = client.recv_from(&mut buf);
+        }
+        let flows = agent.flows().expect("flows");
+        if let Some(f) = find_flow(&flows, "udp", src, dst)
+            && f["hw_offloaded"] == true
+        {
+            break f["id"].as_u64().expect("id");
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    for _ in 0..20 {
+        client.send_to(b"data", dst).expect("send");
+        sent += 1;
+        server
+            .recv_from(&mut buf)
+            .expect("forwarded by the XDP table");
+    }
+    let out = agent
+        .cli(&["flows", "delete", "--id", &id.to_string()])
+        .expect("delete");
+    let packets: Vec<u64> = out
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("packets="))
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert_eq!(
+        packets.first().copied(),
+        Some(sent),
+        "the deleted flow counts every packet the client sent: {out}"
+    );
+    let flows = agent.flows().expect("flows");
+    assert!(find_flow(&flows, "udp", src, dst).is_none(), "deleted");
 }
 
 #[test]
@@ -317,6 +383,9 @@ fn scenario(kind: Kind) {
         assert!(Instant::now() < until, "counters: {long_flow}");
         thread::sleep(Duration::from_millis(300));
     };
+    if kind == Kind::SoftwareXdpFlow && agent.log_text().contains("AfXdp(") {
+        xdp_flow_deleted_with_its_counts(&t, &agent);
+    }
     let udp_flow = flows
         .iter()
         .find(|f| {

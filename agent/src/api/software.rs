@@ -59,6 +59,19 @@ struct State {
     settings: Settings,
     policy: OffloadPolicy,
     pending: Vec<Event>,
+    carrier: Option<Arc<dyn FlowCarrier>>,
+}
+
+/// Something outside the table that carries offloaded connections' packets and counts
+/// them (the AF_XDP forwarder's XDP flow table, `gateway::xdp_offload`). The control
+/// plane hands a connection back to it before returning or deleting one, under the
+/// table lock.
+pub trait FlowCarrier: Send + Sync + std::fmt::Debug {
+    /// `slot`'s connection is being taken back (deleted, drained): stop carrying it
+    /// and add what was counted for it since the last sync to `ct`, so that the
+    /// connection's counters, as reported and in its end-of-flow event, count every
+    /// packet. A slot the carrier does not hold is left alone.
+    fn release(&self, ct: &mut Conntrack, slot: Slot, now: u64);
 }
 
 /// See the module documentation.
@@ -93,7 +106,9 @@ fn info(c: &Conn<L4State>, now: u64) -> ConnInfo {
         remaining_ns: c.remaining(now),
         counters: c.counters,
         hw_counters: [Counter::default(); 2],
-        not_offloaded: Some("software backend: no offload device".into()),
+        // The XDP flow table (`gateway::xdp_offload`) is this backend's hardware.
+        not_offloaded: (!c.status.contains(Status::HW_OFFLOAD))
+            .then(|| "software backend: not in the XDP flow table".into()),
     }
 }
 
@@ -140,6 +155,9 @@ impl State {
     }
 
     fn return_to_software(&mut self, slot: Slot, reason: ReturnReason, now: u64) {
+        if let Some(carrier) = &self.carrier {
+            carrier.release(&mut self.ct, slot, now);
+        }
         let Some(c) = self.ct.table().get(slot) else {
             return;
         };
@@ -275,6 +293,7 @@ impl SoftwareControl {
                 offloaded: 0,
                 policy: OffloadPolicy::default(),
                 pending: Vec::new(),
+                carrier: None,
             }),
             journal: EventJournal::new(journal_capacity),
             clock,
@@ -306,6 +325,16 @@ impl SoftwareControl {
             self.journal.append(now, events)?;
         }
         out
+    }
+
+    /// Sets (or with `None` removes) what carries offloaded connections outside the
+    /// table; see [`FlowCarrier`].
+    ///
+    /// # Errors
+    /// The table's lock is poisoned.
+    pub fn set_flow_carrier(&self, carrier: Option<Arc<dyn FlowCarrier>>) -> Result<(), ApiError> {
+        self.lock()?.carrier = carrier;
+        Ok(())
     }
 
     /// Track one frame that arrived in `zone` now.
@@ -548,5 +577,101 @@ fn not_found(key: &ConnKey) -> ApiError {
             ConnKey::Id(id) => format!("connection id {id}"),
             ConnKey::Tuple(t) => format!("connection {t}"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use ctoffload_fallback_sw::tuple::{Addr, Dir, Family, Tuple};
+    use etherparse::PacketBuilder;
+
+    use super::*;
+
+    /// A carrier that has counted `extra` packets (of 100 bytes) in the original
+    /// direction of every connection it is asked to release, and records the slots.
+    #[derive(Debug)]
+    struct Counting {
+        extra: u64,
+        released: Mutex<Vec<Slot>>,
+    }
+
+    impl FlowCarrier for Counting {
+        fn release(&self, ct: &mut Conntrack, slot: Slot, _now: u64) {
+            let delta = Counter {
+                packets: self.extra,
+                bytes: 100 * self.extra,
+            };
+            ct.add_external_counts(slot, Dir::Original, delta);
+            self.released
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(slot);
+        }
+    }
+
+    fn udp(sport: u16) -> Vec<u8> {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(sport, 53)
+            .write(&mut v, b"payload")
+            .expect("frame");
+        v
+    }
+
+    fn key(sport: u16) -> ConnKey {
+        ConnKey::Tuple(Tuple {
+            src: Addr::v4([10, 0, 0, 1]),
+            dst: Addr::v4([10, 0, 0, 2]),
+            src_l4: sport,
+            dst_l4: 53,
+            proto: ipproto::UDP,
+            family: Family::V4,
+            zone: 0,
+        })
+    }
+
+    /// What a carrier counted is in the deleted connection's reported counters and in
+    /// its end-of-flow event; a flush releases every connection.
+    #[test]
+    fn a_delete_releases_the_connection_from_its_carrier_first() {
+        let control = SoftwareControl::new(Config::default(), 64);
+        let carrier = Arc::new(Counting {
+            extra: 5,
+            released: Mutex::new(Vec::new()),
+        });
+        let dyn_carrier: Arc<dyn FlowCarrier> = Arc::clone(&carrier) as Arc<dyn FlowCarrier>;
+        control
+            .set_flow_carrier(Some(dyn_carrier))
+            .expect("set carrier");
+        for sport in [1000, 1001, 1002] {
+            control.process(&udp(sport), 0).expect("process");
+        }
+        let info = control.delete(&key(1000)).expect("delete");
+        assert_eq!(info.counters[0].packets, 1 + 5, "software 1 + carried 5");
+        assert_eq!(info.counters[0].bytes, 35 + 500);
+        let records = control.journal().read(0, 64).expect("journal").records;
+        let eof = records
+            .iter()
+            .find_map(|r| match r.event {
+                Event::EndOfFlow { id, counters, .. } if id == info.id => Some(counters),
+                _ => None,
+            })
+            .expect("end of flow");
+        assert_eq!(eof[0].packets, 6);
+        assert_eq!(control.flush().expect("flush"), 2);
+        let released = carrier
+            .released
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        assert_eq!(released, 3, "one release per deleted connection");
+        // Without a carrier, nothing is added.
+        control.set_flow_carrier(None).expect("unset");
+        control.process(&udp(2000), 0).expect("process");
+        let info = control.delete(&key(2000)).expect("delete");
+        assert_eq!(info.counters[0].packets, 1);
     }
 }

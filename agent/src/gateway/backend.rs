@@ -21,9 +21,10 @@ use ctoffload_fallback_sw::table::Slot;
 use ctoffload_fallback_sw::tuple::Family;
 
 use super::forward::{ConnTable, ForwardError, ForwarderConfig, SoftwareForwarder};
-use super::xdp_offload::{XdpFlowOffload, XdpOffloadConfig};
+use super::xdp_offload::{SharedXdpOffload, XdpFlowOffload, XdpOffloadConfig};
 use super::{Gateway, GatewayConfig, PortConfig, Prefix, StaticRoute};
 use crate::api::SoftwareControl;
+use crate::api::software::FlowCarrier;
 use crate::config::AgentConfig;
 use crate::config::{Backend, PacketIo};
 use crate::port::af_xdp::{self, AfXdpConfig, AnyPort, IoRequest};
@@ -247,12 +248,25 @@ impl SoftwareBackend {
         if let Some(o) = offload {
             fwd = fwd.with_xdp_offload(o);
         }
+        // The control plane releases the XDP table's connections it deletes or drains
+        // (their last counts folded in first); unset again when the loop stops.
+        if let Some(x) = fwd.xdp_offload() {
+            let carrier: Arc<dyn FlowCarrier> = Arc::new(x.clone());
+            if let Err(e) = fwd.table().set_flow_carrier(Some(carrier)) {
+                tracing::error!(error = %e, "backend software: XDP flow offload not released by the API");
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("ctoffload-fwd".into())
             .spawn(move || {
                 let r = fwd.run(&stop2, &*clock);
+                if fwd.xdp_offload().is_some()
+                    && let Err(e) = fwd.table().set_flow_carrier(None)
+                {
+                    tracing::error!(error = %e, "backend software: XDP flow offload still set in the API");
+                }
                 let s = fwd.stats();
                 tracing::info!(
                     rx = s.rx,
@@ -261,7 +275,7 @@ impl SoftwareBackend {
                     drop_nat = s.drop_nat,
                     drop_tx_full = s.drop_tx_full,
                     gateway = ?fwd.gateway().stats(),
-                    xdp_offload = ?fwd.xdp_offload().map(XdpFlowOffload::stats),
+                    xdp_offload = ?fwd.xdp_offload().map(SharedXdpOffload::stats),
                     "forwarding thread stopped"
                 );
                 r

@@ -28,7 +28,7 @@ use ctoffload_fallback_sw::nat::PacketMeta;
 use ctoffload_fallback_sw::table::Slot;
 use ctoffload_fallback_sw::tuple::Addr;
 
-use super::xdp_offload::XdpFlowOffload;
+use super::xdp_offload::{SharedXdpOffload, XdpFlowOffload};
 use super::{Egress, Gateway, Ingress, wire};
 use crate::port::{FrameBatch, PacketPort, PortError};
 
@@ -136,7 +136,7 @@ struct Stage {
     generated: Vec<(usize, Vec<u8>)>,
     stats: ForwarderStats,
     /// Established flows in the AF_XDP ports' XDP flow table, if enabled.
-    xdp: Option<XdpFlowOffload>,
+    xdp: Option<SharedXdpOffload>,
 }
 
 impl<P: PacketPort, T: ConnTable> SoftwareForwarder<P, T> {
@@ -167,13 +167,14 @@ impl<P: PacketPort, T: ConnTable> SoftwareForwarder<P, T> {
     /// The loop with established flows offloaded to its ports' XDP flow table.
     #[must_use]
     pub fn with_xdp_offload(mut self, offload: XdpFlowOffload) -> Self {
-        self.stage.xdp = Some(offload);
+        self.stage.xdp = Some(SharedXdpOffload::new(offload));
         self
     }
 
-    /// The XDP flow offload, if enabled.
+    /// The XDP flow offload, if enabled (shared: the control plane releases the
+    /// connections it deletes through it).
     #[must_use]
-    pub fn xdp_offload(&self) -> Option<&XdpFlowOffload> {
+    pub fn xdp_offload(&self) -> Option<&SharedXdpOffload> {
         self.stage.xdp.as_ref()
     }
 
@@ -183,11 +184,11 @@ impl<P: PacketPort, T: ConnTable> SoftwareForwarder<P, T> {
     /// # Errors
     /// The table cannot be used.
     pub fn clear_xdp_offload(&mut self, now: u64) -> Result<(), ForwardError> {
-        let Some(x) = self.stage.xdp.as_mut() else {
+        let Some(x) = self.stage.xdp.as_ref() else {
             return Ok(());
         };
         self.table
-            .batch(&mut self.tracked, |ct, _| x.clear(ct, now))
+            .batch(&mut self.tracked, |ct, _| x.lock().clear(ct, now))
     }
 
     /// The gateway (neighbours, counters).
@@ -234,7 +235,11 @@ impl<P: PacketPort, T: ConnTable> SoftwareForwarder<P, T> {
         }
         let (stage, rx) = (&mut self.stage, &mut self.rx);
         self.table.batch(&mut self.tracked, |ct, tracked| {
-            if let Some(x) = stage.xdp.as_mut() {
+            // Held for the round, inside the table's lock (the lock order of
+            // `SharedXdpOffload`).
+            let shared = stage.xdp.clone();
+            let mut xdp = shared.as_ref().map(SharedXdpOffload::lock);
+            if let Some(x) = xdp.as_mut() {
                 x.before_batch(ct, now);
             }
             stage.gw.poll(now, &mut stage.generated);
@@ -246,7 +251,7 @@ impl<P: PacketPort, T: ConnTable> SoftwareForwarder<P, T> {
                     }
                 }
             }
-            if let Some(x) = stage.xdp.as_mut() {
+            if let Some(x) = xdp.as_mut() {
                 x.after_batch(ct, tracked, &stage.gw, now);
                 x.sync(ct, now);
             }

@@ -28,17 +28,19 @@
 //!   returned ([`Teardown::Idle`]: its timeout becomes what software would have left).
 //! - **Delete before free** (invariant 2): an offloaded connection's timeout is a day
 //!   ahead and kept there while it is active, so GC does not free it; entries are deleted
-//!   (synchronously, `bpf(2)`) before the connection is returned. A connection the API
-//!   deleted (returned, then freed, outside the loop) loses its entries at the start of
-//!   the next batch ([`XdpFlowOffload::before_batch`]), before a packet of that batch can
-//!   create a connection that reuses its NAT port; until then (at most one round) the
-//!   program may still forward the deleted connection's packets.
+//!   (synchronously, `bpf(2)`) before the connection is returned, taken out with their
+//!   last counters in the same call ([`FlowTable::take`]), so no forwarded packet goes
+//!   uncounted. The API's delete, drain and flush release the connection first
+//!   ([`SharedXdpOffload`] as its [`FlowCarrier`], under the table's lock like the
+//!   loop). A connection deleted from the table some other way loses its entries at the
+//!   start of the next batch ([`XdpFlowOffload::before_batch`]), before a packet of that
+//!   batch can create a connection that reuses its NAT port.
 //! - **Optional** (invariant 5): a full table or any `bpf(2)` error leaves the flow in
 //!   software, counted ([`XdpOffloadStats`]) and logged at most once per
 //!   [`LOG_INTERVAL_NS`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ctoffload_fallback_sw::conntrack::{Conntrack, L4State, NotOffloadable, Teardown};
 use ctoffload_fallback_sw::table::{Counter, Slot, Status};
@@ -46,6 +48,7 @@ use ctoffload_fallback_sw::tcp::TcpState;
 use ctoffload_fallback_sw::tuple::{Dir, Family, Tuple, proto};
 
 use super::Gateway;
+use crate::api::software::FlowCarrier;
 use crate::port::af_xdp::flow_prog::{
     FlowEntry, FlowKey, csum_add, csum_delta, ttl_decrement_delta,
 };
@@ -95,6 +98,9 @@ pub struct XdpOffloadStats {
     /// Connections whose entries were removed because conntrack had dropped or
     /// replaced them (or returned them itself).
     pub removed_stale: u64,
+    /// Connections taken back by someone else (the API's delete or drain),
+    /// [`XdpFlowOffload::release`].
+    pub released: u64,
     /// Failed reads or deletes.
     pub bpf_errors: u64,
     /// Connections in the table now.
@@ -237,6 +243,23 @@ struct InTable {
     last_seen_ns: u64,
 }
 
+impl InTable {
+    /// Adds what the program counted in `e` since the last read to `slot`'s `dir` in
+    /// conntrack and remembers `e`; whether `last_seen` moved.
+    fn fold(&mut self, e: &FlowEntry, ct: &mut Conntrack, slot: Slot, dir: Dir) -> bool {
+        let delta = Counter {
+            packets: e.packets.saturating_sub(self.packets),
+            bytes: e.bytes.saturating_sub(self.bytes),
+        };
+        if delta.packets > 0 || delta.bytes > 0 {
+            ct.add_external_counts(slot, dir, delta);
+        }
+        let moved = e.last_seen_ns != self.last_seen_ns;
+        (self.packets, self.bytes, self.last_seen_ns) = (e.packets, e.bytes, e.last_seen_ns);
+        moved
+    }
+}
+
 /// A connection in the table.
 #[derive(Debug, Clone, Copy)]
 struct Offloaded {
@@ -377,10 +400,7 @@ impl XdpFlowOffload {
                     _ => true,
                 };
                 if !established {
-                    self.fold_counts(ct, slot, now);
-                    if let Some(o) = self.flows.get(&slot).copied() {
-                        self.drop_entries(slot, &o, now);
-                    }
+                    self.take_entries(ct, slot, &o, now);
                     ct.teardown(slot, Teardown::Returned, now);
                     self.stats.returned_closing += 1;
                 } else if o.dirs.iter().any(Option::is_none) {
@@ -475,6 +495,53 @@ impl XdpFlowOffload {
         self.flows.remove(&slot);
     }
 
+    /// Takes the entries of `slot` (`o`) out of the table, each with its last counters
+    /// in the same `bpf(2)` call (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`), adds those to
+    /// conntrack, and forgets the flow: every packet the program forwarded is counted
+    /// (invariant 3). An entry that cannot be taken is read and deleted instead.
+    fn take_entries(&mut self, ct: &mut Conntrack, slot: Slot, o: &Offloaded, now: u64) {
+        for (d, dir) in o.dirs.iter().zip(DIRS) {
+            let Some(mut d) = *d else { continue };
+            match self.table.take(&d.key) {
+                Ok(Some(e)) => {
+                    d.fold(&e, ct, slot, dir);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.stats.bpf_errors += 1;
+                    self.log("taking an entry failed", &e, now);
+                    if let Ok(Some(e)) = self.table.read(&d.key) {
+                        d.fold(&e, ct, slot, dir);
+                    }
+                    if let Err(e) = self.table.remove(&d.key) {
+                        self.stats.bpf_errors += 1;
+                        self.log("delete failed", &e, now);
+                    }
+                }
+            }
+        }
+        self.flows.remove(&slot);
+    }
+
+    /// Someone else takes `slot`'s connection back from the table (the API deletes or
+    /// drains it): its entries leave the table now, their last counts folded into
+    /// conntrack first, so that what the API reports of it, and its destroy event,
+    /// count every packet; `HW_OFFLOAD` is cleared. The caller returns the connection
+    /// (`OFFLOAD`) itself. Nothing happens for a slot not in the table.
+    pub fn release(&mut self, ct: &mut Conntrack, slot: Slot, now: u64) {
+        let Some(o) = self.flows.get(&slot).copied() else {
+            return;
+        };
+        if ct.table().get_checked(slot, o.id).is_none() {
+            self.drop_entries(slot, &o, now);
+            self.stats.removed_stale += 1;
+            return;
+        }
+        self.take_entries(ct, slot, &o, now);
+        ct.set_hw_offloaded(slot, false);
+        self.stats.released += 1;
+    }
+
     /// Adds what the program counted since the last read to conntrack; whether the
     /// flow's `last_seen` moved.
     fn fold_counts(&mut self, ct: &mut Conntrack, slot: Slot, now: u64) -> bool {
@@ -485,17 +552,7 @@ impl XdpFlowOffload {
         for (d, dir) in o.dirs.iter_mut().zip(DIRS) {
             let Some(d) = d else { continue };
             match self.table.read(&d.key) {
-                Ok(Some(e)) => {
-                    let delta = Counter {
-                        packets: e.packets.saturating_sub(d.packets),
-                        bytes: e.bytes.saturating_sub(d.bytes),
-                    };
-                    if delta.packets > 0 || delta.bytes > 0 {
-                        ct.add_external_counts(slot, dir, delta);
-                    }
-                    moved |= e.last_seen_ns != d.last_seen_ns;
-                    (d.packets, d.bytes, d.last_seen_ns) = (e.packets, e.bytes, e.last_seen_ns);
-                }
+                Ok(Some(e)) => moved |= d.fold(&e, ct, slot, dir),
                 Ok(None) => {}
                 Err(e) => {
                     self.stats.bpf_errors += 1;
@@ -565,7 +622,9 @@ impl XdpFlowOffload {
         }
         let idle = now.saturating_sub(o.active_at);
         if idle >= self.cfg.idle_ns {
-            self.drop_entries(slot, &o, now);
+            // Taken with their counts: a packet since the read above is not lost (nor
+            // is the flow idle then, but it is in software again and stays there).
+            self.take_entries(ct, slot, &o, now);
             ct.teardown(slot, Teardown::Idle { idle_ns: idle }, now);
             self.stats.returned_idle += 1;
         } else {
@@ -576,12 +635,49 @@ impl XdpFlowOffload {
     /// Removes every entry (the forwarder stops): the flows stay in conntrack,
     /// returned to software.
     pub fn clear(&mut self, ct: &mut Conntrack, now: u64) {
-        self.sync_all(ct, now);
         let all: Vec<(Slot, Offloaded)> = self.flows.iter().map(|(&s, &o)| (s, o)).collect();
         for (slot, o) in all {
-            self.drop_entries(slot, &o, now);
+            if ct.table().get_checked(slot, o.id).is_none() {
+                self.drop_entries(slot, &o, now);
+                self.stats.removed_stale += 1;
+                continue;
+            }
+            self.take_entries(ct, slot, &o, now);
             ct.teardown(slot, Teardown::Returned, now);
         }
+    }
+}
+
+/// An [`XdpFlowOffload`] shared by the forwarding loop (which locks it for each of its
+/// rounds, inside the table's lock) and the control plane (which releases a connection
+/// through it, [`FlowCarrier`], also under the table's lock: one lock order).
+#[derive(Debug, Clone)]
+pub struct SharedXdpOffload(Arc<Mutex<XdpFlowOffload>>);
+
+impl SharedXdpOffload {
+    /// Shares `offload`.
+    #[must_use]
+    pub fn new(offload: XdpFlowOffload) -> Self {
+        Self(Arc::new(Mutex::new(offload)))
+    }
+
+    /// The offload. A panic while it was held leaves its bookkeeping as the last
+    /// completed call left it; the lock is taken anyway (the flows must still be
+    /// returned and their entries deleted).
+    pub fn lock(&self) -> MutexGuard<'_, XdpFlowOffload> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The counters.
+    #[must_use]
+    pub fn stats(&self) -> XdpOffloadStats {
+        self.lock().stats()
+    }
+}
+
+impl FlowCarrier for SharedXdpOffload {
+    fn release(&self, ct: &mut Conntrack, slot: Slot, now: u64) {
+        self.lock().release(ct, slot, now);
     }
 }
 
@@ -739,15 +835,24 @@ mod tests {
         f
     }
 
-    /// An API delete (return, then delete) between two batches: the next batch's
-    /// `before_batch` deletes the entries before any packet is processed.
-    #[test]
-    fn entries_of_a_connection_deleted_by_the_api_go_before_the_next_batch() {
+    /// What [`offloaded_udp`] sets up.
+    type Fixture = (
+        Arc<FlowTable>,
+        Conntrack,
+        Slot,
+        XdpFlowOffload,
+        Vec<FlowKey>,
+    );
+
+    /// A UDP connection HOST:1234 <-> SERVER:53 (answered) offloaded into a new table:
+    /// the table, conntrack, its slot, the offload and the entries' keys; `None` where
+    /// BPF maps cannot be created outside CI.
+    fn offloaded_udp() -> Option<Fixture> {
         use ctoffload_fallback_sw::conntrack::{Config, Verdict};
         use ctoffload_fallback_sw::nat::PacketMeta;
         let table = match FlowTable::new(16) {
             Ok(t) => Arc::new(t),
-            Err(e) if crate::port::af_xdp::bpf_refused_outside_ci(&e) => return,
+            Err(e) if crate::port::af_xdp::bpf_refused_outside_ci(&e) => return None,
             Err(e) => panic!("flow table: {e}"),
         };
         let mut g = gw();
@@ -786,7 +891,17 @@ mod tests {
         for k in &keys {
             assert!(table.read(k).expect("read").is_some(), "inserted");
         }
-        // What the API does: return the connection, then delete it.
+        Some((table, ct, slot, x, keys))
+    }
+
+    /// An API delete (return, then delete) between two batches: the next batch's
+    /// `before_batch` deletes the entries before any packet is processed.
+    #[test]
+    fn entries_of_a_connection_deleted_by_the_api_go_before_the_next_batch() {
+        let Some((table, mut ct, slot, mut x, keys)) = offloaded_udp() else {
+            return;
+        };
+        // What the API does without releasing: return the connection, then delete it.
         ct.teardown(slot, Teardown::Returned, 3_000);
         assert_eq!(ct.delete(slot), Ok(true));
         x.before_batch(&mut ct, 4_000);
@@ -801,5 +916,41 @@ mod tests {
         // Nothing deleted since: the next batch does not scan.
         x.before_batch(&mut ct, 5_000);
         assert_eq!(x.stats().removed_stale, 1);
+    }
+
+    /// A release (the API deleting a connection the table carries) takes the entries
+    /// out with what the program counted since the last sync, and those packets are in
+    /// the connection's counters before it is returned and freed (invariant 3).
+    #[test]
+    fn a_released_connection_keeps_the_packets_counted_since_the_last_sync() {
+        let Some((table, mut ct, slot, mut x, keys)) = offloaded_udp() else {
+            return;
+        };
+        let before = ct.table().get(slot).expect("connection").counters;
+        // The program forwarded 7 packets one way and 3 the other (as it counts them).
+        for (k, (packets, bytes)) in keys.iter().zip([(7u64, 700u64), (3, 330)]) {
+            let mut e = table.read(k).expect("read").expect("entry");
+            (e.packets, e.bytes, e.last_seen_ns) = (packets, bytes, 2_500);
+            table.insert(k, &e).expect("write counters");
+        }
+        x.release(&mut ct, slot, 3_000);
+        assert!(!x.contains(slot));
+        for k in &keys {
+            assert!(table.read(k).expect("read").is_none(), "taken out");
+        }
+        let c = ct.table().get(slot).expect("still in conntrack");
+        assert_eq!(c.counters[0].packets, before[0].packets + 7);
+        assert_eq!(c.counters[0].bytes, before[0].bytes + 700);
+        assert_eq!(c.counters[1].packets, before[1].packets + 3);
+        assert_eq!(c.counters[1].bytes, before[1].bytes + 330);
+        assert!(!c.status.contains(Status::HW_OFFLOAD));
+        assert_eq!(x.stats().released, 1);
+        // Released twice (the API's delete after its drain): nothing more happens.
+        x.release(&mut ct, slot, 4_000);
+        assert_eq!(x.stats().released, 1);
+        assert_eq!(
+            ct.table().get(slot).expect("connection").counters[0].packets,
+            before[0].packets + 7
+        );
     }
 }

@@ -50,16 +50,21 @@ impl FlowTable {
         self.map.delete(&key.to_bytes())
     }
 
+    /// Removes the entry of `key` and returns it with its last counters, in one step:
+    /// every packet the program counted in it is in the returned counters.
+    ///
+    /// # Errors
+    /// A `bpf(2)` error (a kernel before 5.14 refuses it for hash maps).
+    pub fn take(&self, key: &FlowKey) -> io::Result<Option<FlowEntry>> {
+        entry_from(|b| self.map.take(&key.to_bytes(), b))
+    }
+
     /// The entry of `key` with its counters as the program left them.
     ///
     /// # Errors
     /// A `bpf(2)` error.
     pub fn read(&self, key: &FlowKey) -> io::Result<Option<FlowEntry>> {
-        let mut b = [0u8; ENTRY_SIZE];
-        Ok(self
-            .map
-            .lookup(&key.to_bytes(), &mut b)?
-            .then(|| FlowEntry::from_bytes(&b)))
+        entry_from(|b| self.map.lookup(&key.to_bytes(), b))
     }
 
     pub(super) fn raw_fd(&self) -> i32 {
@@ -69,4 +74,10 @@ impl FlowTable {
     fn fd(&self) -> BorrowedFd<'_> {
         self.map.fd()
     }
+}
+
+/// The entry that `copy` wrote into a buffer, if it found one.
+fn entry_from(copy: impl FnOnce(&mut [u8]) -> io::Result<bool>) -> io::Result<Option<FlowEntry>> {
+    let mut b = [0u8; ENTRY_SIZE];
+    Ok(copy(&mut b)?.then(|| FlowEntry::from_bytes(&b)))
 }

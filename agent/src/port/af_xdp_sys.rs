@@ -120,6 +120,7 @@ const BPF_MAP_CREATE: i32 = 0;
 const BPF_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_MAP_UPDATE_ELEM: i32 = 2;
 const BPF_MAP_DELETE_ELEM: i32 = 3;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: i32 = 21;
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_PROG_LOAD: i32 = 5;
 const BPF_LINK_CREATE: i32 = 28;
@@ -325,16 +326,29 @@ impl HashMap {
 
     /// Copies the value of `key` into `value`; `false` when there is none.
     pub(super) fn lookup(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+        self.read_elem(BPF_MAP_LOOKUP_ELEM, key, value)
+    }
+
+    /// Copies the value of `key` into `value` and deletes it in one step (a program
+    /// run cannot update the entry in between); `false` when there was none. Hash maps
+    /// support it since Linux 5.14.
+    pub(super) fn take(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+        self.read_elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, key, value)
+    }
+
+    /// `cmd` (`BPF_MAP_LOOKUP_ELEM` or `BPF_MAP_LOOKUP_AND_DELETE_ELEM`) on `key`,
+    /// the value copied into `value`; `false` when there is none.
+    fn read_elem(&self, cmd: i32, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
         let mut attr = MapElemAttr {
             map_fd: self.check(key, Some(value.len()))?,
             key: key.as_ptr() as u64,
             value: value.as_mut_ptr() as u64,
             ..MapElemAttr::default()
         };
-        // SAFETY: `MapElemAttr` is the `BPF_MAP_LOOKUP_ELEM` layout; `key` is a live
-        // buffer of the key size the kernel reads, `value` a live, exclusively
-        // borrowed buffer of the value size (both checked) that the kernel writes.
-        match unsafe { sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
+        // SAFETY: `MapElemAttr` is the layout of both commands; `key` is a live buffer
+        // of the key size the kernel reads, `value` a live, exclusively borrowed buffer
+        // of the value size (both checked) that the kernel writes.
+        match unsafe { sys_bpf(cmd, &mut attr) } {
             Ok(_) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
