@@ -70,8 +70,10 @@ pub trait FlowCarrier: Send + Sync + std::fmt::Debug {
     /// `slot`'s connection is being taken back (deleted, drained): stop carrying it
     /// and add what was counted for it since the last sync to `ct`, so that the
     /// connection's counters, as reported and in its end-of-flow event, count every
-    /// packet. A slot the carrier does not hold is left alone.
-    fn release(&self, ct: &mut Conntrack, slot: Slot, now: u64);
+    /// packet. A slot the carrier does not hold is left alone. `false` when it cannot
+    /// let go of the connection now (its packets may still be rewritten and forwarded):
+    /// the connection is then not returned, so it is not freed either (invariant 2).
+    fn release(&self, ct: &mut Conntrack, slot: Slot, now: u64) -> bool;
 }
 
 /// See the module documentation.
@@ -155,8 +157,10 @@ impl State {
     }
 
     fn return_to_software(&mut self, slot: Slot, reason: ReturnReason, now: u64) {
-        if let Some(carrier) = &self.carrier {
-            carrier.release(&mut self.ct, slot, now);
+        if let Some(carrier) = &self.carrier
+            && !carrier.release(&mut self.ct, slot, now)
+        {
+            return; // still offloaded: a delete is refused
         }
         let Some(c) = self.ct.table().get(slot) else {
             return;
@@ -595,10 +599,15 @@ mod tests {
     struct Counting {
         extra: u64,
         released: Mutex<Vec<Slot>>,
+        /// Cannot let go (its deletes fail).
+        refuse: bool,
     }
 
     impl FlowCarrier for Counting {
-        fn release(&self, ct: &mut Conntrack, slot: Slot, _now: u64) {
+        fn release(&self, ct: &mut Conntrack, slot: Slot, _now: u64) -> bool {
+            if self.refuse {
+                return false;
+            }
             let delta = Counter {
                 packets: self.extra,
                 bytes: 100 * self.extra,
@@ -608,6 +617,7 @@ mod tests {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(slot);
+            true
         }
     }
 
@@ -641,6 +651,7 @@ mod tests {
         let carrier = Arc::new(Counting {
             extra: 5,
             released: Mutex::new(Vec::new()),
+            refuse: false,
         });
         let dyn_carrier: Arc<dyn FlowCarrier> = Arc::clone(&carrier) as Arc<dyn FlowCarrier>;
         control
@@ -673,5 +684,40 @@ mod tests {
         control.process(&udp(2000), 0).expect("process");
         let info = control.delete(&key(2000)).expect("delete");
         assert_eq!(info.counters[0].packets, 1);
+    }
+
+    /// A carrier that cannot let go of an offloaded connection: the API's delete is
+    /// refused and the connection stays, offloaded (invariant 2).
+    #[test]
+    fn a_connection_its_carrier_cannot_release_is_not_deleted() {
+        let control = SoftwareControl::new(Config::default(), 64);
+        control
+            .set_offload_policy(OffloadPolicy {
+                enabled: true,
+                min_packets: 1,
+                ..OffloadPolicy::default()
+            })
+            .expect("policy");
+        let refusing: Arc<dyn FlowCarrier> = Arc::new(Counting {
+            extra: 0,
+            released: Mutex::new(Vec::new()),
+            refuse: true,
+        });
+        control
+            .set_flow_carrier(Some(refusing))
+            .expect("set carrier");
+        let mut reply = Vec::new();
+        PacketBuilder::ethernet2([4; 6], [2; 6])
+            .ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
+            .udp(53, 1000)
+            .write(&mut reply, b"answer")
+            .expect("frame");
+        control.process(&udp(1000), 0).expect("process");
+        control.process(&reply, 0).expect("process");
+        let info = control.get(&key(1000)).expect("get");
+        assert!(info.status.contains(Status::OFFLOAD), "{info:?}");
+        assert!(control.delete(&key(1000)).is_err(), "refused");
+        let info = control.get(&key(1000)).expect("still there");
+        assert!(info.status.contains(Status::OFFLOAD));
     }
 }

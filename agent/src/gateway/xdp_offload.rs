@@ -34,7 +34,9 @@
 //!   ([`SharedXdpOffload`] as its [`FlowCarrier`], under the table's lock like the
 //!   loop). A connection deleted from the table some other way loses its entries at the
 //!   start of the next batch ([`XdpFlowOffload::before_batch`]), before a packet of that
-//!   batch can create a connection that reuses its NAT port.
+//!   batch can create a connection that reuses its NAT port. A delete that fails keeps
+//!   the connection offloaded (so not freed) and is retried at each sync; a gone
+//!   connection's entries are retried before every batch.
 //! - **Optional** (invariant 5): a full table or any `bpf(2)` error leaves the flow in
 //!   software, counted ([`XdpOffloadStats`]) and logged at most once per
 //!   [`LOG_INTERVAL_NS`].
@@ -103,6 +105,9 @@ pub struct XdpOffloadStats {
     pub released: u64,
     /// Failed reads or deletes.
     pub bpf_errors: u64,
+    /// Entries whose delete failed and is being retried: of connections gone, and
+    /// connections kept offloaded until theirs are deleted (invariant 2).
+    pub pending_deletes: u64,
     /// Connections in the table now.
     pub active: u64,
 }
@@ -267,6 +272,10 @@ struct Offloaded {
     dirs: [Option<InTable>; 2],
     /// Table-clock time of the last activity seen (insert, or `last_seen` moving).
     active_at: u64,
+    /// Being returned, as this says, but an entry could not be deleted yet: the
+    /// connection stays offloaded (GC and the API's delete leave it alone, its NAT
+    /// binding held: invariant 2) and the delete is retried at each sync.
+    leaving: Option<Teardown>,
 }
 
 /// The offload (see the module docs).
@@ -287,6 +296,9 @@ pub struct XdpFlowOffload {
     /// Connections deleted from the table outside GC and early drop (the API), as last
     /// seen by [`XdpFlowOffload::before_batch`].
     deleted_seen: u64,
+    /// Entries of connections already gone whose delete failed: retried before every
+    /// batch.
+    undeleted: Vec<FlowKey>,
 }
 
 const DIRS: [Dir; 2] = [Dir::Original, Dir::Reply];
@@ -307,6 +319,7 @@ impl XdpFlowOffload {
             logged_at: None,
             unlogged: 0,
             deleted_seen: 0,
+            undeleted: Vec::new(),
         }
     }
 
@@ -337,8 +350,10 @@ impl XdpFlowOffload {
     /// The counters.
     #[must_use]
     pub fn stats(&self) -> XdpOffloadStats {
+        let leaving = self.flows.values().filter(|o| o.leaving.is_some()).count();
         XdpOffloadStats {
             active: u64::try_from(self.flows.len()).unwrap_or(u64::MAX),
+            pending_deletes: u64::try_from(self.undeleted.len() + leaving).unwrap_or(u64::MAX),
             ..self.stats
         }
     }
@@ -368,6 +383,10 @@ impl XdpFlowOffload {
     /// that reuses its NAT port (invariant 2; O(offloaded flows), only after such
     /// deletes).
     pub fn before_batch(&mut self, ct: &mut Conntrack, now: u64) {
+        if !self.undeleted.is_empty() {
+            let table = Arc::clone(&self.table);
+            self.undeleted.retain(|k| table.remove(k).is_err());
+        }
         let deleted = ct.table().stats().deleted;
         if deleted == self.deleted_seen {
             return;
@@ -395,13 +414,15 @@ impl XdpFlowOffload {
                     self.stats.removed_stale += 1;
                     continue;
                 };
+                if o.leaving.is_some() {
+                    continue; // the sync retries
+                }
                 let established = match conn.proto {
                     L4State::Tcp(t) => t.state() == TcpState::Established,
                     _ => true,
                 };
                 if !established {
-                    self.take_entries(ct, slot, &o, now);
-                    ct.teardown(slot, Teardown::Returned, now);
+                    self.retire(ct, slot, &o, Teardown::Returned, now);
                     self.stats.returned_closing += 1;
                 } else if o.dirs.iter().any(Option::is_none) {
                     self.insert(ct, slot, gw, now);
@@ -436,6 +457,7 @@ impl XdpFlowOffload {
                 id: conn.id,
                 dirs: [None, None],
                 active_at: now,
+                leaving: None,
             },
         );
         if !self.insert(ct, slot, gw, now) {
@@ -484,12 +506,14 @@ impl XdpFlowOffload {
         o.dirs.iter().any(Option::is_some)
     }
 
-    /// Deletes the entries of `o` from the table and forgets it.
+    /// Deletes the entries of `o` from the table and forgets it; an entry whose delete
+    /// fails is retried before each batch.
     fn drop_entries(&mut self, slot: Slot, o: &Offloaded, now: u64) {
         for d in o.dirs.iter().flatten() {
             if let Err(e) = self.table.remove(&d.key) {
                 self.stats.bpf_errors += 1;
-                self.log("delete failed", &e, now);
+                self.log("delete failed, retried", &e, now);
+                self.undeleted.push(d.key);
             }
         }
         self.flows.remove(&slot);
@@ -498,48 +522,91 @@ impl XdpFlowOffload {
     /// Takes the entries of `slot` (`o`) out of the table, each with its last counters
     /// in the same `bpf(2)` call (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`), adds those to
     /// conntrack, and forgets the flow: every packet the program forwarded is counted
-    /// (invariant 3). An entry that cannot be taken is read and deleted instead.
-    fn take_entries(&mut self, ct: &mut Conntrack, slot: Slot, o: &Offloaded, now: u64) {
-        for (d, dir) in o.dirs.iter().zip(DIRS) {
-            let Some(mut d) = *d else { continue };
-            match self.table.take(&d.key) {
+    /// (invariant 3). An entry that cannot be taken is read and deleted instead. Whether
+    /// every entry is gone; if not, the flow stays with the entries left.
+    fn take_entries(&mut self, ct: &mut Conntrack, slot: Slot, o: &Offloaded, now: u64) -> bool {
+        let mut left = *o;
+        for (d, dir) in left.dirs.iter_mut().zip(DIRS) {
+            let Some(mut entry) = *d else { continue };
+            match self.table.take(&entry.key) {
                 Ok(Some(e)) => {
-                    d.fold(&e, ct, slot, dir);
+                    entry.fold(&e, ct, slot, dir);
+                    *d = None;
                 }
-                Ok(None) => {}
+                Ok(None) => *d = None,
                 Err(e) => {
                     self.stats.bpf_errors += 1;
                     self.log("taking an entry failed", &e, now);
-                    if let Ok(Some(e)) = self.table.read(&d.key) {
-                        d.fold(&e, ct, slot, dir);
+                    if let Ok(Some(e)) = self.table.read(&entry.key) {
+                        entry.fold(&e, ct, slot, dir);
                     }
-                    if let Err(e) = self.table.remove(&d.key) {
-                        self.stats.bpf_errors += 1;
-                        self.log("delete failed", &e, now);
+                    match self.table.remove(&entry.key) {
+                        Ok(_) => *d = None,
+                        Err(e) => {
+                            self.stats.bpf_errors += 1;
+                            self.log("delete failed, retried", &e, now);
+                            *d = Some(entry);
+                        }
                     }
                 }
             }
         }
-        self.flows.remove(&slot);
+        if left.dirs.iter().all(Option::is_none) {
+            self.flows.remove(&slot);
+            true
+        } else {
+            self.flows.insert(slot, left);
+            false
+        }
+    }
+
+    /// Takes `slot`'s entries out and returns the connection to software as `how`
+    /// says; when an entry cannot be deleted, the connection stays offloaded and the
+    /// sync retries (invariant 2: its NAT binding is not freed while the program may
+    /// still rewrite to it). Whether it was returned.
+    fn retire(
+        &mut self,
+        ct: &mut Conntrack,
+        slot: Slot,
+        o: &Offloaded,
+        how: Teardown,
+        now: u64,
+    ) -> bool {
+        if self.take_entries(ct, slot, o, now) {
+            ct.teardown(slot, how, now);
+            return true;
+        }
+        if let Some(left) = self.flows.get_mut(&slot) {
+            left.leaving = Some(how);
+        }
+        false
     }
 
     /// Someone else takes `slot`'s connection back from the table (the API deletes or
     /// drains it): its entries leave the table now, their last counts folded into
     /// conntrack first, so that what the API reports of it, and its destroy event,
     /// count every packet; `HW_OFFLOAD` is cleared. The caller returns the connection
-    /// (`OFFLOAD`) itself. Nothing happens for a slot not in the table.
-    pub fn release(&mut self, ct: &mut Conntrack, slot: Slot, now: u64) {
+    /// (`OFFLOAD`) itself. `false` when an entry could not be deleted: the connection
+    /// must stay offloaded then (the sync retries, and returns it once its entries are
+    /// gone). Nothing happens for a slot not in the table.
+    pub fn release(&mut self, ct: &mut Conntrack, slot: Slot, now: u64) -> bool {
         let Some(o) = self.flows.get(&slot).copied() else {
-            return;
+            return true;
         };
         if ct.table().get_checked(slot, o.id).is_none() {
             self.drop_entries(slot, &o, now);
             self.stats.removed_stale += 1;
-            return;
+            return true;
         }
-        self.take_entries(ct, slot, &o, now);
+        if !self.take_entries(ct, slot, &o, now) {
+            if let Some(left) = self.flows.get_mut(&slot) {
+                left.leaving = Some(Teardown::Returned);
+            }
+            return false;
+        }
         ct.set_hw_offloaded(slot, false);
         self.stats.released += 1;
+        true
     }
 
     /// Adds what the program counted since the last read to conntrack; whether the
@@ -603,6 +670,14 @@ impl XdpFlowOffload {
         let Some(o) = self.flows.get(&slot).copied() else {
             return;
         };
+        if let Some(how) = o.leaving {
+            if ct.table().get_checked(slot, o.id).is_some() {
+                self.retire(ct, slot, &o, how, now);
+            } else {
+                self.drop_entries(slot, &o, now);
+            }
+            return;
+        }
         let live = ct
             .table()
             .get_checked(slot, o.id)
@@ -624,8 +699,7 @@ impl XdpFlowOffload {
         if idle >= self.cfg.idle_ns {
             // Taken with their counts: a packet since the read above is not lost (nor
             // is the flow idle then, but it is in software again and stays there).
-            self.take_entries(ct, slot, &o, now);
-            ct.teardown(slot, Teardown::Idle { idle_ns: idle }, now);
+            self.retire(ct, slot, &o, Teardown::Idle { idle_ns: idle }, now);
             self.stats.returned_idle += 1;
         } else {
             ct.keep_alive(slot, now);
@@ -633,7 +707,7 @@ impl XdpFlowOffload {
     }
 
     /// Removes every entry (the forwarder stops): the flows stay in conntrack,
-    /// returned to software.
+    /// returned to software (one whose entry cannot be deleted stays offloaded).
     pub fn clear(&mut self, ct: &mut Conntrack, now: u64) {
         let all: Vec<(Slot, Offloaded)> = self.flows.iter().map(|(&s, &o)| (s, o)).collect();
         for (slot, o) in all {
@@ -642,8 +716,7 @@ impl XdpFlowOffload {
                 self.stats.removed_stale += 1;
                 continue;
             }
-            self.take_entries(ct, slot, &o, now);
-            ct.teardown(slot, Teardown::Returned, now);
+            self.retire(ct, slot, &o, Teardown::Returned, now);
         }
     }
 }
@@ -676,8 +749,8 @@ impl SharedXdpOffload {
 }
 
 impl FlowCarrier for SharedXdpOffload {
-    fn release(&self, ct: &mut Conntrack, slot: Slot, now: u64) {
-        self.lock().release(ct, slot, now);
+    fn release(&self, ct: &mut Conntrack, slot: Slot, now: u64) -> bool {
+        self.lock().release(ct, slot, now)
     }
 }
 
@@ -952,5 +1025,80 @@ mod tests {
             ct.table().get(slot).expect("connection").counters[0].packets,
             before[0].packets + 7
         );
+    }
+
+    /// Deletes that fail (the kernel refusing them): a release says so and the
+    /// connection stays offloaded (not freeable, its entries in place); a closing
+    /// connection is not returned either; once deletes work again, the next sync
+    /// takes the entries out and returns it (invariant 2). A gone connection's entries
+    /// are retried before every batch.
+    #[test]
+    fn an_entry_that_cannot_be_deleted_keeps_its_connection_offloaded_until_it_is() {
+        let Some((table, mut ct, slot, mut x, keys)) = offloaded_udp() else {
+            return;
+        };
+        table.fail_deletes(true);
+        assert!(!x.release(&mut ct, slot, 3_000), "not released");
+        let c = ct.table().get(slot).expect("connection");
+        assert!(
+            c.status.contains(Status::OFFLOAD | Status::HW_OFFLOAD),
+            "still offloaded"
+        );
+        assert_eq!(
+            ct.delete(slot).map_err(|_| ()),
+            Err(()),
+            "a delete is refused"
+        );
+        assert_eq!(x.stats().pending_deletes, 1);
+        for k in &keys {
+            assert!(table.read(k).expect("read").is_some(), "still in the table");
+        }
+        // Still failing: the sync retries and keeps it.
+        x.sync_all(&mut ct, 4_000);
+        assert!(x.contains(slot));
+        assert!(
+            ct.table()
+                .get(slot)
+                .expect("connection")
+                .status
+                .contains(Status::OFFLOAD)
+        );
+        // Deletes work again: the next sync takes the entries and returns the flow.
+        table.fail_deletes(false);
+        x.sync_all(&mut ct, 5_000);
+        assert!(!x.contains(slot));
+        assert_eq!(x.stats().pending_deletes, 0);
+        for k in &keys {
+            assert!(table.read(k).expect("read").is_none(), "taken out");
+        }
+        let c = ct.table().get(slot).expect("connection");
+        assert!(
+            !c.status.intersects(Status::OFFLOAD | Status::HW_OFFLOAD),
+            "returned"
+        );
+        assert_eq!(ct.delete(slot), Ok(true));
+    }
+
+    /// A connection gone from conntrack whose entries cannot be deleted: the keys are
+    /// kept and deleted before a later batch.
+    #[test]
+    fn entries_of_a_gone_connection_are_retried_before_each_batch() {
+        let Some((table, mut ct, slot, mut x, keys)) = offloaded_udp() else {
+            return;
+        };
+        ct.teardown(slot, Teardown::Returned, 3_000);
+        assert_eq!(ct.delete(slot), Ok(true));
+        table.fail_deletes(true);
+        x.before_batch(&mut ct, 4_000);
+        assert!(!x.contains(slot));
+        assert_eq!(x.stats().pending_deletes, 2, "both directions");
+        x.before_batch(&mut ct, 5_000);
+        assert_eq!(x.stats().pending_deletes, 2);
+        table.fail_deletes(false);
+        x.before_batch(&mut ct, 6_000);
+        assert_eq!(x.stats().pending_deletes, 0);
+        for k in &keys {
+            assert!(table.read(k).expect("read").is_none(), "deleted at last");
+        }
     }
 }

@@ -14,6 +14,9 @@ use super::sys;
 pub struct FlowTable {
     map: sys::HashMap,
     capacity: u32,
+    /// Tests: deletes fail with `EIO`, as a kernel refusing them would.
+    #[cfg(test)]
+    fail_deletes: std::sync::atomic::AtomicBool,
 }
 
 impl FlowTable {
@@ -25,6 +28,8 @@ impl FlowTable {
         Ok(Self {
             map: sys::HashMap::create(KEY_SIZE, ENTRY_SIZE, capacity, "ctoff_flows")?,
             capacity,
+            #[cfg(test)]
+            fail_deletes: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -47,6 +52,7 @@ impl FlowTable {
     /// # Errors
     /// A `bpf(2)` error.
     pub fn remove(&self, key: &FlowKey) -> io::Result<bool> {
+        self.injected_failure()?;
         self.map.delete(&key.to_bytes())
     }
 
@@ -56,6 +62,7 @@ impl FlowTable {
     /// # Errors
     /// A `bpf(2)` error (a kernel before 5.14 refuses it for hash maps).
     pub fn take(&self, key: &FlowKey) -> io::Result<Option<FlowEntry>> {
+        self.injected_failure()?;
         entry_from(|b| self.map.take(&key.to_bytes(), b))
     }
 
@@ -65,6 +72,28 @@ impl FlowTable {
     /// A `bpf(2)` error.
     pub fn read(&self, key: &FlowKey) -> io::Result<Option<FlowEntry>> {
         entry_from(|b| self.map.lookup(&key.to_bytes(), b))
+    }
+
+    /// Tests: from now on deletes fail (`true`) or work again.
+    #[cfg(test)]
+    pub(crate) fn fail_deletes(&self, fail: bool) {
+        self.fail_deletes
+            .store(fail, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    fn injected_failure(&self) -> io::Result<()> {
+        if self.fail_deletes.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    #[inline]
+    #[allow(clippy::unused_self, clippy::unnecessary_wraps)]
+    fn injected_failure(&self) -> io::Result<()> {
+        Ok(())
     }
 
     pub(super) fn raw_fd(&self) -> i32 {
