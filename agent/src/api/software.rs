@@ -23,7 +23,7 @@ use std::time::Instant;
 use ctoffload_fallback_sw::conntrack::{Config, Conntrack, L4State, Teardown, Verdict};
 use ctoffload_fallback_sw::table::{Conn, Counter, Event as CtEvent, Slot, Status};
 use ctoffload_fallback_sw::tcp::TcpState;
-use ctoffload_fallback_sw::tuple::proto as ipproto;
+use ctoffload_fallback_sw::tuple::{Tuple, proto as ipproto};
 
 use ctoffload_fallback_sw::nat::rules::NatRule as EngineRule;
 
@@ -74,6 +74,32 @@ pub trait FlowCarrier: Send + Sync + std::fmt::Debug {
     /// let go of the connection now (its packets may still be rewritten and forwarded):
     /// the connection is then not returned, so it is not freed either (invariant 2).
     fn release(&self, ct: &mut Conntrack, slot: Slot, now: u64) -> bool;
+
+    /// Moves what the carrier did on its own since the last call (connections it took
+    /// and gave back) to `out`, in order; the control plane journals them.
+    fn drain_events(&self, out: &mut Vec<CarrierEvent>);
+}
+
+/// What a [`FlowCarrier`] did on its own, for the event journal (a release the control
+/// plane asked for is not one: the control plane journals that return itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CarrierEvent {
+    /// It took a connection: its packets go through the carrier now.
+    Carried {
+        /// The connection's id.
+        id: u64,
+        /// Its original tuple.
+        original: Tuple,
+    },
+    /// It gave one back to the table's slow path.
+    Returned {
+        /// The connection's id.
+        id: u64,
+        /// Its original tuple.
+        original: Tuple,
+        /// Why.
+        reason: ReturnReason,
+    },
 }
 
 /// See the module documentation.
@@ -117,6 +143,26 @@ fn info(c: &Conn<L4State>, now: u64) -> ConnInfo {
 impl State {
     /// Move the table's events (and any loss) into `pending`.
     fn collect(&mut self) {
+        if let Some(carrier) = &self.carrier {
+            let mut carried = Vec::new();
+            carrier.drain_events(&mut carried);
+            self.pending.extend(carried.into_iter().map(|e| match e {
+                CarrierEvent::Carried { id, original } => Event::Offloaded {
+                    id,
+                    original,
+                    hardware: true,
+                },
+                CarrierEvent::Returned {
+                    id,
+                    original,
+                    reason,
+                } => Event::Returned {
+                    id,
+                    original,
+                    reason,
+                },
+            }));
+        }
         let lost = self.ct.table().stats().events_lost;
         if lost > self.source_lost_seen {
             self.pending.push(Event::Gap {
@@ -601,6 +647,8 @@ mod tests {
         released: Mutex<Vec<Slot>>,
         /// Cannot let go (its deletes fail).
         refuse: bool,
+        /// What it reports it did.
+        events: Mutex<Vec<CarrierEvent>>,
     }
 
     impl FlowCarrier for Counting {
@@ -619,6 +667,15 @@ mod tests {
                 .push(slot);
             true
         }
+
+        fn drain_events(&self, out: &mut Vec<CarrierEvent>) {
+            out.extend(
+                self.events
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .drain(..),
+            );
+        }
     }
 
     fn udp(sport: u16) -> Vec<u8> {
@@ -632,7 +689,11 @@ mod tests {
     }
 
     fn key(sport: u16) -> ConnKey {
-        ConnKey::Tuple(Tuple {
+        ConnKey::Tuple(tuple(sport))
+    }
+
+    fn tuple(sport: u16) -> Tuple {
+        Tuple {
             src: Addr::v4([10, 0, 0, 1]),
             dst: Addr::v4([10, 0, 0, 2]),
             src_l4: sport,
@@ -640,7 +701,7 @@ mod tests {
             proto: ipproto::UDP,
             family: Family::V4,
             zone: 0,
-        })
+        }
     }
 
     /// What a carrier counted is in the deleted connection's reported counters and in
@@ -652,6 +713,7 @@ mod tests {
             extra: 5,
             released: Mutex::new(Vec::new()),
             refuse: false,
+            events: Mutex::new(Vec::new()),
         });
         let dyn_carrier: Arc<dyn FlowCarrier> = Arc::clone(&carrier) as Arc<dyn FlowCarrier>;
         control
@@ -679,6 +741,21 @@ mod tests {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .len();
         assert_eq!(released, 3, "one release per deleted connection");
+        // What the carrier reports it did is journaled as offload events.
+        let original = tuple(1001);
+        carrier
+            .events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(CarrierEvent::Carried { id: 7, original });
+        control.gc(1).expect("gc");
+        let records = control.journal().read(0, 64).expect("journal").records;
+        assert!(records.iter().any(|r| r.event
+            == Event::Offloaded {
+                id: 7,
+                original,
+                hardware: true
+            }));
         // Without a carrier, nothing is added.
         control.set_flow_carrier(None).expect("unset");
         control.process(&udp(2000), 0).expect("process");
@@ -702,6 +779,7 @@ mod tests {
             extra: 0,
             released: Mutex::new(Vec::new()),
             refuse: true,
+            events: Mutex::new(Vec::new()),
         });
         control
             .set_flow_carrier(Some(refusing))

@@ -251,6 +251,7 @@ impl SoftwareBackend {
         // The control plane releases the XDP table's connections it deletes or drains
         // (their last counts folded in first); unset again when the loop stops.
         if let Some(x) = fwd.xdp_offload() {
+            x.lock().report_events();
             let carrier: Arc<dyn FlowCarrier> = Arc::new(x.clone());
             if let Err(e) = fwd.table().set_flow_carrier(Some(carrier)) {
                 tracing::error!(error = %e, "backend software: XDP flow offload not released by the API");

@@ -50,7 +50,8 @@ use ctoffload_fallback_sw::tcp::TcpState;
 use ctoffload_fallback_sw::tuple::{Dir, Family, Tuple, proto};
 
 use super::Gateway;
-use crate::api::software::FlowCarrier;
+use crate::api::model::ReturnReason;
+use crate::api::software::{CarrierEvent, FlowCarrier};
 use crate::port::af_xdp::flow_prog::{
     FlowEntry, FlowKey, csum_add, csum_delta, ttl_decrement_delta,
 };
@@ -275,7 +276,7 @@ struct Offloaded {
     /// Being returned, as this says, but an entry could not be deleted yet: the
     /// connection stays offloaded (GC and the API's delete leave it alone, its NAT
     /// binding held: invariant 2) and the delete is retried at each sync.
-    leaving: Option<Teardown>,
+    leaving: Option<(Teardown, ReturnReason)>,
 }
 
 /// The offload (see the module docs).
@@ -299,6 +300,9 @@ pub struct XdpFlowOffload {
     /// Entries of connections already gone whose delete failed: retried before every
     /// batch.
     undeleted: Vec<FlowKey>,
+    /// Connections taken and given back, for the API's journal; `None` (nothing kept)
+    /// until [`XdpFlowOffload::report_events`].
+    events: Option<Vec<CarrierEvent>>,
 }
 
 const DIRS: [Dir; 2] = [Dir::Original, Dir::Reply];
@@ -320,6 +324,20 @@ impl XdpFlowOffload {
             unlogged: 0,
             deleted_seen: 0,
             undeleted: Vec::new(),
+            events: None,
+        }
+    }
+
+    /// From now on keeps a record of the connections it takes and gives back, for
+    /// [`FlowCarrier::drain_events`] (who reports must drain: the record grows until
+    /// then).
+    pub fn report_events(&mut self) {
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    fn event(&mut self, e: CarrierEvent) {
+        if let Some(events) = self.events.as_mut() {
+            events.push(e);
         }
     }
 
@@ -422,7 +440,13 @@ impl XdpFlowOffload {
                     _ => true,
                 };
                 if !established {
-                    self.retire(ct, slot, &o, Teardown::Returned, now);
+                    self.retire(
+                        ct,
+                        slot,
+                        &o,
+                        (Teardown::Returned, ReturnReason::Teardown),
+                        now,
+                    );
                     self.stats.returned_closing += 1;
                 } else if o.dirs.iter().any(Option::is_none) {
                     self.insert(ct, slot, gw, now);
@@ -472,6 +496,10 @@ impl XdpFlowOffload {
         }
         ct.set_hw_offloaded(slot, true);
         self.stats.offloaded += 1;
+        self.event(CarrierEvent::Carried {
+            id: conn.id,
+            original: conn.tuples[0],
+        });
     }
 
     /// Inserts the directions of `slot` not in the table yet; whether it has any now.
@@ -569,11 +597,18 @@ impl XdpFlowOffload {
         ct: &mut Conntrack,
         slot: Slot,
         o: &Offloaded,
-        how: Teardown,
+        how: (Teardown, ReturnReason),
         now: u64,
     ) -> bool {
         if self.take_entries(ct, slot, o, now) {
-            ct.teardown(slot, how, now);
+            ct.teardown(slot, how.0, now);
+            if let Some(original) = ct.table().get(slot).map(|c| c.tuples[0]) {
+                self.event(CarrierEvent::Returned {
+                    id: o.id,
+                    original,
+                    reason: how.1,
+                });
+            }
             return true;
         }
         if let Some(left) = self.flows.get_mut(&slot) {
@@ -600,7 +635,7 @@ impl XdpFlowOffload {
         }
         if !self.take_entries(ct, slot, &o, now) {
             if let Some(left) = self.flows.get_mut(&slot) {
-                left.leaving = Some(Teardown::Returned);
+                left.leaving = Some((Teardown::Returned, ReturnReason::Delete));
             }
             return false;
         }
@@ -699,7 +734,8 @@ impl XdpFlowOffload {
         if idle >= self.cfg.idle_ns {
             // Taken with their counts: a packet since the read above is not lost (nor
             // is the flow idle then, but it is in software again and stays there).
-            self.retire(ct, slot, &o, Teardown::Idle { idle_ns: idle }, now);
+            let how = (Teardown::Idle { idle_ns: idle }, ReturnReason::Idle);
+            self.retire(ct, slot, &o, how, now);
             self.stats.returned_idle += 1;
         } else {
             ct.keep_alive(slot, now);
@@ -716,7 +752,7 @@ impl XdpFlowOffload {
                 self.stats.removed_stale += 1;
                 continue;
             }
-            self.retire(ct, slot, &o, Teardown::Returned, now);
+            self.retire(ct, slot, &o, (Teardown::Returned, ReturnReason::Drain), now);
         }
     }
 }
@@ -751,6 +787,12 @@ impl SharedXdpOffload {
 impl FlowCarrier for SharedXdpOffload {
     fn release(&self, ct: &mut Conntrack, slot: Slot, now: u64) -> bool {
         self.lock().release(ct, slot, now)
+    }
+
+    fn drain_events(&self, out: &mut Vec<CarrierEvent>) {
+        if let Some(events) = self.lock().events.as_mut() {
+            out.append(events);
+        }
     }
 }
 
@@ -921,6 +963,11 @@ mod tests {
     /// the table, conntrack, its slot, the offload and the entries' keys; `None` where
     /// BPF maps cannot be created outside CI.
     fn offloaded_udp() -> Option<Fixture> {
+        offloaded_udp_reporting(false)
+    }
+
+    /// [`offloaded_udp`], the offload reporting events from the start if `report`.
+    fn offloaded_udp_reporting(report: bool) -> Option<Fixture> {
         use ctoffload_fallback_sw::conntrack::{Config, Verdict};
         use ctoffload_fallback_sw::nat::PacketMeta;
         let table = match FlowTable::new(16) {
@@ -953,6 +1000,9 @@ mod tests {
             vec![11, 12],
             XdpOffloadConfig::default(),
         );
+        if report {
+            x.report_events();
+        }
         x.before_batch(&mut ct, 2_000);
         x.after_batch(&mut ct, &[slot], &g, 2_000);
         assert!(x.contains(slot), "{:?}", x.stats());
@@ -1025,6 +1075,46 @@ mod tests {
             ct.table().get(slot).expect("connection").counters[0].packets,
             before[0].packets + 7
         );
+    }
+
+    /// Reported: the connection taken, and given back when idle; not a release (the
+    /// API reports that itself); nothing kept without `report_events`.
+    #[test]
+    fn carried_and_returned_connections_are_reported_when_asked() {
+        let Some((_table, mut ct, slot, x, _keys)) = offloaded_udp_reporting(true) else {
+            return;
+        };
+        let shared = SharedXdpOffload::new(x);
+        let mut events = Vec::new();
+        shared.drain_events(&mut events);
+        let (id, original) = {
+            let c = ct.table().get(slot).expect("connection");
+            (c.id, c.tuples[0])
+        };
+        assert_eq!(events, vec![CarrierEvent::Carried { id, original }]);
+        events.clear();
+        shared.drain_events(&mut events);
+        assert!(events.is_empty(), "drained");
+        let idle = XdpOffloadConfig::default().idle_ns;
+        shared.lock().sync_all(&mut ct, 2_000 + idle);
+        shared.drain_events(&mut events);
+        assert_eq!(
+            events,
+            vec![CarrierEvent::Returned {
+                id,
+                original,
+                reason: ReturnReason::Idle
+            }]
+        );
+        // Not reporting: nothing kept.
+        let Some((_table, mut ct, slot, x, _keys)) = offloaded_udp() else {
+            return;
+        };
+        let shared = SharedXdpOffload::new(x);
+        assert!(shared.release(&mut ct, slot, 3_000));
+        events.clear();
+        shared.drain_events(&mut events);
+        assert!(events.is_empty());
     }
 
     /// Deletes that fail (the kernel refusing them): a release says so and the
