@@ -1222,13 +1222,11 @@ impl<P> ConnTable<P> {
             (reply, reply_hash, Dir::Reply),
         ] {
             if let Some((slot, _)) = self.lookup_hashed(&tuple, h, now) {
-                self.stats.insert_clash += 1;
-                let id = self.id(slot).unwrap_or(0);
-                return Err(InsertError::Clash { tuple, dir, id });
+                return Err(self.clash(slot, tuple, dir));
             }
         }
         self.insert_new(
-            orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
+            orig, orig_hash, reply, reply_hash, status, timeout, proto, now, None,
         )
     }
 
@@ -1252,17 +1250,53 @@ impl<P> ConnTable<P> {
         debug_assert!(self.find(&orig, orig_hash).is_none());
         debug_assert_eq!(reply_hash, self.hash(&reply));
         if let Some((slot, _)) = self.lookup_hashed(&reply, reply_hash, now) {
-            self.stats.insert_clash += 1;
-            let id = self.id(slot).unwrap_or(0);
-            return Err(InsertError::Clash {
-                tuple: reply,
-                dir: Dir::Reply,
-                id,
-            });
+            return Err(self.clash(slot, reply, Dir::Reply));
         }
         self.insert_new(
-            orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
+            orig, orig_hash, reply, reply_hash, status, timeout, proto, now, None,
         )
+    }
+
+    /// [`ConnTable::insert_after_miss`] for an untranslated IPv4 connection: its
+    /// original tuple packed, `key`, for which [`ConnTable::find_v4`] (hash `hash`)
+    /// has just returned [`FoundV4::Absent`] with nothing inserted since, and its
+    /// reply, `reply`, the key's [`PackedV4::invert`] (same hash). The reply's clash
+    /// check compares words ([`ConnTable::find_v4`]; the general lookup only when that
+    /// cannot tell), and the entry's key is the packed original as it is.
+    pub(crate) fn insert_v4_after_miss(
+        &mut self,
+        key: PackedV4,
+        reply: PackedV4,
+        hash: u64,
+        timeout: u64,
+        proto: P,
+        now: u64,
+    ) -> Result<Slot, InsertError> {
+        debug_assert_eq!(self.find_v4(key, hash, now), FoundV4::Absent);
+        debug_assert_eq!(key.invert(), Some(reply));
+        let clash = match self.find_v4(reply, hash, now) {
+            FoundV4::Absent => None,
+            FoundV4::Live(slot, _) => Some(slot),
+            // An expired owner is reaped here, as by `insert_after_miss`.
+            FoundV4::Unsure => self
+                .lookup_hashed(&reply.unpack(), hash, now)
+                .map(|(slot, _)| slot),
+        };
+        if let Some(slot) = clash {
+            return Err(self.clash(slot, reply.unpack(), Dir::Reply));
+        }
+        let status = Status::empty();
+        let (o, r) = (key.unpack(), reply.unpack());
+        let orig = Some(V4Orig::from_packed(key));
+        self.insert_new(o, hash, r, hash, status, timeout, proto, now, orig)
+    }
+
+    /// Counts an insert refused because `tuple` (direction `dir` of the new
+    /// connection) belongs to the live connection in `slot`, and says so.
+    fn clash(&mut self, slot: Slot, tuple: Tuple, dir: Dir) -> InsertError {
+        self.stats.insert_clash += 1;
+        let id = self.id(slot).unwrap_or(0);
+        InsertError::Clash { tuple, dir, id }
     }
 
     /// [`ConnTable::insert_hashed`] for a caller that has just checked, in this same
@@ -1291,11 +1325,13 @@ impl<P> ConnTable<P> {
         );
         let reply_hash = self.hash(&reply);
         self.insert_new(
-            orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
+            orig, orig_hash, reply, reply_hash, status, timeout, proto, now, None,
         )
     }
 
-    /// The part of an insert after the clash checks.
+    /// The part of an insert after the clash checks. `plain_v4`: the original packed,
+    /// when the caller knows that the reply is its inverse (the key is then
+    /// [`Key::V4`] without comparing the tuples).
     #[allow(clippy::too_many_arguments)]
     fn insert_new(
         &mut self,
@@ -1307,6 +1343,7 @@ impl<P> ConnTable<P> {
         timeout: u64,
         proto: P,
         now: u64,
+        plain_v4: Option<V4Orig>,
     ) -> Result<Slot, InsertError> {
         if self.count >= self.limit && !self.early_drop(&orig, now) {
             self.stats.insert_full += 1;
@@ -1319,12 +1356,18 @@ impl<P> ConnTable<P> {
         // Generation 0 is never used, so no id is 0.
         let generation = freed_generation.checked_add(1).unwrap_or(1);
         let id = conn_id(slot, generation);
-        let key = Key::compact(&orig, &reply, generation).unwrap_or_else(|| {
-            self.side.put(slot, [orig, reply]);
-            Key::Side {
+        let key = match plain_v4 {
+            Some(orig) => Key::V4 {
+                orig,
                 meta: Meta::new(generation),
-            }
-        });
+            },
+            None => Key::compact(&orig, &reply, generation).unwrap_or_else(|| {
+                self.side.put(slot, [orig, reply]);
+                Key::Side {
+                    meta: Meta::new(generation),
+                }
+            }),
+        };
         if key.meta().is_none() {
             self.spilled.put(slot, Meta::new(generation));
         }
