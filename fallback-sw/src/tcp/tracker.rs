@@ -178,6 +178,7 @@ impl TcpConn {
     }
 
     /// The body of `nf_conntrack_tcp_packet` after `tcp_error`/`tcp_new`.
+    #[inline]
     pub(super) fn process(
         &mut self,
         dir: Dir,
