@@ -1583,7 +1583,9 @@ impl<P> ConnTable<P> {
     }
 
     /// Take the queued events.
-    pub fn drain_events(&mut self) -> impl ExactSizeIterator<Item = Event> + '_ {
+    pub fn drain_events(
+        &mut self,
+    ) -> impl DoubleEndedIterator<Item = Event> + ExactSizeIterator + '_ {
         self.events.drain()
     }
 

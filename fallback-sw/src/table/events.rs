@@ -69,7 +69,9 @@ impl EventQueue {
     }
 
     /// Take the queued events, in order.
-    pub(super) fn drain(&mut self) -> impl ExactSizeIterator<Item = Event> + '_ {
+    pub(super) fn drain(
+        &mut self,
+    ) -> impl DoubleEndedIterator<Item = Event> + ExactSizeIterator + '_ {
         self.queued.drain(..).map(Queued::event)
     }
 
