@@ -50,7 +50,7 @@ enum IgnoreResult {
 
 impl TcpConn {
     /// An all-zero connection in state NONE (the `memset` of `tcp_new`).
-    fn zeroed() -> TcpConn {
+    pub(super) fn zeroed() -> TcpConn {
         TcpConn {
             seen: [TcpDirState::default(); 2],
             last_seq: 0,
@@ -88,6 +88,24 @@ impl TcpConn {
                 s.maxwin = u32::from(seg.window).max(1);
                 s.maxend = s.end;
                 s.parse_options(seg);
+                // What `process` does with this SYN, without its general checks: no
+                // special case of the state table applies (NONE to SYN_SENT), and
+                // `tcp_in_window` accepts it (seq is below the sender's right edge
+                // `end`, the receiver is unset, so its implied ack 0 passes the ack
+                // bounds) with one change: the receiver may send up to the SYN's
+                // window (at least 1). The window is not scaled on a SYN, the ack is
+                // not recorded (no ACK flag) and no retransmission is counted (not an
+                // ACK). `new_matches_the_general_path` checks this against `process`.
+                conn.seen[1].maxend = u32::from(seg.window).max(1);
+                let accept = conn.accepted(
+                    Dir::Original,
+                    index,
+                    TcpState::None,
+                    TcpState::SynSent,
+                    ConnStatus::default(),
+                    cfg,
+                );
+                return Ok((conn, accept));
             }
             Transition::To(_) if !cfg.loose => return Err(TcpInvalid::PickupDisabled),
             Transition::To(_) => {
@@ -285,7 +303,22 @@ impl TcpConn {
             }
         }
 
-        // In window from here on.
+        TcpOutcome::Accept(self.accepted(dir, index, old_state, new_state, status, cfg))
+    }
+
+    /// The end of `nf_conntrack_tcp_packet` for a packet in window (or let through
+    /// without the window check): record it, move to `new_state`, and pick the
+    /// timeout and the ASSURED decision.
+    #[inline]
+    fn accepted(
+        &mut self,
+        dir: Dir,
+        index: FlagIndex,
+        old_state: TcpState,
+        new_state: TcpState,
+        status: ConnStatus,
+        cfg: &TcpConfig,
+    ) -> TcpAccept {
         self.last_index = index;
         self.last_dir = dir;
         self.state = new_state;
@@ -322,11 +355,11 @@ impl TcpConn {
             if index == FlagIndex::Rst {
                 // Only answer is a RST: no connection, delete at once.
                 accept.delete_now = true;
-                return TcpOutcome::Accept(accept);
+                return accept;
             }
             if index == FlagIndex::Syn && old_state == TcpState::SynSent {
                 // Do not renew the timeout on SYN retransmits (port reuse keeps it alive).
-                return TcpOutcome::Accept(accept);
+                return accept;
             }
             if new_state == TcpState::Established && timeout > t.unacknowledged {
                 // Pickup without a reply: avoid the long ESTABLISHED timeout.
@@ -339,7 +372,7 @@ impl TcpConn {
             accept.set_assured = true;
         }
         accept.timeout_ns = Some(secs_to_ns(timeout));
-        TcpOutcome::Accept(accept)
+        accept
     }
 
     fn ignored(&self, state: TcpState, index: FlagIndex) -> TcpOutcome {
