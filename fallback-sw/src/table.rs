@@ -1393,8 +1393,15 @@ impl<P> ConnTable<P> {
             proto,
         });
         self.count += 1;
-        self.index_insert(orig_hash, slot, Dir::Original);
-        self.index_insert(reply_hash, slot, Dir::Reply);
+        let pos = self.index_insert(orig_hash, slot, Dir::Original, self.pos(orig_hash));
+        // A reply with the same hash (no NAT) goes into the next free cell of the
+        // same probe run: the walk goes on from the original's cell.
+        let from = if reply_hash == orig_hash {
+            (pos + 1) & self.mask
+        } else {
+            self.pos(reply_hash)
+        };
+        self.index_insert(reply_hash, slot, Dir::Reply, from);
         self.wheel.schedule(&mut self.links, slot.0, timeout, now);
         self.stats.inserted += 1;
         let queued = match tuples {
@@ -1407,12 +1414,16 @@ impl<P> ConnTable<P> {
         Ok(slot)
     }
 
-    fn index_insert(&mut self, h: u64, slot: Slot, dir: Dir) {
-        let mut pos = self.pos(h);
+    /// Put the cell of `(slot, dir)` (hash `h`) into the first free index cell from
+    /// `from` on (`h`'s home position, or a cell of its probe run with no free cell
+    /// between the home and it); returns where it went.
+    fn index_insert(&mut self, h: u64, slot: Slot, dir: Dir, from: usize) -> usize {
+        let mut pos = from;
         while self.index[pos] != EMPTY {
             pos = (pos + 1) & self.mask;
         }
         self.index[pos] = self.cells.pack(h, slot, dir);
+        pos
     }
 
     fn index_remove(&mut self, tuple: &Tuple, slot: Slot, dir: Dir) {
