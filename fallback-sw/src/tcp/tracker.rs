@@ -75,6 +75,7 @@ impl TcpConn {
     ///
     /// # Errors
     /// The reason the packet is invalid as a first packet.
+    #[inline]
     pub fn new(seg: &TcpSegment, cfg: &TcpConfig) -> Result<(TcpConn, TcpAccept), TcpInvalid> {
         if !flags_valid(seg.flags) {
             return Err(TcpInvalid::BadFlags { flags: seg.flags });
@@ -105,29 +106,37 @@ impl TcpConn {
                     ConnStatus::default(),
                     cfg,
                 );
-                return Ok((conn, accept));
+                Ok((conn, accept))
             }
-            Transition::To(_) if !cfg.loose => return Err(TcpInvalid::PickupDisabled),
-            Transition::To(_) => {
-                let s = &mut conn.seen[0];
-                s.end = seg.end();
-                s.maxwin = u32::from(seg.window).max(1);
-                s.maxend = s.end.wrapping_add(s.maxwin);
-                // Assume SACK and liberal window checking to cope with unknown scaling.
-                let f = DirFlags::SACK_PERM.union(DirFlags::BE_LIBERAL);
-                conn.seen[0].flags = f;
-                conn.seen[1].flags = f;
-            }
-            Transition::Invalid | Transition::Ignore => {
-                return Err(TcpInvalid::InvalidNew { index });
-            }
+            Transition::To(_) if !cfg.loose => Err(TcpInvalid::PickupDisabled),
+            Transition::To(_) => conn.pickup(seg, index, cfg),
+            Transition::Invalid | Transition::Ignore => Err(TcpInvalid::InvalidNew { index }),
         }
-        conn.last_index = FlagIndex::None;
-        match conn.process(Dir::Original, seg, ConnStatus::default(), cfg) {
-            TcpOutcome::Accept(a) => Ok((conn, a)),
+    }
+
+    /// [`TcpConn::new`] of an ACK-index packet (mid-stream pickup), `self` zeroed: the
+    /// general `process`. Out of line: the first SYN, the common case, stays small.
+    #[inline(never)]
+    fn pickup(
+        mut self,
+        seg: &TcpSegment,
+        index: FlagIndex,
+        cfg: &TcpConfig,
+    ) -> Result<(TcpConn, TcpAccept), TcpInvalid> {
+        let s = &mut self.seen[0];
+        s.end = seg.end();
+        s.maxwin = u32::from(seg.window).max(1);
+        s.maxend = s.end.wrapping_add(s.maxwin);
+        // Assume SACK and liberal window checking to cope with unknown scaling.
+        let f = DirFlags::SACK_PERM.union(DirFlags::BE_LIBERAL);
+        self.seen[0].flags = f;
+        self.seen[1].flags = f;
+        self.last_index = FlagIndex::None;
+        match self.process(Dir::Original, seg, ConnStatus::default(), cfg) {
+            TcpOutcome::Accept(a) => Ok((self, a)),
             TcpOutcome::Invalid { reason, .. } => Err(reason),
-            // Not reachable for a SYN or a (liberal) pickup from NONE; refuse rather than
-            // create an entry without a timeout.
+            // Not reachable for a (liberal) pickup from NONE; refuse rather than create
+            // an entry without a timeout.
             TcpOutcome::Ignore(_) | TcpOutcome::Reopen => Err(TcpInvalid::InvalidNew { index }),
         }
     }
