@@ -29,16 +29,12 @@ fn split(slot: Slot) -> (usize, usize) {
     (i / CHUNK, i % CHUNK)
 }
 
-/// A chunk with `value` at index `i` (and everywhere else, meaningless until stored):
-/// out of line, as it runs once per chunk.
+/// A chunk holding `value` in every slot (meaningful only in the slot it was stored
+/// for): out of line, as it runs once per chunk.
 #[cold]
 #[inline(never)]
-fn new_chunk<T: Copy>(i: usize, value: T) -> Box<[T]> {
-    let mut chunk = vec![value; CHUNK].into_boxed_slice();
-    if let Some(v) = chunk.get_mut(i) {
-        *v = value;
-    }
-    chunk
+fn new_chunk<T: Copy>(value: T) -> Box<[T]> {
+    vec![value; CHUNK].into_boxed_slice()
 }
 
 impl<T: Copy> SlotStore<T> {
@@ -60,7 +56,7 @@ impl<T: Copy> SlotStore<T> {
                     *v = value;
                 }
             }
-            Some(chunk @ None) => *chunk = Some(new_chunk(i, value)),
+            Some(chunk @ None) => *chunk = Some(new_chunk(value)),
             None => {}
         }
     }
