@@ -413,6 +413,33 @@ fn segment_of(t: &TcpInfo) -> TcpSegment {
     }
 }
 
+/// The original tuple of a connection being created: as a [`Tuple`], or packed
+/// (a plain IPv4 TCP or UDP frame of the established path, [`Conntrack::track_v4`]),
+/// unpacked only where a [`Tuple`] is needed.
+#[derive(Debug, Clone, Copy)]
+enum NewOrig {
+    Tuple(Tuple),
+    V4(PackedV4),
+}
+
+impl NewOrig {
+    #[inline]
+    fn family(&self) -> Family {
+        match self {
+            NewOrig::Tuple(t) => t.family,
+            NewOrig::V4(_) => Family::V4,
+        }
+    }
+
+    #[inline]
+    fn tuple(self) -> Tuple {
+        match self {
+            NewOrig::Tuple(t) => t,
+            NewOrig::V4(k) => k.unpack(),
+        }
+    }
+}
+
 /// ICMPv6 types that Linux marks untracked: ND, MLD and MRD (not redirect, 137).
 fn icmpv6_untracked(ty: u8) -> bool {
     matches!(ty, 130..=136 | 143 | 151 | 152)
@@ -656,7 +683,7 @@ impl Conntrack {
         for _ in 0..2 {
             let verdict = match self.table.lookup_hashed(tuple, hash, now) {
                 Some((slot, dir)) => self.existing(slot, dir, &pkt.l4, bytes, now),
-                None => self.create(*tuple, hash, pkt, meta, bytes, now),
+                None => self.create(NewOrig::Tuple(*tuple), hash, &pkt.l4, meta, bytes, now),
             };
             self.release_nat();
             if let Ok(v) = verdict {
@@ -690,7 +717,7 @@ impl Conntrack {
         let bytes = u64::from(plain.l3_len);
         let round = match self.table.find_v4(key, hash, now) {
             FoundV4::Live(slot, dir) => self.existing(slot, dir, &plain.l4, bytes, now),
-            FoundV4::Absent => self.create(key.unpack(), hash, &plain.packet(), meta, bytes, now),
+            FoundV4::Absent => self.create(NewOrig::V4(key), hash, &plain.l4, meta, bytes, now),
             FoundV4::Unsure => {
                 return self.track_tuple(&key.unpack(), hash, &plain.packet(), meta, now);
             }
@@ -717,15 +744,15 @@ impl Conntrack {
     #[inline(never)]
     fn create(
         &mut self,
-        tuple: Tuple,
+        orig: NewOrig,
         hash: u64,
-        pkt: &ParsedPacket,
+        l4: &L4,
         meta: &PacketMeta,
         bytes: u64,
         now: u64,
     ) -> Result<Verdict, Reopen> {
         let mut tcp = None;
-        let (state, timeout_ns) = match pkt.l4 {
+        let (state, timeout_ns) = match *l4 {
             L4::Tcp(ref t) => match TcpConn::new(&segment_of(t), &self.cfg.tcp) {
                 Ok((conn, accept)) => (
                     L4State::Tcp(TcpSummary {
@@ -744,7 +771,7 @@ impl Conntrack {
                 u64::from(self.cfg.timeouts.udp) * NS,
             ),
             L4::IcmpQuery { icmp_type, .. } | L4::IcmpOther { icmp_type, .. } => {
-                let request = match tuple.family {
+                let request = match orig.family() {
                     Family::V4 => icmpv4_is_request(icmp_type),
                     Family::V6 => icmpv6_is_request(icmp_type),
                 };
@@ -758,6 +785,23 @@ impl Conntrack {
             }
         };
         let plain = self.nat_live == 0 && self.nat.rules().is_empty();
+        let timeout = now.saturating_add(timeout_ns);
+        // Without NAT, a packed IPv4 original that `ConnTable::find_v4` reported absent:
+        // the reply is its inverse, checked for a clash and stored as words.
+        if let (true, NewOrig::V4(key)) = (plain, orig)
+            && let Some(reply) = key.invert()
+        {
+            return Ok(
+                match self
+                    .table
+                    .insert_v4_after_miss(key, reply, hash, timeout, state, now)
+                {
+                    Ok(slot) => self.created(slot, Status::empty(), tcp, bytes),
+                    Err(e) => self.insert_refused(e),
+                },
+            );
+        }
+        let tuple = orig.tuple();
         let (reply, status) = if plain {
             match tuple.invert() {
                 Ok(r) => (r, Status::empty()),
@@ -773,7 +817,6 @@ impl Conntrack {
                 Err(why) => return Ok(self.invalid(why)),
             }
         };
-        let timeout = now.saturating_add(timeout_ns);
         // After a NAT decision both tuples are known free: the original just missed its
         // lookup and `decide` reported the reply free, with nothing inserted since.
         // Without NAT the original just missed its lookup in `track_tuple`, with
@@ -791,26 +834,45 @@ impl Conntrack {
             Err(e) => {
                 // The decision holds a by-source reference: give it back.
                 self.nat.released(&[tuple, reply], status);
-                return Ok(self.invalid(match e {
-                    InsertError::TableFull { .. } => Invalid::TableFull,
-                    InsertError::Clash { .. } => Invalid::InsertClash,
-                }));
+                return Ok(self.insert_refused(e));
             }
         };
+        Ok(self.created(slot, status, tcp, bytes))
+    }
+
+    /// The verdict of a new connection's packet whose insert the table refused.
+    fn insert_refused(&mut self, e: InsertError) -> Verdict {
+        self.invalid(match e {
+            InsertError::TableFull { .. } => Invalid::TableFull,
+            InsertError::Clash { .. } => Invalid::InsertClash,
+        })
+    }
+
+    /// The rest of [`Conntrack::create`] once the connection is in `slot` with NAT bits
+    /// `status`: its TCP window state, the first packet's counters, the verdict.
+    #[inline]
+    fn created(&mut self, slot: Slot, status: Status, tcp: Option<TcpConn>, bytes: u64) -> Verdict {
         if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
             self.nat_live += 1;
         }
         if let Some(tcp) = tcp {
             self.tcp.put(slot, tcp);
         }
-        self.table.count(slot, Dir::Original, 1, bytes);
+        // The first packet's counts, on the entry in hand (as `existing` does).
+        if !self
+            .table
+            .get_mut(slot)
+            .is_some_and(|e| e.count_low(Dir::Original, 1, bytes))
+        {
+            self.table.count(slot, Dir::Original, 1, bytes);
+        }
         self.stats.created += 1;
-        Ok(Verdict::Tracked {
+        Verdict::Tracked {
             slot,
             dir: Dir::Original,
             info: CtInfo::New,
             created: true,
-        })
+        }
     }
 
     /// [`NatEngine::decide`] for a new connection: its reply tuple and status bits.

@@ -33,8 +33,10 @@
 use crate::timer::{SlotLinks, TimerWheel};
 use crate::tuple::{Addr, Dir, PackedV4, Tuple, TupleHasher};
 
+mod events;
 pub mod free;
 pub mod side;
+use events::EventQueue;
 use free::FreeSlots;
 use side::SlotStore;
 
@@ -697,6 +699,27 @@ const EARLY_DROP_GROUPS: usize = 8;
 /// ... of this many slots each (Linux: 8 hash buckets).
 const EARLY_DROP_GROUP_SLOTS: usize = 8;
 
+/// The two tuples of a connection being inserted.
+#[derive(Debug, Clone, Copy)]
+enum NewTuples {
+    /// Original and reply, any family, translated or not.
+    Tuples([Tuple; 2]),
+    /// An untranslated IPv4 connection: its original and reply (the original's
+    /// inverse) packed. No [`Tuple`] is built unless one is needed (early drop, the
+    /// event when it is drained).
+    PlainV4([PackedV4; 2]),
+}
+
+impl NewTuples {
+    /// The original tuple.
+    fn orig(&self) -> Tuple {
+        match self {
+            NewTuples::Tuples([orig, _]) => *orig,
+            NewTuples::PlainV4([orig, _]) => orig.unpack(),
+        }
+    }
+}
+
 /// The layout of a 32-bit index cell: `tag | slot << 1 | dir`, where the slot takes
 /// as many bits as the table's size needs and the tag is the top bits of the hash's
 /// upper half that remain (11 bits for a million connections), so that a probe rarely
@@ -765,8 +788,7 @@ pub struct ConnTable<P> {
     /// size; lowered or raised at run time by [`ConnTable::set_limit`].
     limit: usize,
     wheel: TimerWheel,
-    events: Vec<Event>,
-    events_cap: usize,
+    events: EventQueue,
     stats: TableStats,
     /// Reused by `gc` so that it allocates nothing.
     scratch: Vec<u32>,
@@ -802,8 +824,7 @@ impl<P> ConnTable<P> {
             max,
             limit: max,
             wheel: TimerWheel::new(),
-            events: Vec::with_capacity(events_cap),
-            events_cap,
+            events: EventQueue::new(events_cap),
             stats: TableStats::default(),
             scratch: Vec::new(),
             nat_released: Vec::with_capacity(NAT_RELEASED_RESERVE),
@@ -874,7 +895,7 @@ impl<P> ConnTable<P> {
         let entries = self.entries.capacity() * size_of::<Option<Entry<P>>>();
         let side = self.side.heap_bytes() + self.spilled.heap_bytes() + self.wide.heap_bytes();
         let links = self.links.capacity() * size_of::<SlotLinks>();
-        let events = self.events.capacity() * size_of::<Event>();
+        let events = self.events.heap_bytes();
         let scratch = self.scratch.capacity() * size_of::<u32>();
         let wheel = self.wheel.heap_bytes();
         let released = self.nat_released.capacity() * size_of::<([Tuple; 2], Status)>();
@@ -1222,14 +1243,11 @@ impl<P> ConnTable<P> {
             (reply, reply_hash, Dir::Reply),
         ] {
             if let Some((slot, _)) = self.lookup_hashed(&tuple, h, now) {
-                self.stats.insert_clash += 1;
-                let id = self.id(slot).unwrap_or(0);
-                return Err(InsertError::Clash { tuple, dir, id });
+                return Err(self.clash(slot, tuple, dir));
             }
         }
-        self.insert_new(
-            orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
-        )
+        let tuples = NewTuples::Tuples([orig, reply]);
+        self.insert_new(tuples, orig_hash, reply_hash, status, timeout, proto, now)
     }
 
     /// [`ConnTable::insert_hashed`] for a caller whose lookup of `orig` (with
@@ -1252,17 +1270,50 @@ impl<P> ConnTable<P> {
         debug_assert!(self.find(&orig, orig_hash).is_none());
         debug_assert_eq!(reply_hash, self.hash(&reply));
         if let Some((slot, _)) = self.lookup_hashed(&reply, reply_hash, now) {
-            self.stats.insert_clash += 1;
-            let id = self.id(slot).unwrap_or(0);
-            return Err(InsertError::Clash {
-                tuple: reply,
-                dir: Dir::Reply,
-                id,
-            });
+            return Err(self.clash(slot, reply, Dir::Reply));
         }
-        self.insert_new(
-            orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
-        )
+        let tuples = NewTuples::Tuples([orig, reply]);
+        self.insert_new(tuples, orig_hash, reply_hash, status, timeout, proto, now)
+    }
+
+    /// [`ConnTable::insert_after_miss`] for an untranslated IPv4 connection: its
+    /// original tuple packed, `key`, for which [`ConnTable::find_v4`] (hash `hash`)
+    /// has just returned [`FoundV4::Absent`] with nothing inserted since, and its
+    /// reply, `reply`, the key's [`PackedV4::invert`] (same hash). The reply's clash
+    /// check compares words ([`ConnTable::find_v4`]; the general lookup only when that
+    /// cannot tell), and the entry's key is the packed original as it is.
+    pub(crate) fn insert_v4_after_miss(
+        &mut self,
+        key: PackedV4,
+        reply: PackedV4,
+        hash: u64,
+        timeout: u64,
+        proto: P,
+        now: u64,
+    ) -> Result<Slot, InsertError> {
+        debug_assert_eq!(self.find_v4(key, hash, now), FoundV4::Absent);
+        debug_assert_eq!(key.invert(), Some(reply));
+        let clash = match self.find_v4(reply, hash, now) {
+            FoundV4::Absent => None,
+            FoundV4::Live(slot, _) => Some(slot),
+            // An expired owner is reaped here, as by `insert_after_miss`.
+            FoundV4::Unsure => self
+                .lookup_hashed(&reply.unpack(), hash, now)
+                .map(|(slot, _)| slot),
+        };
+        if let Some(slot) = clash {
+            return Err(self.clash(slot, reply.unpack(), Dir::Reply));
+        }
+        let tuples = NewTuples::PlainV4([key, reply]);
+        self.insert_new(tuples, hash, hash, Status::empty(), timeout, proto, now)
+    }
+
+    /// Counts an insert refused because `tuple` (direction `dir` of the new
+    /// connection) belongs to the live connection in `slot`, and says so.
+    fn clash(&mut self, slot: Slot, tuple: Tuple, dir: Dir) -> InsertError {
+        self.stats.insert_clash += 1;
+        let id = self.id(slot).unwrap_or(0);
+        InsertError::Clash { tuple, dir, id }
     }
 
     /// [`ConnTable::insert_hashed`] for a caller that has just checked, in this same
@@ -1290,25 +1341,23 @@ impl<P> ConnTable<P> {
                 .is_none_or(|(s, _)| { self.entry(s).is_some_and(|c| c.expired(now)) })
         );
         let reply_hash = self.hash(&reply);
-        self.insert_new(
-            orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
-        )
+        let tuples = NewTuples::Tuples([orig, reply]);
+        self.insert_new(tuples, orig_hash, reply_hash, status, timeout, proto, now)
     }
 
     /// The part of an insert after the clash checks.
     #[allow(clippy::too_many_arguments)]
     fn insert_new(
         &mut self,
-        orig: Tuple,
+        tuples: NewTuples,
         orig_hash: u64,
-        reply: Tuple,
         reply_hash: u64,
         status: Status,
         timeout: u64,
         proto: P,
         now: u64,
     ) -> Result<Slot, InsertError> {
-        if self.count >= self.limit && !self.early_drop(&orig, now) {
+        if self.count >= self.limit && !self.early_drop(&tuples.orig(), now) {
             self.stats.insert_full += 1;
             return Err(InsertError::TableFull { max: self.limit });
         }
@@ -1319,12 +1368,20 @@ impl<P> ConnTable<P> {
         // Generation 0 is never used, so no id is 0.
         let generation = freed_generation.checked_add(1).unwrap_or(1);
         let id = conn_id(slot, generation);
-        let key = Key::compact(&orig, &reply, generation).unwrap_or_else(|| {
-            self.side.put(slot, [orig, reply]);
-            Key::Side {
+        let key = match tuples {
+            // The reply is the original's inverse: nothing to compare.
+            NewTuples::PlainV4([orig, _]) => Key::V4 {
+                orig: V4Orig::from_packed(orig),
                 meta: Meta::new(generation),
-            }
-        });
+            },
+            NewTuples::Tuples([orig, reply]) => Key::compact(&orig, &reply, generation)
+                .unwrap_or_else(|| {
+                    self.side.put(slot, [orig, reply]);
+                    Key::Side {
+                        meta: Meta::new(generation),
+                    }
+                }),
+        };
         if key.meta().is_none() {
             self.spilled.put(slot, Meta::new(generation));
         }
@@ -1336,23 +1393,37 @@ impl<P> ConnTable<P> {
             proto,
         });
         self.count += 1;
-        self.index_insert(orig_hash, slot, Dir::Original);
-        self.index_insert(reply_hash, slot, Dir::Reply);
+        let pos = self.index_insert(orig_hash, slot, Dir::Original, self.pos(orig_hash));
+        // A reply with the same hash (no NAT) goes into the next free cell of the
+        // same probe run: the walk goes on from the original's cell.
+        let from = if reply_hash == orig_hash {
+            (pos + 1) & self.mask
+        } else {
+            self.pos(reply_hash)
+        };
+        self.index_insert(reply_hash, slot, Dir::Reply, from);
         self.wheel.schedule(&mut self.links, slot.0, timeout, now);
         self.stats.inserted += 1;
-        self.push_event(Event::New {
-            id,
-            tuples: [orig, reply],
-        });
+        let queued = match tuples {
+            NewTuples::PlainV4(packed) => self.events.push_new_v4(id, packed),
+            NewTuples::Tuples(tuples) => self.events.push_event(Event::New { id, tuples }),
+        };
+        if !queued {
+            self.stats.events_lost += 1;
+        }
         Ok(slot)
     }
 
-    fn index_insert(&mut self, h: u64, slot: Slot, dir: Dir) {
-        let mut pos = self.pos(h);
+    /// Put the cell of `(slot, dir)` (hash `h`) into the first free index cell from
+    /// `from` on (`h`'s home position, or a cell of its probe run with no free cell
+    /// between the home and it); returns where it went.
+    fn index_insert(&mut self, h: u64, slot: Slot, dir: Dir, from: usize) -> usize {
+        let mut pos = from;
         while self.index[pos] != EMPTY {
             pos = (pos + 1) & self.mask;
         }
         self.index[pos] = self.cells.pack(h, slot, dir);
+        pos
     }
 
     fn index_remove(&mut self, tuple: &Tuple, slot: Slot, dir: Dir) {
@@ -1523,14 +1594,14 @@ impl<P> ConnTable<P> {
     }
 
     /// Take the queued events.
-    pub fn drain_events(&mut self) -> std::vec::Drain<'_, Event> {
-        self.events.drain(..)
+    pub fn drain_events(
+        &mut self,
+    ) -> impl DoubleEndedIterator<Item = Event> + ExactSizeIterator + '_ {
+        self.events.drain()
     }
 
     fn push_event(&mut self, ev: Event) {
-        if self.events.len() < self.events_cap {
-            self.events.push(ev);
-        } else {
+        if !self.events.push_event(ev) {
             self.stats.events_lost += 1;
         }
     }

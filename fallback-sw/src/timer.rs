@@ -147,6 +147,7 @@ impl TimerWheel {
     }
 
     /// Schedule a newly inserted entry at `timeout`.
+    #[inline]
     pub fn schedule(&mut self, links: &mut [SlotLinks], i: u32, timeout: u64, _now: u64) {
         self.unlink(links, i);
         let slot = slot_of(timeout).max(self.cursor);

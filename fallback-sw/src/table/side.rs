@@ -29,6 +29,14 @@ fn split(slot: Slot) -> (usize, usize) {
     (i / CHUNK, i % CHUNK)
 }
 
+/// A chunk holding `value` in every slot (meaningful only in the slot it was stored
+/// for): out of line, as it runs once per chunk.
+#[cold]
+#[inline(never)]
+fn new_chunk<T: Copy>(value: T) -> Box<[T]> {
+    vec![value; CHUNK].into_boxed_slice()
+}
+
 impl<T: Copy> SlotStore<T> {
     /// A store for a table of `slots` slots; allocates only the chunk directory.
     #[must_use]
@@ -39,11 +47,17 @@ impl<T: Copy> SlotStore<T> {
     }
 
     /// Store the value of the entry in `slot` (ignored for a slot beyond the table).
+    #[inline]
     pub fn put(&mut self, slot: Slot, value: T) {
         let (c, i) = split(slot);
-        if let Some(chunk) = self.chunks.get_mut(c) {
-            let chunk = chunk.get_or_insert_with(|| vec![value; CHUNK].into_boxed_slice());
-            chunk[i] = value;
+        match self.chunks.get_mut(c) {
+            Some(Some(chunk)) => {
+                if let Some(v) = chunk.get_mut(i) {
+                    *v = value;
+                }
+            }
+            Some(chunk @ None) => *chunk = Some(new_chunk(value)),
+            None => {}
         }
     }
 

@@ -1107,4 +1107,69 @@ proptest! {
             }
         }
     }
+
+    /// `TcpConn::new` takes a short cut for a first SYN (NONE to SYN_SENT): it must
+    /// give exactly what initialising the sender and running the general `process`
+    /// gives, for any SYN and any configuration (and leave every other first packet
+    /// alone).
+    #[test]
+    fn new_matches_the_general_path(
+        flags in prop_oneof![Just(0x02u8), any::<u8>()],
+        seq in any::<u32>(),
+        ack in any::<u32>(),
+        window in prop_oneof![Just(0u16), Just(1), any::<u16>()],
+        payload_len in prop_oneof![Just(0u16), any::<u16>()],
+        has_options in any::<bool>(),
+        wscale in proptest::option::of(any::<u8>()),
+        sack_permitted in any::<bool>(),
+        highest_sack_edge in proptest::option::of(any::<u32>()),
+        liberal in any::<bool>(),
+        loose in any::<bool>(),
+        max_retrans in 0u8..5,
+        t in proptest::array::uniform3(1u32..600),
+    ) {
+        let s = TcpSegment {
+            flags: TcpFlags::from_bits(flags),
+            seq,
+            ack,
+            window,
+            payload_len: u32::from(payload_len),
+            has_options,
+            wscale,
+            sack_permitted,
+            highest_sack_edge,
+        };
+        let cfg = TcpConfig {
+            be_liberal: liberal,
+            loose,
+            max_retrans,
+            timeouts: TcpTimeouts {
+                syn_sent: t[0],
+                max_retrans: t[1],
+                unacknowledged: t[2],
+                ..TcpTimeouts::default()
+            },
+            ..TcpConfig::default()
+        };
+        let index = FlagIndex::from_flags(s.flags);
+        let syn = flags_valid(s.flags)
+            && transition(Dir::Original, index, TcpState::None)
+                == Transition::To(TcpState::SynSent);
+        let fast = TcpConn::new(&s, &cfg);
+        if syn {
+            let mut general = TcpConn::zeroed();
+            let d = &mut general.seen[0];
+            d.end = s.end();
+            d.maxwin = u32::from(s.window).max(1);
+            d.maxend = d.end;
+            d.parse_options(&s);
+            let expected = match general.process(Dir::Original, &s, ConnStatus::default(), &cfg) {
+                TcpOutcome::Accept(a) => Ok((general, a)),
+                other => Err(other),
+            };
+            prop_assert_eq!(fast.map_err(|_| ()), expected.map_err(|_| ()));
+        } else {
+            prop_assert!(fast.is_err() || index == FlagIndex::Ack, "only a SYN or a pickup creates");
+        }
+    }
 }

@@ -50,7 +50,7 @@ enum IgnoreResult {
 
 impl TcpConn {
     /// An all-zero connection in state NONE (the `memset` of `tcp_new`).
-    fn zeroed() -> TcpConn {
+    pub(super) fn zeroed() -> TcpConn {
         TcpConn {
             seen: [TcpDirState::default(); 2],
             last_seq: 0,
@@ -75,6 +75,7 @@ impl TcpConn {
     ///
     /// # Errors
     /// The reason the packet is invalid as a first packet.
+    #[inline]
     pub fn new(seg: &TcpSegment, cfg: &TcpConfig) -> Result<(TcpConn, TcpAccept), TcpInvalid> {
         if !flags_valid(seg.flags) {
             return Err(TcpInvalid::BadFlags { flags: seg.flags });
@@ -88,28 +89,54 @@ impl TcpConn {
                 s.maxwin = u32::from(seg.window).max(1);
                 s.maxend = s.end;
                 s.parse_options(seg);
+                // What `process` does with this SYN, without its general checks: no
+                // special case of the state table applies (NONE to SYN_SENT), and
+                // `tcp_in_window` accepts it (seq is below the sender's right edge
+                // `end`, the receiver is unset, so its implied ack 0 passes the ack
+                // bounds) with one change: the receiver may send up to the SYN's
+                // window (at least 1). The window is not scaled on a SYN, the ack is
+                // not recorded (no ACK flag) and no retransmission is counted (not an
+                // ACK). `new_matches_the_general_path` checks this against `process`.
+                conn.seen[1].maxend = u32::from(seg.window).max(1);
+                let accept = conn.accepted(
+                    Dir::Original,
+                    index,
+                    TcpState::None,
+                    TcpState::SynSent,
+                    ConnStatus::default(),
+                    cfg,
+                );
+                Ok((conn, accept))
             }
-            Transition::To(_) if !cfg.loose => return Err(TcpInvalid::PickupDisabled),
-            Transition::To(_) => {
-                let s = &mut conn.seen[0];
-                s.end = seg.end();
-                s.maxwin = u32::from(seg.window).max(1);
-                s.maxend = s.end.wrapping_add(s.maxwin);
-                // Assume SACK and liberal window checking to cope with unknown scaling.
-                let f = DirFlags::SACK_PERM.union(DirFlags::BE_LIBERAL);
-                conn.seen[0].flags = f;
-                conn.seen[1].flags = f;
-            }
-            Transition::Invalid | Transition::Ignore => {
-                return Err(TcpInvalid::InvalidNew { index });
-            }
+            Transition::To(_) if !cfg.loose => Err(TcpInvalid::PickupDisabled),
+            Transition::To(_) => conn.pickup(seg, index, cfg),
+            Transition::Invalid | Transition::Ignore => Err(TcpInvalid::InvalidNew { index }),
         }
-        conn.last_index = FlagIndex::None;
-        match conn.process(Dir::Original, seg, ConnStatus::default(), cfg) {
-            TcpOutcome::Accept(a) => Ok((conn, a)),
+    }
+
+    /// [`TcpConn::new`] of an ACK-index packet (mid-stream pickup), `self` zeroed: the
+    /// general `process`. Out of line: the first SYN, the common case, stays small.
+    #[inline(never)]
+    fn pickup(
+        mut self,
+        seg: &TcpSegment,
+        index: FlagIndex,
+        cfg: &TcpConfig,
+    ) -> Result<(TcpConn, TcpAccept), TcpInvalid> {
+        let s = &mut self.seen[0];
+        s.end = seg.end();
+        s.maxwin = u32::from(seg.window).max(1);
+        s.maxend = s.end.wrapping_add(s.maxwin);
+        // Assume SACK and liberal window checking to cope with unknown scaling.
+        let f = DirFlags::SACK_PERM.union(DirFlags::BE_LIBERAL);
+        self.seen[0].flags = f;
+        self.seen[1].flags = f;
+        self.last_index = FlagIndex::None;
+        match self.process(Dir::Original, seg, ConnStatus::default(), cfg) {
+            TcpOutcome::Accept(a) => Ok((self, a)),
             TcpOutcome::Invalid { reason, .. } => Err(reason),
-            // Not reachable for a SYN or a (liberal) pickup from NONE; refuse rather than
-            // create an entry without a timeout.
+            // Not reachable for a (liberal) pickup from NONE; refuse rather than create
+            // an entry without a timeout.
             TcpOutcome::Ignore(_) | TcpOutcome::Reopen => Err(TcpInvalid::InvalidNew { index }),
         }
     }
@@ -178,6 +205,7 @@ impl TcpConn {
     }
 
     /// The body of `nf_conntrack_tcp_packet` after `tcp_error`/`tcp_new`.
+    #[inline]
     pub(super) fn process(
         &mut self,
         dir: Dir,
@@ -284,7 +312,22 @@ impl TcpConn {
             }
         }
 
-        // In window from here on.
+        TcpOutcome::Accept(self.accepted(dir, index, old_state, new_state, status, cfg))
+    }
+
+    /// The end of `nf_conntrack_tcp_packet` for a packet in window (or let through
+    /// without the window check): record it, move to `new_state`, and pick the
+    /// timeout and the ASSURED decision.
+    #[inline]
+    fn accepted(
+        &mut self,
+        dir: Dir,
+        index: FlagIndex,
+        old_state: TcpState,
+        new_state: TcpState,
+        status: ConnStatus,
+        cfg: &TcpConfig,
+    ) -> TcpAccept {
         self.last_index = index;
         self.last_dir = dir;
         self.state = new_state;
@@ -321,11 +364,11 @@ impl TcpConn {
             if index == FlagIndex::Rst {
                 // Only answer is a RST: no connection, delete at once.
                 accept.delete_now = true;
-                return TcpOutcome::Accept(accept);
+                return accept;
             }
             if index == FlagIndex::Syn && old_state == TcpState::SynSent {
                 // Do not renew the timeout on SYN retransmits (port reuse keeps it alive).
-                return TcpOutcome::Accept(accept);
+                return accept;
             }
             if new_state == TcpState::Established && timeout > t.unacknowledged {
                 // Pickup without a reply: avoid the long ESTABLISHED timeout.
@@ -338,7 +381,7 @@ impl TcpConn {
             accept.set_assured = true;
         }
         accept.timeout_ns = Some(secs_to_ns(timeout));
-        TcpOutcome::Accept(accept)
+        accept
     }
 
     fn ignored(&self, state: TcpState, index: FlagIndex) -> TcpOutcome {
