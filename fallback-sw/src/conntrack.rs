@@ -23,7 +23,7 @@ use crate::nat::rewrite::{self, RewriteError};
 use crate::nat::rules::RuleId;
 use crate::nat::{NatEngine, NatError, PacketMeta};
 use crate::table::side::SlotStore;
-use crate::table::{ConnTable, FoundV4, InsertError, RemoveReason, Slot, Status};
+use crate::table::{ConnTable, FoundV4, InsertError, Memory, RemoveReason, Slot, Status};
 use crate::tcp::{
     ConnStatus, TcpConfig, TcpConn, TcpFlags, TcpInvalid, TcpOutcome, TcpSegment, TcpState,
     TcpTimeouts,
@@ -76,6 +76,10 @@ pub struct Config {
     pub hash_seed: u64,
     /// Undrained events kept before new ones are counted as lost.
     pub event_capacity: usize,
+    /// Whether the table's index asks for transparent huge pages (default on; see
+    /// [`crate::table::pages`]): at a million connections a lookup then walks no page
+    /// tables. Off: plain allocator memory.
+    pub huge_pages: bool,
 }
 
 impl Default for Config {
@@ -87,6 +91,7 @@ impl Default for Config {
             parse: ParseOptions::VERIFY_ALL,
             hash_seed: 0x6374_6f66_666c_6f61,
             event_capacity: 4096,
+            huge_pages: true,
         }
     }
 }
@@ -430,7 +435,16 @@ impl Conntrack {
     #[must_use]
     pub fn with_nat(cfg: Config, nat: NatEngine) -> Self {
         Self {
-            table: ConnTable::new(cfg.max_connections, cfg.hash_seed, cfg.event_capacity),
+            table: ConnTable::with_memory(
+                cfg.max_connections,
+                cfg.hash_seed,
+                cfg.event_capacity,
+                if cfg.huge_pages {
+                    Memory::HugePages
+                } else {
+                    Memory::Plain
+                },
+            ),
             tcp: SlotStore::new(cfg.max_connections.max(1)),
             cfg,
             stats: Stats::default(),

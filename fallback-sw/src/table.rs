@@ -34,8 +34,11 @@ use crate::timer::{SlotLinks, TimerWheel};
 use crate::tuple::{Addr, Dir, PackedV4, Tuple, TupleHasher};
 
 pub mod free;
+pub mod pages;
 pub mod side;
 use free::FreeSlots;
+pub use pages::Memory;
+use pages::PageArray;
 use side::SlotStore;
 
 bitflags::bitflags! {
@@ -746,7 +749,8 @@ impl Cells {
 #[derive(Debug)]
 pub struct ConnTable<P> {
     hasher: TupleHasher,
-    index: Vec<u32>,
+    /// The index cells: huge pages when asked for and large enough ([`pages`]).
+    index: PageArray<u32>,
     cells: Cells,
     mask: usize,
     entries: Vec<Option<Entry<P>>>,
@@ -777,9 +781,16 @@ pub struct ConnTable<P> {
 
 impl<P> ConnTable<P> {
     /// A table for at most `max` connections (at least 1), with a hash seed and room for
-    /// `events_cap` undrained events. Everything is allocated here, once.
+    /// `events_cap` undrained events, its index in huge pages when the kernel gives
+    /// them ([`Memory::HugePages`]). Everything is allocated here, once.
     #[must_use]
     pub fn new(max: usize, seed: u64, events_cap: usize) -> Self {
+        Self::with_memory(max, seed, events_cap, Memory::HugePages)
+    }
+
+    /// [`ConnTable::new`] with the index's memory chosen by `memory`.
+    #[must_use]
+    pub fn with_memory(max: usize, seed: u64, events_cap: usize, memory: Memory) -> Self {
         let max = max.clamp(1, 1 << 30);
         // Two index entries per connection, load factor at most 1/2.
         let index_len = (max * 4).next_power_of_two();
@@ -789,7 +800,7 @@ impl<P> ConnTable<P> {
         let free = FreeSlots::all(&mut links);
         Self {
             hasher: TupleHasher::new(seed),
-            index: vec![EMPTY; index_len],
+            index: PageArray::new(index_len, EMPTY, memory),
             cells: Cells::for_slots(max),
             mask: index_len - 1,
             entries,
@@ -870,7 +881,7 @@ impl<P> ConnTable<P> {
     /// and wheel, event queue, GC scratch, NAT release queue), by capacity.
     #[must_use]
     pub fn heap_bytes(&self) -> usize {
-        let index = self.index.capacity() * size_of::<u32>();
+        let index = self.index.heap_bytes();
         let entries = self.entries.capacity() * size_of::<Option<Entry<P>>>();
         let side = self.side.heap_bytes() + self.spilled.heap_bytes() + self.wide.heap_bytes();
         let links = self.links.capacity() * size_of::<SlotLinks>();
@@ -908,8 +919,9 @@ impl<P> ConnTable<P> {
     pub fn prefetch(&self, hash: u64) -> Option<(&Entry<P>, Dir)> {
         let tag = self.cells.tag(hash);
         let mut pos = self.pos(hash);
+        let index: &[u32] = &self.index;
         for _ in 0..PREFETCH_PROBE {
-            let v = self.index[pos];
+            let v = index[pos];
             if v == EMPTY {
                 return None;
             }
@@ -950,8 +962,9 @@ impl<P> ConnTable<P> {
         let tag = self.cells.tag(h);
         let probe = Probe::new(tuple);
         let mut pos = self.pos(h);
+        let index: &[u32] = &self.index;
         loop {
-            let v = self.index[pos];
+            let v = index[pos];
             if v == EMPTY {
                 return None;
             }
@@ -975,8 +988,9 @@ impl<P> ConnTable<P> {
     pub(crate) fn find_v4(&self, key: PackedV4, hash: u64, now: u64) -> FoundV4 {
         let tag = self.cells.tag(hash);
         let mut pos = self.pos(hash);
+        let index: &[u32] = &self.index;
         loop {
-            let Some(&v) = self.index.get(pos) else {
+            let Some(&v) = index.get(pos) else {
                 return FoundV4::Unsure;
             };
             if v == EMPTY {
@@ -1604,6 +1618,37 @@ mod tests {
         assert_eq!(c.id, 1 << 32, "generation 1 of slot 0");
         assert_eq!(tab.id(slot), Some(c.id));
         assert_eq!(tab.find_id(c.id), Some(slot));
+    }
+
+    #[test]
+    fn a_large_index_in_huge_pages_works_like_a_plain_one() {
+        // 2^17 connections: an index of 2^19 cells, 2 MiB, one huge page.
+        let max = 1 << 17;
+        let mut tabs: [ConnTable<()>; 2] = [
+            ConnTable::new(max, 1, 64),
+            ConnTable::with_memory(max, 1, 64, Memory::Plain),
+        ];
+        assert_eq!(tabs[0].index.is_mapped(), cfg!(target_os = "linux"));
+        assert!(!tabs[1].index.is_mapped());
+        assert_eq!(tabs[0].index.len(), tabs[1].index.len());
+        for tab in &mut tabs {
+            let slots: Vec<Slot> = (0..1000)
+                .map(|i| {
+                    let a = t(i);
+                    tab.insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+                        .expect("room")
+                })
+                .collect();
+            for (i, &slot) in (0..1000).zip(&slots) {
+                assert_eq!(tab.lookup(&t(i), S), Some((slot, Dir::Original)));
+                assert_eq!(tab.lookup(&inv(&t(i)), S), Some((slot, Dir::Reply)));
+            }
+            assert_eq!(tab.lookup(&t(1000), S), None);
+            tab.remove(slots[7], RemoveReason::Deleted);
+            assert_eq!(tab.lookup(&t(7), S), None);
+        }
+        // The same cells in both.
+        assert!(tabs[0].index.iter().eq(tabs[1].index.iter()));
     }
 
     #[test]

@@ -411,7 +411,7 @@ pub(crate) fn plain_v4(frame: &[u8], opts: ParseOptions) -> Option<Result<PlainV
     let end = L3 + usize::from(total);
     let seg = frame.get(L4..end)?;
     let ip_header: &[u8; ipv4::HEADER_LEN] = h[L3..].try_into().ok()?;
-    if opts.verify_ipv4_checksum && !checksum::verifies(checksum::sum_array(ip_header)) {
+    if opts.verify_ipv4_checksum && !checksum::data_verifies(ip_header, 0) {
         return Some(Err(ParseError::BadChecksum { layer: Layer::Ipv4 }));
     }
     let [s0, s1, s2, s3, d0, d1, d2, d3] = *h[L3 + 12..].first_chunk::<8>()?;
@@ -479,7 +479,7 @@ fn plain_l4_verifies(frame: &[u8], protocol: u8, len: u16) -> bool {
         .get(ADDRS..PlainV4::L4 + usize::from(len))
         .is_some_and(|covered| {
             let pseudo = u64::from(protocol) + u64::from(len);
-            checksum::verifies(checksum::sum(covered) + pseudo)
+            checksum::data_verifies(covered, pseudo)
         })
 }
 
