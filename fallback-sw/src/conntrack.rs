@@ -1145,8 +1145,16 @@ impl Conntrack {
         if !e.status.intersects(Status::SRC_NAT | Status::DST_NAT) {
             return Some(NatOutcome::Unchanged);
         }
-        let other = e.packed_tuple(dir.opposite())?;
-        if !rewrite::rewrite_one_endpoint_at(frame, l4, at, other, e.status, dir) {
+        // The endpoint to write straight from the key; else from the other
+        // direction's tuple (the same bytes).
+        let written = match e.translated(dir) {
+            Some(to) => rewrite::rewrite_endpoint_at(frame, l4, at, to),
+            None => {
+                let other = e.packed_tuple(dir.opposite())?;
+                rewrite::rewrite_one_endpoint_at(frame, l4, at, other, e.status, dir)
+            }
+        };
+        if !written {
             return None;
         }
         self.stats.nat_rewritten += 1;

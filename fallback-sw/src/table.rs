@@ -583,6 +583,61 @@ impl<P> Entry<P> {
     pub(crate) fn packed_tuple(&self, dir: Dir) -> Option<PackedV4> {
         self.key.packed(dir)
     }
+
+    /// For a TCP or UDP connection translated at one endpoint, with the status bit of
+    /// that translation alone (`SRC_NAT` for SNAT, `DST_NAT` for DNAT): the endpoint a
+    /// packet of direction `dir` gets written to become the inverse of the other
+    /// direction's tuple, read straight from the key (an SNAT original gets the
+    /// translated source, its reply the original's source as destination; DNAT the
+    /// other way round). `None` for any other entry, and for ICMP keys (whose id is
+    /// not a port).
+    #[inline(always)]
+    pub(crate) fn translated(&self, dir: Dir) -> Option<Translated> {
+        let nat_bits = self.status & (Status::SRC_NAT | Status::DST_NAT);
+        let (nat, snat) = match self.key {
+            Key::SrcNatV4(ref nat) if nat_bits == Status::SRC_NAT => (nat, true),
+            Key::DstNatV4(ref nat) if nat_bits == Status::DST_NAT => (nat, false),
+            _ => return None,
+        };
+        let b = &nat.orig.0;
+        if b[14] == crate::tuple::proto::ICMP {
+            return None;
+        }
+        Some(match (dir, snat) {
+            // The translated endpoint: the source of an SNAT original, the destination
+            // of a DNAT original.
+            (Dir::Original, _) => Translated {
+                src: snat,
+                addr: u32::from_le_bytes(nat.addr),
+                port: u16::from_ne_bytes(nat.l4),
+            },
+            // A reply goes back to the original's source (SNAT) ...
+            (Dir::Reply, true) => Translated {
+                src: false,
+                addr: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                port: u16::from_le_bytes([b[8], b[9]]),
+            },
+            // ... or comes from the original's destination (DNAT).
+            (Dir::Reply, false) => Translated {
+                src: true,
+                addr: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+                port: u16::from_le_bytes([b[10], b[11]]),
+            },
+        })
+    }
+}
+
+/// The endpoint that a packet of a connection translated at one endpoint gets written
+/// (see [`Entry::translated`]): the source or the destination, and its address (the
+/// little-endian word of the bytes as the frame holds them) and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Translated {
+    /// The source is written (else the destination).
+    pub(crate) src: bool,
+    /// The address, as `u32::from_le_bytes` of its bytes in network order.
+    pub(crate) addr: u32,
+    /// The port.
+    pub(crate) port: u16,
 }
 
 /// What [`ConnTable::find_v4`] found.
@@ -1760,6 +1815,27 @@ mod tests {
             assert_eq!(tab.tuples(slot), Some([o, r]));
             assert_eq!(e.packed_tuple(Dir::Original), o.pack_v4());
             assert_eq!(e.packed_tuple(Dir::Reply), r.pack_v4(), "{r} packed");
+            // The endpoint the NAT rewrite writes: the one where a packet of each
+            // direction differs from the other direction's inverse (none for ICMP).
+            let translated = |dir: Dir| {
+                let (pkt, other) = if dir == Dir::Original { (o, r) } else { (r, o) };
+                let want = other.invert().expect("inverts");
+                let src = pkt.src != want.src || pkt.src_l4 != want.src_l4;
+                let (a, p) = if src {
+                    (want.src, want.src_l4)
+                } else {
+                    (want.dst, want.dst_l4)
+                };
+                Translated {
+                    src,
+                    addr: u32::from_le_bytes(a.as_v4()),
+                    port: p,
+                }
+            };
+            for dir in [Dir::Original, Dir::Reply] {
+                let want = (!o.is_icmp()).then(|| translated(dir));
+                assert_eq!(e.translated(dir), want, "{o} -> {r}, {dir:?}");
+            }
             assert_eq!(tab.lookup(&o, S), Some((slot, Dir::Original)));
             assert_eq!(tab.lookup(&r, S), Some((slot, Dir::Reply)));
             // Neither the untranslated reply nor one field off is this connection.
@@ -1807,6 +1883,20 @@ mod tests {
             assert_eq!(tab.get(slot).expect("live").id, id);
         }
         assert_eq!(size_of::<Key>(), 22, "key and status fill 24 bytes");
+        // An untranslated entry, or one whose status bits say otherwise than its key
+        // (both endpoints), has no endpoint to write from the key.
+        let plain = tab
+            .insert(t(9), inv(&t(9)), Status::SRC_NAT, 30 * S, (), 0)
+            .expect("room");
+        let (o, r) = (t(10), snat(&t(10), 20_001));
+        let both = tab
+            .insert(o, r, Status::SRC_NAT | Status::DST_NAT, 30 * S, (), 0)
+            .expect("room");
+        for slot in [plain, both] {
+            let e = tab.entry(slot).expect("live");
+            assert_eq!(e.translated(Dir::Original), None);
+            assert_eq!(e.translated(Dir::Reply), None);
+        }
     }
 
     #[test]
