@@ -701,8 +701,23 @@ impl Conntrack {
         meta: &PacketMeta,
         now: u64,
     ) -> Verdict {
+        let found = self.table.find_v4(key, hash, now);
+        self.track_v4_found(found, plain, key, hash, meta, now)
+    }
+
+    /// [`Conntrack::track_v4`] after its lookup found `found`.
+    #[inline(always)]
+    fn track_v4_found(
+        &mut self,
+        found: FoundV4,
+        plain: &PlainV4,
+        key: PackedV4,
+        hash: u64,
+        meta: &PacketMeta,
+        now: u64,
+    ) -> Verdict {
         let bytes = u64::from(plain.l3_len);
-        let round = match self.table.find_v4(key, hash, now) {
+        let round = match found {
             FoundV4::Live(slot, dir) => self.existing(slot, dir, &plain.l4, bytes, now),
             FoundV4::Absent => self.create(key.unpack(), hash, &plain.packet(), meta, bytes, now),
             FoundV4::Unsure => {

@@ -1039,7 +1039,7 @@ impl<P> ConnTable<P> {
     /// connection, or nothing with nothing reaped); [`FoundV4::Unsure`] leaves the
     /// decision to it: an expired connection (which it reaps), or a candidate whose
     /// tuples are aside ([`Key::Side`]: IPv6, both endpoints translated).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn find_v4(&self, key: PackedV4, hash: u64, now: u64) -> FoundV4 {
         let tag = self.cells.tag(hash);
         let mut pos = self.pos(hash);

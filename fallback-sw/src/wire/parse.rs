@@ -329,6 +329,17 @@ impl V4Layout {
             end: pkt.l3_end(),
         }
     }
+
+    /// The layout of a frame that [`plain_v4`] read, whose IP total length is
+    /// `l3_len`.
+    #[inline(always)]
+    pub(crate) fn plain(l3_len: u16) -> Self {
+        Self {
+            l3: PlainV4::L3,
+            l4: PlainV4::L4,
+            end: PlainV4::L3 + usize::from(l3_len),
+        }
+    }
 }
 
 /// The common frame, read in one step by [`plain_v4`]: untagged Ethernet, a whole (not
@@ -362,10 +373,30 @@ impl PlainV4 {
     /// Where the packet lies in the frame.
     #[inline(always)]
     pub(crate) fn layout(&self) -> V4Layout {
-        V4Layout {
-            l3: Self::L3,
-            l4: Self::L4,
-            end: Self::L3 + usize::from(self.l3_len),
+        V4Layout::plain(self.l3_len)
+    }
+
+    /// What [`plain_v4`] returns for a UDP datagram with these addresses (as in the
+    /// frame), ports, IP total length, TTL and UDP payload length: the established
+    /// path keeps only these (see `Pre::Udp` in the batch) and rebuilds the rest when
+    /// it needs it.
+    #[inline]
+    pub(crate) fn udp(
+        addrs: [u8; 8],
+        (src_port, dst_port): (u16, u16),
+        l3_len: u16,
+        ttl: u8,
+        payload_len: u16,
+    ) -> Self {
+        Self {
+            addrs,
+            l3_len,
+            protocol: ip_proto::UDP,
+            ttl,
+            // At most 8.
+            l4_header: u8::try_from(udp::HEADER_LEN).unwrap_or(u8::MAX),
+            payload_len,
+            l4: L4::Udp { src_port, dst_port },
         }
     }
 
