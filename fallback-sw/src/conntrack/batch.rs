@@ -156,17 +156,18 @@ impl Conntrack {
             self.prefetch(pre);
         }
         // 4: finish in order.
+        let meta = PacketMeta::default();
         for ((frame, o), p) in frames.iter().zip(out.iter_mut()).zip(pre.iter()) {
             match p {
                 Pre::Done => {}
                 Pre::Slow(pkt) => *o = self.track_parsed(pkt, frame, zone, now),
                 Pre::Fast { pkt, tuple, hash } => {
-                    *o = self.track_tuple(tuple, *hash, pkt, &PacketMeta::default(), now);
+                    *o = self.track_tuple(tuple, *hash, pkt, &meta, now);
                 }
                 Pre::V4 { plain, key, hash } => {
-                    *o = self.track_v4(plain, *key, *hash, &PacketMeta::default(), now);
+                    *o = self.track_v4(plain, *key, *hash, &meta, now);
                 }
-                Pre::Udp(u) => *o = self.track_udp(u, &PacketMeta::default(), now),
+                Pre::Udp(u) => self.track_udp(u, &meta, now, o),
             }
         }
     }
@@ -227,24 +228,27 @@ impl Conntrack {
     /// [`Conntrack::track_v4`] of a plain UDP datagram: a live connection's handler
     /// here, without the datagram's [`PlainV4`]; anything else (a new, expired or
     /// translated-aside connection) on the way `track_v4` takes, with it rebuilt.
+    /// The verdict is written to `out` (each way writes its own: returning it cost a
+    /// copy through the stack).
     #[inline(always)]
-    fn track_udp(&mut self, u: &UdpV4, meta: &PacketMeta, now: u64) -> Verdict {
+    fn track_udp(&mut self, u: &UdpV4, meta: &PacketMeta, now: u64, out: &mut Verdict) {
         let found = self.table.find_v4(u.key, u.hash, now);
         let FoundV4::Live(slot, dir) = found else {
-            return self.track_udp_aside(found, u, meta, now);
+            *out = self.track_udp_aside(found, u, meta, now);
+            return;
         };
         let (src_port, dst_port) = u.ports();
         let l4 = L4::Udp { src_port, dst_port };
         let round = self.existing(slot, dir, &l4, u64::from(u.l3_len), now);
         // As in `track_v4`.
         self.release_nat();
-        match round {
+        *out = match round {
             Ok(v) => self.count_tracked(v),
             // UDP never reopens; as `track_v4` if it did.
             Err(Reopen) => {
                 self.track_tuple(&u.key.unpack(), u.hash, &u.plain().packet(), meta, now)
             }
-        }
+        };
     }
 
     /// [`Conntrack::track_udp`] past a lookup that found no live connection.
@@ -327,15 +331,15 @@ impl Conntrack {
                     (self.track_tuple(tuple, *hash, pkt, meta, now), *pkt)
                 }
                 Pre::Udp(u) => {
-                    let verdict = self.track_udp(u, meta, now);
+                    // The verdict written in place, and the rewrite reads it there.
+                    self.track_udp(u, meta, now, &mut o.verdict);
                     let (src_port, dst_port) = u.ports();
                     let l4 = L4::Udp { src_port, dst_port };
                     let at = V4Layout::plain(u.l3_len);
-                    let nat = match self.nat_rewrite_plain(&verdict, &l4, at, frame) {
+                    o.nat = match self.nat_rewrite_plain(&o.verdict, &l4, at, frame) {
                         Some(nat) => nat,
-                        None => self.nat_rewrite_general(&verdict, &u.plain().packet(), frame),
+                        None => self.nat_rewrite_general(&o.verdict, &u.plain().packet(), frame),
                     };
-                    *o = NatVerdict { verdict, nat };
                     continue;
                 }
                 // The established path as without NAT (a connection it creates gets its
