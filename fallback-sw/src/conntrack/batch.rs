@@ -148,9 +148,7 @@ impl Conntrack {
         let pre = &mut pre[..frames.len()];
         // 1: parse, classify, hash.
         for ((frame, o), p) in frames.iter().zip(out.iter_mut()).zip(pre.iter_mut()) {
-            if let Some(invalid) = self.classify_frame(frame, zone, p) {
-                *o = invalid;
-            }
+            self.classify_frame(frame, zone, p, o);
         }
         if self.table.capacity() >= PREFETCH_MIN_CONNECTIONS {
             self.prefetch(pre);
@@ -174,14 +172,15 @@ impl Conntrack {
 
     /// Pass 1 of a frame: parsed, classified and hashed into `p` (written in place:
     /// a [`Pre`] is large); the common frame in one step, straight to its packed
-    /// tuple. A malformed frame is counted, and its verdict returned.
+    /// tuple. A malformed frame is counted, and its verdict written to `out` (then
+    /// it returns true; written in place, as returning it cost a copy a frame).
     #[inline]
-    fn classify_frame(&mut self, frame: &[u8], zone: u16, p: &mut Pre) -> Option<Verdict> {
+    fn classify_frame(&mut self, frame: &[u8], zone: u16, p: &mut Pre, out: &mut Verdict) -> bool {
         self.stats.packets += 1;
         let parsed = match wire::plain_v4(frame, self.cfg.parse) {
             Some(Ok(plain)) => {
                 self.classify_plain(plain, zone, p);
-                return None;
+                return false;
             }
             Some(Err(e)) => Err(e),
             None => wire::parse_walk(frame, self.cfg.parse),
@@ -189,11 +188,12 @@ impl Conntrack {
         match parsed {
             Ok(pkt) => {
                 self.classify(pkt, zone, p);
-                None
+                false
             }
             Err(e) => {
                 self.stats.malformed[e.reason().index()] += 1;
-                Some(self.invalid(Invalid::Malformed(e)))
+                *out = self.invalid(Invalid::Malformed(e));
+                true
             }
         }
     }
@@ -310,11 +310,8 @@ impl Conntrack {
         let pre = &mut pre[..frames.len()];
         // 1: parse, classify, hash.
         for ((frame, o), p) in frames.iter().zip(out.iter_mut()).zip(pre.iter_mut()) {
-            if let Some(verdict) = self.classify_frame(frame, zone, p) {
-                *o = NatVerdict {
-                    verdict,
-                    nat: NatOutcome::Unchanged,
-                };
+            if self.classify_frame(frame, zone, p, &mut o.verdict) {
+                o.nat = NatOutcome::Unchanged;
             }
         }
         if self.table.capacity() >= PREFETCH_MIN_CONNECTIONS {

@@ -532,7 +532,7 @@ fn plain_tcp(frame: &[u8], end: usize, verify: bool) -> Option<(L4, usize, usize
 /// as [`parse_l4`] gives it when it is valid; `None` when it is not (truncated, bad
 /// length field or checksum), and then [`parse_l4`] says why. Cheaper than the general
 /// reader: see [`plain_l4_verifies`].
-#[inline]
+#[inline(always)]
 fn plain_udp(frame: &[u8], end: usize, verify: bool) -> Option<(L4, usize, usize)> {
     let seg = frame.get(PlainV4::L4..end)?;
     let h: &[u8; udp::HEADER_LEN] = seg.first_chunk()?;

@@ -485,7 +485,8 @@ proptest! {
         };
         let mut ct = Conntrack::new(Config::default());
         let mut pre = super::Pre::Done;
-        prop_assert!(ct.classify_frame(&f, zone, &mut pre).is_none());
+        let mut out = Verdict::Untracked(super::super::Untracked::Fragment);
+        prop_assert!(!ct.classify_frame(&f, zone, &mut pre, &mut out));
         let super::Pre::Udp(u) = pre else {
             panic!("not the UDP record");
         };
