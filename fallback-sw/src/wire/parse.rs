@@ -503,7 +503,7 @@ fn tcp_l4(t: &tcp::Packet<&[u8]>, len: usize) -> (L4, usize, usize) {
 /// Whether the TCP or UDP checksum of a frame that [`plain_v4`] read verifies, for the
 /// `len` bytes of L4 data it covers: the pseudo-header's addresses are summed in
 /// place, right before the L4 header in the frame (bytes 26..34), in one sum with it.
-#[inline]
+#[inline(always)]
 fn plain_l4_verifies(frame: &[u8], protocol: u8, len: u16) -> bool {
     const ADDRS: usize = PlainV4::L3 + 12;
     frame
