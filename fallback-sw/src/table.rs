@@ -18,7 +18,9 @@
 //!   direction finds its connection with one hash and, usually, one probe. A cell is 32
 //!   bits: the slot, the direction and, in the bits left, a tag from the hash (11 bits
 //!   for a million connections) so that a probe rarely touches an entry that does not
-//!   match (16 bytes of index per connection).
+//!   match (16 bytes of index per connection). An index of 2 MiB or more asks for
+//!   transparent huge pages ([`pages`], [`Memory`]): at a million connections a lookup
+//!   then walks no page tables for it.
 //! - Expiry is lazy like Linux: an entry whose timeout has passed is dead; lookups reap
 //!   it, and [`ConnTable::gc`] reaps the rest through a timer wheel whose cost per call is
 //!   bounded and proportional to the entries that expire (see [`crate::timer`]).
@@ -1417,11 +1419,15 @@ impl<P> ConnTable<P> {
     }
 
     fn index_insert(&mut self, h: u64, slot: Slot, dir: Dir) {
+        let cell = self.cells.pack(h, slot, dir);
+        let mask = self.mask;
         let mut pos = self.pos(h);
-        while self.index[pos] != EMPTY {
-            pos = (pos + 1) & self.mask;
+        // The cells as a slice once (each access to the `PageArray` checks its view).
+        let index: &mut [u32] = &mut self.index;
+        while index[pos] != EMPTY {
+            pos = (pos + 1) & mask;
         }
-        self.index[pos] = self.cells.pack(h, slot, dir);
+        index[pos] = cell;
     }
 
     fn index_remove(&mut self, tuple: &Tuple, slot: Slot, dir: Dir) {
