@@ -206,6 +206,9 @@ fn tcp_trace(n: usize) -> Trace {
 fn conntrack(max: usize) -> Conntrack {
     Conntrack::new(Config {
         max_connections: max,
+        // `CT_BENCH_PLAIN_MEMORY=1`: the table's index without huge pages (to measure
+        // what they give in the same binary).
+        huge_pages: std::env::var_os("CT_BENCH_PLAIN_MEMORY").is_none_or(|v| v == "0"),
         ..Config::default()
     })
 }
@@ -664,16 +667,20 @@ fn new_nat(endpoints: usize, range: u16, fresh: usize, repeats: usize, rng: &mut
     }
 }
 
-/// Whether the tables' big allocations get transparent huge pages: THP is `always` on
-/// this machine, or it is `madvise` and glibc's malloc asks for them
-/// (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). The figures at 1M connections depend on
-/// it (TLB misses).
-fn huge_pages() -> bool {
+/// Whether the tables' big allocations get transparent huge pages: (the index, the
+/// rest). The index asks for them itself (`Config::huge_pages`, unless
+/// `CT_BENCH_PLAIN_MEMORY=1`) and gets them unless THP is `never`; the rest (the
+/// entries among them) gets them when THP is `always`, or it is `madvise` and glibc's
+/// malloc asks for them (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). The figures at 1M
+/// connections depend on it (TLB misses).
+fn huge_pages() -> (bool, bool) {
     let mode =
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     let tunable = std::env::var("GLIBC_TUNABLES")
         .is_ok_and(|t| t.split(':').any(|kv| kv == "glibc.malloc.hugetlb=1"));
-    mode.contains("[always]") || (mode.contains("[madvise]") && tunable)
+    let asked = std::env::var_os("CT_BENCH_PLAIN_MEMORY").is_none_or(|v| v == "0");
+    let rest = mode.contains("[always]") || (mode.contains("[madvise]") && tunable);
+    (rest || (asked && mode.contains("[madvise]")), rest)
 }
 
 fn row(name: &str, unit: &str, s: Summary, ovs: &str, goal: &str) {
@@ -778,12 +785,15 @@ fn main() {
         median: s.median / 1e6,
         max: s.max / 1e6,
     };
-    let thp = huge_pages();
+    let (thp_index, thp) = huge_pages();
+    let yes = |b: bool| if b { "yes" } else { "no" };
     println!(
         "ctoffload-fallback-sw conntrack, one core, 64-byte frames, batches of {BATCH}, \
-         {repeats} repeat(s){}; transparent huge pages for the tables: {}",
+         {repeats} repeat(s){}; transparent huge pages for the tables' index: {}, \
+         entries: {}",
         if quick { " (QUICK: small sizes)" } else { "" },
-        if thp { "yes" } else { "no" }
+        yes(thp_index),
+        yes(thp)
     );
     println!(
         "| {:<36} | {:>8} | {:>8} | {:>8} | {:<6} | {:>12} | {:>8} |",
@@ -914,7 +924,7 @@ fn main() {
         "-",
     );
     println!(
-        "{{\"bench\":\"ct_established\",\"quick\":{quick},\"repeats\":{repeats},\"thp\":{thp},\
+        "{{\"bench\":\"ct_established\",\"quick\":{quick},\"repeats\":{repeats},\"thp\":{thp},\"thp_index\":{thp_index},\
          \"conns_1k_mpps\":{:.3},\"conns_100k_mpps\":{:.3},\"conns_1m_mpps\":{:.3},\
          \"conns_1k_mpps_min\":{:.3},\"conns_100k_mpps_min\":{:.3},\"conns_1m_mpps_min\":{:.3},\
          \"conns_1k_cpu_mpps\":{:.3},\"conns_100k_cpu_mpps\":{:.3},\"conns_1m_cpu_mpps\":{:.3},\

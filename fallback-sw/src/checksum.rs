@@ -40,10 +40,20 @@ pub fn sum_array<const N: usize>(data: &[u8; N]) -> u64 {
 
 #[inline(always)]
 fn sum_words(data: &[u8]) -> u64 {
+    // The folded result swapped once (see `sum_le`).
+    let le = fold(sum_le(data));
+    u64::from(le.swap_bytes())
+}
+
+/// The sum of `data` as little-endian 16-bit words, unfolded but for an end-around
+/// carry into 64 bits: congruent modulo 2^16 - 1 to the little-endian word sum (2^64
+/// is 1 modulo 2^16 - 1), and 0 only for data that is all zeros.
+#[inline(always)]
+fn sum_le(data: &[u8]) -> u64 {
     // RFC 1071 §2(B): the one's complement sum is byte-order independent, so the data
     // is added as native little-endian 64-bit words (four 16-bit words each, no byte
     // swap per word) into a 128-bit accumulator (an add and an add-with-carry per
-    // word), and the folded result is swapped once at the end.
+    // word).
     let mut acc: u128 = 0;
     let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
@@ -77,8 +87,7 @@ fn sum_words(data: &[u8]) -> u64 {
     let hi = u64::from_le_bytes([h0, h1, h2, h3, h4, h5, h6, h7]);
     let (folded, carry) = lo.overflowing_add(hi);
     // No overflow: with a carry, `folded` is at most 2^64 - 2.
-    let le = fold(folded + u64::from(carry));
-    u64::from(le.swap_bytes())
+    folded + u64::from(carry)
 }
 
 /// The little-endian word of `tail` (at most 7 bytes) padded with zeros on its right.
@@ -136,6 +145,24 @@ pub fn checksum(data: &[u8]) -> u16 {
 #[must_use]
 pub fn verifies(acc: u64) -> bool {
     fold(acc) == 0xFFFF
+}
+
+/// [`verifies`]`(`[`sum`]`(data) + extra)`, for a packet on the receive path: `data` is
+/// what the checksum covers (its field included) and `extra` the sum of the rest (a
+/// pseudo-header, as big-endian 16-bit words), in one reduction instead of folding
+/// each sum to 16 bits.
+///
+/// The folded sum is `0xFFFF` when the sum is a non-zero multiple of 2^16 - 1; the
+/// little-endian word sum `S'` of the data and its big-endian sum `S` are related by
+/// `256 * S' = S` modulo 2^16 - 1 (swapping a word's bytes multiplies it by 256), and
+/// 256 is invertible modulo 2^16 - 1.
+#[inline(always)]
+#[must_use]
+pub fn data_verifies(data: &[u8], extra: u64) -> bool {
+    // 2^32 is 1 modulo 2^16 - 1: one 32-bit fold each keeps the total under 2^42.
+    let fold32 = |v: u64| (v & 0xFFFF_FFFF) + (v >> 32);
+    let total = (fold32(sum_le(data)) << 8) + fold32(extra);
+    total != 0 && total % 0xFFFF == 0
 }
 
 /// The sum of the IPv4 pseudo-header (RFC 793/768) for an upper-layer `length`.
@@ -323,7 +350,33 @@ mod tests {
         a == b || (a == 0 && b == 0xFFFF) || (a == 0xFFFF && b == 0)
     }
 
+    #[test]
+    fn all_zero_data_never_verifies() {
+        assert!(!data_verifies(&[0; 20], 0));
+        assert!(!verifies(sum(&[0; 20])));
+        // 0xFFFF and its sum's other representation, 0: both verify.
+        assert!(data_verifies(&[0xFF, 0xFF], 0));
+        assert!(data_verifies(&[0, 0], 0xFFFF));
+    }
+
     proptest! {
+        #[test]
+        fn data_verifies_is_verifies_of_the_sum(
+            data in proptest::collection::vec(any::<u8>(), 0..100),
+            extra in prop_oneof![Just(0u64), 0u64..0x4_0000, 0u64..(1 << 62)],
+            fix in any::<bool>(),
+        ) {
+            let mut data = data;
+            // Half the cases with a right checksum in the first word, so that both
+            // answers occur.
+            if fix && data.len() >= 2 {
+                data[..2].copy_from_slice(&[0, 0]);
+                let c = finish(sum(&data) + extra);
+                data[..2].copy_from_slice(&c.to_be_bytes());
+            }
+            prop_assert_eq!(data_verifies(&data, extra), verifies(sum(&data) + extra));
+        }
+
         #[test]
         fn fast_sum_matches_naive(data in proptest::collection::vec(any::<u8>(), 0..300)) {
             prop_assert_eq!(checksum(&data), naive(&data));

@@ -23,7 +23,7 @@ use crate::nat::rewrite::{self, RewriteError};
 use crate::nat::rules::RuleId;
 use crate::nat::{NatEngine, NatError, PacketMeta};
 use crate::table::side::SlotStore;
-use crate::table::{ConnTable, FoundV4, InsertError, RemoveReason, Slot, Status};
+use crate::table::{ConnTable, FoundV4, InsertError, Memory, RemoveReason, Slot, Status};
 use crate::tcp::{
     ConnStatus, TcpConfig, TcpConn, TcpFlags, TcpInvalid, TcpOutcome, TcpSegment, TcpState,
     TcpTimeouts,
@@ -76,6 +76,10 @@ pub struct Config {
     pub hash_seed: u64,
     /// Undrained events kept before new ones are counted as lost.
     pub event_capacity: usize,
+    /// Whether the table's index asks for transparent huge pages (default on; see
+    /// [`crate::table::pages`]): at a million connections a lookup then walks no page
+    /// tables. Off: plain allocator memory.
+    pub huge_pages: bool,
 }
 
 impl Default for Config {
@@ -87,6 +91,7 @@ impl Default for Config {
             parse: ParseOptions::VERIFY_ALL,
             hash_seed: 0x6374_6f66_666c_6f61,
             event_capacity: 4096,
+            huge_pages: true,
         }
     }
 }
@@ -457,7 +462,16 @@ impl Conntrack {
     #[must_use]
     pub fn with_nat(cfg: Config, nat: NatEngine) -> Self {
         Self {
-            table: ConnTable::new(cfg.max_connections, cfg.hash_seed, cfg.event_capacity),
+            table: ConnTable::with_memory(
+                cfg.max_connections,
+                cfg.hash_seed,
+                cfg.event_capacity,
+                if cfg.huge_pages {
+                    Memory::HugePages
+                } else {
+                    Memory::Plain
+                },
+            ),
             tcp: SlotStore::new(cfg.max_connections.max(1)),
             cfg,
             stats: Stats::default(),
@@ -714,8 +728,23 @@ impl Conntrack {
         meta: &PacketMeta,
         now: u64,
     ) -> Verdict {
+        let found = self.table.find_v4(key, hash, now);
+        self.track_v4_found(found, plain, key, hash, meta, now)
+    }
+
+    /// [`Conntrack::track_v4`] after its lookup found `found`.
+    #[inline(always)]
+    fn track_v4_found(
+        &mut self,
+        found: FoundV4,
+        plain: &PlainV4,
+        key: PackedV4,
+        hash: u64,
+        meta: &PacketMeta,
+        now: u64,
+    ) -> Verdict {
         let bytes = u64::from(plain.l3_len);
-        let round = match self.table.find_v4(key, hash, now) {
+        let round = match found {
             FoundV4::Live(slot, dir) => self.existing(slot, dir, &plain.l4, bytes, now),
             FoundV4::Absent => self.create(NewOrig::V4(key), hash, &plain.l4, meta, bytes, now),
             FoundV4::Unsure => {
@@ -1193,8 +1222,16 @@ impl Conntrack {
         if !e.status.intersects(Status::SRC_NAT | Status::DST_NAT) {
             return Some(NatOutcome::Unchanged);
         }
-        let other = e.packed_tuple(dir.opposite())?;
-        if !rewrite::rewrite_one_endpoint_at(frame, l4, at, other, e.status, dir) {
+        // The endpoint to write straight from the key; else from the other
+        // direction's tuple (the same bytes).
+        let written = match e.translated(dir) {
+            Some(to) => rewrite::rewrite_endpoint_at(frame, l4, at, to),
+            None => {
+                let other = e.packed_tuple(dir.opposite())?;
+                rewrite::rewrite_one_endpoint_at(frame, l4, at, other, e.status, dir)
+            }
+        };
+        if !written {
             return None;
         }
         self.stats.nat_rewritten += 1;

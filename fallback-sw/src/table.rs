@@ -18,7 +18,9 @@
 //!   direction finds its connection with one hash and, usually, one probe. A cell is 32
 //!   bits: the slot, the direction and, in the bits left, a tag from the hash (11 bits
 //!   for a million connections) so that a probe rarely touches an entry that does not
-//!   match (16 bytes of index per connection).
+//!   match (16 bytes of index per connection). An index of 2 MiB or more asks for
+//!   transparent huge pages ([`pages`], [`Memory`]): at a million connections a lookup
+//!   then walks no page tables for it.
 //! - Expiry is lazy like Linux: an entry whose timeout has passed is dead; lookups reap
 //!   it, and [`ConnTable::gc`] reaps the rest through a timer wheel whose cost per call is
 //!   bounded and proportional to the entries that expire (see [`crate::timer`]).
@@ -35,9 +37,12 @@ use crate::tuple::{Addr, Dir, PackedV4, Tuple, TupleHasher};
 
 mod events;
 pub mod free;
+pub mod pages;
 pub mod side;
 use events::EventQueue;
 use free::FreeSlots;
+pub use pages::Memory;
+use pages::PageArray;
 use side::SlotStore;
 
 bitflags::bitflags! {
@@ -582,6 +587,61 @@ impl<P> Entry<P> {
     pub(crate) fn packed_tuple(&self, dir: Dir) -> Option<PackedV4> {
         self.key.packed(dir)
     }
+
+    /// For a TCP or UDP connection translated at one endpoint, with the status bit of
+    /// that translation alone (`SRC_NAT` for SNAT, `DST_NAT` for DNAT): the endpoint a
+    /// packet of direction `dir` gets written to become the inverse of the other
+    /// direction's tuple, read straight from the key (an SNAT original gets the
+    /// translated source, its reply the original's source as destination; DNAT the
+    /// other way round). `None` for any other entry, and for ICMP keys (whose id is
+    /// not a port).
+    #[inline(always)]
+    pub(crate) fn translated(&self, dir: Dir) -> Option<Translated> {
+        let nat_bits = self.status & (Status::SRC_NAT | Status::DST_NAT);
+        let (nat, snat) = match self.key {
+            Key::SrcNatV4(ref nat) if nat_bits == Status::SRC_NAT => (nat, true),
+            Key::DstNatV4(ref nat) if nat_bits == Status::DST_NAT => (nat, false),
+            _ => return None,
+        };
+        let b = &nat.orig.0;
+        if b[14] == crate::tuple::proto::ICMP {
+            return None;
+        }
+        Some(match (dir, snat) {
+            // The translated endpoint: the source of an SNAT original, the destination
+            // of a DNAT original.
+            (Dir::Original, _) => Translated {
+                src: snat,
+                addr: u32::from_le_bytes(nat.addr),
+                port: u16::from_ne_bytes(nat.l4),
+            },
+            // A reply goes back to the original's source (SNAT) ...
+            (Dir::Reply, true) => Translated {
+                src: false,
+                addr: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                port: u16::from_le_bytes([b[8], b[9]]),
+            },
+            // ... or comes from the original's destination (DNAT).
+            (Dir::Reply, false) => Translated {
+                src: true,
+                addr: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+                port: u16::from_le_bytes([b[10], b[11]]),
+            },
+        })
+    }
+}
+
+/// The endpoint that a packet of a connection translated at one endpoint gets written
+/// (see [`Entry::translated`]): the source or the destination, and its address (the
+/// little-endian word of the bytes as the frame holds them) and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Translated {
+    /// The source is written (else the destination).
+    pub(crate) src: bool,
+    /// The address, as `u32::from_le_bytes` of its bytes in network order.
+    pub(crate) addr: u32,
+    /// The port.
+    pub(crate) port: u16,
 }
 
 /// What [`ConnTable::find_v4`] found.
@@ -769,7 +829,8 @@ impl Cells {
 #[derive(Debug)]
 pub struct ConnTable<P> {
     hasher: TupleHasher,
-    index: Vec<u32>,
+    /// The index cells: huge pages when asked for and large enough ([`pages`]).
+    index: PageArray<u32>,
     cells: Cells,
     mask: usize,
     entries: Vec<Option<Entry<P>>>,
@@ -799,9 +860,16 @@ pub struct ConnTable<P> {
 
 impl<P> ConnTable<P> {
     /// A table for at most `max` connections (at least 1), with a hash seed and room for
-    /// `events_cap` undrained events. Everything is allocated here, once.
+    /// `events_cap` undrained events, its index in huge pages when the kernel gives
+    /// them ([`Memory::HugePages`]). Everything is allocated here, once.
     #[must_use]
     pub fn new(max: usize, seed: u64, events_cap: usize) -> Self {
+        Self::with_memory(max, seed, events_cap, Memory::HugePages)
+    }
+
+    /// [`ConnTable::new`] with the index's memory chosen by `memory`.
+    #[must_use]
+    pub fn with_memory(max: usize, seed: u64, events_cap: usize, memory: Memory) -> Self {
         let max = max.clamp(1, 1 << 30);
         // Two index entries per connection, load factor at most 1/2.
         let index_len = (max * 4).next_power_of_two();
@@ -811,7 +879,7 @@ impl<P> ConnTable<P> {
         let free = FreeSlots::all(&mut links);
         Self {
             hasher: TupleHasher::new(seed),
-            index: vec![EMPTY; index_len],
+            index: PageArray::new(index_len, EMPTY, memory),
             cells: Cells::for_slots(max),
             mask: index_len - 1,
             entries,
@@ -891,7 +959,7 @@ impl<P> ConnTable<P> {
     /// and wheel, event queue, GC scratch, NAT release queue), by capacity.
     #[must_use]
     pub fn heap_bytes(&self) -> usize {
-        let index = self.index.capacity() * size_of::<u32>();
+        let index = self.index.heap_bytes();
         let entries = self.entries.capacity() * size_of::<Option<Entry<P>>>();
         let side = self.side.heap_bytes() + self.spilled.heap_bytes() + self.wide.heap_bytes();
         let links = self.links.capacity() * size_of::<SlotLinks>();
@@ -929,8 +997,9 @@ impl<P> ConnTable<P> {
     pub fn prefetch(&self, hash: u64) -> Option<(&Entry<P>, Dir)> {
         let tag = self.cells.tag(hash);
         let mut pos = self.pos(hash);
+        let index: &[u32] = &self.index;
         for _ in 0..PREFETCH_PROBE {
-            let v = self.index[pos];
+            let v = index[pos];
             if v == EMPTY {
                 return None;
             }
@@ -971,8 +1040,9 @@ impl<P> ConnTable<P> {
         let tag = self.cells.tag(h);
         let probe = Probe::new(tuple);
         let mut pos = self.pos(h);
+        let index: &[u32] = &self.index;
         loop {
-            let v = self.index[pos];
+            let v = index[pos];
             if v == EMPTY {
                 return None;
             }
@@ -992,12 +1062,13 @@ impl<P> ConnTable<P> {
     /// connection, or nothing with nothing reaped); [`FoundV4::Unsure`] leaves the
     /// decision to it: an expired connection (which it reaps), or a candidate whose
     /// tuples are aside ([`Key::Side`]: IPv6, both endpoints translated).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn find_v4(&self, key: PackedV4, hash: u64, now: u64) -> FoundV4 {
         let tag = self.cells.tag(hash);
         let mut pos = self.pos(hash);
+        let index: &[u32] = &self.index;
         loop {
-            let Some(&v) = self.index.get(pos) else {
+            let Some(&v) = index.get(pos) else {
                 return FoundV4::Unsure;
             };
             if v == EMPTY {
@@ -1418,11 +1489,15 @@ impl<P> ConnTable<P> {
     /// `from` on (`h`'s home position, or a cell of its probe run with no free cell
     /// between the home and it); returns where it went.
     fn index_insert(&mut self, h: u64, slot: Slot, dir: Dir, from: usize) -> usize {
+        let cell = self.cells.pack(h, slot, dir);
+        let mask = self.mask;
         let mut pos = from;
-        while self.index[pos] != EMPTY {
-            pos = (pos + 1) & self.mask;
+        // The cells as a slice once (each access to the `PageArray` checks its view).
+        let index: &mut [u32] = &mut self.index;
+        while index[pos] != EMPTY {
+            pos = (pos + 1) & mask;
         }
-        self.index[pos] = self.cells.pack(h, slot, dir);
+        index[pos] = cell;
         pos
     }
 
@@ -1678,6 +1753,37 @@ mod tests {
     }
 
     #[test]
+    fn a_large_index_in_huge_pages_works_like_a_plain_one() {
+        // 2^17 connections: an index of 2^19 cells, 2 MiB, one huge page.
+        let max = 1 << 17;
+        let mut tabs: [ConnTable<()>; 2] = [
+            ConnTable::new(max, 1, 64),
+            ConnTable::with_memory(max, 1, 64, Memory::Plain),
+        ];
+        assert_eq!(tabs[0].index.is_mapped(), cfg!(target_os = "linux"));
+        assert!(!tabs[1].index.is_mapped());
+        assert_eq!(tabs[0].index.len(), tabs[1].index.len());
+        for tab in &mut tabs {
+            let slots: Vec<Slot> = (0..1000)
+                .map(|i| {
+                    let a = t(i);
+                    tab.insert(a, inv(&a), Status::empty(), 30 * S, (), 0)
+                        .expect("room")
+                })
+                .collect();
+            for (i, &slot) in (0..1000).zip(&slots) {
+                assert_eq!(tab.lookup(&t(i), S), Some((slot, Dir::Original)));
+                assert_eq!(tab.lookup(&inv(&t(i)), S), Some((slot, Dir::Reply)));
+            }
+            assert_eq!(tab.lookup(&t(1000), S), None);
+            tab.remove(slots[7], RemoveReason::Deleted);
+            assert_eq!(tab.lookup(&t(7), S), None);
+        }
+        // The same cells in both.
+        assert!(tabs[0].index.iter().eq(tabs[1].index.iter()));
+    }
+
+    #[test]
     fn translated_and_ipv6_tuples_live_in_the_side_store() {
         let mut tab: ConnTable<()> = ConnTable::new(16, 1, 64);
         let empty = tab.heap_bytes();
@@ -1786,6 +1892,27 @@ mod tests {
             assert_eq!(tab.tuples(slot), Some([o, r]));
             assert_eq!(e.packed_tuple(Dir::Original), o.pack_v4());
             assert_eq!(e.packed_tuple(Dir::Reply), r.pack_v4(), "{r} packed");
+            // The endpoint the NAT rewrite writes: the one where a packet of each
+            // direction differs from the other direction's inverse (none for ICMP).
+            let translated = |dir: Dir| {
+                let (pkt, other) = if dir == Dir::Original { (o, r) } else { (r, o) };
+                let want = other.invert().expect("inverts");
+                let src = pkt.src != want.src || pkt.src_l4 != want.src_l4;
+                let (a, p) = if src {
+                    (want.src, want.src_l4)
+                } else {
+                    (want.dst, want.dst_l4)
+                };
+                Translated {
+                    src,
+                    addr: u32::from_le_bytes(a.as_v4()),
+                    port: p,
+                }
+            };
+            for dir in [Dir::Original, Dir::Reply] {
+                let want = (!o.is_icmp()).then(|| translated(dir));
+                assert_eq!(e.translated(dir), want, "{o} -> {r}, {dir:?}");
+            }
             assert_eq!(tab.lookup(&o, S), Some((slot, Dir::Original)));
             assert_eq!(tab.lookup(&r, S), Some((slot, Dir::Reply)));
             // Neither the untranslated reply nor one field off is this connection.
@@ -1833,6 +1960,20 @@ mod tests {
             assert_eq!(tab.get(slot).expect("live").id, id);
         }
         assert_eq!(size_of::<Key>(), 22, "key and status fill 24 bytes");
+        // An untranslated entry, or one whose status bits say otherwise than its key
+        // (both endpoints), has no endpoint to write from the key.
+        let plain = tab
+            .insert(t(9), inv(&t(9)), Status::SRC_NAT, 30 * S, (), 0)
+            .expect("room");
+        let (o, r) = (t(10), snat(&t(10), 20_001));
+        let both = tab
+            .insert(o, r, Status::SRC_NAT | Status::DST_NAT, 30 * S, (), 0)
+            .expect("room");
+        for slot in [plain, both] {
+            let e = tab.entry(slot).expect("live");
+            assert_eq!(e.translated(Dir::Original), None);
+            assert_eq!(e.translated(Dir::Reply), None);
+        }
     }
 
     #[test]

@@ -20,12 +20,13 @@
 use core::hint::black_box;
 
 use super::{
-    Conntrack, Family, Invalid, L4, NatOutcome, NatVerdict, Tuple, Verdict, family_of,
+    Conntrack, Family, Invalid, L4, NatOutcome, NatVerdict, Reopen, Tuple, Verdict, family_of,
     icmpv6_untracked, tuple_of,
 };
 use crate::nat::PacketMeta;
+use crate::table::FoundV4;
 use crate::tuple::PackedV4;
-use crate::wire::{self, Fragment, ParsedPacket, PlainV4, TcpInfo};
+use crate::wire::{self, Fragment, ParsedPacket, PlainV4, TcpInfo, V4Layout};
 
 /// Frames processed together by [`Conntrack::process_batch`]; longer inputs are cut into
 /// batches of this size.
@@ -48,13 +49,15 @@ enum Pre {
         tuple: Tuple,
         hash: u64,
     },
-    /// The established path ([`Conntrack::track_v4`]): a plain IPv4 TCP or UDP frame
-    /// and its packed tuple.
+    /// The established path ([`Conntrack::track_v4`]): a plain IPv4 TCP frame and its
+    /// packed tuple.
     V4 {
         plain: PlainV4,
         key: PackedV4,
         hash: u64,
     },
+    /// The established path of a plain IPv4 UDP datagram ([`Conntrack::track_udp`]).
+    Udp(UdpV4),
 }
 
 impl Pre {
@@ -62,9 +65,44 @@ impl Pre {
     #[inline]
     fn hash(&self) -> Option<u64> {
         match self {
-            Pre::Fast { hash, .. } | Pre::V4 { hash, .. } => Some(*hash),
+            Pre::Fast { hash, .. } | Pre::V4 { hash, .. } | Pre::Udp(UdpV4 { hash, .. }) => {
+                Some(*hash)
+            }
             Pre::Done | Pre::Slow(_) => None,
         }
+    }
+}
+
+/// A plain IPv4 UDP datagram after pass 1: its packed tuple and hash, and the few
+/// fields besides them that its [`PlainV4`] holds (a third of the record; the
+/// [`PlainV4`] is rebuilt only when the packet leaves the established path).
+#[derive(Clone, Copy)]
+struct UdpV4 {
+    key: PackedV4,
+    hash: u64,
+    l3_len: u16,
+    payload_len: u16,
+    ttl: u8,
+}
+
+impl UdpV4 {
+    /// The datagram's ports, from its key.
+    #[inline]
+    fn ports(&self) -> (u16, u16) {
+        let [s0, s1, d0, d1, ..] = self.key.words().1.to_le_bytes();
+        (u16::from_le_bytes([s0, s1]), u16::from_le_bytes([d0, d1]))
+    }
+
+    /// What [`wire::plain_v4`] read.
+    #[inline]
+    fn plain(&self) -> PlainV4 {
+        PlainV4::udp(
+            self.key.words().0.to_le_bytes(),
+            self.ports(),
+            self.l3_len,
+            self.ttl,
+            self.payload_len,
+        )
     }
 }
 
@@ -110,38 +148,39 @@ impl Conntrack {
         let pre = &mut pre[..frames.len()];
         // 1: parse, classify, hash.
         for ((frame, o), p) in frames.iter().zip(out.iter_mut()).zip(pre.iter_mut()) {
-            if let Some(invalid) = self.classify_frame(frame, zone, p) {
-                *o = invalid;
-            }
+            self.classify_frame(frame, zone, p, o);
         }
         if self.table.capacity() >= PREFETCH_MIN_CONNECTIONS {
             self.prefetch(pre);
         }
         // 4: finish in order.
+        let meta = PacketMeta::default();
         for ((frame, o), p) in frames.iter().zip(out.iter_mut()).zip(pre.iter()) {
             match p {
                 Pre::Done => {}
                 Pre::Slow(pkt) => *o = self.track_parsed(pkt, frame, zone, now),
                 Pre::Fast { pkt, tuple, hash } => {
-                    *o = self.track_tuple(tuple, *hash, pkt, &PacketMeta::default(), now);
+                    *o = self.track_tuple(tuple, *hash, pkt, &meta, now);
                 }
                 Pre::V4 { plain, key, hash } => {
-                    *o = self.track_v4(plain, *key, *hash, &PacketMeta::default(), now);
+                    *o = self.track_v4(plain, *key, *hash, &meta, now);
                 }
+                Pre::Udp(u) => self.track_udp(u, &meta, now, o),
             }
         }
     }
 
     /// Pass 1 of a frame: parsed, classified and hashed into `p` (written in place:
     /// a [`Pre`] is large); the common frame in one step, straight to its packed
-    /// tuple. A malformed frame is counted, and its verdict returned.
+    /// tuple. A malformed frame is counted, and its verdict written to `out` (then
+    /// it returns true; written in place, as returning it cost a copy a frame).
     #[inline]
-    fn classify_frame(&mut self, frame: &[u8], zone: u16, p: &mut Pre) -> Option<Verdict> {
+    fn classify_frame(&mut self, frame: &[u8], zone: u16, p: &mut Pre, out: &mut Verdict) -> bool {
         self.stats.packets += 1;
         let parsed = match wire::plain_v4(frame, self.cfg.parse) {
             Some(Ok(plain)) => {
                 self.classify_plain(plain, zone, p);
-                return None;
+                return false;
             }
             Some(Err(e)) => Err(e),
             None => wire::parse_walk(frame, self.cfg.parse),
@@ -149,11 +188,12 @@ impl Conntrack {
         match parsed {
             Ok(pkt) => {
                 self.classify(pkt, zone, p);
-                None
+                false
             }
             Err(e) => {
                 self.stats.malformed[e.reason().index()] += 1;
-                Some(self.invalid(Invalid::Malformed(e)))
+                *out = self.invalid(Invalid::Malformed(e));
+                true
             }
         }
     }
@@ -163,19 +203,64 @@ impl Conntrack {
     /// general one.
     #[inline]
     fn classify_plain(&self, plain: PlainV4, zone: u16, p: &mut Pre) {
-        let (src_port, dst_port) = match plain.l4 {
-            L4::Udp { src_port, dst_port }
-            | L4::Tcp(TcpInfo {
+        let (src_port, dst_port, udp) = match plain.l4 {
+            L4::Udp { src_port, dst_port } => (src_port, dst_port, true),
+            L4::Tcp(TcpInfo {
                 src_port, dst_port, ..
-            }) => (src_port, dst_port),
+            }) => (src_port, dst_port, false),
             _ => return self.classify(plain.packet(), zone, p),
         };
         let key = PackedV4::new(plain.addrs, src_port, dst_port, plain.protocol, zone);
-        *p = Pre::V4 {
-            plain,
-            key,
-            hash: self.table.hasher().pair_hash_v4(key),
+        let hash = self.table.hasher().pair_hash_v4(key);
+        if udp {
+            *p = Pre::Udp(UdpV4 {
+                key,
+                hash,
+                l3_len: plain.l3_len,
+                payload_len: plain.payload_len,
+                ttl: plain.ttl,
+            });
+        } else {
+            *p = Pre::V4 { plain, key, hash };
+        }
+    }
+
+    /// [`Conntrack::track_v4`] of a plain UDP datagram: a live connection's handler
+    /// here, without the datagram's [`PlainV4`]; anything else (a new, expired or
+    /// translated-aside connection) on the way `track_v4` takes, with it rebuilt.
+    /// The verdict is written to `out` (each way writes its own: returning it cost a
+    /// copy through the stack).
+    #[inline(always)]
+    fn track_udp(&mut self, u: &UdpV4, meta: &PacketMeta, now: u64, out: &mut Verdict) {
+        let found = self.table.find_v4(u.key, u.hash, now);
+        let FoundV4::Live(slot, dir) = found else {
+            *out = self.track_udp_aside(found, u, meta, now);
+            return;
         };
+        let (src_port, dst_port) = u.ports();
+        let l4 = L4::Udp { src_port, dst_port };
+        let round = self.existing(slot, dir, &l4, u64::from(u.l3_len), now);
+        // As in `track_v4`.
+        self.release_nat();
+        *out = match round {
+            Ok(v) => self.count_tracked(v),
+            // UDP never reopens; as `track_v4` if it did.
+            Err(Reopen) => {
+                self.track_tuple(&u.key.unpack(), u.hash, &u.plain().packet(), meta, now)
+            }
+        };
+    }
+
+    /// [`Conntrack::track_udp`] past a lookup that found no live connection.
+    #[inline(never)]
+    fn track_udp_aside(
+        &mut self,
+        found: FoundV4,
+        u: &UdpV4,
+        meta: &PacketMeta,
+        now: u64,
+    ) -> Verdict {
+        self.track_v4_found(found, &u.plain(), u.key, u.hash, meta, now)
     }
 
     /// Pass 1 of any other parsed frame.
@@ -225,11 +310,8 @@ impl Conntrack {
         let pre = &mut pre[..frames.len()];
         // 1: parse, classify, hash.
         for ((frame, o), p) in frames.iter().zip(out.iter_mut()).zip(pre.iter_mut()) {
-            if let Some(verdict) = self.classify_frame(frame, zone, p) {
-                *o = NatVerdict {
-                    verdict,
-                    nat: NatOutcome::Unchanged,
-                };
+            if self.classify_frame(frame, zone, p, &mut o.verdict) {
+                o.nat = NatOutcome::Unchanged;
             }
         }
         if self.table.capacity() >= PREFETCH_MIN_CONNECTIONS {
@@ -244,6 +326,18 @@ impl Conntrack {
                 Pre::Slow(pkt) => (self.track_parsed_meta(pkt, frame, zone, meta, now), *pkt),
                 Pre::Fast { pkt, tuple, hash } => {
                     (self.track_tuple(tuple, *hash, pkt, meta, now), *pkt)
+                }
+                Pre::Udp(u) => {
+                    // The verdict written in place, and the rewrite reads it there.
+                    self.track_udp(u, meta, now, &mut o.verdict);
+                    let (src_port, dst_port) = u.ports();
+                    let l4 = L4::Udp { src_port, dst_port };
+                    let at = V4Layout::plain(u.l3_len);
+                    o.nat = match self.nat_rewrite_plain(&o.verdict, &l4, at, frame) {
+                        Some(nat) => nat,
+                        None => self.nat_rewrite_general(&o.verdict, &u.plain().packet(), frame),
+                    };
+                    continue;
                 }
                 // The established path as without NAT (a connection it creates gets its
                 // NAT decision from `meta`); the rewrite reads the packet's layout.

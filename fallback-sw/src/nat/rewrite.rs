@@ -19,7 +19,7 @@ use core::net::Ipv4Addr;
 
 use super::alloc::Manip;
 use crate::checksum::{self, finish, udp_finish, update16};
-use crate::table::Status;
+use crate::table::{Status, Translated};
 use crate::tuple::{Dir, PackedV4, Tuple, proto};
 use crate::wire::{L3, L4, ParsedPacket, V4Layout};
 
@@ -353,22 +353,46 @@ pub(crate) fn rewrite_one_endpoint_at(
     if src_m == dst_m {
         return false;
     }
+    // The packet becomes the inverse of `other`: its source is `other`'s destination
+    // (address in the high half of the packed word, port in bits 16..32), its
+    // destination `other`'s source (low half, bits 0..16). The address as the
+    // little-endian word of its bytes, as the frame holds it.
+    let (addrs, rest) = other.words();
+    let (new_a, new_p) = if src_m {
+        (addrs >> 32, rest >> 16 & 0xFFFF)
+    } else {
+        (addrs & 0xFFFF_FFFF, rest & 0xFFFF)
+    };
+    let (Ok(addr), Ok(port)) = (u32::try_from(new_a), u16::try_from(new_p)) else {
+        return false;
+    };
+    rewrite_endpoint_at(
+        frame,
+        l4,
+        at,
+        Translated {
+            src: src_m,
+            addr,
+            port,
+        },
+    )
+}
+
+/// [`rewrite_one_endpoint_at`] with the endpoint to write already known (the
+/// established path reads it from the entry's key: [`crate::table::Entry`]'s
+/// `translated`, without the other direction's tuple).
+#[inline(always)]
+pub(crate) fn rewrite_endpoint_at(frame: &mut [u8], l4: &L4, at: V4Layout, to: Translated) -> bool {
     match l4 {
-        L4::Udp { .. } => rewrite_one_endpoint::<true>(frame, at, other, src_m),
-        L4::Tcp(_) => rewrite_one_endpoint::<false>(frame, at, other, src_m),
+        L4::Udp { .. } => rewrite_one_endpoint::<true>(frame, at, to),
+        L4::Tcp(_) => rewrite_one_endpoint::<false>(frame, at, to),
         _ => false,
     }
 }
 
-/// [`rewrite_one_endpoint_at`] for UDP (`UDP`) or TCP, the source (`src_m`) or the
-/// destination translated.
+/// [`rewrite_endpoint_at`] for UDP (`UDP`) or TCP.
 #[inline(always)]
-fn rewrite_one_endpoint<const UDP: bool>(
-    frame: &mut [u8],
-    at: V4Layout,
-    other: PackedV4,
-    src_m: bool,
-) -> bool {
+fn rewrite_one_endpoint<const UDP: bool>(frame: &mut [u8], at: V4Layout, to: Translated) -> bool {
     let csum_at = if UDP { 6 } else { 16 };
     let V4Layout { l3, l4, end } = at;
     if l3 + 20 > l4 || l4 + csum_at + 2 > end || end > frame.len() {
@@ -381,19 +405,12 @@ fn rewrite_one_endpoint<const UDP: bool>(
     let Some(seg) = seg.get_mut(..csum_at + 2) else {
         return false;
     };
-    // The packet becomes the inverse of `other`: its source is `other`'s destination
-    // (address in the high half of the packed word, port in bits 16..32), its
-    // destination `other`'s source (low half, bits 0..16). The address as the
-    // little-endian word of its bytes, as the frame holds it.
-    let (addrs, rest) = other.words();
-    let (a_at, p_at, new_a, new_p) = if src_m {
-        (12, 0, addrs >> 32, rest >> 16 & 0xFFFF)
-    } else {
-        (16, 2, addrs & 0xFFFF_FFFF, rest & 0xFFFF)
-    };
-    let (Ok(new_a), Ok(new_p)) = (u32::try_from(new_a), u16::try_from(new_p)) else {
-        return false;
-    };
+    let Translated {
+        src,
+        addr: new_a,
+        port: new_p,
+    } = to;
+    let (a_at, p_at) = if src { (12, 0) } else { (16, 2) };
     let le16 = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
     let old_a = u32::from_le_bytes([ip[a_at], ip[a_at + 1], ip[a_at + 2], ip[a_at + 3]]);
     // The address's terms `~a + a'`, reduced once to 16 bits for both checksums.

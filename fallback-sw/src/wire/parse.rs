@@ -329,6 +329,17 @@ impl V4Layout {
             end: pkt.l3_end(),
         }
     }
+
+    /// The layout of a frame that [`plain_v4`] read, whose IP total length is
+    /// `l3_len`.
+    #[inline(always)]
+    pub(crate) fn plain(l3_len: u16) -> Self {
+        Self {
+            l3: PlainV4::L3,
+            l4: PlainV4::L4,
+            end: PlainV4::L3 + usize::from(l3_len),
+        }
+    }
 }
 
 /// The common frame, read in one step by [`plain_v4`]: untagged Ethernet, a whole (not
@@ -362,10 +373,30 @@ impl PlainV4 {
     /// Where the packet lies in the frame.
     #[inline(always)]
     pub(crate) fn layout(&self) -> V4Layout {
-        V4Layout {
-            l3: Self::L3,
-            l4: Self::L4,
-            end: Self::L3 + usize::from(self.l3_len),
+        V4Layout::plain(self.l3_len)
+    }
+
+    /// What [`plain_v4`] returns for a UDP datagram with these addresses (as in the
+    /// frame), ports, IP total length, TTL and UDP payload length: the established
+    /// path keeps only these (see `Pre::Udp` in the batch) and rebuilds the rest when
+    /// it needs it.
+    #[inline]
+    pub(crate) fn udp(
+        addrs: [u8; 8],
+        (src_port, dst_port): (u16, u16),
+        l3_len: u16,
+        ttl: u8,
+        payload_len: u16,
+    ) -> Self {
+        Self {
+            addrs,
+            l3_len,
+            protocol: ip_proto::UDP,
+            ttl,
+            // At most 8.
+            l4_header: u8::try_from(udp::HEADER_LEN).unwrap_or(u8::MAX),
+            payload_len,
+            l4: L4::Udp { src_port, dst_port },
         }
     }
 
@@ -411,7 +442,7 @@ pub(crate) fn plain_v4(frame: &[u8], opts: ParseOptions) -> Option<Result<PlainV
     let end = L3 + usize::from(total);
     let seg = frame.get(L4..end)?;
     let ip_header: &[u8; ipv4::HEADER_LEN] = h[L3..].try_into().ok()?;
-    if opts.verify_ipv4_checksum && !checksum::verifies(checksum::sum_array(ip_header)) {
+    if opts.verify_ipv4_checksum && !checksum::data_verifies(ip_header, 0) {
         return Some(Err(ParseError::BadChecksum { layer: Layer::Ipv4 }));
     }
     let [s0, s1, s2, s3, d0, d1, d2, d3] = *h[L3 + 12..].first_chunk::<8>()?;
@@ -472,14 +503,14 @@ fn tcp_l4(t: &tcp::Packet<&[u8]>, len: usize) -> (L4, usize, usize) {
 /// Whether the TCP or UDP checksum of a frame that [`plain_v4`] read verifies, for the
 /// `len` bytes of L4 data it covers: the pseudo-header's addresses are summed in
 /// place, right before the L4 header in the frame (bytes 26..34), in one sum with it.
-#[inline]
+#[inline(always)]
 fn plain_l4_verifies(frame: &[u8], protocol: u8, len: u16) -> bool {
     const ADDRS: usize = PlainV4::L3 + 12;
     frame
         .get(ADDRS..PlainV4::L4 + usize::from(len))
         .is_some_and(|covered| {
             let pseudo = u64::from(protocol) + u64::from(len);
-            checksum::verifies(checksum::sum(covered) + pseudo)
+            checksum::data_verifies(covered, pseudo)
         })
 }
 
@@ -501,7 +532,7 @@ fn plain_tcp(frame: &[u8], end: usize, verify: bool) -> Option<(L4, usize, usize
 /// as [`parse_l4`] gives it when it is valid; `None` when it is not (truncated, bad
 /// length field or checksum), and then [`parse_l4`] says why. Cheaper than the general
 /// reader: see [`plain_l4_verifies`].
-#[inline]
+#[inline(always)]
 fn plain_udp(frame: &[u8], end: usize, verify: bool) -> Option<(L4, usize, usize)> {
     let seg = frame.get(PlainV4::L4..end)?;
     let h: &[u8; udp::HEADER_LEN] = seg.first_chunk()?;

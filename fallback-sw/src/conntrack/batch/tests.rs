@@ -453,3 +453,44 @@ proptest! {
         prop_assert_eq!(observable(&mut many, now), observable(&mut one, now));
     }
 }
+
+proptest! {
+    /// A UDP datagram's pass-1 record (`Pre::Udp`) rebuilds exactly the `PlainV4` that
+    /// `plain_v4` read: with a UDP length shorter than the IP payload, and Ethernet
+    /// padding after the IP packet, too.
+    #[test]
+    fn udp_record_rebuilds_the_plain_frame(
+        ports in any::<(u16, u16)>(),
+        ttl in any::<u8>(),
+        payload in proptest::collection::vec(any::<u8>(), 0..40),
+        beyond in 0usize..4,
+        padding in 0usize..8,
+        zone in any::<u16>(),
+    ) {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(CMAC, SMAC)
+            .ipv4(client(1), SERVER, ttl)
+            .udp(ports.0, ports.1)
+            .write(&mut f, &payload)
+            .expect("frame");
+        // Bytes in the IP packet after the datagram: the IP total length grows.
+        f.extend(std::iter::repeat_n(0xA5, beyond));
+        let total = u16::from_be_bytes([f[16], f[17]]) + u16::try_from(beyond).unwrap_or(0);
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        fix_ipv4_checksum(&mut f);
+        f.extend(std::iter::repeat_n(0, padding));
+        let read = crate::wire::plain_v4(&f, crate::wire::ParseOptions::VERIFY_ALL);
+        let Some(Ok(read)) = read else {
+            panic!("a plain UDP frame: {read:?}");
+        };
+        let mut ct = Conntrack::new(Config::default());
+        let mut pre = super::Pre::Done;
+        let mut out = Verdict::Untracked(super::super::Untracked::Fragment);
+        prop_assert!(!ct.classify_frame(&f, zone, &mut pre, &mut out));
+        let super::Pre::Udp(u) = pre else {
+            panic!("not the UDP record");
+        };
+        prop_assert_eq!(u.plain(), read);
+        prop_assert_eq!(u.ports(), ports);
+    }
+}
