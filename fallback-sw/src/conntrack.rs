@@ -821,7 +821,10 @@ impl Conntrack {
         now: u64,
     ) -> Result<(Tuple, Status), Invalid> {
         let Self { nat, table, .. } = self;
-        match nat.decide(tuple, meta, &mut |r| table.lookup(r, now).is_some()) {
+        // With every removal released, the engine may know a candidate free without
+        // the table (`NatEngine::decide_in`).
+        let live = (!table.has_nat_released()).then(|| table.len());
+        match nat.decide_in(tuple, meta, live, &mut |r| table.lookup(r, now).is_some()) {
             Ok(d) => Ok((d.reply, d.status)),
             Err(NatError::NotInvertible(e)) => Err(Invalid::IcmpNotRequest {
                 icmp_type: e.icmp_type,

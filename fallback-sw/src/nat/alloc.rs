@@ -26,6 +26,7 @@
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
 
+use super::exact::ExactIndex;
 use super::rules::{PortRange, mix64};
 use crate::tuple::{Addr, Family, Tuple, proto};
 
@@ -206,7 +207,7 @@ impl PortBits {
 /// keyed per map from `RandomState` so that remote peers cannot aim collisions; much
 /// cheaper than SipHash for these 20-40 byte keys.
 #[derive(Clone, Copy)]
-struct FoldHasher(u64);
+pub(crate) struct FoldHasher(u64);
 
 impl FoldHasher {
     /// Folds one word in: the xor of both halves of a 128-bit product.
@@ -240,7 +241,7 @@ impl core::hash::Hasher for FoldHasher {
 
 /// The two 64-bit halves of an address (an IPv4 address: the first, the second is 0).
 #[inline]
-fn addr_words(a: &Addr) -> [u64; 2] {
+pub(crate) fn addr_words(a: &Addr) -> [u64; 2] {
     let [w0, w1] = [0, 8].map(|i| {
         let mut w = [0u8; 8];
         w.copy_from_slice(&a.0[i..i + 8]);
@@ -275,7 +276,7 @@ impl core::hash::Hash for Endpoint {
 
 /// Builds [`FoldHasher`]s with a random key.
 #[derive(Clone, Copy)]
-struct FoldBuild(u64);
+pub(crate) struct FoldBuild(u64);
 
 impl Default for FoldBuild {
     fn default() -> Self {
@@ -310,6 +311,8 @@ pub struct BusyPorts {
     map: HashTable<(Endpoint, PortBits)>,
     build: FoldBuild,
     dense: usize,
+    /// Ports recorded, over all endpoints (one per recorded binding).
+    ports: usize,
 }
 
 impl core::fmt::Debug for BusyPorts {
@@ -317,6 +320,7 @@ impl core::fmt::Debug for BusyPorts {
         f.debug_struct("BusyPorts")
             .field("endpoints", &self.map.len())
             .field("bitmaps", &self.dense)
+            .field("ports", &self.ports)
             .finish()
     }
 }
@@ -340,6 +344,32 @@ impl BusyPorts {
         self.dense
     }
 
+    /// Ports recorded over all endpoints: the bindings recorded.
+    #[must_use]
+    pub fn ports(&self) -> usize {
+        self.ports
+    }
+
+    /// Whether some endpoint recorded has remote address `addr`.
+    pub(crate) fn any_towards(&self, addr: &Addr) -> bool {
+        self.map.iter().any(|(k, _)| k.0.dst == *addr)
+    }
+
+    /// Every recorded binding, as a source-manipped ORIGINAL tuple (tests: compared with
+    /// the table's connections).
+    #[cfg(test)]
+    pub(crate) fn recorded(&self) -> Vec<Tuple> {
+        let mut out = Vec::new();
+        for (k, bits) in &self.map {
+            let ports: Vec<u16> = match bits {
+                PortBits::Few { ports, n } => ports[..usize::from(*n)].to_vec(),
+                PortBits::Dense { .. } => (0..=u16::MAX).filter(|&p| bits.test(p)).collect(),
+            };
+            out.extend(ports.into_iter().map(|p| Tuple { src_l4: p, ..k.0 }));
+        }
+        out
+    }
+
     /// The map hash of `t`'s endpoint (its source port ignored): what
     /// [`BusyPorts::add_hashed`] takes.
     #[inline]
@@ -348,13 +378,14 @@ impl BusyPorts {
         self.build.hash_one(endpoint_of(t))
     }
 
-    /// Records the binding `new` (a source-manipped ORIGINAL tuple), room permitting.
-    pub fn add(&mut self, new: &Tuple) {
-        self.add_hashed(self.hash(new), new);
+    /// Records the binding `new` (a source-manipped ORIGINAL tuple), room permitting;
+    /// whether it was recorded now (`false`: no room, or recorded already).
+    pub fn add(&mut self, new: &Tuple) -> bool {
+        self.add_hashed(self.hash(new), new)
     }
 
     /// [`BusyPorts::add`] with `new`'s endpoint hash ([`BusyPorts::hash`]) known.
-    pub(crate) fn add_hashed(&mut self, hash: u64, new: &Tuple) {
+    pub(crate) fn add_hashed(&mut self, hash: u64, new: &Tuple) -> bool {
         use core::hash::BuildHasher;
         let port = new.src_l4;
         let key = endpoint_of(new);
@@ -372,10 +403,10 @@ impl BusyPorts {
                 };
                 &mut v.insert((key, few)).into_mut().1
             }
-            Entry::Vacant(_) => return,
+            Entry::Vacant(_) => return false,
         };
         if bits.test(port) {
-            return;
+            return false;
         }
         match bits {
             PortBits::Few { ports, n } if usize::from(*n) < FEW => {
@@ -384,7 +415,7 @@ impl BusyPorts {
             }
             PortBits::Few { ports, .. } => {
                 if self.dense >= BUSY_MAX_DENSE {
-                    return;
+                    return false;
                 }
                 let mut words = Box::new([0u64; 1024]);
                 for &p in ports.iter().chain(core::iter::once(&port)) {
@@ -403,25 +434,30 @@ impl BusyPorts {
                 *count += 1;
             }
         }
+        self.ports += 1;
+        true
     }
 
-    /// Clears the binding `new` if recorded; forgets its endpoint when it was the last.
-    pub fn remove(&mut self, new: &Tuple) {
+    /// Clears the binding `new` if recorded (then `true`); forgets its endpoint when it
+    /// was the last.
+    pub fn remove(&mut self, new: &Tuple) -> bool {
         if self.map.is_empty() {
-            return;
+            return false;
         }
         let key = endpoint_of(new);
         let Ok(mut e) = self.map.find_entry(self.hash(new), |(k, _)| *k == key) else {
-            return;
+            return false;
         };
         let bits = &mut e.get_mut().1;
         let port = new.src_l4;
+        let mut cleared = false;
         let empty = match bits {
             PortBits::Few { ports, n } => {
                 let len = usize::from(*n);
                 if let Some(i) = ports[..len].iter().position(|&p| p == port) {
                     ports.swap(i, len - 1);
                     *n -= 1;
+                    cleared = true;
                 }
                 *n == 0
             }
@@ -431,16 +467,21 @@ impl BusyPorts {
                 if words[p >> 6] & m != 0 {
                     words[p >> 6] &= !m;
                     *count -= 1;
+                    cleared = true;
                 }
                 *count == 0
             }
         };
+        if cleared {
+            self.ports -= 1;
+        }
         if empty {
             if matches!(bits, PortBits::Dense { .. }) {
                 self.dense -= 1;
             }
             e.remove();
         }
+        cleared
     }
 
     /// Whether the port of candidate `t` is recorded as used.
@@ -779,10 +820,24 @@ impl AllocCtx<'_> {
 
     /// [`AllocCtx::used`], answered by [`BusyPorts`] without a table lookup when it
     /// records `t` (a recorded binding is in the table: a lookup would hit, and read
-    /// the connection's entry, a cache miss, to say so).
+    /// the connection's entry, a cache miss, to say so), or when it does not and is
+    /// exact for `t`'s address ([`ExactIndex`]).
     #[inline]
     fn used_or_recorded(&mut self, t: &Tuple, memo: &mut Memo<'_>) -> bool {
-        memo.bits(t).is_some_and(|b| b.test(t.src_l4)) || self.used(t)
+        let (bits, exact) = memo.endpoint(t);
+        bits.is_some_and(|b| b.test(t.src_l4)) || self.used_unless_exact(t, exact, memo)
+    }
+
+    /// [`AllocCtx::used`] of a candidate [`BusyPorts`] does not record; without the table
+    /// check when the index is `exact` for it (counted in `memo`).
+    #[inline]
+    fn used_unless_exact(&mut self, t: &Tuple, exact: bool, memo: &mut Memo<'_>) -> bool {
+        if exact {
+            memo.unchecked += 1;
+            reply_of(t).is_none()
+        } else {
+            self.used(t)
+        }
     }
 }
 
@@ -796,8 +851,14 @@ impl AllocCtx<'_> {
 /// [`NatEngine::decide`]: super::NatEngine::decide
 pub(crate) struct Memo<'a> {
     busy: Option<&'a BusyPorts>,
-    last: Option<(Addr, u64, Option<&'a PortBits>)>,
+    /// Set when [`BusyPorts`] is exact for this decision ([`ExactIndex::holds`]).
+    exact: Option<&'a ExactIndex>,
+    /// The last address asked about: its endpoint hash and record, and whether the
+    /// index is exact for it.
+    last: Option<(Addr, u64, Option<&'a PortBits>, bool)>,
     source: Option<(SrcKey, u64)>,
+    /// Candidates taken as free without a table check (exact index).
+    pub(crate) unchecked: u32,
 }
 
 impl<'a> Memo<'a> {
@@ -805,25 +866,40 @@ impl<'a> Memo<'a> {
     pub(crate) fn new(busy: Option<&'a BusyPorts>) -> Self {
         Self {
             busy,
+            exact: None,
             last: None,
             source: None,
+            unchecked: 0,
         }
     }
 
-    /// The ports recorded towards `t`'s endpoint (its source port ignored).
+    /// [`Memo::new`] for a source manip whose [`BusyPorts`] `busy` is exact at the
+    /// addresses `exact` knows: candidates there that `busy` does not record are free.
+    pub(crate) fn exact(busy: &'a BusyPorts, exact: &'a ExactIndex) -> Self {
+        Self {
+            exact: Some(exact),
+            ..Self::new(Some(busy))
+        }
+    }
+
+    /// The ports recorded towards `t`'s endpoint (its source port ignored), and
+    /// whether the index is exact for `t`'s address.
     #[inline]
-    fn bits(&mut self, t: &Tuple) -> Option<&'a PortBits> {
-        let busy = self.busy?;
+    fn endpoint(&mut self, t: &Tuple) -> (Option<&'a PortBits>, bool) {
+        let Some(busy) = self.busy else {
+            return (None, false);
+        };
         match self.last {
-            Some((a, _, bits)) if a == t.src => bits,
+            Some((a, _, bits, exact)) if a == t.src => (bits, exact),
             _ => {
+                let exact = self.exact.is_some_and(|x| x.knows(&t.src));
                 if busy.is_empty() {
-                    return None;
+                    return (None, exact);
                 }
                 let hash = busy.hash(t);
                 let bits = busy.get_hashed(hash, t);
-                self.last = Some((t.src, hash, bits));
-                bits
+                self.last = Some((t.src, hash, bits, exact));
+                (bits, exact)
             }
         }
     }
@@ -832,7 +908,7 @@ impl<'a> Memo<'a> {
     /// a candidate of the decision the memo was made for).
     pub(crate) fn endpoint_hash(&self, new: &Tuple) -> Option<u64> {
         self.last
-            .and_then(|(a, hash, _)| (a == new.src).then_some(hash))
+            .and_then(|(a, hash, _, _)| (a == new.src).then_some(hash))
     }
 
     /// The [`BySource`] hash of `orig`'s source if this decision computed it.
@@ -960,10 +1036,7 @@ fn search(
         return Err(fail(t, 0));
     }
     if manip == Manip::Src && ctx.busy.is_some() {
-        // Every candidate of this search has the same endpoint: one map lookup (none
-        // when an earlier question of this decision asked about the same address).
-        let bits = memo.bits(&t);
-        return search_free(cur, t, r, off % size, bits, ctx);
+        return search_free(cur, t, r, off % size, ctx, memo);
     }
     let mut attempts = size.min(128);
     let mut probes = 0u32;
@@ -1007,17 +1080,21 @@ pub const MAX_TABLE_CHECKS: u32 = 128 + 64 + 32 + 16;
 /// A port the index records is used (its connection is in the table, or was removed and
 /// not yet released); a port it does not record may still be used by a connection that
 /// is no binding (a plain connection from the NAT address, a destination-NAT reply),
-/// so each candidate is checked and a used one skipped. At most [`MAX_TABLE_CHECKS`]
-/// checks; [`Found::Searched`] counts them. [`Exhausted`] means every port of the range
-/// is recorded, or the check budget ran out.
+/// so each candidate is checked and a used one skipped, unless the index is exact
+/// ([`ExactIndex`]): then the first candidate is free. At most [`MAX_TABLE_CHECKS`]
+/// candidates; [`Found::Searched`] counts them. [`Exhausted`] means every port of the
+/// range is recorded, or the check budget ran out.
 fn search_free(
     cur: &Tuple,
     mut t: Tuple,
     r: PortRange,
     off: u32,
-    bits: Option<&PortBits>,
     ctx: &mut AllocCtx<'_>,
+    memo: &mut Memo<'_>,
 ) -> Result<(Tuple, Found), Exhausted> {
+    // Every candidate of this search has the same endpoint: one map lookup (none
+    // when an earlier question of this decision asked about the same address).
+    let (bits, exact) = memo.endpoint(&t);
     let first = u16::try_from(u32::from(r.min) + off).unwrap_or(r.min);
     let mut checks = 0u32;
     // [first, max], then [min, first - 1].
@@ -1031,7 +1108,7 @@ fn search_free(
             let Some(port) = next else { break };
             set_key(&mut t, Manip::Src, port);
             checks += 1;
-            if !ctx.used(&t) {
+            if !ctx.used_unless_exact(&t, exact, memo) {
                 return Ok((t, Found::Searched { probes: checks }));
             }
             if checks >= MAX_TABLE_CHECKS || port >= to {
