@@ -1079,14 +1079,15 @@ proptest! {
 
     /// Random bindings through a 16-port pool mixed with connections that hold the NAT
     /// address's ports without a binding (sent to it from outside, sent from it by the
-    /// gateway itself), deletions, restores (delete, re-insert, `restored`), expiry
+    /// gateway itself), bindings sent to the NAT address or to another inside host,
+    /// deletions, restores (delete, re-insert, `restored`), expiry
     /// (GC and reaping on lookup) and early drop (a 20-connection table): run in
     /// lockstep with an engine that checks every candidate in the table, the shortcut
     /// changes nothing (verdicts, bytes, connections, counters), the busy-port index
     /// equals the live bindings after every step, and its exactness claim holds.
     #[test]
     fn exact_index_changes_no_decision(
-        ops in prop::collection::vec((0u8..9, 0u8..4, 0u16..8, 0u8..2, 0u64..3), 1..250),
+        ops in prop::collection::vec((0u8..11, 0u8..4, 0u16..8, 0u8..2, 0u64..3), 1..250),
     ) {
         let range = PortRange::new(30_000, 30_015);
         let mut ct = busy_gw(range, 20);
@@ -1100,6 +1101,10 @@ proptest! {
                 0..=3 => (Some(udp([10, 0, 2, a], 3000 + b, s, 53)), out_meta()),
                 4 => (Some(udp(s, 53, N, 30_000 + b)), in_meta()),
                 5 => (Some(udp(N, 30_000 + b, s, 53)), out_meta()),
+                // Inside hosts to the NAT address, and to each other, translated: a
+                // binding whose ORIGINAL tuple a later candidate's reply may equal.
+                8 => (Some(udp([10, 0, 2, a], 3000 + b, N, 30_000 + b)), out_meta()),
+                9 => (Some(udp([10, 0, 2, a], 3000 + b, [10, 0, 2, (a + 1) % 4], 3000 + b)), out_meta()),
                 _ => (None, out_meta()),
             };
             if let Some(frame) = frame {
