@@ -33,6 +33,27 @@ use crate::tuple::{Addr, Family, NotInvertible, Tuple};
 
 pub use self::rules::PacketMeta;
 
+/// The connection table as [`NatEngine::decide_in`] sees it.
+pub trait Candidates {
+    /// Whether the table holds the candidate REPLY tuple `reply` in either direction.
+    fn is_taken(&mut self, reply: &Tuple) -> bool;
+
+    /// The REPLY tuple of a source binding, told as soon as it is chosen and before the
+    /// engine records the binding (to start loading what its insert will touch).
+    fn chosen(&mut self, reply: &Tuple) {
+        let _ = reply;
+    }
+}
+
+/// [`Candidates`] from an `is_taken` closure.
+struct TakenFn<'a>(&'a mut dyn FnMut(&Tuple) -> bool);
+
+impl Candidates for TakenFn<'_> {
+    fn is_taken(&mut self, reply: &Tuple) -> bool {
+        (self.0)(reply)
+    }
+}
+
 /// What [`NatEngine::decide`] chose for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NatDecision {
@@ -228,14 +249,14 @@ impl NatEngine {
         meta: &PacketMeta,
         is_taken: &mut dyn FnMut(&Tuple) -> bool,
     ) -> Result<NatDecision, NatError> {
-        self.decide_in(orig, meta, None, is_taken)
+        self.decide_in(orig, meta, None, &mut TakenFn(is_taken))
     }
 
     /// [`decide`](Self::decide) for a table that holds `live` connections (`Some` only
     /// when every removal from it has been [`released`](Self::released)): when
     /// [`index_exact`](Self::index_exact) says so, source candidates that
     /// [`busy_ports`](Self::busy_ports) does not record are not checked with
-    /// `is_taken`. The choice is the same as [`decide`](Self::decide)'s.
+    /// [`Candidates::is_taken`]. The choice is the same as [`decide`](Self::decide)'s.
     ///
     /// # Errors
     /// As [`decide`](Self::decide).
@@ -244,8 +265,9 @@ impl NatEngine {
         orig: &Tuple,
         meta: &PacketMeta,
         live: Option<usize>,
-        is_taken: &mut dyn FnMut(&Tuple) -> bool,
+        table: &mut dyn Candidates,
     ) -> Result<NatDecision, NatError> {
+        let is_taken = &mut |r: &Tuple| table.is_taken(r);
         #[cfg(test)]
         let live = live.filter(|_| !self.always_check);
         let plain = orig.invert()?;
@@ -356,10 +378,10 @@ impl NatEngine {
             Some(n) if self.exact.holds(&self.busy, n) => Memo::exact(&self.busy, &self.exact),
             _ => Memo::new(Some(&self.busy)),
         };
-        let chosen =
+        let found =
             alloc::get_unique_tuple_memo(&cur, &plan.range, Manip::Src, &mut ctx, &mut memo);
         self.stats.unchecked += u64::from(memo.unchecked);
-        let (new, found) = match chosen {
+        let (new, found) = match found {
             Ok(x) => x,
             Err(source) => {
                 self.stats.exhausted += 1;
@@ -381,7 +403,9 @@ impl NatEngine {
                 self.stats.probes += u64::from(probes);
             }
         }
+        let reply = new.invert()?;
         if new != cur {
+            table.chosen(&reply);
             status |= Status::SRC_NAT;
             if plan.rule.is_none() {
                 self.stats.null_binding_remaps += 1;
@@ -391,7 +415,6 @@ impl NatEngine {
             self.by_source.add_memo(&memo, orig, new.src, key);
             self.hold(orig, &new, status, endpoint);
         }
-        let reply = new.invert()?;
         if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
             self.stats.translated += 1;
         }
