@@ -385,6 +385,7 @@ impl BusyPorts {
     }
 
     /// [`BusyPorts::add`] with `new`'s endpoint hash ([`BusyPorts::hash`]) known.
+    #[inline]
     pub(crate) fn add_hashed(&mut self, hash: u64, new: &Tuple) -> bool {
         use core::hash::BuildHasher;
         let port = new.src_l4;

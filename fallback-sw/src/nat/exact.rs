@@ -110,6 +110,7 @@ impl ExactIndex {
 
     /// Before `new` (a source-manipped ORIGINAL tuple) is recorded: its address
     /// becomes a NAT address.
+    #[inline]
     pub(crate) fn binding(&mut self, busy: &BusyPorts, new: &Tuple) {
         let a = new.src;
         if self.poisoned || self.knows(&a) {
@@ -131,6 +132,7 @@ impl ExactIndex {
     }
 
     /// A binding of connection `orig` (status `status`) was recorded.
+    #[inline]
     pub(crate) fn recorded(&mut self, orig: &Tuple, status: Status) {
         if self.is_dirty(orig, status) {
             self.dirty += 1;

@@ -441,6 +441,7 @@ impl NatEngine {
 
     /// Records the busy port of connection `orig` (status `status`) bound to `new`,
     /// whose [`BusyPorts`] endpoint hash is `endpoint` if known.
+    #[inline]
     fn hold(&mut self, orig: &Tuple, new: &Tuple, status: Status, endpoint: Option<u64>) {
         self.exact.binding(&self.busy, new);
         let endpoint = endpoint.unwrap_or_else(|| self.busy.hash(new));
