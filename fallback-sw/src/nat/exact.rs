@@ -18,7 +18,8 @@
 //! [`ExactIndex`] keeps the addresses the engine has bound to (`addrs`) and counts the
 //! recorded bindings that fail the second condition (`dirty`: a destination-NAT one, or
 //! one sent to a NAT address); the index is exact when the table holds as many
-//! connections as [`BusyPorts`] records clean bindings ([`ExactIndex::holds`]): every
+//! connections as [`BusyPorts`] records clean bindings (`ExactIndex::holds`, asked through
+//! [`NatEngine::index_exact`](super::NatEngine::index_exact)): every
 //! other kind of connection (untranslated, destination-NAT only, IPv6, a binding not
 //! recorded for lack of room, one restored without [`NatEngine::restored`]) makes the
 //! table larger than that count, and the check is made as before.
