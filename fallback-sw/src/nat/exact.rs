@@ -154,3 +154,64 @@ impl ExactIndex {
         status.contains(Status::DST_NAT) || self.knows(&orig.dst)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::NatEngine;
+    use super::super::tests::{C, C2, N, S, X, t4};
+    use crate::table::Status;
+    use crate::tuple::{Tuple, proto};
+
+    /// The tuples of a connection from `(src, sp)` to `(dst, dp)` translated to
+    /// `(to, port)`.
+    fn binding(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, to: [u8; 4], port: u16) -> [Tuple; 2] {
+        let orig = t4(src, sp, dst, dp, proto::UDP);
+        [orig, t4(dst, dp, to, port, proto::UDP)]
+    }
+
+    #[test]
+    fn bindings_sent_to_a_nat_address_are_not_clean() {
+        let mut nat = NatEngine::new(1);
+        let snat = Status::SRC_NAT;
+        let a = binding(C, 5000, S, 53, N, 20_000);
+        nat.restored(&a, snat);
+        assert!(nat.index_exact(1), "one clean binding");
+        assert!(
+            !nat.index_exact(2),
+            "a connection the index does not describe"
+        );
+        // Sent to the NAT address itself: recorded, but not clean.
+        let b = binding(C2, 6000, N, 80, N, 20_001);
+        nat.restored(&b, snat);
+        assert_eq!(nat.exact_index().dirty(), 1);
+        assert!(!nat.index_exact(2));
+        // A destination-NAT binding is not clean either.
+        let c = binding(C2, 6001, X, 80, N, 20_002);
+        nat.restored(&c, snat | Status::DST_NAT);
+        assert_eq!(nat.exact_index().dirty(), 2);
+        nat.released(&b, snat);
+        nat.released(&c, snat | Status::DST_NAT);
+        assert_eq!(nat.exact_index().dirty(), 0);
+        assert!(nat.index_exact(1));
+        nat.released(&a, snat);
+        assert!(nat.index_exact(0) && nat.busy_ports().is_empty());
+    }
+
+    #[test]
+    fn a_new_nat_address_with_bindings_sent_to_it_turns_the_shortcut_off() {
+        let mut nat = NatEngine::new(1);
+        let snat = Status::SRC_NAT;
+        // Counted clean: X is no NAT address yet.
+        let a = binding(C, 5000, X, 53, N, 20_000);
+        nat.restored(&a, snat);
+        assert!(nat.index_exact(1));
+        // X becomes one: the binding sent to it would now be dirty.
+        let b = binding(C2, 6000, S, 53, X, 30_000);
+        nat.restored(&b, snat);
+        assert!(nat.exact_index().poisoned());
+        assert!(!nat.index_exact(2) && !nat.index_exact(1));
+        nat.released(&a, snat);
+        nat.released(&b, snat);
+        assert!(!nat.index_exact(0), "for good");
+    }
+}
