@@ -381,30 +381,40 @@ impl BusyPorts {
     /// Records the binding `new` (a source-manipped ORIGINAL tuple), room permitting;
     /// whether it was recorded now (`false`: no room, or recorded already).
     pub fn add(&mut self, new: &Tuple) -> bool {
-        self.add_hashed(self.hash(new), new)
+        self.add_hashed(self.hash(new), None, new)
     }
 
-    /// [`BusyPorts::add`] with `new`'s endpoint hash ([`BusyPorts::hash`]) known.
+    /// [`BusyPorts::add`] with `new`'s endpoint hash ([`BusyPorts::hash`]) known, and
+    /// the map bucket of its record if the caller found it (nothing changed the map
+    /// since): then no probe.
     #[inline]
-    pub(crate) fn add_hashed(&mut self, hash: u64, new: &Tuple) -> bool {
+    pub(crate) fn add_hashed(&mut self, hash: u64, bucket: Option<usize>, new: &Tuple) -> bool {
         use core::hash::BuildHasher;
         let port = new.src_l4;
         let key = endpoint_of(new);
-        let room = self.map.len() < BUSY_MAX_ENDPOINTS;
-        let build = self.build;
-        let bits = match self
-            .map
-            .entry(hash, |(k, _)| *k == key, |(k, _)| build.hash_one(k))
-        {
-            Entry::Occupied(e) => &mut e.into_mut().1,
-            Entry::Vacant(v) if room => {
-                let few = PortBits::Few {
-                    ports: [0; FEW],
-                    n: 0,
-                };
-                &mut v.insert((key, few)).into_mut().1
+        let known = bucket.filter(|&i| self.map.get_bucket(i).is_some_and(|(k, _)| *k == key));
+        let bits = if let Some(i) = known {
+            let Some((_, bits)) = self.map.get_bucket_mut(i) else {
+                return false;
+            };
+            bits
+        } else {
+            let room = self.map.len() < BUSY_MAX_ENDPOINTS;
+            let build = self.build;
+            match self
+                .map
+                .entry(hash, |(k, _)| *k == key, |(k, _)| build.hash_one(k))
+            {
+                Entry::Occupied(e) => &mut e.into_mut().1,
+                Entry::Vacant(v) if room => {
+                    let few = PortBits::Few {
+                        ports: [0; FEW],
+                        n: 0,
+                    };
+                    &mut v.insert((key, few)).into_mut().1
+                }
+                Entry::Vacant(_) => return false,
             }
-            Entry::Vacant(_) => return false,
         };
         if bits.test(port) {
             return false;
@@ -497,8 +507,15 @@ impl BusyPorts {
     /// The record of `t`'s endpoint, whose hash is `hash`.
     #[inline]
     fn get_hashed(&self, hash: u64, t: &Tuple) -> Option<&PortBits> {
+        self.get_bucket(hash, t).map(|(_, b)| b)
+    }
+
+    /// The map bucket and record of `t`'s endpoint, whose hash is `hash`.
+    #[inline]
+    fn get_bucket(&self, hash: u64, t: &Tuple) -> Option<(usize, &PortBits)> {
         let key = endpoint_of(t);
-        self.map.find(hash, |(k, _)| *k == key).map(|(_, b)| b)
+        let i = self.map.find_bucket_index(hash, |(k, _)| *k == key)?;
+        self.map.get_bucket(i).map(|(_, b)| (i, b))
     }
 }
 
@@ -534,6 +551,27 @@ struct Mapping {
 struct Mappings {
     first: Mapping,
     more: Vec<Mapping>,
+}
+
+impl Mappings {
+    /// One more reference to `(addr, port)`.
+    #[inline]
+    fn add(&mut self, addr: Addr, port: u16) {
+        if self.first.addr == addr && self.first.port == port {
+            self.first.refs += 1;
+        } else {
+            // Not searched for among the others, not even the newest (reading it was a
+            // cache miss on every new connection of a busy source): O(1) on the
+            // new-connection path, and no more entries than the source has
+            // connections. A mapping may then be held by several entries; its
+            // references are their sum.
+            self.more.push(Mapping {
+                addr,
+                port,
+                refs: 1,
+            });
+        }
+    }
 }
 
 /// The by-source index: for each original source (address, port, protocol, zone) of a
@@ -612,19 +650,7 @@ impl BySource {
                     },
                 ));
             }
-            Entry::Occupied(mut e) => {
-                let ms = &mut e.get_mut().1;
-                if ms.first.addr == addr && ms.first.port == port {
-                    ms.first.refs += 1;
-                } else {
-                    // Not searched for among the others, not even the newest (reading
-                    // it was a cache miss on every new connection of a busy source):
-                    // O(1) on the new-connection path, and no more entries than the
-                    // source has connections. A mapping may then be held by several
-                    // entries; its references are their sum.
-                    ms.more.push(m);
-                }
-            }
+            Entry::Occupied(mut e) => e.get_mut().1.add(addr, port),
         }
     }
 
@@ -669,8 +695,10 @@ impl BySource {
         }
         let k = key_of(cur);
         let hash = self.hash(cur);
-        memo.source = Some((k, hash));
-        let (_, ms) = self.map.find(hash, |(x, _)| *x == k)?;
+        memo.source = Some((k, hash, None));
+        let i = self.map.find_bucket_index(hash, |(x, _)| *x == k)?;
+        memo.source = Some((k, hash, Some(i)));
+        let (_, ms) = self.map.get_bucket(i)?;
         core::iter::once(&ms.first)
             .chain(ms.more.iter())
             .map(|m| (m.addr, m.port))
@@ -850,14 +878,26 @@ impl AllocCtx<'_> {
 /// binding with these hashes.
 ///
 /// [`NatEngine::decide`]: super::NatEngine::decide
+/// What [`Memo`] keeps about the last address asked about.
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    addr: Addr,
+    /// The [`BusyPorts`] hash of the endpoint at `addr`.
+    hash: u64,
+    /// Its map bucket and record, if recorded.
+    bits: Option<(usize, &'a PortBits)>,
+    /// Whether the index is exact at `addr`.
+    exact: bool,
+}
+
 pub(crate) struct Memo<'a> {
     busy: Option<&'a BusyPorts>,
     /// Set when [`BusyPorts`] is exact for this decision ([`ExactIndex::holds`]).
     exact: Option<&'a ExactIndex>,
-    /// The last address asked about: its endpoint hash and record, and whether the
-    /// index is exact for it.
-    last: Option<(Addr, u64, Option<&'a PortBits>, bool)>,
-    source: Option<(SrcKey, u64)>,
+    /// The last address asked about.
+    last: Option<Asked<'a>>,
+    /// The source's by-source key, its hash and its map bucket if it has one.
+    source: Option<(SrcKey, u64, Option<usize>)>,
     /// Candidates taken as free without a table check (exact index).
     pub(crate) unchecked: u32,
 }
@@ -891,31 +931,39 @@ impl<'a> Memo<'a> {
             return (None, false);
         };
         match self.last {
-            Some((a, _, bits, exact)) if a == t.src => (bits, exact),
+            Some(x) if x.addr == t.src => (x.bits.map(|(_, b)| b), x.exact),
             _ => {
                 let exact = self.exact.is_some_and(|x| x.knows(&t.src));
                 if busy.is_empty() {
                     return (None, exact);
                 }
                 let hash = busy.hash(t);
-                let bits = busy.get_hashed(hash, t);
-                self.last = Some((t.src, hash, bits, exact));
-                (bits, exact)
+                let bits = busy.get_bucket(hash, t);
+                self.last = Some(Asked {
+                    addr: t.src,
+                    hash,
+                    bits,
+                    exact,
+                });
+                (bits.map(|(_, b)| b), exact)
             }
         }
     }
 
-    /// The [`BusyPorts`] hash of `new`'s endpoint if this decision computed it (`new`:
-    /// a candidate of the decision the memo was made for).
-    pub(crate) fn endpoint_hash(&self, new: &Tuple) -> Option<u64> {
+    /// The [`BusyPorts`] hash of `new`'s endpoint and the map bucket of its record if
+    /// this decision found them (`new`: a candidate of the decision the memo was made
+    /// for).
+    pub(crate) fn endpoint_hash(&self, new: &Tuple) -> Option<(u64, Option<usize>)> {
         self.last
-            .and_then(|(a, hash, _, _)| (a == new.src).then_some(hash))
+            .filter(|x| x.addr == new.src)
+            .map(|x| (x.hash, x.bits.map(|(i, _)| i)))
     }
 
-    /// The [`BySource`] hash of `orig`'s source if this decision computed it.
-    fn source_hash(&self, orig: &Tuple) -> Option<u64> {
+    /// The [`BySource`] hash of `orig`'s source and its map bucket if this decision
+    /// found them.
+    fn source_hash(&self, orig: &Tuple) -> Option<(u64, Option<usize>)> {
         self.source
-            .and_then(|(k, hash)| (k == key_of(orig)).then_some(hash))
+            .and_then(|(k, hash, bucket)| (k == key_of(orig)).then_some((hash, bucket)))
     }
 }
 
@@ -923,8 +971,19 @@ impl BySource {
     /// [`BySource::add`], with the source's hash taken from `memo` when the decision
     /// computed it.
     pub(crate) fn add_memo(&mut self, memo: &Memo<'_>, orig: &Tuple, addr: Addr, port: u16) {
-        let hash = memo.source_hash(orig).unwrap_or_else(|| self.hash(orig));
-        self.add_hashed(hash, orig, addr, port);
+        let Some((hash, bucket)) = memo.source_hash(orig) else {
+            self.add(orig, addr, port);
+            return;
+        };
+        let k = key_of(orig);
+        // The bucket `find` saw the source in, if nothing changed the map since.
+        if let Some((x, ms)) = bucket.and_then(|i| self.map.get_bucket_mut(i))
+            && *x == k
+        {
+            ms.add(addr, port);
+        } else {
+            self.add_hashed(hash, orig, addr, port);
+        }
     }
 }
 

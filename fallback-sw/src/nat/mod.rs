@@ -442,10 +442,16 @@ impl NatEngine {
     /// Records the busy port of connection `orig` (status `status`) bound to `new`,
     /// whose [`BusyPorts`] endpoint hash is `endpoint` if known.
     #[inline]
-    fn hold(&mut self, orig: &Tuple, new: &Tuple, status: Status, endpoint: Option<u64>) {
+    fn hold(
+        &mut self,
+        orig: &Tuple,
+        new: &Tuple,
+        status: Status,
+        endpoint: Option<(u64, Option<usize>)>,
+    ) {
         self.exact.binding(&self.busy, new);
-        let endpoint = endpoint.unwrap_or_else(|| self.busy.hash(new));
-        if self.busy.add_hashed(endpoint, new) {
+        let (hash, bucket) = endpoint.unwrap_or_else(|| (self.busy.hash(new), None));
+        if self.busy.add_hashed(hash, bucket, new) {
             self.exact.recorded(orig, status);
         }
     }
