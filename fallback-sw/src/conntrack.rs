@@ -21,7 +21,7 @@
 
 use crate::nat::rewrite::{self, RewriteError};
 use crate::nat::rules::RuleId;
-use crate::nat::{NatEngine, NatError, PacketMeta};
+use crate::nat::{Candidates, NatEngine, NatError, PacketMeta};
 use crate::table::side::SlotStore;
 use crate::table::{ConnTable, FoundV4, InsertError, Memory, RemoveReason, Slot, Status};
 use crate::tcp::{
@@ -912,7 +912,10 @@ impl Conntrack {
         now: u64,
     ) -> Result<(Tuple, Status), Invalid> {
         let Self { nat, table, .. } = self;
-        match nat.decide(tuple, meta, &mut |r| table.lookup(r, now).is_some()) {
+        // With every removal released, the engine may know a candidate free without
+        // the table (`NatEngine::decide_in`).
+        let live = (!table.has_nat_released()).then(|| table.len());
+        match nat.decide_in(tuple, meta, live, &mut NatCandidates { table, now }) {
             Ok(d) => Ok((d.reply, d.status)),
             Err(NatError::NotInvertible(e)) => Err(Invalid::IcmpNotRequest {
                 icmp_type: e.icmp_type,
@@ -1131,6 +1134,24 @@ impl Conntrack {
 
 /// The TCP handler asked to delete the entry and look the packet up again.
 struct Reopen;
+
+/// The table as a NAT decision sees it ([`NatEngine::decide_in`]).
+struct NatCandidates<'a> {
+    table: &'a mut ConnTable<L4State>,
+    now: u64,
+}
+
+impl Candidates for NatCandidates<'_> {
+    fn is_taken(&mut self, reply: &Tuple) -> bool {
+        self.table.lookup(reply, self.now).is_some()
+    }
+
+    /// The chosen reply's index cell, loaded while the engine records the binding:
+    /// the insert probes from it.
+    fn chosen(&mut self, reply: &Tuple) {
+        core::hint::black_box(self.table.touch_index(self.table.hash(reply)));
+    }
+}
 
 /// What a protocol handler decided for a packet of an existing connection.
 #[derive(Clone, Copy)]

@@ -967,3 +967,190 @@ proptest! {
         prop_assert!(ct.nat().busy_ports().is_empty());
     }
 }
+
+// ------------------------------------------------------------------ exact busy-port index
+
+/// A gateway whose one rule SNATs UDP from 10/8 to `N`, ports `ports`.
+fn busy_gw(ports: PortRange, max_connections: usize) -> Conntrack {
+    let mut rule = snat_range_rule(1, ports);
+    if let NatAction::Snat { addrs, .. } = &mut rule.action {
+        *addrs = AddrRange::single_v4(N);
+    }
+    let mut ct = Conntrack::new(Config {
+        max_connections,
+        ..Config::default()
+    });
+    ct.nat_mut().rules_mut().add(rule).expect("valid rule");
+    ct
+}
+
+#[test]
+fn connections_to_the_nat_address_keep_the_table_check() {
+    let range = PortRange::new(30_000, 30_003);
+    let mut ct = busy_gw(range, 64);
+    // A first binding makes N a NAT address; the index is exact while it is alone.
+    let mut f = udp(C, 40_000, X, 53);
+    assert!(ct.process_mut(&mut f, 0, &out_meta(), SEC).forward());
+    assert!(ct.nat().index_exact(ct.table().len()));
+    // Connections from S to three of the four ports (no rule translates them): the
+    // index does not record them, so it is not exact any more ...
+    for p in 30_000..30_003 {
+        let mut f = udp(S, 53, N, p);
+        assert!(ct.process_mut(&mut f, 0, &in_meta(), SEC).forward());
+    }
+    assert!(!ct.nat().index_exact(ct.table().len()));
+    // ... and the search asks the table: the one port nothing holds towards S.
+    let unchecked = ct.nat().stats().unchecked;
+    let mut f = udp(C, 40_000, S, 53);
+    assert!(ct.process_mut(&mut f, 0, &out_meta(), SEC).forward());
+    assert_eq!(f, udp(N, 30_003, S, 53));
+    assert_eq!(
+        ct.nat().stats().unchecked,
+        unchecked,
+        "every candidate checked"
+    );
+    assert_unique(&ct, SEC);
+    // Everything expires: only bindings again, and the search needs no table check.
+    ct.gc(1000 * SEC, usize::MAX);
+    let now = 1001 * SEC;
+    let mut ports = HashSet::new();
+    for i in 0..4u8 {
+        assert!(ct.nat().index_exact(ct.table().len()));
+        let mut f = udp([10, 0, 1, i], 40_000, S, 53);
+        let v = ct.process_mut(&mut f, 0, &out_meta(), now);
+        let p = conn_of(&ct, v.verdict).0[1].dst_l4;
+        assert!(range.contains(p) && ports.insert(p), "port {p}");
+    }
+    assert_eq!(ct.nat().stats().unchecked, unchecked + 4);
+    assert_unique(&ct, now);
+    let mut f = udp([10, 0, 1, 9], 40_000, S, 53);
+    let v = ct.process_mut(&mut f, 0, &out_meta(), now);
+    assert_eq!(
+        v.verdict,
+        Verdict::Invalid(Invalid::NatExhausted { rule: Some(1) })
+    );
+}
+
+/// The connections of `ct` (every one, expired or not), sorted.
+fn all_conns(ct: &Conntrack) -> Vec<([Tuple; 2], Status)> {
+    let mut v: Vec<_> = ct
+        .table()
+        .iter(0)
+        .map(|(_, c)| (c.tuples, c.status))
+        .collect();
+    v.sort_by_key(|(t, _)| format!("{t:?}"));
+    v
+}
+
+/// The slot of the connection whose ORIGINAL tuple is `t0`, expired or not.
+fn slot_of(ct: &Conntrack, t0: &Tuple) -> Option<Slot> {
+    ct.table()
+        .iter(0)
+        .find(|(_, c)| c.tuples[0] == *t0)
+        .map(|(s, _)| s)
+}
+
+/// What the exact index claims, checked against the table: `BusyPorts` records
+/// exactly the live bindings, and when `index_exact` holds every connection is a clean
+/// binding (source NAT only, not sent to a NAT address).
+fn check_index(ct: &Conntrack) -> Result<(), TestCaseError> {
+    let conns = all_conns(ct);
+    let mut want: Vec<Tuple> = conns
+        .iter()
+        .filter(|(_, st)| st.contains(Status::SRC_NAT))
+        .map(|(t, _)| t[1].invert().expect("invertible"))
+        .collect();
+    let mut got = ct.nat().busy_ports().recorded();
+    want.sort_by_key(|t| format!("{t:?}"));
+    got.sort_by_key(|t| format!("{t:?}"));
+    prop_assert_eq!(&got, &want, "busy ports == the live bindings");
+    prop_assert_eq!(ct.nat().busy_ports().ports(), want.len());
+    if ct.nat().index_exact(ct.table().len()) {
+        for (t, st) in &conns {
+            prop_assert!(st.contains(Status::SRC_NAT) && !st.contains(Status::DST_NAT));
+            prop_assert!(t[0].dst != Addr::v4(N), "{:?} sent to the NAT address", t);
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Random bindings through a 16-port pool mixed with connections that hold the NAT
+    /// address's ports without a binding (sent to it from outside, sent from it by the
+    /// gateway itself), bindings sent to the NAT address or to another inside host,
+    /// deletions, restores (delete, re-insert, `restored`), expiry
+    /// (GC and reaping on lookup) and early drop (a 20-connection table): run in
+    /// lockstep with an engine that checks every candidate in the table, the shortcut
+    /// changes nothing (verdicts, bytes, connections, counters), the busy-port index
+    /// equals the live bindings after every step, and its exactness claim holds.
+    #[test]
+    fn exact_index_changes_no_decision(
+        ops in prop::collection::vec((0u8..11, 0u8..4, 0u16..8, 0u8..2, 0u64..3), 1..250),
+    ) {
+        let range = PortRange::new(30_000, 30_015);
+        let mut ct = busy_gw(range, 20);
+        let mut reference = busy_gw(range, 20);
+        reference.nat_mut().check_always();
+        let servers = [S, X];
+        let mut now = SEC;
+        for (kind, a, b, server, step) in ops {
+            let s = servers[usize::from(server)];
+            let (frame, meta) = match kind {
+                0..=3 => (Some(udp([10, 0, 2, a], 3000 + b, s, 53)), out_meta()),
+                4 => (Some(udp(s, 53, N, 30_000 + b)), in_meta()),
+                5 => (Some(udp(N, 30_000 + b, s, 53)), out_meta()),
+                // Inside hosts to the NAT address, and to each other, translated: a
+                // binding whose ORIGINAL tuple a later candidate's reply may equal.
+                8 => (Some(udp([10, 0, 2, a], 3000 + b, N, 30_000 + b)), out_meta()),
+                9 => (Some(udp([10, 0, 2, a], 3000 + b, [10, 0, 2, (a + 1) % 4], 3000 + b)), out_meta()),
+                _ => (None, out_meta()),
+            };
+            if let Some(frame) = frame {
+                let (mut f, mut g) = (frame.clone(), frame);
+                let v = ct.process_mut(&mut f, 0, &meta, now);
+                let w = reference.process_mut(&mut g, 0, &meta, now);
+                prop_assert_eq!(format!("{v:?}"), format!("{w:?}"));
+                prop_assert_eq!(f, g);
+            } else if kind == 6 || kind == 7 {
+                // Delete (6) or restore (7) the connection at position `b`.
+                let conns = all_conns(&ct);
+                if !conns.is_empty() {
+                    let (tuples, status) = conns[usize::from(b) % conns.len()];
+                    for c in [&mut ct, &mut reference] {
+                        let slot = slot_of(c, &tuples[0]).expect("same connections");
+                        prop_assert!(c.delete(slot).expect("not offloaded"));
+                        if kind == 7 {
+                            c.release_nat();
+                            c.table_mut()
+                                .insert(
+                                    tuples[0],
+                                    tuples[1],
+                                    status,
+                                    now + 5 * SEC,
+                                    L4State::Udp { stream_at: now },
+                                    now,
+                                )
+                                .expect("room");
+                            c.nat_mut().restored(&tuples, status);
+                        }
+                    }
+                }
+            } else {
+                now += (step + 1) * SEC;
+                ct.gc(now, 3);
+                reference.gc(now, 3);
+            }
+            ct.release_nat();
+            reference.release_nat();
+            prop_assert_eq!(all_conns(&ct), all_conns(&reference));
+            let (mut x, y) = (ct.nat().stats(), reference.nat().stats());
+            prop_assert_eq!(y.unchecked, 0);
+            x.unchecked = 0;
+            prop_assert_eq!(x, y);
+            check_index(&ct)?;
+            assert_unique(&ct, 0);
+        }
+    }
+}

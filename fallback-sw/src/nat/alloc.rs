@@ -26,6 +26,7 @@
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
 
+use super::exact::ExactIndex;
 use super::rules::{PortRange, mix64};
 use crate::tuple::{Addr, Family, Tuple, proto};
 
@@ -206,7 +207,7 @@ impl PortBits {
 /// keyed per map from `RandomState` so that remote peers cannot aim collisions; much
 /// cheaper than SipHash for these 20-40 byte keys.
 #[derive(Clone, Copy)]
-struct FoldHasher(u64);
+pub(crate) struct FoldHasher(u64);
 
 impl FoldHasher {
     /// Folds one word in: the xor of both halves of a 128-bit product.
@@ -240,7 +241,7 @@ impl core::hash::Hasher for FoldHasher {
 
 /// The two 64-bit halves of an address (an IPv4 address: the first, the second is 0).
 #[inline]
-fn addr_words(a: &Addr) -> [u64; 2] {
+pub(crate) fn addr_words(a: &Addr) -> [u64; 2] {
     let [w0, w1] = [0, 8].map(|i| {
         let mut w = [0u8; 8];
         w.copy_from_slice(&a.0[i..i + 8]);
@@ -275,7 +276,7 @@ impl core::hash::Hash for Endpoint {
 
 /// Builds [`FoldHasher`]s with a random key.
 #[derive(Clone, Copy)]
-struct FoldBuild(u64);
+pub(crate) struct FoldBuild(u64);
 
 impl Default for FoldBuild {
     fn default() -> Self {
@@ -310,6 +311,8 @@ pub struct BusyPorts {
     map: HashTable<(Endpoint, PortBits)>,
     build: FoldBuild,
     dense: usize,
+    /// Ports recorded, over all endpoints (one per recorded binding).
+    ports: usize,
 }
 
 impl core::fmt::Debug for BusyPorts {
@@ -317,6 +320,7 @@ impl core::fmt::Debug for BusyPorts {
         f.debug_struct("BusyPorts")
             .field("endpoints", &self.map.len())
             .field("bitmaps", &self.dense)
+            .field("ports", &self.ports)
             .finish()
     }
 }
@@ -340,6 +344,32 @@ impl BusyPorts {
         self.dense
     }
 
+    /// Ports recorded over all endpoints: the bindings recorded.
+    #[must_use]
+    pub fn ports(&self) -> usize {
+        self.ports
+    }
+
+    /// Whether some endpoint recorded has remote address `addr`.
+    pub(crate) fn any_towards(&self, addr: &Addr) -> bool {
+        self.map.iter().any(|(k, _)| k.0.dst == *addr)
+    }
+
+    /// Every recorded binding, as a source-manipped ORIGINAL tuple (tests: compared with
+    /// the table's connections).
+    #[cfg(test)]
+    pub(crate) fn recorded(&self) -> Vec<Tuple> {
+        let mut out = Vec::new();
+        for (k, bits) in &self.map {
+            let ports: Vec<u16> = match bits {
+                PortBits::Few { ports, n } => ports[..usize::from(*n)].to_vec(),
+                PortBits::Dense { .. } => (0..=u16::MAX).filter(|&p| bits.test(p)).collect(),
+            };
+            out.extend(ports.into_iter().map(|p| Tuple { src_l4: p, ..k.0 }));
+        }
+        out
+    }
+
     /// The map hash of `t`'s endpoint (its source port ignored): what
     /// [`BusyPorts::add_hashed`] takes.
     #[inline]
@@ -348,34 +378,46 @@ impl BusyPorts {
         self.build.hash_one(endpoint_of(t))
     }
 
-    /// Records the binding `new` (a source-manipped ORIGINAL tuple), room permitting.
-    pub fn add(&mut self, new: &Tuple) {
-        self.add_hashed(self.hash(new), new);
+    /// Records the binding `new` (a source-manipped ORIGINAL tuple), room permitting;
+    /// whether it was recorded now (`false`: no room, or recorded already).
+    pub fn add(&mut self, new: &Tuple) -> bool {
+        self.add_hashed(self.hash(new), None, new)
     }
 
-    /// [`BusyPorts::add`] with `new`'s endpoint hash ([`BusyPorts::hash`]) known.
-    pub(crate) fn add_hashed(&mut self, hash: u64, new: &Tuple) {
+    /// [`BusyPorts::add`] with `new`'s endpoint hash ([`BusyPorts::hash`]) known, and
+    /// the map bucket of its record if the caller found it (nothing changed the map
+    /// since): then no probe.
+    #[inline]
+    pub(crate) fn add_hashed(&mut self, hash: u64, bucket: Option<usize>, new: &Tuple) -> bool {
         use core::hash::BuildHasher;
         let port = new.src_l4;
         let key = endpoint_of(new);
-        let room = self.map.len() < BUSY_MAX_ENDPOINTS;
-        let build = self.build;
-        let bits = match self
-            .map
-            .entry(hash, |(k, _)| *k == key, |(k, _)| build.hash_one(k))
-        {
-            Entry::Occupied(e) => &mut e.into_mut().1,
-            Entry::Vacant(v) if room => {
-                let few = PortBits::Few {
-                    ports: [0; FEW],
-                    n: 0,
-                };
-                &mut v.insert((key, few)).into_mut().1
+        let known = bucket.filter(|&i| self.map.get_bucket(i).is_some_and(|(k, _)| *k == key));
+        let bits = if let Some(i) = known {
+            let Some((_, bits)) = self.map.get_bucket_mut(i) else {
+                return false;
+            };
+            bits
+        } else {
+            let room = self.map.len() < BUSY_MAX_ENDPOINTS;
+            let build = self.build;
+            match self
+                .map
+                .entry(hash, |(k, _)| *k == key, |(k, _)| build.hash_one(k))
+            {
+                Entry::Occupied(e) => &mut e.into_mut().1,
+                Entry::Vacant(v) if room => {
+                    let few = PortBits::Few {
+                        ports: [0; FEW],
+                        n: 0,
+                    };
+                    &mut v.insert((key, few)).into_mut().1
+                }
+                Entry::Vacant(_) => return false,
             }
-            Entry::Vacant(_) => return,
         };
         if bits.test(port) {
-            return;
+            return false;
         }
         match bits {
             PortBits::Few { ports, n } if usize::from(*n) < FEW => {
@@ -384,7 +426,7 @@ impl BusyPorts {
             }
             PortBits::Few { ports, .. } => {
                 if self.dense >= BUSY_MAX_DENSE {
-                    return;
+                    return false;
                 }
                 let mut words = Box::new([0u64; 1024]);
                 for &p in ports.iter().chain(core::iter::once(&port)) {
@@ -403,25 +445,30 @@ impl BusyPorts {
                 *count += 1;
             }
         }
+        self.ports += 1;
+        true
     }
 
-    /// Clears the binding `new` if recorded; forgets its endpoint when it was the last.
-    pub fn remove(&mut self, new: &Tuple) {
+    /// Clears the binding `new` if recorded (then `true`); forgets its endpoint when it
+    /// was the last.
+    pub fn remove(&mut self, new: &Tuple) -> bool {
         if self.map.is_empty() {
-            return;
+            return false;
         }
         let key = endpoint_of(new);
         let Ok(mut e) = self.map.find_entry(self.hash(new), |(k, _)| *k == key) else {
-            return;
+            return false;
         };
         let bits = &mut e.get_mut().1;
         let port = new.src_l4;
+        let mut cleared = false;
         let empty = match bits {
             PortBits::Few { ports, n } => {
                 let len = usize::from(*n);
                 if let Some(i) = ports[..len].iter().position(|&p| p == port) {
                     ports.swap(i, len - 1);
                     *n -= 1;
+                    cleared = true;
                 }
                 *n == 0
             }
@@ -431,16 +478,21 @@ impl BusyPorts {
                 if words[p >> 6] & m != 0 {
                     words[p >> 6] &= !m;
                     *count -= 1;
+                    cleared = true;
                 }
                 *count == 0
             }
         };
+        if cleared {
+            self.ports -= 1;
+        }
         if empty {
             if matches!(bits, PortBits::Dense { .. }) {
                 self.dense -= 1;
             }
             e.remove();
         }
+        cleared
     }
 
     /// Whether the port of candidate `t` is recorded as used.
@@ -455,8 +507,15 @@ impl BusyPorts {
     /// The record of `t`'s endpoint, whose hash is `hash`.
     #[inline]
     fn get_hashed(&self, hash: u64, t: &Tuple) -> Option<&PortBits> {
+        self.get_bucket(hash, t).map(|(_, b)| b)
+    }
+
+    /// The map bucket and record of `t`'s endpoint, whose hash is `hash`.
+    #[inline]
+    fn get_bucket(&self, hash: u64, t: &Tuple) -> Option<(usize, &PortBits)> {
         let key = endpoint_of(t);
-        self.map.find(hash, |(k, _)| *k == key).map(|(_, b)| b)
+        let i = self.map.find_bucket_index(hash, |(k, _)| *k == key)?;
+        self.map.get_bucket(i).map(|(_, b)| (i, b))
     }
 }
 
@@ -492,6 +551,27 @@ struct Mapping {
 struct Mappings {
     first: Mapping,
     more: Vec<Mapping>,
+}
+
+impl Mappings {
+    /// One more reference to `(addr, port)`.
+    #[inline]
+    fn add(&mut self, addr: Addr, port: u16) {
+        if self.first.addr == addr && self.first.port == port {
+            self.first.refs += 1;
+        } else {
+            // Not searched for among the others, not even the newest (reading it was a
+            // cache miss on every new connection of a busy source): O(1) on the
+            // new-connection path, and no more entries than the source has
+            // connections. A mapping may then be held by several entries; its
+            // references are their sum.
+            self.more.push(Mapping {
+                addr,
+                port,
+                refs: 1,
+            });
+        }
+    }
 }
 
 /// The by-source index: for each original source (address, port, protocol, zone) of a
@@ -570,19 +650,7 @@ impl BySource {
                     },
                 ));
             }
-            Entry::Occupied(mut e) => {
-                let ms = &mut e.get_mut().1;
-                if ms.first.addr == addr && ms.first.port == port {
-                    ms.first.refs += 1;
-                } else {
-                    // Not searched for among the others, not even the newest (reading
-                    // it was a cache miss on every new connection of a busy source):
-                    // O(1) on the new-connection path, and no more entries than the
-                    // source has connections. A mapping may then be held by several
-                    // entries; its references are their sum.
-                    ms.more.push(m);
-                }
-            }
+            Entry::Occupied(mut e) => e.get_mut().1.add(addr, port),
         }
     }
 
@@ -627,8 +695,10 @@ impl BySource {
         }
         let k = key_of(cur);
         let hash = self.hash(cur);
-        memo.source = Some((k, hash));
-        let (_, ms) = self.map.find(hash, |(x, _)| *x == k)?;
+        memo.source = Some((k, hash, None));
+        let i = self.map.find_bucket_index(hash, |(x, _)| *x == k)?;
+        memo.source = Some((k, hash, Some(i)));
+        let (_, ms) = self.map.get_bucket(i)?;
         core::iter::once(&ms.first)
             .chain(ms.more.iter())
             .map(|m| (m.addr, m.port))
@@ -779,10 +849,24 @@ impl AllocCtx<'_> {
 
     /// [`AllocCtx::used`], answered by [`BusyPorts`] without a table lookup when it
     /// records `t` (a recorded binding is in the table: a lookup would hit, and read
-    /// the connection's entry, a cache miss, to say so).
+    /// the connection's entry, a cache miss, to say so), or when it does not and is
+    /// exact for `t`'s address ([`ExactIndex`]).
     #[inline]
     fn used_or_recorded(&mut self, t: &Tuple, memo: &mut Memo<'_>) -> bool {
-        memo.bits(t).is_some_and(|b| b.test(t.src_l4)) || self.used(t)
+        let (bits, exact) = memo.endpoint(t);
+        bits.is_some_and(|b| b.test(t.src_l4)) || self.used_unless_exact(t, exact, memo)
+    }
+
+    /// [`AllocCtx::used`] of a candidate [`BusyPorts`] does not record; without the table
+    /// check when the index is `exact` for it (counted in `memo`).
+    #[inline]
+    fn used_unless_exact(&mut self, t: &Tuple, exact: bool, memo: &mut Memo<'_>) -> bool {
+        if exact {
+            memo.unchecked += 1;
+            reply_of(t).is_none()
+        } else {
+            self.used(t)
+        }
     }
 }
 
@@ -794,10 +878,28 @@ impl AllocCtx<'_> {
 /// binding with these hashes.
 ///
 /// [`NatEngine::decide`]: super::NatEngine::decide
+/// What [`Memo`] keeps about the last address asked about.
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    addr: Addr,
+    /// The [`BusyPorts`] hash of the endpoint at `addr`.
+    hash: u64,
+    /// Its map bucket and record, if recorded.
+    bits: Option<(usize, &'a PortBits)>,
+    /// Whether the index is exact at `addr`.
+    exact: bool,
+}
+
 pub(crate) struct Memo<'a> {
     busy: Option<&'a BusyPorts>,
-    last: Option<(Addr, u64, Option<&'a PortBits>)>,
-    source: Option<(SrcKey, u64)>,
+    /// Set when [`BusyPorts`] is exact for this decision ([`ExactIndex::holds`]).
+    exact: Option<&'a ExactIndex>,
+    /// The last address asked about.
+    last: Option<Asked<'a>>,
+    /// The source's by-source key, its hash and its map bucket if it has one.
+    source: Option<(SrcKey, u64, Option<usize>)>,
+    /// Candidates taken as free without a table check (exact index).
+    pub(crate) unchecked: u32,
 }
 
 impl<'a> Memo<'a> {
@@ -805,40 +907,63 @@ impl<'a> Memo<'a> {
     pub(crate) fn new(busy: Option<&'a BusyPorts>) -> Self {
         Self {
             busy,
+            exact: None,
             last: None,
             source: None,
+            unchecked: 0,
         }
     }
 
-    /// The ports recorded towards `t`'s endpoint (its source port ignored).
+    /// [`Memo::new`] for a source manip whose [`BusyPorts`] `busy` is exact at the
+    /// addresses `exact` knows: candidates there that `busy` does not record are free.
+    pub(crate) fn exact(busy: &'a BusyPorts, exact: &'a ExactIndex) -> Self {
+        Self {
+            exact: Some(exact),
+            ..Self::new(Some(busy))
+        }
+    }
+
+    /// The ports recorded towards `t`'s endpoint (its source port ignored), and
+    /// whether the index is exact for `t`'s address.
     #[inline]
-    fn bits(&mut self, t: &Tuple) -> Option<&'a PortBits> {
-        let busy = self.busy?;
+    fn endpoint(&mut self, t: &Tuple) -> (Option<&'a PortBits>, bool) {
+        let Some(busy) = self.busy else {
+            return (None, false);
+        };
         match self.last {
-            Some((a, _, bits)) if a == t.src => bits,
+            Some(x) if x.addr == t.src => (x.bits.map(|(_, b)| b), x.exact),
             _ => {
+                let exact = self.exact.is_some_and(|x| x.knows(&t.src));
                 if busy.is_empty() {
-                    return None;
+                    return (None, exact);
                 }
                 let hash = busy.hash(t);
-                let bits = busy.get_hashed(hash, t);
-                self.last = Some((t.src, hash, bits));
-                bits
+                let bits = busy.get_bucket(hash, t);
+                self.last = Some(Asked {
+                    addr: t.src,
+                    hash,
+                    bits,
+                    exact,
+                });
+                (bits.map(|(_, b)| b), exact)
             }
         }
     }
 
-    /// The [`BusyPorts`] hash of `new`'s endpoint if this decision computed it (`new`:
-    /// a candidate of the decision the memo was made for).
-    pub(crate) fn endpoint_hash(&self, new: &Tuple) -> Option<u64> {
+    /// The [`BusyPorts`] hash of `new`'s endpoint and the map bucket of its record if
+    /// this decision found them (`new`: a candidate of the decision the memo was made
+    /// for).
+    pub(crate) fn endpoint_hash(&self, new: &Tuple) -> Option<(u64, Option<usize>)> {
         self.last
-            .and_then(|(a, hash, _)| (a == new.src).then_some(hash))
+            .filter(|x| x.addr == new.src)
+            .map(|x| (x.hash, x.bits.map(|(i, _)| i)))
     }
 
-    /// The [`BySource`] hash of `orig`'s source if this decision computed it.
-    fn source_hash(&self, orig: &Tuple) -> Option<u64> {
+    /// The [`BySource`] hash of `orig`'s source and its map bucket if this decision
+    /// found them.
+    fn source_hash(&self, orig: &Tuple) -> Option<(u64, Option<usize>)> {
         self.source
-            .and_then(|(k, hash)| (k == key_of(orig)).then_some(hash))
+            .and_then(|(k, hash, bucket)| (k == key_of(orig)).then_some((hash, bucket)))
     }
 }
 
@@ -846,8 +971,19 @@ impl BySource {
     /// [`BySource::add`], with the source's hash taken from `memo` when the decision
     /// computed it.
     pub(crate) fn add_memo(&mut self, memo: &Memo<'_>, orig: &Tuple, addr: Addr, port: u16) {
-        let hash = memo.source_hash(orig).unwrap_or_else(|| self.hash(orig));
-        self.add_hashed(hash, orig, addr, port);
+        let Some((hash, bucket)) = memo.source_hash(orig) else {
+            self.add(orig, addr, port);
+            return;
+        };
+        let k = key_of(orig);
+        // The bucket `find` saw the source in, if nothing changed the map since.
+        if let Some((x, ms)) = bucket.and_then(|i| self.map.get_bucket_mut(i))
+            && *x == k
+        {
+            ms.add(addr, port);
+        } else {
+            self.add_hashed(hash, orig, addr, port);
+        }
     }
 }
 
@@ -960,10 +1096,7 @@ fn search(
         return Err(fail(t, 0));
     }
     if manip == Manip::Src && ctx.busy.is_some() {
-        // Every candidate of this search has the same endpoint: one map lookup (none
-        // when an earlier question of this decision asked about the same address).
-        let bits = memo.bits(&t);
-        return search_free(cur, t, r, off % size, bits, ctx);
+        return search_free(cur, t, r, off % size, ctx, memo);
     }
     let mut attempts = size.min(128);
     let mut probes = 0u32;
@@ -1007,17 +1140,21 @@ pub const MAX_TABLE_CHECKS: u32 = 128 + 64 + 32 + 16;
 /// A port the index records is used (its connection is in the table, or was removed and
 /// not yet released); a port it does not record may still be used by a connection that
 /// is no binding (a plain connection from the NAT address, a destination-NAT reply),
-/// so each candidate is checked and a used one skipped. At most [`MAX_TABLE_CHECKS`]
-/// checks; [`Found::Searched`] counts them. [`Exhausted`] means every port of the range
-/// is recorded, or the check budget ran out.
+/// so each candidate is checked and a used one skipped, unless the index is exact
+/// ([`ExactIndex`]): then the first candidate is free. At most [`MAX_TABLE_CHECKS`]
+/// candidates; [`Found::Searched`] counts them. [`Exhausted`] means every port of the
+/// range is recorded, or the check budget ran out.
 fn search_free(
     cur: &Tuple,
     mut t: Tuple,
     r: PortRange,
     off: u32,
-    bits: Option<&PortBits>,
     ctx: &mut AllocCtx<'_>,
+    memo: &mut Memo<'_>,
 ) -> Result<(Tuple, Found), Exhausted> {
+    // Every candidate of this search has the same endpoint: one map lookup (none
+    // when an earlier question of this decision asked about the same address).
+    let (bits, exact) = memo.endpoint(&t);
     let first = u16::try_from(u32::from(r.min) + off).unwrap_or(r.min);
     let mut checks = 0u32;
     // [first, max], then [min, first - 1].
@@ -1031,7 +1168,7 @@ fn search_free(
             let Some(port) = next else { break };
             set_key(&mut t, Manip::Src, port);
             checks += 1;
-            if !ctx.used(&t) {
+            if !ctx.used_unless_exact(&t, exact, memo) {
                 return Ok((t, Found::Searched { probes: checks }));
             }
             if checks >= MAX_TABLE_CHECKS || port >= to {

@@ -17,6 +17,7 @@
 //! comes from a seed.
 
 pub mod alloc;
+pub mod exact;
 pub mod icmp;
 pub mod rewrite;
 pub mod rules;
@@ -25,11 +26,33 @@ pub mod rules;
 pub(crate) mod tests;
 
 use self::alloc::{AllocCtx, BusyPorts, BySource, Exhausted, Found, Manip, Memo, NatRange, NatRng};
+use self::exact::ExactIndex;
 use self::rules::{Hook, NatAction, NatFlags, NatRuleSet, PortRange, RuleId};
 use crate::table::Status;
 use crate::tuple::{Addr, Family, NotInvertible, Tuple};
 
 pub use self::rules::PacketMeta;
+
+/// The connection table as [`NatEngine::decide_in`] sees it.
+pub trait Candidates {
+    /// Whether the table holds the candidate REPLY tuple `reply` in either direction.
+    fn is_taken(&mut self, reply: &Tuple) -> bool;
+
+    /// The REPLY tuple of a source binding, told as soon as it is chosen and before the
+    /// engine records the binding (to start loading what its insert will touch).
+    fn chosen(&mut self, reply: &Tuple) {
+        let _ = reply;
+    }
+}
+
+/// [`Candidates`] from an `is_taken` closure.
+struct TakenFn<'a>(&'a mut dyn FnMut(&Tuple) -> bool);
+
+impl Candidates for TakenFn<'_> {
+    fn is_taken(&mut self, reply: &Tuple) -> bool {
+        (self.0)(reply)
+    }
+}
 
 /// What [`NatEngine::decide`] chose for a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,9 +114,13 @@ pub struct NatStats {
     pub by_source_reused: u64,
     /// Bindings found by a port search.
     pub searched: u64,
-    /// Probes made by port searches: candidates checked in the table (a source
-    /// search skips the ports `BusyPorts` records without counting them).
+    /// Probes made by port searches: candidates checked in the table, or taken as free
+    /// without a check (see `unchecked`) (a source search skips the ports `BusyPorts`
+    /// records without counting them).
     pub probes: u64,
+    /// Source candidates taken as free without a table check because `BusyPorts` was
+    /// exact ([`exact::ExactIndex`]); searches and kept ports alike.
+    pub unchecked: u64,
     /// Connections dropped: no free tuple.
     pub exhausted: u64,
     /// Connections dropped: masquerade without an egress address.
@@ -109,9 +136,13 @@ pub struct NatEngine {
     rules: NatRuleSet,
     by_source: BySource,
     busy: BusyPorts,
+    exact: ExactIndex,
     rng: NatRng,
     seed: u64,
     stats: NatStats,
+    /// Tests: ignore the table size given to `decide_in` (every candidate checked).
+    #[cfg(test)]
+    always_check: bool,
 }
 
 /// The source part of a decision.
@@ -138,10 +169,20 @@ impl NatEngine {
             rules: NatRuleSet::new(),
             by_source: BySource::default(),
             busy: BusyPorts::default(),
+            exact: ExactIndex::default(),
             rng: NatRng::new(seed),
             seed: rules::mix64(seed ^ 0x6e61_745f_6861_7368),
             stats: NatStats::default(),
+            #[cfg(test)]
+            always_check: false,
         }
+    }
+
+    /// Tests: from now on, check every candidate in the table as
+    /// [`decide`](Self::decide) does (a reference for `decide_in`'s shortcut).
+    #[cfg(test)]
+    pub(crate) fn check_always(&mut self) {
+        self.always_check = true;
     }
 
     /// The rules.
@@ -173,6 +214,21 @@ impl NatEngine {
         &self.busy
     }
 
+    /// When [`busy_ports`](Self::busy_ports) is exact.
+    #[must_use]
+    pub fn exact_index(&self) -> &ExactIndex {
+        &self.exact
+    }
+
+    /// Whether [`busy_ports`](Self::busy_ports) is exact for a table of `live`
+    /// connections whose removals have all been [`released`](Self::released): then a
+    /// decision takes a source candidate at a NAT address it records no binding for as
+    /// free without asking the table ([`exact::ExactIndex`]).
+    #[must_use]
+    pub fn index_exact(&self, live: usize) -> bool {
+        self.exact.holds(&self.busy, live)
+    }
+
     /// Decides the NAT binding of a new connection whose first packet has ORIGINAL
     /// tuple `orig`: DNAT/VIP at PREROUTING first, then SNAT/masquerade at
     /// POSTROUTING on the tuple as DNAT left it (`cur = invert(reply)`), as Linux does.
@@ -193,6 +249,27 @@ impl NatEngine {
         meta: &PacketMeta,
         is_taken: &mut dyn FnMut(&Tuple) -> bool,
     ) -> Result<NatDecision, NatError> {
+        self.decide_in(orig, meta, None, &mut TakenFn(is_taken))
+    }
+
+    /// [`decide`](Self::decide) for a table that holds `live` connections (`Some` only
+    /// when every removal from it has been [`released`](Self::released)): when
+    /// [`index_exact`](Self::index_exact) says so, source candidates that
+    /// [`busy_ports`](Self::busy_ports) does not record are not checked with
+    /// [`Candidates::is_taken`]. The choice is the same as [`decide`](Self::decide)'s.
+    ///
+    /// # Errors
+    /// As [`decide`](Self::decide).
+    pub fn decide_in(
+        &mut self,
+        orig: &Tuple,
+        meta: &PacketMeta,
+        live: Option<usize>,
+        table: &mut dyn Candidates,
+    ) -> Result<NatDecision, NatError> {
+        let is_taken = &mut |r: &Tuple| table.is_taken(r);
+        #[cfg(test)]
+        let live = live.filter(|_| !self.always_check);
         let plain = orig.invert()?;
         self.stats.decisions += 1;
         let mut status = Status::SRC_NAT_DONE | Status::DST_NAT_DONE;
@@ -297,10 +374,14 @@ impl NatEngine {
             busy: Some(&self.busy),
         };
         // The maps' hashes of this decision's keys, for recording the binding below.
-        let mut memo = Memo::new(Some(&self.busy));
-        let chosen =
+        let mut memo = match live {
+            Some(n) if self.exact.holds(&self.busy, n) => Memo::exact(&self.busy, &self.exact),
+            _ => Memo::new(Some(&self.busy)),
+        };
+        let found =
             alloc::get_unique_tuple_memo(&cur, &plan.range, Manip::Src, &mut ctx, &mut memo);
-        let (new, found) = match chosen {
+        self.stats.unchecked += u64::from(memo.unchecked);
+        let (new, found) = match found {
             Ok(x) => x,
             Err(source) => {
                 self.stats.exhausted += 1;
@@ -322,7 +403,9 @@ impl NatEngine {
                 self.stats.probes += u64::from(probes);
             }
         }
+        let reply = new.invert()?;
         if new != cur {
+            table.chosen(&reply);
             status |= Status::SRC_NAT;
             if plan.rule.is_none() {
                 self.stats.null_binding_remaps += 1;
@@ -330,10 +413,8 @@ impl NatEngine {
             let key = alloc::key_of_l4(&new, Manip::Src).unwrap_or(new.src_l4);
             let endpoint = memo.endpoint_hash(&new);
             self.by_source.add_memo(&memo, orig, new.src, key);
-            let endpoint = endpoint.unwrap_or_else(|| self.busy.hash(&new));
-            self.busy.add_hashed(endpoint, &new);
+            self.hold(orig, &new, status, endpoint);
         }
-        let reply = new.invert()?;
         if status.intersects(Status::SRC_NAT | Status::DST_NAT) {
             self.stats.translated += 1;
         }
@@ -354,7 +435,24 @@ impl NatEngine {
     pub fn restored(&mut self, tuples: &[Tuple; 2], status: Status) {
         if let Some((new, key)) = src_binding(tuples, status) {
             self.by_source.add(&tuples[0], new.src, key);
-            self.busy.add(&new);
+            self.hold(&tuples[0], &new, status, None);
+        }
+    }
+
+    /// Records the busy port of connection `orig` (status `status`) bound to `new`,
+    /// whose [`BusyPorts`] endpoint hash is `endpoint` if known.
+    #[inline]
+    fn hold(
+        &mut self,
+        orig: &Tuple,
+        new: &Tuple,
+        status: Status,
+        endpoint: Option<(u64, Option<usize>)>,
+    ) {
+        self.exact.binding(&self.busy, new);
+        let (hash, bucket) = endpoint.unwrap_or_else(|| (self.busy.hash(new), None));
+        if self.busy.add_hashed(hash, bucket, new) {
+            self.exact.recorded(orig, status);
         }
     }
 
@@ -364,7 +462,9 @@ impl NatEngine {
     pub fn released(&mut self, tuples: &[Tuple; 2], status: Status) {
         if let Some((new, key)) = src_binding(tuples, status) {
             self.by_source.remove(&tuples[0], new.src, key);
-            self.busy.remove(&new);
+            if self.busy.remove(&new) {
+                self.exact.cleared(&tuples[0], status);
+            }
         }
     }
 }
