@@ -22,7 +22,7 @@ use ctoffload_driver::sim_io::SimIo;
 use ctoffload_fallback_sw::conntrack::L4State;
 use ctoffload_fallback_sw::table::{Conn, Counter};
 use ctoffload_fallback_sw::tcp::TcpState;
-use ctoffload_fallback_sw::tuple::{Addr, Family, Tuple, proto};
+use ctoffload_fallback_sw::tuple::{Tuple, proto};
 use ctoffload_hw_regs::{FatalCode, FatalUnit, FlowId, regs};
 use ctoffload_nic_sim::port::{MemPort, PortBackend};
 use ctoffload_nic_sim::{FaultHandle, SimClock, SimConfig, SimThread, Simulator};
@@ -173,15 +173,7 @@ fn tcp(
 }
 
 fn tuple(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, p: u8) -> Tuple {
-    Tuple {
-        src: Addr::v4(src),
-        dst: Addr::v4(dst),
-        src_l4: sp,
-        dst_l4: dp,
-        proto: p,
-        family: Family::V4,
-        zone: 0,
-    }
+    Tuple::v4(src, sp, dst, dp, p)
 }
 
 impl Rig {

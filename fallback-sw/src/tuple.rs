@@ -226,6 +226,21 @@ pub fn icmpv6_is_request(ty: u8) -> bool {
 }
 
 impl Tuple {
+    /// An IPv4 tuple of zone 0: `src`:`src_l4` to `dst`:`dst_l4` (ports; for ICMP the
+    /// id and the type/code word, as [`Tuple`] stores them), protocol `proto`.
+    #[must_use]
+    pub fn v4(src: [u8; 4], src_l4: u16, dst: [u8; 4], dst_l4: u16, proto: u8) -> Self {
+        Self {
+            src: Addr::v4(src),
+            dst: Addr::v4(dst),
+            src_l4,
+            dst_l4,
+            proto,
+            family: Family::V4,
+            zone: 0,
+        }
+    }
+
     /// Whether this is an ICMP or ICMPv6 tuple (id/type/code rather than ports).
     #[inline]
     #[must_use]
@@ -523,15 +538,7 @@ mod tests {
     use super::*;
 
     fn v4(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, proto: u8) -> Tuple {
-        Tuple {
-            src: Addr::v4(src),
-            dst: Addr::v4(dst),
-            src_l4: sp,
-            dst_l4: dp,
-            proto,
-            family: Family::V4,
-            zone: 0,
-        }
+        Tuple::v4(src, sp, dst, dp, proto)
     }
 
     #[test]

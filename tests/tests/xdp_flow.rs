@@ -23,7 +23,7 @@ use ctoffload_agent::gateway::Gateway;
 use ctoffload_agent::gateway::xdp_offload::flow_entries;
 use ctoffload_agent::port::af_xdp::{AfXdp, AfXdpConfig, XdpMode};
 use ctoffload_agent::port::{AfPacket, FrameBatch, PacketPort};
-use ctoffload_fallback_sw::tuple::{Addr, Family, Tuple, proto};
+use ctoffload_fallback_sw::tuple::{Tuple, proto};
 use ctoffload_tests::netns::{is_root, skip_reason};
 use ctoffload_tests::topology::{
     GW_IN_MAC, GW_OUT, GW_OUT_MAC, IN_A, IN_HOST_MAC, OUT_HOST, OUT_HOST_MAC, Topology,
@@ -40,15 +40,7 @@ fn skip_or_fail(why: &str) {
 }
 
 fn tuple(src: ([u8; 4], u16), dst: ([u8; 4], u16), p: u8) -> Tuple {
-    Tuple {
-        src: Addr::v4(src.0),
-        dst: Addr::v4(dst.0),
-        src_l4: src.1,
-        dst_l4: dst.1,
-        proto: p,
-        family: Family::V4,
-        zone: 0,
-    }
+    Tuple::v4(src.0, src.1, dst.0, dst.1, p)
 }
 
 /// The masquerade gateway of the topology, with both hosts' MACs known.

@@ -228,18 +228,10 @@ impl EventJournal {
 mod tests {
     use super::*;
     use ctoffload_fallback_sw::table::{Counter, RemoveReason, Status};
-    use ctoffload_fallback_sw::tuple::{Addr, Family, Tuple};
+    use ctoffload_fallback_sw::tuple::Tuple;
 
     fn tuple() -> Tuple {
-        Tuple {
-            src: Addr::v4([10, 0, 0, 1]),
-            dst: Addr::v4([10, 0, 0, 2]),
-            src_l4: 1,
-            dst_l4: 2,
-            proto: 17,
-            family: Family::V4,
-            zone: 0,
-        }
+        Tuple::v4([10, 0, 0, 1], 1, [10, 0, 0, 2], 2, 17)
     }
 
     fn new(id: u64) -> Event {

@@ -634,7 +634,7 @@ fn not_found(key: &ConnKey) -> ApiError {
 mod tests {
     use std::sync::Mutex;
 
-    use ctoffload_fallback_sw::tuple::{Addr, Dir, Family, Tuple};
+    use ctoffload_fallback_sw::tuple::{Dir, Tuple};
     use etherparse::PacketBuilder;
 
     use super::*;
@@ -693,15 +693,7 @@ mod tests {
     }
 
     fn tuple(sport: u16) -> Tuple {
-        Tuple {
-            src: Addr::v4([10, 0, 0, 1]),
-            dst: Addr::v4([10, 0, 0, 2]),
-            src_l4: sport,
-            dst_l4: 53,
-            proto: ipproto::UDP,
-            family: Family::V4,
-            zone: 0,
-        }
+        Tuple::v4([10, 0, 0, 1], sport, [10, 0, 0, 2], 53, ipproto::UDP)
     }
 
     /// What a carrier counted is in the deleted connection's reported counters and in

@@ -32,7 +32,7 @@ use ctoffload_agent::dataplane::{HwState, OffloadPolicy, Worker, WorkerConfig};
 use ctoffload_driver::device::{Clock, Device, DeviceConfig};
 use ctoffload_driver::sim_io::SimIo;
 use ctoffload_fallback_sw::conntrack::Config;
-use ctoffload_fallback_sw::tuple::{Addr, Family, Tuple, proto};
+use ctoffload_fallback_sw::tuple::{Tuple, proto};
 use ctoffload_nic_sim::port::{MemPort, PortBackend};
 use ctoffload_nic_sim::{SimClock, SimConfig, SimThread, Simulator};
 use etherparse::PacketBuilder;
@@ -135,15 +135,7 @@ fn udp(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
 }
 
 fn tuple(src: [u8; 4], sp: u16, dp: u16, p: u8) -> Tuple {
-    Tuple {
-        src: Addr::v4(src),
-        dst: Addr::v4(SERVER),
-        src_l4: sp,
-        dst_l4: dp,
-        proto: p,
-        family: Family::V4,
-        zone: 0,
-    }
+    Tuple::v4(src, sp, SERVER, dp, p)
 }
 
 impl Rig {

@@ -260,15 +260,7 @@ mod tests {
     use ctoffload_hw_regs::ActionFlags;
 
     fn t(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16, p: u8) -> Tuple {
-        Tuple {
-            src: Addr::v4(src),
-            dst: Addr::v4(dst),
-            src_l4: sp,
-            dst_l4: dp,
-            proto: p,
-            family: Family::V4,
-            zone: 0,
-        }
+        Tuple::v4(src, sp, dst, dp, p)
     }
 
     const C: [u8; 4] = [192, 168, 1, 10];

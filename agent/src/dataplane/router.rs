@@ -309,15 +309,7 @@ mod tests {
     }
 
     fn tuple(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Tuple {
-        Tuple {
-            src: Addr::v4(src),
-            dst: Addr::v4(dst),
-            src_l4: sp,
-            dst_l4: dp,
-            proto: proto::TCP,
-            family: Family::V4,
-            zone: 0,
-        }
+        Tuple::v4(src, sp, dst, dp, proto::TCP)
     }
 
     #[test]

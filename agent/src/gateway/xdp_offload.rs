@@ -798,7 +798,6 @@ impl FlowCarrier for SharedXdpOffload {
 
 #[cfg(test)]
 mod tests {
-    use ctoffload_fallback_sw::tuple::Addr;
 
     use super::*;
     use crate::gateway::{GatewayConfig, PortConfig};
@@ -832,15 +831,7 @@ mod tests {
     }
 
     fn t(src: ([u8; 4], u16), dst: ([u8; 4], u16), p: u8) -> Tuple {
-        Tuple {
-            src: Addr::v4(src.0),
-            dst: Addr::v4(dst.0),
-            src_l4: src.1,
-            dst_l4: dst.1,
-            proto: p,
-            family: Family::V4,
-            zone: 0,
-        }
+        Tuple::v4(src.0, src.1, dst.0, dst.1, p)
     }
 
     fn masqueraded() -> [Tuple; 2] {

@@ -85,17 +85,12 @@ impl EventQueue {
 mod tests {
     use super::*;
     use crate::table::{Counter, RemoveReason, Status};
-    use crate::tuple::{Addr, Family, Tuple, proto};
+    use crate::tuple::{Tuple, proto};
 
     fn tuple(port: u16) -> Tuple {
         Tuple {
-            src: Addr::v4([10, 0, 0, 1]),
-            dst: Addr::v4([10, 0, 0, 2]),
-            src_l4: port,
-            dst_l4: 80,
-            proto: proto::TCP,
-            family: Family::V4,
             zone: 7,
+            ..Tuple::v4([10, 0, 0, 1], port, [10, 0, 0, 2], 80, proto::TCP)
         }
     }
 
