@@ -90,6 +90,10 @@ pub enum CarrierEvent {
         id: u64,
         /// Its original tuple.
         original: Tuple,
+        /// The carrier set `OFFLOAD` itself (the connection was not on the control
+        /// plane's fast path yet): it now counts against `max_offloaded`, as the
+        /// connection's return or end will be counted off.
+        marked: bool,
     },
     /// It gave one back to the table's slow path.
     Returned {
@@ -146,8 +150,15 @@ impl State {
         if let Some(carrier) = &self.carrier {
             let mut carried = Vec::new();
             carrier.drain_events(&mut carried);
+            let newly = carried
+                .iter()
+                .filter(|e| matches!(e, CarrierEvent::Carried { marked: true, .. }))
+                .count();
+            self.offloaded = self
+                .offloaded
+                .saturating_add(u64::try_from(newly).unwrap_or(u64::MAX));
             self.pending.extend(carried.into_iter().map(|e| match e {
-                CarrierEvent::Carried { id, original } => Event::Offloaded {
+                CarrierEvent::Carried { id, original, .. } => Event::Offloaded {
                     id,
                     original,
                     hardware: true,
@@ -739,8 +750,23 @@ mod tests {
             .events
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(CarrierEvent::Carried { id: 7, original });
+            .extend([7, 8].map(|id| CarrierEvent::Carried {
+                id,
+                original,
+                marked: true,
+            }));
         control.gc(1).expect("gc");
+        // It marked both connections itself: they count against max_offloaded.
+        let max_offloaded = |n| {
+            LimitsUpdate(Limits {
+                max_offloaded: n,
+                max_connections: 0,
+                max_nat_rules: 0,
+                event_journal_capacity: 0,
+            })
+        };
+        assert!(control.set_limits(max_offloaded(1)).is_err(), "2 offloaded");
+        assert!(control.set_limits(max_offloaded(2)).is_ok());
         let records = control.journal().read(0, 64).expect("journal").records;
         assert!(records.iter().any(|r| r.event
             == Event::Offloaded {

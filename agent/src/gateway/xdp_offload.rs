@@ -499,6 +499,7 @@ impl XdpFlowOffload {
         self.event(CarrierEvent::Carried {
             id: conn.id,
             original: conn.tuples[0],
+            marked: !conn.status.contains(Status::OFFLOAD),
         });
     }
 
@@ -1082,7 +1083,14 @@ mod tests {
             let c = ct.table().get(slot).expect("connection");
             (c.id, c.tuples[0])
         };
-        assert_eq!(events, vec![CarrierEvent::Carried { id, original }]);
+        assert_eq!(
+            events,
+            vec![CarrierEvent::Carried {
+                id,
+                original,
+                marked: true
+            }]
+        );
         events.clear();
         shared.drain_events(&mut events);
         assert!(events.is_empty(), "drained");
