@@ -95,7 +95,7 @@ pub enum CarrierEvent {
         /// connection's return or end will be counted off.
         marked: bool,
     },
-    /// It gave one back to the table's slow path.
+    /// It gave one back to the table's slow path, taking `OFFLOAD` off.
     Returned {
         /// The connection's id.
         id: u64,
@@ -150,13 +150,15 @@ impl State {
         if let Some(carrier) = &self.carrier {
             let mut carried = Vec::new();
             carrier.drain_events(&mut carried);
-            let newly = carried
-                .iter()
-                .filter(|e| matches!(e, CarrierEvent::Carried { marked: true, .. }))
-                .count();
-            self.offloaded = self
-                .offloaded
-                .saturating_add(u64::try_from(newly).unwrap_or(u64::MAX));
+            for e in &carried {
+                match e {
+                    CarrierEvent::Carried { marked: true, .. } => self.offloaded += 1,
+                    CarrierEvent::Carried { marked: false, .. } => {}
+                    CarrierEvent::Returned { .. } => {
+                        self.offloaded = self.offloaded.saturating_sub(1);
+                    }
+                }
+            }
             self.pending.extend(carried.into_iter().map(|e| match e {
                 CarrierEvent::Carried { id, original, .. } => Event::Offloaded {
                     id,
@@ -767,6 +769,18 @@ mod tests {
         };
         assert!(control.set_limits(max_offloaded(1)).is_err(), "2 offloaded");
         assert!(control.set_limits(max_offloaded(2)).is_ok());
+        // One given back: counted off.
+        carrier
+            .events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(CarrierEvent::Returned {
+                id: 8,
+                original,
+                reason: ReturnReason::Idle,
+            });
+        control.gc(1).expect("gc");
+        assert!(control.set_limits(max_offloaded(1)).is_ok(), "1 offloaded");
         let records = control.journal().read(0, 64).expect("journal").records;
         assert!(records.iter().any(|r| r.event
             == Event::Offloaded {

@@ -602,8 +602,15 @@ impl XdpFlowOffload {
         now: u64,
     ) -> bool {
         if self.take_entries(ct, slot, o, now) {
+            // Reported only when this return is what takes OFFLOAD off (the control
+            // plane counts the offloaded flows by it).
+            let returned = ct
+                .table()
+                .get(slot)
+                .filter(|c| c.status.contains(Status::OFFLOAD))
+                .map(|c| c.tuples[0]);
             ct.teardown(slot, how.0, now);
-            if let Some(original) = ct.table().get(slot).map(|c| c.tuples[0]) {
+            if let Some(original) = returned {
                 self.event(CarrierEvent::Returned {
                     id: o.id,
                     original,
