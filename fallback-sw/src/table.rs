@@ -646,6 +646,14 @@ pub(crate) struct Translated {
     pub(crate) port: u16,
 }
 
+impl Translated {
+    /// `self` with `src` set to a value the caller knows (a constant there).
+    #[inline(always)]
+    pub(crate) fn with_src(self, src: bool) -> Self {
+        Self { src, ..self }
+    }
+}
+
 /// What [`ConnTable::find_v4`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FoundV4 {
