@@ -787,6 +787,21 @@ mod tests {
         }
     }
 
+    /// The reply tuple of an SNAT connection 10.0.0.9:4000 -> 192.0.2.80:53 translated
+    /// to 203.0.113.5:20001 (the other direction's tuple of its original packets).
+    fn snat_reply(proto: u8) -> crate::tuple::Tuple {
+        use crate::tuple::{Addr, Family, Tuple};
+        Tuple {
+            src: Addr::v4([192, 0, 2, 80]),
+            dst: Addr::v4([203, 0, 113, 5]),
+            src_l4: 53,
+            dst_l4: 20_001,
+            proto,
+            family: Family::V4,
+            zone: 0,
+        }
+    }
+
     /// A frame cut short of what its IP header claims: the fast rewrite takes it while
     /// the L4 header up to its checksum is in the frame (writing the generic
     /// rewrite's bytes), and declines, writing nothing, once the cut reaches the
@@ -795,17 +810,9 @@ mod tests {
     #[test]
     fn fast_rewrite_of_a_cut_frame() {
         use crate::table::Status;
-        use crate::tuple::{Addr, Dir, Family, Tuple};
+        use crate::tuple::Dir;
         for proto in [super::proto::UDP, super::proto::TCP] {
-            let other = Tuple {
-                src: Addr::v4([192, 0, 2, 80]),
-                dst: Addr::v4([203, 0, 113, 5]),
-                src_l4: 53,
-                dst_l4: 20_001,
-                proto,
-                family: Family::V4,
-                zone: 0,
-            };
+            let other = snat_reply(proto);
             let packed = other.pack_v4().expect("plain IPv4");
             let addrs = [10, 0, 0, 9, 192, 0, 2, 80];
             let whole = fast_case_frame(false, 0, proto, addrs, [4000, 53], 0x1234, 0x5678, b"ab");
@@ -867,18 +874,10 @@ mod tests {
     #[test]
     fn fast_rewrite_is_the_generic_one_for_every_checksum() {
         use crate::table::Status;
-        use crate::tuple::{Addr, Dir, Family, Tuple};
+        use crate::tuple::Dir;
         for proto in [super::proto::UDP, super::proto::TCP] {
             let addrs = [10, 0, 0, 9, 192, 0, 2, 80];
-            let other = Tuple {
-                src: Addr::v4([192, 0, 2, 80]),
-                dst: Addr::v4([203, 0, 113, 5]),
-                src_l4: 53,
-                dst_l4: 20_001,
-                proto,
-                family: Family::V4,
-                zone: 0,
-            };
+            let other = snat_reply(proto);
             let mut zero_folds = 0;
             for csum in 0..=u16::MAX {
                 let frame =
