@@ -1246,7 +1246,9 @@ impl Conntrack {
         // The endpoint to write straight from the key; else from the other
         // direction's tuple (the same bytes).
         let written = match e.translated(dir) {
-            Some(to) => rewrite::rewrite_endpoint_at(frame, l4, at, to),
+            // A copy of the rewrite for each endpoint: its offsets are then constants.
+            Some(to) if to.src => rewrite::rewrite_endpoint_at(frame, l4, at, to.with_src(true)),
+            Some(to) => rewrite::rewrite_endpoint_at(frame, l4, at, to.with_src(false)),
             None => {
                 let other = e.packed_tuple(dir.opposite())?;
                 rewrite::rewrite_one_endpoint_at(frame, l4, at, other, e.status, dir)

@@ -597,36 +597,38 @@ impl<P> Entry<P> {
     /// not a port).
     #[inline(always)]
     pub(crate) fn translated(&self, dir: Dir) -> Option<Translated> {
-        let nat_bits = self.status & (Status::SRC_NAT | Status::DST_NAT);
         let (nat, snat) = match self.key {
-            Key::SrcNatV4(ref nat) if nat_bits == Status::SRC_NAT => (nat, true),
-            Key::DstNatV4(ref nat) if nat_bits == Status::DST_NAT => (nat, false),
+            Key::SrcNatV4(ref nat) => (nat, true),
+            Key::DstNatV4(ref nat) => (nat, false),
             _ => return None,
         };
+        let alone = if snat {
+            Status::SRC_NAT
+        } else {
+            Status::DST_NAT
+        };
         let b = &nat.orig.0;
-        if b[14] == crate::tuple::proto::ICMP {
+        if self.status & (Status::SRC_NAT | Status::DST_NAT) != alone
+            || b[14] == crate::tuple::proto::ICMP
+        {
             return None;
         }
-        Some(match (dir, snat) {
-            // The translated endpoint: the source of an SNAT original, the destination
-            // of a DNAT original.
-            (Dir::Original, _) => Translated {
-                src: snat,
-                addr: u32::from_le_bytes(nat.addr),
-                port: u16::from_ne_bytes(nat.l4),
-            },
-            // A reply goes back to the original's source (SNAT) ...
-            (Dir::Reply, true) => Translated {
-                src: false,
-                addr: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                port: u16::from_le_bytes([b[8], b[9]]),
-            },
-            // ... or comes from the original's destination (DNAT).
-            (Dir::Reply, false) => Translated {
-                src: true,
-                addr: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
-                port: u16::from_le_bytes([b[10], b[11]]),
-            },
+        // One return (a merge of several returned structs cost a pack and unpack of
+        // the fields). An original gets the translated endpoint (the source of SNAT,
+        // the destination of DNAT); a reply goes back to the original's source (SNAT)
+        // or comes from the original's destination (DNAT).
+        let reply = dir == Dir::Reply;
+        let le32 = |a: usize| u32::from_le_bytes([b[a], b[a + 1], b[a + 2], b[a + 3]]);
+        let le16 = |a: usize| u16::from_le_bytes([b[a], b[a + 1]]);
+        let (addr, port) = match (reply, snat) {
+            (false, _) => (u32::from_le_bytes(nat.addr), u16::from_ne_bytes(nat.l4)),
+            (true, true) => (le32(0), le16(8)),
+            (true, false) => (le32(4), le16(10)),
+        };
+        Some(Translated {
+            src: snat != reply,
+            addr,
+            port,
         })
     }
 }
@@ -642,6 +644,14 @@ pub(crate) struct Translated {
     pub(crate) addr: u32,
     /// The port.
     pub(crate) port: u16,
+}
+
+impl Translated {
+    /// `self` with `src` set to a value the caller knows (a constant there).
+    #[inline(always)]
+    pub(crate) fn with_src(self, src: bool) -> Self {
+        Self { src, ..self }
+    }
 }
 
 /// What [`ConnTable::find_v4`] found.

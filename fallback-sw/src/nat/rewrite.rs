@@ -395,9 +395,17 @@ pub(crate) fn rewrite_endpoint_at(frame: &mut [u8], l4: &L4, at: V4Layout, to: T
 fn rewrite_one_endpoint<const UDP: bool>(frame: &mut [u8], at: V4Layout, to: Translated) -> bool {
     let csum_at = if UDP { 6 } else { 16 };
     let V4Layout { l3, l4, end } = at;
-    if l3 + 20 > l4 || l4 + csum_at + 2 > end || end > frame.len() {
+    // The L4 header up to its checksum inside the IP packet (as `manip_v4` reads the
+    // packet: its length decides what is rewritten), and in the frame: the bytes
+    // written, cut to their end so that the views below need no further checks (for
+    // the plain frame's constant offsets, one compare of the frame's length).
+    let seg_end = l4 + csum_at + 2;
+    if l3 + 20 > l4 || seg_end > end {
         return false;
     }
+    let Some(frame) = frame.get_mut(..seg_end) else {
+        return false;
+    };
     let (head, seg) = frame.split_at_mut(l4);
     let Some(ip) = head.get_mut(l3..).and_then(|h| h.first_chunk_mut::<20>()) else {
         return false;
@@ -779,23 +787,97 @@ mod tests {
         }
     }
 
+    /// The reply tuple of an SNAT connection 10.0.0.9:4000 -> 192.0.2.80:53 translated
+    /// to 203.0.113.5:20001 (the other direction's tuple of its original packets).
+    fn snat_reply(proto: u8) -> crate::tuple::Tuple {
+        use crate::tuple::{Addr, Family, Tuple};
+        Tuple {
+            src: Addr::v4([192, 0, 2, 80]),
+            dst: Addr::v4([203, 0, 113, 5]),
+            src_l4: 53,
+            dst_l4: 20_001,
+            proto,
+            family: Family::V4,
+            zone: 0,
+        }
+    }
+
+    /// A frame cut short of what its IP header claims: the fast rewrite takes it while
+    /// the L4 header up to its checksum is in the frame (writing the generic
+    /// rewrite's bytes), and declines, writing nothing, once the cut reaches the
+    /// checksum (the generic rewrite reports the truncation) or when the IP length
+    /// leaves the checksum out.
+    #[test]
+    fn fast_rewrite_of_a_cut_frame() {
+        use crate::table::Status;
+        use crate::tuple::Dir;
+        for proto in [super::proto::UDP, super::proto::TCP] {
+            let other = snat_reply(proto);
+            let packed = other.pack_v4().expect("plain IPv4");
+            let addrs = [10, 0, 0, 9, 192, 0, 2, 80];
+            let whole = fast_case_frame(false, 0, proto, addrs, [4000, 53], 0x1234, 0x5678, b"ab");
+            let pkt = wire::parse(&whole, ParseOptions::VERIFY_NONE).expect("parses");
+            let csum_end =
+                usize::from(pkt.l4_offset) + if proto == super::proto::UDP { 8 } else { 18 };
+            for len in csum_end - 3..whole.len() {
+                let frame = &whole[..len];
+                let mut fast = frame.to_vec();
+                let took = super::rewrite_one_endpoint_v4(
+                    &mut fast,
+                    &pkt,
+                    packed,
+                    Status::SRC_NAT,
+                    Dir::Original,
+                );
+                let mut generic = frame.to_vec();
+                let r = super::rewrite_to_inverse(
+                    &mut generic,
+                    &pkt,
+                    &other,
+                    Status::SRC_NAT,
+                    Dir::Original,
+                );
+                assert_eq!(took, len >= csum_end, "proto {proto} cut at {len}");
+                if took {
+                    assert_eq!(r, Ok(()));
+                    assert_eq!(fast, generic, "proto {proto} cut at {len}");
+                    assert_ne!(fast, frame, "rewritten");
+                } else {
+                    assert!(
+                        matches!(r, Err(super::RewriteError::Truncated { .. })),
+                        "{r:?}"
+                    );
+                    assert_eq!(fast, frame, "untouched when not taken");
+                }
+            }
+            // The IP length ends inside the L4 header: the checksum is not the
+            // packet's to update, so the fast path leaves the packet to the generic one.
+            let mut short = whole.clone();
+            let ip_len = u16::try_from(csum_end - 1 - usize::from(pkt.l3_offset)).expect("small");
+            short[16..18].copy_from_slice(&ip_len.to_be_bytes());
+            let mut pkt_short = pkt;
+            pkt_short.l3_len = u32::from(ip_len);
+            let mut fast = short.clone();
+            assert!(!super::rewrite_one_endpoint_v4(
+                &mut fast,
+                &pkt_short,
+                packed,
+                Status::SRC_NAT,
+                Dir::Original,
+            ));
+            assert_eq!(fast, short);
+        }
+    }
+
     /// Every L4 checksum value, SNAT out and back in: among them the one whose update
     /// folds to 0 (UDP sends it as 0xFFFF, TCP as 0) and UDP's 0 (left alone).
     #[test]
     fn fast_rewrite_is_the_generic_one_for_every_checksum() {
         use crate::table::Status;
-        use crate::tuple::{Addr, Dir, Family, Tuple};
+        use crate::tuple::Dir;
         for proto in [super::proto::UDP, super::proto::TCP] {
             let addrs = [10, 0, 0, 9, 192, 0, 2, 80];
-            let other = Tuple {
-                src: Addr::v4([192, 0, 2, 80]),
-                dst: Addr::v4([203, 0, 113, 5]),
-                src_l4: 53,
-                dst_l4: 20_001,
-                proto,
-                family: Family::V4,
-                zone: 0,
-            };
+            let other = snat_reply(proto);
             let mut zero_folds = 0;
             for csum in 0..=u16::MAX {
                 let frame =
