@@ -1146,10 +1146,10 @@ impl Candidates for NatCandidates<'_> {
         self.table.lookup(reply, self.now).is_some()
     }
 
-    /// The chosen reply's index cell, loaded while the engine records the binding:
-    /// the insert probes from it.
+    /// The chosen reply's index cell, prefetched while the engine records the
+    /// binding: the insert probes from it.
     fn chosen(&mut self, reply: &Tuple) {
-        core::hint::black_box(self.table.touch_index(self.table.hash(reply)));
+        self.table.prefetch_index(self.table.hash(reply));
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod checksum;
 pub mod conntrack;
 pub mod nat;
+mod prefetch;
 pub mod table;
 pub mod tcp;
 pub mod timer;

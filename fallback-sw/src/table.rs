@@ -32,6 +32,7 @@
 //!
 //! The per-protocol state `P` is opaque here: the table does not know about TCP.
 
+use crate::prefetch::prefetch;
 use crate::timer::{SlotLinks, TimerWheel};
 use crate::tuple::{Addr, Dir, PackedV4, Tuple, TupleHasher};
 
@@ -988,38 +989,47 @@ impl<P> ConnTable<P> {
         self.hasher.pair_hash(tuple)
     }
 
-    /// Batch helper, first step: read the index slot where the lookup of a tuple with
-    /// hash `hash` starts, so that it is in cache for [`ConnTable::prefetch`]. Returns
-    /// the slot's content (callers fold it into a value they keep, so the read is done).
+    /// Batch helper, first step: prefetch the index cell where the lookup of a tuple
+    /// with hash `hash` starts, so that it is in cache for
+    /// [`ConnTable::prefetch_entry`] (a hint: nothing waits for the line).
     #[inline]
-    #[must_use]
-    pub fn touch_index(&self, hash: u64) -> u64 {
-        u64::from(self.index[self.pos(hash)])
+    pub fn prefetch_index(&self, hash: u64) {
+        if let Some(cell) = self.index.get(self.pos(hash)) {
+            prefetch(cell);
+        }
     }
 
-    /// Batch helper, second step: the connection that the first index cell of `hash`'s
-    /// probe run with a matching hash tag points to, looking at most
+    /// Batch helper, second step: prefetch the connection that the first index cell
+    /// of `hash`'s probe run with a matching hash tag points to, looking at most
     /// `PREFETCH_PROBE` cells from the start (a hint: the tuple is not compared and
-    /// the timeout not checked). Callers read the fields they will use, so that the
-    /// entry is in cache when [`ConnTable::lookup_hashed`] runs.
+    /// the timeout not checked), so that it is in cache when
+    /// [`ConnTable::lookup_hashed`] runs. Reads the index cells (prefetched by
+    /// [`ConnTable::prefetch_index`]); returns whether a candidate was found.
     #[inline]
-    #[must_use]
-    pub fn prefetch(&self, hash: u64) -> Option<(&Entry<P>, Dir)> {
+    pub fn prefetch_entry(&self, hash: u64) -> bool {
         let tag = self.cells.tag(hash);
         let mut pos = self.pos(hash);
         let index: &[u32] = &self.index;
         for _ in 0..PREFETCH_PROBE {
-            let v = index[pos];
+            let Some(&v) = index.get(pos) else {
+                return false;
+            };
             if v == EMPTY {
-                return None;
+                return false;
             }
-            let (vtag, slot, dir) = self.cells.unpack(v);
+            let (vtag, slot, _) = self.cells.unpack(v);
             if vtag == tag {
-                return self.entry(slot).map(|c| (c, dir));
+                return match self.entries.get(slot.idx()) {
+                    Some(e) => {
+                        prefetch(e);
+                        true
+                    }
+                    None => false,
+                };
             }
             pos = (pos + 1) & self.mask;
         }
-        None
+        false
     }
 
     /// Find the live connection owning `tuple`, and the direction `tuple` is. An expired

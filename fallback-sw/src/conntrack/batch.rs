@@ -1,23 +1,22 @@
 //! Batched processing: [`Conntrack::process_batch`].
 //!
-//! A batch goes through four passes so that the cache misses of different packets
-//! overlap instead of being paid one after the other (the crate has no `unsafe`, so
-//! there is no prefetch instruction; plain loads whose results are not needed yet do
-//! the same job on an out-of-order core):
+//! A batch goes through three passes so that the cache misses of different packets
+//! overlap instead of being paid one after the other, with prefetch instructions
+//! ([`crate::prefetch`]: they do not wait for their line, where a load that misses
+//! holds up every instruction after it):
 //!
-//! 1. parse every frame (checksums included), build its tuple and hash it;
-//! 2. read the first index cell of every tuple;
-//! 3. read the connection that the first cell of its probe run with a matching hash
-//!    tag points to (one load: the entry is one cache line holding the key, timeout,
-//!    counters and protocol state the last pass will use; a new connection's reply
-//!    tuple, without NAT, has the same index hash as its original: pass 2 read the
-//!    cell its insert will probe);
-//! 4. finish each packet in order, exactly as [`Conntrack::process`] would.
+//! 1. parse every frame (checksums included), build its tuple and hash it, and
+//!    prefetch the first index cell of its probe (the parse of the next frames covers
+//!    the miss);
+//! 2. read that cell and prefetch the connection that the first cell of the probe run
+//!    with a matching hash tag points to (the entry is one cache line holding the key,
+//!    timeout, counters and protocol state the last pass will use; a new connection's
+//!    reply tuple, without NAT, has the same index hash as its original: pass 1
+//!    prefetched the cell its insert will probe);
+//! 3. finish each packet in order, exactly as [`Conntrack::process`] would.
 //!
-//! Passes 2 and 3 only read, so a packet may depend on an earlier one of the same batch
-//! (a SYN-ACK after the SYN that created its connection): pass 4 does the real lookup.
-
-use core::hint::black_box;
+//! Pass 2 only reads, so a packet may depend on an earlier one of the same batch
+//! (a SYN-ACK after the SYN that created its connection): pass 3 does the real lookup.
 
 use super::{
     Conntrack, Family, Invalid, L4, NatOutcome, NatVerdict, Reopen, Tuple, Verdict, family_of,
@@ -32,8 +31,8 @@ use crate::wire::{self, Fragment, ParsedPacket, PlainV4, TcpInfo, V4Layout};
 /// batches of this size.
 pub const BATCH: usize = 32;
 
-/// Below this many connections the table fits the caches of a core (about 255 bytes a
-/// connection against 1 MiB of L2) and passes 2 and 3 cost more than they save.
+/// Below this many connections the table fits the caches of a core (about 94 bytes a
+/// connection against 512 KiB of L2) and the prefetches cost more than they save.
 const PREFETCH_MIN_CONNECTIONS: usize = 4096;
 
 /// A frame after pass 1.
@@ -147,13 +146,17 @@ impl Conntrack {
         let mut pre = [Pre::Done; BATCH];
         let pre = &mut pre[..frames.len()];
         // 1: parse, classify, hash.
+        let big = self.table.capacity() >= PREFETCH_MIN_CONNECTIONS;
         for ((frame, o), p) in frames.iter().zip(out.iter_mut()).zip(pre.iter_mut()) {
             self.classify_frame(frame, zone, p, o);
+            if big {
+                self.prefetch_index(p);
+            }
         }
-        if self.table.capacity() >= PREFETCH_MIN_CONNECTIONS {
-            self.prefetch(pre);
+        if big {
+            self.prefetch_entries(pre);
         }
-        // 4: finish in order.
+        // 3: finish in order.
         let meta = PacketMeta::default();
         for ((frame, o), p) in frames.iter().zip(out.iter_mut()).zip(pre.iter()) {
             match p {
@@ -309,15 +312,19 @@ impl Conntrack {
         let mut pre = [Pre::Done; BATCH];
         let pre = &mut pre[..frames.len()];
         // 1: parse, classify, hash.
+        let big = self.table.capacity() >= PREFETCH_MIN_CONNECTIONS;
         for ((frame, o), p) in frames.iter().zip(out.iter_mut()).zip(pre.iter_mut()) {
             if self.classify_frame(frame, zone, p, &mut o.verdict) {
                 o.nat = NatOutcome::Unchanged;
             }
+            if big {
+                self.prefetch_index(p);
+            }
         }
-        if self.table.capacity() >= PREFETCH_MIN_CONNECTIONS {
-            self.prefetch(pre);
+        if big {
+            self.prefetch_entries(pre);
         }
-        // 4: finish in order, each packet rewritten right after it is tracked (a later
+        // 3: finish in order, each packet rewritten right after it is tracked (a later
         // packet may close its connection).
         for ((frame, o), p) in frames.iter_mut().zip(out.iter_mut()).zip(pre.iter()) {
             self.closed = None;
@@ -361,31 +368,25 @@ impl Conntrack {
         }
     }
 
-    /// Passes 2 and 3.
-    fn prefetch(&self, pre: &[Pre]) {
-        // 2: the index cells, all loads independent of each other.
-        let mut sink = 0u64;
-        for hash in pre.iter().filter_map(Pre::hash) {
-            sink ^= self.table.touch_index(hash);
+    /// Pass 1's prefetch: the first index cell of the frame's probe.
+    #[inline]
+    fn prefetch_index(&self, p: &Pre) {
+        if let Some(hash) = p.hash() {
+            self.table.prefetch_index(hash);
         }
-        // 3: the entries they point to. No entry: probably a new connection, whose
-        // insert also probes the index for the reply tuple; without NAT that is the
-        // inverse, whose index hash is the same (`TupleHasher::pair_hash`), so pass 2
-        // has read its cell already. Both cells of a connection without NAT start
-        // their probe at the same cell, so a packet of either direction finds the
-        // entry from it.
+    }
+
+    /// Pass 2: the entries the index cells point to. No entry: probably a new
+    /// connection, whose insert also probes the index for the reply tuple; without NAT
+    /// that is the inverse, whose index hash is the same (`TupleHasher::pair_hash`),
+    /// so pass 1 has prefetched its cell already. Both cells of a connection without
+    /// NAT start their probe at the same cell, so a packet of either direction finds
+    /// the entry from it. (An IPv6 or full-NAT entry's tuples are in the side store:
+    /// not prefetched.)
+    fn prefetch_entries(&self, pre: &[Pre]) {
         for hash in pre.iter().filter_map(Pre::hash) {
-            let Some((c, _)) = self.table.prefetch(hash) else {
-                continue;
-            };
-            // The entry is one cache line: one load brings in every field the
-            // handler reads (an IPv4 entry translated at one endpoint holds the
-            // rewrite's tuple too; an IPv6 or full-NAT entry's tuples are in the
-            // side store: not touched here). Few instructions per load, so that
-            // many of them are in flight at once.
-            sink ^= c.timeout;
+            self.table.prefetch_entry(hash);
         }
-        black_box(sink);
     }
 }
 
