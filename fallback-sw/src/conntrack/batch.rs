@@ -25,7 +25,7 @@ use super::{
 use crate::nat::PacketMeta;
 use crate::table::FoundV4;
 use crate::tuple::PackedV4;
-use crate::wire::{self, Fragment, ParsedPacket, PlainV4, TcpInfo, V4Layout};
+use crate::wire::{self, Fragment, ParsedPacket, PlainUdp, PlainV4, TcpInfo, V4Layout, ip_proto};
 
 /// Frames processed together by [`Conntrack::process_batch`]; longer inputs are cut into
 /// batches of this size.
@@ -180,6 +180,10 @@ impl Conntrack {
     #[inline]
     fn classify_frame(&mut self, frame: &[u8], zone: u16, p: &mut Pre, out: &mut Verdict) -> bool {
         self.stats.packets += 1;
+        if let Some(u) = wire::plain_udp_v4(frame, self.cfg.parse) {
+            self.classify_udp(&u, zone, p);
+            return false;
+        }
         let parsed = match wire::plain_v4(frame, self.cfg.parse) {
             Some(Ok(plain)) => {
                 self.classify_plain(plain, zone, p);
@@ -199,6 +203,21 @@ impl Conntrack {
                 true
             }
         }
+    }
+
+    /// Pass 1 of a UDP datagram that [`wire::plain_udp_v4`] read: the established path
+    /// with its packed tuple.
+    #[inline(always)]
+    fn classify_udp(&self, u: &PlainUdp, zone: u16, p: &mut Pre) {
+        let (src_port, dst_port) = u.ports;
+        let key = PackedV4::new(u.addrs, src_port, dst_port, ip_proto::UDP, zone);
+        *p = Pre::Udp(UdpV4 {
+            key,
+            hash: self.table.hasher().pair_hash_v4(key),
+            l3_len: u.l3_len,
+            payload_len: u.payload_len,
+            ttl: u.ttl,
+        });
     }
 
     /// Pass 1 of a frame that [`wire::plain_v4`] read: TCP and UDP take the

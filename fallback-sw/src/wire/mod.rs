@@ -24,7 +24,7 @@ pub mod udp;
 pub use parse::{
     Fragment, InnerPacket, L3, L4, ParseOptions, ParsedPacket, TcpInfo, parse, parse_inner,
 };
-pub(crate) use parse::{PlainV4, V4Layout, parse_walk, plain_v4};
+pub(crate) use parse::{PlainUdp, PlainV4, V4Layout, parse_walk, plain_udp_v4, plain_v4};
 
 #[cfg(test)]
 mod fixtures;

@@ -534,6 +534,14 @@ fn plain_tcp(frame: &[u8], end: usize, verify: bool) -> Option<(L4, usize, usize
 /// reader: see [`plain_l4_verifies`].
 #[inline(always)]
 fn plain_udp(frame: &[u8], end: usize, verify: bool) -> Option<(L4, usize, usize)> {
+    let ((src_port, dst_port), payload_len) = udp_fields(frame, end, verify)?;
+    let l4 = L4::Udp { src_port, dst_port };
+    Some((l4, udp::HEADER_LEN, payload_len))
+}
+
+/// [`plain_udp`]'s checks and fields: the ports and the payload length.
+#[inline(always)]
+fn udp_fields(frame: &[u8], end: usize, verify: bool) -> Option<((u16, u16), usize)> {
     let seg = frame.get(PlainV4::L4..end)?;
     let h: &[u8; udp::HEADER_LEN] = seg.first_chunk()?;
     let len = u16::from_be_bytes([h[4], h[5]]);
@@ -545,11 +553,76 @@ fn plain_udp(frame: &[u8], end: usize, verify: bool) -> Option<(L4, usize, usize
     if verify && h[6..8] != [0, 0] && !plain_l4_verifies(frame, ip_proto::UDP, len) {
         return None;
     }
-    let l4 = L4::Udp {
-        src_port: u16::from_be_bytes([h[0], h[1]]),
-        dst_port: u16::from_be_bytes([h[2], h[3]]),
-    };
-    Some((l4, udp::HEADER_LEN, n - udp::HEADER_LEN))
+    let ports = (
+        u16::from_be_bytes([h[0], h[1]]),
+        u16::from_be_bytes([h[2], h[3]]),
+    );
+    Some((ports, n - udp::HEADER_LEN))
+}
+
+/// A frame that [`plain_udp_v4`] read: the fields of its [`PlainV4`] that the
+/// established path keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PlainUdp {
+    /// Source then destination address, as in [`PlainV4::addrs`].
+    pub(crate) addrs: [u8; 8],
+    /// Source and destination port.
+    pub(crate) ports: (u16, u16),
+    /// IPv4 total length.
+    pub(crate) l3_len: u16,
+    /// TTL.
+    pub(crate) ttl: u8,
+    /// UDP payload length.
+    pub(crate) payload_len: u16,
+}
+
+#[cfg(test)]
+impl PlainUdp {
+    /// What [`plain_v4`] returns for the frame.
+    pub(crate) fn plain(&self) -> PlainV4 {
+        PlainV4::udp(
+            self.addrs,
+            self.ports,
+            self.l3_len,
+            self.ttl,
+            self.payload_len,
+        )
+    }
+}
+
+/// The most common frame of all, a valid UDP datagram in the frame [`plain_v4`] takes,
+/// read straight into the few fields the established path keeps (no [`PlainV4`] and no
+/// `Option<Result<..>>` built and copied through the stack). `Some` exactly when
+/// [`plain_v4`] gives `Some(Ok(p))` with a UDP `p` read by its UDP step, and then
+/// [`PlainUdp::plain`] is that `p` (a test compares them); anything else, valid or
+/// not, gives `None` and takes [`plain_v4`].
+#[inline(always)]
+pub(crate) fn plain_udp_v4(frame: &[u8], opts: ParseOptions) -> Option<PlainUdp> {
+    const L3: usize = PlainV4::L3;
+    const L4: usize = PlainV4::L4;
+    let h: &[u8; L4] = frame.get(..L4)?.try_into().ok()?;
+    // IPv4 ethertype, version 4 with IHL 5, no MF flag and offset 0, UDP.
+    if h[12..14] != [0x08, 0x00]
+        || h[L3] != 0x45
+        || h[L3 + 6] & 0x3F != 0
+        || h[L3 + 7] != 0
+        || h[L3 + 9] != ip_proto::UDP
+    {
+        return None;
+    }
+    let total = u16::from_be_bytes([h[L3 + 2], h[L3 + 3]]);
+    let ip_header: &[u8; ipv4::HEADER_LEN] = h[L3..].try_into().ok()?;
+    if opts.verify_ipv4_checksum && !checksum::data_verifies(ip_header, 0) {
+        return None;
+    }
+    let (ports, payload_len) = udp_fields(frame, L3 + usize::from(total), opts.verify_l4_checksum)?;
+    Some(PlainUdp {
+        addrs: *h[L3 + 12..].first_chunk::<8>()?,
+        ports,
+        l3_len: total,
+        ttl: h[L3 + 8],
+        payload_len: sat16(payload_len),
+    })
 }
 
 /// [`parse`] layer by layer: any frame (the batch calls it for a frame that
@@ -1541,6 +1614,29 @@ mod tests {
         }
 
         #[test]
+        fn udp_step_reads_a_valid_datagram_as_the_plain_step_does(
+            src in any::<[u8; 16]>(), dst in any::<[u8; 16]>(), ttl in 1u8..,
+            ports in any::<(u16, u16)>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..60), pad in 0usize..8,
+        ) {
+            let mut f = build(0, 0, false, src, dst, ttl, &Proto::Udp, ports.0, ports.1, &payload);
+            f.extend(core::iter::repeat_n(0u8, pad));
+            for opts in [ALL, NONE] {
+                let u = plain_udp_v4(&f, opts);
+                prop_assert!(u.is_some());
+                let u = u.expect("checked");
+                prop_assert_eq!(u.ports, ports);
+                prop_assert_eq!(plain_v4(&f, opts), Some(Ok(u.plain())));
+            }
+            // A flipped payload byte fails the checksum: only the checking read refuses.
+            if let Some(last) = payload.len().checked_sub(1) {
+                f[14 + 20 + 8 + last] ^= 0x5a;
+                prop_assert!(plain_udp_v4(&f, ALL).is_none());
+                prop_assert!(plain_udp_v4(&f, NONE).is_some());
+            }
+        }
+
+        #[test]
         fn plain_v4_step_gives_what_the_walk_gives(
             proto in proto(), src in any::<[u8; 16]>(), dst in any::<[u8; 16]>(),
             payload in proptest::collection::vec(any::<u8>(), 0..60),
@@ -1560,6 +1656,10 @@ mod tests {
             f.extend(core::iter::repeat_n(0u8, pad));
             for opts in [ALL, NONE] {
                 prop_assert_eq!(parse(&f, opts), parse_walk(&f, opts));
+                // The UDP step takes only what the plain step reads as UDP, the same.
+                if let Some(u) = plain_udp_v4(&f, opts) {
+                    prop_assert_eq!(plain_v4(&f, opts), Some(Ok(u.plain())));
+                }
             }
         }
 
