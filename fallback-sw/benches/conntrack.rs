@@ -569,6 +569,76 @@ impl Clocks {
     }
 }
 
+/// One table entry's worth of memory (a cache line).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u64; 8]);
+
+/// The memory floor of the established rows at `n` connections: the same random
+/// accesses with no packet work at all, by this thread's CPU time (packets/s). Per
+/// packet, `lines == 2`: an index cell of an index as large as the table's (4 cells
+/// a connection, rounded up to a power of two), then the 64-byte entry it names, as
+/// `Conntrack::process_batch` does (batches of 32: prefetch the cells, read them and
+/// prefetch the entries, then update each entry); `lines == 1`: only the entry, at
+/// the packet's hash (what a table that keeps the entry where its hash points would
+/// pay). The packets' hashes are read from a trace of 2n words, as the rows read
+/// their frames (a fresh permutation per pass).
+fn memory_floor(
+    n: usize,
+    lines: usize,
+    repeats: usize,
+    min_packets: usize,
+    rng: &mut Rng,
+) -> Summary {
+    let cells = (n * 4).next_power_of_two();
+    let mask = cells - 1;
+    let index: Vec<u32> = (0..cells)
+        .map(|_| u32::try_from(rng.next() % n as u64).unwrap())
+        .collect();
+    let mut entries = vec![Line([0; 8]); n];
+    let trace: Vec<u64> = (0..2 * n).map(|_| rng.next()).collect();
+    let passes = min_packets.div_ceil(trace.len()).max(1);
+    let slot = |h: u64, index: &[u32]| -> usize {
+        if lines == 2 {
+            index[usize::try_from(h).unwrap() & mask] as usize
+        } else {
+            usize::try_from(h >> 32).unwrap() % n
+        }
+    };
+    let mut rates = Vec::new();
+    for _ in 0..repeats {
+        let clocks = Clocks::start();
+        for _ in 0..passes {
+            for batch in trace.chunks(BATCH) {
+                if lines == 2 {
+                    for &h in batch {
+                        prefetch(&index[usize::try_from(h).unwrap() & mask]);
+                    }
+                }
+                for &h in batch {
+                    prefetch(&entries[slot(h, &index)]);
+                }
+                for &h in batch {
+                    let e = &mut entries[slot(h, &index)];
+                    e.0[1] = e.0[1].wrapping_add(h);
+                }
+            }
+        }
+        let (_, cpu) = clocks.elapsed();
+        rates.push((passes * trace.len()) as f64 / cpu);
+    }
+    black_box(&entries);
+    summary(rates)
+}
+
+/// A cache-line prefetch (a no-op off x86_64).
+fn prefetch<T>(r: &T) {
+    #[cfg(target_arch = "x86_64")]
+    safe_arch::prefetch_t0(r);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = r;
+}
+
 /// What [`new_nat`] measured: rates by wall clock and by this thread's CPU time (which
 /// other processes on a shared machine do not inflate), SNAT and the no-rule baseline
 /// of the same repeat, and the ratio of the two (CPU time) per repeat.
@@ -734,6 +804,15 @@ fn main() {
             }
         })
         .unzip();
+    // The memory floor of the largest established row (only with it).
+    let floor = |lines: usize, rng: &mut Rng| {
+        if want("est") && est_only.as_ref().is_none_or(|o| o.contains(&big)) {
+            memory_floor(big, lines, repeats, min_packets, rng)
+        } else {
+            zero
+        }
+    };
+    let (floor2, floor1) = (floor(2, &mut rng), floor(1, &mut rng));
     let (udp_new, udp_new_cpu, bytes) = if want("new") {
         new_udp(big, repeats, &mut rng)
     } else {
@@ -828,6 +907,20 @@ fn main() {
             goal[i],
         );
     }
+    row(
+        &format!("memory floor {big}: cell+entry, CPU"),
+        "Mpps",
+        m(floor2),
+        "-",
+        "-",
+    );
+    row(
+        &format!("memory floor {big}: entry only, CPU"),
+        "Mpps",
+        m(floor1),
+        "-",
+        "-",
+    );
     row(
         &format!("new UDP conns ({big} into empty)"),
         "M/s",
@@ -935,6 +1028,7 @@ fn main() {
          \"conns_1k_mpps_min\":{:.3},\"conns_100k_mpps_min\":{:.3},\"conns_1m_mpps_min\":{:.3},\
          \"conns_1k_cpu_mpps\":{:.3},\"conns_100k_cpu_mpps\":{:.3},\"conns_1m_cpu_mpps\":{:.3},\
          \"conns_1k_cpu_mpps_min\":{:.3},\"conns_100k_cpu_mpps_min\":{:.3},\"conns_1m_cpu_mpps_min\":{:.3},\
+         \"floor_1m_cell_entry_cpu_mpps\":{:.3},\"floor_1m_entry_only_cpu_mpps\":{:.3},\
          \"new_udp_per_s\":{:.0},\"new_udp_per_s_min\":{:.0},\
          \"new_udp_cpu_per_s\":{:.0},\"new_udp_cpu_per_s_min\":{:.0},\
          \"tcp_handshakes_per_s\":{:.0},\"tcp_handshakes_per_s_min\":{:.0},\
@@ -965,6 +1059,8 @@ fn main() {
         m(est_cpu[0]).min,
         m(est_cpu[1]).min,
         m(est_cpu[2]).min,
+        m(floor2).median,
+        m(floor1).median,
         udp_new.median,
         udp_new.min,
         udp_new_cpu.median,
