@@ -951,13 +951,9 @@ impl Conntrack {
             chosen: None,
         };
         match nat.decide_in(tuple, meta, live, &mut candidates) {
-            Ok(d) => {
-                // The reply's hash, if `chosen` computed it for this reply.
-                let hash = candidates
-                    .chosen
-                    .and_then(|(r, h)| (r == d.reply).then_some(h));
-                Ok((d.reply, d.status, hash))
-            }
+            // `chosen` is told the reply of a source binding, the one the decision
+            // returns (checked in debug builds by the insert).
+            Ok(d) => Ok((d.reply, d.status, candidates.chosen)),
             Err(NatError::NotInvertible(e)) => Err(Invalid::IcmpNotRequest {
                 icmp_type: e.icmp_type,
             }),
@@ -1180,8 +1176,8 @@ struct Reopen;
 struct NatCandidates<'a> {
     table: &'a mut ConnTable<L4State>,
     now: u64,
-    /// The reply [`Candidates::chosen`] was told, and its index hash.
-    chosen: Option<(Tuple, u64)>,
+    /// The index hash of the reply [`Candidates::chosen`] was told.
+    chosen: Option<u64>,
 }
 
 impl Candidates for NatCandidates<'_> {
@@ -1194,7 +1190,7 @@ impl Candidates for NatCandidates<'_> {
     fn chosen(&mut self, reply: &Tuple) {
         let hash = self.table.hash(reply);
         self.table.prefetch_index(hash);
-        self.chosen = Some((*reply, hash));
+        self.chosen = Some(hash);
     }
 }
 

@@ -265,6 +265,24 @@ impl Tuple {
         self.dst_l4.to_be_bytes()[1]
     }
 
+    /// Whether [`Tuple::invert`] succeeds (every tuple but an ICMP one whose type has
+    /// no reply), without building the inverse.
+    ///
+    /// # Errors
+    /// [`NotInvertible`], as [`Tuple::invert`].
+    #[inline]
+    pub fn invertible(&self) -> Result<(), NotInvertible> {
+        if !self.is_icmp() {
+            return Ok(());
+        }
+        let ty = self.icmp_type();
+        let inv = match self.family {
+            Family::V4 => icmpv4_reply_type(ty),
+            Family::V6 => icmpv6_reply_type(ty),
+        };
+        inv.map(|_| ()).ok_or(NotInvertible { icmp_type: ty })
+    }
+
     /// The tuple of the other direction when no NAT applies: addresses swapped, ports
     /// swapped, ICMP id and code kept and the type mapped request <-> reply.
     #[inline]

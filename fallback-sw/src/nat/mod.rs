@@ -39,7 +39,8 @@ pub trait Candidates {
     fn is_taken(&mut self, reply: &Tuple) -> bool;
 
     /// The REPLY tuple of a source binding, told as soon as it is chosen and before the
-    /// engine records the binding (to start loading what its insert will touch).
+    /// engine records the binding (to start loading what its insert will touch); at
+    /// most once per decision, and then with the reply the decision returns.
     fn chosen(&mut self, reply: &Tuple) {
         let _ = reply;
     }
@@ -270,12 +271,12 @@ impl NatEngine {
         let is_taken = &mut |r: &Tuple| table.is_taken(r);
         #[cfg(test)]
         let live = live.filter(|_| !self.always_check);
-        let plain = orig.invert()?;
+        orig.invertible()?;
         self.stats.decisions += 1;
         let mut status = Status::SRC_NAT_DONE | Status::DST_NAT_DONE;
         if orig.family != Family::V4 {
             return Ok(NatDecision {
-                reply: plain,
+                reply: orig.invert()?,
                 status,
                 dst_rule: None,
                 src_rule: None,
