@@ -831,42 +831,72 @@ impl Conntrack {
             );
         }
         let tuple = orig.tuple();
-        let (reply, status) = if plain {
-            match tuple.invert() {
-                Ok(r) => (r, Status::empty()),
-                Err(e) => {
-                    return Ok(self.invalid(Invalid::IcmpNotRequest {
-                        icmp_type: e.icmp_type,
-                    }));
-                }
-            }
-        } else {
-            match self.nat_decide(&tuple, meta, now) {
-                Ok(x) => x,
-                Err(why) => return Ok(self.invalid(why)),
+        if !plain {
+            return Ok(match self.nat_decide(&tuple, meta, now) {
+                Ok((reply, status, reply_hash)) => self.create_translated(
+                    tuple, hash, reply, reply_hash, status, timeout, state, tcp, bytes, now,
+                ),
+                Err(why) => self.invalid(why),
+            });
+        }
+        let reply = match tuple.invert() {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(self.invalid(Invalid::IcmpNotRequest {
+                    icmp_type: e.icmp_type,
+                }));
             }
         };
-        // After a NAT decision both tuples are known free: the original just missed its
-        // lookup and `decide` reported the reply free, with nothing inserted since.
         // Without NAT the original just missed its lookup in `track_tuple`, with
-        // nothing inserted since: only the reply needs the clash check.
-        // The index hash is the same for a tuple and its inverse.
-        let inserted = if plain {
-            self.table
-                .insert_after_miss(tuple, hash, reply, hash, status, timeout, state, now)
-        } else {
-            self.table
-                .insert_hashed_unchecked(tuple, hash, reply, status, timeout, state, now)
-        };
-        let slot = match inserted {
-            Ok(slot) => slot,
+        // nothing inserted since: only the reply needs the clash check. The index hash
+        // is the same for a tuple and its inverse.
+        match self.table.insert_after_miss(
+            tuple,
+            hash,
+            reply,
+            hash,
+            Status::empty(),
+            timeout,
+            state,
+            now,
+        ) {
+            Ok(slot) => Ok(self.created(slot, Status::empty(), tcp, bytes)),
+            Err(e) => Ok(self.insert_refused(e)),
+        }
+    }
+
+    /// The rest of [`Conntrack::create`] after a NAT decision gave the connection of
+    /// ORIGINAL tuple `tuple` (index hash `hash`) its `reply` tuple (hash `reply_hash`
+    /// when the decision's [`Candidates::chosen`] computed it) and NAT bits `status`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn create_translated(
+        &mut self,
+        tuple: Tuple,
+        hash: u64,
+        reply: Tuple,
+        reply_hash: Option<u64>,
+        status: Status,
+        timeout: u64,
+        state: L4State,
+        tcp: Option<TcpConn>,
+        bytes: u64,
+        now: u64,
+    ) -> Verdict {
+        // After a NAT decision both tuples are known free: the original just missed
+        // its lookup and `decide` reported the reply free, with nothing inserted since.
+        let reply_hash = reply_hash.unwrap_or_else(|| self.table.hash(&reply));
+        let inserted = self.table.insert_hashed_unchecked_both(
+            tuple, hash, reply, reply_hash, status, timeout, state, now,
+        );
+        match inserted {
+            Ok(slot) => self.created(slot, status, tcp, bytes),
             Err(e) => {
                 // The decision holds a by-source reference: give it back.
                 self.nat.released(&[tuple, reply], status);
-                return Ok(self.insert_refused(e));
+                self.insert_refused(e)
             }
-        };
-        Ok(self.created(slot, status, tcp, bytes))
+        }
     }
 
     /// The verdict of a new connection's packet whose insert the table refused.
@@ -910,13 +940,20 @@ impl Conntrack {
         tuple: &Tuple,
         meta: &PacketMeta,
         now: u64,
-    ) -> Result<(Tuple, Status), Invalid> {
+    ) -> Result<(Tuple, Status, Option<u64>), Invalid> {
         let Self { nat, table, .. } = self;
         // With every removal released, the engine may know a candidate free without
         // the table (`NatEngine::decide_in`).
         let live = (!table.has_nat_released()).then(|| table.len());
-        match nat.decide_in(tuple, meta, live, &mut NatCandidates { table, now }) {
-            Ok(d) => Ok((d.reply, d.status)),
+        let mut candidates = NatCandidates {
+            table,
+            now,
+            chosen: None,
+        };
+        match nat.decide_in(tuple, meta, live, &mut candidates) {
+            // `chosen` is told the reply of a source binding, the one the decision
+            // returns (checked in debug builds by the insert).
+            Ok(d) => Ok((d.reply, d.status, candidates.chosen)),
             Err(NatError::NotInvertible(e)) => Err(Invalid::IcmpNotRequest {
                 icmp_type: e.icmp_type,
             }),
@@ -1139,6 +1176,8 @@ struct Reopen;
 struct NatCandidates<'a> {
     table: &'a mut ConnTable<L4State>,
     now: u64,
+    /// The index hash of the reply [`Candidates::chosen`] was told.
+    chosen: Option<u64>,
 }
 
 impl Candidates for NatCandidates<'_> {
@@ -1149,7 +1188,9 @@ impl Candidates for NatCandidates<'_> {
     /// The chosen reply's index cell, prefetched while the engine records the
     /// binding: the insert probes from it.
     fn chosen(&mut self, reply: &Tuple) {
-        self.table.prefetch_index(self.table.hash(reply));
+        let hash = self.table.hash(reply);
+        self.table.prefetch_index(hash);
+        self.chosen = Some(hash);
     }
 }
 

@@ -1432,6 +1432,26 @@ impl<P> ConnTable<P> {
                 .is_none_or(|(s, _)| { self.entry(s).is_some_and(|c| c.expired(now)) })
         );
         let reply_hash = self.hash(&reply);
+        self.insert_hashed_unchecked_both(
+            orig, orig_hash, reply, reply_hash, status, timeout, proto, now,
+        )
+    }
+
+    /// [`ConnTable::insert_hashed_unchecked`] with the reply's hash known too
+    /// (`reply_hash`: [`ConnTable::hash`] of `reply`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn insert_hashed_unchecked_both(
+        &mut self,
+        orig: Tuple,
+        orig_hash: u64,
+        reply: Tuple,
+        reply_hash: u64,
+        status: Status,
+        timeout: u64,
+        proto: P,
+        now: u64,
+    ) -> Result<Slot, InsertError> {
+        debug_assert_eq!(reply_hash, self.hash(&reply));
         let tuples = NewTuples::Tuples([orig, reply]);
         self.insert_new(tuples, orig_hash, reply_hash, status, timeout, proto, now)
     }

@@ -52,9 +52,10 @@ impl Addr {
     #[inline]
     #[must_use]
     pub fn v4(a: [u8; 4]) -> Self {
-        let mut b = [0u8; 16];
-        b[..4].copy_from_slice(&a);
-        Self(b)
+        // As one 128-bit value (the four bytes, then zeros): stored in one piece, so a
+        // later copy's wide load is forwarded from that store instead of waiting for
+        // several narrow ones to retire.
+        Self(u128::from(u32::from_le_bytes(a)).to_le_bytes())
     }
 
     /// An IPv6 address.
@@ -265,6 +266,55 @@ impl Tuple {
         self.dst_l4.to_be_bytes()[1]
     }
 
+    /// Whether [`Tuple::invert`] succeeds (every tuple but an ICMP one whose type has
+    /// no reply), without building the inverse.
+    ///
+    /// # Errors
+    /// [`NotInvertible`], as [`Tuple::invert`].
+    #[inline]
+    pub fn invertible(&self) -> Result<(), NotInvertible> {
+        if !self.is_icmp() {
+            return Ok(());
+        }
+        let ty = self.icmp_type();
+        let inv = match self.family {
+            Family::V4 => icmpv4_reply_type(ty),
+            Family::V6 => icmpv6_reply_type(ty),
+        };
+        inv.map(|_| ()).ok_or(NotInvertible { icmp_type: ty })
+    }
+
+    /// [`Tuple::invert`] of a tuple that [`Tuple::invertible`] accepts, without the
+    /// `Result`; an ICMP tuple whose type has no reply keeps its type.
+    #[inline]
+    #[must_use]
+    pub fn inverse(&self) -> Tuple {
+        let dst_l4 = if self.is_icmp() {
+            let ty = self.icmp_type();
+            let inv = match self.family {
+                Family::V4 => icmpv4_reply_type(ty),
+                Family::V6 => icmpv6_reply_type(ty),
+            };
+            u16::from_be_bytes([inv.unwrap_or(ty), self.icmp_code()])
+        } else {
+            self.src_l4
+        };
+        let src_l4 = if self.is_icmp() {
+            self.src_l4
+        } else {
+            self.dst_l4
+        };
+        Tuple {
+            src: self.dst,
+            dst: self.src,
+            src_l4,
+            dst_l4,
+            proto: self.proto,
+            family: self.family,
+            zone: self.zone,
+        }
+    }
+
     /// The tuple of the other direction when no NAT applies: addresses swapped, ports
     /// swapped, ICMP id and code kept and the type mapped request <-> reply.
     #[inline]
@@ -317,11 +367,12 @@ impl PackedV4 {
     /// The tuple these words hold.
     #[inline]
     pub(crate) fn unpack(self) -> Tuple {
-        let [s0, s1, s2, s3, d0, d1, d2, d3] = self.addrs.to_le_bytes();
         let [sp0, sp1, dp0, dp1, z0, z1, proto, _] = self.rest.get().to_le_bytes();
+        // Each address as one 128-bit value (see `Addr::v4`): the low word's bytes are
+        // the source's, the high word's the destination's.
         Tuple {
-            src: Addr::v4([s0, s1, s2, s3]),
-            dst: Addr::v4([d0, d1, d2, d3]),
+            src: Addr(u128::from(self.addrs & 0xFFFF_FFFF).to_le_bytes()),
+            dst: Addr(u128::from(self.addrs >> 32).to_le_bytes()),
             src_l4: u16::from_le_bytes([sp0, sp1]),
             dst_l4: u16::from_le_bytes([dp0, dp1]),
             proto,
@@ -696,6 +747,18 @@ mod tests {
             let p = t.pack_v4().expect("plain IPv4 packs");
             proptest::prop_assert_eq!(p.unpack(), t);
             let inv = t.invert().ok();
+            // `invertible` says what `invert` does, `inverse` builds the same tuple.
+            proptest::prop_assert_eq!(t.invertible().is_ok(), inv.is_some());
+            proptest::prop_assert_eq!(t.invertible().err(), t.invert().err());
+            if let Some(r) = inv {
+                proptest::prop_assert_eq!(t.inverse(), r);
+            }
+            let mut t6 = t;
+            t6.family = Family::V6;
+            proptest::prop_assert_eq!(t6.invertible().err(), t6.invert().err());
+            if let Ok(r) = t6.invert() {
+                proptest::prop_assert_eq!(t6.inverse(), r);
+            }
             proptest::prop_assert_eq!(p.invert(), inv.and_then(|r| r.pack_v4()));
             proptest::prop_assert_eq!(p.invert().map(PackedV4::unpack), inv);
             // An involution where it is defined (`ConnTable::find_v4` relies on it).

@@ -31,17 +31,58 @@ impl Prefix {
         if family != self.family {
             return false;
         }
-        let bits = usize::from(self.len);
-        let full = bits / 8;
-        let rest = bits % 8;
-        if self.addr.0[..full] != addr.0[..full] {
-            return false;
+        // The first `len` bits of the addresses as 128-bit big-endian numbers (an IPv4
+        // address is its first four bytes, the rest zero): one masked compare.
+        let bits = u32::from(self.len).min(128);
+        let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+        (u128::from_be_bytes(self.addr.0) ^ u128::from_be_bytes(addr.0)) & mask == 0
+    }
+}
+
+#[cfg(test)]
+mod prefix_tests {
+    use super::*;
+
+    /// The first `len` bits compared one by one.
+    fn model(p: &Prefix, addr: &Addr) -> bool {
+        (0..usize::from(p.len.min(128))).all(|i| {
+            let bit = |a: &Addr| a.0[i / 8] >> (7 - i % 8) & 1;
+            bit(&p.addr) == bit(addr)
+        })
+    }
+
+    #[test]
+    fn v4_prefixes() {
+        let p = |len| Prefix {
+            family: Family::V4,
+            addr: Addr::v4([10, 1, 2, 3]),
+            len,
+        };
+        assert!(p(8).contains(Family::V4, &Addr::v4([10, 200, 0, 1])));
+        assert!(!p(8).contains(Family::V4, &Addr::v4([11, 1, 2, 3])));
+        assert!(p(0).contains(Family::V4, &Addr::v4([192, 0, 2, 1])));
+        assert!(p(32).contains(Family::V4, &Addr::v4([10, 1, 2, 3])));
+        assert!(!p(32).contains(Family::V4, &Addr::v4([10, 1, 2, 2])));
+        assert!(p(31).contains(Family::V4, &Addr::v4([10, 1, 2, 2])));
+        assert!(!p(8).contains(Family::V6, &Addr::v4([10, 1, 2, 3])));
+    }
+
+    proptest::proptest! {
+        /// Against the bit-by-bit model, lengths past the address included.
+        #[test]
+        fn contains_matches_the_bitwise_model(
+            a in proptest::array::uniform16(proptest::num::u8::ANY),
+            b in proptest::array::uniform16(proptest::num::u8::ANY),
+            keep in 0usize..=16,
+            len in 0u8..=255,
+        ) {
+            // `b` shares its first `keep` bytes with `a`, so that long prefixes match too.
+            let mut b = b;
+            b[..keep].copy_from_slice(&a[..keep]);
+            let p = Prefix { family: Family::V6, addr: Addr(a), len };
+            proptest::prop_assert_eq!(p.contains(Family::V6, &Addr(b)), model(&p, &Addr(b)));
+            proptest::prop_assert!(p.contains(Family::V6, &Addr(a)));
         }
-        if rest == 0 {
-            return true;
-        }
-        let mask = 0xFFu8 << (8 - rest);
-        (self.addr.0[full] & mask) == (addr.0[full] & mask)
     }
 }
 

@@ -863,7 +863,7 @@ impl AllocCtx<'_> {
     fn used_unless_exact(&mut self, t: &Tuple, exact: bool, memo: &mut Memo<'_>) -> bool {
         if exact {
             memo.unchecked += 1;
-            reply_of(t).is_none()
+            t.invertible().is_err()
         } else {
             self.used(t)
         }

@@ -39,7 +39,8 @@ pub trait Candidates {
     fn is_taken(&mut self, reply: &Tuple) -> bool;
 
     /// The REPLY tuple of a source binding, told as soon as it is chosen and before the
-    /// engine records the binding (to start loading what its insert will touch).
+    /// engine records the binding (to start loading what its insert will touch); at
+    /// most once per decision, and then with the reply the decision returns.
     fn chosen(&mut self, reply: &Tuple) {
         let _ = reply;
     }
@@ -270,19 +271,21 @@ impl NatEngine {
         let is_taken = &mut |r: &Tuple| table.is_taken(r);
         #[cfg(test)]
         let live = live.filter(|_| !self.always_check);
-        let plain = orig.invert()?;
+        orig.invertible()?;
         self.stats.decisions += 1;
         let mut status = Status::SRC_NAT_DONE | Status::DST_NAT_DONE;
         if orig.family != Family::V4 {
             return Ok(NatDecision {
-                reply: plain,
+                reply: orig.invert()?,
                 status,
                 dst_rule: None,
                 src_rule: None,
             });
         }
-        // PREROUTING: destination manip.
-        let mut cur = *orig;
+        // PREROUTING: destination manip. `cur`: the tuple as DNAT left it, `orig` itself
+        // when no destination rule applies (not copied: `orig` was usually written just
+        // before, field by field, and a copy's wide loads would wait for those stores).
+        let mut dnat = None;
         let mut dst_rule = None;
         let mut src_plan = None;
         if let Some(i) = self.rules.lookup_index(Hook::Dst, orig, meta) {
@@ -332,20 +335,21 @@ impl NatEngine {
                 Ok((t, _)) => t,
                 Err(e) => e.last,
             };
-            if new != cur {
+            if new != *orig {
                 status |= Status::DST_NAT;
             }
-            cur = new;
+            dnat = Some(new);
         }
+        let cur = dnat.as_ref().unwrap_or(orig);
         // POSTROUTING: source manip.
         let plan = match src_plan {
             Some(p) => Some(p),
-            None => match self.rules.lookup_index(Hook::Src, &cur, meta) {
+            None => match self.rules.lookup_index(Hook::Src, cur, meta) {
                 None => None,
                 Some(i) => {
                     let e = self.rules.entry_mut(i);
                     let id = e.rule.id;
-                    let Some(range) = src_range(&e.rule.action, &cur, meta) else {
+                    let Some(range) = src_range(&e.rule.action, cur, meta) else {
                         e.stats.matched += 1;
                         self.stats.no_masquerade_address += 1;
                         return Err(NatError::NoMasqueradeAddress { rule: id });
@@ -378,8 +382,7 @@ impl NatEngine {
             Some(n) if self.exact.holds(&self.busy, n) => Memo::exact(&self.busy, &self.exact),
             _ => Memo::new(Some(&self.busy)),
         };
-        let found =
-            alloc::get_unique_tuple_memo(&cur, &plan.range, Manip::Src, &mut ctx, &mut memo);
+        let found = alloc::get_unique_tuple_memo(cur, &plan.range, Manip::Src, &mut ctx, &mut memo);
         self.stats.unchecked += u64::from(memo.unchecked);
         let (new, found) = match found {
             Ok(x) => x,
@@ -403,8 +406,11 @@ impl NatEngine {
                 self.stats.probes += u64::from(probes);
             }
         }
-        let reply = new.invert()?;
-        if new != cur {
+        // Built in place (`invert`'s `Result` was copied through the stack, and its wide
+        // loads waited for the narrow stores that built it).
+        new.invertible()?;
+        let reply = new.inverse();
+        if new != *cur {
             table.chosen(&reply);
             status |= Status::SRC_NAT;
             if plan.rule.is_none() {

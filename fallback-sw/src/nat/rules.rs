@@ -423,6 +423,8 @@ pub(crate) struct Entry {
 #[derive(Debug, Clone, Default)]
 pub struct NatRuleSet {
     entries: Vec<Entry>,
+    /// Rules that apply at PREROUTING (destination manip).
+    dst_rules: usize,
 }
 
 fn is_port_proto(p: u8) -> bool {
@@ -780,6 +782,12 @@ impl NatRuleSet {
         self.entries.is_empty()
     }
 
+    /// Whether some rule applies at PREROUTING (destination manip).
+    #[must_use]
+    pub fn has_dst_rules(&self) -> bool {
+        self.dst_rules != 0
+    }
+
     /// Appends a rule (it matches after every rule already present).
     ///
     /// # Errors
@@ -801,6 +809,7 @@ impl NatRuleSet {
                 }
             }
         }
+        self.dst_rules += usize::from(rule.action.is_dst());
         self.entries.push(Entry::new(rule));
         Ok(())
     }
@@ -809,7 +818,9 @@ impl NatRuleSet {
     /// translation) until they end.
     pub fn remove(&mut self, id: RuleId) -> Option<NatRule> {
         let i = self.entries.iter().position(|e| e.rule.id == id)?;
-        Some(self.entries.remove(i).rule)
+        let rule = self.entries.remove(i).rule;
+        self.dst_rules -= usize::from(rule.action.is_dst());
+        Some(rule)
     }
 
     /// Replaces a VIP's backends. Existing connections keep the backend they have;
@@ -841,6 +852,9 @@ impl NatRuleSet {
     }
 
     pub(crate) fn lookup_index(&self, hook: Hook, t: &Tuple, meta: &PacketMeta) -> Option<usize> {
+        if hook == Hook::Dst && self.dst_rules == 0 {
+            return None;
+        }
         self.entries
             .iter()
             .position(|e| e.rule.matches(hook, t, meta))

@@ -507,6 +507,31 @@ fn masquerade_uses_egress_address() {
 
 // ---------------------------------------------------------------- DNAT
 
+/// The PREROUTING lookup is skipped while no destination rule is in the set: the
+/// count follows adds and removes, and a destination rule added later applies.
+#[test]
+fn dst_rule_count_follows_adds_and_removes() {
+    let mut set = NatRuleSet::new();
+    assert!(!set.has_dst_rules());
+    set.add(snat_rule(1, None)).expect("snat");
+    assert!(!set.has_dst_rules());
+    set.add(dnat_rule(2)).expect("dnat");
+    set.add(dnat_udp_rule(3)).expect("dnat udp");
+    assert!(set.has_dst_rules());
+    set.remove(2).expect("known");
+    assert!(set.has_dst_rules());
+    assert!(set.remove(2).is_none());
+    set.remove(3).expect("known");
+    assert!(!set.has_dst_rules());
+    let syn = t4(X, 5555, N, 8080, proto::TCP);
+    assert!(set.lookup(Hook::Dst, &syn, &in_meta()).is_none());
+    set.add(dnat_rule(4)).expect("dnat");
+    assert_eq!(
+        set.lookup(Hook::Dst, &syn, &in_meta()).map(|r| r.id),
+        Some(4)
+    );
+}
+
 #[test]
 fn dnat_tcp_udp_icmp_both_directions() {
     let mut gw = Gw::new(vec![dnat_rule(1), dnat_udp_rule(2), dnat_icmp_rule(3)]);
