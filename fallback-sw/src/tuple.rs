@@ -319,26 +319,8 @@ impl Tuple {
     /// swapped, ICMP id and code kept and the type mapped request <-> reply.
     #[inline]
     pub fn invert(&self) -> Result<Tuple, NotInvertible> {
-        let (src_l4, dst_l4) = if self.is_icmp() {
-            let ty = self.icmp_type();
-            let inv = match self.family {
-                Family::V4 => icmpv4_reply_type(ty),
-                Family::V6 => icmpv6_reply_type(ty),
-            };
-            let inv = inv.ok_or(NotInvertible { icmp_type: ty })?;
-            (self.src_l4, u16::from_be_bytes([inv, self.icmp_code()]))
-        } else {
-            (self.dst_l4, self.src_l4)
-        };
-        Ok(Tuple {
-            src: self.dst,
-            dst: self.src,
-            src_l4,
-            dst_l4,
-            proto: self.proto,
-            family: self.family,
-            zone: self.zone,
-        })
+        self.invertible()?;
+        Ok(self.inverse())
     }
 }
 
