@@ -276,7 +276,7 @@ impl NatEngine {
         let mut status = Status::SRC_NAT_DONE | Status::DST_NAT_DONE;
         if orig.family != Family::V4 {
             return Ok(NatDecision {
-                reply: orig.invert()?,
+                reply: orig.inverse(),
                 status,
                 dst_rule: None,
                 src_rule: None,
