@@ -519,30 +519,46 @@ impl BusyPorts {
     }
 }
 
-/// Key of the by-source index: the original source (Linux `hash_by_src`).
+/// Key of the by-source index: the original source (Linux `hash_by_src`), an IPv4
+/// address, port and protocol packed in one word (`addr | port << 32 | proto << 48`,
+/// the address as the little-endian word of its bytes), and the zone. Only IPv4
+/// connections are source-NATed, so only they have one ([`key_of`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SrcKey {
-    addr: Addr,
-    port: u16,
-    proto: u8,
+    word: u64,
     zone: u16,
 }
 
 impl core::hash::Hash for SrcKey {
     #[inline]
     fn hash<H: core::hash::Hasher>(&self, h: &mut H) {
-        let [a0, a1] = addr_words(&self.addr);
-        h.write_u64(a0 ^ u64::from(self.port) << 32);
-        h.write_u64(a1);
-        h.write_u64(u64::from(self.proto) | u64::from(self.zone) << 8);
+        // The protocol takes bits 48..56: the zone's low byte above it is all that
+        // fits, and enough for a hash (equality compares the whole zone).
+        h.write_u64(self.word ^ u64::from(self.zone) << 56);
     }
 }
 
+/// A mapped source: the NAT address (the little-endian word of its bytes), the port
+/// and the live connections that use it. 12 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Mapping {
-    addr: Addr,
+    addr: u32,
     port: u16,
     refs: u32,
+}
+
+impl Mapping {
+    /// Whether this is the mapping to `(addr, port)`.
+    #[inline]
+    fn is(&self, addr: u32, port: u16) -> bool {
+        self.addr == addr && self.port == port
+    }
+
+    /// The mapped address and port.
+    #[inline]
+    fn target(&self) -> (Addr, u16) {
+        (Addr::v4(self.addr.to_le_bytes()), self.port)
+    }
 }
 
 /// The mappings of one source; almost always one. `more` may hold one mapping in several
@@ -556,8 +572,8 @@ struct Mappings {
 impl Mappings {
     /// One more reference to `(addr, port)`.
     #[inline]
-    fn add(&mut self, addr: Addr, port: u16) {
-        if self.first.addr == addr && self.first.port == port {
+    fn add(&mut self, addr: u32, port: u16) {
+        if self.first.is(addr, port) {
             self.first.refs += 1;
         } else {
             // Not searched for among the others, not even the newest (reading it was a
@@ -577,7 +593,8 @@ impl Mappings {
 /// The by-source index: for each original source (address, port, protocol, zone) of a
 /// source-NATed connection, the mapped (address, port) and how many live connections
 /// use it. It gives endpoint-independent mapping: a new connection from the same source
-/// reuses the mapping if it is in range and free.
+/// reuses the mapping if it is in range and free. IPv4 only, like source NAT: a
+/// binding of another family (which no decision makes) is not recorded.
 #[derive(Clone, Default)]
 pub struct BySource {
     map: HashTable<(SrcKey, Mappings)>,
@@ -592,13 +609,20 @@ impl core::fmt::Debug for BySource {
     }
 }
 
-fn key_of(t: &Tuple) -> SrcKey {
-    SrcKey {
-        addr: t.src,
-        port: t.src_l4,
-        proto: t.proto,
+/// The by-source key of `t`'s source; `None` for an IPv6 tuple.
+#[inline]
+fn key_of(t: &Tuple) -> Option<SrcKey> {
+    (t.family == Family::V4).then(|| SrcKey {
+        word: u64::from(v4_word(&t.src)) | u64::from(t.src_l4) << 32 | u64::from(t.proto) << 48,
         zone: t.zone,
-    }
+    })
+}
+
+/// The little-endian word of an IPv4 address's bytes (the inverse of
+/// `Addr::v4(w.to_le_bytes())`).
+#[inline]
+fn v4_word(a: &Addr) -> u32 {
+    u32::from_le_bytes(a.as_v4())
 }
 
 impl BySource {
@@ -614,28 +638,24 @@ impl BySource {
         self.map.is_empty()
     }
 
-    /// The map hash of `t`'s source: what [`BySource::add_hashed`] takes.
+    /// The map hash of a source key.
     #[inline]
-    fn hash(&self, t: &Tuple) -> u64 {
+    fn hash(&self, k: SrcKey) -> u64 {
         use core::hash::BuildHasher;
-        self.build.hash_one(key_of(t))
+        self.build.hash_one(k)
     }
 
     /// Records that a connection with original source of `orig` is mapped to
-    /// `(addr, port)`.
+    /// `(addr, port)` (IPv4; anything else is not recorded).
     pub fn add(&mut self, orig: &Tuple, addr: Addr, port: u16) {
-        self.add_hashed(self.hash(orig), orig, addr, port);
+        if let Some(k) = key_of(orig) {
+            self.add_hashed(self.hash(k), k, v4_word(&addr), port);
+        }
     }
 
-    /// [`BySource::add`] with the hash of `orig`'s source known.
-    fn add_hashed(&mut self, hash: u64, orig: &Tuple, addr: Addr, port: u16) {
+    /// [`BySource::add`] of key `k`, whose hash is `hash`.
+    fn add_hashed(&mut self, hash: u64, k: SrcKey, addr: u32, port: u16) {
         use core::hash::BuildHasher;
-        let m = Mapping {
-            addr,
-            port,
-            refs: 1,
-        };
-        let k = key_of(orig);
         let build = self.build;
         match self
             .map
@@ -645,7 +665,11 @@ impl BySource {
                 v.insert((
                     k,
                     Mappings {
-                        first: m,
+                        first: Mapping {
+                            addr,
+                            port,
+                            refs: 1,
+                        },
                         more: Vec::new(),
                     },
                 ));
@@ -656,12 +680,15 @@ impl BySource {
 
     /// Drops one reference added by [`BySource::add`]; unknown mappings are ignored.
     pub fn remove(&mut self, orig: &Tuple, addr: Addr, port: u16) {
-        let k = key_of(orig);
-        let Ok(mut e) = self.map.find_entry(self.hash(orig), |(x, _)| *x == k) else {
+        let Some(k) = key_of(orig) else {
+            return;
+        };
+        let addr = v4_word(&addr);
+        let Ok(mut e) = self.map.find_entry(self.hash(k), |(x, _)| *x == k) else {
             return;
         };
         let ms = &mut e.get_mut().1;
-        if ms.first.addr == addr && ms.first.port == port {
+        if ms.first.is(addr, port) {
             ms.first.refs -= 1;
             if ms.first.refs == 0 {
                 if ms.more.is_empty() {
@@ -670,11 +697,7 @@ impl BySource {
                     ms.first = ms.more.swap_remove(0);
                 }
             }
-        } else if let Some(i) = ms
-            .more
-            .iter()
-            .position(|x| x.addr == addr && x.port == port)
-        {
+        } else if let Some(i) = ms.more.iter().position(|x| x.is(addr, port)) {
             ms.more[i].refs -= 1;
             if ms.more[i].refs == 0 {
                 ms.more.swap_remove(i);
@@ -682,8 +705,8 @@ impl BySource {
         }
     }
 
-    /// The first mapping of `cur`'s source that `accept` takes; `cur`'s source hash goes
-    /// to `memo` (for the decision's [`BySource::add_hashed`]).
+    /// The first mapping of `cur`'s source that `accept` takes; `cur`'s source key and
+    /// hash go to `memo` (for the decision's [`BySource::add_memo`]).
     fn find(
         &self,
         cur: &Tuple,
@@ -693,28 +716,31 @@ impl BySource {
         if self.map.is_empty() {
             return None;
         }
-        let k = key_of(cur);
-        let hash = self.hash(cur);
+        let k = key_of(cur)?;
+        let hash = self.hash(k);
         memo.source = Some((k, hash, None));
         let i = self.map.find_bucket_index(hash, |(x, _)| *x == k)?;
         memo.source = Some((k, hash, Some(i)));
         let (_, ms) = self.map.get_bucket(i)?;
         core::iter::once(&ms.first)
             .chain(ms.more.iter())
-            .map(|m| (m.addr, m.port))
+            .map(Mapping::target)
             .find(|&(a, p)| accept(a, p))
     }
 
     /// The reference count of one mapping (tests and diagnostics).
     #[must_use]
     pub fn refs(&self, orig: &Tuple, addr: Addr, port: u16) -> u32 {
-        let k = key_of(orig);
+        let Some(k) = key_of(orig) else {
+            return 0;
+        };
+        let addr = v4_word(&addr);
         self.map
-            .find(self.hash(orig), |(x, _)| *x == k)
+            .find(self.hash(k), |(x, _)| *x == k)
             .map_or(0, |(_, ms)| {
                 core::iter::once(&ms.first)
                     .chain(ms.more.iter())
-                    .filter(|m| m.addr == addr && m.port == port)
+                    .filter(|m| m.is(addr, port))
                     .map(|m| m.refs)
                     .sum()
             })
@@ -959,30 +985,29 @@ impl<'a> Memo<'a> {
             .map(|x| (x.hash, x.bits.map(|(i, _)| i)))
     }
 
-    /// The [`BySource`] hash of `orig`'s source and its map bucket if this decision
-    /// found them.
-    fn source_hash(&self, orig: &Tuple) -> Option<(u64, Option<usize>)> {
-        self.source
-            .and_then(|(k, hash, bucket)| (k == key_of(orig)).then_some((hash, bucket)))
+    /// The [`BySource`] key of `orig`'s source, its hash and its map bucket if this
+    /// decision found them.
+    fn source_hash(&self, orig: &Tuple) -> Option<(SrcKey, u64, Option<usize>)> {
+        self.source.filter(|&(k, _, _)| Some(k) == key_of(orig))
     }
 }
 
 impl BySource {
-    /// [`BySource::add`], with the source's hash taken from `memo` when the decision
-    /// computed it.
+    /// [`BySource::add`], with the source's key and hash taken from `memo` when the
+    /// decision computed them.
     pub(crate) fn add_memo(&mut self, memo: &Memo<'_>, orig: &Tuple, addr: Addr, port: u16) {
-        let Some((hash, bucket)) = memo.source_hash(orig) else {
+        let Some((k, hash, bucket)) = memo.source_hash(orig) else {
             self.add(orig, addr, port);
             return;
         };
-        let k = key_of(orig);
+        let addr = v4_word(&addr);
         // The bucket `find` saw the source in, if nothing changed the map since.
         if let Some((x, ms)) = bucket.and_then(|i| self.map.get_bucket_mut(i))
             && *x == k
         {
             ms.add(addr, port);
         } else {
-            self.add_hashed(hash, orig, addr, port);
+            self.add_hashed(hash, k, addr, port);
         }
     }
 }
