@@ -146,11 +146,21 @@ pub const BUSY_MAX_DENSE: usize = 4096;
 pub const BUSY_MAX_ENDPOINTS: usize = 1 << 18;
 
 /// A candidate ORIGINAL tuple after source manip, without its source port (or ICMP id):
-/// every candidate of one search has the same key.
-fn endpoint_of(t: &Tuple) -> Endpoint {
-    let mut k = *t;
-    k.src_l4 = 0;
-    Endpoint(k)
+/// every candidate of one search has the same key. `None` unless an IPv4 tuple (source
+/// NAT is IPv4 only).
+#[inline]
+fn endpoint_of(t: &Tuple) -> Option<Endpoint> {
+    let (src, dst) = (u128::from_le_bytes(t.src.0), u128::from_le_bytes(t.dst.0));
+    // Both addresses as `Addr::v4` makes them: 4 bytes, then zeros.
+    if t.family != Family::V4 || (src | dst) >> 32 != 0 {
+        return None;
+    }
+    let [s0, s1, s2, s3, ..] = src.to_le_bytes();
+    let [d0, d1, d2, d3, ..] = dst.to_le_bytes();
+    Some(Endpoint {
+        addrs: u64::from_le_bytes([s0, s1, s2, s3, d0, d1, d2, d3]),
+        rest: u64::from(t.dst_l4) | u64::from(t.proto) << 16 | u64::from(t.zone) << 24,
+    })
 }
 
 /// Source ports bound towards one endpoint: a few inline, or one bit each.
@@ -250,27 +260,46 @@ pub(crate) fn addr_words(a: &Addr) -> [u64; 2] {
     [w0, w1]
 }
 
-/// A map key hashed as a few whole words (derived `Hash` feeds [`FoldHasher`] one
-/// field, and one length prefix per address, at a time).
+/// A [`BusyPorts`] key: the endpoint of an IPv4 candidate ([`endpoint_of`]) in two
+/// words, hashed as they are: the source (NAT) and remote addresses (the bytes of
+/// each, source first), and the remote port (or ICMP type and code), protocol and
+/// zone (`dst_l4 | proto << 16 | zone << 24`).
 #[derive(Clone, Copy, PartialEq, Eq)]
-struct Endpoint(Tuple);
+struct Endpoint {
+    addrs: u64,
+    rest: u64,
+}
+
+impl Endpoint {
+    /// The remote address.
+    #[inline]
+    fn dst(&self) -> Addr {
+        let [_, _, _, _, d0, d1, d2, d3] = self.addrs.to_le_bytes();
+        Addr::v4([d0, d1, d2, d3])
+    }
+
+    /// The ORIGINAL tuple of the candidate with source port `port` (tests).
+    #[cfg(test)]
+    fn tuple(&self, port: u16) -> Tuple {
+        let [s0, s1, s2, s3, ..] = self.addrs.to_le_bytes();
+        let [p0, p1, proto, z0, z1, ..] = self.rest.to_le_bytes();
+        Tuple {
+            src: Addr::v4([s0, s1, s2, s3]),
+            dst: self.dst(),
+            src_l4: port,
+            dst_l4: u16::from_le_bytes([p0, p1]),
+            proto,
+            family: Family::V4,
+            zone: u16::from_le_bytes([z0, z1]),
+        }
+    }
+}
 
 impl core::hash::Hash for Endpoint {
     #[inline]
     fn hash<H: core::hash::Hasher>(&self, h: &mut H) {
-        let t = &self.0;
-        let [s0, s1] = addr_words(&t.src);
-        let [d0, d1] = addr_words(&t.dst);
-        h.write_u64(s0 ^ d0.rotate_left(32));
-        h.write_u64(s1);
-        h.write_u64(d1);
-        h.write_u64(
-            u64::from(t.src_l4)
-                | u64::from(t.dst_l4) << 16
-                | u64::from(t.proto) << 32
-                | u64::from(t.zone) << 40
-                | u64::from(t.family as u8) << 56,
-        );
+        h.write_u64(self.addrs);
+        h.write_u64(self.rest);
     }
 }
 
@@ -306,6 +335,9 @@ impl core::hash::BuildHasher for FoldBuild {
 /// [`BUSY_MAX_DENSE`] bitmaps; past that, bindings are simply not recorded (a search
 /// then checks the unrecorded ports in the table one by one, at most
 /// [`MAX_TABLE_CHECKS`] of them).
+///
+/// IPv4 only, like source NAT: a binding of another family (which no decision makes)
+/// is not recorded.
 #[derive(Clone, Default)]
 pub struct BusyPorts {
     map: HashTable<(Endpoint, PortBits)>,
@@ -352,7 +384,7 @@ impl BusyPorts {
 
     /// Whether some endpoint recorded has remote address `addr`.
     pub(crate) fn any_towards(&self, addr: &Addr) -> bool {
-        self.map.iter().any(|(k, _)| k.0.dst == *addr)
+        self.map.iter().any(|(k, _)| k.dst() == *addr)
     }
 
     /// Every recorded binding, as a source-manipped ORIGINAL tuple (tests: compared with
@@ -365,17 +397,17 @@ impl BusyPorts {
                 PortBits::Few { ports, n } => ports[..usize::from(*n)].to_vec(),
                 PortBits::Dense { .. } => (0..=u16::MAX).filter(|&p| bits.test(p)).collect(),
             };
-            out.extend(ports.into_iter().map(|p| Tuple { src_l4: p, ..k.0 }));
+            out.extend(ports.into_iter().map(|p| k.tuple(p)));
         }
         out
     }
 
     /// The map hash of `t`'s endpoint (its source port ignored): what
-    /// [`BusyPorts::add_hashed`] takes.
+    /// [`BusyPorts::add_hashed`] takes (0 for a tuple that has no endpoint here).
     #[inline]
     pub(crate) fn hash(&self, t: &Tuple) -> u64 {
         use core::hash::BuildHasher;
-        self.build.hash_one(endpoint_of(t))
+        endpoint_of(t).map_or(0, |k| self.build.hash_one(k))
     }
 
     /// Records the binding `new` (a source-manipped ORIGINAL tuple), room permitting;
@@ -391,7 +423,9 @@ impl BusyPorts {
     pub(crate) fn add_hashed(&mut self, hash: u64, bucket: Option<usize>, new: &Tuple) -> bool {
         use core::hash::BuildHasher;
         let port = new.src_l4;
-        let key = endpoint_of(new);
+        let Some(key) = endpoint_of(new) else {
+            return false;
+        };
         let known = bucket.filter(|&i| self.map.get_bucket(i).is_some_and(|(k, _)| *k == key));
         let bits = if let Some(i) = known {
             let Some((_, bits)) = self.map.get_bucket_mut(i) else {
@@ -455,7 +489,9 @@ impl BusyPorts {
         if self.map.is_empty() {
             return false;
         }
-        let key = endpoint_of(new);
+        let Some(key) = endpoint_of(new) else {
+            return false;
+        };
         let Ok(mut e) = self.map.find_entry(self.hash(new), |(k, _)| *k == key) else {
             return false;
         };
@@ -513,7 +549,7 @@ impl BusyPorts {
     /// The map bucket and record of `t`'s endpoint, whose hash is `hash`.
     #[inline]
     fn get_bucket(&self, hash: u64, t: &Tuple) -> Option<(usize, &PortBits)> {
-        let key = endpoint_of(t);
+        let key = endpoint_of(t)?;
         let i = self.map.find_bucket_index(hash, |(k, _)| *k == key)?;
         self.map.get_bucket(i).map(|(_, b)| (i, b))
     }
