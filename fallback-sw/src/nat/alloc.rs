@@ -534,24 +534,23 @@ impl BusyPorts {
     /// Whether the port of candidate `t` is recorded as used.
     #[must_use]
     pub fn contains(&self, t: &Tuple) -> bool {
-        !self.map.is_empty()
-            && self
-                .get_hashed(self.hash(t), t)
-                .is_some_and(|b| b.test(t.src_l4))
+        !self.map.is_empty() && self.lookup(t).1.is_some_and(|(_, b)| b.test(t.src_l4))
     }
 
-    /// The record of `t`'s endpoint, whose hash is `hash`.
+    /// The map hash of `t`'s endpoint ([`BusyPorts::hash`]), and the map bucket and
+    /// record of the endpoint if it is recorded: the key is built once.
     #[inline]
-    fn get_hashed(&self, hash: u64, t: &Tuple) -> Option<&PortBits> {
-        self.get_bucket(hash, t).map(|(_, b)| b)
-    }
-
-    /// The map bucket and record of `t`'s endpoint, whose hash is `hash`.
-    #[inline]
-    fn get_bucket(&self, hash: u64, t: &Tuple) -> Option<(usize, &PortBits)> {
-        let key = endpoint_of(t)?;
-        let i = self.map.find_bucket_index(hash, |(k, _)| *k == key)?;
-        self.map.get_bucket(i).map(|(_, b)| (i, b))
+    fn lookup(&self, t: &Tuple) -> (u64, Option<(usize, &PortBits)>) {
+        use core::hash::BuildHasher;
+        let Some(key) = endpoint_of(t) else {
+            return (0, None);
+        };
+        let hash = self.build.hash_one(key);
+        let bits = self
+            .map
+            .find_bucket_index(hash, |(k, _)| *k == key)
+            .and_then(|i| self.map.get_bucket(i).map(|(_, b)| (i, b)));
+        (hash, bits)
     }
 }
 
@@ -999,8 +998,7 @@ impl<'a> Memo<'a> {
                 if busy.is_empty() {
                     return (None, exact);
                 }
-                let hash = busy.hash(t);
-                let bits = busy.get_bucket(hash, t);
+                let (hash, bits) = busy.lookup(t);
                 self.last = Some(Asked {
                     addr: t.src,
                     hash,
@@ -1219,8 +1217,9 @@ fn search_free(
     let first = u16::try_from(u32::from(r.min) + off).unwrap_or(r.min);
     let mut checks = 0u32;
     // [first, max], then [min, first - 1].
-    let wrap = (first > r.min).then(|| (r.min, first - 1));
-    for (mut from, to) in core::iter::once((first, r.max)).chain(wrap) {
+    let segments = [(first, r.max), (r.min, first.saturating_sub(1))];
+    let wraps = usize::from(first > r.min);
+    for &(mut from, to) in &segments[..=wraps] {
         loop {
             let next = match bits {
                 Some(b) => b.next_free(from, to),
