@@ -1585,6 +1585,69 @@ mod tests {
         assert!(by.is_empty());
     }
 
+    /// A small IPv4 tuple from a few fields (addresses and ports from tiny sets, so
+    /// that two draws are often equal in some fields and not in others).
+    fn small(f: (u8, u8, u8, u8, u8, u8)) -> Tuple {
+        let (s, d, sp, dp, p, z) = f;
+        let mut t = udp(
+            [10, 0, 0, s],
+            1000 + u16::from(sp),
+            [10, 0, 1, d],
+            53 + u16::from(dp),
+        );
+        t.proto = [proto::UDP, proto::TCP][usize::from(p & 1)];
+        t.zone = u16::from(z) << 8;
+        t
+    }
+
+    fn fields() -> impl proptest::strategy::Strategy<Value = (u8, u8, u8, u8, u8, u8)> {
+        (0u8..3, 0u8..3, 0u8..3, 0u8..3, 0u8..2, 0u8..2)
+    }
+
+    proptest::proptest! {
+        /// The packed keys are exact: two tuples get the same `BusyPorts` endpoint
+        /// exactly when they agree in every field but the source port, and the same
+        /// by-source key exactly when their sources (address, port, protocol, zone)
+        /// agree; an endpoint gives its tuple back.
+        #[test]
+        fn packed_keys_are_exact(a in fields(), b in fields(), port: u16) {
+            let (ta, tb) = (small(a), small(b));
+            let same_endpoint = (ta.src, ta.dst, ta.dst_l4, ta.proto, ta.zone)
+                == (tb.src, tb.dst, tb.dst_l4, tb.proto, tb.zone);
+            proptest::prop_assert_eq!(endpoint_of(&ta) == endpoint_of(&tb), same_endpoint);
+            let same_source = (ta.src, ta.src_l4, ta.proto, ta.zone)
+                == (tb.src, tb.src_l4, tb.proto, tb.zone);
+            proptest::prop_assert_eq!(key_of(&ta) == key_of(&tb), same_source);
+            let e = endpoint_of(&ta).expect("an IPv4 tuple has an endpoint");
+            proptest::prop_assert_eq!(e.tuple(port), Tuple { src_l4: port, ..ta });
+            proptest::prop_assert_eq!(e.dst(), ta.dst);
+        }
+    }
+
+    #[test]
+    fn ipv6_bindings_are_not_recorded() {
+        let t = Tuple {
+            src: Addr::v6([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            dst: Addr::v6([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]),
+            src_l4: 1000,
+            dst_l4: 53,
+            proto: proto::UDP,
+            family: Family::V6,
+            zone: 0,
+        };
+        let mut busy = BusyPorts::default();
+        assert!(!busy.add(&t) && !busy.contains(&t) && busy.is_empty());
+        let mut by = BySource::default();
+        by.add(&t, t.src, 2000);
+        assert!(by.is_empty());
+        assert_eq!(by.refs(&t, t.src, 2000), 0);
+        by.remove(&t, t.src, 2000);
+        // An IPv4 address with bytes past its four is no IPv4 endpoint either.
+        let mut odd = udp([10, 0, 0, 1], 1000, [10, 0, 1, 1], 53);
+        odd.dst.0[9] = 1;
+        assert!(endpoint_of(&odd).is_none());
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
