@@ -62,8 +62,18 @@ fn sum_le(data: &[u8]) -> u64 {
         acc += u128::from(u64::from_le_bytes(w));
     }
     // The tail (0-7 bytes) padded with zeros on its right, as one more word (built
-    // from fixed-size reads: a variable-length copy would call `memcpy`).
-    acc += u128::from(tail_word(chunks.remainder()));
+    // from fixed-size reads: a variable-length copy would call `memcpy`). With 8 bytes
+    // or more, the last 8 bytes read as one word and shifted right past the bytes that
+    // are not the tail's (two shifts: all 8 bytes go for an empty tail, where one
+    // shift by 64 would overflow); a shorter slice byte by byte.
+    let tail = chunks.remainder();
+    acc += u128::from(match data.last_chunk::<8>() {
+        Some(last) => {
+            let skip = 8 * (7 - tail.len());
+            (u64::from_le_bytes(*last) >> skip) >> 8
+        }
+        None => tail_word(tail),
+    });
     // 2^64 = 1 (mod 2^16 - 1): the high half is added back in, end-around.
     let [
         l0,
@@ -319,6 +329,20 @@ mod tests {
         assert_eq!(checksum(&[]), 0xFFFF);
         assert_eq!(checksum(&[0x12]), !0x1200);
         assert_eq!(checksum(&[0x12, 0x34, 0x56]), !(0x1234 + 0x5600));
+    }
+
+    /// Every tail length (0-7 bytes) after 0-4 whole words, with no zero byte: the
+    /// last-8-bytes read must keep exactly the tail's bytes, and a slice cut out of a
+    /// longer buffer must not pick up the bytes after its end.
+    #[test]
+    fn every_tail_length_after_whole_words() {
+        let buf: Vec<u8> = (0u8..48).map(|i| i.wrapping_mul(37) | 0x81).collect();
+        for len in 0..=39 {
+            for start in 0..8 {
+                let data = &buf[start..start + len];
+                assert_eq!(checksum(data), naive(data), "len {len} start {start}");
+            }
+        }
     }
 
     #[test]
