@@ -269,9 +269,15 @@ impl Conntrack {
             *out = self.track_udp_aside(found, u, meta, now);
             return;
         };
-        let (src_port, dst_port) = u.ports();
-        let l4 = L4::Udp { src_port, dst_port };
-        let round = self.existing(slot, dir, &l4, u64::from(u.l3_len), now);
+        let bytes = u64::from(u.l3_len);
+        let round = match self.existing_udp(slot, dir, bytes, now) {
+            Some(v) => Ok(v),
+            None => {
+                let (src_port, dst_port) = u.ports();
+                let l4 = L4::Udp { src_port, dst_port };
+                self.existing(slot, dir, &l4, bytes, now)
+            }
+        };
         // As in `track_v4`.
         self.release_nat();
         *out = match round {
