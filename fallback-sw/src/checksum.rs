@@ -178,9 +178,16 @@ pub fn verifies(acc: u64) -> bool {
 #[inline(always)]
 #[must_use]
 pub fn data_verifies(data: &[u8], extra: u64) -> bool {
+    let le = sum_le(data);
+    if extra == 0 {
+        // Nothing to add (an IPv4 header; decided where the call is inlined): `le`
+        // itself, unshifted, since 256 is invertible (256 * S' = 0 exactly when
+        // S' = 0, modulo 2^16 - 1) and `le` is 0 only for all-zero data.
+        return le != 0 && le % 0xFFFF == 0;
+    }
     // 2^32 is 1 modulo 2^16 - 1: one 32-bit fold each keeps the total under 2^42.
     let fold32 = |v: u64| (v & 0xFFFF_FFFF) + (v >> 32);
-    let total = (fold32(sum_le(data)) << 8) + fold32(extra);
+    let total = (fold32(le) << 8) + fold32(extra);
     total != 0 && total % 0xFFFF == 0
 }
 
@@ -390,6 +397,19 @@ mod tests {
         // 0xFFFF and its sum's other representation, 0: both verify.
         assert!(data_verifies(&[0xFF, 0xFF], 0));
         assert!(data_verifies(&[0, 0], 0xFFFF));
+        // Without `extra` (the unshifted reduction): sums that are non-zero multiples
+        // of 0xFFFF in either byte order, and near misses.
+        for (data, want) in [
+            (&[0xFF; 20][..], true),
+            (&[0xFF; 64][..], true),
+            (&[0x01, 0x00, 0xFE, 0xFF][..], true),
+            (&[0x00, 0x01, 0xFF, 0xFE][..], true),
+            (&[0xFF, 0xFE][..], false),
+            (&[0x00, 0x01][..], false),
+        ] {
+            assert_eq!(data_verifies(data, 0), want, "{data:?}");
+            assert_eq!(verifies(sum(data)), want, "{data:?}");
+        }
     }
 
     proptest! {
