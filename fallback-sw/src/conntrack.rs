@@ -1050,6 +1050,56 @@ impl Conntrack {
         })
     }
 
+    /// [`Conntrack::existing`] of a UDP datagram when the connection in `slot` is a
+    /// UDP one (the established path's common case), with only what UDP does: the
+    /// stream check, the flags, the low counters and the timeout, reading just the two
+    /// UDP timeouts. `None` (nothing changed) for any other entry or none: then
+    /// [`Conntrack::existing`] decides, as before.
+    #[inline(always)]
+    fn existing_udp(&mut self, slot: Slot, dir: Dir, bytes: u64, now: u64) -> Option<Verdict> {
+        let (udp, udp_stream) = (self.cfg.timeouts.udp, self.cfg.timeouts.udp_stream);
+        let conn = self.table.get_mut(slot)?;
+        let L4State::Udp { stream_at } = conn.proto else {
+            return None;
+        };
+        let seen_reply = conn.status.contains(Status::SEEN_REPLY);
+        let info = match (dir, seen_reply) {
+            (Dir::Reply, _) => CtInfo::EstablishedReply,
+            (Dir::Original, true) => CtInfo::Established,
+            (Dir::Original, false) => CtInfo::New,
+        };
+        // As `existing` with `Handled::refresh`: counted, never deleted.
+        let secs = if seen_reply && now > stream_at {
+            if !conn.status.contains(Status::NAT_CLASH) {
+                conn.status.insert(Status::ASSURED);
+            }
+            udp_stream
+        } else {
+            udp
+        };
+        if dir == Dir::Reply {
+            conn.status.insert(Status::SEEN_REPLY);
+        }
+        let counted = conn.count_low(dir, 1, bytes);
+        let timeout = if conn.status.contains(Status::FIXED_TIMEOUT) {
+            None
+        } else {
+            Some(now.saturating_add(u64::from(secs) * NS)).filter(|&t| !conn.extend_timeout(t))
+        };
+        if !counted {
+            self.table.count(slot, dir, 1, bytes);
+        }
+        if let Some(t) = timeout {
+            self.table.set_timeout(slot, t);
+        }
+        Some(Verdict::Tracked {
+            slot,
+            dir,
+            info,
+            created: false,
+        })
+    }
+
     /// The TCP handler of an existing TCP connection (state machine and window
     /// tracking): what to do with the entry, or the packet's verdict when it is
     /// invalid, or [`Reopen`]. Out of line: the UDP path stays small.

@@ -211,6 +211,17 @@ impl V4Orig {
         ])
     }
 
+    /// Whether this is the packed tuple whose [`OrigWords`] are `w`: the 15 bytes read
+    /// as two overlapping little-endian words (bytes 0..8 and 7..15), with no
+    /// [`PackedV4`] built from them.
+    #[inline(always)]
+    fn is(&self, w: OrigWords) -> bool {
+        let (Some(lo), Some(hi)) = (self.0.first_chunk::<8>(), self.0.last_chunk::<8>()) else {
+            return false;
+        };
+        u64::from_le_bytes(*lo) == w.lo && u64::from_le_bytes(*hi) == w.hi
+    }
+
     /// The two words: a lookup compares them with its probe's ([`Probe`]).
     #[inline]
     fn packed(&self) -> PackedV4 {
@@ -223,6 +234,26 @@ impl V4Orig {
     #[inline]
     fn tuple(&self) -> Tuple {
         self.packed().unpack()
+    }
+}
+
+/// What [`V4Orig::is`] compares: the words of the 15 bytes [`V4Orig::from_packed`]
+/// would store for a packed tuple, bytes 0..8 and 7..15 (computed once a lookup).
+#[derive(Clone, Copy)]
+struct OrigWords {
+    lo: u64,
+    hi: u64,
+}
+
+impl OrigWords {
+    #[inline(always)]
+    fn of(p: PackedV4) -> Self {
+        let (addrs, rest) = p.words();
+        // `rest` has its top byte clear: the 7 bytes that are stored, shifted up one.
+        Self {
+            lo: addrs,
+            hi: addrs >> 56 | rest << 8,
+        }
     }
 }
 
@@ -1087,6 +1118,7 @@ impl<P> ConnTable<P> {
         let tag = self.cells.tag(hash);
         let mut pos = self.pos(hash);
         let index: &[u32] = &self.index;
+        let words = OrigWords::of(key);
         loop {
             let Some(&v) = index.get(pos) else {
                 return FoundV4::Unsure;
@@ -1103,10 +1135,18 @@ impl<P> ConnTable<P> {
                 // reply is the inverse of the original, a translated one the original
                 // with one endpoint replaced. Tuples kept aside (IPv6, both endpoints
                 // translated): only the general lookup can tell.
-                let Some(stored) = e.key.packed(dir) else {
-                    return FoundV4::Unsure;
+                // The original direction compares the stored bytes as they are (the
+                // packed tuple is built only for a reply).
+                let hit = match (&e.key, dir) {
+                    (Key::V4 { orig, .. }, Dir::Original) => orig.is(words),
+                    (k, _) => {
+                        let Some(stored) = k.packed(dir) else {
+                            return FoundV4::Unsure;
+                        };
+                        stored == key
+                    }
                 };
-                if stored == key {
+                if hit {
                     return if e.expired(now) {
                         FoundV4::Unsure
                     } else {
@@ -1890,6 +1930,21 @@ mod tests {
         assert_eq!(tab.stats().deleted, 2);
         tab.remove(s, RemoveReason::Closed).expect("live");
         assert_eq!(tab.stats().deleted, 2);
+    }
+
+    /// The established lookup's compare of an original tuple (two overlapping words of
+    /// the 15 stored bytes): equal words match, and a single bit off anywhere in the
+    /// stored bytes does not.
+    #[test]
+    fn original_bytes_compare_as_two_words() {
+        let p = t(1).pack_v4().expect("v4");
+        let stored = V4Orig::from_packed(p);
+        assert!(stored.is(OrigWords::of(p)));
+        let (addrs, rest) = p.words();
+        let mut off = (0..64)
+            .map(|b| PackedV4::from_words(addrs ^ 1 << b, rest))
+            .chain((0..56).map(|b| PackedV4::from_words(addrs, rest ^ 1 << b)));
+        assert!(off.all(|q| q != p && !stored.is(OrigWords::of(q))));
     }
 
     #[test]

@@ -177,13 +177,23 @@ impl Conntrack {
     /// a [`Pre`] is large); the common frame in one step, straight to its packed
     /// tuple. A malformed frame is counted, and its verdict written to `out` (then
     /// it returns true; written in place, as returning it cost a copy a frame).
-    #[inline]
+    ///
+    /// Always inlined into the batch's loop, where a valid UDP datagram is classified
+    /// in place; every other frame goes out of line ([`Conntrack::classify_other`]),
+    /// whose stack frame (for the general parse) the datagram then does not pay.
+    #[inline(always)]
     fn classify_frame(&mut self, frame: &[u8], zone: u16, p: &mut Pre, out: &mut Verdict) -> bool {
         self.stats.packets += 1;
         if let Some(u) = wire::plain_udp_v4(frame, self.cfg.parse) {
             self.classify_udp(&u, zone, p);
             return false;
         }
+        self.classify_other(frame, zone, p, out)
+    }
+
+    /// [`Conntrack::classify_frame`] of a frame that is not a valid plain UDP datagram.
+    #[inline(never)]
+    fn classify_other(&mut self, frame: &[u8], zone: u16, p: &mut Pre, out: &mut Verdict) -> bool {
         let parsed = match wire::plain_v4(frame, self.cfg.parse) {
             Some(Ok(plain)) => {
                 self.classify_plain(plain, zone, p);
@@ -259,9 +269,15 @@ impl Conntrack {
             *out = self.track_udp_aside(found, u, meta, now);
             return;
         };
-        let (src_port, dst_port) = u.ports();
-        let l4 = L4::Udp { src_port, dst_port };
-        let round = self.existing(slot, dir, &l4, u64::from(u.l3_len), now);
+        let bytes = u64::from(u.l3_len);
+        let round = match self.existing_udp(slot, dir, bytes, now) {
+            Some(v) => Ok(v),
+            None => {
+                let (src_port, dst_port) = u.ports();
+                let l4 = L4::Udp { src_port, dst_port };
+                self.existing(slot, dir, &l4, bytes, now)
+            }
+        };
         // As in `track_v4`.
         self.release_nat();
         *out = match round {

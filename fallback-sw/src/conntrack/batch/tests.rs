@@ -494,3 +494,71 @@ proptest! {
         prop_assert_eq!(u.ports(), ports);
     }
 }
+
+// ------------------------------------------ the UDP refresh of the established path
+
+/// The established path's UDP refresh (`existing_udp`) on the status bits and counters
+/// the proptests do not reach (FIXED_TIMEOUT, NAT_CLASH, low counters about to pass
+/// 2^32 - 1), before and after the entry becomes a stream: the same verdicts,
+/// connections and events as the general path's `existing`.
+#[test]
+fn udp_refresh_equals_general_path_on_rare_bits() {
+    use crate::table::Status;
+    let udp = |reply: bool, payload: u8| {
+        mixed_frame(
+            Op {
+                tcp: false,
+                reply,
+                client: 1,
+                flags: 0,
+                seq: 0,
+                ack: 0,
+                payload,
+                options: false,
+                damage: 0,
+            },
+            None,
+        )
+    };
+    for tweak in 0..4 {
+        for big in [false, true] {
+            let mut one = ct(big);
+            let mut many = ct(big);
+            for c in [&mut one, &mut many] {
+                let Verdict::Tracked { slot, dir, .. } = c.process(&udp(false, 5), 0, NS) else {
+                    panic!("the first datagram creates its connection");
+                };
+                let table = c.table_mut();
+                match tweak {
+                    0 => {}
+                    1 | 2 => {
+                        let bit = if tweak == 1 {
+                            Status::FIXED_TIMEOUT
+                        } else {
+                            Status::NAT_CLASH
+                        };
+                        table.get_mut(slot).expect("entry").status.insert(bit);
+                    }
+                    _ => table.count(slot, dir, 0, u64::from(u32::MAX) - 100),
+                }
+            }
+            let mut now = NS;
+            for (i, reply) in [true, false, true, true, false, false, true]
+                .into_iter()
+                .enumerate()
+            {
+                now += 2 * NS;
+                let f = udp(reply, u8::try_from(i).unwrap_or(0) * 7);
+                let want = one.process(&f, 0, now);
+                let mut got = [Verdict::Untracked(super::super::Untracked::Fragment)];
+                many.process_batch(&[&f], 0, now, &mut got);
+                assert_eq!(got[0], want, "tweak {tweak} big {big} packet {i}");
+            }
+            assert_eq!(
+                observable(&mut many, now),
+                observable(&mut one, now),
+                "tweak {tweak}"
+            );
+        }
+    }
+}
