@@ -390,6 +390,19 @@ mod tests {
         // 0xFFFF and its sum's other representation, 0: both verify.
         assert!(data_verifies(&[0xFF, 0xFF], 0));
         assert!(data_verifies(&[0, 0], 0xFFFF));
+        // Without `extra`: sums that are non-zero multiples of 0xFFFF in either byte
+        // order, and near misses.
+        for (data, want) in [
+            (&[0xFF; 20][..], true),
+            (&[0xFF; 64][..], true),
+            (&[0x01, 0x00, 0xFE, 0xFF][..], true),
+            (&[0x00, 0x01, 0xFF, 0xFE][..], true),
+            (&[0xFF, 0xFE][..], false),
+            (&[0x00, 0x01][..], false),
+        ] {
+            assert_eq!(data_verifies(data, 0), want, "{data:?}");
+            assert_eq!(verifies(sum(data)), want, "{data:?}");
+        }
     }
 
     proptest! {
