@@ -145,6 +145,19 @@ pub enum CtInfo {
     RelatedReply,
 }
 
+impl CtInfo {
+    /// The `ctinfo` of a packet of an existing connection travelling in `dir`, when the
+    /// connection has (`seen_reply`) or has not seen a reply before it.
+    #[inline]
+    fn of(dir: Dir, seen_reply: bool) -> Self {
+        match (dir, seen_reply) {
+            (Dir::Reply, _) => Self::EstablishedReply,
+            (Dir::Original, true) => Self::Established,
+            (Dir::Original, false) => Self::New,
+        }
+    }
+}
+
 /// Why a packet is invalid (it continues with no conntrack; callers usually drop it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Invalid {
@@ -984,11 +997,7 @@ impl Conntrack {
             return Ok(self.invalid(Invalid::InsertClash));
         };
         let seen_reply = conn.status.contains(Status::SEEN_REPLY);
-        let info = match (dir, seen_reply) {
-            (Dir::Reply, _) => CtInfo::EstablishedReply,
-            (Dir::Original, true) => CtInfo::Established,
-            (Dir::Original, false) => CtInfo::New,
-        };
+        let info = CtInfo::of(dir, seen_reply);
         // What the protocol handler decided: a new relative timeout (None = keep),
         // whether to set ASSURED, whether to delete the entry after the packet.
         let handled = match (conn.proto, l4) {
@@ -1063,11 +1072,7 @@ impl Conntrack {
             return None;
         };
         let seen_reply = conn.status.contains(Status::SEEN_REPLY);
-        let info = match (dir, seen_reply) {
-            (Dir::Reply, _) => CtInfo::EstablishedReply,
-            (Dir::Original, true) => CtInfo::Established,
-            (Dir::Original, false) => CtInfo::New,
-        };
+        let info = CtInfo::of(dir, seen_reply);
         // As `existing` with `Handled::refresh`: counted, never deleted.
         let secs = if seen_reply && now > stream_at {
             if !conn.status.contains(Status::NAT_CLASH) {
