@@ -1,9 +1,10 @@
 //! Software conntrack across cores: established-flow packets per second of 1, 2, 4 ...
 //! workers running at the same time, each pinned to its own core with its own table.
 //!
-//! The agent runs one conntrack table per worker, and the NIC's flow hash (symmetric,
+//! The design runs one conntrack table per worker, and the NIC's flow hash (symmetric,
 //! so both directions of a flow reach the same worker) splits the connections between
-//! them: workers share nothing but the machine's last-level cache and memory. Here
+//! them: without NAT the workers share nothing but the machine's last-level cache and
+//! memory. (The agent runs one worker today.) Here
 //! worker `k` gets connections `k * n .. (k + 1) * n` (distinct addresses) and runs the
 //! `conntrack` bench's established workload on them: 64-byte UDP frames in both
 //! directions, each parsed with its IPv4 and UDP checksums verified and looked up, in
