@@ -1,25 +1,29 @@
-//! Software conntrack across cores: established-flow packets per second of 1, 2, 4 ...
-//! workers running at the same time, each pinned to its own core with its own table.
+//! Software conntrack across cores: established-flow packets per second, and new
+//! connections per second, of 1, 2, 4 ... workers running at the same time, each pinned
+//! to its own core with its own table.
 //!
 //! The design runs one conntrack table per worker, and the NIC's flow hash (symmetric,
 //! so both directions of a flow reach the same worker) splits the connections between
 //! them: without NAT the workers share nothing but the machine's last-level cache and
-//! memory. (The agent runs one worker today.) Here
-//! worker `k` gets connections `k * n .. (k + 1) * n` (distinct addresses) and runs the
-//! `conntrack` bench's established workload on them: 64-byte UDP frames in both
-//! directions, each parsed with its IPv4 and UDP checksums verified and looked up, in
+//! memory. (The agent runs one worker today.) Here worker `k` gets connections
+//! `k * n .. (k + 1) * n` (distinct addresses) and runs the `conntrack` bench's
+//! workloads on them: `est`, 64-byte UDP frames in both directions of its live
+//! connections, each parsed with its IPv4 and UDP checksums verified and looked up, in
 //! batches of 32 through `Conntrack::process_batch`, cycling through the connections in
-//! a random order. All workers start each repeat together (a barrier) and the aggregate
-//! rate is every worker's packets over the wall time until the last one finishes; the
-//! per-worker rate is by that thread's CPU time. Scaling is the aggregate rate over `N`
-//! times the one-worker aggregate of the same run.
+//! a random order; `new`, the first packet of each of its connections into an empty
+//! table (made before the repeat starts). All workers start each repeat together (a
+//! barrier) and the aggregate rate is every worker's packets over the wall time from
+//! the first start to the last finish; the per-worker rate is by that thread's CPU
+//! time. Scaling is the aggregate rate over `N` times the one-worker aggregate of the
+//! same run.
 //!
 //! `cargo bench -p ctoffload-fallback-sw --bench scaling`. Environment:
-//! `CT_SCALE_THREADS=1,2,4` (default: powers of two up to the cores this process may
-//! run on, and that number), `CT_SCALE_CONNS=n` connections per worker (default
-//! 1 000 000), `CT_BENCH_REPEATS=n` (default 5). Without `--bench` (as `cargo test
-//! --all-targets` runs it) or with `CT_BENCH_QUICK=1`: a small smoke run. The last line
-//! printed is a JSON object with every figure.
+//! `CT_SCALE_PARTS=est,new` (default both), `CT_SCALE_THREADS=1,2,4` (default: powers
+//! of two up to the cores this process may run on, and that number),
+//! `CT_SCALE_CONNS=n` connections per worker (default 1 000 000), `CT_BENCH_REPEATS=n`
+//! (default 5). Without `--bench` (as `cargo test --all-targets` runs it) or with
+//! `CT_BENCH_QUICK=1`: a small smoke run. The last line printed is a JSON object with
+//! every figure.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -51,8 +55,10 @@ fn pin(cpu: usize) {
 
 /// One worker count's figures.
 struct Row {
+    part: Part,
     workers: usize,
-    /// Packets/s of all workers together, by wall clock, over the repeats.
+    /// Packets (or new connections)/s of all workers together, by wall clock, over the
+    /// repeats.
     aggregate: Summary,
     /// Each worker's packets/s by its CPU time, over every worker and repeat.
     per_worker: Summary,
@@ -67,49 +73,117 @@ struct Run {
     cpu: f64,
 }
 
+/// What the workers run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// Established traffic on `n` live connections each.
+    Established,
+    /// `n` new connections each (the originals of the same trace) into an empty table.
+    New,
+}
+
+impl Part {
+    fn name(self) -> &'static str {
+        match self {
+            Part::Established => "est",
+            Part::New => "new",
+        }
+    }
+}
+
+/// The timed part of one repeat, between the two barriers.
+fn timed(start: &Barrier, end: &Barrier, work: impl FnOnce() -> usize) -> Run {
+    start.wait();
+    let began = Instant::now();
+    let clocks = Clocks::start();
+    let packets = work();
+    let (_, cpu) = clocks.elapsed();
+    let ended = Instant::now();
+    end.wait();
+    Run {
+        began,
+        ended,
+        packets,
+        cpu,
+    }
+}
+
+/// Worker `k` of an established run: its connections set up, then `repeats` timed
+/// passes over them.
+fn established(
+    k: usize,
+    n: usize,
+    repeats: usize,
+    min_packets: usize,
+    (start, end): (&Barrier, &Barrier),
+) -> Vec<Run> {
+    let mut rng = Rng(0x5eed ^ (u64::try_from(k).unwrap() << 32));
+    let (orig, both) = udp_trace_from(k * n, n, &mut rng);
+    drop(orig);
+    let frames = both.frames();
+    let mut ct = conntrack(n);
+    let now = 10 * NS;
+    // Establish (not timed): originals create, replies set SEEN_REPLY.
+    assert_eq!(run(&mut ct, &frames, now), 2 * n, "all tracked");
+    assert_eq!(ct.table().len(), n);
+    let passes = min_packets.div_ceil(frames.len()).max(1);
+    let runs = (0..repeats)
+        .map(|r| {
+            let now = now + u64::try_from(r + 1).unwrap() * NS;
+            let x = timed(start, end, || {
+                (0..passes).map(|_| run(&mut ct, &frames, now)).sum()
+            });
+            assert_eq!(x.packets, passes * frames.len(), "every packet tracked");
+            x
+        })
+        .collect();
+    assert_eq!(ct.table().len(), n, "nothing expired or evicted");
+    runs
+}
+
+/// Worker `k` of a new-connection run: per repeat a fresh table (made before the
+/// start), then its `n` connections' first packets.
+fn new_connections(
+    k: usize,
+    n: usize,
+    repeats: usize,
+    (start, end): (&Barrier, &Barrier),
+) -> Vec<Run> {
+    let mut rng = Rng(0x5eed ^ (u64::try_from(k).unwrap() << 32));
+    let (orig, _) = udp_trace_from(k * n, n, &mut rng);
+    let frames = orig.frames();
+    (0..repeats)
+        .map(|_| {
+            let mut ct = conntrack(n);
+            let x = timed(start, end, || run(&mut ct, &frames, 10 * NS));
+            assert_eq!(x.packets, n, "every connection created");
+            assert_eq!(ct.table().len(), n);
+            x
+        })
+        .collect()
+}
+
 /// `workers` workers, each with `n` connections, on `cores[..workers]`.
-fn measure(workers: usize, n: usize, repeats: usize, min_packets: usize, cores: &[usize]) -> Row {
+fn measure(
+    part: Part,
+    workers: usize,
+    n: usize,
+    repeats: usize,
+    min_packets: usize,
+    cores: &[usize],
+) -> Row {
     let start = Barrier::new(workers + 1);
     let end = Barrier::new(workers + 1);
     let runs: Vec<Vec<Run>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|k| {
-                let (start, end, cpu) = (&start, &end, cores[k]);
+                let (barriers, cpu) = ((&start, &end), cores[k]);
                 s.spawn(move || {
                     pin(cpu);
-                    let mut rng = Rng(0x5eed ^ (u64::try_from(k).unwrap() << 32));
-                    let (orig, both) = udp_trace_from(k * n, n, &mut rng);
-                    drop(orig);
-                    let frames = both.frames();
-                    let mut ct = conntrack(n);
-                    let now = 10 * NS;
-                    // Establish (not timed): originals create, replies set SEEN_REPLY.
-                    assert_eq!(run(&mut ct, &frames, now), 2 * n, "all tracked");
-                    assert_eq!(ct.table().len(), n);
-                    let passes = min_packets.div_ceil(frames.len()).max(1);
-                    let mut runs = Vec::new();
-                    for r in 0..repeats {
-                        let now = now + u64::try_from(r + 1).unwrap() * NS;
-                        start.wait();
-                        let began = Instant::now();
-                        let clocks = Clocks::start();
-                        let mut tracked = 0;
-                        for _ in 0..passes {
-                            tracked += run(&mut ct, &frames, now);
-                        }
-                        let (_, cpu) = clocks.elapsed();
-                        let ended = Instant::now();
-                        end.wait();
-                        assert_eq!(tracked, passes * frames.len(), "every packet tracked");
-                        runs.push(Run {
-                            began,
-                            ended,
-                            packets: tracked,
-                            cpu,
-                        });
+                    match part {
+                        Part::Established => established(k, n, repeats, min_packets, barriers),
+                        Part::New => new_connections(k, n, repeats, barriers),
                     }
-                    assert_eq!(ct.table().len(), n, "nothing expired or evicted");
-                    runs
                 })
             })
             .collect();
@@ -136,6 +210,7 @@ fn measure(workers: usize, n: usize, repeats: usize, min_packets: usize, cores: 
         .map(|x| x.packets as f64 / x.cpu)
         .collect();
     Row {
+        part,
         workers,
         aggregate: summary(aggregate),
         per_worker: summary(per_worker),
@@ -176,31 +251,48 @@ fn main() {
             c
         }
     };
+    // `CT_SCALE_PARTS=est,new`: which workloads (default both).
+    let parts: Vec<Part> = std::env::var("CT_SCALE_PARTS")
+        .unwrap_or_else(|_| "est,new".into())
+        .split(',')
+        .filter_map(|p| match p.trim() {
+            "est" => Some(Part::Established),
+            "new" => Some(Part::New),
+            _ => None,
+        })
+        .collect();
     let mut rows = Vec::new();
-    for &w in &counts {
-        if w > cores.len() {
-            eprintln!("{w} workers: only {} cores, skipped", cores.len());
-            continue;
+    for &part in &parts {
+        for &w in &counts {
+            if w > cores.len() {
+                eprintln!("{w} workers: only {} cores, skipped", cores.len());
+                continue;
+            }
+            rows.push(measure(part, w, n, repeats, min_packets, &cores));
         }
-        rows.push(measure(w, n, repeats, min_packets, &cores));
     }
-    let one = rows
-        .iter()
-        .find(|r| r.workers == 1)
-        .map(|r| r.aggregate.median);
-    let scaling = |r: &Row| one.map_or(0.0, |o| r.aggregate.median / (o * r.workers as f64));
+    // Each row against the one-worker row of its part.
+    let scaling = |r: &Row| {
+        rows.iter()
+            .find(|o| o.part == r.part && o.workers == 1)
+            .map_or(0.0, |o| {
+                r.aggregate.median / (o.aggregate.median * r.workers as f64)
+            })
+    };
     println!(
-        "conntrack scaling: established UDP, {n} connections per worker, 64-byte frames, \
-         batches of 32, {repeats} repeats, {} cores available",
+        "conntrack scaling: {n} connections per worker (est: established UDP, 64-byte \
+         frames both ways, batches of 32; new: their first packets into an empty table), \
+         {repeats} repeats, {} cores available",
         cores.len()
     );
     println!(
-        "| workers | all, Mpps (wall) min | median | per worker, Mpps (CPU) min | median | scaling vs 1 worker |"
+        "| part | workers | all, M/s (wall) min | median | per worker, M/s (CPU) min | median | scaling vs 1 worker |"
     );
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for r in &rows {
         println!(
-            "| {:>7} | {:>8.2} | {:>8.2} | {:>8.2} | {:>8.2} | {:>6.2} |",
+            "| {:>4} | {:>7} | {:>8.2} | {:>8.2} | {:>8.2} | {:>8.2} | {:>6.2} |",
+            r.part.name(),
             r.workers,
             r.aggregate.min / 1e6,
             r.aggregate.median / 1e6,
@@ -213,7 +305,8 @@ fn main() {
         .iter()
         .map(|r| {
             format!(
-                "{{\"workers\":{},\"mpps\":{:.3},\"mpps_min\":{:.3},\"worker_cpu_mpps\":{:.3},\"worker_cpu_mpps_min\":{:.3},\"scaling\":{:.3}}}",
+                "{{\"part\":\"{}\",\"workers\":{},\"mps\":{:.3},\"mps_min\":{:.3},\"worker_cpu_mps\":{:.3},\"worker_cpu_mps_min\":{:.3},\"scaling\":{:.3}}}",
+                r.part.name(),
                 r.workers,
                 r.aggregate.median / 1e6,
                 r.aggregate.min / 1e6,
