@@ -27,7 +27,7 @@ use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
 
 use super::exact::ExactIndex;
-use super::rules::{PortRange, mix64};
+use super::rules::{NatFlags, PortRange, mix64};
 use crate::tuple::{Addr, Family, PackedV4, Tuple, proto};
 
 /// Which end of the tuple a binding changes.
@@ -1307,17 +1307,23 @@ pub(crate) struct SnatV4Range {
 }
 
 impl SnatV4Range {
-    /// `r` when [`snat_v4`] covers it: ports given, `random_fully` off, both addresses
-    /// plain IPv4 ([`Addr::v4`]); `None` otherwise (the general path decides).
+    /// The range `min..=max`, `ports` with `flags` (a [`NatRange`]'s fields) when
+    /// [`snat_v4`] covers it: ports given, `random_fully` off, both addresses plain
+    /// IPv4 ([`Addr::v4`]); `None` otherwise (the general path decides).
     #[inline]
-    pub(crate) fn of(r: &NatRange) -> Option<Self> {
+    pub(crate) fn new(
+        min: &Addr,
+        max: &Addr,
+        ports: Option<PortRange>,
+        flags: NatFlags,
+    ) -> Option<Self> {
         let plain = |a: &Addr| u128::from_le_bytes(a.0) >> 32 == 0;
-        let ports = r.ports?;
-        (!r.random_fully && plain(&r.min_addr) && plain(&r.max_addr)).then(|| Self {
-            min: v4(&r.min_addr),
-            max: v4(&r.max_addr),
+        let ports = ports?;
+        (!flags.random_fully && plain(min) && plain(max)).then(|| Self {
+            min: v4(min),
+            max: v4(max),
             ports,
-            persistent: r.persistent,
+            persistent: flags.persistent,
         })
     }
 
@@ -1362,6 +1368,17 @@ pub(crate) struct ChosenV4 {
     endpoint: Option<(u64, Option<usize>)>,
     /// The source's by-source key, its hash and map bucket, if looked up.
     source: Option<(SrcKey, u64, Option<usize>)>,
+    /// Whether the [`ExactIndex`] was asked about the address and knows it.
+    known: bool,
+}
+
+impl ChosenV4 {
+    /// Whether the address is one the [`ExactIndex`] knows ([`ExactIndex::knows`]):
+    /// `false` when it was not asked.
+    #[inline]
+    pub(crate) fn known_nat_addr(&self) -> bool {
+        self.known
+    }
 }
 
 /// No free candidate: the last one tried (address as a little-endian word, port) and
@@ -1399,7 +1416,7 @@ struct AskV4<'a, 'b> {
 
 impl<'a> AskV4<'a, '_> {
     /// The record of the endpoint at `addr` (one map lookup per address).
-    #[inline]
+    #[inline(always)]
     fn ask(&mut self, addr: u32) -> AskedV4<'a> {
         match self.last {
             Some(x) if x.addr == addr => x,
@@ -1421,14 +1438,14 @@ impl<'a> AskV4<'a, '_> {
     }
 
     /// [`AllocCtx::used_or_recorded`] of the candidate `(addr, port)`.
-    #[inline]
+    #[inline(always)]
     fn used(&mut self, addr: u32, port: u16) -> bool {
         let x = self.ask(addr);
         x.bits.is_some_and(|(_, b)| b.test(port)) || self.unless_exact(addr, port, x.exact)
     }
 
     /// [`AllocCtx::used_unless_exact`] of the candidate `(addr, port)`.
-    #[inline]
+    #[inline(always)]
     fn unless_exact(&mut self, addr: u32, port: u16, exact: bool) -> bool {
         if exact {
             self.unchecked += 1;
@@ -1441,7 +1458,7 @@ impl<'a> AskV4<'a, '_> {
     }
 
     /// The chosen candidate `(addr, port)`, found as `found`.
-    #[inline]
+    #[inline(always)]
     fn chosen(
         &self,
         addr: u32,
@@ -1459,6 +1476,8 @@ impl<'a> AskV4<'a, '_> {
                 .filter(|x| x.addr == addr)
                 .map(|x| (x.hash, x.bits.map(|(i, _)| i))),
             source,
+            // `exact` is set only where the index knows the address.
+            known: self.last.is_some_and(|x| x.addr == addr && x.exact),
         }
     }
 }
@@ -1476,6 +1495,7 @@ impl<'a> AskV4<'a, '_> {
 /// # Errors
 /// [`FailV4`] when no candidate is free (the general path's [`Exhausted`]).
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 pub(crate) fn snat_v4(
     orig: PackedV4,
     range: &SnatV4Range,
@@ -1542,28 +1562,32 @@ pub(crate) fn snat_v4(
     let x = ask.ask(addr);
     let first = u16::try_from(u32::from(r.min) + off % size).unwrap_or(r.min);
     let (mut checks, mut last) = (0u32, sport);
-    let segments = [(first, r.max), (r.min, first.saturating_sub(1))];
-    let wraps = usize::from(first > r.min);
-    for &(mut from, to) in &segments[..=wraps] {
-        loop {
-            let next = match x.bits {
-                Some((_, b)) => b.next_free(from, to),
-                None => Some(from),
-            };
-            let Some(port) = next else { break };
+    // [first, max], then [min, first - 1] if not empty.
+    let (mut from, mut to, mut wrap) = (first, r.max, first > r.min);
+    loop {
+        let next = match x.bits {
+            Some((_, b)) => b.next_free(from, to),
+            None => Some(from),
+        };
+        if let Some(port) = next {
             last = port;
             checks += 1;
             if !ask.unless_exact(addr, port, x.exact) {
                 return Ok(ask.chosen(addr, port, Found::Searched { probes: checks }, source));
             }
-            if checks >= MAX_TABLE_CHECKS || port >= to {
+            if checks >= MAX_TABLE_CHECKS {
                 break;
             }
-            from = port + 1;
+            if port < to {
+                from = port + 1;
+                continue;
+            }
         }
-        if checks >= MAX_TABLE_CHECKS {
+        // This segment is done.
+        if !wrap {
             break;
         }
+        (from, to, wrap) = (r.min, first - 1, false);
     }
     Err(fail(&ask, last, checks))
 }
@@ -1988,6 +2012,46 @@ mod tests {
             let e = endpoint_of(&ta).expect("an IPv4 tuple has an endpoint");
             proptest::prop_assert_eq!(e.tuple(port), Tuple { src_l4: port, ..ta });
             proptest::prop_assert_eq!(e.dst(), ta.dst);
+        }
+    }
+
+    proptest::proptest! {
+        /// The packed candidates of `snat_v4` are the general path's: the endpoint
+        /// and by-source keys, the candidate tuple, the range test and the address
+        /// choice, for any source address and port.
+        #[test]
+        fn packed_candidates_are_the_tuples(
+            f in fields(),
+            a in 0u8..6,
+            port in 2998u16..3003,
+            bounds in (0u8..6, 0u8..4),
+            ports in (2999u16..3002, 0u16..3),
+            persistent: bool,
+            seed: u64,
+        ) {
+            let t = small(f);
+            let p = t.pack_v4().expect("IPv4");
+            let to = [192, 0, 2, a];
+            let word = u32::from_le_bytes(to);
+            let cand = Tuple { src: Addr::v4(to), src_l4: port, ..t };
+            proptest::prop_assert_eq!(with_source(p, word, port).unpack(), cand);
+            proptest::prop_assert!(Some(endpoint_v4(p, word)) == endpoint_of(&cand));
+            proptest::prop_assert_eq!(Some(src_key_v4(p)), key_of(&t));
+            let range = NatRange {
+                min_addr: Addr::v4([192, 0, 2, bounds.0]),
+                max_addr: Addr::v4([192, 0, 2, bounds.0 + bounds.1]),
+                ports: Some(PortRange::new(ports.0, ports.0 + ports.1)),
+                random_fully: false,
+                persistent,
+            };
+            let flags = NatFlags { random_fully: false, persistent };
+            let r = SnatV4Range::new(&range.min_addr, &range.max_addr, range.ports, flags)
+                .expect("covered");
+            proptest::prop_assert_eq!(r.holds(word, port), in_range(&cand, &range, Manip::Src));
+            let mut chosen = t;
+            choose_addr(&mut chosen, &range, Manip::Src, seed);
+            let (src, dst) = (v4_word(&t.src), v4_word(&t.dst));
+            proptest::prop_assert_eq!(Addr::v4(r.choose(src, dst, seed).to_le_bytes()), chosen.src);
         }
     }
 

@@ -491,20 +491,22 @@ impl NatEngine {
             return None;
         }
         // POSTROUTING on the original (no destination rule): the rule and its range.
-        let cur = orig.unpack();
-        let i = self.rules.lookup_index(Hook::Src, &cur, meta)?;
+        let i = self.rules.lookup_src_v4(orig, meta)?;
         let e = self.rules.entry_mut(i);
         let range = match &e.rule.action {
-            NatAction::Snat { .. } => src_range(&e.rule.action, &cur, meta)?,
-            NatAction::Masquerade { .. } => match meta.out_addr {
-                Some(a) if a != Addr::default() => src_range(&e.rule.action, &cur, meta)?,
+            NatAction::Snat {
+                addrs,
+                ports,
+                flags,
+            } => SnatV4Range::new(&addrs.min, &addrs.max, *ports, *flags)?,
+            NatAction::Masquerade { ports, flags } => match &meta.out_addr {
+                Some(a) if *a != Addr::default() => SnatV4Range::new(a, a, *ports, *flags)?,
                 _ => return None,
             },
             NatAction::Dnat { .. } | NatAction::FullNat { .. } | NatAction::Vip { .. } => {
                 return None;
             }
         };
-        let range = SnatV4Range::of(&range)?;
         // The decision is this path's from here on.
         e.stats.matched += 1;
         let id = e.rule.id;
@@ -533,7 +535,7 @@ impl NatEngine {
                     rule: Some(id),
                     source: Exhausted {
                         manip: Manip::Src,
-                        tuple: cur,
+                        tuple: orig.unpack(),
                         last: alloc::with_source(orig, f.addr, f.port).unpack(),
                         probes: f.probes,
                     },
@@ -558,10 +560,14 @@ impl NatEngine {
             table.chosen_v4(reply);
             status |= Status::SRC_NAT;
             self.by_source.add_v4(orig, &c);
-            self.exact
-                .binding_at(&self.busy, Addr::v4(c.addr.to_le_bytes()));
+            // A known NAT address stays known (`ExactIndex::binding` does nothing).
+            if !c.known_nat_addr() {
+                self.exact
+                    .binding_at(&self.busy, Addr::v4(c.addr.to_le_bytes()));
+            }
             if self.busy.add_v4(orig, &c) {
-                self.exact.recorded_to(&cur.dst, status);
+                let [_, _, _, _, d0, d1, d2, d3] = orig.words().0.to_le_bytes();
+                self.exact.recorded_to(&Addr::v4([d0, d1, d2, d3]), status);
             }
             self.stats.translated += 1;
         }

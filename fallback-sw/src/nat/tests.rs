@@ -1340,3 +1340,51 @@ proptest! {
         prop_assert_eq!(nat(&build(S, dport, N, to), &c, Dir::Reply), build(S, dport, C, sport));
     }
 }
+
+proptest! {
+    /// `NatRule::matches_v4_src` on the packed tuple answers as `matches` at
+    /// POSTROUTING on the tuple, for every match field set or not (values from small
+    /// sets, so that they often agree) and source or destination rules.
+    #[test]
+    fn packed_rule_match_is_the_tuple_match(
+        fields in (
+            prop::option::of(0u32..2), prop::option::of(1u32..3),
+            prop::option::of((0u8..3, prop_oneof![Just(0u8), Just(8), Just(31), Just(32)])),
+            prop::option::of((0u8..3, prop_oneof![Just(0u8), Just(24), Just(32)])),
+            prop::option::of(prop_oneof![Just(proto::TCP), Just(proto::UDP), Just(proto::ICMP)]),
+            prop::option::of((50u16..55, 0u16..4)),
+            prop::option::of(0u16..2),
+        ),
+        t in (0u8..3, 50u16..56, 0u8..3, 50u16..56, 0usize..3, 0u16..2),
+        meta in (0u32..2, prop::option::of(1u32..3)),
+        dst_rule: bool,
+    ) {
+        let (in_port, out_port, src, dst, proto_m, dport, zone) = fields;
+        let addr = |i: u8| [10, 0, i >> 1, i];
+        let mut rule = if dst_rule { dnat_rule(1) } else { masq_rule(1) };
+        rule.r#match = RuleMatch {
+            in_port,
+            out_port,
+            src: src.map(|(a, len)| prefix(addr(a), len)),
+            dst: dst.map(|(a, len)| prefix(addr(a), len)),
+            proto: proto_m,
+            dport: dport.map(|(min, n)| PortRange::new(min, min + n)),
+            zone,
+        };
+        let (s, sp, d, dp, p, z) = t;
+        let tuple = Tuple {
+            zone: z,
+            ..t4(addr(s), sp, addr(d), dp, [proto::TCP, proto::UDP, proto::ICMP][p])
+        };
+        let meta = PacketMeta {
+            in_port: meta.0,
+            out_port: meta.1,
+            out_addr: None,
+        };
+        let packed = tuple.pack_v4().expect("an IPv4 tuple packs");
+        prop_assert_eq!(
+            rule.matches_v4_src(packed, &meta),
+            rule.matches(Hook::Src, &tuple, &meta)
+        );
+    }
+}
