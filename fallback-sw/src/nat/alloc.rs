@@ -1594,7 +1594,7 @@ pub(crate) fn snat_v4(
 
 impl BusyPorts {
     /// The map hash of `key`, and the map bucket and record of the endpoint if recorded.
-    #[inline]
+    #[inline(always)]
     fn lookup_key(&self, key: Endpoint) -> (u64, Option<(usize, &PortBits)>) {
         use core::hash::BuildHasher;
         let hash = self.build.hash_one(key);
@@ -1607,7 +1607,7 @@ impl BusyPorts {
 
     /// [`BusyPorts::add`] of the binding [`snat_v4`] chose for `orig` (`chosen`, which
     /// knows the endpoint's hash and bucket when it asked about its address).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn add_v4(&mut self, orig: PackedV4, chosen: &ChosenV4) -> bool {
         use core::hash::BuildHasher;
         let key = endpoint_v4(orig, chosen.addr);
@@ -1621,7 +1621,7 @@ impl BusyPorts {
 impl BySource {
     /// [`BySource::add`] of the binding [`snat_v4`] chose for `orig` (`chosen`, which
     /// knows the source's hash and bucket when it looked the source up).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn add_v4(&mut self, orig: PackedV4, chosen: &ChosenV4) {
         let (addr, port) = (chosen.addr, chosen.port);
         let Some((k, hash, bucket)) = chosen.source else {

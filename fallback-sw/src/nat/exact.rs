@@ -86,7 +86,11 @@ impl ExactIndex {
     /// Whether `a` is an address the engine has bound a source to.
     #[inline]
     pub(crate) fn knows(&self, a: &Addr) -> bool {
-        self.few[..self.few_len].contains(a)
+        // The inline ones as 128-bit values.
+        let v = u128::from_le_bytes(a.0);
+        self.few[..self.few_len]
+            .iter()
+            .any(|x| u128::from_le_bytes(x.0) == v)
             || (!self.addrs.is_empty() && self.addrs.find(self.hash(a), |x| x == a).is_some())
     }
 
