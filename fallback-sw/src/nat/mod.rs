@@ -494,11 +494,7 @@ impl NatEngine {
         let i = self.rules.lookup_src_v4(orig, meta)?;
         let e = self.rules.entry_mut(i);
         let range = match &e.rule.action {
-            NatAction::Snat {
-                addrs,
-                ports,
-                flags,
-            } => SnatV4Range::new(&addrs.min, &addrs.max, *ports, *flags)?,
+            NatAction::Snat { .. } => e.snat_v4?,
             NatAction::Masquerade { ports, flags } => match &meta.out_addr {
                 Some(a) if *a != Addr::default() => SnatV4Range::new(a, a, *ports, *flags)?,
                 _ => return None,
