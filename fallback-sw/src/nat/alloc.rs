@@ -1451,9 +1451,8 @@ impl<'a> AskV4<'a, '_> {
             self.unchecked += 1;
             false
         } else {
-            with_source(self.orig, addr, port)
-                .invert()
-                .is_none_or(|r| (self.is_taken)(r))
+            // Not ICMP (`snat_v4`'s contract): the reply is the plain inverse.
+            (self.is_taken)(with_source(self.orig, addr, port).invert_ports())
         }
     }
 
@@ -1507,6 +1506,7 @@ pub(crate) fn snat_v4(
     is_taken: &mut dyn FnMut(PackedV4) -> bool,
 ) -> Result<ChosenV4, FailV4> {
     let (words, rest) = orig.words();
+    debug_assert!(has_ports(u8::try_from(rest >> 48 & 0xFF).unwrap_or(0)));
     let (src, dst) = (lo32(words), lo32(words >> 32));
     let sport = u16::try_from(rest & 0xFFFF).unwrap_or(0);
     let mut ask = AskV4 {

@@ -550,8 +550,8 @@ impl NatEngine {
         }
         let mut status = Status::SRC_NAT_DONE | Status::DST_NAT_DONE;
         let new = alloc::with_source(orig, c.addr, c.port);
-        // A protocol with ports always inverts.
-        let reply = new.invert()?;
+        // A protocol with ports (not ICMP).
+        let reply = new.invert_ports();
         if new != orig {
             table.chosen_v4(reply);
             status |= Status::SRC_NAT;
