@@ -960,7 +960,7 @@ impl NatRuleSet {
     }
 
     /// [`NatRuleSet::lookup_index`] at [`Hook::Src`] of a packed IPv4 tuple, with no
-    /// [`Tuple`] built ([`NatRule::matches_v4`]).
+    /// [`Tuple`] built (the rules' match fields compiled when they were added).
     #[inline]
     pub(crate) fn lookup_src_v4(&self, p: PackedV4, meta: &PacketMeta) -> Option<usize> {
         self.entries.iter().position(|e| e.src_v4.matches(p, meta))
