@@ -297,6 +297,13 @@ fn run_mut(ct: &mut Conntrack, frames: &[&[u8]], now: u64) -> (usize, usize) {
     (black_box(tracked), rewritten)
 }
 
+/// The timed SNAT part of `new_nat`, out of line so that a profile can select it
+/// (`valgrind --tool=callgrind --toggle-collect='*timed_snat*'`).
+#[inline(never)]
+fn timed_snat(ct: &mut Conntrack, frames: &[&[u8]]) -> (usize, usize) {
+    run_mut(ct, frames, 10 * NS)
+}
+
 /// Creates the connections of `frames` (originals) in `ct` (not timed) and returns the
 /// reply of each, addressed to what the original became, in a random order.
 fn create_and_answer(ct: &mut Conntrack, frames: &[&[u8]], now: u64, rng: &mut Rng) -> Trace {
@@ -527,7 +534,7 @@ fn new_nat(endpoints: usize, range: u16, fresh: usize, repeats: usize, rng: &mut
         assert!(t + t / 1000 >= pf.len(), "prefill: {t} of {}", pf.len());
         let before = ct.nat().stats();
         let clocks = Clocks::start();
-        let (t, w) = run_mut(&mut ct, &tf, 10 * NS);
+        let (t, w) = timed_snat(&mut ct, &tf);
         let (dt, cpu) = clocks.elapsed();
         assert_eq!(t, w, "every tracked connection translated");
         let after = ct.nat().stats();

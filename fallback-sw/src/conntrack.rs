@@ -21,7 +21,7 @@
 
 use crate::nat::rewrite::{self, RewriteError};
 use crate::nat::rules::RuleId;
-use crate::nat::{Candidates, NatEngine, NatError, PacketMeta};
+use crate::nat::{Candidates, CandidatesV4, DecisionV4, NatEngine, NatError, PacketMeta};
 use crate::table::side::SlotStore;
 use crate::table::{ConnTable, FoundV4, InsertError, Memory, RemoveReason, Slot, Status};
 use crate::tcp::{
@@ -843,8 +843,24 @@ impl Conntrack {
                 },
             );
         }
-        let tuple = orig.tuple();
         if !plain {
+            // The common case of an IPv4 original on packed values from the decision
+            // to the entry's key (`NatEngine::decide_v4`); any other the general way.
+            let packed = match orig {
+                NewOrig::V4(key) => Some(key),
+                NewOrig::Tuple(t) => t.pack_v4(),
+            };
+            if let Some(key) = packed
+                && let Some(decided) = self.nat_decide_v4(key, meta, now)
+            {
+                return Ok(match decided {
+                    Ok((d, reply_hash)) => self.create_v4_decided(
+                        key, hash, d, reply_hash, timeout, state, tcp, bytes, now,
+                    ),
+                    Err(why) => self.invalid(why),
+                });
+            }
+            let tuple = orig.tuple();
             return Ok(match self.nat_decide(&tuple, meta, now) {
                 Ok((reply, status, reply_hash)) => self.create_translated(
                     tuple, hash, reply, reply_hash, status, timeout, state, tcp, bytes, now,
@@ -852,6 +868,7 @@ impl Conntrack {
                 Err(why) => self.invalid(why),
             });
         }
+        let tuple = orig.tuple();
         let reply = match tuple.invert() {
             Ok(r) => r,
             Err(e) => {
@@ -912,6 +929,38 @@ impl Conntrack {
         }
     }
 
+    /// [`Conntrack::create_translated`] after [`NatEngine::decide_v4`] gave the
+    /// connection of packed ORIGINAL tuple `key` (index hash `hash`) its decision `d`
+    /// (the reply's hash `reply_hash` when [`CandidatesV4::chosen_v4`] computed it).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn create_v4_decided(
+        &mut self,
+        key: PackedV4,
+        hash: u64,
+        d: DecisionV4,
+        reply_hash: Option<u64>,
+        timeout: u64,
+        state: L4State,
+        tcp: Option<TcpConn>,
+        bytes: u64,
+        now: u64,
+    ) -> Verdict {
+        // As in `create_translated`: both tuples are known free.
+        let reply_hash = reply_hash.unwrap_or_else(|| self.table.hasher().pair_hash_v4(d.reply));
+        let inserted = self.table.insert_v4_unchecked(
+            key, hash, d.reply, reply_hash, d.status, timeout, state, now,
+        );
+        match inserted {
+            Ok(slot) => self.created(slot, d.status, tcp, bytes),
+            Err(e) => {
+                self.nat
+                    .released(&[key.unpack(), d.reply.unpack()], d.status);
+                self.insert_refused(e)
+            }
+        }
+    }
+
     /// The verdict of a new connection's packet whose insert the table refused.
     fn insert_refused(&mut self, e: InsertError) -> Verdict {
         self.invalid(match e {
@@ -947,6 +996,47 @@ impl Conntrack {
         }
     }
 
+    /// [`Conntrack::nat_decide`] on packed values ([`NatEngine::decide_v4`]): `None`
+    /// when the decision is not the common case (nothing changed).
+    #[inline]
+    fn nat_decide_v4(
+        &mut self,
+        key: PackedV4,
+        meta: &PacketMeta,
+        now: u64,
+    ) -> Option<Result<(DecisionV4, Option<u64>), Invalid>> {
+        let Self { nat, table, .. } = self;
+        let live = (!table.has_nat_released()).then(|| table.len());
+        let mut candidates = NatCandidates {
+            table,
+            now,
+            chosen: None,
+        };
+        let decided = nat.decide_v4(key, meta, live, &mut candidates)?;
+        let chosen = candidates.chosen;
+        Some(match decided {
+            Ok(d) => Ok((d, chosen)),
+            Err(e) => Err(self.nat_refused(e)),
+        })
+    }
+
+    /// The verdict's reason for a NAT decision that failed, counted.
+    fn nat_refused(&mut self, e: NatError) -> Invalid {
+        match e {
+            NatError::NotInvertible(e) => Invalid::IcmpNotRequest {
+                icmp_type: e.icmp_type,
+            },
+            NatError::Exhausted { rule, .. } => {
+                self.stats.nat_exhausted += 1;
+                Invalid::NatExhausted { rule }
+            }
+            NatError::NoMasqueradeAddress { rule } => {
+                self.stats.nat_no_address += 1;
+                Invalid::NatNoAddress { rule }
+            }
+        }
+    }
+
     /// [`NatEngine::decide`] for a new connection: its reply tuple and status bits.
     fn nat_decide(
         &mut self,
@@ -967,17 +1057,7 @@ impl Conntrack {
             // `chosen` is told the reply of a source binding, the one the decision
             // returns (checked in debug builds by the insert).
             Ok(d) => Ok((d.reply, d.status, candidates.chosen)),
-            Err(NatError::NotInvertible(e)) => Err(Invalid::IcmpNotRequest {
-                icmp_type: e.icmp_type,
-            }),
-            Err(NatError::Exhausted { rule, .. }) => {
-                self.stats.nat_exhausted += 1;
-                Err(Invalid::NatExhausted { rule })
-            }
-            Err(NatError::NoMasqueradeAddress { rule }) => {
-                self.stats.nat_no_address += 1;
-                Err(Invalid::NatNoAddress { rule })
-            }
+            Err(e) => Err(self.nat_refused(e)),
         }
     }
 
@@ -1244,6 +1324,19 @@ impl Candidates for NatCandidates<'_> {
     /// binding: the insert probes from it.
     fn chosen(&mut self, reply: &Tuple) {
         let hash = self.table.hash(reply);
+        self.table.prefetch_index(hash);
+        self.chosen = Some(hash);
+    }
+}
+
+impl CandidatesV4 for NatCandidates<'_> {
+    fn is_taken_v4(&mut self, reply: PackedV4) -> bool {
+        self.table.lookup(&reply.unpack(), self.now).is_some()
+    }
+
+    /// [`Candidates::chosen`], hashing the packed reply.
+    fn chosen_v4(&mut self, reply: PackedV4) {
+        let hash = self.table.hasher().pair_hash_v4(reply);
         self.table.prefetch_index(hash);
         self.chosen = Some(hash);
     }

@@ -810,6 +810,10 @@ enum NewTuples {
     /// inverse) packed. No [`Tuple`] is built unless one is needed (early drop, the
     /// event when it is drained).
     PlainV4([PackedV4; 2]),
+    /// An IPv4 connection whose reply's destination is translated (SNAT), packed: the
+    /// original, and the reply (the original's inverse but for its destination
+    /// address and port, as [`Key::compact`] finds it).
+    SrcNatV4([PackedV4; 2]),
 }
 
 impl NewTuples {
@@ -817,7 +821,7 @@ impl NewTuples {
     fn orig(&self) -> Tuple {
         match self {
             NewTuples::Tuples([orig, _]) => *orig,
-            NewTuples::PlainV4([orig, _]) => orig.unpack(),
+            NewTuples::PlainV4([orig, _]) | NewTuples::SrcNatV4([orig, _]) => orig.unpack(),
         }
     }
 }
@@ -1496,6 +1500,53 @@ impl<P> ConnTable<P> {
         self.insert_new(tuples, orig_hash, reply_hash, status, timeout, proto, now)
     }
 
+    /// [`ConnTable::insert_hashed_unchecked_both`] of an IPv4 connection with packed
+    /// original `key` (hash `hash`) and packed reply `reply` (hash `reply_hash`), the
+    /// reply's destination translated when `status` has `SRC_NAT` and the original's
+    /// inverse otherwise (a source NAT decision, [`NatEngine::decide_v4`]): the entry's
+    /// key is built from the words, with no [`Tuple`].
+    ///
+    /// [`NatEngine::decide_v4`]: crate::nat::NatEngine::decide_v4
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn insert_v4_unchecked(
+        &mut self,
+        key: PackedV4,
+        hash: u64,
+        reply: PackedV4,
+        reply_hash: u64,
+        status: Status,
+        timeout: u64,
+        proto: P,
+        now: u64,
+    ) -> Result<Slot, InsertError> {
+        debug_assert_eq!(reply_hash, self.hasher.pair_hash_v4(reply));
+        let tuples = if status.contains(Status::SRC_NAT) {
+            NewTuples::SrcNatV4([key, reply])
+        } else {
+            debug_assert_eq!(key.invert(), Some(reply));
+            NewTuples::PlainV4([key, reply])
+        };
+        // The key the general insert would build.
+        debug_assert_eq!(
+            Key::compact(&key.unpack(), &reply.unpack(), 1),
+            Some(match tuples {
+                NewTuples::SrcNatV4(_) => {
+                    let r = reply.unpack();
+                    Key::SrcNatV4(NatV4 {
+                        orig: V4Orig::from_packed(key),
+                        addr: r.dst.as_v4(),
+                        l4: r.dst_l4.to_ne_bytes(),
+                    })
+                }
+                _ => Key::V4 {
+                    orig: V4Orig::from_packed(key),
+                    meta: Meta::new(1),
+                },
+            })
+        );
+        self.insert_new(tuples, hash, reply_hash, status, timeout, proto, now)
+    }
+
     /// The part of an insert after the clash checks.
     #[allow(clippy::too_many_arguments)]
     fn insert_new(
@@ -1525,6 +1576,17 @@ impl<P> ConnTable<P> {
                 orig: V4Orig::from_packed(orig),
                 meta: Meta::new(generation),
             },
+            // The reply's destination: the high address word, the port in bits 16..32.
+            NewTuples::SrcNatV4([orig, reply]) => {
+                let (addrs, rest) = reply.words();
+                let [_, _, p0, p1, ..] = rest.to_le_bytes();
+                let [_, _, _, _, a0, a1, a2, a3] = addrs.to_le_bytes();
+                Key::SrcNatV4(NatV4 {
+                    orig: V4Orig::from_packed(orig),
+                    addr: [a0, a1, a2, a3],
+                    l4: u16::from_le_bytes([p0, p1]).to_ne_bytes(),
+                })
+            }
             NewTuples::Tuples([orig, reply]) => Key::compact(&orig, &reply, generation)
                 .unwrap_or_else(|| {
                     self.side.put(slot, [orig, reply]);
@@ -1556,7 +1618,9 @@ impl<P> ConnTable<P> {
         self.wheel.schedule(&mut self.links, slot.0, timeout, now);
         self.stats.inserted += 1;
         let queued = match tuples {
-            NewTuples::PlainV4(packed) => self.events.push_new_v4(id, packed),
+            NewTuples::PlainV4(packed) | NewTuples::SrcNatV4(packed) => {
+                self.events.push_new_v4(id, packed)
+            }
             NewTuples::Tuples(tuples) => self.events.push_event(Event::New { id, tuples }),
         };
         if !queued {

@@ -415,6 +415,17 @@ impl PackedV4 {
     }
 }
 
+impl PackedV4 {
+    /// [`PackedV4::invert`] of a tuple that is not ICMP (which always inverts):
+    /// addresses and ports swapped.
+    #[inline]
+    pub(crate) fn invert_ports(self) -> Self {
+        let (addrs, rest) = self.words();
+        let ports = (rest & 0xFFFF) << 16 | (rest >> 16) & 0xFFFF;
+        Self::from_words(addrs.rotate_left(32), rest & !0xFFFF_FFFF | ports)
+    }
+}
+
 impl Tuple {
     /// This tuple packed into two words, when it is IPv4 with plain IPv4 addresses.
     #[inline]
@@ -765,6 +776,9 @@ mod tests {
             }
             proptest::prop_assert_eq!(p.invert(), inv.and_then(|r| r.pack_v4()));
             proptest::prop_assert_eq!(p.invert().map(PackedV4::unpack), inv);
+            if !t.is_icmp() {
+                proptest::prop_assert_eq!(Some(p.invert_ports()), p.invert());
+            }
             // An involution where it is defined (`ConnTable::find_v4` relies on it).
             if let Some(r) = p.invert() {
                 proptest::prop_assert_eq!(r.invert(), Some(p));

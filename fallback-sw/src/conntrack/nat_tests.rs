@@ -1154,3 +1154,188 @@ proptest! {
         }
     }
 }
+
+// ------------------------------------------------------------------ packed decisions
+
+/// A gateway for `packed_decisions_are_the_general_ones`: a UDP source rule of kind
+/// `kind` (the ones the packed path takes, and some it declines), ports 30000-30015
+/// unless said otherwise; a TCP rule to 192.0.2.9, ports 31000-31015; masquerade without
+/// ports for the rest.
+fn packed_gw(kind: u8, max_connections: usize) -> Conntrack {
+    let ports = PortRange::new(30_000, 30_015);
+    let mut rule = snat_rule(1, Some(ports));
+    let set = |rule: &mut NatRule, a: AddrRange, p: Option<PortRange>, f: NatFlags| {
+        rule.action = NatAction::Snat {
+            addrs: a,
+            ports: p,
+            flags: f,
+        };
+    };
+    let two = AddrRange::v4([192, 0, 2, 1], [192, 0, 2, 2]);
+    match kind {
+        // One address (`N`).
+        0 => {}
+        // Two addresses, by pair or by source only; UDP only.
+        1 => set(&mut rule, two, Some(ports), NatFlags::default()),
+        2 => {
+            let flags = NatFlags {
+                persistent: true,
+                ..NatFlags::default()
+            };
+            set(&mut rule, two, Some(ports), flags);
+        }
+        // Masquerade to the egress address (`N`).
+        3 => {
+            rule = masq_rule(1);
+            rule.action = NatAction::Masquerade {
+                ports: Some(ports),
+                flags: NatFlags::default(),
+            };
+        }
+        // A range that holds the clients' own ports (kept when free).
+        4 => set(
+            &mut rule,
+            AddrRange::single_v4(N),
+            Some(PortRange::new(3000, 3007)),
+            NatFlags::default(),
+        ),
+        // Declined by the packed path: fully random, no port range.
+        5 => {
+            let flags = NatFlags {
+                random_fully: true,
+                ..NatFlags::default()
+            };
+            set(&mut rule, AddrRange::single_v4(N), Some(ports), flags);
+        }
+        _ => set(
+            &mut rule,
+            AddrRange::single_v4(N),
+            None,
+            NatFlags::default(),
+        ),
+    }
+    rule.r#match.proto = Some(proto::UDP);
+    // TCP: one address and other ports; anything else (ICMP): masquerade without ports.
+    let mut tcp_rule = snat_rule(2, Some(PortRange::new(31_000, 31_015)));
+    tcp_rule.r#match.proto = Some(proto::TCP);
+    if let NatAction::Snat { addrs, .. } = &mut tcp_rule.action {
+        *addrs = AddrRange::single_v4([192, 0, 2, 9]);
+    }
+    let mut ct = Conntrack::new(Config {
+        max_connections,
+        ..Config::default()
+    });
+    for r in [rule, tcp_rule, masq_rule(3)] {
+        ct.nat_mut().rules_mut().add(r).expect("valid rule");
+    }
+    ct
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The packed decision (`NatEngine::decide_v4`, with the entry's key built from
+    /// words) in lockstep with the general one (`decide_in`, `Key::compact`) on the
+    /// same connections: new ones from inside (TCP and UDP, through `process_mut` and
+    /// the batch), ICMP, connections to the NAT address's ports from outside and from
+    /// it, deletions, restores and expiry, under each kind of rule: the same
+    /// verdicts, bytes, connections, NAT counters, rule counters and busy ports.
+    #[test]
+    fn packed_decisions_are_the_general_ones(
+        kind in 0u8..7,
+        ops in prop::collection::vec((0u8..12, 0u8..4, 0u16..8, 0u8..3, 0u64..3), 1..200),
+    ) {
+        let mut ct = packed_gw(kind, 24);
+        let mut reference = packed_gw(kind, 24);
+        reference.nat_mut().only_general();
+        let servers = [S, X, N];
+        let mut now = SEC;
+        for (op, a, b, server, step) in ops {
+            let s = servers[usize::from(server)];
+            let (frame, meta, batch) = match op {
+                0..=2 => (Some(udp([10, 0, 2, a], 3000 + b, s, 53)), out_meta(), false),
+                3 => (Some(udp([10, 0, 2, a], 3000 + b, s, 53)), out_meta(), true),
+                4 => (Some(crate::nat::tests::tcp([10, 0, 2, a], 3000 + b, s, 80)), out_meta(), a & 1 == 0),
+                5 => (Some(udp(s, 53, N, 30_000 + b)), in_meta(), false),
+                6 => (Some(udp(N, 30_000 + b, s, 53)), out_meta(), true),
+                7 => (Some(echo([10, 0, 2, a], s, 3000 + b, true)), out_meta(), false),
+                _ => (None, out_meta(), false),
+            };
+            if let Some(frame) = frame {
+                let (mut f, mut g) = (frame.clone(), frame);
+                let (v, w) = if batch {
+                    let none = NatVerdict {
+                        verdict: Verdict::Untracked(Untracked::Fragment),
+                        nat: NatOutcome::Unchanged,
+                    };
+                    let (mut o, mut p) = ([none], [none]);
+                    ct.process_batch_mut(&mut [&mut f[..]], 0, &meta, now, &mut o);
+                    reference.process_batch_mut(&mut [&mut g[..]], 0, &meta, now, &mut p);
+                    (o[0], p[0])
+                } else {
+                    (
+                        ct.process_mut(&mut f, 0, &meta, now),
+                        reference.process_mut(&mut g, 0, &meta, now),
+                    )
+                };
+                prop_assert_eq!(format!("{v:?}"), format!("{w:?}"));
+                prop_assert_eq!(f, g);
+            } else if op == 8 || op == 9 {
+                // Delete (8) or restore (9) the connection at position `b`.
+                let conns = all_conns(&ct);
+                if !conns.is_empty() {
+                    let (tuples, status) = conns[usize::from(b) % conns.len()];
+                    for c in [&mut ct, &mut reference] {
+                        let slot = slot_of(c, &tuples[0]).expect("same connections");
+                        prop_assert!(c.delete(slot).expect("not offloaded"));
+                        if op == 9 {
+                            c.release_nat();
+                            c.table_mut()
+                                .insert(
+                                    tuples[0],
+                                    tuples[1],
+                                    status,
+                                    now + 5 * SEC,
+                                    L4State::Udp { stream_at: now },
+                                    now,
+                                )
+                                .expect("room");
+                            c.nat_mut().restored(&tuples, status);
+                        }
+                    }
+                }
+            } else {
+                now += (step + 1) * SEC;
+                ct.gc(now, 3);
+                reference.gc(now, 3);
+            }
+            ct.release_nat();
+            reference.release_nat();
+            prop_assert_eq!(all_conns(&ct), all_conns(&reference));
+            prop_assert_eq!(ct.nat().stats(), reference.nat().stats());
+            for id in 1..=3 {
+                prop_assert_eq!(ct.nat().rules().stats(id), reference.nat().rules().stats(id));
+            }
+            prop_assert_eq!(format!("{:?}", ct.stats()), format!("{:?}", reference.stats()));
+            let (mut x, mut y) = (
+                ct.nat().busy_ports().recorded(),
+                reference.nat().busy_ports().recorded(),
+            );
+            x.sort_by_key(|t| format!("{t:?}"));
+            y.sort_by_key(|t| format!("{t:?}"));
+            prop_assert_eq!(x, y);
+            prop_assert_eq!(ct.nat().by_source().len(), reference.nat().by_source().len());
+            prop_assert_eq!(
+                ct.nat().index_exact(ct.table().len()),
+                reference.nat().index_exact(reference.table().len())
+            );
+            assert_unique(&ct, 0);
+        }
+        // The events the agent sees are the same too.
+        let (ev, rv): (Vec<_>, Vec<_>) = (
+            ct.table_mut().drain_events().collect(),
+            reference.table_mut().drain_events().collect(),
+        );
+        prop_assert_eq!(format!("{ev:?}"), format!("{rv:?}"));
+    }
+}

@@ -27,8 +27,8 @@ use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
 
 use super::exact::ExactIndex;
-use super::rules::{PortRange, mix64};
-use crate::tuple::{Addr, Family, Tuple, proto};
+use super::rules::{NatFlags, PortRange, mix64};
+use crate::tuple::{Addr, Family, PackedV4, Tuple, proto};
 
 /// Which end of the tuple a binding changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -421,11 +421,16 @@ impl BusyPorts {
     /// since): then no probe.
     #[inline]
     pub(crate) fn add_hashed(&mut self, hash: u64, bucket: Option<usize>, new: &Tuple) -> bool {
+        match endpoint_of(new) {
+            Some(key) => self.add_key(hash, bucket, key, new.src_l4),
+            None => false,
+        }
+    }
+
+    /// [`BusyPorts::add_hashed`] of port `port` towards endpoint `key`.
+    #[inline]
+    fn add_key(&mut self, hash: u64, bucket: Option<usize>, key: Endpoint, port: u16) -> bool {
         use core::hash::BuildHasher;
-        let port = new.src_l4;
-        let Some(key) = endpoint_of(new) else {
-            return false;
-        };
         let known = bucket.filter(|&i| self.map.get_bucket(i).is_some_and(|(k, _)| *k == key));
         let bits = if let Some(i) = known {
             let Some((_, bits)) = self.map.get_bucket_mut(i) else {
@@ -541,16 +546,10 @@ impl BusyPorts {
     /// record of the endpoint if it is recorded: the key is built once.
     #[inline]
     fn lookup(&self, t: &Tuple) -> (u64, Option<(usize, &PortBits)>) {
-        use core::hash::BuildHasher;
-        let Some(key) = endpoint_of(t) else {
-            return (0, None);
-        };
-        let hash = self.build.hash_one(key);
-        let bits = self
-            .map
-            .find_bucket_index(hash, |(k, _)| *k == key)
-            .and_then(|i| self.map.get_bucket(i).map(|(_, b)| (i, b)));
-        (hash, bits)
+        match endpoint_of(t) {
+            Some(key) => self.lookup_key(key),
+            None => (0, None),
+        }
     }
 }
 
@@ -1248,6 +1247,398 @@ fn search_free(
     })
 }
 
+// ------------------------------------------------------------ packed IPv4 source NAT
+
+/// The little-endian word of an IPv4 address's bytes as the number [`v4`] reads
+/// (network order).
+#[inline]
+fn host_v4(word: u32) -> u32 {
+    u32::from_be_bytes(word.to_le_bytes())
+}
+
+/// The low 32 bits of a word (the source address of a [`PackedV4`]'s first word).
+#[inline]
+fn lo32(w: u64) -> u32 {
+    u32::try_from(w & 0xFFFF_FFFF).unwrap_or(0)
+}
+
+/// `orig` with source address `addr` (the little-endian word of its bytes) and source
+/// port `port`: a source-manip candidate, packed.
+#[inline]
+pub(crate) fn with_source(orig: PackedV4, addr: u32, port: u16) -> PackedV4 {
+    let (a, r) = orig.words();
+    PackedV4::from_words(
+        a & !0xFFFF_FFFF | u64::from(addr),
+        r & !0xFFFF | u64::from(port),
+    )
+}
+
+/// The [`BusyPorts`] key of the candidates of `orig` at source address `addr`: what
+/// [`endpoint_of`] gives for them.
+#[inline]
+fn endpoint_v4(orig: PackedV4, addr: u32) -> Endpoint {
+    let (a, r) = orig.words();
+    // `r`: src_l4 | dst_l4 << 16 | zone << 32 | proto << 48.
+    Endpoint {
+        addrs: a & !0xFFFF_FFFF | u64::from(addr),
+        rest: (r >> 16) & 0xFFFF | ((r >> 48) & 0xFF) << 16 | ((r >> 32) & 0xFFFF) << 24,
+    }
+}
+
+/// The by-source key of `orig`'s source: what [`key_of`] gives for it.
+#[inline]
+fn src_key_v4(orig: PackedV4) -> SrcKey {
+    let (a, r) = orig.words();
+    SrcKey {
+        word: a & 0xFFFF_FFFF | (r & 0xFFFF) << 32 | ((r >> 48) & 0xFF) << 48,
+        zone: u16::try_from((r >> 32) & 0xFFFF).unwrap_or(0),
+    }
+}
+
+/// The source range of a decision on packed values ([`snat_v4`]): a [`NatRange`] with
+/// a port range, not fully random, whose addresses are plain IPv4 ones.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SnatV4Range {
+    /// Lowest and highest address, as [`v4`] reads them.
+    min: u32,
+    max: u32,
+    ports: PortRange,
+    persistent: bool,
+}
+
+impl SnatV4Range {
+    /// The range `min..=max`, `ports` with `flags` (a [`NatRange`]'s fields) when
+    /// [`snat_v4`] covers it: ports given, `random_fully` off, both addresses plain
+    /// IPv4 ([`Addr::v4`]); `None` otherwise (the general path decides).
+    #[inline]
+    pub(crate) fn new(
+        min: &Addr,
+        max: &Addr,
+        ports: Option<PortRange>,
+        flags: NatFlags,
+    ) -> Option<Self> {
+        let plain = |a: &Addr| u128::from_le_bytes(a.0) >> 32 == 0;
+        let ports = ports?;
+        (!flags.random_fully && plain(min) && plain(max)).then(|| Self {
+            min: v4(min),
+            max: v4(max),
+            ports,
+            persistent: flags.persistent,
+        })
+    }
+
+    /// [`in_range`] of a candidate with source `(addr, port)` (`addr`: the
+    /// little-endian word of its bytes).
+    #[inline]
+    fn holds(&self, addr: u32, port: u16) -> bool {
+        let a = host_v4(addr);
+        self.min <= a && a <= self.max && self.ports.contains(port)
+    }
+
+    /// [`choose_addr`] for source `src` and destination `dst` (little-endian words):
+    /// the address, as such a word.
+    #[inline]
+    fn choose(&self, src: u32, dst: u32, seed: u64) -> u32 {
+        if self.min == self.max {
+            return host_v4(self.min);
+        }
+        let dst = if self.persistent { 0 } else { host_v4(dst) };
+        let h = mix64(seed ^ (u64::from(host_v4(src)) << 32) ^ u64::from(dst));
+        let size = u64::from(self.max - self.min) + 1;
+        let off = (u64::from(low32(h)) * size) >> 32;
+        let a = u32::try_from(u64::from(self.min) + off).unwrap_or(self.max);
+        // `host_v4` is its own inverse (a byte swap).
+        host_v4(a)
+    }
+}
+
+/// What [`snat_v4`] chose: the source address (the little-endian word of its bytes)
+/// and port, how, and what it looked up in the maps (for recording the binding).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChosenV4 {
+    /// The source address.
+    pub(crate) addr: u32,
+    /// The source port.
+    pub(crate) port: u16,
+    /// How it was found.
+    pub(crate) found: Found,
+    /// Candidates taken as free without a table check (exact index).
+    pub(crate) unchecked: u32,
+    /// The [`BusyPorts`] hash of the chosen endpoint and its map bucket if recorded.
+    endpoint: Option<(u64, Option<usize>)>,
+    /// The source's by-source key, its hash and map bucket, if looked up.
+    source: Option<(SrcKey, u64, Option<usize>)>,
+    /// Whether the [`ExactIndex`] was asked about the address and knows it.
+    known: bool,
+}
+
+impl ChosenV4 {
+    /// Whether the address is one the [`ExactIndex`] knows ([`ExactIndex::knows`]):
+    /// `false` when it was not asked.
+    #[inline]
+    pub(crate) fn known_nat_addr(&self) -> bool {
+        self.known
+    }
+}
+
+/// No free candidate: the last one tried (address as a little-endian word, port) and
+/// the probes made, as in [`Exhausted`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FailV4 {
+    /// The last candidate's address.
+    pub(crate) addr: u32,
+    /// The last candidate's port.
+    pub(crate) port: u16,
+    /// Probes made.
+    pub(crate) probes: u32,
+    /// Candidates taken as free without a table check (none of them was free).
+    pub(crate) unchecked: u32,
+}
+
+/// The [`BusyPorts`] record of the endpoint at one source address.
+#[derive(Clone, Copy)]
+struct AskedV4<'a> {
+    addr: u32,
+    hash: u64,
+    bits: Option<(usize, &'a PortBits)>,
+    exact: bool,
+}
+
+/// [`Memo`] for [`snat_v4`]: the candidates' questions on packed values.
+struct AskV4<'a, 'b> {
+    orig: PackedV4,
+    busy: &'a BusyPorts,
+    exact: Option<&'a ExactIndex>,
+    is_taken: &'b mut dyn FnMut(PackedV4) -> bool,
+    last: Option<AskedV4<'a>>,
+    unchecked: u32,
+}
+
+impl<'a> AskV4<'a, '_> {
+    /// The record of the endpoint at `addr` (one map lookup per address).
+    #[inline(always)]
+    fn ask(&mut self, addr: u32) -> AskedV4<'a> {
+        match self.last {
+            Some(x) if x.addr == addr => x,
+            _ => {
+                let exact = self
+                    .exact
+                    .is_some_and(|x| x.knows(&Addr::v4(addr.to_le_bytes())));
+                let (hash, bits) = self.busy.lookup_key(endpoint_v4(self.orig, addr));
+                let x = AskedV4 {
+                    addr,
+                    hash,
+                    bits,
+                    exact,
+                };
+                self.last = Some(x);
+                x
+            }
+        }
+    }
+
+    /// [`AllocCtx::used_or_recorded`] of the candidate `(addr, port)`.
+    #[inline(always)]
+    fn used(&mut self, addr: u32, port: u16) -> bool {
+        let x = self.ask(addr);
+        x.bits.is_some_and(|(_, b)| b.test(port)) || self.unless_exact(addr, port, x.exact)
+    }
+
+    /// [`AllocCtx::used_unless_exact`] of the candidate `(addr, port)`.
+    #[inline(always)]
+    fn unless_exact(&mut self, addr: u32, port: u16, exact: bool) -> bool {
+        if exact {
+            self.unchecked += 1;
+            false
+        } else {
+            // Not ICMP (`snat_v4`'s contract): the reply is the plain inverse.
+            (self.is_taken)(with_source(self.orig, addr, port).invert_ports())
+        }
+    }
+
+    /// The chosen candidate `(addr, port)`, found as `found`.
+    #[inline(always)]
+    fn chosen(
+        &self,
+        addr: u32,
+        port: u16,
+        found: Found,
+        source: Option<(SrcKey, u64, Option<usize>)>,
+    ) -> ChosenV4 {
+        ChosenV4 {
+            addr,
+            port,
+            found,
+            unchecked: self.unchecked,
+            endpoint: self
+                .last
+                .filter(|x| x.addr == addr)
+                .map(|x| (x.hash, x.bits.map(|(i, _)| i))),
+            source,
+            // `exact` is set only where the index knows the address.
+            known: self.last.is_some_and(|x| x.addr == addr && x.exact),
+        }
+    }
+}
+
+/// [`get_unique_tuple_memo`] of a source manip for the common case, on packed values:
+/// `orig` an IPv4 tuple of a protocol with ports ([`has_ports`], not ICMP), `range`
+/// with a port range and not fully random, [`BusyPorts`] kept. The same steps, the
+/// same random draws and the same choice (tested against the general path): keep the
+/// source if it is in range and free, else reuse the source's first mapping in range
+/// if free, else the hashed address with the original port if in range and free, else
+/// the first free port from the random offset. `exact`: the [`ExactIndex`] when
+/// [`ExactIndex::holds`] for this decision; `is_taken` answers for the candidates it
+/// does not cover, given their packed REPLY tuple. No [`Tuple`] is built.
+///
+/// # Errors
+/// [`FailV4`] when no candidate is free (the general path's [`Exhausted`]).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn snat_v4(
+    orig: PackedV4,
+    range: &SnatV4Range,
+    seed: u64,
+    by_source: &BySource,
+    busy: &BusyPorts,
+    exact: Option<&ExactIndex>,
+    rng: &mut NatRng,
+    is_taken: &mut dyn FnMut(PackedV4) -> bool,
+) -> Result<ChosenV4, FailV4> {
+    let (words, rest) = orig.words();
+    debug_assert!(has_ports(u8::try_from(rest >> 48 & 0xFF).unwrap_or(0)));
+    let (src, dst) = (lo32(words), lo32(words >> 32));
+    let sport = u16::try_from(rest & 0xFFFF).unwrap_or(0);
+    let mut ask = AskV4 {
+        orig,
+        busy,
+        exact,
+        is_taken,
+        last: None,
+        unchecked: 0,
+    };
+    let mut source = None;
+    // 1. Keep the source, or reuse the source's mapping.
+    if range.holds(src, sport) {
+        if !ask.used(src, sport) {
+            return Ok(ask.chosen(src, sport, Found::Kept, source));
+        }
+    } else if !by_source.map.is_empty() {
+        let k = src_key_v4(orig);
+        let hash = by_source.hash(k);
+        let i = by_source.map.find_bucket_index(hash, |(x, _)| *x == k);
+        source = Some((k, hash, i));
+        let hit = i
+            .and_then(|i| by_source.map.get_bucket(i))
+            .and_then(|(_, ms)| {
+                core::iter::once(&ms.first)
+                    .chain(ms.more.iter())
+                    .find(|m| range.holds(m.addr, m.port))
+            });
+        if let Some(m) = hit
+            && !ask.used(m.addr, m.port)
+        {
+            return Ok(ask.chosen(m.addr, m.port, Found::BySource, source));
+        }
+    }
+    // 2. The address; 3. the original port there, if in range and free.
+    let addr = range.choose(src, dst, seed);
+    let r = range.ports;
+    if r.contains(sport) && !ask.used(addr, sport) {
+        return Ok(ask.chosen(addr, sport, Found::AddrOnly, source));
+    }
+    // 4. The search (`search`, then `search_free`).
+    let size = r.size();
+    let off = u32::from(rng.next_u16());
+    let fail = |ask: &AskV4<'_, '_>, port, probes| FailV4 {
+        addr,
+        port,
+        probes,
+        unchecked: ask.unchecked,
+    };
+    if size == 0 {
+        return Err(fail(&ask, sport, 0));
+    }
+    let x = ask.ask(addr);
+    let first = u16::try_from(u32::from(r.min) + off % size).unwrap_or(r.min);
+    let (mut checks, mut last) = (0u32, sport);
+    // [first, max], then [min, first - 1] if not empty.
+    let (mut from, mut to, mut wrap) = (first, r.max, first > r.min);
+    loop {
+        let next = match x.bits {
+            Some((_, b)) => b.next_free(from, to),
+            None => Some(from),
+        };
+        if let Some(port) = next {
+            last = port;
+            checks += 1;
+            if !ask.unless_exact(addr, port, x.exact) {
+                return Ok(ask.chosen(addr, port, Found::Searched { probes: checks }, source));
+            }
+            if checks >= MAX_TABLE_CHECKS {
+                break;
+            }
+            if port < to {
+                from = port + 1;
+                continue;
+            }
+        }
+        // This segment is done.
+        if !wrap {
+            break;
+        }
+        (from, to, wrap) = (r.min, first - 1, false);
+    }
+    Err(fail(&ask, last, checks))
+}
+
+impl BusyPorts {
+    /// The map hash of `key`, and the map bucket and record of the endpoint if recorded.
+    #[inline(always)]
+    fn lookup_key(&self, key: Endpoint) -> (u64, Option<(usize, &PortBits)>) {
+        use core::hash::BuildHasher;
+        let hash = self.build.hash_one(key);
+        let bits = self
+            .map
+            .find_bucket_index(hash, |(k, _)| *k == key)
+            .and_then(|i| self.map.get_bucket(i).map(|(_, b)| (i, b)));
+        (hash, bits)
+    }
+
+    /// [`BusyPorts::add`] of the binding [`snat_v4`] chose for `orig` (`chosen`, which
+    /// knows the endpoint's hash and bucket when it asked about its address).
+    #[inline(always)]
+    pub(crate) fn add_v4(&mut self, orig: PackedV4, chosen: &ChosenV4) -> bool {
+        use core::hash::BuildHasher;
+        let key = endpoint_v4(orig, chosen.addr);
+        let (hash, bucket) = chosen
+            .endpoint
+            .unwrap_or_else(|| (self.build.hash_one(key), None));
+        self.add_key(hash, bucket, key, chosen.port)
+    }
+}
+
+impl BySource {
+    /// [`BySource::add`] of the binding [`snat_v4`] chose for `orig` (`chosen`, which
+    /// knows the source's hash and bucket when it looked the source up).
+    #[inline(always)]
+    pub(crate) fn add_v4(&mut self, orig: PackedV4, chosen: &ChosenV4) {
+        let (addr, port) = (chosen.addr, chosen.port);
+        let Some((k, hash, bucket)) = chosen.source else {
+            let k = src_key_v4(orig);
+            self.add_hashed(self.hash(k), k, addr, port);
+            return;
+        };
+        if let Some((x, ms)) = bucket.and_then(|i| self.map.get_bucket_mut(i))
+            && *x == k
+        {
+            ms.add(addr, port);
+        } else {
+            self.add_hashed(hash, k, addr, port);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1621,6 +2012,46 @@ mod tests {
             let e = endpoint_of(&ta).expect("an IPv4 tuple has an endpoint");
             proptest::prop_assert_eq!(e.tuple(port), Tuple { src_l4: port, ..ta });
             proptest::prop_assert_eq!(e.dst(), ta.dst);
+        }
+    }
+
+    proptest::proptest! {
+        /// The packed candidates of `snat_v4` are the general path's: the endpoint
+        /// and by-source keys, the candidate tuple, the range test and the address
+        /// choice, for any source address and port.
+        #[test]
+        fn packed_candidates_are_the_tuples(
+            f in fields(),
+            a in 0u8..6,
+            port in 2998u16..3003,
+            bounds in (0u8..6, 0u8..4),
+            ports in (2999u16..3002, 0u16..3),
+            persistent: bool,
+            seed: u64,
+        ) {
+            let t = small(f);
+            let p = t.pack_v4().expect("IPv4");
+            let to = [192, 0, 2, a];
+            let word = u32::from_le_bytes(to);
+            let cand = Tuple { src: Addr::v4(to), src_l4: port, ..t };
+            proptest::prop_assert_eq!(with_source(p, word, port).unpack(), cand);
+            proptest::prop_assert!(Some(endpoint_v4(p, word)) == endpoint_of(&cand));
+            proptest::prop_assert_eq!(Some(src_key_v4(p)), key_of(&t));
+            let range = NatRange {
+                min_addr: Addr::v4([192, 0, 2, bounds.0]),
+                max_addr: Addr::v4([192, 0, 2, bounds.0 + bounds.1]),
+                ports: Some(PortRange::new(ports.0, ports.0 + ports.1)),
+                random_fully: false,
+                persistent,
+            };
+            let flags = NatFlags { random_fully: false, persistent };
+            let r = SnatV4Range::new(&range.min_addr, &range.max_addr, range.ports, flags)
+                .expect("covered");
+            proptest::prop_assert_eq!(r.holds(word, port), in_range(&cand, &range, Manip::Src));
+            let mut chosen = t;
+            choose_addr(&mut chosen, &range, Manip::Src, seed);
+            let (src, dst) = (v4_word(&t.src), v4_word(&t.dst));
+            proptest::prop_assert_eq!(Addr::v4(r.choose(src, dst, seed).to_le_bytes()), chosen.src);
         }
     }
 

@@ -86,7 +86,11 @@ impl ExactIndex {
     /// Whether `a` is an address the engine has bound a source to.
     #[inline]
     pub(crate) fn knows(&self, a: &Addr) -> bool {
-        self.few[..self.few_len].contains(a)
+        // The inline ones as 128-bit values.
+        let v = u128::from_le_bytes(a.0);
+        self.few[..self.few_len]
+            .iter()
+            .any(|x| u128::from_le_bytes(x.0) == v)
             || (!self.addrs.is_empty() && self.addrs.find(self.hash(a), |x| x == a).is_some())
     }
 
@@ -113,7 +117,12 @@ impl ExactIndex {
     /// becomes a NAT address.
     #[inline]
     pub(crate) fn binding(&mut self, busy: &BusyPorts, new: &Tuple) {
-        let a = new.src;
+        self.binding_at(busy, new.src);
+    }
+
+    /// [`ExactIndex::binding`] of a binding with source address `a`.
+    #[inline]
+    pub(crate) fn binding_at(&mut self, busy: &BusyPorts, a: Addr) {
         if self.poisoned || self.knows(&a) {
             return;
         }
@@ -135,7 +144,13 @@ impl ExactIndex {
     /// A binding of connection `orig` (status `status`) was recorded.
     #[inline]
     pub(crate) fn recorded(&mut self, orig: &Tuple, status: Status) {
-        if self.is_dirty(orig, status) {
+        self.recorded_to(&orig.dst, status);
+    }
+
+    /// [`ExactIndex::recorded`] of a connection whose ORIGINAL destination is `dst`.
+    #[inline]
+    pub(crate) fn recorded_to(&mut self, dst: &Addr, status: Status) {
+        if status.contains(Status::DST_NAT) || self.knows(dst) {
             self.dirty += 1;
         }
     }

@@ -25,11 +25,13 @@ pub mod rules;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use self::alloc::{AllocCtx, BusyPorts, BySource, Exhausted, Found, Manip, Memo, NatRange, NatRng};
+use self::alloc::{
+    AllocCtx, BusyPorts, BySource, Exhausted, Found, Manip, Memo, NatRange, NatRng, SnatV4Range,
+};
 use self::exact::ExactIndex;
 use self::rules::{Hook, NatAction, NatFlags, NatRuleSet, PortRange, RuleId};
 use crate::table::Status;
-use crate::tuple::{Addr, Family, NotInvertible, Tuple};
+use crate::tuple::{Addr, Family, NotInvertible, PackedV4, Tuple};
 
 pub use self::rules::PacketMeta;
 
@@ -44,6 +46,25 @@ pub trait Candidates {
     fn chosen(&mut self, reply: &Tuple) {
         let _ = reply;
     }
+}
+
+/// [`Candidates`] for [`NatEngine::decide_v4`], on packed tuples.
+pub(crate) trait CandidatesV4 {
+    /// [`Candidates::is_taken`] of the packed REPLY tuple `reply`.
+    fn is_taken_v4(&mut self, reply: PackedV4) -> bool;
+
+    /// [`Candidates::chosen`] of the packed REPLY tuple `reply`.
+    fn chosen_v4(&mut self, reply: PackedV4);
+}
+
+/// What [`NatEngine::decide_v4`] chose: [`NatDecision`] of a source binding (or of
+/// none) on packed values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DecisionV4 {
+    /// The REPLY tuple to insert with the connection.
+    pub(crate) reply: PackedV4,
+    /// As [`NatDecision::status`]: `SRC_NAT` set when the source was changed.
+    pub(crate) status: Status,
 }
 
 /// [`Candidates`] from an `is_taken` closure.
@@ -144,6 +165,9 @@ pub struct NatEngine {
     /// Tests: ignore the table size given to `decide_in` (every candidate checked).
     #[cfg(test)]
     always_check: bool,
+    /// Tests: `decide_v4` declines every decision (the general path makes them all).
+    #[cfg(test)]
+    general_only: bool,
 }
 
 /// The source part of a decision.
@@ -176,7 +200,16 @@ impl NatEngine {
             stats: NatStats::default(),
             #[cfg(test)]
             always_check: false,
+            #[cfg(test)]
+            general_only: false,
         }
+    }
+
+    /// Tests: from now on, [`decide_v4`](Self::decide_v4) declines every decision (a
+    /// reference for its choices).
+    #[cfg(test)]
+    pub(crate) fn only_general(&mut self) {
+        self.general_only = true;
     }
 
     /// Tests: from now on, check every candidate in the table as
@@ -430,6 +463,111 @@ impl NatEngine {
             dst_rule,
             src_rule: plan.rule.map(|(_, id)| id),
         })
+    }
+
+    /// [`decide_in`](Self::decide_in) of a new connection with packed ORIGINAL tuple
+    /// `orig`, for the common case, with no [`Tuple`] built: a protocol with ports (not
+    /// ICMP), no destination rule in the set, and a source or masquerade rule that
+    /// matches with a port range, not fully random, to plain IPv4 addresses. The same
+    /// decision as `decide_in`'s (the same random draws, counters and records; tests
+    /// run both in lockstep). `None`, with nothing changed, for any other connection:
+    /// the caller asks `decide_in`.
+    pub(crate) fn decide_v4(
+        &mut self,
+        orig: PackedV4,
+        meta: &PacketMeta,
+        live: Option<usize>,
+        table: &mut dyn CandidatesV4,
+    ) -> Option<Result<DecisionV4, NatError>> {
+        #[cfg(test)]
+        if self.general_only {
+            return None;
+        }
+        #[cfg(test)]
+        let live = live.filter(|_| !self.always_check);
+        let (_, rest) = orig.words();
+        let proto = u8::try_from((rest >> 48) & 0xFF).unwrap_or(0);
+        if !alloc::has_ports(proto) || self.rules.has_dst_rules() {
+            return None;
+        }
+        // POSTROUTING on the original (no destination rule): the rule and its range.
+        let i = self.rules.lookup_src_v4(orig, meta)?;
+        let e = self.rules.entry_mut(i);
+        let range = match &e.rule.action {
+            NatAction::Snat { .. } => e.snat_v4?,
+            NatAction::Masquerade { ports, flags } => match &meta.out_addr {
+                Some(a) if *a != Addr::default() => SnatV4Range::new(a, a, *ports, *flags)?,
+                _ => return None,
+            },
+            NatAction::Dnat { .. } | NatAction::FullNat { .. } | NatAction::Vip { .. } => {
+                return None;
+            }
+        };
+        // The decision is this path's from here on.
+        e.stats.matched += 1;
+        let id = e.rule.id;
+        self.stats.decisions += 1;
+        let exact = match live {
+            Some(n) if self.exact.holds(&self.busy, n) => Some(&self.exact),
+            _ => None,
+        };
+        let chosen = alloc::snat_v4(
+            orig,
+            &range,
+            self.seed,
+            &self.by_source,
+            &self.busy,
+            exact,
+            &mut self.rng,
+            &mut |r| table.is_taken_v4(r),
+        );
+        let c = match chosen {
+            Ok(c) => c,
+            Err(f) => {
+                self.stats.unchecked += u64::from(f.unchecked);
+                self.stats.exhausted += 1;
+                self.rules.entry_mut(i).stats.exhausted += 1;
+                return Some(Err(NatError::Exhausted {
+                    rule: Some(id),
+                    source: Exhausted {
+                        manip: Manip::Src,
+                        tuple: orig.unpack(),
+                        last: alloc::with_source(orig, f.addr, f.port).unpack(),
+                        probes: f.probes,
+                    },
+                }));
+            }
+        };
+        self.stats.unchecked += u64::from(c.unchecked);
+        match c.found {
+            Found::Kept => self.stats.port_preserved += 1,
+            Found::BySource => self.stats.by_source_reused += 1,
+            Found::AddrOnly => {}
+            Found::Searched { probes } => {
+                self.stats.searched += 1;
+                self.stats.probes += u64::from(probes);
+            }
+        }
+        let mut status = Status::SRC_NAT_DONE | Status::DST_NAT_DONE;
+        let new = alloc::with_source(orig, c.addr, c.port);
+        // A protocol with ports (not ICMP).
+        let reply = new.invert_ports();
+        if new != orig {
+            table.chosen_v4(reply);
+            status |= Status::SRC_NAT;
+            self.by_source.add_v4(orig, &c);
+            // A known NAT address stays known (`ExactIndex::binding` does nothing).
+            if !c.known_nat_addr() {
+                self.exact
+                    .binding_at(&self.busy, Addr::v4(c.addr.to_le_bytes()));
+            }
+            if self.busy.add_v4(orig, &c) {
+                let [_, _, _, _, d0, d1, d2, d3] = orig.words().0.to_le_bytes();
+                self.exact.recorded_to(&Addr::v4([d0, d1, d2, d3]), status);
+            }
+            self.stats.translated += 1;
+        }
+        Some(Ok(DecisionV4 { reply, status }))
     }
 
     /// Registers the binding of a connection re-created without a decision (an agent

@@ -14,8 +14,9 @@
 
 use core::fmt;
 
+use super::alloc::SnatV4Range;
 use crate::conntrack::Prefix;
-use crate::tuple::{Addr, Family, Tuple, proto};
+use crate::tuple::{Addr, Family, PackedV4, Tuple, proto};
 
 /// A rule's identifier, chosen by the operator; unique within a [`NatRuleSet`].
 pub type RuleId = u32;
@@ -412,6 +413,11 @@ pub struct RuleStats {
 pub(crate) struct Entry {
     pub(crate) rule: NatRule,
     pub(crate) stats: RuleStats,
+    /// The rule's match at POSTROUTING for packed IPv4 tuples.
+    src_v4: SrcMatchV4,
+    /// The source range of a [`NatAction::Snat`] rule, for the packed decision (when
+    /// it covers the range).
+    pub(crate) snat_v4: Option<SnatV4Range>,
     /// Smooth weighted round robin: current weights, one per backend.
     wrr: Vec<i64>,
     /// Rendezvous hashing: a hash per backend (of address and port), so that a backend
@@ -644,7 +650,17 @@ fn backend_key(b: &Backend) -> u64 {
 
 impl Entry {
     fn new(rule: NatRule) -> Self {
+        let snat_v4 = match &rule.action {
+            NatAction::Snat {
+                addrs,
+                ports,
+                flags,
+            } => SnatV4Range::new(&addrs.min, &addrs.max, *ports, *flags),
+            _ => None,
+        };
         let mut e = Self {
+            src_v4: SrcMatchV4::of(&rule),
+            snat_v4,
             rule,
             stats: RuleStats::default(),
             wrr: Vec::new(),
@@ -763,6 +779,89 @@ impl NatRule {
     }
 }
 
+impl NatRule {
+    /// [`NatRule::matches`] at [`Hook::Src`] of the packed IPv4 tuple `p` (the same
+    /// answer as for `p.unpack()`; tested), read from its words with the match fields
+    /// compiled ([`NatRuleSet::lookup_src_v4`] keeps them compiled per rule).
+    #[cfg(test)]
+    pub(crate) fn matches_v4_src(&self, p: PackedV4, meta: &PacketMeta) -> bool {
+        SrcMatchV4::of(self).matches(p, meta)
+    }
+}
+
+/// A rule's match fields as [`NatRule::matches`] reads them at [`Hook::Src`] for a
+/// packed IPv4 tuple, compiled once per rule: each prefix as a masked 32-bit compare.
+#[derive(Debug, Clone, Copy)]
+struct SrcMatchV4 {
+    /// Whether the rule can match at all (a source action, no prefix that no plain
+    /// IPv4 address lies in).
+    possible: bool,
+    in_port: Option<u32>,
+    out_port: Option<u32>,
+    /// `(value, mask)` of the source and destination prefixes, on addresses as
+    /// numbers (network order); a mask of 0 for none.
+    src: (u32, u32),
+    dst: (u32, u32),
+    proto: Option<u8>,
+    dport: Option<PortRange>,
+    zone: Option<u16>,
+}
+
+/// A match prefix for plain IPv4 addresses ([`Addr::v4`]) as `(value, mask)`; `None`
+/// when no such address lies in it (another family, or bits set past the first 32).
+fn prefix_v4(p: Option<&Prefix>) -> Option<(u32, u32)> {
+    let Some(p) = p else {
+        return Some((0, 0));
+    };
+    if p.family != Family::V4 {
+        return None;
+    }
+    // As `Prefix::contains`: the first `len` bits of the 128-bit big-endian values.
+    let bits = u32::from(p.len).min(128);
+    let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+    let a = u128::from_be_bytes(p.addr.0) & mask;
+    if a & (u128::MAX >> 32) != 0 {
+        return None;
+    }
+    let (a, m) = (a >> 96, mask >> 96);
+    Some((u32::try_from(a).unwrap_or(0), u32::try_from(m).unwrap_or(0)))
+}
+
+impl SrcMatchV4 {
+    fn of(rule: &NatRule) -> Self {
+        let m = &rule.r#match;
+        let (src, dst) = (prefix_v4(m.src.as_ref()), prefix_v4(m.dst.as_ref()));
+        Self {
+            possible: rule.action.is_src() && src.is_some() && dst.is_some(),
+            in_port: m.in_port,
+            out_port: m.out_port,
+            src: src.unwrap_or((0, 0)),
+            dst: dst.unwrap_or((0, 0)),
+            proto: m.proto,
+            dport: m.dport,
+            zone: m.zone,
+        }
+    }
+
+    #[inline]
+    fn matches(&self, p: PackedV4, meta: &PacketMeta) -> bool {
+        let (addrs, rest) = p.words();
+        let [s0, s1, s2, s3, d0, d1, d2, d3] = addrs.to_le_bytes();
+        let [_, _, dp0, dp1, z0, z1, proto, _] = rest.to_le_bytes();
+        let within = |(v, m): (u32, u32), a: [u8; 4]| u32::from_be_bytes(a) & m == v;
+        self.possible
+            && self.in_port.is_none_or(|p| p == meta.in_port)
+            && self.out_port.is_none_or(|p| Some(p) == meta.out_port)
+            && within(self.src, [s0, s1, s2, s3])
+            && within(self.dst, [d0, d1, d2, d3])
+            && self.proto.is_none_or(|p| p == proto)
+            && self
+                .dport
+                .is_none_or(|r| is_port_proto(proto) && r.contains(u16::from_le_bytes([dp0, dp1])))
+            && self.zone.is_none_or(|z| z == u16::from_le_bytes([z0, z1]))
+    }
+}
+
 impl NatRuleSet {
     /// An empty set.
     #[must_use]
@@ -858,6 +957,13 @@ impl NatRuleSet {
         self.entries
             .iter()
             .position(|e| e.rule.matches(hook, t, meta))
+    }
+
+    /// [`NatRuleSet::lookup_index`] at [`Hook::Src`] of a packed IPv4 tuple, with no
+    /// [`Tuple`] built (the rules' match fields compiled when they were added).
+    #[inline]
+    pub(crate) fn lookup_src_v4(&self, p: PackedV4, meta: &PacketMeta) -> Option<usize> {
+        self.entries.iter().position(|e| e.src_v4.matches(p, meta))
     }
 
     pub(crate) fn entry_mut(&mut self, i: usize) -> &mut Entry {

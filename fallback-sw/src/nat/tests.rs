@@ -1340,3 +1340,88 @@ proptest! {
         prop_assert_eq!(nat(&build(S, dport, N, to), &c, Dir::Reply), build(S, dport, C, sport));
     }
 }
+
+proptest! {
+    /// `NatRule::matches_v4_src` on the packed tuple answers as `matches` at
+    /// POSTROUTING on the tuple, for every match field set or not (values from small
+    /// sets, so that they often agree), source or destination rules, and prefixes no
+    /// IPv4 address lies in (another family, bits set past 32, a length past 32).
+    #[test]
+    fn packed_rule_match_is_the_tuple_match(
+        fields in (
+            prop::option::of(0u32..2), prop::option::of(1u32..3),
+            prop::option::of((0u8..3, prop_oneof![Just(0u8), Just(8), Just(31), Just(32), Just(40)])),
+            prop::option::of((0u8..3, prop_oneof![Just(0u8), Just(24), Just(32)])),
+            prop::option::of(prop_oneof![Just(proto::TCP), Just(proto::UDP), Just(proto::ICMP)]),
+            prop::option::of((50u16..55, 0u16..4)),
+            prop::option::of(0u16..2),
+        ),
+        t in (0u8..3, 50u16..56, 0u8..3, 50u16..56, 0usize..3, 0u16..2),
+        meta in (0u32..2, prop::option::of(1u32..3)),
+        dst_rule: bool,
+        odd_prefix in 0u8..4,
+    ) {
+        let (in_port, out_port, src, dst, proto_m, dport, zone) = fields;
+        let addr = |i: u8| [10, 0, i >> 1, i];
+        let mut rule = if dst_rule { dnat_rule(1) } else { masq_rule(1) };
+        rule.r#match = RuleMatch {
+            in_port,
+            out_port,
+            src: src.map(|(a, len)| prefix(addr(a), len)),
+            dst: dst.map(|(a, len)| prefix(addr(a), len)),
+            proto: proto_m,
+            dport: dport.map(|(min, n)| PortRange::new(min, min + n)),
+            zone,
+        };
+        // A source prefix of another family, or with bits past the first 32.
+        if let Some(p) = &mut rule.r#match.src {
+            match odd_prefix {
+                0 => p.family = Family::V6,
+                1 => p.addr.0[4] = 1,
+                _ => {}
+            }
+        }
+        let (s, sp, d, dp, p, z) = t;
+        let tuple = Tuple {
+            zone: z,
+            ..t4(addr(s), sp, addr(d), dp, [proto::TCP, proto::UDP, proto::ICMP][p])
+        };
+        let meta = PacketMeta {
+            in_port: meta.0,
+            out_port: meta.1,
+            out_addr: None,
+        };
+        let packed = tuple.pack_v4().expect("an IPv4 tuple packs");
+        prop_assert_eq!(
+            rule.matches_v4_src(packed, &meta),
+            rule.matches(Hook::Src, &tuple, &meta)
+        );
+    }
+}
+
+/// The packed match of prefixes no plain IPv4 address lies in (another family, a bit
+/// set past the first 32 within the length), and of lengths past 32 whose extra bits
+/// are zero (which match as `/32`), as the tuple match.
+#[test]
+fn packed_rule_match_of_odd_prefixes() {
+    let t = t4(C, 1000, S, 80, proto::UDP);
+    let packed = t.pack_v4().expect("IPv4");
+    let meta = out_meta();
+    let mut cases = Vec::new();
+    for len in [32, 40, 128] {
+        let mut p = prefix(C, len);
+        cases.push((p, true));
+        // A bit past the first 32: outside a `/32`, inside the longer ones.
+        p.addr.0[4] = 1;
+        cases.push((p, len == 32));
+        let mut p = prefix(C, len);
+        p.family = Family::V6;
+        cases.push((p, false));
+    }
+    for (p, want) in cases {
+        let mut rule = masq_rule(1);
+        rule.r#match.src = Some(p);
+        assert_eq!(rule.matches(Hook::Src, &t, &meta), want, "{p:?}");
+        assert_eq!(rule.matches_v4_src(packed, &meta), want, "{p:?}");
+    }
+}
