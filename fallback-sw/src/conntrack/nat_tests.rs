@@ -1050,6 +1050,41 @@ fn slot_of(ct: &Conntrack, t0: &Tuple) -> Option<Slot> {
         .map(|(s, _)| s)
 }
 
+/// Deletes the connection at position `pick` (of [`all_conns`] of the first) in both
+/// instances, which hold the same connections; with `restore`, re-creates it at once
+/// as an agent restart does (the table entry, then `NatEngine::restored`).
+fn delete_in_both(
+    pair: [&mut Conntrack; 2],
+    pick: usize,
+    restore: bool,
+    now: u64,
+) -> Result<(), TestCaseError> {
+    let conns = all_conns(pair[0]);
+    if conns.is_empty() {
+        return Ok(());
+    }
+    let (tuples, status) = conns[pick % conns.len()];
+    for c in pair {
+        let slot = slot_of(c, &tuples[0]).expect("same connections");
+        prop_assert!(c.delete(slot).expect("not offloaded"));
+        if restore {
+            c.release_nat();
+            c.table_mut()
+                .insert(
+                    tuples[0],
+                    tuples[1],
+                    status,
+                    now + 5 * SEC,
+                    L4State::Udp { stream_at: now },
+                    now,
+                )
+                .expect("room");
+            c.nat_mut().restored(&tuples, status);
+        }
+    }
+    Ok(())
+}
+
 /// What the exact index claims, checked against the table: `BusyPorts` records
 /// exactly the live bindings, and when `index_exact` holds every connection is a clean
 /// binding (source NAT only, not sent to a NAT address).
@@ -1115,28 +1150,7 @@ proptest! {
                 prop_assert_eq!(f, g);
             } else if kind == 6 || kind == 7 {
                 // Delete (6) or restore (7) the connection at position `b`.
-                let conns = all_conns(&ct);
-                if !conns.is_empty() {
-                    let (tuples, status) = conns[usize::from(b) % conns.len()];
-                    for c in [&mut ct, &mut reference] {
-                        let slot = slot_of(c, &tuples[0]).expect("same connections");
-                        prop_assert!(c.delete(slot).expect("not offloaded"));
-                        if kind == 7 {
-                            c.release_nat();
-                            c.table_mut()
-                                .insert(
-                                    tuples[0],
-                                    tuples[1],
-                                    status,
-                                    now + 5 * SEC,
-                                    L4State::Udp { stream_at: now },
-                                    now,
-                                )
-                                .expect("room");
-                            c.nat_mut().restored(&tuples, status);
-                        }
-                    }
-                }
+                delete_in_both([&mut ct, &mut reference], usize::from(b), kind == 7, now)?;
             } else {
                 now += (step + 1) * SEC;
                 ct.gc(now, 3);
@@ -1282,28 +1296,7 @@ proptest! {
                 prop_assert_eq!(f, g);
             } else if op == 8 || op == 9 {
                 // Delete (8) or restore (9) the connection at position `b`.
-                let conns = all_conns(&ct);
-                if !conns.is_empty() {
-                    let (tuples, status) = conns[usize::from(b) % conns.len()];
-                    for c in [&mut ct, &mut reference] {
-                        let slot = slot_of(c, &tuples[0]).expect("same connections");
-                        prop_assert!(c.delete(slot).expect("not offloaded"));
-                        if op == 9 {
-                            c.release_nat();
-                            c.table_mut()
-                                .insert(
-                                    tuples[0],
-                                    tuples[1],
-                                    status,
-                                    now + 5 * SEC,
-                                    L4State::Udp { stream_at: now },
-                                    now,
-                                )
-                                .expect("room");
-                            c.nat_mut().restored(&tuples, status);
-                        }
-                    }
-                }
+                delete_in_both([&mut ct, &mut reference], usize::from(b), op == 9, now)?;
             } else {
                 now += (step + 1) * SEC;
                 ct.gc(now, 3);

@@ -152,6 +152,22 @@ pub struct NatStats {
     pub null_binding_remaps: u64,
 }
 
+impl NatStats {
+    /// Counts how a source binding was found.
+    #[inline]
+    fn count_found(&mut self, found: Found) {
+        match found {
+            Found::Kept => self.port_preserved += 1,
+            Found::BySource => self.by_source_reused += 1,
+            Found::AddrOnly => {}
+            Found::Searched { probes } => {
+                self.searched += 1;
+                self.probes += u64::from(probes);
+            }
+        }
+    }
+}
+
 /// The NAT engine of one worker: rules, the by-source index, a seeded RNG, counters.
 #[derive(Debug)]
 pub struct NatEngine {
@@ -430,15 +446,7 @@ impl NatEngine {
                 });
             }
         };
-        match found {
-            Found::Kept => self.stats.port_preserved += 1,
-            Found::BySource => self.stats.by_source_reused += 1,
-            Found::AddrOnly => {}
-            Found::Searched { probes } => {
-                self.stats.searched += 1;
-                self.stats.probes += u64::from(probes);
-            }
-        }
+        self.stats.count_found(found);
         // Built in place (`invert`'s `Result` was copied through the stack, and its wide
         // loads waited for the narrow stores that built it).
         new.invertible()?;
@@ -539,15 +547,7 @@ impl NatEngine {
             }
         };
         self.stats.unchecked += u64::from(c.unchecked);
-        match c.found {
-            Found::Kept => self.stats.port_preserved += 1,
-            Found::BySource => self.stats.by_source_reused += 1,
-            Found::AddrOnly => {}
-            Found::Searched { probes } => {
-                self.stats.searched += 1;
-                self.stats.probes += u64::from(probes);
-            }
-        }
+        self.stats.count_found(c.found);
         let mut status = Status::SRC_NAT_DONE | Status::DST_NAT_DONE;
         let new = alloc::with_source(orig, c.addr, c.port);
         // A protocol with ports (not ICMP).
