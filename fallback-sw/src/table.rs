@@ -2648,34 +2648,61 @@ mod tests {
         /// The index agrees with a model map under random inserts and removals
         /// (exercises backward-shift deletion across wrapped probe runs).
         #[test]
-        fn index_matches_model(ops in proptest::collection::vec((0u32..64, any::<bool>()), 1..400)) {
-            let mut tab: ConnTable<u32> = ConnTable::new(64, 5, 0);
-            let mut model: HashMap<u32, Slot> = HashMap::new();
-            for (k, ins) in ops {
+        fn index_matches_model(ops in proptest::collection::vec((0u32..64, 0u8..3), 1..400)) {
+            // Op 0 inserts `k` untranslated, 1 translated (its reply cell hashes away
+            // from the original's), 2 removes it.
+            let reply = |k: u32, translated: bool| {
                 let a = t(k);
-                if ins {
-                    let r = tab.insert(a, inv(&a), Status::ASSURED, u64::MAX, k, 0);
+                if translated {
+                    snat(&a, 20_000 + u16::try_from(k).unwrap_or(0))
+                } else {
+                    inv(&a)
+                }
+            };
+            let mut tab: ConnTable<u32> = ConnTable::new(64, 5, 0);
+            let mut model: HashMap<u32, (Slot, bool)> = HashMap::new();
+            for (k, op) in ops {
+                let a = t(k);
+                if op < 2 {
+                    let translated = op == 1;
+                    let status = if translated {
+                        Status::ASSURED | Status::SRC_NAT
+                    } else {
+                        Status::ASSURED
+                    };
+                    let r = tab.insert(a, reply(k, translated), status, u64::MAX, k, 0);
                     match model.get(&k) {
                         Some(_) => prop_assert!(r.is_err()),
-                        None => { model.insert(k, r.expect("room")); }
+                        None => { model.insert(k, (r.expect("room"), translated)); }
                     }
-                } else if let Some(s) = model.remove(&k) {
+                } else if let Some((s, _)) = model.remove(&k) {
                     prop_assert!(tab.remove(s, RemoveReason::Deleted).is_some());
                 }
                 for k in 0..64u32 {
                     let a = t(k);
                     let found = tab.lookup(&a, 0);
-                    let back = tab.lookup(&inv(&a), 0);
                     match model.get(&k) {
-                        Some(&s) => {
+                        Some(&(s, translated)) => {
+                            let r = reply(k, translated);
                             prop_assert_eq!(found, Some((s, Dir::Original)));
-                            prop_assert_eq!(back, Some((s, Dir::Reply)));
+                            prop_assert_eq!(tab.lookup(&r, 0), Some((s, Dir::Reply)));
+                            // The established path's lookup agrees.
+                            let packed = r.pack_v4().expect("v4");
+                            let fast = tab.find_v4(packed, tab.hasher().pair_hash_v4(packed), 0);
+                            prop_assert_eq!(fast, FoundV4::Live(s, Dir::Reply));
                             prop_assert_eq!(tab.get(s).map(|c| c.proto), Some(k));
                         }
-                        None => { prop_assert!(found.is_none()); prop_assert!(back.is_none()); }
+                        None => {
+                            prop_assert!(found.is_none());
+                            prop_assert!(tab.lookup(&inv(&a), 0).is_none());
+                            prop_assert!(tab.lookup(&reply(k, true), 0).is_none());
+                        }
                     }
                 }
                 prop_assert_eq!(tab.len(), model.len());
+                // Two cells a connection, none left behind by a removal.
+                let cells = tab.index.iter().filter(|&&v| v != EMPTY).count();
+                prop_assert_eq!(cells, 2 * model.len());
             }
         }
     }
