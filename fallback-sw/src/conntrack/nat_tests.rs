@@ -1050,6 +1050,15 @@ fn slot_of(ct: &Conntrack, t0: &Tuple) -> Option<Slot> {
         .map(|(s, _)| s)
 }
 
+/// Hands both instances' released NAT bindings back and checks they hold the same
+/// connections.
+fn released_and_same(ct: &mut Conntrack, reference: &mut Conntrack) -> Result<(), TestCaseError> {
+    ct.release_nat();
+    reference.release_nat();
+    prop_assert_eq!(all_conns(ct), all_conns(reference));
+    Ok(())
+}
+
 /// Deletes the connection at position `pick` (of [`all_conns`] of the first) in both
 /// instances, which hold the same connections; with `restore`, re-creates it at once
 /// as an agent restart does (the table entry, then `NatEngine::restored`).
@@ -1156,9 +1165,7 @@ proptest! {
                 ct.gc(now, 3);
                 reference.gc(now, 3);
             }
-            ct.release_nat();
-            reference.release_nat();
-            prop_assert_eq!(all_conns(&ct), all_conns(&reference));
+            released_and_same(&mut ct, &mut reference)?;
             let (mut x, y) = (ct.nat().stats(), reference.nat().stats());
             prop_assert_eq!(y.unchecked, 0);
             x.unchecked = 0;
@@ -1302,9 +1309,7 @@ proptest! {
                 ct.gc(now, 3);
                 reference.gc(now, 3);
             }
-            ct.release_nat();
-            reference.release_nat();
-            prop_assert_eq!(all_conns(&ct), all_conns(&reference));
+            released_and_same(&mut ct, &mut reference)?;
             prop_assert_eq!(ct.nat().stats(), reference.nat().stats());
             for id in 1..=3 {
                 prop_assert_eq!(ct.nat().rules().stats(id), reference.nat().rules().stats(id));
