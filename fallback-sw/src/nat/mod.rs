@@ -435,16 +435,7 @@ impl NatEngine {
         self.stats.unchecked += u64::from(memo.unchecked);
         let (new, found) = match found {
             Ok(x) => x,
-            Err(source) => {
-                self.stats.exhausted += 1;
-                if let Some((i, _)) = plan.rule {
-                    self.rules.entry_mut(i).stats.exhausted += 1;
-                }
-                return Err(NatError::Exhausted {
-                    rule: plan.rule.map(|(_, id)| id),
-                    source,
-                });
-            }
+            Err(source) => return Err(self.exhausted(plan.rule, source)),
         };
         self.stats.count_found(found);
         // Built in place (`invert`'s `Result` was copied through the stack, and its wide
@@ -471,6 +462,20 @@ impl NatEngine {
             dst_rule,
             src_rule: plan.rule.map(|(_, id)| id),
         })
+    }
+
+    /// A source search that found no free tuple (`source`) under `rule` (its index and
+    /// id, if any): counted, for the engine and the rule, and the error to return.
+    #[cold]
+    fn exhausted(&mut self, rule: Option<(usize, RuleId)>, source: Exhausted) -> NatError {
+        self.stats.exhausted += 1;
+        if let Some((i, _)) = rule {
+            self.rules.entry_mut(i).stats.exhausted += 1;
+        }
+        NatError::Exhausted {
+            rule: rule.map(|(_, id)| id),
+            source,
+        }
     }
 
     /// [`decide_in`](Self::decide_in) of a new connection with packed ORIGINAL tuple
@@ -533,17 +538,13 @@ impl NatEngine {
             Ok(c) => c,
             Err(f) => {
                 self.stats.unchecked += u64::from(f.unchecked);
-                self.stats.exhausted += 1;
-                self.rules.entry_mut(i).stats.exhausted += 1;
-                return Some(Err(NatError::Exhausted {
-                    rule: Some(id),
-                    source: Exhausted {
-                        manip: Manip::Src,
-                        tuple: orig.unpack(),
-                        last: alloc::with_source(orig, f.addr, f.port).unpack(),
-                        probes: f.probes,
-                    },
-                }));
+                let source = Exhausted {
+                    manip: Manip::Src,
+                    tuple: orig.unpack(),
+                    last: alloc::with_source(orig, f.addr, f.port).unpack(),
+                    probes: f.probes,
+                };
+                return Some(Err(self.exhausted(Some((i, id)), source)));
             }
         };
         self.stats.unchecked += u64::from(c.unchecked);
