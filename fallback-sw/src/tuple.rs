@@ -242,6 +242,20 @@ impl Tuple {
         }
     }
 
+    /// An IPv6 tuple of zone 0, as [`Tuple::v4`].
+    #[must_use]
+    pub fn v6(src: [u8; 16], src_l4: u16, dst: [u8; 16], dst_l4: u16, proto: u8) -> Self {
+        Self {
+            src: Addr::v6(src),
+            dst: Addr::v6(dst),
+            src_l4,
+            dst_l4,
+            proto,
+            family: Family::V6,
+            zone: 0,
+        }
+    }
+
     /// Whether this is an ICMP or ICMPv6 tuple (id/type/code rather than ports).
     #[inline]
     #[must_use]
@@ -603,13 +617,14 @@ mod tests {
     fn pair_hash_is_the_same_for_a_tuple_and_its_inverse() {
         let h = TupleHasher::new(7);
         let six = |a: u8, sp: u16, b: u8, dp: u16, proto| Tuple {
-            src: Addr::v6([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, a]),
-            dst: Addr::v6([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b]),
-            src_l4: sp,
-            dst_l4: dp,
-            proto,
-            family: Family::V6,
             zone: 3,
+            ..Tuple::v6(
+                [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, a],
+                sp,
+                [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b],
+                dp,
+                proto,
+            )
         };
         let tuples = [
             v4([10, 0, 0, 1], 40000, [192, 0, 2, 1], 80, proto::TCP),

@@ -2057,15 +2057,13 @@ mod tests {
 
     #[test]
     fn ipv6_bindings_are_not_recorded() {
-        let t = Tuple {
-            src: Addr::v6([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
-            dst: Addr::v6([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]),
-            src_l4: 1000,
-            dst_l4: 53,
-            proto: proto::UDP,
-            family: Family::V6,
-            zone: 0,
-        };
+        let t = Tuple::v6(
+            [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            1000,
+            [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            53,
+            proto::UDP,
+        );
         let mut busy = BusyPorts::default();
         assert!(!busy.add(&t) && !busy.contains(&t) && busy.is_empty());
         let mut by = BySource::default();

@@ -986,15 +986,13 @@ fn null_binding_remaps_a_clashing_untranslated_connection() {
 fn ipv6_is_tracked_without_nat() {
     let mut nat = NatEngine::new(1);
     nat.rules_mut().add(masq_rule(1)).expect("valid");
-    let t = Tuple {
-        src: Addr::v6([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
-        dst: Addr::v6([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]),
-        src_l4: 1,
-        dst_l4: 2,
-        proto: proto::TCP,
-        family: Family::V6,
-        zone: 0,
-    };
+    let t = Tuple::v6(
+        [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        1,
+        [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+        2,
+        proto::TCP,
+    );
     let d = nat.decide(&t, &out_meta(), &mut |_| true).expect("ok");
     assert_eq!(d.reply, t.invert().expect("tcp"));
     assert!(!d.translates());
